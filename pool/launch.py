@@ -1,0 +1,70 @@
+"""Start a `pool serve` as a child process and wait for it: for the demo, bench and tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from router.client import Client, ZeroPoolError
+
+READY_POLL_S = 0.2
+
+
+class PoolProcess:
+    """A `pool serve` subprocess whose stderr goes to `log_path`."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "serve", *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def wait_ready(self, endpoint: str, workers: int = 1, timeout: float = 180.0,
+                   version: str | None = None) -> None:
+        """Until `workers` workers answer through `endpoint`; raise if the pool dies first."""
+        deadline = time.monotonic() + timeout
+        with Client(endpoint, timeout=1.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"pool serve exited with {self.proc.returncode}:\n"
+                                       f"{self.log_tail()}")
+                try:
+                    if client.ping(version=version, timeout=1.0).workers >= workers:
+                        return
+                except ZeroPoolError:
+                    pass
+                time.sleep(READY_POLL_S)
+        raise TimeoutError(f"pool not ready within {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, wait, SIGKILL as a last resort; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> PoolProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

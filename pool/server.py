@@ -1,0 +1,239 @@
+"""`pool serve`: one process, one event loop holding the router, the supervisor and control.
+
+The loop polls the backend (replies free credit), the frontend (new requests), the control
+socket and a self-pipe for signals, then dispatches queued work; every TICK_S it lets the
+supervisor converge the pool. Signals only queue an event (gunicorn's arbiter pattern).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from pool import config as c
+from pool.control import ControlError, ControlServer
+from pool.registry import Registry
+from pool.supervisor import Supervisor
+from router import protocol as p
+from router.broker import Broker
+
+log = logging.getLogger("zeropool.server")
+
+SHUTDOWN_DRAIN_S = 30.0  # in-flight work gets this long to finish on stop
+PID_FILE = "serve.pid"
+
+
+class StartupError(RuntimeError):
+    """The pool cannot start: the message says why."""
+
+
+class PoolServer:
+    def __init__(self, settings: c.PoolSettings) -> None:
+        self.settings = settings
+        self.state_dir = prepare_state_dir(settings.state_dir)
+        self.registry = Registry(self.state_dir)
+        self.ctx = zmq.Context()
+        self.broker = Broker(
+            self.ctx, settings.bind, settings.backend_endpoint,
+            max_queue=settings.max_queue, queue_timeout_s=settings.queue_timeout_s,
+            on_worker_ready=self._on_worker_ready,
+        )
+        self.supervisor = Supervisor(settings, self.broker)
+        self.control = ControlServer(self.ctx, self.state_dir, {
+            "status": self.cmd_status,
+            "stop": self.cmd_stop,
+        })
+        self.started = time.time()
+        self.stopping_since: float | None = None
+        self.exit_code = 0
+        self._signals: list[int] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._queue_signal)
+        try:
+            self._start_active_version()
+            self._loop(wake_r)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            self.supervisor.kill_everything()
+            self.registry.save()
+            self.control.close()
+            self.broker.close()
+            self.ctx.term()
+            wake_r.close()
+            wake_w.close()
+            for name in ("control.sock", "backend.sock", PID_FILE):
+                (self.state_dir / name).unlink(missing_ok=True)
+        return self.exit_code
+
+    def _start_active_version(self) -> None:
+        s = self.settings
+        self.registry.put_version(s.version, s.path, auto_load=True)
+        self.registry.set_active(s.version)
+        self.registry.log("serve", version=s.version, path=s.path, workers=s.workers)
+        self.registry.save()
+        self.supervisor.add_version(s.version, s.path, s.workers)
+        self.broker.set_active(s.version)
+        log.info("listening on %s (control %s), %d worker(s) of %s loading from %s",
+                 self.broker.frontend_endpoint, s.control_endpoint, s.workers, s.version, s.path)
+
+    def _loop(self, wake_r: socket.socket) -> None:
+        poller = zmq.Poller()
+        poller.register(self.broker.backend, zmq.POLLIN)
+        poller.register(self.broker.frontend, zmq.POLLIN)
+        poller.register(self.control.sock, zmq.POLLIN)
+        poller.register(wake_r, zmq.POLLIN)
+        backend, frontend, control = self.broker.backend, self.broker.frontend, self.control.sock
+        tick_ms = int(c.TICK_S * 1000)
+        next_tick = 0.0
+        while True:
+            events = dict(poller.poll(tick_ms))
+            if backend in events:
+                self.broker.handle_backend()
+            if frontend in events:
+                self.broker.handle_frontend()
+            if control in events:
+                self.control.handle()
+            if wake_r.fileno() in events:
+                _drain_pipe(wake_r)
+                self._handle_signals()
+            self.broker.dispatch()
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + c.TICK_S
+                self.supervisor.tick(now)
+                self.broker.expire_queued(now)
+                self._check_failed_versions()
+                if self.stopping_since is not None and self._shutdown_step(now):
+                    return
+
+    def _queue_signal(self, signum: int, _frame: Any) -> None:
+        self._signals.append(signum)
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            log.info("received %s", signal.Signals(signum).name)
+            self.begin_shutdown()
+
+    def begin_shutdown(self) -> None:
+        if self.stopping_since is None:
+            log.info("stopping: new requests get shutting_down, in-flight work finishes")
+            self.stopping_since = time.monotonic()
+            self.broker.accepting = False
+
+    def _shutdown_step(self, now: float) -> bool:
+        """Drain, then stop workers; True once every worker is reaped."""
+        busy = self.broker.inflight + self.broker.queued
+        if self.supervisor.plans and (busy == 0 or now - self.stopping_since > SHUTDOWN_DRAIN_S):
+            if busy:
+                log.warning("%d requests still pending after %.0fs; stopping anyway", busy,
+                            SHUTDOWN_DRAIN_S)
+                self.broker.fail_all_queued(p.SHUTTING_DOWN, "pool stopped before it could run")
+            self.supervisor.stop_all()
+        if not self.supervisor.plans and self.supervisor.idle:
+            log.info("all workers stopped; bye")
+            return True
+        return False
+
+    def _on_worker_ready(self, wid: bytes, info: dict) -> None:
+        self.supervisor.on_worker_ready(wid, info)
+
+    def _check_failed_versions(self) -> None:
+        active = self.supervisor.plans.get(self.broker.active or "")
+        if active is not None and active.failed and self.stopping_since is None:
+            log.error("active version %s failed: %s; shutting down", active.version, active.failed)
+            self.exit_code = 1
+            self.begin_shutdown()
+            self.broker.fail_all_queued(p.WORKER_FAILED, f"version failed: {active.failed}")
+
+    # -- control commands --------------------------------------------------------------------
+
+    def cmd_status(self, _req: dict) -> dict:
+        b = self.broker
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "endpoint": b.frontend_endpoint,
+            "state": "stopping" if self.stopping_since is not None else "serving",
+            "active": b.active,
+            "canary": list(b.canary) if b.canary else None,
+            "queue_depth": b.queued,
+            "inflight": b.inflight,
+            "versions": {
+                name: {"path": plan.path, "workers_wanted": plan.workers,
+                       "workers_ready": self.supervisor.ready_workers(name),
+                       "failed": plan.failed}
+                for name, plan in self.supervisor.plans.items()
+            },
+            "workers": self.supervisor.worker_rows(),
+            "requests": {"received": b.stats.received, "ok": b.stats.replied_ok,
+                         "errors": b.stats.replied_error, "dropped": b.stats.dropped,
+                         "errors_by_code": b.stats.errors_by_code},
+            "settings": {"workers": self.settings.workers, "devices": self.settings.devices,
+                         "dtype": self.settings.dtype, "max_batch": self.settings.max_batch,
+                         "max_wait_ms": self.settings.max_wait_ms,
+                         "threads": self.settings.threads, "max_queue": self.settings.max_queue},
+        }
+
+    def cmd_stop(self, _req: dict) -> dict:
+        if self.stopping_since is not None:
+            raise ControlError("already stopping")
+        self.begin_shutdown()
+        return {"stopping": True}
+
+
+def prepare_state_dir(state_dir: Path) -> Path:
+    """Create the state directory 0700, refuse a second live pool, clear stale sockets."""
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+    pid_file = state_dir / PID_FILE
+    try:
+        other = int(pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        other = None
+    if other is not None and other != os.getpid() and _alive(other):
+        raise StartupError(f"a pool (pid {other}) is already serving from {state_dir}; "
+                           "stop it with `pool stop` or use another --state-dir")
+    for name in ("control.sock", "backend.sock"):
+        (state_dir / name).unlink(missing_ok=True)
+    pid_file.write_text(f"{os.getpid()}\n")
+    return state_dir
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _drain_pipe(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def serve(settings: c.PoolSettings) -> int:
+    settings.state_dir = Path(settings.state_dir).resolve()
+    return PoolServer(settings).run()

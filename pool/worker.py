@@ -1,0 +1,277 @@
+"""The worker process: one model version on one device, a DEALER to the router's backend.
+
+Loop: wait for requests, gather everything waiting (up to max_batch pairs or max_wait_ms),
+decode and validate each body, run one deduplicated forward pass for the whole batch, reply
+per request. A request that fails gets an error reply; the worker lives on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import zmq
+
+from router import protocol as p
+
+log = logging.getLogger("zeropool.worker")
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    version: str
+    path: str
+    device: str  # "cpu" or "cuda:N" with N the physical GPU index
+    dtype: str
+    threads: int
+    max_batch: int
+    max_wait_ms: float
+    capacity: int
+    backend: str
+    heartbeat_s: float
+    parent_pid: int
+    model: str = "transformer"  # "echo": no model, for measuring the transport alone
+
+
+@dataclass(slots=True)
+class Job:
+    seq: bytes
+    op: bytes
+    texts: list[str]  # embed: the texts; similarity: a, b, a, b, ...
+    size: int  # pairs (similarity) or texts (embed): what counts against max_batch
+
+
+class BadBody(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def worker_main(cfg: WorkerConfig) -> None:
+    """Process entry point (multiprocessing `spawn`)."""
+    _pin_device(cfg)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    _die_with_parent()
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s worker {cfg.worker_id} %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, cfg.worker_id.encode())
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(cfg.backend)
+    try:
+        WorkerLoop(cfg, sock).run()
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def _pin_device(cfg: WorkerConfig) -> None:
+    # Must happen before torch initialises CUDA; torch is imported lazily for this reason.
+    if cfg.device.startswith("cuda:"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.device.split(":", 1)[1]
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM us if the server dies; the loop also checks getppid()."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class WorkerLoop:
+    def __init__(self, cfg: WorkerConfig, sock: zmq.Socket) -> None:
+        self.cfg = cfg
+        self.sock = sock
+        self.stopping = False
+        self.next_heartbeat = 0.0
+        self.encoder: Any = None
+
+    def run(self) -> None:
+        info = self._load()
+        self.sock.send_multipart([p.W_READY, orjson.dumps(info)])
+        log.info("ready: version %s on %s in %.2fs", self.cfg.version, info["device"],
+                 info["load_seconds"])
+        self.next_heartbeat = time.monotonic() + self.cfg.heartbeat_s
+        while not self.stopping:
+            if self.sock.poll(int(self.cfg.heartbeat_s * 1000)):
+                jobs = self._gather()
+                if jobs:
+                    self._serve(jobs)
+            self._heartbeat_if_due()
+            if os.getppid() != self.cfg.parent_pid:
+                log.warning("server process is gone; exiting")
+                return
+        log.info("stopped")
+
+    def _load(self) -> dict:
+        start = time.perf_counter()
+        info: dict[str, Any] = {
+            "version": self.cfg.version,
+            "worker_id": self.cfg.worker_id,
+            "pid": os.getpid(),
+            "capacity": self.cfg.capacity,
+            "max_batch": self.cfg.max_batch,
+            "device": self.cfg.device,
+        }
+        if self.cfg.model == "echo":
+            info.update(load_seconds=0.0, dtype="none", dim=0, golden=[], self_similarity=[])
+            return info
+        import torch
+
+        from pool.runtime import Encoder
+
+        torch.set_num_threads(self.cfg.threads)
+        device = "cuda:0" if self.cfg.device.startswith("cuda") else self.cfg.device
+        self.encoder = Encoder(self.cfg.path, device=device, dtype=self.cfg.dtype)
+        health = self.encoder.health_check()
+        info.update(
+            load_seconds=round(time.perf_counter() - start, 3),
+            warmup_seconds=round(health.seconds, 3),
+            dtype=str(self.encoder.dtype).removeprefix("torch."),
+            dim=self.encoder.dim,
+            max_length=self.encoder.max_length,
+            golden=health.golden_scores,
+            self_similarity=health.self_similarity,
+            gpu_memory_bytes=(torch.cuda.memory_allocated() if device.startswith("cuda") else 0),
+        )
+        return info
+
+    def _heartbeat_if_due(self) -> None:
+        now = time.monotonic()
+        if now >= self.next_heartbeat:
+            self.sock.send_multipart([p.W_HEARTBEAT])
+            self.next_heartbeat = now + self.cfg.heartbeat_s
+
+    # -- batching ----------------------------------------------------------------------
+
+    def _gather(self) -> list[Job]:
+        """Everything waiting now, then more for up to max_wait_ms while under max_batch."""
+        jobs: list[Job] = []
+        size = 0
+        deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
+        while size < self.cfg.max_batch:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.sock.poll(max(1, int(remaining * 1000))):
+                    break
+                continue
+            job = self._accept(frames)
+            if job is not None:
+                jobs.append(job)
+                size += job.size
+        return jobs
+
+    def _accept(self, frames: list[bytes]) -> Job | None:
+        """Decode one backend message; answer at once what needs no model."""
+        if frames[0] == p.W_STOP:
+            self.stopping = True
+            return None
+        if frames[0] != p.W_REQUEST:
+            return None
+        _, seq, op, body, enqueued_ns = frames
+        try:
+            job = decode_job(seq, op, body, int.from_bytes(enqueued_ns, "little"))
+        except BadBody as exc:
+            self._reply_error(seq, exc.code, str(exc))
+            return None
+        return job
+
+    def _serve(self, jobs: list[Job]) -> None:
+        if self.cfg.model == "echo":
+            for job in jobs:
+                self._reply(seq=job.seq, body={"scores": [0.0] * (len(job.texts) // 2),
+                                               "version": self.cfg.version})
+            return
+        unique = list(dict.fromkeys(t for job in jobs for t in job.texts))
+        try:
+            vectors = self.encoder.embed(unique).numpy()
+        except Exception as exc:  # OOM, tokenizer failure: the batch fails, the worker lives
+            log.exception("forward pass failed for %d requests", len(jobs))
+            _release_cuda_cache()
+            for job in jobs:
+                self._reply_error(job.seq, p.INTERNAL, f"{type(exc).__name__}: {exc}"[:500])
+            return
+        index = {t: i for i, t in enumerate(unique)}
+        for job in jobs:
+            rows = vectors[[index[t] for t in job.texts]]
+            if job.op == p.OP_EMBED:
+                self._reply(job.seq, {"embeddings": rows, "dim": int(rows.shape[1]),
+                                      "version": self.cfg.version})
+            else:
+                scores = (rows[0::2] * rows[1::2]).sum(axis=1)
+                self._reply(job.seq, {"scores": scores.tolist(), "version": self.cfg.version})
+
+    def _reply(self, seq: bytes, body: dict) -> None:
+        raw = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        self.sock.send_multipart([p.W_REPLY, seq, p.STATUS_OK, raw])
+
+    def _reply_error(self, seq: bytes, code: str, message: str) -> None:
+        self.sock.send_multipart([p.W_REPLY, seq, p.STATUS_ERROR, p.error_body(code, message)])
+
+
+def decode_job(seq: bytes, op: bytes, body: bytes, enqueued_ns: int) -> Job:
+    """Validate a request body; raise BadBody with the protocol code on anything wrong."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadBody(p.BAD_REQUEST, f"body is not UTF-8 JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadBody(p.BAD_REQUEST, "body must be a JSON object")
+    timeout_ms = doc.get("timeout_ms")
+    if timeout_ms is not None:
+        if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms <= 0:
+            raise BadBody(p.BAD_REQUEST, "timeout_ms must be a positive integer")
+        waited_ms = (time.monotonic_ns() - enqueued_ns) / 1e6
+        if waited_ms > timeout_ms:
+            raise BadBody(p.TIMEOUT, f"waited {waited_ms:.0f} ms, over timeout_ms={timeout_ms}")
+    if op == p.OP_SIMILARITY:
+        pairs = doc.get("pairs")
+        if not isinstance(pairs, list) or not pairs:
+            raise BadBody(p.BAD_REQUEST, '"pairs" must be a non-empty list of [text, text]')
+        texts: list[str] = []
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, list) and len(pair) == 2
+                    and isinstance(pair[0], str) and isinstance(pair[1], str)):
+                raise BadBody(p.BAD_REQUEST, f"pairs[{i}] must be a list of two strings")
+            texts += pair
+        return Job(seq, op, texts, len(pairs))
+    if op == p.OP_EMBED:
+        texts = doc.get("texts")
+        if not isinstance(texts, list) or not texts:
+            raise BadBody(p.BAD_REQUEST, '"texts" must be a non-empty list of strings')
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise BadBody(p.BAD_REQUEST, f"texts[{i}] must be a string")
+        return Job(seq, op, texts, len(texts))
+    raise BadBody(p.BAD_REQUEST, f"op {op[:32]!r} is not served by workers")
+
+
+def _release_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # best effort after a failure; never mask the original error
+        pass

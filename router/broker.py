@@ -1,0 +1,383 @@
+"""The request router: frontend ROUTER for producers, backend ROUTER for workers.
+
+Frames in, frames out; bodies are never decoded. Load balancing is by credit (zguide
+"load-balancing broker"): a worker announces its capacity in READY and receives at most that
+many requests at once; everything else waits in a bounded per-version queue.
+
+Which version an unpinned request goes to is decided in exactly one place: `route_version`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import orjson
+import zmq
+
+from router import protocol as p
+
+# How many messages one readable event drains before yielding to the other sockets.
+DRAIN_BURST = 256
+# A request re-dispatched this many times after worker crashes fails with worker_failed.
+MAX_ATTEMPTS = 3
+
+
+@dataclass(slots=True)
+class Pending:
+    envelope: list[bytes]
+    request_id: bytes
+    op: bytes
+    body: bytes
+    version: str
+    pinned: bool
+    enqueued: float
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class WorkerSlot:
+    wid: bytes
+    version: str
+    capacity: int
+    info: dict
+    routable: bool = False
+    draining: bool = False
+    last_seen: float = field(default_factory=time.monotonic)
+    inflight: dict[int, Pending] = field(default_factory=dict)
+    served: int = 0
+    errors: int = 0
+
+    @property
+    def credit(self) -> int:
+        return self.capacity - len(self.inflight) if self.routable else 0
+
+
+@dataclass(slots=True)
+class Lane:
+    """Everything routed to one version: its queue and whether it takes new requests."""
+
+    version: str
+    queue: deque[Pending] = field(default_factory=deque)
+    open: bool = True
+    served: int = 0
+    errors: int = 0
+
+
+@dataclass(slots=True)
+class BrokerStats:
+    received: int = 0
+    dropped: int = 0  # messages too malformed to answer
+    replied_ok: int = 0
+    replied_error: int = 0
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+
+
+ReadyCallback = Callable[[bytes, dict], None]
+
+
+class Broker:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        frontend_endpoint: str,
+        backend_endpoint: str,
+        *,
+        max_queue: int,
+        queue_timeout_s: float,
+        on_worker_ready: ReadyCallback,
+        frontend_hwm: int = 100_000,
+        max_message_bytes: int = -1,
+    ) -> None:
+        self.frontend = ctx.socket(zmq.ROUTER)
+        self.frontend.setsockopt(zmq.LINGER, 0)
+        self.frontend.setsockopt(zmq.SNDHWM, frontend_hwm)
+        self.frontend.setsockopt(zmq.RCVHWM, frontend_hwm)
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.frontend.bind(frontend_endpoint)
+        self.backend = ctx.socket(zmq.ROUTER)
+        self.backend.setsockopt(zmq.LINGER, 0)
+        # Workers are ours: a send to a vanished worker must fail loudly, not vanish.
+        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.backend.bind(backend_endpoint)
+        self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.max_queue = max_queue
+        self.queue_timeout_s = queue_timeout_s
+        self.on_worker_ready = on_worker_ready
+        self.workers: dict[bytes, WorkerSlot] = {}
+        self.lanes: dict[str, Lane] = {}
+        self.active: str | None = None
+        self.canary: tuple[str, float] | None = None
+        self.accepting = True
+        self.stats = BrokerStats()
+        self._seq = 0
+        self._queued = 0
+        self._rng = random.Random()
+
+    # -- routing policy ------------------------------------------------------------------
+
+    def open_lane(self, version: str) -> None:
+        lane = self.lanes.get(version)
+        if lane is None:
+            self.lanes[version] = Lane(version)
+        else:
+            lane.open = True
+
+    def close_lane(self, version: str) -> None:
+        """Stop accepting requests for `version`; queued ones fail as unknown_version."""
+        lane = self.lanes.pop(version, None)
+        if lane is None:
+            return
+        while lane.queue:
+            self._queued -= 1
+            self._fail(lane.queue.popleft(), p.UNKNOWN_VERSION, f"version {version} was unloaded")
+
+    def set_active(self, version: str | None, canary: tuple[str, float] | None = None) -> None:
+        self.active = version
+        self.canary = canary
+
+    def route_version(self, pinned: str) -> str | None:
+        """The one place that decides which version serves a request."""
+        if pinned:
+            lane = self.lanes.get(pinned)
+            return pinned if lane is not None and lane.open else None
+        if self.canary is not None and self._rng.random() < self.canary[1]:
+            return self.canary[0]
+        return self.active
+
+    # -- frontend ------------------------------------------------------------------------
+
+    def handle_frontend(self) -> None:
+        recv = self.frontend.recv_multipart
+        for _ in range(DRAIN_BURST):
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.stats.received += 1
+            parsed = p.parse_request(frames)
+            if isinstance(parsed, p.FrameError):
+                self._reject(parsed)
+            else:
+                self._accept(parsed)
+
+    def _reject(self, err: p.FrameError) -> None:
+        if err.request_id is None:
+            self.stats.dropped += 1
+            return
+        self._count_error(err.code)
+        self._send_front(p.error_frames(err.envelope, err.request_id, err.code, err.message))
+
+    def _accept(self, req: p.Request) -> None:
+        if not self.accepting:
+            self._reply_error(req.envelope, req.request_id, p.SHUTTING_DOWN, "pool is stopping")
+            return
+        version = self.route_version(req.version)
+        if version is None:
+            if req.version:
+                msg = f"version {req.version!r} is not serving"
+            else:
+                msg = "no version is serving"
+            self._reply_error(req.envelope, req.request_id, p.UNKNOWN_VERSION, msg)
+            return
+        if req.op == p.OP_PING:
+            self._answer_ping(req, version)
+            return
+        if self._queued >= self.max_queue:
+            self._reply_error(
+                req.envelope,
+                req.request_id,
+                p.OVERLOADED,
+                f"queue full ({self.max_queue} requests waiting); retry later",
+            )
+            return
+        pending = Pending(
+            req.envelope, req.request_id, req.op, req.body, version, bool(req.version),
+            time.monotonic(),
+        )
+        self.lanes[version].queue.append(pending)
+        self._queued += 1
+
+    def _answer_ping(self, req: p.Request, version: str) -> None:
+        ready = sum(1 for w in self.workers.values() if w.version == version and w.routable)
+        body = orjson.dumps({"version": version, "workers": ready})
+        self._send_front(p.reply_frames(req.envelope, req.request_id, p.STATUS_OK, body))
+        self.stats.replied_ok += 1
+
+    # -- backend -------------------------------------------------------------------------
+
+    def handle_backend(self) -> None:
+        recv = self.backend.recv_multipart
+        now = time.monotonic()
+        for _ in range(DRAIN_BURST):
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            wid, kind = frames[0], frames[1]
+            worker = self.workers.get(wid)
+            if worker is not None:
+                worker.last_seen = now
+            if kind == p.W_REPLY and worker is not None:
+                self._complete(worker, frames)
+            elif kind == p.W_READY:
+                self._register(wid, frames[2])
+            # Heartbeats only refresh last_seen; unknown workers' replies are stale.
+
+    def _register(self, wid: bytes, raw_info: bytes) -> None:
+        info = orjson.loads(raw_info)
+        self.workers[wid] = WorkerSlot(wid, info["version"], int(info["capacity"]), info)
+        self.on_worker_ready(wid, info)
+
+    def _complete(self, worker: WorkerSlot, frames: list[bytes]) -> None:
+        pending = worker.inflight.pop(p.decode_seq(frames[2]), None)
+        if pending is None:
+            return  # already answered (timed out or re-dispatched)
+        status, body = frames[3], frames[4]
+        self._send_front(p.reply_frames(pending.envelope, pending.request_id, status, body))
+        lane = self.lanes.get(worker.version)
+        if status == p.STATUS_OK:
+            worker.served += 1
+            self.stats.replied_ok += 1
+            if lane is not None:
+                lane.served += 1
+        else:
+            worker.errors += 1
+            if lane is not None:
+                lane.errors += 1
+            self._count_error(orjson.loads(body).get("code", p.INTERNAL))
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Hand queued requests to workers with credit, least loaded first."""
+        for lane in self.lanes.values():
+            if not lane.queue:
+                continue
+            candidates = [w for w in self.workers.values() if w.version == lane.version]
+            while lane.queue:
+                worker = max(candidates, key=_credit, default=None)
+                if worker is None or worker.credit <= 0:
+                    break
+                pending = lane.queue.popleft()
+                self._queued -= 1
+                self._send_to_worker(worker, pending)
+
+    def _send_to_worker(self, worker: WorkerSlot, pending: Pending) -> None:
+        self._seq += 1
+        seq = self._seq
+        pending.attempts += 1
+        worker.inflight[seq] = pending
+        enqueued_ns = int(pending.enqueued * 1e9).to_bytes(8, "little")
+        try:
+            self.backend.send_multipart(
+                [worker.wid, p.W_REQUEST, p.encode_seq(seq), pending.op, pending.body, enqueued_ns],
+                zmq.NOBLOCK,
+            )
+        except zmq.ZMQError:
+            # The worker's pipe is gone or full: take the request back, stop using the worker.
+            del worker.inflight[seq]
+            pending.attempts -= 1
+            worker.routable = False
+            self._requeue_front(pending)
+
+    # -- worker lifecycle (driven by the supervisor) ---------------------------------------
+
+    def enable_worker(self, wid: bytes) -> None:
+        worker = self.workers.get(wid)
+        if worker is not None:
+            worker.routable = True
+            worker.draining = False
+
+    def drain_worker(self, wid: bytes) -> None:
+        """No new requests for this worker; in-flight ones finish."""
+        worker = self.workers.get(wid)
+        if worker is not None:
+            worker.routable = False
+            worker.draining = True
+
+    def stop_worker(self, wid: bytes) -> None:
+        try:
+            self.backend.send_multipart([wid, p.W_STOP], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # already gone; the supervisor reaps it either way
+
+    def forget_worker(self, wid: bytes, reason: str) -> None:
+        """The worker process is gone: re-dispatch what it held, bounded by MAX_ATTEMPTS."""
+        worker = self.workers.pop(wid, None)
+        if worker is None:
+            return
+        for pending in sorted(worker.inflight.values(), key=lambda x: x.enqueued, reverse=True):
+            if pending.attempts >= MAX_ATTEMPTS:
+                self._fail(pending, p.WORKER_FAILED, f"worker died {pending.attempts}x: {reason}")
+            elif pending.version in self.lanes:
+                self._requeue_front(pending)
+            else:
+                self._fail(pending, p.WORKER_FAILED, f"worker died and {pending.version} is gone")
+
+    def _requeue_front(self, pending: Pending) -> None:
+        self.lanes[pending.version].queue.appendleft(pending)
+        self._queued += 1
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    def expire_queued(self, now: float) -> None:
+        """Answer `timeout` for requests that waited longer than the queue timeout."""
+        limit = now - self.queue_timeout_s
+        for lane in self.lanes.values():
+            queue = lane.queue
+            while queue and queue[0].enqueued < limit:
+                self._queued -= 1
+                self._fail(queue.popleft(), p.TIMEOUT, "no worker could start it in time")
+
+    def fail_all_queued(self, code: str, message: str) -> None:
+        for lane in self.lanes.values():
+            while lane.queue:
+                self._queued -= 1
+                self._fail(lane.queue.popleft(), code, message)
+
+    def version_load(self, version: str) -> int:
+        """Queued plus in-flight requests of one version."""
+        lane = self.lanes.get(version)
+        queued = len(lane.queue) if lane is not None else 0
+        held = sum(len(w.inflight) for w in self.workers.values() if w.version == version)
+        return queued + held
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(w.inflight) for w in self.workers.values())
+
+    def close(self) -> None:
+        self.frontend.close(linger=0)
+        self.backend.close(linger=0)
+
+    # -- replies ---------------------------------------------------------------------------
+
+    def _fail(self, pending: Pending, code: str, message: str) -> None:
+        self._reply_error(pending.envelope, pending.request_id, code, message)
+
+    def _reply_error(self, envelope: list[bytes], request_id: bytes, code: str, msg: str) -> None:
+        self._count_error(code)
+        self._send_front(p.error_frames(envelope, request_id, code, msg))
+
+    def _count_error(self, code: str) -> None:
+        self.stats.replied_error += 1
+        self.stats.errors_by_code[code] = self.stats.errors_by_code.get(code, 0) + 1
+
+    def _send_front(self, frames: list[bytes]) -> None:
+        try:
+            self.frontend.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            # Peer gone or over its high-water mark: a slow producer must not stall others.
+            self.stats.dropped += 1
+
+
+def _credit(worker: WorkerSlot) -> int:
+    return worker.credit

@@ -1,0 +1,292 @@
+"""Python clients for protocol v1: `Client` (blocking) and `AsyncClient` (asyncio).
+
+Both keep many requests in flight on one DEALER socket, matching replies by request_id.
+Protocol errors arrive as exceptions carrying the protocol's code (`exc.code`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import zmq
+import zmq.asyncio
+
+from router import protocol as p
+
+DEFAULT_ENDPOINT = os.environ.get(p.ENDPOINT_ENV, p.DEFAULT_ENDPOINT)
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_IN_FLIGHT = 64
+
+
+class ZeroPoolError(Exception):
+    """A request failed; `code` is the protocol error code."""
+
+    code = p.INTERNAL
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class BadRequest(ZeroPoolError):
+    code = p.BAD_REQUEST
+
+
+class TooLarge(ZeroPoolError):
+    code = p.TOO_LARGE
+
+
+class UnknownVersion(ZeroPoolError):
+    code = p.UNKNOWN_VERSION
+
+
+class Overloaded(ZeroPoolError):
+    code = p.OVERLOADED
+
+
+class RequestTimeout(ZeroPoolError):
+    code = p.TIMEOUT
+
+
+class WorkerFailed(ZeroPoolError):
+    code = p.WORKER_FAILED
+
+
+class ShuttingDown(ZeroPoolError):
+    code = p.SHUTTING_DOWN
+
+
+class InternalError(ZeroPoolError):
+    code = p.INTERNAL
+
+
+class NoReply(ZeroPoolError):
+    """No reply within the client's timeout: the pool is down, unreachable or stuck."""
+
+    code = "no_reply"
+
+
+ERRORS: dict[str, type[ZeroPoolError]] = {
+    cls.code: cls
+    for cls in (BadRequest, TooLarge, UnknownVersion, Overloaded, RequestTimeout, WorkerFailed,
+                ShuttingDown, InternalError)
+}
+
+
+@dataclass(frozen=True)
+class Similarity:
+    scores: list[float]
+    version: str
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    embeddings: list[list[float]]
+    dim: int
+    version: str
+
+
+@dataclass(frozen=True)
+class Ping:
+    version: str
+    workers: int
+
+
+Result = Similarity | Embeddings | Ping
+
+# The seed's verdicts: above VERY_SIMILAR "very similar", above RELATED "related".
+VERY_SIMILAR = 0.85
+RELATED = 0.5
+
+
+def verdict(score: float) -> str:
+    if score > VERY_SIMILAR:
+        return "very similar"
+    if score > RELATED:
+        return "related"
+    return "unrelated"
+
+
+def encode_request(request_id: bytes, op: bytes, version: str | None, body: dict) -> list[bytes]:
+    return [p.PROTOCOL, request_id, op, (version or "").encode(), orjson.dumps(body)]
+
+
+def decode_reply(op: bytes, frames: list[bytes]) -> Result | ZeroPoolError:
+    """A reply's frames (after any envelope) as a result, or the error it carries."""
+    if len(frames) != 4 or frames[0] != p.PROTOCOL:
+        return InternalError(f"malformed reply ({len(frames)} frames)")
+    status, body = frames[2], orjson.loads(frames[3])
+    if status != p.STATUS_OK:
+        code = body.get("code", p.INTERNAL)
+        return ERRORS.get(code, ZeroPoolError)(body.get("message", ""), code)
+    if op == p.OP_SIMILARITY:
+        return Similarity(body["scores"], body["version"])
+    if op == p.OP_EMBED:
+        return Embeddings(body["embeddings"], body["dim"], body["version"])
+    return Ping(body["version"], body["workers"])
+
+
+def similarity_body(pairs: Iterable[Sequence[str]], timeout_ms: int | None) -> dict:
+    body: dict[str, Any] = {"pairs": [list(pair) for pair in pairs]}
+    if timeout_ms is not None:
+        body["timeout_ms"] = timeout_ms
+    return body
+
+
+def embed_body(texts: Iterable[str], timeout_ms: int | None) -> dict:
+    body: dict[str, Any] = {"texts": list(texts)}
+    if timeout_ms is not None:
+        body["timeout_ms"] = timeout_ms
+    return body
+
+
+def _raise_or_return(result: Result | ZeroPoolError) -> Any:
+    if isinstance(result, ZeroPoolError):
+        raise result
+    return result
+
+
+class Client:
+    """Blocking client. Not thread-safe (one socket); use one per thread or `AsyncClient`."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = DEFAULT_TIMEOUT_S,
+                 context: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._ids = itertools.count(1)
+
+    def similarity(self, pairs: Iterable[Sequence[str]], version: str | None = None,
+                   timeout: float | None = None, timeout_ms: int | None = None) -> Similarity:
+        body = similarity_body(pairs, timeout_ms)
+        return _raise_or_return(self._call(p.OP_SIMILARITY, version, [body], timeout)[0])
+
+    def embed(self, texts: Iterable[str], version: str | None = None,
+              timeout: float | None = None, timeout_ms: int | None = None) -> Embeddings:
+        body = embed_body(texts, timeout_ms)
+        return _raise_or_return(self._call(p.OP_EMBED, version, [body], timeout)[0])
+
+    def ping(self, version: str | None = None, timeout: float | None = None) -> Ping:
+        return _raise_or_return(self._call(p.OP_PING, version, [{}], timeout)[0])
+
+    def similarity_many(self, batches: Iterable[Iterable[Sequence[str]]],
+                        version: str | None = None, in_flight: int = DEFAULT_IN_FLIGHT,
+                        timeout: float | None = None) -> list[Similarity | ZeroPoolError]:
+        """Many similarity requests pipelined; errors are returned in place, not raised."""
+        bodies = [similarity_body(pairs, None) for pairs in batches]
+        return self._call(p.OP_SIMILARITY, version, bodies, timeout, in_flight)
+
+    def _call(self, op: bytes, version: str | None, bodies: list[dict],
+              timeout: float | None, in_flight: int = 1) -> list[Any]:
+        """Send `bodies` keeping at most `in_flight` outstanding; results in input order."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        results: list[Any] = [None] * len(bodies)
+        waiting: dict[bytes, int] = {}
+        sent = 0
+        while sent < len(bodies) or waiting:
+            while sent < len(bodies) and len(waiting) < in_flight:
+                rid = next(self._ids).to_bytes(8, "big")
+                self._sock.send_multipart(encode_request(rid, op, version, bodies[sent]))
+                waiting[rid] = sent
+                sent += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
+                for index in waiting.values():
+                    results[index] = NoReply(f"no reply from {self.endpoint} in time")
+                break
+            frames = self._sock.recv_multipart()
+            index = waiting.pop(frames[1], None) if len(frames) > 1 else None
+            if index is not None:  # a stray reply to an earlier, timed-out call is dropped
+                results[index] = decode_reply(op, frames)
+        return results
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client: any number of concurrent calls share one DEALER socket."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = DEFAULT_TIMEOUT_S,
+                 context: zmq.asyncio.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._ids = itertools.count(1)
+        self._pending: dict[bytes, tuple[bytes, asyncio.Future]] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def similarity(self, pairs: Iterable[Sequence[str]], version: str | None = None,
+                         timeout: float | None = None,
+                         timeout_ms: int | None = None) -> Similarity:
+        return await self._call(p.OP_SIMILARITY, version, similarity_body(pairs, timeout_ms),
+                                timeout)
+
+    async def embed(self, texts: Iterable[str], version: str | None = None,
+                    timeout: float | None = None, timeout_ms: int | None = None) -> Embeddings:
+        return await self._call(p.OP_EMBED, version, embed_body(texts, timeout_ms), timeout)
+
+    async def ping(self, version: str | None = None, timeout: float | None = None) -> Ping:
+        return await self._call(p.OP_PING, version, {}, timeout)
+
+    async def _call(self, op: bytes, version: str | None, body: dict,
+                    timeout: float | None) -> Any:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+        rid = next(self._ids).to_bytes(8, "big")
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (op, future)
+        try:
+            await self._sock.send_multipart(encode_request(rid, op, version, body))
+            limit = timeout if timeout is not None else self.timeout
+            result = await asyncio.wait_for(future, limit)
+        except asyncio.TimeoutError:
+            raise NoReply(f"no reply from {self.endpoint} in time") from None
+        finally:
+            self._pending.pop(rid, None)
+        return _raise_or_return(result)
+
+    async def _read_replies(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            entry = self._pending.get(frames[1]) if len(frames) > 1 else None
+            if entry is not None and not entry[1].done():
+                entry[1].set_result(decode_reply(entry[0], frames))
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        self._sock.close(linger=0)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,132 @@
+"""Wire protocol v1 (public contract, see docs/protocol.md) and the internal backend frames.
+
+Frontend request:  [b"ZP1", request_id, op, version, body]
+Frontend reply:    [b"ZP1", request_id, status, body]
+
+The router reads frames only; bodies stay opaque bytes until a worker decodes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+PROTOCOL = b"ZP1"
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+ENDPOINT_ENV = "ZEROPOOL_ENDPOINT"  # where clients connect when no endpoint is given
+MAX_REQUEST_ID = 64
+
+OP_SIMILARITY = b"similarity"
+OP_EMBED = b"embed"
+OP_PING = b"ping"
+OPS = frozenset({OP_SIMILARITY, OP_EMBED, OP_PING})
+
+STATUS_OK = b"ok"
+STATUS_ERROR = b"error"
+
+# Error codes (the body of an error reply is {"code": ..., "message": ...}).
+BAD_REQUEST = "bad_request"
+TOO_LARGE = "too_large"
+UNKNOWN_VERSION = "unknown_version"
+OVERLOADED = "overloaded"
+TIMEOUT = "timeout"
+WORKER_FAILED = "worker_failed"
+SHUTTING_DOWN = "shutting_down"
+INTERNAL = "internal"
+ERROR_CODES = frozenset(
+    {
+        BAD_REQUEST,
+        TOO_LARGE,
+        UNKNOWN_VERSION,
+        OVERLOADED,
+        TIMEOUT,
+        WORKER_FAILED,
+        SHUTTING_DOWN,
+        INTERNAL,
+    }
+)
+
+# Backend frames between the router (ROUTER) and workers (DEALER). Internal: not a contract.
+W_READY = b"R"  # worker -> router: [W_READY, json info]
+W_HEARTBEAT = b"H"  # worker -> router: [W_HEARTBEAT]
+W_REPLY = b"P"  # worker -> router: [W_REPLY, seq, status, body]
+W_REQUEST = b"Q"  # router -> worker: [W_REQUEST, seq, op, body, enqueued_ns]
+W_STOP = b"S"  # router -> worker: [W_STOP]
+
+
+@dataclass(slots=True)
+class Request:
+    """A well-framed frontend request. `envelope` is what must precede the reply frames."""
+
+    envelope: list[bytes]
+    request_id: bytes
+    op: bytes
+    version: str
+    body: bytes
+
+
+@dataclass(slots=True)
+class FrameError:
+    """A frontend message that cannot be served. `request_id` is None when no reply is possible."""
+
+    envelope: list[bytes]
+    request_id: bytes | None
+    code: str
+    message: str
+
+
+def parse_request(frames: list[bytes]) -> Request | FrameError:
+    """Split a message received on the frontend ROUTER; never raises.
+
+    frames[0] is the peer identity added by the ROUTER. A REQ peer (or a DEALER imitating
+    one) puts an empty delimiter before the protocol tag; it is echoed back in the envelope.
+    """
+    if not frames:
+        return FrameError([], None, BAD_REQUEST, "empty message")
+    split = 2 if len(frames) > 1 and frames[1] == b"" else 1
+    envelope, rest = frames[:split], frames[split:]
+    request_id = rest[1] if len(rest) >= 2 and 0 < len(rest[1]) <= MAX_REQUEST_ID else None
+    if len(rest) < 2 or request_id is None:
+        return FrameError(envelope, None, BAD_REQUEST, "no readable request_id")
+    if rest[0] != PROTOCOL:
+        return FrameError(
+            envelope, request_id, BAD_REQUEST, f"protocol tag must be {PROTOCOL.decode()}"
+        )
+    if len(rest) != 5:
+        return FrameError(
+            envelope,
+            request_id,
+            BAD_REQUEST,
+            f"expected 5 frames [ZP1, request_id, op, version, body], got {len(rest)}",
+        )
+    op = rest[2]
+    if op not in OPS:
+        return FrameError(envelope, request_id, BAD_REQUEST, f"unknown op {op[:32]!r}")
+    try:
+        version = rest[3].decode("utf-8")
+    except UnicodeDecodeError:
+        return FrameError(envelope, request_id, BAD_REQUEST, "version is not UTF-8")
+    return Request(envelope, request_id, op, version, rest[4])
+
+
+def error_body(code: str, message: str) -> bytes:
+    return orjson.dumps({"code": code, "message": message})
+
+
+def reply_frames(
+    envelope: list[bytes], request_id: bytes, status: bytes, body: bytes
+) -> list[bytes]:
+    return [*envelope, PROTOCOL, request_id, status, body]
+
+
+def error_frames(envelope: list[bytes], request_id: bytes, code: str, message: str) -> list[bytes]:
+    return reply_frames(envelope, request_id, STATUS_ERROR, error_body(code, message))
+
+
+def encode_seq(seq: int) -> bytes:
+    return seq.to_bytes(8, "little")
+
+
+def decode_seq(raw: bytes) -> int:
+    return int.from_bytes(raw, "little")
