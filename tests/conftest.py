@@ -1,0 +1,165 @@
+"""Fixtures: tiny BERT models generated on the spot, the seed's reference computation, and
+real `pool serve` processes on ipc sockets."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
+
+from pool.control import control_request
+from pool.launch import PoolProcess
+
+TINY_MAX_LENGTH = 48
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Sentences the tests use; every character of them is in the vocabulary.
+SENTENCES = [
+    "今天天气真好", "今日阳光明媚", "我想订一张去北京的机票", "帮我买一张到北京的飞机票",
+    "这家餐厅的菜很好吃", "股票市场今天大跌", "hello world", "the quick brown fox",
+]
+
+
+def _vocab() -> list[str]:
+    chars = {ch for s in SENTENCES for ch in s if not ch.isspace()}
+    # A broad block of common CJK ideographs, ASCII letters and digits.
+    chars |= {chr(cp) for cp in range(0x4E00, 0x4E00 + 1500)}
+    chars |= set("abcdefghijklmnopqrstuvwxyz0123456789.,!?")
+    words = ["hello", "world", "the", "quick", "brown", "fox"]
+    return SPECIAL + sorted(chars) + words + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+
+
+def make_tiny_bert(directory: Path, seed: int) -> Path:
+    """A 2-layer BERT with random weights and a vocab covering Chinese characters."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_file = directory / "vocab.txt"
+    vocab_file.write_text("\n".join(_vocab()) + "\n", encoding="utf-8")
+    # transformers 5 takes `vocab`, 4.x `vocab_file`.
+    key = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters \
+        else "vocab_file"
+    tokenizer = BertTokenizerFast(**{key: str(vocab_file)}, model_max_length=TINY_MAX_LENGTH)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=TINY_MAX_LENGTH,
+        # Wide initial weights spread the scores, so versions and sentences differ clearly.
+        initializer_range=1.0,
+    )
+    BertModel(config).eval().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {"v1": make_tiny_bert(root / "v1", seed=1), "v2": make_tiny_bert(root / "v2", seed=2)}
+
+
+class Reference:
+    """The seed's computation, in process: one pair per forward pass, padding + truncation."""
+
+    def __init__(self, path: Path) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        enc = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        hidden = self.model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+    def similarity(self, a: str, b: str) -> float:
+        emb = self.embed([a, b])
+        return float((emb[0] * emb[1]).sum())
+
+
+@pytest.fixture(scope="session")
+def reference(models: dict[str, Path]) -> dict[str, Reference]:
+    return {name: Reference(path) for name, path in models.items()}
+
+
+def short_tmpdir() -> Path:
+    # ipc:// paths must stay under ~107 bytes, so not pytest's long tmp_path.
+    return Path(tempfile.mkdtemp(prefix="zp-"))
+
+
+class RunningPool:
+    def __init__(self, process: PoolProcess, state_dir: Path, endpoint: str) -> None:
+        self.process = process
+        self.state_dir = state_dir
+        self.endpoint = endpoint
+
+    def status(self) -> dict:
+        return control_request(self.state_dir, "status")
+
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in self.status()["workers"]]
+
+    def children(self) -> list[psutil.Process]:
+        """Every process the server started (workers, multiprocessing's resource tracker)."""
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "ZEROPOOL_STATE_DIR": str(self.state_dir),
+                "ZEROPOOL_ENDPOINT": self.endpoint}
+
+
+def start_pool(path: Path, *extra: str, workers: int = 2, version: str = "v1",
+               state_dir: Path | None = None, wait: bool = True) -> RunningPool:
+    state_dir = state_dir or short_tmpdir()
+    endpoint = f"ipc://{state_dir}/front.sock"
+    args = ["--path", str(path), "--version", version, "--workers", str(workers),
+            "--threads", "1", "--bind", endpoint, "--state-dir", str(state_dir), *extra]
+    process = PoolProcess(args, state_dir / "serve.log")
+    pool = RunningPool(process, state_dir, endpoint)
+    if wait:
+        process.wait_ready(endpoint, workers=workers, timeout=120)
+    return pool
+
+
+def stop_pool(pool: RunningPool) -> int:
+    children = pool.children()
+    code = pool.process.stop(timeout=60)
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    for proc in alive:
+        proc.kill()
+    assert not alive, f"workers outlived the pool: {[p.pid for p in alive]}"
+    shutil.rmtree(pool.state_dir, ignore_errors=True)
+    return code
+
+
+@pytest.fixture
+def pool_factory() -> Iterator[Callable[..., RunningPool]]:
+    started: list[RunningPool] = []
+
+    def factory(*args: object, **kwargs: object) -> RunningPool:
+        pool = start_pool(*args, **kwargs)  # type: ignore[arg-type]
+        started.append(pool)
+        return pool
+
+    yield factory
+    for pool in started:
+        if pool.process.proc.poll() is None:
+            stop_pool(pool)
+
+
+@pytest.fixture(scope="module")
+def pool(models: dict[str, Path]) -> Iterator[RunningPool]:
+    """One shared 2-worker pool serving the tiny v1 model."""
+    running = start_pool(models["v1"])
+    yield running
+    assert stop_pool(running) == 0

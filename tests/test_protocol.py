@@ -1,0 +1,84 @@
+"""The wire codec: every frame sequence parses to a request or a precise error, never raises."""
+
+from __future__ import annotations
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from router import protocol as p
+from router.client import BadRequest, Similarity, UnknownVersion, decode_reply, encode_request
+
+IDENT = b"\x00peer"
+
+
+def test_well_framed_request_parses() -> None:
+    req = p.parse_request([IDENT, b"ZP1", b"r1", b"similarity", b"v2", b'{"pairs": []}'])
+    assert isinstance(req, p.Request)
+    assert (req.envelope, req.request_id, req.op, req.version) == ([IDENT], b"r1",
+                                                                   b"similarity", "v2")
+    assert req.body == b'{"pairs": []}'
+
+
+def test_req_socket_delimiter_is_kept_in_the_envelope() -> None:
+    req = p.parse_request([IDENT, b"", b"ZP1", b"r1", b"ping", b"", b"{}"])
+    assert isinstance(req, p.Request)
+    assert req.envelope == [IDENT, b""]
+    assert p.reply_frames(req.envelope, req.request_id, p.STATUS_OK, b"{}")[:3] == [
+        IDENT, b"", b"ZP1"]
+
+
+def test_wrong_tag_is_answered_when_the_id_is_readable() -> None:
+    err = p.parse_request([IDENT, b"ZP9", b"r1", b"ping", b"", b"{}"])
+    assert isinstance(err, p.FrameError)
+    assert (err.request_id, err.code) == (b"r1", p.BAD_REQUEST)
+
+
+def test_unknown_op_and_frame_count_are_bad_requests() -> None:
+    for frames in ([IDENT, b"ZP1", b"r", b"sing", b"", b"{}"],
+                   [IDENT, b"ZP1", b"r", b"ping", b""],
+                   [IDENT, b"ZP1", b"r", b"ping", b"", b"{}", b"extra"],
+                   [IDENT, b"ZP1", b"r", b"ping", b"\xff\xfe", b"{}"]):
+        err = p.parse_request(frames)
+        assert isinstance(err, p.FrameError) and err.code == p.BAD_REQUEST
+        assert err.request_id == b"r"
+
+
+def test_messages_without_a_readable_id_are_dropped() -> None:
+    for frames in ([IDENT], [IDENT, b"ZP1"], [IDENT, b"ZP1", b"", b"ping", b"", b"{}"],
+                   [IDENT, b"ZP1", b"x" * 65, b"ping", b"", b"{}"], []):
+        err = p.parse_request(frames)
+        assert isinstance(err, p.FrameError) and err.request_id is None
+
+
+def test_request_id_of_64_bytes_is_accepted() -> None:
+    assert isinstance(p.parse_request([IDENT, b"ZP1", b"x" * 64, b"ping", b"", b"{}"]), p.Request)
+
+
+@given(st.lists(st.binary(max_size=80), max_size=8))
+def test_any_frames_give_a_request_or_an_error(frames: list[bytes]) -> None:
+    result = p.parse_request([IDENT, *frames])
+    assert isinstance(result, p.Request | p.FrameError)
+    if isinstance(result, p.FrameError) and result.request_id is not None:
+        assert 1 <= len(result.request_id) <= p.MAX_REQUEST_ID
+        assert result.code in p.ERROR_CODES
+
+
+@given(st.binary(min_size=1, max_size=64), st.sampled_from(sorted(p.OPS)),
+       st.text(max_size=20), st.dictionaries(st.text(max_size=5), st.integers(-(2**63), 2**63 - 1)))
+def test_client_encoding_round_trips_through_the_router_codec(
+    rid: bytes, op: bytes, version: str, body: dict
+) -> None:
+    req = p.parse_request([IDENT, *encode_request(rid, op, version, body)])
+    assert isinstance(req, p.Request)
+    assert (req.request_id, req.op, req.version) == (rid, op, version)
+    assert orjson.loads(req.body) == body
+
+
+def test_client_decodes_results_and_typed_errors() -> None:
+    ok = decode_reply(p.OP_SIMILARITY, [b"ZP1", b"r", b"ok", b'{"scores":[0.5],"version":"v1"}'])
+    assert ok == Similarity([0.5], "v1")
+    err = decode_reply(p.OP_EMBED, p.error_frames([], b"r", p.UNKNOWN_VERSION, "nope"))
+    assert isinstance(err, UnknownVersion) and err.code == "unknown_version"
+    bad = decode_reply(p.OP_EMBED, p.error_frames([], b"r", p.BAD_REQUEST, "x"))
+    assert isinstance(bad, BadRequest)

@@ -1,0 +1,266 @@
+"""A real `pool serve` with real ZeroMQ sockets: raw producers, the clients and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import psutil
+import pytest
+import zmq
+
+from router.client import (
+    AsyncClient,
+    BadRequest,
+    Client,
+    Similarity,
+    UnknownVersion,
+)
+from tests.conftest import SENTENCES, Reference, RunningPool, start_pool, stop_pool
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+TOLERANCE = 1e-4
+
+
+def dealer(endpoint: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def recv_all(sock: zmq.Socket, count: int, timeout_s: float = 60) -> dict[bytes, list[bytes]]:
+    replies: dict[bytes, list[bytes]] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(replies) < count:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0 and sock.poll(int(remaining * 1000)), \
+            f"only {len(replies)} of {count} replies arrived"
+        frames = sock.recv_multipart()
+        assert frames[1] not in replies, "two replies to one request"
+        replies[frames[1]] = frames
+    return replies
+
+
+def pool_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
+                          text=True, env=env, timeout=60)
+
+
+def test_raw_dealer_200_requests_in_flight_all_scored_correctly(
+    pool: RunningPool, reference: dict[str, Reference]
+) -> None:
+    sock = dealer(pool.endpoint)
+    sent: dict[bytes, list[list[str]]] = {}
+    for i in range(200):
+        pairs = [[SENTENCES[(i + k) % 8], SENTENCES[(i * 3 + k) % 8]] for k in range(1 + i % 4)]
+        rid = f"r{i}".encode()
+        sent[rid] = pairs
+        sock.send_multipart([b"ZP1", rid, b"similarity", b"", orjson.dumps({"pairs": pairs})])
+    replies = recv_all(sock, 200)
+    assert set(replies) == set(sent)
+    for rid, frames in replies.items():
+        tag, _, status, body = frames
+        assert (tag, status) == (b"ZP1", b"ok"), body
+        reply = orjson.loads(body)
+        assert reply["version"] == "v1"
+        assert len(reply["scores"]) == len(sent[rid])
+        for (a, b), score in zip(sent[rid], reply["scores"], strict=True):
+            assert abs(score - reference["v1"].similarity(a, b)) < TOLERANCE
+    sock.close()
+
+
+def test_bad_bodies_get_bad_request_and_the_pool_keeps_serving(pool: RunningPool) -> None:
+    sock = dealer(pool.endpoint)
+    bad = [
+        [b"ZP1", b"b1", b"similarity", b"", b"not json"],
+        [b"ZP1", b"b2", b"similarity", b"", b'{"pairs": [["only one"]]}'],
+        [b"ZP1", b"b3", b"similarity", b"", b'{"pairs": []}'],
+        [b"ZP1", b"b4", b"embed", b"", b'{"texts": [42]}'],
+        [b"ZP1", b"b5", b"transmogrify", b"", b"{}"],
+        [b"ZP2", b"b6", b"ping", b"", b"{}"],
+        [b"ZP1", b"b7", b"ping", b""],
+        [b"ZP1", b"b8", b"similarity", b"", b'{"pairs": [["a", "b"]], "timeout_ms": -1}'],
+    ]
+    for frames in bad:
+        sock.send_multipart(frames)
+    sock.send_multipart([b"ZP1"])  # no request_id: dropped, never answered
+    replies = recv_all(sock, len(bad))
+    for rid, (_, _, status, body) in replies.items():
+        assert status == b"error", rid
+        assert orjson.loads(body)["code"] == "bad_request", (rid, body)
+        assert orjson.loads(body)["message"]
+    assert not sock.poll(300), "a message without request_id must not be answered"
+    with Client(pool.endpoint) as client:
+        assert client.similarity([("今天天气真好", "今日阳光明媚")]).version == "v1"
+    sock.close()
+
+
+def test_unknown_pinned_version(pool: RunningPool) -> None:
+    with Client(pool.endpoint) as client:
+        with pytest.raises(UnknownVersion) as exc:
+            client.similarity([("a", "b")], version="v9")
+        assert exc.value.code == "unknown_version"
+        assert client.similarity([("a", "b")], version="v1").version == "v1"
+
+
+def test_req_socket_works(pool: RunningPool) -> None:
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(pool.endpoint)
+    sock.send_multipart([b"ZP1", b"q", b"ping", b"", b"{}"])
+    assert sock.poll(10_000)
+    tag, rid, status, body = sock.recv_multipart()
+    assert (tag, rid, status) == (b"ZP1", b"q", b"ok")
+    assert orjson.loads(body) == {"version": "v1", "workers": 2}
+    sock.close()
+
+
+def test_embed_returns_normalised_vectors(pool: RunningPool, reference: dict[str, Reference]
+                                          ) -> None:
+    with Client(pool.endpoint) as client:
+        result = client.embed(["今天天气真好", "hello world"])
+    assert result.dim == 32 and len(result.embeddings) == 2
+    want = reference["v1"].embed(["今天天气真好"])[0].tolist()
+    assert max(abs(a - b) for a, b in zip(result.embeddings[0], want, strict=True)) < TOLERANCE
+
+
+def test_blocking_client_pipelines_and_reports_errors_in_place(pool: RunningPool) -> None:
+    with Client(pool.endpoint) as client:
+        batches = [[("今天天气真好", "今日阳光明媚")]] * 100 + [[]]
+        results = client.similarity_many(batches, in_flight=32)
+    assert all(isinstance(r, Similarity) for r in results[:100])
+    assert isinstance(results[100], BadRequest)
+
+
+def test_async_client_many_in_flight(pool: RunningPool, reference: dict[str, Reference]) -> None:
+    async def run() -> list[Similarity]:
+        async with AsyncClient(pool.endpoint) as client:
+            return await asyncio.gather(*[
+                client.similarity([(SENTENCES[i % 8], SENTENCES[(i + 1) % 8])])
+                for i in range(150)
+            ])
+
+    results = asyncio.run(run())
+    for i, result in enumerate(results):
+        want = reference["v1"].similarity(SENTENCES[i % 8], SENTENCES[(i + 1) % 8])
+        assert abs(result.scores[0] - want) < TOLERANCE
+
+
+def test_cli_similarity_embed_ping_status(pool: RunningPool) -> None:
+    done = pool_cli("similarity", "今天天气真好", "今日阳光明媚", "--json", env=pool.env)
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply["version"] == "v1" and -1 <= reply["score"] <= 1
+    assert reply["verdict"] in ("very similar", "related", "unrelated")
+
+    human = pool_cli("similarity", "今天天气真好", "今日阳光明媚", env=pool.env)
+    assert human.returncode == 0 and f"{reply['score']:.4f}" in human.stdout
+
+    embedded = json.loads(pool_cli("embed", "a", "b", "--json", env=pool.env).stdout)
+    assert embedded["dim"] == 32 and len(embedded["embeddings"]) == 2
+
+    assert json.loads(pool_cli("ping", "--json", env=pool.env).stdout)["workers"] == 2
+
+    status = json.loads(pool_cli("status", "--json", env=pool.env).stdout)
+    assert status["active"] == "v1"
+    assert len(status["workers"]) == 2
+    assert {w["state"] for w in status["workers"]} == {"ready"}
+    assert sum(w["served"] for w in status["workers"]) > 0
+
+    missing = pool_cli("similarity", "a", "b", "--version", "nope", "--json", env=pool.env)
+    assert missing.returncode == 1
+    assert json.loads(missing.stdout)["error"]["code"] == "unknown_version"
+
+
+def test_documented_raw_producer_runs(pool: RunningPool) -> None:
+    example = ROOT / "docs" / "examples" / "raw_producer.py"
+    assert example.read_text() in (ROOT / "docs" / "protocol.md").read_text()
+    done = subprocess.run([sys.executable, str(example), pool.endpoint, "50"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(done.stdout.splitlines()) == 50
+
+
+def test_killed_worker_loses_no_request_and_is_respawned(models: dict[str, Path]) -> None:
+    running = start_pool(models["v1"])
+    try:
+        victim = running.worker_pids()[0]
+        sock = dealer(running.endpoint)
+        pairs = [["今天天气真好" * 5, "今日阳光明媚" * 5]] * 16
+        for i in range(300):
+            sock.send_multipart([b"ZP1", b"%d" % i, b"similarity", b"",
+                                 orjson.dumps({"pairs": pairs})])
+            if i == 100:
+                os.kill(victim, signal.SIGKILL)
+        replies = recv_all(sock, 300, timeout_s=120)
+        statuses = {frames[2] for frames in replies.values()}
+        assert statuses == {b"ok"}, [f[3] for f in replies.values() if f[2] != b"ok"][:3]
+        running.process.wait_ready(running.endpoint, workers=2, timeout=60)
+        assert victim not in running.worker_pids()
+        assert len(running.worker_pids()) == 2
+        sock.close()
+    finally:
+        assert stop_pool(running) == 0
+
+
+def test_sigterm_stops_cleanly_and_reaps_every_worker(models: dict[str, Path]) -> None:
+    running = start_pool(models["v1"])
+    workers = [psutil.Process(pid) for pid in running.worker_pids()]
+    assert len(workers) == 2
+    sock = dealer(running.endpoint)
+    for i in range(50):
+        sock.send_multipart([b"ZP1", b"%d" % i, b"similarity", b"",
+                             orjson.dumps({"pairs": [["今天天气真好", "今日阳光明媚"]] * 8})])
+    time.sleep(0.05)
+    running.process.proc.send_signal(signal.SIGTERM)
+    replies = recv_all(sock, 50)
+    codes = {f[2] if f[2] == b"ok" else orjson.loads(f[3])["code"] for f in replies.values()}
+    assert codes <= {b"ok", "shutting_down"}
+    assert running.process.proc.wait(60) == 0
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+    assert not (running.state_dir / "control.sock").exists()
+    assert orjson.loads((running.state_dir / "versions.json").read_bytes())["active"] == "v1"
+    sock.close()
+    stop_pool(running)
+
+
+def test_serve_refuses_a_path_that_is_not_a_model(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "serve", "--path", str(tmp_path), "--state-dir",
+         str(tmp_path / "state")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "not a transformers model directory" in done.stderr
+
+
+def test_serve_exits_with_the_reason_when_weights_are_corrupt(models: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in models["v1"].iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"garbage" * 100)
+    running = start_pool(broken, workers=1, wait=False)
+    assert running.process.proc.wait(120) == 1
+    log = running.process.log_tail(200)
+    assert "cannot serve" in log and "exit" in log
+    stop_pool(running)
+
+
+def test_second_pool_on_the_same_state_dir_is_refused(pool: RunningPool,
+                                                      models: dict[str, Path]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "serve", "--path", str(models["v1"]),
+         "--state-dir", str(pool.state_dir), "--bind", "ipc:///tmp/zp-unused.sock"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "already serving" in done.stderr
