@@ -134,7 +134,7 @@ def start_pool(path: Path, *extra: str, workers: int = 2, version: str = "v1",
 def stop_pool(pool: RunningPool) -> int:
     children = pool.children()
     code = pool.process.stop(timeout=60)
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=10)
     for proc in alive:
         proc.kill()
     assert not alive, f"workers outlived the pool: {[p.pid for p in alive]}"

@@ -25,7 +25,9 @@ def test_cpu_defaults_to_float32(encoder: Encoder) -> None:
     assert encoder.max_length == TINY_MAX_LENGTH
 
 
-def test_scores_match_the_seed_computation(encoder: Encoder, reference: dict[str, Reference]) -> None:
+def test_scores_match_the_seed_computation(
+    encoder: Encoder, reference: dict[str, Reference]
+) -> None:
     pairs = list(itertools.combinations(SENTENCES, 2))
     scores = encoder.similarity(pairs)
     for (a, b), score in zip(pairs, scores, strict=True):
