@@ -1,0 +1,29 @@
+# Two commands from a clean clone: `make run` (the demo) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned: on the project machines this picks the local CPU build; from PyPI it is the CUDA
+# build of the same release. pyproject keeps the range open for users.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup run test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+run: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pool demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ruff check .
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
