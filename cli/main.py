@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pool import config as c
-from pool.control import ControlError, control_request
+from pool.control import ControlError, PoolNotRunning, control_request
 from router.client import Client, ZeroPoolError, verdict
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 out = Console()
 DEFAULT_STATE_DIR = c.default_state_dir()
+ROTATION_POLL_S = 0.2
 err = Console(stderr=True)
 
 EndpointOpt = Annotated[str, typer.Option("--endpoint", "-e", envvar=c.ENDPOINT_ENV,
@@ -229,7 +231,12 @@ def status(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False)
     req = st["requests"]
     out.print(f"[bold]zeropool[/] pid {st['pid']} on {st['endpoint']}, {st['state']}, "
               f"up {st['uptime_s']:.0f}s; active [bold]{st['active']}[/]"
-              + (f", canary {st['canary'][0]} {st['canary'][1]:.0%}" if st["canary"] else ""))
+              + (f", canary {st['canary']['version']} {st['canary']['share']:.0%}"
+                 if st["canary"] else ""))
+    rot = st["rotation"]
+    if rot:
+        out.print(f"rotation {rot['id']} {rot['source']} -> {rot['target']} ({rot['strategy']}): "
+                  f"{rot['phase']}" + (f", reason: {rot['reason']}" if rot["reason"] else ""))
     out.print(f"queue {st['queue_depth']}, in flight {st['inflight']}; requests ok {req['ok']}, "
               f"errors {req['errors']} {req['errors_by_code'] or ''}, dropped {req['dropped']}")
     table = Table("worker", "pid", "version", "device", "state", "in-flight", "served",
@@ -263,6 +270,210 @@ def demo(
     from cli.demo import run_demo
 
     raise typer.Exit(run_demo(workers=workers, path=path, as_json=as_json))
+
+
+# -- rotation ------------------------------------------------------------------------------
+
+PHASE_LABELS = {
+    "spawning": "spawning new workers", "loading": "loading the model",
+    "health_check": "health check", "switching": "switching routing",
+    "canary": "canary running", "draining": "draining the old version",
+    "done": "done", "rolling_back": "rolling back", "failed": "failed",
+}
+
+
+@app.command()
+def rotate(
+    version: Annotated[str, typer.Option("--version", "-v", help="Version to rotate to.")],
+    path: Annotated[str | None, typer.Option(help="Model directory (registers the version)."
+                                             )] = None,
+    strategy: Annotated[str, typer.Option(help="surge | rolling | auto")] = "auto",
+    workers: Annotated[int | None, typer.Option(help="Workers of the new version "
+                       "(default: as many as now).", min=1)] = None,
+    drain_timeout: Annotated[float, typer.Option(help="Seconds the old version may keep "
+                             "serving pinned requests.", min=0)] = 30.0,
+    canary: Annotated[float | None, typer.Option(help="Route this % of unpinned traffic to "
+                      "the new version and wait for `pool promote`.")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the rotation to its "
+                    "end.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to follow before giving up.")] = 900,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replace the serving version without failing a request: spawn, check, switch, drain."""
+    started = control(state_dir, "rotate", as_json, version=version, path=path,
+                      strategy=strategy, workers=workers, drain_timeout=drain_timeout,
+                      canary=canary)
+    follow_rotation(state_dir, started["rotation"], wait, timeout, as_json)
+
+
+@app.command()
+def rollback(
+    wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to follow before giving up.")] = 900,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """Abort the rotation or canary in progress, else rotate back to the previous version."""
+    reply = control(state_dir, "rollback", as_json)
+    if not as_json and reply["kind"] == "abort":
+        out.print(f"aborting rotation {reply['rotation']['id']} to {reply['rotation']['target']}")
+    follow_rotation(state_dir, reply["rotation"], wait, timeout, as_json,
+                    expect_rollback=reply["kind"] == "abort")
+
+
+@app.command()
+def promote(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False,
+            wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
+            timeout: Annotated[float, typer.Option(help="Seconds to follow.")] = 900) -> None:
+    """Finish a canary rotation: all unpinned traffic to the new version, drain the old."""
+    reply = control(state_dir, "promote", as_json)
+    follow_rotation(state_dir, reply["rotation"], wait, timeout, as_json)
+
+
+@app.command()
+def unload(version: Annotated[str, typer.Argument(help="A loaded, non-active version.")],
+           state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
+    """Stop a non-active version's workers (they drain first)."""
+    control(state_dir, "unload", as_json, version=version)
+    if as_json:
+        emit_json({"ok": True, "unloading": version})
+    else:
+        out.print(f"unloading {version}")
+
+
+def follow_rotation(state_dir: Path, rot: dict, wait: bool, timeout: float, as_json: bool,
+                    expect_rollback: bool = False) -> None:
+    """Print each phase as it is reached; exit 0 when done, 1 when it rolled back."""
+    if not wait:
+        if as_json:
+            emit_json({"ok": True, "rotation": rot})
+        else:
+            out.print(f"rotation {rot['id']} to {rot['target']} started ({rot['strategy']})")
+        return
+    if not as_json:
+        out.print(f"rotation {rot['id']}: {rot['source']} -> [bold]{rot['target']}[/] "
+                  f"({rot['strategy']}, {rot['workers']} workers)")
+    seen: str | None = None
+    deadline = time.monotonic() + timeout
+    while True:
+        rot = control(state_dir, "rotation", as_json)["rotation"]
+        if rot["phase"] != seen and not as_json:
+            done = rot["timings"]
+            if seen is not None:
+                out.print(f"  {PHASE_LABELS.get(seen, seen):<28} {done.get(seen, 0):7.2f}s")
+            seen = rot["phase"]
+        if rot["outcome"] is not None or rot["phase"] == "canary" or time.monotonic() > deadline:
+            break
+        time.sleep(ROTATION_POLL_S)
+    ok = rot["outcome"] == "done" or rot["phase"] == "canary" or (
+        expect_rollback and rot["outcome"] == "rolled_back")
+    if as_json:
+        emit_json({"ok": ok, "rotation": rot})
+    elif rot["phase"] == "canary":
+        out.print(f"canary: {rot['canary']:.0%} of unpinned traffic to {rot['target']}; "
+                  "`pool promote` to finish, `pool rollback` to end it")
+    elif rot["outcome"] == "done":
+        out.print(f"[green]done[/]: {rot['target']} serves, {rot['source']} is gone "
+                  f"({rot['total_s']:.2f}s)")
+    elif rot["outcome"] == "rolled_back":
+        style = "yellow" if expect_rollback else "red"
+        out.print(f"[{style}]rolled back[/]: {rot['source']} still serves; reason: {rot['reason']}")
+    else:
+        out.print(f"[red]still {rot['phase']} after {timeout:.0f}s[/]; see `pool status`")
+    if not ok:
+        raise typer.Exit(1)
+
+
+# -- the version registry -------------------------------------------------------------------
+
+versions_app = typer.Typer(help="The version registry (versions.json in the state directory).",
+                           no_args_is_help=True)
+app.add_typer(versions_app, name="versions")
+
+
+def registry_command(state_dir: Path, cmd: str, as_json: bool, offline: Any,
+                     **args: Any) -> dict:
+    """Through the running pool if there is one, else on the registry file directly."""
+    try:
+        return control_request(state_dir, cmd, **args)
+    except PoolNotRunning:
+        pass
+    except ControlError as exc:
+        fail(str(exc), as_json, "control")
+    from pool.registry import Registry
+
+    registry = Registry(state_dir)
+    try:
+        offline(registry)
+    except (ValueError, KeyError) as exc:
+        fail(str(exc), as_json, "bad_request", exit_code=2)
+    registry.save()
+    return {"versions": registry.listing()}
+
+
+def print_versions(reply: dict, as_json: bool) -> None:
+    if as_json:
+        emit_json({"ok": True, "versions": reply["versions"]})
+        return
+    table = Table("version", "path", "auto-load", "role")
+    for v in reply["versions"]:
+        role = "active" if v["active"] else "previous" if v["previous"] else ""
+        table.add_row(v["version"], v["path"], "yes" if v["auto_load"] else "", role)
+    out.print(table)
+
+
+@versions_app.command("list")
+def versions_list(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
+    """Registered versions, the active and the previous one."""
+    print_versions(registry_command(state_dir, "versions", as_json, lambda r: None), as_json)
+
+
+@versions_app.command("add")
+def versions_add(
+    version: Annotated[str, typer.Argument(help="Version name, e.g. v2.")],
+    path: Annotated[str, typer.Option(help="Local transformers model directory.")],
+    auto_load: Annotated[bool, typer.Option("--auto-load", help="Load it whenever the pool "
+                         "starts (serves pinned requests).")] = False,
+    expect: Annotated[Path | None, typer.Option(help="golden.json: {\"pairs\": [[a, b], ...],"
+                      " \"scores\": [...], \"tolerance\": 0.01} checked before it serves.")]
+        = None,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a version (checked to be a model directory)."""
+    golden = read_json_file(expect, as_json) if expect else None
+    reply = registry_command(
+        state_dir, "versions_add", as_json,
+        lambda r: r.add(version, path, auto_load=auto_load, expect=golden),
+        version=version, path=path, auto_load=auto_load, expect=golden)
+    print_versions(reply, as_json)
+
+
+@versions_app.command("remove")
+def versions_remove(version: Annotated[str, typer.Argument()],
+                    state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
+    """Forget a version (refused for the active one)."""
+    reply = registry_command(state_dir, "versions_remove", as_json, lambda r: r.remove(version),
+                             version=version)
+    print_versions(reply, as_json)
+
+
+@versions_app.command("import")
+def versions_import(file: Annotated[Path, typer.Argument(help="The seed's model_versions.json.")],
+                    state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
+    """Import the seed app's model_versions.json (current_version, versions: {v: {path}})."""
+    doc = read_json_file(file, as_json)
+    reply = registry_command(state_dir, "versions_import", as_json, lambda r: r.import_seed(doc),
+                             doc=doc)
+    print_versions(reply, as_json)
+
+
+def read_json_file(path: Path, as_json: bool) -> Any:
+    try:
+        return orjson.loads(Path(path).read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        fail(f"cannot read {path}: {exc}", as_json, "bad_request", exit_code=2)
 
 
 def main() -> None:

@@ -27,6 +27,10 @@ class ControlError(RuntimeError):
     """The pool refused a command or could not be reached."""
 
 
+class PoolNotRunning(ControlError):
+    """No pool serves from this state directory."""
+
+
 class ControlServer:
     def __init__(self, ctx: zmq.Context, state_dir: Path, handlers: dict[str, Handler]) -> None:
         self.sock = ctx.socket(zmq.ROUTER)
@@ -71,7 +75,7 @@ def control_request(state_dir: Path, cmd: str, timeout_s: float = DEFAULT_CONTRO
     """Send one command to the pool serving from `state_dir`; raise ControlError on failure."""
     sock_path = Path(state_dir) / "control.sock"
     if not sock_path.exists():
-        raise ControlError(f"no pool is running with state directory {state_dir} "
+        raise PoolNotRunning(f"no pool is running with state directory {state_dir} "
                            f"(no {sock_path.name}); start one with `pool serve`")
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)

@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from pool.health import Expectation
+
 REGISTRY_FILE = "versions.json"
 HISTORY_LIMIT = 500
 
@@ -53,6 +55,48 @@ class Registry:
             entry["expect"] = expect
         entry.setdefault("expect", None)
 
+    def add(self, name: str, path: str, *, auto_load: bool = False,
+            expect: dict | None = None) -> dict[str, Any]:
+        """Register (or update) a version after checking its path holds a model."""
+        check_version_name(name)
+        if expect is not None:
+            Expectation.from_dict(expect)  # raises ValueError on a malformed file
+        self.put_version(name, check_model_dir(path), auto_load=auto_load, expect=expect)
+        self.log("version_added", version=name, path=path, auto_load=auto_load)
+        return self.data["versions"][name]
+
+    def remove(self, name: str) -> None:
+        if name not in self.data["versions"]:
+            raise ValueError(f"unknown version {name!r}")
+        if name == self.active:
+            raise ValueError(f"{name} is the active version; rotate to another one first")
+        del self.data["versions"][name]
+        if self.data["previous"] == name:
+            self.data["previous"] = None
+        self.log("version_removed", version=name)
+
+    def import_seed(self, doc: dict[str, Any]) -> list[str]:
+        """Merge the seed's model_versions.json: {current_version, versions: {v: {path, ...}}}."""
+        versions = doc.get("versions")
+        if not isinstance(versions, dict):
+            raise ValueError('expected {"current_version": ..., "versions": {name: {"path": ...}}}')
+        added = []
+        for name, entry in versions.items():
+            if not isinstance(entry, dict) or "path" not in entry:
+                raise ValueError(f"version {name!r} has no path")
+            auto = bool(entry.get("auto_load", name == doc.get("current_version")))
+            self.add(name, entry["path"], auto_load=auto)
+            added.append(name)
+        current = doc.get("current_version")
+        if current and self.active is None:
+            self.set_active(current)
+        return added
+
+    def listing(self) -> list[dict[str, Any]]:
+        return [{"version": name, **entry, "active": name == self.active,
+                 "previous": name == self.data["previous"]}
+                for name, entry in sorted(self.data["versions"].items())]
+
     def set_active(self, name: str) -> None:
         if self.data["active"] != name:
             self.data["previous"] = self.data["active"]
@@ -82,3 +126,18 @@ class Registry:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def check_model_dir(path: str) -> str:
+    """The absolute path of a transformers model directory, or ValueError saying what is wrong."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"{path} is not a directory")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{path} is not a transformers model directory (no config.json)")
+    return str(p.resolve())
+
+
+def check_version_name(name: str) -> None:
+    if not name or len(name) > 64 or not all(ch.isalnum() or ch in "._-" for ch in name):
+        raise ValueError(f"bad version name {name!r}: use 1-64 letters, digits, '.', '_', '-'")

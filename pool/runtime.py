@@ -8,20 +8,14 @@ of mixed lengths wastes little compute on padding.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from pool.health import GOLDEN_PAIRS
+
 # Texts per forward pass after sorting by length; bounds activation memory on long inputs.
 DEFAULT_CHUNK_TEXTS = 128
-# Pairs a fresh version must score sensibly before it takes traffic.
-GOLDEN_PAIRS: tuple[tuple[str, str], ...] = (
-    ("今天天气真好", "今日阳光明媚"),
-    ("我想订一张去北京的机票", "帮我买一张到北京的飞机票"),
-    ("这家餐厅的菜很好吃", "股票市场今天大跌"),
-    ("The weather is lovely today", "It is sunny and warm outside"),
-)
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -29,13 +23,6 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
         return torch.float16 if device.startswith("cuda") else torch.float32
     return {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
             "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}[dtype]
-
-
-@dataclass(frozen=True)
-class HealthReport:
-    golden_scores: list[float]
-    self_similarity: list[float]
-    seconds: float
 
 
 class Encoder:
@@ -93,13 +80,11 @@ class Encoder:
         b = vectors[[index[y] for _, y in pairs]]
         return (a * b).sum(dim=1).tolist()
 
-    def health_check(self) -> HealthReport:
-        """Warm the model up on golden pairs and report what a supervisor needs to judge it."""
+    def warm_up(self) -> float:
+        """Run the golden pairs once (first-call allocations, kernel selection); seconds."""
         start = time.perf_counter()
-        golden = self.similarity(list(GOLDEN_PAIRS))
-        texts = [t for pair in GOLDEN_PAIRS for t in pair]
-        selfsim = self.similarity([(t, t) for t in texts])
-        return HealthReport(golden, selfsim, time.perf_counter() - start)
+        self.similarity(list(GOLDEN_PAIRS))
+        return time.perf_counter() - start
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

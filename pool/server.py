@@ -18,8 +18,11 @@ from typing import Any
 import zmq
 
 from pool import config as c
-from pool.control import ControlError, ControlServer
+from pool.commands import Commands
+from pool.control import ControlServer
+from pool.health import Expectation
 from pool.registry import Registry
+from pool.rotation import RotationController
 from pool.supervisor import Supervisor
 from router import protocol as p
 from router.broker import Broker
@@ -46,10 +49,8 @@ class PoolServer:
             on_worker_ready=self._on_worker_ready,
         )
         self.supervisor = Supervisor(settings, self.broker)
-        self.control = ControlServer(self.ctx, self.state_dir, {
-            "status": self.cmd_status,
-            "stop": self.cmd_stop,
-        })
+        self.rotations = RotationController(self.supervisor, self.broker, self.registry)
+        self.control = ControlServer(self.ctx, self.state_dir, Commands(self).handlers())
         self.started = time.time()
         self.stopping_since: float | None = None
         self.exit_code = 0
@@ -81,15 +82,26 @@ class PoolServer:
         return self.exit_code
 
     def _start_active_version(self) -> None:
+        """Serve the configured version, plus the registry's auto-load versions (pinned)."""
         s = self.settings
         self.registry.put_version(s.version, s.path, auto_load=True)
         self.registry.set_active(s.version)
         self.registry.log("serve", version=s.version, path=s.path, workers=s.workers)
         self.registry.save()
-        self.supervisor.add_version(s.version, s.path, s.workers)
+        self._load_version(s.version, s.path)
         self.broker.set_active(s.version)
         log.info("listening on %s (control %s), %d worker(s) of %s loading from %s",
                  self.broker.frontend_endpoint, s.control_endpoint, s.workers, s.version, s.path)
+        for entry in self.registry.listing():
+            if entry["auto_load"] and entry["version"] != s.version:
+                log.info("auto-loading %s from %s", entry["version"], entry["path"])
+                self._load_version(entry["version"], entry["path"])
+
+    def _load_version(self, version: str, path: str) -> None:
+        entry = self.registry.version(version) or {}
+        self.supervisor.want(version, path, self.settings.workers,
+                             Expectation.from_dict(entry.get("expect")))
+        self.broker.open_lane(version)  # requests queue while the workers load
 
     def _loop(self, wake_r: socket.socket) -> None:
         poller = zmq.Poller()
@@ -116,6 +128,9 @@ class PoolServer:
             if now >= next_tick:
                 next_tick = now + c.TICK_S
                 self.supervisor.tick(now)
+                if self.stopping_since is None:
+                    self.rotations.step(now)
+                self._remove_orphan_lanes()
                 self.broker.expire_queued(now)
                 self._check_failed_versions()
                 if self.stopping_since is not None and self._shutdown_step(now):
@@ -153,48 +168,22 @@ class PoolServer:
     def _on_worker_ready(self, wid: bytes, info: dict) -> None:
         self.supervisor.on_worker_ready(wid, info)
 
+    def _remove_orphan_lanes(self) -> None:
+        """A version whose workers are all gone (unloaded) stops taking requests."""
+        for version in list(self.broker.lanes):
+            if version not in self.supervisor.plans and version != self.broker.active:
+                self.broker.remove_lane(version)
+
     def _check_failed_versions(self) -> None:
+        """At start-up, an active version that cannot load ends the pool with its reason."""
         active = self.supervisor.plans.get(self.broker.active or "")
-        if active is not None and active.failed and self.stopping_since is None:
+        if active is None or active.ever_ready or not active.failed:
+            return
+        if self.stopping_since is None:
             log.error("active version %s failed: %s; shutting down", active.version, active.failed)
             self.exit_code = 1
             self.begin_shutdown()
             self.broker.fail_all_queued(p.WORKER_FAILED, f"version failed: {active.failed}")
-
-    # -- control commands --------------------------------------------------------------------
-
-    def cmd_status(self, _req: dict) -> dict:
-        b = self.broker
-        return {
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started, 1),
-            "endpoint": b.frontend_endpoint,
-            "state": "stopping" if self.stopping_since is not None else "serving",
-            "active": b.active,
-            "canary": list(b.canary) if b.canary else None,
-            "queue_depth": b.queued,
-            "inflight": b.inflight,
-            "versions": {
-                name: {"path": plan.path, "workers_wanted": plan.workers,
-                       "workers_ready": self.supervisor.ready_workers(name),
-                       "failed": plan.failed}
-                for name, plan in self.supervisor.plans.items()
-            },
-            "workers": self.supervisor.worker_rows(),
-            "requests": {"received": b.stats.received, "ok": b.stats.replied_ok,
-                         "errors": b.stats.replied_error, "dropped": b.stats.dropped,
-                         "errors_by_code": b.stats.errors_by_code},
-            "settings": {"workers": self.settings.workers, "devices": self.settings.devices,
-                         "dtype": self.settings.dtype, "max_batch": self.settings.max_batch,
-                         "max_wait_ms": self.settings.max_wait_ms,
-                         "threads": self.settings.threads, "max_queue": self.settings.max_queue},
-        }
-
-    def cmd_stop(self, _req: dict) -> dict:
-        if self.stopping_since is not None:
-            raise ControlError("already stopping")
-        self.begin_shutdown()
-        return {"stopping": True}
 
 
 def prepare_state_dir(state_dir: Path) -> Path:

@@ -1,13 +1,16 @@
 """The supervisor: worker processes, their health, and converging to the wanted pool.
 
 Modelled on gunicorn's arbiter: every tick reaps exited workers, kills hung ones, escalates
-stops (STOP -> SIGTERM -> SIGKILL) and respawns what is missing, so the real pool converges
-toward the wanted one. All of it runs on the serve loop; nothing here blocks.
+stops (STOP -> SIGTERM -> SIGKILL) and spawns or retires workers until each version runs
+the number wanted of it. Callers (the server, the rotation) only change what is wanted.
+Nothing here blocks.
+
+A worker goes LOADING -> CHECKING (READY received, health probe sent) -> READY (routable);
+then DRAINING (no new work, in-flight finishes) -> STOPPING (STOP sent) -> reaped.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
 import os
@@ -17,15 +20,19 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 
+import psutil
+
 from pool import config as c
+from pool.health import Expectation, judge_probe, probe_body
 from pool.worker import WorkerConfig, worker_main
+from router import protocol as p
 from router.broker import Broker
 
 log = logging.getLogger("zeropool.supervisor")
 
-SELF_SIMILARITY_MIN = 0.99
-
-LOADING, READY, DRAINING, STOPPING, EXITED = "loading", "ready", "draining", "stopping", "exited"
+LOADING, CHECKING, READY = "loading", "checking", "ready"
+DRAINING, STOPPING = "draining", "stopping"
+PROBE_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -34,11 +41,14 @@ class VersionPlan:
 
     version: str
     path: str
-    workers: int
-    expect: list[float] | None = None  # golden scores recorded in the registry
+    workers: int  # wanted
+    expect: Expectation = field(default_factory=Expectation)
     crashes: deque[float] = field(default_factory=deque)
+    restarts: int = 0
+    backoff_until: float = 0.0
     ever_ready: bool = False
     failed: str | None = None  # why this version cannot serve, once it is known
+    retired: bool = False  # forget the plan once its last worker has exited
 
 
 @dataclass
@@ -51,11 +61,16 @@ class WorkerProc:
     pid: int
     started: float
     state: str = LOADING
-    ready_at: float | None = None
+    checking_since: float | None = None
     stop_at: float | None = None  # when STOP was sent
     term_at: float | None = None  # when SIGTERM was sent
     info: dict = field(default_factory=dict)
     restarts: int = 0
+
+    @property
+    def live(self) -> bool:
+        """Counts toward its version's wanted workers (not on its way out)."""
+        return self.state in (LOADING, CHECKING, READY)
 
 
 class Supervisor:
@@ -64,67 +79,82 @@ class Supervisor:
         self.broker = broker
         self.plans: dict[str, VersionPlan] = {}
         self.procs: dict[str, WorkerProc] = {}
-        self.respawn_due: dict[tuple[str, int], tuple[float, int]] = {}
         self.events: deque[dict] = deque(maxlen=200)
         self._mp = multiprocessing.get_context("spawn")
         self._counter = 0
 
-    # -- wanted state ----------------------------------------------------------------------
+    # -- what is wanted ----------------------------------------------------------------------
 
-    def add_version(self, version: str, path: str, workers: int,
-                    expect: list[float] | None = None) -> VersionPlan:
-        plan = VersionPlan(version, path, workers, expect)
-        self.plans[version] = plan
-        self.broker.open_lane(version)
-        for slot in range(workers):
-            self._spawn(plan, slot, restarts=0)
+    def want(self, version: str, path: str, workers: int,
+             expect: Expectation | None = None) -> VersionPlan:
+        """Run `workers` workers of `version` (spawned on the next tick)."""
+        plan = self.plans.get(version)
+        if plan is None or plan.path != path or plan.failed or plan.retired:
+            plan = VersionPlan(version, path, workers, expect or Expectation())
+            self.plans[version] = plan
+        plan.workers = workers
         return plan
 
+    def set_workers(self, version: str, workers: int) -> None:
+        self.plans[version].workers = workers
+
     def retire_version(self, version: str) -> None:
-        """Stop wanting a version: its workers drain, then stop."""
-        self.plans.pop(version, None)
-        for key in [k for k in self.respawn_due if k[0] == version]:
-            del self.respawn_due[key]
-        for proc in self.procs.values():
-            if proc.version == version and proc.state in (LOADING, READY):
-                self._drain(proc)
+        """Stop wanting a version: its workers drain, then stop; the plan goes once all exit."""
+        plan = self.plans.get(version)
+        if plan is not None:
+            plan.workers = 0
+            plan.retired = True
 
     def stop_all(self) -> None:
-        for version in list(self.plans):
+        for version in self.plans:
             self.retire_version(version)
 
-    # -- events from the broker ------------------------------------------------------------
+    # -- events from the broker --------------------------------------------------------------
 
     def on_worker_ready(self, wid: bytes, info: dict) -> None:
+        """A worker loaded its model: probe it through the backend before it takes traffic."""
         proc = self.procs.get(wid.decode())
         if proc is None or proc.state != LOADING:
             self.broker.stop_worker(wid)
             return
+        proc.state, proc.info, proc.checking_since = CHECKING, info, time.monotonic()
+        self._record("loaded", proc, load_seconds=info.get("load_seconds"))
+        plan = self.plans[proc.version]
+        self.broker.probe(wid, p.OP_SIMILARITY, probe_body(plan.expect),
+                          lambda status, body: self._on_probe(proc, status, body))
+
+    def _on_probe(self, proc: WorkerProc, status: bytes, body: bytes) -> None:
+        if proc.state != CHECKING:
+            return
         plan = self.plans.get(proc.version)
-        problem = health_problem(info, plan.expect if plan else None)
+        if plan is None:
+            return
+        if proc.info.get("dim") == 0:
+            problem = None  # the echo model has no scores to judge
+        else:
+            problem = judge_probe(status, body, plan.expect, proc.info.get("dtype", ""))
         if problem is not None:
             self._record("health_check_failed", proc, reason=problem)
             log.error("worker %s failed its health check: %s", proc.wid, problem)
-            if plan is not None:
-                self._note_crash(plan, f"health check failed: {problem}")
+            self._note_crash(plan, f"health check failed: {problem}")
             self._begin_stop(proc)
             return
-        proc.state, proc.ready_at, proc.info = READY, time.monotonic(), info
-        self.broker.enable_worker(wid)
-        if plan is not None:
-            plan.ever_ready = True
-        self._record("ready", proc, load_seconds=info.get("load_seconds"))
+        proc.state = READY
+        plan.ever_ready = True
+        self.broker.enable_worker(proc.wid.encode())
+        self._record("ready", proc, check_seconds=round(time.monotonic() -
+                                                        (proc.checking_since or 0), 3))
         log.info("worker %s ready (version %s, pid %s, %s, %ss to load)", proc.wid,
-                 proc.version, proc.pid, info.get("device"), info.get("load_seconds"))
+                 proc.version, proc.pid, proc.info.get("device"), proc.info.get("load_seconds"))
 
-    # -- the tick --------------------------------------------------------------------------
+    # -- the tick ----------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
         self._reap(now)
         self._murder_hung(now)
+        self._manage_workers(now)
         self._finish_drains()
         self._escalate_stops(now)
-        self._respawn_due(now)
 
     def _reap(self, now: float) -> None:
         for proc in list(self.procs.values()):
@@ -133,7 +163,7 @@ class Supervisor:
                 continue
             del self.procs[proc.wid]
             proc.process.close()
-            self.broker.forget_worker(proc.wid.encode(), f"exit code {code}")
+            self.broker.forget_worker(proc.wid.encode(), f"worker exited with code {code}")
             planned = proc.stop_at is not None
             self._record("exited", proc, exit_code=code, planned=planned)
             if planned:
@@ -143,29 +173,56 @@ class Supervisor:
                         proc.pid, code)
             plan = self.plans.get(proc.version)
             if plan is not None:
-                state = "while loading" if proc.state == LOADING else "while serving"
-                self._note_crash(plan, f"worker exited with code {code} {state}")
-                self._schedule_respawn(plan, proc, now)
+                when = {LOADING: "while loading", CHECKING: "during its health check"}.get(
+                    proc.state, "while serving")
+                self._note_crash(plan, f"worker exited with code {code} {when}")
 
     def _murder_hung(self, now: float) -> None:
-        silent_for = c.HEARTBEAT_S * c.HEARTBEAT_LIVENESS
+        silent_limit = c.HEARTBEAT_S * c.HEARTBEAT_LIVENESS
         for proc in self.procs.values():
+            if proc.stop_at is not None:
+                continue
             if proc.state == LOADING and now - proc.started > c.LOAD_TIMEOUT_S:
-                log.error("worker %s did not load within %ss; killing", proc.wid,
-                          c.LOAD_TIMEOUT_S)
-                self._kill(proc)
+                self._fail_worker(proc, f"did not load within {c.LOAD_TIMEOUT_S:.0f}s")
+            elif proc.state == CHECKING and now - (proc.checking_since or now) > PROBE_TIMEOUT_S:
+                self._fail_worker(proc, f"health probe unanswered for {PROBE_TIMEOUT_S:.0f}s")
             slot = self.broker.workers.get(proc.wid.encode())
-            if proc.state == READY and slot is not None and now - slot.last_seen > silent_for:
+            if proc.state == READY and slot is not None and now - slot.last_seen > silent_limit:
                 log.error("worker %s silent for %.0fs (hung?); killing", proc.wid,
                           now - slot.last_seen)
-                self._kill(proc)
+                _signal(proc.pid, signal.SIGKILL)
+
+    def _fail_worker(self, proc: WorkerProc, reason: str) -> None:
+        log.error("worker %s %s; killing", proc.wid, reason)
+        plan = self.plans.get(proc.version)
+        if plan is not None:
+            self._note_crash(plan, reason)
+        proc.stop_at = proc.term_at = time.monotonic()
+        proc.state = STOPPING
+        _signal(proc.pid, signal.SIGKILL)
+
+    def _manage_workers(self, now: float) -> None:
+        """Spawn or retire workers until every version has the number wanted of it."""
+        for version, plan in list(self.plans.items()):
+            live = [w for w in self.procs.values() if w.version == version and w.live]
+            wanted = 0 if plan.failed else plan.workers
+            if len(live) < wanted and now >= plan.backoff_until:
+                used = {w.slot for w in live}
+                free = (s for s in range(wanted + len(live)) if s not in used)
+                for _, slot in zip(range(wanted - len(live)), free, strict=False):
+                    self._spawn(plan, slot)
+            elif len(live) > wanted:
+                # Workers not yet serving go first, then the least busy.
+                order = {LOADING: 0, CHECKING: 1, READY: 2}
+                live.sort(key=lambda w: (order[w.state], self._inflight(w)))
+                for proc in live[: len(live) - wanted]:
+                    self._drain(proc)
+            if plan.retired and not self.has_workers(version):
+                del self.plans[version]
 
     def _finish_drains(self) -> None:
         for proc in self.procs.values():
-            if proc.state != DRAINING:
-                continue
-            slot = self.broker.workers.get(proc.wid.encode())
-            if slot is None or not slot.inflight:
+            if proc.state == DRAINING and self._inflight(proc) == 0:
                 self._begin_stop(proc)
 
     def _escalate_stops(self, now: float) -> None:
@@ -177,21 +234,12 @@ class Supervisor:
                 proc.term_at = now
                 _signal(proc.pid, signal.SIGTERM)
             elif proc.term_at is not None and now - proc.term_at > c.TERM_GRACE_S:
-                log.warning("worker %s ignored SIGTERM; SIGKILL", proc.wid)
+                log.warning("worker %s still alive after SIGTERM; SIGKILL", proc.wid)
                 _signal(proc.pid, signal.SIGKILL)
 
-    def _respawn_due(self, now: float) -> None:
-        for (version, slot), (due, restarts) in list(self.respawn_due.items()):
-            if now < due:
-                continue
-            del self.respawn_due[(version, slot)]
-            plan = self.plans.get(version)
-            if plan is not None and plan.failed is None:
-                self._spawn(plan, slot, restarts)
+    # -- verbs -------------------------------------------------------------------------------
 
-    # -- verbs -----------------------------------------------------------------------------
-
-    def _spawn(self, plan: VersionPlan, slot: int, restarts: int) -> WorkerProc:
+    def _spawn(self, plan: VersionPlan, slot: int) -> WorkerProc:
         s = self.settings
         self._counter += 1
         wid = f"{plan.version}-{slot}-{self._counter}"
@@ -206,50 +254,46 @@ class Supervisor:
         process.start()
         assert process.pid is not None  # set by start(); never 0, which would signal our group
         proc = WorkerProc(wid, plan.version, slot, device, process, process.pid,
-                          time.monotonic(), restarts=restarts)
+                          time.monotonic(), restarts=plan.restarts)
         self.procs[wid] = proc
         self._record("spawned", proc)
         log.info("spawned worker %s (pid %s) for %s on %s", wid, process.pid, plan.version, device)
         return proc
 
     def _drain(self, proc: WorkerProc) -> None:
-        if proc.state == LOADING:
-            self._begin_stop(proc)
+        if proc.state != READY:
+            self._begin_stop(proc)  # nothing in flight yet: no need to wait
             return
         proc.state = DRAINING
         self.broker.drain_worker(proc.wid.encode())
+        self._record("draining", proc)
 
     def _begin_stop(self, proc: WorkerProc) -> None:
         if proc.stop_at is not None:
             return
+        loading = proc.state == LOADING
         proc.state, proc.stop_at = STOPPING, time.monotonic()
         self.broker.drain_worker(proc.wid.encode())
         self.broker.stop_worker(proc.wid.encode())
-        if proc.info == {}:
-            # Still loading, so it is not reading its socket yet: STOP would wait for the load.
+        if loading:
+            # It reads its socket only once loaded; a load can take minutes. Stop it now.
             proc.term_at = proc.stop_at
             _signal(proc.pid, signal.SIGTERM)
-
-    def _kill(self, proc: WorkerProc) -> None:
-        _signal(proc.pid, signal.SIGKILL)
-
-    def _schedule_respawn(self, plan: VersionPlan, proc: WorkerProc, now: float) -> None:
-        if plan.failed is not None:
-            return
-        backoff = c.RESPAWN_BACKOFF_S[min(proc.restarts, len(c.RESPAWN_BACKOFF_S) - 1)]
-        self.respawn_due[(plan.version, proc.slot)] = (now + backoff, proc.restarts + 1)
 
     def _note_crash(self, plan: VersionPlan, reason: str) -> None:
         now = time.monotonic()
         plan.crashes.append(now)
         while plan.crashes and now - plan.crashes[0] > c.CRASH_LOOP_WINDOW_S:
             plan.crashes.popleft()
+        plan.restarts += 1
+        backoff = c.RESPAWN_BACKOFF_S[min(len(plan.crashes), len(c.RESPAWN_BACKOFF_S)) - 1]
+        plan.backoff_until = now + backoff
         if not plan.ever_ready:
             # A version that never served once is broken, not unlucky: fail it now.
             plan.failed = reason
         elif len(plan.crashes) >= c.CRASH_LOOP_LIMIT:
-            plan.failed = f"crash loop: {len(plan.crashes)} crashes in " \
-                          f"{c.CRASH_LOOP_WINDOW_S:.0f}s, last: {reason}"
+            plan.failed = (f"crash loop: {len(plan.crashes)} crashes in "
+                           f"{c.CRASH_LOOP_WINDOW_S:.0f}s, last: {reason}")
         if plan.failed is not None:
             log.error("version %s cannot serve: %s", plan.version, plan.failed)
 
@@ -257,10 +301,21 @@ class Supervisor:
         self.events.append({"t": time.time(), "event": event, "worker": proc.wid,
                             "version": proc.version, "pid": proc.pid, **extra})
 
-    # -- queries ---------------------------------------------------------------------------
+    def _inflight(self, proc: WorkerProc) -> int:
+        slot = self.broker.workers.get(proc.wid.encode())
+        return len(slot.inflight) if slot is not None else 0
 
-    def ready_workers(self, version: str) -> int:
-        return sum(1 for p in self.procs.values() if p.version == version and p.state == READY)
+    # -- queries -----------------------------------------------------------------------------
+
+    def count(self, version: str, *states: str) -> int:
+        return sum(1 for w in self.procs.values() if w.version == version and w.state in states)
+
+    def has_workers(self, version: str) -> bool:
+        return any(w.version == version for w in self.procs.values())
+
+    def failure(self, version: str) -> str | None:
+        plan = self.plans.get(version)
+        return plan.failed if plan is not None else None
 
     @property
     def idle(self) -> bool:
@@ -287,32 +342,27 @@ class Supervisor:
                 "last_heartbeat_s": round(now - slot.last_seen, 2) if slot else None,
                 "uptime_s": round(now - proc.started, 1),
                 "load_seconds": proc.info.get("load_seconds"),
+                "rss_bytes": _rss(proc.pid),
+                "gpu_memory_bytes": proc.info.get("gpu_memory_bytes", 0),
             })
         return rows
 
-
-def health_problem(info: dict, expect: list[float] | None) -> str | None:
-    """Why a freshly loaded worker must not take traffic, or None if it may."""
-    golden = info.get("golden", [])
-    selfsim = info.get("self_similarity", [])
-    if info.get("dim") == 0:
-        return None  # the echo model has nothing to check
-    for x in golden:
-        if not (x == x and -1.0001 <= x <= 1.0001):
-            return f"golden score {x} is not a finite number in [-1, 1]"
-    for x in selfsim:
-        if not (x == x and x >= SELF_SIMILARITY_MIN):
-            return f"a text scores {x} against itself (expected >= {SELF_SIMILARITY_MIN})"
-    if expect:
-        tolerance = 0.02 if info.get("dtype") in ("float16", "bfloat16") else 1e-3
-        for got, want in zip(golden, expect, strict=False):
-            if abs(got - want) > tolerance:
-                return f"golden score {got:.4f} differs from expected {want:.4f}"
-    return None
+    def memory_per_worker(self, version: str) -> int:
+        """Measured resident memory of one loaded worker of `version` (0 if none is loaded)."""
+        sizes = [_rss(w.pid) for w in self.procs.values()
+                 if w.version == version and w.state == READY]
+        return max(sizes, default=0)
 
 
-def _signal(pid: int | None, sig: int) -> None:
-    if pid is None:
-        return
-    with contextlib.suppress(ProcessLookupError):
+def _rss(pid: int) -> int:
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return 0
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
         os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -133,7 +133,7 @@ class WorkerLoop:
             "device": self.cfg.device,
         }
         if self.cfg.model == "echo":
-            info.update(load_seconds=0.0, dtype="none", dim=0, golden=[], self_similarity=[])
+            info.update(load_seconds=0.0, dtype="none", dim=0)
             return info
         import torch
 
@@ -142,16 +142,14 @@ class WorkerLoop:
         torch.set_num_threads(self.cfg.threads)
         device = "cuda:0" if self.cfg.device.startswith("cuda") else self.cfg.device
         self.encoder = Encoder(self.cfg.path, device=device, dtype=self.cfg.dtype)
-        health = self.encoder.health_check()
+        warm_up_seconds = self.encoder.warm_up()
         info.update(
             load_seconds=round(time.perf_counter() - start, 3),
-            warmup_seconds=round(health.seconds, 3),
+            warm_up_seconds=round(warm_up_seconds, 3),
             dtype=str(self.encoder.dtype).removeprefix("torch."),
             dim=self.encoder.dim,
             max_length=self.encoder.max_length,
-            golden=health.golden_scores,
-            self_similarity=health.self_similarity,
-            gpu_memory_bytes=(torch.cuda.memory_allocated() if device.startswith("cuda") else 0),
+            gpu_memory_bytes=(torch.cuda.memory_reserved() if device.startswith("cuda") else 0),
         )
         return info
 

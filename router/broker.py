@@ -36,6 +36,8 @@ class Pending:
     pinned: bool
     enqueued: float
     attempts: int = 0
+    # Set for the router's own probes (health checks): the reply goes here, not to a producer.
+    on_reply: Callable[[bytes, bytes], None] | None = None
 
 
 @dataclass(slots=True)
@@ -127,7 +129,13 @@ class Broker:
             lane.open = True
 
     def close_lane(self, version: str) -> None:
-        """Stop accepting requests for `version`; queued ones fail as unknown_version."""
+        """New requests pinned to `version` get unknown_version; queued ones still run."""
+        lane = self.lanes.get(version)
+        if lane is not None:
+            lane.open = False
+
+    def remove_lane(self, version: str) -> None:
+        """Forget `version`; anything still queued for it fails as unknown_version."""
         lane = self.lanes.pop(version, None)
         if lane is None:
             return
@@ -136,17 +144,37 @@ class Broker:
             self._fail(lane.queue.popleft(), p.UNKNOWN_VERSION, f"version {version} was unloaded")
 
     def set_active(self, version: str | None, canary: tuple[str, float] | None = None) -> None:
+        """Route unpinned requests to `version` (and a share to a canary) from now on.
+
+        Unpinned requests still queued for a version that no longer gets unpinned traffic
+        move to the new active version, so they never wait on workers being drained.
+        """
         self.active = version
         self.canary = canary
+        if version is None or version not in self.lanes:
+            return
+        receiving = {version, canary[0]} if canary else {version}
+        target = self.lanes[version].queue
+        for lane in self.lanes.values():
+            if lane.version in receiving or not lane.queue:
+                continue
+            kept = deque(x for x in lane.queue if x.pinned)
+            moved = [x for x in lane.queue if not x.pinned]
+            for pending in moved:
+                pending.version = version
+            target.extend(moved)
+            lane.queue = kept
 
     def route_version(self, pinned: str) -> str | None:
         """The one place that decides which version serves a request."""
         if pinned:
-            lane = self.lanes.get(pinned)
-            return pinned if lane is not None and lane.open else None
-        if self.canary is not None and self._rng.random() < self.canary[1]:
-            return self.canary[0]
-        return self.active
+            version: str | None = pinned
+        elif self.canary is not None and self._rng.random() < self.canary[1]:
+            version = self.canary[0]
+        else:
+            version = self.active
+        lane = self.lanes.get(version) if version else None
+        return version if lane is not None and lane.open else None
 
     # -- frontend ------------------------------------------------------------------------
 
@@ -237,6 +265,9 @@ class Broker:
         if pending is None:
             return  # already answered (timed out or re-dispatched)
         status, body = frames[3], frames[4]
+        if pending.on_reply is not None:
+            pending.on_reply(status, body)
+            return
         self._send_front(p.reply_frames(pending.envelope, pending.request_id, status, body))
         lane = self.lanes.get(worker.version)
         if status == p.STATUS_OK:
@@ -282,7 +313,10 @@ class Broker:
             del worker.inflight[seq]
             pending.attempts -= 1
             worker.routable = False
-            self._requeue_front(pending)
+            if pending.on_reply is not None:
+                pending.on_reply(p.STATUS_ERROR, p.error_body(p.WORKER_FAILED, "unreachable"))
+            else:
+                self._requeue_front(pending)
 
     # -- worker lifecycle (driven by the supervisor) ---------------------------------------
 
@@ -299,6 +333,14 @@ class Broker:
             worker.routable = False
             worker.draining = True
 
+    def probe(self, wid: bytes, op: bytes, body: bytes,
+              on_reply: Callable[[bytes, bytes], None]) -> None:
+        """Send the router's own request to one worker, routable or not (health checks)."""
+        worker = self.workers[wid]
+        pending = Pending([], b"probe", op, body, worker.version, True, time.monotonic(),
+                          attempts=MAX_ATTEMPTS, on_reply=on_reply)
+        self._send_to_worker(worker, pending)
+
     def stop_worker(self, wid: bytes) -> None:
         try:
             self.backend.send_multipart([wid, p.W_STOP], zmq.NOBLOCK)
@@ -311,7 +353,9 @@ class Broker:
         if worker is None:
             return
         for pending in sorted(worker.inflight.values(), key=lambda x: x.enqueued, reverse=True):
-            if pending.attempts >= MAX_ATTEMPTS:
+            if pending.on_reply is not None:
+                pending.on_reply(p.STATUS_ERROR, p.error_body(p.WORKER_FAILED, reason))
+            elif pending.attempts >= MAX_ATTEMPTS:
                 self._fail(pending, p.WORKER_FAILED, f"worker died {pending.attempts}x: {reason}")
             elif pending.version in self.lanes:
                 self._requeue_front(pending)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -88,6 +90,13 @@ def reference(models: dict[str, Path]) -> dict[str, Reference]:
     return {name: Reference(path) for name, path in models.items()}
 
 
+def run_cli(*args: str, env: dict[str, str], timeout: float = 300
+            ) -> subprocess.CompletedProcess:
+    """`pool ARGS...` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
 def short_tmpdir() -> Path:
     # ipc:// paths must stay under ~107 bytes, so not pytest's long tmp_path.
     return Path(tempfile.mkdtemp(prefix="zp-"))
@@ -118,12 +127,17 @@ class RunningPool:
                 "ZEROPOOL_ENDPOINT": self.endpoint}
 
 
-def start_pool(path: Path, *extra: str, workers: int = 2, version: str = "v1",
+def start_pool(path: Path | None, *extra: str, workers: int = 2, version: str | None = None,
                state_dir: Path | None = None, wait: bool = True) -> RunningPool:
+    """`pool serve` on ipc sockets; no path means "restore from the registry"."""
     state_dir = state_dir or short_tmpdir()
     endpoint = f"ipc://{state_dir}/front.sock"
-    args = ["--path", str(path), "--version", version, "--workers", str(workers),
-            "--threads", "1", "--bind", endpoint, "--state-dir", str(state_dir), *extra]
+    args = ["--workers", str(workers), "--threads", "1", "--bind", endpoint,
+            "--state-dir", str(state_dir), *extra]
+    if path is not None:
+        args += ["--path", str(path)]
+    if version is not None:
+        args += ["--version", version]
     process = PoolProcess(args, state_dir / "serve.log")
     pool = RunningPool(process, state_dir, endpoint)
     if wait:

@@ -23,7 +23,7 @@ from router.client import (
     Similarity,
     UnknownVersion,
 )
-from tests.conftest import SENTENCES, Reference, RunningPool, start_pool, stop_pool
+from tests.conftest import SENTENCES, Reference, RunningPool, run_cli, start_pool, stop_pool
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,11 +48,6 @@ def recv_all(sock: zmq.Socket, count: int, timeout_s: float = 60) -> dict[bytes,
         assert frames[1] not in replies, "two replies to one request"
         replies[frames[1]] = frames
     return replies
-
-
-def pool_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
-                          text=True, env=env, timeout=60)
 
 
 def test_raw_dealer_200_requests_in_flight_all_scored_correctly(
@@ -156,27 +151,27 @@ def test_async_client_many_in_flight(pool: RunningPool, reference: dict[str, Ref
 
 
 def test_cli_similarity_embed_ping_status(pool: RunningPool) -> None:
-    done = pool_cli("similarity", "今天天气真好", "今日阳光明媚", "--json", env=pool.env)
+    done = run_cli("similarity", "今天天气真好", "今日阳光明媚", "--json", env=pool.env)
     assert done.returncode == 0, done.stderr
     reply = json.loads(done.stdout)
     assert reply["version"] == "v1" and -1 <= reply["score"] <= 1
     assert reply["verdict"] in ("very similar", "related", "unrelated")
 
-    human = pool_cli("similarity", "今天天气真好", "今日阳光明媚", env=pool.env)
+    human = run_cli("similarity", "今天天气真好", "今日阳光明媚", env=pool.env)
     assert human.returncode == 0 and f"{reply['score']:.4f}" in human.stdout
 
-    embedded = json.loads(pool_cli("embed", "a", "b", "--json", env=pool.env).stdout)
+    embedded = json.loads(run_cli("embed", "a", "b", "--json", env=pool.env).stdout)
     assert embedded["dim"] == 32 and len(embedded["embeddings"]) == 2
 
-    assert json.loads(pool_cli("ping", "--json", env=pool.env).stdout)["workers"] == 2
+    assert json.loads(run_cli("ping", "--json", env=pool.env).stdout)["workers"] == 2
 
-    status = json.loads(pool_cli("status", "--json", env=pool.env).stdout)
+    status = json.loads(run_cli("status", "--json", env=pool.env).stdout)
     assert status["active"] == "v1"
     assert len(status["workers"]) == 2
     assert {w["state"] for w in status["workers"]} == {"ready"}
     assert sum(w["served"] for w in status["workers"]) > 0
 
-    missing = pool_cli("similarity", "a", "b", "--version", "nope", "--json", env=pool.env)
+    missing = run_cli("similarity", "a", "b", "--version", "nope", "--json", env=pool.env)
     assert missing.returncode == 1
     assert json.loads(missing.stdout)["error"]["code"] == "unknown_version"
 

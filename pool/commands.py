@@ -1,0 +1,167 @@
+"""Operator commands of a running pool, as control-socket handlers (JSON in, JSON out)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from pool.control import ControlError, Handler
+from pool.health import Expectation
+from pool.registry import check_model_dir
+from pool.rotation import DEFAULT_DRAIN_TIMEOUT_S, RotationError
+
+if TYPE_CHECKING:
+    from pool.server import PoolServer
+
+
+class Commands:
+    def __init__(self, server: PoolServer) -> None:
+        self.server = server
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "status": self.status,
+            "stop": self.stop,
+            "rotate": self.rotate,
+            "rotation": self.rotation,
+            "promote": self.promote,
+            "rollback": self.rollback,
+            "unload": self.unload,
+            "versions": self.versions,
+            "versions_add": self.versions_add,
+            "versions_remove": self.versions_remove,
+            "versions_import": self.versions_import,
+        }
+
+    # -- seeing ------------------------------------------------------------------------------
+
+    def status(self, _req: dict) -> dict:
+        srv = self.server
+        b, sup, s = srv.broker, srv.supervisor, srv.settings
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - srv.started, 1),
+            "endpoint": b.frontend_endpoint,
+            "state": "stopping" if srv.stopping_since is not None else "serving",
+            "active": b.active,
+            "previous": srv.registry.data["previous"],
+            "canary": {"version": b.canary[0], "share": b.canary[1]} if b.canary else None,
+            "queue_depth": b.queued,
+            "inflight": b.inflight,
+            "versions": {
+                name: {"path": plan.path, "workers_wanted": plan.workers,
+                       "workers_ready": sup.count(name, "ready"), "failed": plan.failed,
+                       "restarts": plan.restarts, "serving": name in b.lanes}
+                for name, plan in sup.plans.items()
+            },
+            "workers": sup.worker_rows(),
+            "rotation": srv.rotations.status(),
+            "requests": {"received": b.stats.received, "ok": b.stats.replied_ok,
+                         "errors": b.stats.replied_error, "dropped": b.stats.dropped,
+                         "errors_by_code": b.stats.errors_by_code},
+            "events": list(sup.events)[-20:],
+            "settings": {"workers": s.workers, "devices": s.devices, "dtype": s.dtype,
+                         "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms,
+                         "threads": s.threads, "max_queue": s.max_queue,
+                         "queue_timeout_s": s.queue_timeout_s},
+        }
+
+    def rotation(self, _req: dict) -> dict:
+        return {"rotation": self.server.rotations.status()}
+
+    # -- changing ----------------------------------------------------------------------------
+
+    def stop(self, _req: dict) -> dict:
+        if self.server.stopping_since is not None:
+            raise ControlError("already stopping")
+        self.server.begin_shutdown()
+        return {"stopping": True}
+
+    def rotate(self, req: dict) -> dict:
+        srv = self.server
+        if srv.stopping_since is not None:
+            raise ControlError("the pool is stopping")
+        target = str(req.get("version") or "")
+        path = req.get("path")
+        try:
+            if path:
+                srv.registry.add(target, path, auto_load=False)
+            entry = srv.registry.version(target)
+            if entry is None:
+                raise ControlError(f"unknown version {target!r}: give --path or add it with "
+                                   "`pool versions add`")
+            check_model_dir(entry["path"])
+            rot = srv.rotations.start(
+                target, entry["path"],
+                workers=int(req.get("workers") or srv.settings.workers),
+                strategy=req.get("strategy") or "auto",
+                drain_timeout_s=float(req.get("drain_timeout") or DEFAULT_DRAIN_TIMEOUT_S),
+                canary=req.get("canary"),
+                expect=Expectation.from_dict(entry.get("expect")),
+            )
+        except (RotationError, ValueError, KeyError) as exc:
+            raise ControlError(str(exc)) from None
+        srv.registry.save()
+        return {"rotation": rot.as_dict()}
+
+    def promote(self, _req: dict) -> dict:
+        try:
+            return {"rotation": self.server.rotations.promote().as_dict()}
+        except RotationError as exc:
+            raise ControlError(str(exc)) from None
+
+    def rollback(self, req: dict) -> dict:
+        """Abort a rotation or canary in progress, else rotate back to the previous version."""
+        srv = self.server
+        try:
+            rot = srv.rotations.rollback()
+            if rot is not None:
+                return {"rotation": rot.as_dict(), "kind": "abort"}
+        except RotationError:
+            pass  # switched already: a rotation back is what is asked for
+        previous = srv.registry.data["previous"]
+        if not previous or srv.registry.version(previous) is None:
+            raise ControlError("there is no previous version to roll back to")
+        return {**self.rotate({**req, "version": previous, "path": None}), "kind": "rotate"}
+
+    def unload(self, req: dict) -> dict:
+        srv = self.server
+        version = str(req.get("version") or "")
+        if version == srv.broker.active:
+            raise ControlError(f"{version} is the active version; rotate away from it first")
+        rot = srv.rotations.current
+        if rot is not None and not rot.finished and version in (rot.source, rot.target):
+            raise ControlError(f"{version} takes part in rotation {rot.id}; wait or roll back")
+        if version not in srv.supervisor.plans:
+            raise ControlError(f"{version} has no workers")
+        srv.broker.close_lane(version)
+        srv.supervisor.retire_version(version)
+        return {"unloading": version}
+
+    # -- the registry --------------------------------------------------------------------------
+
+    def versions(self, _req: dict) -> dict:
+        return {"versions": self.server.registry.listing(), "active": self.server.broker.active}
+
+    def versions_add(self, req: dict) -> dict:
+        return self._edit_registry(lambda r: r.add(
+            req["version"], req["path"], auto_load=bool(req.get("auto_load")),
+            expect=req.get("expect")))
+
+    def versions_remove(self, req: dict) -> dict:
+        if req.get("version") in self.server.supervisor.plans:
+            raise ControlError(f"{req.get('version')} is loaded; `pool unload` it first")
+        return self._edit_registry(lambda r: r.remove(req["version"]))
+
+    def versions_import(self, req: dict) -> dict:
+        return self._edit_registry(lambda r: r.import_seed(req["doc"]))
+
+    def _edit_registry(self, edit: Any) -> dict:
+        registry = self.server.registry
+        try:
+            edit(registry)
+        except (ValueError, KeyError) as exc:
+            raise ControlError(str(exc)) from None
+        registry.save()
+        return {"versions": registry.listing()}

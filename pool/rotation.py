@@ -1,0 +1,353 @@
+"""The rotation state machine: replacing the serving version without failing a request.
+
+    idle -> spawning -> loading -> health_check -> switching -> draining -> done
+                 \\          \\            \\
+                  +----------+------------+--> rolling_back -> failed
+
+With a canary, `switching` routes a share of unpinned traffic to the new version and the
+rotation waits in `canary` until `promote` (-> switching -> draining -> done) or
+`rollback` (-> rolling_back -> failed).
+
+Strategies:
+  surge    new workers start beside the old ones (blue-green); the switch is one step.
+  rolling  the device cannot hold both: one old worker is retired before each new one
+           starts; routing switches as soon as the first new worker passes its check.
+  auto     surge if measured free memory holds a second set of workers, else rolling.
+
+`RotationController.step` runs on every supervisor tick; each transition is logged with the
+time spent in the phase it leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import psutil
+
+from pool import config as c
+from pool.health import Expectation
+from pool.registry import Registry
+from pool.supervisor import CHECKING, DRAINING, LOADING, READY, STOPPING, Supervisor
+from router.broker import Broker
+
+log = logging.getLogger("zeropool.rotation")
+
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+MEMORY_HEADROOM = 1.2  # surge only if free memory exceeds 1.2x a second set of workers
+
+
+class Phase(str, Enum):
+    IDLE = "idle"
+    SPAWNING = "spawning"
+    LOADING = "loading"
+    HEALTH_CHECK = "health_check"
+    SWITCHING = "switching"
+    CANARY = "canary"
+    DRAINING = "draining"
+    DONE = "done"
+    ROLLING_BACK = "rolling_back"
+    FAILED = "failed"
+
+
+TERMINAL = (Phase.DONE, Phase.FAILED)
+LIVE = (LOADING, CHECKING, READY)
+BEFORE_SWITCH = (Phase.SPAWNING, Phase.LOADING, Phase.HEALTH_CHECK)
+
+
+class RotationError(ValueError):
+    """A rotation cannot start or be changed: the message says why."""
+
+
+@dataclass
+class Rotation:
+    id: int
+    target: str
+    path: str
+    source: str | None
+    workers: int
+    strategy: str  # surge | rolling (auto is resolved before the rotation starts)
+    drain_timeout_s: float
+    canary: float | None = None
+    phase: Phase = Phase.IDLE
+    started_at: float = field(default_factory=time.time)
+    phase_since: float = field(default_factory=time.monotonic)
+    timings: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
+    switched: bool = False
+    source_closed_at: float | None = None  # drain: source stopped taking pinned requests
+    source_retired: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in TERMINAL
+
+    @property
+    def outcome(self) -> str | None:
+        if self.phase == Phase.DONE:
+            return "done"
+        if self.phase == Phase.FAILED:
+            return "rolled_back"
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "id": self.id, "target": self.target, "source": self.source, "path": self.path,
+            "strategy": self.strategy, "workers": self.workers, "canary": self.canary,
+            "phase": self.phase.value, "outcome": self.outcome, "reason": self.reason,
+            "started_at": self.started_at, "phase_elapsed_s": round(now - self.phase_since, 3),
+            "timings": self.timings, "total_s": round(sum(self.timings.values()), 3)
+            if self.finished else None,
+        }
+
+
+class RotationController:
+    def __init__(self, supervisor: Supervisor, broker: Broker, registry: Registry) -> None:
+        self.supervisor = supervisor
+        self.broker = broker
+        self.registry = registry
+        self.current: Rotation | None = None
+        self.history: list[Rotation] = []
+        self._ids = 0
+
+    # -- operator verbs ----------------------------------------------------------------------
+
+    def start(self, target: str, path: str, *, workers: int, strategy: str = "auto",
+              drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, canary: float | None = None,
+              expect: Expectation | None = None) -> Rotation:
+        if self.current is not None and not self.current.finished:
+            raise RotationError(f"rotation {self.current.id} to {self.current.target} is still "
+                                f"{self.current.phase.value}; wait for it or roll it back")
+        source = self.broker.active
+        if target == source:
+            raise RotationError(f"{target} is already the active version")
+        if self.supervisor.has_workers(target):
+            raise RotationError(f"{target} already has workers; unload it first")
+        if canary is not None and not 0 < canary < 100:
+            raise RotationError("--canary is a percentage between 0 and 100")
+        if strategy not in ("surge", "rolling", "auto"):
+            raise RotationError(f"unknown strategy {strategy!r}: surge, rolling or auto")
+        if strategy == "auto":
+            strategy = self._choose_strategy(source, workers)
+        if canary is not None and strategy == "rolling":
+            raise RotationError("a canary runs both versions side by side: use --strategy surge")
+        self._ids += 1
+        rot = Rotation(self._ids, target, path, source, workers, strategy, drain_timeout_s,
+                       canary / 100 if canary is not None else None)
+        self.current = rot
+        self.history.append(rot)
+        self.registry.log("rotation_started", rotation=rot.id, target=target, source=source,
+                          strategy=strategy, canary=rot.canary)
+        self.registry.save()
+        log.info("rotation %d: %s -> %s (%s, %d workers%s)", rot.id, source, target, strategy,
+                 workers, f", canary {canary}%" if canary is not None else "")
+        self._enter(rot, Phase.SPAWNING)
+        self.supervisor.want(target, path, 0, expect)  # workers are added by the steps below
+        return rot
+
+    def promote(self) -> Rotation:
+        rot = self.current
+        if rot is None or rot.phase != Phase.CANARY:
+            raise RotationError("no canary is running")
+        rot.canary = None
+        self._enter(rot, Phase.SWITCHING)
+        self._switch(rot)
+        return rot
+
+    def rollback(self, reason: str = "rolled back by operator") -> Rotation | None:
+        """End a rotation that has not switched, or a canary; None if nothing to roll back."""
+        rot = self.current
+        if rot is None or rot.finished:
+            return None
+        if rot.switched and rot.phase != Phase.CANARY:
+            raise RotationError(f"rotation {rot.id} already switched to {rot.target}; "
+                                "roll back with a new rotation (`pool rollback` does this)")
+        self._begin_rollback(rot, reason)
+        return rot
+
+    # -- the machine -------------------------------------------------------------------------
+
+    def step(self, now: float) -> None:
+        rot = self.current
+        if rot is None or rot.finished:
+            return
+        failure = self.supervisor.failure(rot.target)
+        if rot.phase in BEFORE_SWITCH and failure:
+            self._begin_rollback(rot, failure)
+        handler = getattr(self, f"_step_{rot.phase.value}")
+        handler(rot, now)
+
+    def _step_spawning(self, rot: Rotation, now: float) -> None:
+        if rot.strategy == "rolling" and rot.source is not None:
+            self._rolling_step(rot)  # one old worker makes room before the first new one
+            if self.supervisor.count(rot.target, *LIVE) == 0:
+                return
+        else:
+            self.supervisor.set_workers(rot.target, rot.workers)
+        self._enter(rot, Phase.LOADING)
+
+    def _step_loading(self, rot: Rotation, now: float) -> None:
+        # All first-round workers have loaded their model (and are being probed).
+        if self.supervisor.count(rot.target, CHECKING, READY) >= self._first_round(rot):
+            self._enter(rot, Phase.HEALTH_CHECK)
+
+    def _step_health_check(self, rot: Rotation, now: float) -> None:
+        if self.supervisor.count(rot.target, READY) >= self._first_round(rot):
+            self._enter(rot, Phase.SWITCHING)
+            self._switch(rot)
+
+    def _step_switching(self, rot: Rotation, now: float) -> None:
+        pass  # the switch is done on entry, in one step
+
+    def _step_canary(self, rot: Rotation, now: float) -> None:
+        pass  # waits for `promote` or `rollback`
+
+    def _step_draining(self, rot: Rotation, now: float) -> None:
+        if rot.strategy == "rolling" and rot.source is not None and not self._rolling_step(rot):
+            return
+        source = rot.source
+        if source is None:
+            self._finish(rot, Phase.DONE)
+            return
+        load = self.broker.version_load(source)
+        if rot.source_closed_at is None:
+            # Requests pinned to the old version are served until it is idle or time is up.
+            if load == 0 or now - rot.phase_since > rot.drain_timeout_s:
+                self.broker.close_lane(source)
+                rot.source_closed_at = now
+            return
+        if not rot.source_retired:
+            if load == 0 or now - rot.source_closed_at > c.STOP_GRACE_S:
+                self.broker.remove_lane(source)
+                self.supervisor.retire_version(source)
+                rot.source_retired = True
+            return
+        if not self.supervisor.has_workers(source):
+            self._finish(rot, Phase.DONE)
+
+    def _step_rolling_back(self, rot: Rotation, now: float) -> None:
+        if self.broker.version_load(rot.target) > 0 and now - rot.phase_since < \
+                rot.drain_timeout_s:
+            return  # a canary's in-flight requests finish first
+        if rot.target in self.broker.lanes:
+            self.broker.remove_lane(rot.target)
+        self.supervisor.retire_version(rot.target)
+        if self.supervisor.has_workers(rot.target):
+            return
+        if rot.source is not None and rot.strategy == "rolling":
+            # Rolling retired old workers to make room: bring them back before reporting.
+            self.supervisor.set_workers(rot.source, rot.workers)
+            if self.supervisor.count(rot.source, READY) < rot.workers:
+                return
+        self._finish(rot, Phase.FAILED)
+
+    # -- transitions -------------------------------------------------------------------------
+
+    def _switch(self, rot: Rotation) -> None:
+        """The one step that moves traffic: open the new lane, point routing at it."""
+        self.broker.open_lane(rot.target)
+        if rot.canary is not None and rot.source is not None:
+            self.broker.set_active(rot.source, canary=(rot.target, rot.canary))
+            rot.switched = True
+            self._enter(rot, Phase.CANARY)
+            return
+        self.broker.set_active(rot.target)
+        rot.switched = True
+        self.registry.put_version(rot.target, rot.path, auto_load=True)
+        source_entry = self.registry.version(rot.source or "")
+        if source_entry is not None:
+            source_entry["auto_load"] = False  # a restart brings back what serves now
+        self.registry.set_active(rot.target)
+        self.registry.log("switched", rotation=rot.id, target=rot.target, source=rot.source)
+        self.registry.save()
+        self._enter(rot, Phase.DRAINING)
+
+    def _begin_rollback(self, rot: Rotation, reason: str) -> None:
+        rot.reason = reason
+        log.error("rotation %d to %s: %s; rolling back", rot.id, rot.target, reason)
+        if rot.phase == Phase.CANARY and rot.source is not None:
+            self.broker.set_active(rot.source)
+            self.broker.close_lane(rot.target)
+        self._enter(rot, Phase.ROLLING_BACK)
+
+    def _finish(self, rot: Rotation, phase: Phase) -> None:
+        self._enter(rot, phase)
+        self.registry.log("rotation_finished", rotation=rot.id, target=rot.target,
+                          source=rot.source, outcome=rot.outcome, reason=rot.reason,
+                          strategy=rot.strategy, timings=rot.timings)
+        self.registry.save()
+
+    def _enter(self, rot: Rotation, phase: Phase) -> None:
+        now = time.monotonic()
+        spent = now - rot.phase_since
+        if rot.phase != Phase.IDLE:
+            rot.timings[rot.phase.value] = round(rot.timings.get(rot.phase.value, 0) + spent, 3)
+        log.info("rotation %d: %s -> %s (%.3fs in %s)", rot.id, rot.phase.value, phase.value,
+                 spent, rot.phase.value)
+        rot.phase, rot.phase_since = phase, now
+
+    # -- rolling helpers ---------------------------------------------------------------------
+
+    def _first_round(self, rot: Rotation) -> int:
+        return 1 if rot.strategy == "rolling" else rot.workers
+
+    def _rolling_step(self, rot: Rotation) -> bool:
+        """Advance a rolling replacement by at most one worker; True once all new are ready.
+
+        Invariant: old and new processes together never exceed `rot.workers`, so the device
+        never has to hold more models than before. One old worker drains and exits, then
+        one new worker loads and passes its check, and so on.
+        """
+        assert rot.source is not None
+        ready = self.supervisor.count(rot.target, READY)
+        if ready >= rot.workers:
+            return True
+        new_live = self.supervisor.count(rot.target, *LIVE)
+        if new_live > ready:
+            return False  # the newest worker is still loading or being checked
+        old_total = self.supervisor.count(rot.source, *LIVE, DRAINING, STOPPING)
+        if old_total + new_live >= rot.workers:
+            self.supervisor.set_workers(rot.source, max(0, rot.workers - new_live - 1))
+            return False  # wait until that old worker has exited
+        self.supervisor.set_workers(rot.target, new_live + 1)
+        return False
+
+    def _choose_strategy(self, source: str | None, workers: int) -> str:
+        if source is None:
+            return "surge"
+        per_worker_cpu = self.supervisor.memory_per_worker(source)
+        gpu = [w for w in self.supervisor.worker_rows() if w["gpu_memory_bytes"]]
+        if gpu:
+            need = max(w["gpu_memory_bytes"] for w in gpu) * workers * MEMORY_HEADROOM
+            free = _free_gpu_memory()
+        else:
+            need = per_worker_cpu * workers * MEMORY_HEADROOM
+            free = psutil.virtual_memory().available
+        choice = "surge" if free >= need else "rolling"
+        log.info("auto strategy: need %.0f MiB for a second set, %.0f MiB free -> %s",
+                 need / 2**20, free / 2**20, choice)
+        return choice
+
+    def status(self) -> dict[str, Any] | None:
+        rot = self.current
+        return rot.as_dict() if rot is not None else None
+
+
+def _free_gpu_memory() -> int:
+    """The smallest free memory over the visible GPUs (NVML), 0 if unknown."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+            return min(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free
+                       for i in range(count))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML: treat as unknown, which picks rolling (the safe choice)
+        return 0

@@ -1,0 +1,284 @@
+"""Zero-downtime rotation on a live pool under load: real processes, real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import orjson
+import psutil
+import pytest
+
+from router.client import Client, UnknownVersion
+from tests.conftest import Reference, RunningPool, run_cli
+from tests.loadgen import Load
+
+pytestmark = pytest.mark.slow
+TOLERANCE = 1e-4
+
+
+def rotate(pool: RunningPool, *args: str) -> tuple[int, dict]:
+    done = run_cli("rotate", *args, "--json", env=pool.env)
+    return done.returncode, json.loads(done.stdout) if done.stdout else {"stderr": done.stderr}
+
+
+def assert_scores_match_versions(load: Load, reference: dict[str, Reference]) -> None:
+    for reply in load.replies:
+        (a, b), = reply.pairs
+        want = reference[reply.body["version"]].similarity(a, b)
+        assert abs(reply.body["scores"][0] - want) < TOLERANCE
+
+
+def reaped(pids: list[int]) -> bool:
+    """No process left, not even a zombie."""
+    return not any(psutil.pid_exists(pid) for pid in pids)
+
+
+def test_surge_rotation_under_load_fails_nothing(
+    pool_factory, models: dict[str, Path], reference: dict[str, Reference]
+) -> None:
+    pool = pool_factory(models["v1"])
+    old_pids = pool.worker_pids()
+    load = Load(pool.endpoint, in_flight=64).start()
+    time.sleep(1.0)
+    code, reply = rotate(pool, "--version", "v2", "--path", str(models["v2"]),
+                         "--strategy", "surge")
+    switched_at = time.monotonic()
+    time.sleep(1.0)
+    load.stop()
+    assert code == 0, reply
+    rot = reply["rotation"]
+    assert (rot["outcome"], rot["source"], rot["target"]) == ("done", "v1", "v2")
+    assert set(rot["timings"]) >= {"spawning", "loading", "health_check", "draining"}
+    assert load.errors() == [] and load.lost == 0
+    assert len(load.replies) > 200
+    assert load.versions() == {"v1", "v2"}
+    assert load.versions_after(switched_at) == {"v2"}, "v1 served after the switch completed"
+    assert_scores_match_versions(load, reference)
+    assert reaped(old_pids)
+    status = pool.status()
+    assert status["active"] == "v2"
+    assert {w["version"] for w in status["workers"]} == {"v2"}
+    registry = orjson.loads((pool.state_dir / "versions.json").read_bytes())
+    assert (registry["active"], registry["previous"]) == ("v2", "v1")
+    finished = [h for h in registry["history"] if h["event"] == "rotation_finished"]
+    assert finished[-1]["outcome"] == "done" and finished[-1]["timings"]["loading"] > 0
+
+
+def test_rolling_rotation_never_exceeds_the_worker_count(
+    pool_factory, models: dict[str, Path], reference: dict[str, Reference]
+) -> None:
+    pool = pool_factory(models["v1"])
+    load = Load(pool.endpoint, in_flight=64).start()
+    done = run_cli("rotate", "--version", "v2", "--path", str(models["v2"]), "--strategy",
+                   "rolling", "--no-wait", "--json", env=pool.env)
+    assert done.returncode == 0, done.stderr
+    most = 0
+    while (status := pool.status())["rotation"]["outcome"] is None:
+        most = max(most, len(status["workers"]))
+        time.sleep(0.05)
+    load.stop()
+    assert status["rotation"]["outcome"] == "done", status["rotation"]
+    assert status["rotation"]["strategy"] == "rolling"
+    assert most <= 2, f"{most} worker processes at once with --workers 2"
+    assert load.errors() == [] and load.lost == 0
+    assert_scores_match_versions(load, reference)
+    assert {w["version"] for w in pool.status()["workers"]} == {"v2"}
+
+
+def broken_copy(src: Path, dest: Path, file: str, content: bytes) -> Path:
+    shutil.copytree(src, dest)
+    (dest / file).write_bytes(content)
+    return dest
+
+
+@pytest.mark.parametrize("breakage", ["corrupt_weights", "crash_on_load", "golden_mismatch"])
+def test_failed_rotation_leaves_v1_serving(
+    breakage: str, pool_factory, models: dict[str, Path], tmp_path: Path
+) -> None:
+    pool = pool_factory(models["v1"])
+    old_pids = pool.worker_pids()
+    args = ["--version", "v2", "--strategy", "surge"]
+    if breakage == "corrupt_weights":
+        path = broken_copy(models["v2"], tmp_path / "v2", "model.safetensors", b"\0" * 64)
+        expected_reason = "while loading"
+    elif breakage == "crash_on_load":
+        path = broken_copy(models["v2"], tmp_path / "v2", "config.json", b"{not json")
+        expected_reason = "while loading"
+    else:
+        golden = tmp_path / "golden.json"
+        golden.write_text(json.dumps({"pairs": [["今天天气真好", "今日阳光明媚"]],
+                                      "scores": [-0.5], "tolerance": 0.01}))
+        added = run_cli("versions", "add", "v2", "--path", str(models["v2"]), "--expect",
+                        str(golden), "--json", env=pool.env)
+        assert added.returncode == 0, added.stderr
+        path = None
+        expected_reason = "expected -0.5000"
+    if path is not None:
+        args += ["--path", str(path)]
+    load = Load(pool.endpoint, in_flight=64).start()
+    code, reply = rotate(pool, *args)
+    load.stop()
+    assert code == 1, reply
+    rot = reply["rotation"]
+    assert rot["outcome"] == "rolled_back"
+    assert expected_reason in rot["reason"], rot["reason"]
+    assert load.errors() == [] and load.lost == 0
+    assert load.versions() == {"v1"}
+    status = pool.status()
+    assert status["active"] == "v1"
+    assert sorted(pool.worker_pids()) == sorted(old_pids), "v1 workers must be untouched"
+    assert {w["version"] for w in status["workers"]} == {"v1"}
+
+
+def test_bad_rotation_requests_are_refused_and_the_pool_untouched(
+    pool_factory, models: dict[str, Path], tmp_path: Path
+) -> None:
+    pool = pool_factory(models["v1"])
+    code, reply = rotate(pool, "--version", "v2", "--path", str(tmp_path / "missing"))
+    assert code == 1 and "not a directory" in reply["error"]["message"]
+    code, reply = rotate(pool, "--version", "v9")
+    assert code == 1 and "unknown version" in reply["error"]["message"]
+    code, reply = rotate(pool, "--version", "v1")
+    assert code == 1 and "already the active version" in reply["error"]["message"]
+    code, _ = rotate(pool, "--version", "v2", "--path", str(models["v2"]), "--no-wait")
+    assert code == 0
+    code, reply = rotate(pool, "--version", "v3", "--path", str(models["v2"]))
+    assert code == 1 and "still" in reply["error"]["message"]
+    with Client(pool.endpoint) as client:
+        assert client.similarity([("a", "b")]).version in ("v1", "v2")
+
+
+def test_drain_serves_pinned_v1_then_reaps_everything(
+    pool_factory, models: dict[str, Path]
+) -> None:
+    pool = pool_factory(models["v1"])
+    old_pids = pool.worker_pids()
+    unpinned = Load(pool.endpoint, in_flight=32).start()
+    pinned = Load(pool.endpoint, in_flight=16, pinned="v1").start()
+    code, reply = rotate(pool, "--version", "v2", "--path", str(models["v2"]),
+                         "--strategy", "surge", "--drain-timeout", "2")
+    assert code == 0, reply
+    # The old version kept serving its pinned traffic through the drain timeout.
+    assert reply["rotation"]["timings"]["draining"] >= 2
+    unpinned.stop()
+    pinned.stop()
+    assert unpinned.errors() == [] and unpinned.lost == 0
+    ok = [r for r in pinned.replies if r.status == b"ok"]
+    assert ok and {r.body["version"] for r in ok} == {"v1"}
+    late = [r.body["code"] for r in pinned.replies if r.status != b"ok"]
+    assert set(late) <= {"unknown_version"}, "pinned v1 fails only once v1 is gone"
+    assert pinned.lost == 0
+    assert reaped(old_pids)
+    with Client(pool.endpoint) as client, pytest.raises(UnknownVersion):
+        client.similarity([("a", "b")], version="v1")
+
+
+def test_canary_promote_and_canary_rollback(pool_factory, models: dict[str, Path]) -> None:
+    pool = pool_factory(models["v1"])
+    code, reply = rotate(pool, "--version", "v2", "--path", str(models["v2"]),
+                         "--canary", "30")
+    assert code == 0 and reply["rotation"]["phase"] == "canary", reply
+    with Client(pool.endpoint) as client:
+        versions = [client.similarity([("a", "b")]).version for _ in range(400)]
+        assert client.similarity([("a", "b")], version="v1").version == "v1"
+        assert client.similarity([("a", "b")], version="v2").version == "v2"
+    share = versions.count("v2") / len(versions)
+    assert 0.18 < share < 0.42, share
+    assert pool.status()["canary"] == {"version": "v2", "share": 0.3}
+
+    promoted = run_cli("promote", "--json", env=pool.env)
+    assert promoted.returncode == 0, promoted.stderr
+    assert json.loads(promoted.stdout)["rotation"]["outcome"] == "done"
+    with Client(pool.endpoint) as client:
+        assert {client.similarity([("a", "b")]).version for _ in range(50)} == {"v2"}
+
+    # A canary back to v1, ended by rollback: v2 keeps serving alone.
+    code, reply = rotate(pool, "--version", "v1", "--canary", "50")
+    assert code == 0 and reply["rotation"]["phase"] == "canary"
+    load = Load(pool.endpoint, in_flight=32).start()
+    time.sleep(0.5)
+    ended = run_cli("rollback", "--json", env=pool.env)
+    load.stop()
+    assert ended.returncode == 0, ended.stderr
+    assert json.loads(ended.stdout)["rotation"]["outcome"] == "rolled_back"
+    assert load.errors() == [] and load.lost == 0
+    assert load.versions() == {"v1", "v2"}
+    status = pool.status()
+    assert status["active"] == "v2" and status["canary"] is None
+    assert {w["version"] for w in status["workers"]} == {"v2"}
+
+
+def test_rollback_rotates_back_and_restart_restores_the_active_version(
+    pool_factory, models: dict[str, Path]
+) -> None:
+    pool = pool_factory(models["v1"])
+    assert rotate(pool, "--version", "v2", "--path", str(models["v2"]))[0] == 0
+    back = run_cli("rollback", "--json", env=pool.env)
+    assert back.returncode == 0, back.stderr
+    rot = json.loads(back.stdout)["rotation"]
+    assert (rot["target"], rot["outcome"]) == ("v1", "done")
+    assert rotate(pool, "--version", "v2")[0] == 0  # path known from the registry
+
+    state_dir = pool.state_dir
+    pool.process.stop()
+    restarted = pool_factory(None, state_dir=state_dir)  # no --path: from the registry
+    status = restarted.status()
+    assert status["active"] == "v2"
+    assert status["versions"]["v2"]["path"] == str(models["v2"].resolve())
+    with Client(restarted.endpoint) as client:
+        assert client.similarity([("a", "b")]).version == "v2"
+
+
+def test_unload_stops_a_loaded_version(pool_factory, models: dict[str, Path]) -> None:
+    pool = pool_factory(models["v1"])
+    assert rotate(pool, "--version", "v2", "--path", str(models["v2"]), "--canary", "10"
+                  )[0] == 0
+    refused = run_cli("unload", "v2", "--json", env=pool.env)
+    assert refused.returncode == 1 and "rotation" in json.loads(refused.stdout)["error"]["message"]
+    assert run_cli("rollback", env=pool.env).returncode == 0
+    refused = run_cli("unload", "v1", "--json", env=pool.env)
+    assert refused.returncode == 1 and "active" in json.loads(refused.stdout)["error"]["message"]
+
+
+def test_versions_registry_offline_and_online(models: dict[str, Path], tmp_path: Path,
+                                              pool_factory) -> None:
+    state = tmp_path / "state"
+    env = {**os.environ, "ZEROPOOL_STATE_DIR": str(state)}
+    seed = tmp_path / "model_versions.json"
+    seed.write_text(json.dumps({"current_version": "v1.0.0", "versions": {
+        "v1.0.0": {"path": str(models["v1"]), "load_time": "2024-01-01"},
+        "v1.1.0": {"path": str(models["v2"]), "auto_load": True}}}))
+    imported = run_cli("versions", "import", str(seed), "--json", env=env)
+    assert imported.returncode == 0, imported.stderr
+    listing = {v["version"]: v for v in json.loads(imported.stdout)["versions"]}
+    assert listing["v1.0.0"]["active"] and listing["v1.1.0"]["auto_load"]
+
+    bad = run_cli("versions", "add", "v3", "--path", str(tmp_path), "--json", env=env)
+    assert bad.returncode == 2 and "no config.json" in json.loads(bad.stdout)["error"]["message"]
+    refused = run_cli("versions", "remove", "v1.0.0", "--json", env=env)
+    assert refused.returncode == 2 and "active" in json.loads(refused.stdout)["error"]["message"]
+
+    # Restart from the registry: the active version serves, the auto-load one serves pinned.
+    pool = pool_factory(None, state_dir=state, version="v1.0.0")
+    with Client(pool.endpoint) as client:
+        assert client.similarity([("a", "b")]).version == "v1.0.0"
+        deadline = time.monotonic() + 60
+        while pool.status()["versions"]["v1.1.0"]["workers_ready"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert client.similarity([("a", "b")], version="v1.1.0").version == "v1.1.0"
+    online = run_cli("versions", "add", "v3", "--path", str(models["v2"]), "--json", env=pool.env)
+    assert online.returncode == 0
+    assert "v3" in {v["version"] for v in json.loads(
+        run_cli("versions", "list", "--json", env=pool.env).stdout)["versions"]}
+    assert run_cli("unload", "v1.1.0", env=pool.env).returncode == 0
+    deadline = time.monotonic() + 30
+    while "v1.1.0" in pool.status()["versions"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    with Client(pool.endpoint) as client, pytest.raises(UnknownVersion):
+        client.similarity([("a", "b")], version="v1.1.0")
