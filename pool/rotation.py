@@ -72,6 +72,7 @@ class Rotation:
     strategy: str  # surge | rolling (auto is resolved before the rotation starts)
     drain_timeout_s: float
     canary: float | None = None
+    strategy_reason: str = ""
     phase: Phase = Phase.IDLE
     started_at: float = field(default_factory=time.time)
     phase_since: float = field(default_factory=time.monotonic)
@@ -97,7 +98,8 @@ class Rotation:
         now = time.monotonic()
         return {
             "id": self.id, "target": self.target, "source": self.source, "path": self.path,
-            "strategy": self.strategy, "workers": self.workers, "canary": self.canary,
+            "strategy": self.strategy, "strategy_reason": self.strategy_reason,
+            "workers": self.workers, "canary": self.canary,
             "phase": self.phase.value, "outcome": self.outcome, "reason": self.reason,
             "started_at": self.started_at, "phase_elapsed_s": round(now - self.phase_since, 3),
             "timings": self.timings, "total_s": round(sum(self.timings.values()), 3)
@@ -131,13 +133,15 @@ class RotationController:
             raise RotationError("--canary is a percentage between 0 and 100")
         if strategy not in ("surge", "rolling", "auto"):
             raise RotationError(f"unknown strategy {strategy!r}: surge, rolling or auto")
+        strategy_reason = f"{strategy} requested"
         if strategy == "auto":
-            strategy = self._choose_strategy(source, workers)
+            strategy, strategy_reason = self._choose_strategy(source, workers)
         if canary is not None and strategy == "rolling":
             raise RotationError("a canary runs both versions side by side: use --strategy surge")
         self._ids += 1
         rot = Rotation(self._ids, target, path, source, workers, strategy, drain_timeout_s,
-                       canary / 100 if canary is not None else None)
+                       canary / 100 if canary is not None else None,
+                       strategy_reason=strategy_reason)
         self.current = rot
         self.history.append(rot)
         self.registry.log("rotation_started", rotation=rot.id, target=target, source=source,
@@ -316,9 +320,10 @@ class RotationController:
         self.supervisor.set_workers(rot.target, new_live + 1)
         return False
 
-    def _choose_strategy(self, source: str | None, workers: int) -> str:
+    def _choose_strategy(self, source: str | None, workers: int) -> tuple[str, str]:
+        """surge if measured free memory holds a second set of workers, else rolling."""
         if source is None:
-            return "surge"
+            return "surge", "auto: nothing serves yet"
         per_worker_cpu = self.supervisor.memory_per_worker(source)
         gpu = [w for w in self.supervisor.worker_rows() if w["gpu_memory_bytes"]]
         if gpu:
@@ -328,9 +333,11 @@ class RotationController:
             need = per_worker_cpu * workers * MEMORY_HEADROOM
             free = psutil.virtual_memory().available
         choice = "surge" if free >= need else "rolling"
-        log.info("auto strategy: need %.0f MiB for a second set, %.0f MiB free -> %s",
-                 need / 2**20, free / 2**20, choice)
-        return choice
+        where = "GPU" if gpu else "RAM"
+        reason = (f"auto: a second set of {workers} workers needs {need / 2**20:.0f} MiB of "
+                  f"{where}, {free / 2**20:.0f} MiB free")
+        log.info("%s -> %s", reason, choice)
+        return choice, reason
 
     def status(self) -> dict[str, Any] | None:
         rot = self.current

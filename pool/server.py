@@ -175,7 +175,10 @@ class PoolServer:
                 self.broker.remove_lane(version)
 
     def _check_failed_versions(self) -> None:
-        """At start-up, an active version that cannot load ends the pool with its reason."""
+        """Failed versions answer at once; at start-up, a failed active version ends the pool."""
+        for version, plan in self.supervisor.plans.items():
+            if plan.failed and version in self.broker.lanes:
+                self.broker.fail_lane(version, plan.failed)
         active = self.supervisor.plans.get(self.broker.active or "")
         if active is None or active.ever_ready or not active.failed:
             return

@@ -65,6 +65,7 @@ class Lane:
     version: str
     queue: deque[Pending] = field(default_factory=deque)
     open: bool = True
+    failed: str | None = None  # the version cannot serve (crash loop): fail fast, don't queue
     served: int = 0
     errors: int = 0
 
@@ -126,7 +127,17 @@ class Broker:
         if lane is None:
             self.lanes[version] = Lane(version)
         else:
-            lane.open = True
+            lane.open, lane.failed = True, None
+
+    def fail_lane(self, version: str, reason: str) -> None:
+        """The version cannot serve: queued and new requests get worker_failed at once."""
+        lane = self.lanes.get(version)
+        if lane is None or lane.failed:
+            return
+        lane.failed = reason
+        while lane.queue:
+            self._queued -= 1
+            self._fail(lane.queue.popleft(), p.WORKER_FAILED, f"{version} cannot serve: {reason}")
 
     def close_lane(self, version: str) -> None:
         """New requests pinned to `version` get unknown_version; queued ones still run."""
@@ -213,6 +224,11 @@ class Broker:
             return
         if req.op == p.OP_PING:
             self._answer_ping(req, version)
+            return
+        failed = self.lanes[version].failed
+        if failed:
+            msg = f"{version} cannot serve: {failed}"
+            self._reply_error(req.envelope, req.request_id, p.WORKER_FAILED, msg)
             return
         if self._queued >= self.max_queue:
             self._reply_error(
