@@ -91,7 +91,8 @@ class Rotation:
         if self.phase == Phase.DONE:
             return "done"
         if self.phase == Phase.FAILED:
-            return "rolled_back"
+            # Ending a canary is a rollback too: the old version kept all unpinned traffic.
+            return "rolled_back" if not self.switched or self.canary else "failed"
         return None
 
     def as_dict(self) -> dict[str, Any]:
@@ -182,6 +183,12 @@ class RotationController:
         failure = self.supervisor.failure(rot.target)
         if rot.phase in BEFORE_SWITCH and failure:
             self._begin_rollback(rot, failure)
+        elif rot.phase == Phase.DRAINING and failure:
+            # It passed its check, took traffic, then crash-looped: nothing to wait for.
+            rot.reason = f"{rot.target} failed after the switch: {failure}"
+            log.error("rotation %d: %s", rot.id, rot.reason)
+            self._finish(rot, Phase.FAILED)
+            return
         handler = getattr(self, f"_step_{rot.phase.value}")
         handler(rot, now)
 

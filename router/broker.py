@@ -135,9 +135,7 @@ class Broker:
         if lane is None or lane.failed:
             return
         lane.failed = reason
-        while lane.queue:
-            self._queued -= 1
-            self._fail(lane.queue.popleft(), p.WORKER_FAILED, f"{version} cannot serve: {reason}")
+        self._fail_queue(lane, p.WORKER_FAILED, f"{version} cannot serve: {reason}")
 
     def close_lane(self, version: str) -> None:
         """New requests pinned to `version` get unknown_version; queued ones still run."""
@@ -148,11 +146,8 @@ class Broker:
     def remove_lane(self, version: str) -> None:
         """Forget `version`; anything still queued for it fails as unknown_version."""
         lane = self.lanes.pop(version, None)
-        if lane is None:
-            return
-        while lane.queue:
-            self._queued -= 1
-            self._fail(lane.queue.popleft(), p.UNKNOWN_VERSION, f"version {version} was unloaded")
+        if lane is not None:
+            self._fail_queue(lane, p.UNKNOWN_VERSION, f"version {version} was unloaded")
 
     def set_active(self, version: str | None, canary: tuple[str, float] | None = None) -> None:
         """Route unpinned requests to `version` (and a share to a canary) from now on.
@@ -395,9 +390,12 @@ class Broker:
 
     def fail_all_queued(self, code: str, message: str) -> None:
         for lane in self.lanes.values():
-            while lane.queue:
-                self._queued -= 1
-                self._fail(lane.queue.popleft(), code, message)
+            self._fail_queue(lane, code, message)
+
+    def _fail_queue(self, lane: Lane, code: str, message: str) -> None:
+        while lane.queue:
+            self._queued -= 1
+            self._fail(lane.queue.popleft(), code, message)
 
     def version_load(self, version: str) -> int:
         """Queued plus in-flight requests of one version."""
