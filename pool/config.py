@@ -18,6 +18,7 @@ CAPACITY_BATCHES = 2  # a worker holds this many batches: one computing, one wai
 HEARTBEAT_S = 1.0
 HEARTBEAT_LIVENESS = 30  # heartbeats missed before a worker counts as hung
 LOAD_TIMEOUT_S = 300.0  # spawn to READY
+DRAIN_GRACE_S = 10.0  # a retired worker's in-flight work gets this long before STOP
 STOP_GRACE_S = 10.0  # STOP -> SIGTERM
 TERM_GRACE_S = 5.0  # SIGTERM -> SIGKILL
 RESPAWN_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)

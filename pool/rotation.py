@@ -232,7 +232,9 @@ class RotationController:
                 rot.source_closed_at = now
             return
         if not rot.source_retired:
-            if load == 0 or now - rot.source_closed_at > c.STOP_GRACE_S:
+            # What is queued still needs the old workers; what is in flight drains with them.
+            queued = self.broker.queue_length(source)
+            if queued == 0 or now - rot.source_closed_at > c.STOP_GRACE_S:
                 self.broker.remove_lane(source)
                 self.supervisor.retire_version(source)
                 rot.source_retired = True

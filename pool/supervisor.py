@@ -62,6 +62,7 @@ class WorkerProc:
     started: float
     state: str = LOADING
     checking_since: float | None = None
+    drain_since: float | None = None
     stop_at: float | None = None  # when STOP was sent
     term_at: float | None = None  # when SIGTERM was sent
     info: dict = field(default_factory=dict)
@@ -153,7 +154,7 @@ class Supervisor:
         self._reap(now)
         self._murder_hung(now)
         self._manage_workers(now)
-        self._finish_drains()
+        self._finish_drains(now)
         self._escalate_stops(now)
 
     def _reap(self, now: float) -> None:
@@ -220,9 +221,16 @@ class Supervisor:
             if plan.retired and not self.has_workers(version):
                 del self.plans[version]
 
-    def _finish_drains(self) -> None:
+    def _finish_drains(self, now: float) -> None:
+        """A draining worker stops once idle, or after DRAIN_GRACE_S if it hangs."""
         for proc in self.procs.values():
-            if proc.state == DRAINING and self._inflight(proc) == 0:
+            if proc.state != DRAINING:
+                continue
+            overdue = now - (proc.drain_since or now) > c.DRAIN_GRACE_S
+            if overdue:
+                log.warning("worker %s still holds %d requests after draining %.0fs; stopping",
+                            proc.wid, self._inflight(proc), c.DRAIN_GRACE_S)
+            if overdue or self._inflight(proc) == 0:
                 self._begin_stop(proc)
 
     def _escalate_stops(self, now: float) -> None:
@@ -264,7 +272,7 @@ class Supervisor:
         if proc.state != READY:
             self._begin_stop(proc)  # nothing in flight yet: no need to wait
             return
-        proc.state = DRAINING
+        proc.state, proc.drain_since = DRAINING, time.monotonic()
         self.broker.drain_worker(proc.wid.encode())
         self._record("draining", proc)
 

@@ -34,7 +34,8 @@ class Pending:
     body: bytes
     version: str
     pinned: bool
-    enqueued: float
+    enqueued: float  # arrival: the clock of the client's timeout_ms
+    queued_since: float = 0.0  # the clock of the queue timeout; reset when re-queued
     attempts: int = 0
     # Set for the router's own probes (health checks): the reply goes here, not to a producer.
     on_reply: Callable[[bytes, bytes], None] | None = None
@@ -233,10 +234,9 @@ class Broker:
                 f"queue full ({self.max_queue} requests waiting); retry later",
             )
             return
-        pending = Pending(
-            req.envelope, req.request_id, req.op, req.body, version, bool(req.version),
-            time.monotonic(),
-        )
+        now = time.monotonic()
+        pending = Pending(req.envelope, req.request_id, req.op, req.body, version,
+                          bool(req.version), now, now)
         self.lanes[version].queue.append(pending)
         self._queued += 1
 
@@ -370,10 +370,16 @@ class Broker:
                 self._fail(pending, p.WORKER_FAILED, f"worker died {pending.attempts}x: {reason}")
             elif pending.version in self.lanes:
                 self._requeue_front(pending)
+            elif not pending.pinned and self.active in self.lanes:
+                # Its version was retired meanwhile: an unpinned request goes to what serves now.
+                pending.version = self.active
+                self._requeue_front(pending)
             else:
                 self._fail(pending, p.WORKER_FAILED, f"worker died and {pending.version} is gone")
 
     def _requeue_front(self, pending: Pending) -> None:
+        # Time spent inside a worker that died is not time spent waiting for one.
+        pending.queued_since = time.monotonic()
         self.lanes[pending.version].queue.appendleft(pending)
         self._queued += 1
 
@@ -384,7 +390,7 @@ class Broker:
         limit = now - self.queue_timeout_s
         for lane in self.lanes.values():
             queue = lane.queue
-            while queue and queue[0].enqueued < limit:
+            while queue and queue[0].queued_since < limit:
                 self._queued -= 1
                 self._fail(queue.popleft(), p.TIMEOUT, "no worker could start it in time")
 
@@ -397,12 +403,14 @@ class Broker:
             self._queued -= 1
             self._fail(lane.queue.popleft(), code, message)
 
+    def queue_length(self, version: str) -> int:
+        lane = self.lanes.get(version)
+        return len(lane.queue) if lane is not None else 0
+
     def version_load(self, version: str) -> int:
         """Queued plus in-flight requests of one version."""
-        lane = self.lanes.get(version)
-        queued = len(lane.queue) if lane is not None else 0
         held = sum(len(w.inflight) for w in self.workers.values() if w.version == version)
-        return queued + held
+        return self.queue_length(version) + held
 
     @property
     def queued(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import orjson
 import psutil
 import pytest
 
+from pool import config as c
 from router.client import Client, UnknownVersion
 from tests.conftest import Reference, RunningPool, run_cli
 from tests.loadgen import Load
@@ -286,3 +288,25 @@ def test_versions_registry_offline_and_online(models: dict[str, Path], tmp_path:
         time.sleep(0.2)
     with Client(pool.endpoint) as client, pytest.raises(UnknownVersion):
         client.similarity([("a", "b")], version="v1.1.0")
+
+
+def test_a_hung_old_worker_is_escalated_reaped_and_its_requests_rerun(
+    pool_factory, models: dict[str, Path], reference: dict[str, Reference]
+) -> None:
+    pool = pool_factory(models["v1"])
+    frozen = pool.worker_pids()[0]
+    load = Load(pool.endpoint, in_flight=16).start()
+    time.sleep(0.5)
+    os.kill(frozen, signal.SIGSTOP)  # hung: reads nothing, answers nothing, ignores STOP
+    try:
+        code, reply = rotate(pool, "--version", "v2", "--path", str(models["v2"]),
+                             "--strategy", "surge", "--drain-timeout", "1")
+    finally:
+        load.stop(timeout=120)
+    assert code == 0, reply
+    assert reply["rotation"]["timings"]["draining"] > c.DRAIN_GRACE_S
+    assert reaped([frozen])
+    assert load.errors() == [] and load.lost == 0
+    assert_scores_match_versions(load, reference)
+    events = [e for e in pool.status()["events"] if e.get("pid") == frozen]
+    assert events[-1]["event"] == "exited" and events[-1]["exit_code"] == -signal.SIGKILL
