@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -354,18 +355,21 @@ def follow_rotation(state_dir: Path, rot: dict, wait: bool, timeout: float, as_j
     if not as_json:
         out.print(f"rotation {rot['id']}: {rot['source']} -> [bold]{rot['target']}[/] "
                   f"({rot['strategy']}, {rot['workers']} workers)")
-    seen: str | None = None
+    printed = 0
     deadline = time.monotonic() + timeout
-    while True:
-        rot = control(state_dir, "rotation", as_json)["rotation"]
-        if rot["phase"] != seen and not as_json:
-            done = rot["timings"]
-            if seen is not None:
-                out.print(f"  {PHASE_LABELS.get(seen, seen):<28} {done.get(seen, 0):7.2f}s")
-            seen = rot["phase"]
-        if rot["outcome"] is not None or rot["phase"] == "canary" or time.monotonic() > deadline:
-            break
-        time.sleep(ROTATION_POLL_S)
+    with contextlib.nullcontext() if as_json else out.status("") as spinner:
+        while True:
+            rot = control(state_dir, "rotation", as_json)["rotation"]
+            if spinner is not None:
+                for phase, seconds in list(rot["timings"].items())[printed:]:
+                    out.print(f"  {PHASE_LABELS.get(phase, phase):<28} {seconds:7.2f}s")
+                printed = len(rot["timings"])
+                spinner.update(f"{PHASE_LABELS.get(rot['phase'], rot['phase'])} "
+                               f"{rot['phase_elapsed_s']:.1f}s")
+            if rot["outcome"] is not None or rot["phase"] == "canary" or \
+                    time.monotonic() > deadline:
+                break
+            time.sleep(ROTATION_POLL_S)
     ok = rot["outcome"] == "done" or rot["phase"] == "canary" or (
         expect_rollback and rot["outcome"] == "rolled_back")
     if as_json:
