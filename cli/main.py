@@ -145,6 +145,15 @@ class JsonLogFormatter(logging.Formatter):
 # -- producer commands -------------------------------------------------------------------
 
 
+def call_pool(endpoint: str, timeout: float, as_json: bool, call: Any) -> Any:
+    """One request through the Python client; a protocol error ends the command cleanly."""
+    with Client(endpoint, timeout=timeout) as client:
+        try:
+            return call(client)
+        except ZeroPoolError as exc:
+            fail(exc.message, as_json, exc.code)
+
+
 @app.command()
 def similarity(
     text_a: Annotated[str, typer.Argument(help="First sentence.")],
@@ -155,11 +164,8 @@ def similarity(
     as_json: JsonOpt = False,
 ) -> None:
     """Score two sentences: cosine of mean-pooled embeddings, with the seed's verdict."""
-    with Client(endpoint, timeout=timeout) as client:
-        try:
-            result = client.similarity([(text_a, text_b)], version=version)
-        except ZeroPoolError as exc:
-            fail(exc.message, as_json, exc.code)
+    result = call_pool(endpoint, timeout, as_json,
+                       lambda client: client.similarity([(text_a, text_b)], version=version))
     score = result.scores[0]
     if as_json:
         emit_json({"ok": True, "score": score, "verdict": verdict(score),
@@ -178,11 +184,8 @@ def embed(
     as_json: JsonOpt = False,
 ) -> None:
     """Normalised mean-pooled embeddings of TEXTS."""
-    with Client(endpoint, timeout=timeout) as client:
-        try:
-            result = client.embed(texts, version=version)
-        except ZeroPoolError as exc:
-            fail(exc.message, as_json, exc.code)
+    result = call_pool(endpoint, timeout, as_json,
+                       lambda client: client.embed(texts, version=version))
     if as_json:
         emit_json({"ok": True, "dim": result.dim, "version": result.version,
                    "embeddings": result.embeddings})
@@ -201,11 +204,7 @@ def ping(
     as_json: JsonOpt = False,
 ) -> None:
     """Is the pool answering? Prints the version it routes to and its ready workers."""
-    with Client(endpoint, timeout=timeout) as client:
-        try:
-            result = client.ping(version=version)
-        except ZeroPoolError as exc:
-            fail(exc.message, as_json, exc.code)
+    result = call_pool(endpoint, timeout, as_json, lambda client: client.ping(version=version))
     if as_json:
         emit_json({"ok": True, "version": result.version, "workers": result.workers})
     else:
