@@ -352,6 +352,7 @@ class Supervisor:
                 "load_seconds": proc.info.get("load_seconds"),
                 "rss_bytes": _rss(proc.pid),
                 "gpu_memory_bytes": proc.info.get("gpu_memory_bytes", 0),
+                "batching": slot.reported if slot else {},
             })
         return rows
 

@@ -107,6 +107,9 @@ class WorkerLoop:
         self.stopping = False
         self.next_heartbeat = 0.0
         self.encoder: Any = None
+        # Reported with every heartbeat: how well batching and dedupe work.
+        self.stats = {"batches": 0, "requests": 0, "texts": 0, "unique_texts": 0,
+                      "failed_batches": 0}
 
     def run(self) -> None:
         info = self._load()
@@ -159,7 +162,7 @@ class WorkerLoop:
     def _heartbeat_if_due(self) -> None:
         now = time.monotonic()
         if now >= self.next_heartbeat:
-            self.sock.send_multipart([p.W_HEARTBEAT])
+            self.sock.send_multipart([p.W_HEARTBEAT, orjson.dumps(self.stats)])
             self.next_heartbeat = now + self.cfg.heartbeat_s
 
     # -- batching ----------------------------------------------------------------------
@@ -205,11 +208,13 @@ class WorkerLoop:
                                                "version": self.cfg.version})
             return
         unique = list(dict.fromkeys(t for job in jobs for t in job.texts))
+        self._count_batch(jobs, unique)
         try:
             vectors = self.encoder.embed(unique).numpy()
         except Exception as exc:  # OOM, tokenizer failure: the batch fails, the worker lives
             log.exception("forward pass failed for %d requests", len(jobs))
             _release_cuda_cache()
+            self.stats["failed_batches"] += 1
             for job in jobs:
                 self._reply_error(job.seq, p.INTERNAL, f"{type(exc).__name__}: {exc}"[:500])
             return
@@ -222,6 +227,12 @@ class WorkerLoop:
             else:
                 scores = (rows[0::2] * rows[1::2]).sum(axis=1)
                 self._reply(job.seq, {"scores": scores.tolist(), "version": self.cfg.version})
+
+    def _count_batch(self, jobs: list[Job], unique: list[str]) -> None:
+        self.stats["batches"] += 1
+        self.stats["requests"] += len(jobs)
+        self.stats["texts"] += sum(len(job.texts) for job in jobs)
+        self.stats["unique_texts"] += len(unique)
 
     def _reply(self, seq: bytes, body: dict) -> None:
         raw = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -53,6 +53,7 @@ class WorkerSlot:
     inflight: dict[int, Pending] = field(default_factory=dict)
     served: int = 0
     errors: int = 0
+    reported: dict = field(default_factory=dict)  # the worker's own counters (heartbeats)
 
     @property
     def credit(self) -> int:
@@ -264,7 +265,9 @@ class Broker:
                 self._complete(worker, frames)
             elif kind == p.W_READY:
                 self._register(wid, frames[2])
-            # Heartbeats only refresh last_seen; unknown workers' replies are stale.
+            elif kind == p.W_HEARTBEAT and worker is not None and len(frames) > 2:
+                worker.reported = orjson.loads(frames[2])
+            # Anything from an unknown worker is stale (it was forgotten).
 
     def _register(self, wid: bytes, raw_info: bytes) -> None:
         info = orjson.loads(raw_info)

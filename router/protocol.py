@@ -49,7 +49,7 @@ ERROR_CODES = frozenset(
 
 # Backend frames between the router (ROUTER) and workers (DEALER). Internal: not a contract.
 W_READY = b"R"  # worker -> router: [W_READY, json info]
-W_HEARTBEAT = b"H"  # worker -> router: [W_HEARTBEAT]
+W_HEARTBEAT = b"H"  # worker -> router: [W_HEARTBEAT, json counters]
 W_REPLY = b"P"  # worker -> router: [W_REPLY, seq, status, body]
 W_REQUEST = b"Q"  # router -> worker: [W_REQUEST, seq, op, body, enqueued_ns]
 W_STOP = b"S"  # router -> worker: [W_STOP]

@@ -259,3 +259,50 @@ def test_second_pool_on_the_same_state_dir_is_refused(pool: RunningPool,
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "already serving" in done.stderr
+
+
+def test_requests_in_flight_share_forward_passes_and_texts_are_deduplicated(
+    pool: RunningPool
+) -> None:
+    def totals() -> dict[str, int]:
+        rows = [w["batching"] for w in pool.status()["workers"]]
+        return {k: sum(r.get(k, 0) for r in rows) for k in ("batches", "requests", "texts",
+                                                             "unique_texts")}
+
+    time.sleep(1.2)  # a heartbeat carries the counters so far
+    before = totals()
+    sock = dealer(pool.endpoint)
+    for i in range(300):  # 8 sentences: the same texts recur across requests
+        pair = [SENTENCES[i % 8], SENTENCES[(i // 8) % 8]]
+        body = orjson.dumps({"pairs": [pair]})
+        sock.send_multipart([b"ZP1", b"%d" % i, b"similarity", b"", body])
+    replies = recv_all(sock, 300)
+    assert {f[2] for f in replies.values()} == {b"ok"}
+    sock.close()
+    time.sleep(1.5)
+    after = totals()
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta["requests"] == 300 and delta["texts"] == 600
+    assert delta["batches"] < 150, f"{delta['batches']} forward passes for 300 requests"
+    assert delta["unique_texts"] < delta["texts"] / 2, delta
+
+
+def test_a_full_queue_answers_overloaded_at_once(models: dict[str, Path]) -> None:
+    # 2 workers x 2 requests of credit (max-batch 1) and 4 queue slots: a burst overflows.
+    running = start_pool(models["v1"], "--max-batch", "1", "--max-queue", "4")
+    try:
+        sock = dealer(running.endpoint)
+        for i in range(200):
+            sock.send_multipart([b"ZP1", b"%d" % i, b"similarity", b"",
+                                 orjson.dumps({"pairs": [["今天天气真好" * 8, "今日阳光明媚"]]})])
+        replies = recv_all(sock, 200)
+        outcomes = [f[2] if f[2] == b"ok" else orjson.loads(f[3])["code"]
+                    for f in replies.values()]
+        assert outcomes.count(b"ok") >= 8
+        assert outcomes.count("overloaded") > 100
+        assert set(outcomes) == {b"ok", "overloaded"}
+        with Client(running.endpoint) as client:  # and it serves normally right after
+            assert client.similarity([("a", "b")]).version == "v1"
+        sock.close()
+    finally:
+        assert stop_pool(running) == 0
