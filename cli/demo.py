@@ -1,4 +1,9 @@
-"""`pool demo`: start a pool on the embedded model, score sample pairs, load it briefly, stop."""
+"""`pool demo`: the whole story on the embedded model in under two minutes.
+
+Start a pool, score sample pairs with the seed's verdicts, bench it for DEMO_SECONDS with a
+rotation to a second version at ROTATE_AT_S (it takes ~9 s on 2 cores, leaving time to see
+the after), print the report and its headline, save the plot, stop cleanly.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,11 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from cli.bench import run_bench
 from pool.control import control_request
 from pool.launch import PoolProcess
-from router.client import Client, Similarity, verdict
+from router.bench import LoadSpec
+from router.client import Client, verdict
 
 SAMPLE_PAIRS = [
     ("今天天气真好", "今日阳光明媚"),
@@ -23,41 +30,47 @@ SAMPLE_PAIRS = [
     ("How do I reset my password?", "I forgot my login credentials"),
     ("The cat sat on the mat", "Quarterly revenue grew by 8%"),
 ]
-LOAD_SECONDS = 5.0
-LOAD_IN_FLIGHT = 64
+DEMO_SECONDS = 25.0
+ROTATE_AT_S = 8.0
+DEMO_IN_FLIGHT = 64
 
 
-def run_demo(workers: int, path: str | None, as_json: bool) -> int:
+def run_demo(workers: int, path: str | None, plot: Path, as_json: bool) -> int:
     console = Console(stderr=as_json)
     state_dir = Path(tempfile.mkdtemp(prefix="zp-demo-"))
     endpoint = f"ipc://{state_dir}/front.sock"
     args = ["--workers", str(workers), "--bind", endpoint, "--state-dir", str(state_dir)]
     if path:
         args += ["--path", path]
+    pool = PoolProcess(args, state_dir / "serve.log")
     report: dict = {}
     try:
         with console.status(f"starting a pool of {workers} workers on the embedded model..."):
-            pool = PoolProcess(args, state_dir / "serve.log")
             started = time.monotonic()
             pool.wait_ready(endpoint, workers=workers, timeout=300)
         report["ready_seconds"] = round(time.monotonic() - started, 2)
         console.print(f"pool ready in {report['ready_seconds']}s at {endpoint}")
         with Client(endpoint) as client:
             report["pairs"] = score_samples(client, console)
-            report["load"] = short_load(client, console)
         status = control_request(state_dir, "status")
-        report["workers"] = [{k: w[k] for k in ("id", "pid", "served")}
-                             for w in status["workers"]]
-        code = pool.stop()
-        report["exit_code"] = code
-        console.print(f"pool stopped (exit code {code})")
+        model_path = status["versions"][status["active"]]["path"]
+        console.print(f"\n{DEMO_SECONDS:.0f}s of load ({DEMO_IN_FLIGHT} requests in flight from "
+                      f"2 producer processes), rotating v1 -> v2 at {ROTATE_AT_S:.0f}s:")
+        spec = LoadSpec(endpoint=endpoint, concurrency=DEMO_IN_FLIGHT, duration_s=DEMO_SECONDS)
+        report["bench"] = run_bench(
+            spec, spawn=False, path=None, workers=workers, state_dir=state_dir,
+            rotate_at=ROTATE_AT_S, rotate_to="v2", rotate_path=model_path, json_file=None,
+            plot_file=plot, as_json=as_json, console=console)
+        console.print(headline(report["bench"]))
     finally:
-        if "exit_code" not in report and "pool" in locals():
-            pool.stop()
+        report["exit_code"] = pool.stop()
         shutil.rmtree(state_dir, ignore_errors=True)
+    console.print(f"pool stopped (exit code {report['exit_code']})")
     if as_json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
-    return 0 if report["exit_code"] == 0 and report["load"]["errors"] == 0 else 1
+    bench = report["bench"]
+    failed = sum(bench["errors"].values()) + bench["lost"]
+    return 0 if report["exit_code"] == 0 and failed == 0 else 1
 
 
 def score_samples(client: Client, console: Console) -> list[dict]:
@@ -71,19 +84,15 @@ def score_samples(client: Client, console: Console) -> list[dict]:
     return rows
 
 
-def short_load(client: Client, console: Console) -> dict:
-    """A few seconds of 64 single-pair requests in flight: throughput and errors."""
-    batches = [[pair] for pair in SAMPLE_PAIRS]
-    done = errors = 0
-    started = time.monotonic()
-    with console.status(f"{LOAD_SECONDS:.0f}s of load, {LOAD_IN_FLIGHT} requests in flight..."):
-        while time.monotonic() - started < LOAD_SECONDS:
-            results = client.similarity_many(batches * 32, in_flight=LOAD_IN_FLIGHT)
-            done += len(results)
-            errors += sum(1 for r in results if not isinstance(r, Similarity))
-    elapsed = time.monotonic() - started
-    load = {"requests": done, "errors": errors, "seconds": round(elapsed, 2),
-            "requests_per_s": round(done / elapsed, 1)}
-    console.print(f"served {done} requests in {elapsed:.1f}s ({load['requests_per_s']}/s), "
-                  f"{errors} failed")
-    return load
+def headline(bench: dict) -> str:
+    failed = sum(bench["errors"].values()) + bench["lost"]
+    color = "green" if failed == 0 else "red"
+    line = (f"\n[bold]{bench['ok']:,} requests served, [{color}]{failed} failed[/][/] "
+            f"({bench['requests_per_s']} req/s)")
+    rotation = bench.get("rotation")
+    if rotation:
+        p99 = {k: v["latency_ms"]["p99"] for k, v in rotation["phases"].items()}
+        line += ("; p99 " + " / ".join(f"{k} {v:.0f} ms" for k, v in p99.items() if v)
+                 + f"; rotation {rotation['record'].get('outcome')} in "
+                 f"{rotation['finished_s'] - rotation['started_s']:.1f}s")
+    return line

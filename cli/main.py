@@ -260,16 +260,73 @@ def stop(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -
 
 
 @app.command()
+def bench(
+    endpoint: EndpointOpt = c.DEFAULT_BIND,
+    spawn: Annotated[bool, typer.Option("--spawn", help="Start a pool of its own (stopped "
+                     "after).")] = False,
+    path: Annotated[str | None, typer.Option(help="With --spawn: model directory "
+                    "(default: embedded).")] = None,
+    workers: Annotated[int, typer.Option(help="With --spawn: worker processes.", min=1)] = 2,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight in total.", min=1)] = 64,
+    duration: Annotated[float, typer.Option(help="Seconds to run.", min=0.1)] = 20.0,
+    requests: Annotated[int | None, typer.Option(help="Send this many requests instead of "
+                        "running for --duration.", min=1)] = None,
+    pairs_per_request: Annotated[int, typer.Option(min=1)] = 1,
+    text_chars: Annotated[int, typer.Option(help="0: the bundled Chinese/English sentences; "
+                          "N: synthetic texts of N characters.", min=0)] = 0,
+    version: VersionOpt = None,
+    producers: Annotated[int, typer.Option(help="Producer processes.", min=1)] = 2,
+    rotate_at: Annotated[float | None, typer.Option(help="Start a rotation this many seconds "
+                         "in.")] = None,
+    rotate_to: Annotated[str | None, typer.Option(help="Version to rotate to (with --spawn: "
+                         "the same model under this name unless --rotate-path).")] = None,
+    rotate_path: Annotated[str | None, typer.Option(help="Model directory for --rotate-to.")]
+        = None,
+    seed: Annotated[int, typer.Option(help="Seed of the text generator.")] = 0,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    json_file: Annotated[Path | None, typer.Option("--json-file", help="Write the report "
+                         "here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw throughput and latency over time "
+                    "(PNG).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load-test a pool from producer processes over raw protocol v1; report and plot."""
+    from cli.bench import run_bench
+    from router.bench import LoadSpec
+
+    if (rotate_at is None) != (rotate_to is None):
+        fail("--rotate-at and --rotate-to go together", as_json, "bad_request", exit_code=2)
+    spec = LoadSpec(endpoint=endpoint, concurrency=concurrency,
+                    duration_s=None if requests else duration, requests=requests,
+                    pairs_per_request=pairs_per_request, text_chars=text_chars,
+                    version=version or "", seed=seed, producers=producers)
+    console = Console(stderr=as_json)
+    try:
+        report = run_bench(spec, spawn=spawn, path=path, workers=workers, state_dir=state_dir,
+                           rotate_at=rotate_at, rotate_to=rotate_to, rotate_path=rotate_path,
+                           json_file=json_file, plot_file=plot, as_json=as_json,
+                           console=console)
+    except (RuntimeError, TimeoutError, ControlError) as exc:
+        fail(str(exc), as_json)
+    if as_json:
+        emit_json(report)
+    failed = sum(report["errors"].values()) + report["lost"]
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
 def demo(
     workers: Annotated[int, typer.Option(help="Worker processes.", min=1)] = 2,
     path: Annotated[str | None, typer.Option(help="Model directory (default: embedded).")]
         = None,
+    plot: Annotated[Path, typer.Option(help="Where to save the plot.")] = Path("demo.png"),
     as_json: JsonOpt = False,
 ) -> None:
-    """Start a pool on the embedded model, score a few sentence pairs, stop it."""
+    """The whole story: a pool on the embedded model, scored pairs, 20 s of load with a
+    rotation half-way, the report and a plot, a clean stop."""
     from cli.demo import run_demo
 
-    raise typer.Exit(run_demo(workers=workers, path=path, as_json=as_json))
+    raise typer.Exit(run_demo(workers=workers, path=path, plot=plot, as_json=as_json))
 
 
 # -- rotation ------------------------------------------------------------------------------

@@ -1,0 +1,250 @@
+"""`pool bench`: drive a pool from producer processes, show progress live, report, plot."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from pool.control import ControlError, control_request
+from pool.launch import PoolProcess
+from router.bench import OK, LoadSpec, Samples, latency_summary, run_load
+
+ROTATION_POLL_S = 0.25
+RECENT_WINDOW = 2000  # latencies kept for the live p99
+
+
+@dataclass
+class RotationWatch:
+    """Starts a rotation at `at` seconds into the run and follows it to its outcome."""
+
+    state_dir: Path
+    at: float
+    target: str
+    path: str | None
+    started: float | None = None  # monotonic
+    finished: float | None = None
+    record: dict = field(default_factory=dict)
+    error: str | None = None
+    _next_poll: float = 0.0
+
+    def tick(self, elapsed: float) -> None:
+        now = time.monotonic()
+        try:
+            if self.started is None and elapsed >= self.at:
+                self.started = now
+                reply = control_request(self.state_dir, "rotate", version=self.target,
+                                        path=self.path)
+                self.record = reply["rotation"]
+            elif self.started is not None and self.finished is None and now >= self._next_poll:
+                self._next_poll = now + ROTATION_POLL_S
+                self.record = control_request(self.state_dir, "rotation")["rotation"]
+                if self.record.get("outcome") is not None:
+                    self.finished = now
+        except ControlError as exc:
+            self.error, self.finished = str(exc), self.finished or now
+
+    @property
+    def label(self) -> str:
+        if self.error:
+            return f"rotation refused: {self.error}"
+        if not self.record:
+            return f"rotation to {self.target} at {self.at:.0f}s"
+        return f"rotation {self.record['phase']}"
+
+
+class LiveLine:
+    def __init__(self, console: Console, watch: RotationWatch | None) -> None:
+        self.console = console
+        self.watch = watch
+        self.done = self.errors = 0
+        self.recent: list[float] = []
+        self.start = time.monotonic()
+        self.live = Live(console=console, refresh_per_second=4, transient=True)
+
+    def progress(self, done: int, errors: int, recent: list[float]) -> None:
+        self.done, self.errors = done, errors
+        self.recent = (self.recent + recent)[-RECENT_WINDOW:]
+        self._render()
+
+    def tick(self, elapsed: float) -> None:
+        if self.watch is not None:
+            self.watch.tick(elapsed)
+        self._render()
+
+    def _render(self) -> None:
+        elapsed = time.monotonic() - self.start
+        p99 = np.percentile(self.recent, 99) * 1000 if self.recent else float("nan")
+        line = (f"{elapsed:6.1f}s  {self.done:8d} requests  {self.done / max(elapsed, 1e-9):8.1f}"
+                f" req/s  p99 {p99:7.1f} ms  errors {self.errors}")
+        if self.watch is not None:
+            line += f"  | {self.watch.label}"
+        self.live.update(line)
+
+
+def build_report(spec: LoadSpec, samples: Samples, watch: RotationWatch | None,
+                 started: float) -> dict[str, Any]:
+    outcomes = np.array(samples.outcome)
+    answered = ~np.isnan(samples.latency)
+    end = float(np.nanmax(samples.sent + np.nan_to_num(samples.latency))) if len(outcomes) \
+        else started
+    seconds = max(end - started, 1e-9)
+    ok = int((outcomes == OK).sum())
+    codes, counts = np.unique(outcomes[(outcomes != OK) & answered], return_counts=True)
+    report: dict[str, Any] = {
+        "endpoint": spec.endpoint, "concurrency": spec.concurrency,
+        "producers": spec.producers, "pairs_per_request": spec.pairs_per_request,
+        "text_chars": spec.text_chars, "version": spec.version or None,
+        "requests": len(outcomes), "ok": ok,
+        "errors": {str(c): int(n) for c, n in zip(codes, counts, strict=True)},
+        "lost": int((~answered).sum()), "seconds": round(seconds, 3),
+        "requests_per_s": round(ok / seconds, 1),
+        "pairs_per_s": round(ok * spec.pairs_per_request / seconds, 1),
+        "latency_ms": latency_summary(samples.latency),
+        "versions": {v: samples.version.count(v) for v in sorted(set(samples.version)) if v},
+    }
+    if watch is not None and watch.started is not None:
+        stop = watch.finished or end
+        phases = {"before": samples.sent < watch.started,
+                  "during": (samples.sent >= watch.started) & (samples.sent < stop),
+                  "after": samples.sent >= stop}
+        report["rotation"] = {
+            "record": watch.record, "error": watch.error,
+            "started_s": round(watch.started - started, 3),
+            "finished_s": round(stop - started, 3),
+            "phases": {name: {"requests": int(mask.sum()),
+                              "errors": int(((outcomes != OK) & mask).sum()),
+                              "latency_ms": latency_summary(samples.latency[mask])}
+                       for name, mask in phases.items()},
+        }
+    return report
+
+
+def print_report(console: Console, report: dict[str, Any]) -> None:
+    errors = sum(report["errors"].values())
+    head = Table(title="zeropool bench", show_header=False)
+    head.add_row("requests", f"{report['requests']:,} sent, {report['ok']:,} ok, "
+                 f"{errors:,} errors, {report['lost']:,} lost")
+    if report["errors"]:
+        head.add_row("errors by code", ", ".join(f"{k} {v}" for k, v in report["errors"].items()))
+    head.add_row("throughput", f"{report['requests_per_s']:,} req/s, "
+                 f"{report['pairs_per_s']:,} pairs/s over {report['seconds']:.1f}s")
+    lat = report["latency_ms"]
+    if lat["p50"] is not None:
+        head.add_row("latency", "  ".join(f"{k} {v:.1f} ms" for k, v in lat.items()))
+    head.add_row("versions", ", ".join(f"{k}: {v:,}" for k, v in report["versions"].items()))
+    console.print(head)
+    rotation = report.get("rotation")
+    if not rotation:
+        return
+    rec = rotation["record"]
+    title = (f"rotation {rec.get('source')} -> {rec.get('target')}: {rec.get('outcome')}"
+             if rec else "rotation")
+    if rotation["error"]:
+        title += f" ({rotation['error']})"
+    table = Table("phase", "requests", "errors", "p50 ms", "p99 ms", "max ms", title=title)
+    for name, ph in rotation["phases"].items():
+        lat = ph["latency_ms"]
+        fmt = [f"{lat[k]:.1f}" if lat[k] is not None else "-" for k in ("p50", "p99", "max")]
+        table.add_row(name, f"{ph['requests']:,}", str(ph["errors"]), *fmt)
+    console.print(table)
+    if rec.get("timings"):
+        console.print("phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in rec["timings"].items()))
+
+
+def plot_report(samples: Samples, report: dict[str, Any], started: float, file: Path) -> None:
+    """Throughput and latency percentiles per second, the rotation window shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = samples.sent - started
+    answered = ~np.isnan(samples.latency)
+    bins = np.arange(0, max(1.0, float(t.max()) + 1) if t.size else 1.0, 1.0)
+    fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(10, 6))
+    counts, _ = np.histogram(t[answered], bins=bins)
+    ax1.plot(bins[:-1], counts, drawstyle="steps-post", label="replies/s")
+    errors = np.array([o != OK for o in samples.outcome]) & answered
+    if errors.any():
+        ax1.plot(bins[:-1], np.histogram(t[errors], bins=bins)[0], "r", drawstyle="steps-post",
+                 label="errors/s")
+    ax1.set_ylabel("requests / s")
+    ax1.legend(loc="lower left")
+    idx = np.digitize(t, bins) - 1
+    for q, style in ((50, "-"), (99, "--")):
+        series = [np.percentile(samples.latency[(idx == i) & answered], q) * 1000
+                  if ((idx == i) & answered).any() else np.nan for i in range(len(bins) - 1)]
+        ax2.plot(bins[:-1], series, style, label=f"p{q}")
+    ax2.set_ylabel("latency (ms)")
+    ax2.set_xlabel("seconds")
+    ax2.legend(loc="upper left")
+    rotation = report.get("rotation")
+    if rotation:
+        for ax in (ax1, ax2):
+            ax.axvspan(rotation["started_s"], rotation["finished_s"], color="orange", alpha=0.2,
+                       label="rotation")
+        ax1.set_title(f"rotation {rotation['record'].get('source')} -> "
+                      f"{rotation['record'].get('target')} shaded")
+    fig.tight_layout()
+    fig.savefig(file, dpi=100)
+    plt.close(fig)
+
+
+def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
+              state_dir: Path | None, rotate_at: float | None, rotate_to: str | None,
+              rotate_path: str | None, json_file: Path | None, plot_file: Path | None,
+              as_json: bool, console: Console) -> dict[str, Any]:
+    own_state: Path | None = None
+    pool: PoolProcess | None = None
+    try:
+        if spawn:
+            own_state = Path(tempfile.mkdtemp(prefix="zp-bench-"))
+            state_dir = own_state
+            endpoint = f"ipc://{own_state}/front.sock"
+            args = ["--workers", str(workers), "--bind", endpoint, "--state-dir", str(own_state)]
+            if path:
+                args += ["--path", path]
+            with console.status(f"starting a pool of {workers} workers..."):
+                pool = PoolProcess(args, own_state / "serve.log")
+                pool.wait_ready(endpoint, workers=workers, timeout=300)
+            spec = LoadSpec(**{**spec.__dict__, "endpoint": endpoint})
+            if rotate_to and not rotate_path:
+                # Rotate to the same weights under another name: a rotation all the same.
+                status = control_request(own_state, "status")
+                rotate_path = status["versions"][status["active"]]["path"]
+        watch = None
+        if rotate_at is not None and rotate_to:
+            assert state_dir is not None
+            watch = RotationWatch(Path(state_dir), rotate_at, rotate_to, rotate_path)
+        live = LiveLine(console, watch)
+        started = time.monotonic()
+        with live.live:
+            samples = run_load(spec, live.progress, live.tick)
+            while watch is not None and watch.started is not None and watch.finished is None:
+                watch.tick(time.monotonic() - started)  # let the rotation finish
+                time.sleep(ROTATION_POLL_S)
+        report = build_report(spec, samples, watch, started)
+        if not as_json:
+            print_report(console, report)
+        if json_file is not None:
+            json_file.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        if plot_file is not None:
+            plot_report(samples, report, started, plot_file)
+            if not as_json:
+                console.print(f"plot saved to {plot_file}")
+        return report
+    finally:
+        if pool is not None:
+            pool.stop()
+        if own_state is not None:
+            shutil.rmtree(own_state, ignore_errors=True)

@@ -1,0 +1,232 @@
+"""The load generator behind `pool bench`: producer processes speaking protocol v1 directly.
+
+Each producer is its own process (the GIL must not be the bottleneck) with one DEALER socket
+and its share of the requests in flight. Producers stream progress to the parent every
+PROGRESS_S and hand back every request's (sent time, latency, outcome, version) at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import queue
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+import zmq
+
+PROGRESS_S = 0.5
+TAIL_TIMEOUT_S = 60.0  # after the run, how long producers wait for outstanding replies
+OK = "ok"
+
+# Bundled sample sentences (Chinese, as the seed's users send, plus some English).
+SUBJECTS = ["我", "你", "他们", "我的朋友", "这位老师", "那个学生", "我们公司", "小王", "她妈妈"]
+VERBS = ["喜欢", "想要", "讨厌", "正在寻找", "明天要买", "昨天看到了", "经常谈论", "不太了解"]
+OBJECTS = ["北京的天气", "一家新餐厅", "股票市场", "这本小说", "去上海的机票", "那部电影",
+           "新的手机", "周末的计划", "健康的饮食", "人工智能"]
+ENGLISH = ["the weather today", "a new restaurant", "the stock market", "this novel",
+           "a flight", "that movie", "a new phone", "weekend plans", "healthy food",
+           "machine learning"]
+
+
+def sample_sentences() -> list[str]:
+    zh = [s + v + o for s, v, o in itertools.product(SUBJECTS, VERBS, OBJECTS)]
+    en = [f"I {v} {o}" for v, o in itertools.product(
+        ["like", "want", "hate", "look for", "talk about", "read about"], ENGLISH)]
+    return zh + en
+
+
+def make_texts(count: int, chars: int, rng: random.Random) -> list[str]:
+    """`count` distinct texts: the bundled sentences, or synthetic ones of `chars` characters."""
+    base = sample_sentences()
+    out = []
+    for i in range(count):
+        if chars <= 0:
+            text = base[i % len(base)]
+        else:
+            parts, size = [], 0
+            while size < chars:
+                part = rng.choice(base)
+                parts.append(part)
+                size += len(part) + 1
+            text = "，".join(parts)[:chars]
+        out.append(f"{text}{i // len(base)}" if i >= len(base) else text)
+    rng.shuffle(out)
+    return out
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    endpoint: str
+    concurrency: int = 64
+    duration_s: float | None = 20.0
+    requests: int | None = None
+    pairs_per_request: int = 1
+    text_chars: int = 0
+    version: str = ""
+    seed: int = 0
+    producers: int = 2
+    timeout_ms: int | None = None
+
+
+@dataclass
+class Samples:
+    """One row per request, in send order per producer."""
+
+    sent: np.ndarray  # monotonic seconds
+    latency: np.ndarray  # seconds; NaN when no reply came
+    outcome: list[str]  # "ok" or the error code, "lost" when no reply came
+    version: list[str]
+
+    @classmethod
+    def concat(cls, parts: list[Samples]) -> Samples:
+        return cls(np.concatenate([x.sent for x in parts]) if parts else np.empty(0),
+                   np.concatenate([x.latency for x in parts]) if parts else np.empty(0),
+                   [o for x in parts for o in x.outcome], [v for x in parts for v in x.version])
+
+
+@dataclass
+class Progress:
+    done: int = 0
+    errors: int = 0
+    recent: list[float] = field(default_factory=list)  # latencies since the last report
+
+
+def _producer(index: int, spec: LoadSpec, share: int, quota: int | None, deadline: float,
+              progress: multiprocessing.Queue, results: multiprocessing.Queue) -> None:
+    rng = random.Random(spec.seed * 1000 + index)
+    texts = make_texts(4096, spec.text_chars, rng)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(spec.endpoint)
+    sent_at: dict[bytes, int] = {}
+    sent: list[float] = []
+    latency: list[float] = []
+    outcome: list[str] = []
+    version: list[str] = []
+    n = 0
+    report = Progress()
+    next_report = time.monotonic() + PROGRESS_S
+
+    def send() -> None:
+        nonlocal n
+        pairs = [[texts[(n * 2 + k) % len(texts)], texts[(n * 2 + k + 1) % len(texts)]]
+                 for k in range(spec.pairs_per_request)]
+        body: dict = {"pairs": pairs}
+        if spec.timeout_ms:
+            body["timeout_ms"] = spec.timeout_ms
+        rid = n.to_bytes(8, "little")
+        sent_at[rid] = len(sent)
+        sent.append(time.monotonic())
+        latency.append(float("nan"))
+        outcome.append("lost")
+        version.append("")
+        sock.send_multipart([b"ZP1", rid, b"similarity", spec.version.encode(),
+                             orjson.dumps(body)])
+        n += 1
+
+    def more() -> bool:
+        if quota is not None:
+            return n < quota
+        return time.monotonic() < deadline
+
+    while len(sent_at) < share and more():
+        send()
+    tail_deadline: float | None = None
+    while sent_at:
+        now = time.monotonic()
+        if now >= next_report:
+            progress.put((index, report.done, report.errors, report.recent))
+            report = Progress(report.done, report.errors)
+            next_report = now + PROGRESS_S
+        if not more():
+            tail_deadline = tail_deadline or now + TAIL_TIMEOUT_S
+            if now > tail_deadline:
+                break  # what is still outstanding stays "lost"
+        if not sock.poll(100):
+            continue
+        _, rid, status, body = sock.recv_multipart()
+        i = sent_at.pop(rid, None)
+        if i is None:
+            continue
+        latency[i] = time.monotonic() - sent[i]
+        doc = orjson.loads(body)
+        if status == b"ok":
+            outcome[i], version[i] = OK, doc.get("version", "")
+        else:
+            outcome[i] = doc.get("code", "internal")
+            report.errors += 1
+        report.done += 1
+        report.recent.append(latency[i])
+        if more():
+            send()
+    progress.put((index, report.done, report.errors, report.recent))
+    results.put((index, Samples(np.array(sent), np.array(latency), outcome, version)))
+    sock.close()
+    ctx.term()
+
+
+def run_load(spec: LoadSpec, on_progress: Callable[[int, int, list[float]], None],
+             on_tick: Callable[[float], None] | None = None) -> Samples:
+    """Drive the pool with `spec`; call on_progress(done, errors, recent latencies) as
+    reports arrive and on_tick(elapsed) about every PROGRESS_S; return every sample."""
+    mp = multiprocessing.get_context("spawn")
+    progress: multiprocessing.Queue = mp.Queue()
+    results: multiprocessing.Queue = mp.Queue()
+    k = max(1, min(spec.producers, spec.concurrency))
+    shares = [spec.concurrency // k + (1 if i < spec.concurrency % k else 0) for i in range(k)]
+    quotas: list[int | None] = [None] * k
+    if spec.requests is not None:
+        quotas = [spec.requests // k + (1 if i < spec.requests % k else 0) for i in range(k)]
+    start = time.monotonic()
+    deadline = start + (spec.duration_s or 1e9)
+    procs = [mp.Process(target=_producer, args=(i, spec, shares[i], quotas[i], deadline,
+                                                 progress, results), name=f"bench-producer-{i}")
+             for i in range(k)]
+    for proc in procs:
+        proc.start()
+    totals = {i: (0, 0) for i in range(k)}
+    parts: dict[int, Samples] = {}
+    try:
+        while len(parts) < k:
+            try:
+                index, done, errors, recent = progress.get(timeout=PROGRESS_S)
+                totals[index] = (done, errors)
+                on_progress(sum(d for d, _ in totals.values()),
+                            sum(e for _, e in totals.values()), recent)
+            except queue.Empty:
+                pass
+            if on_tick is not None:
+                on_tick(time.monotonic() - start)
+            while True:
+                try:
+                    index, samples = results.get_nowait()
+                except queue.Empty:
+                    break
+                parts[index] = samples
+            dead = [p for i, p in enumerate(procs) if i not in parts and p.exitcode not in
+                    (None, 0)]
+            if dead:
+                raise RuntimeError(f"producer {dead[0].name} died (exit {dead[0].exitcode})")
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    return Samples.concat([parts[i] for i in sorted(parts)])
+
+
+def latency_summary(latency: np.ndarray) -> dict[str, float | None]:
+    """p50/p90/p99/p99.9/max in milliseconds over the answered requests."""
+    answered = latency[~np.isnan(latency)] * 1000
+    if answered.size == 0:
+        return {"p50": None, "p90": None, "p99": None, "p99.9": None, "max": None}
+    q = np.percentile(answered, [50, 90, 99, 99.9])
+    return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
+            "p99.9": float(q[3]), "max": float(answered.max())}

@@ -1,0 +1,54 @@
+"""`pool bench` against real pools: producer processes, the report, a rotation mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunningPool, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_against_a_running_pool(pool: RunningPool, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    done = run_cli("bench", "--requests", "400", "--concurrency", "32", "--producers", "2",
+                   "--pairs-per-request", "2", "--text-chars", "30", "--json",
+                   "--json-file", str(out), env=pool.env)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report == json.loads(out.read_text())
+    assert (report["requests"], report["ok"], report["lost"]) == (400, 400, 0)
+    assert report["errors"] == {}
+    assert report["pairs_per_s"] == pytest.approx(2 * report["requests_per_s"], rel=0.01)
+    lat = report["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
+    assert report["versions"] == {"v1": 400}
+
+
+def test_bench_spawns_a_pool_rotates_mid_run_and_plots(models: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    plot = tmp_path / "bench.png"
+    done = run_cli("bench", "--spawn", "--path", str(models["v1"]), "--workers", "2",
+                   "--duration", "20", "--rotate-at", "1", "--rotate-to", "v2",
+                   "--rotate-path", str(models["v2"]), "--plot", str(plot), "--json",
+                   env={**os.environ, "ZEROPOOL_STATE_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["errors"] == {} and report["lost"] == 0 and report["ok"] > 100
+    assert set(report["versions"]) == {"v1", "v2"}
+    rotation = report["rotation"]
+    assert rotation["record"]["outcome"] == "done"
+    assert set(rotation["phases"]) == {"before", "during", "after"}
+    assert all(phase["errors"] == 0 for phase in rotation["phases"].values())
+    assert rotation["phases"]["after"]["requests"] > 0
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_refuses_half_a_rotation(pool: RunningPool) -> None:
+    done = run_cli("bench", "--rotate-at", "1", "--json", env=pool.env)
+    assert done.returncode == 2
+    assert "go together" in json.loads(done.stdout)["error"]["message"]
