@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,15 @@ from rich.table import Table
 
 from pool.control import ControlError, control_request
 from pool.launch import PoolProcess
-from router.bench import OK, LoadSpec, Samples, latency_summary, run_load
+from router.bench import (
+    OK,
+    LoadSpec,
+    ProxyBaseline,
+    Samples,
+    latency_summary,
+    make_texts,
+    run_load,
+)
 
 ROTATION_POLL_S = 0.25
 RECENT_WINDOW = 2000  # latencies kept for the live p99
@@ -31,6 +40,7 @@ class RotationWatch:
     at: float
     target: str
     path: str | None
+    strategy: str = "auto"
     started: float | None = None  # monotonic
     finished: float | None = None
     record: dict = field(default_factory=dict)
@@ -43,7 +53,7 @@ class RotationWatch:
             if self.started is None and elapsed >= self.at:
                 self.started = now
                 reply = control_request(self.state_dir, "rotate", version=self.target,
-                                        path=self.path)
+                                        path=self.path, strategy=self.strategy)
                 self.record = reply["rotation"]
             elif self.started is not None and self.finished is None and now >= self._next_poll:
                 self._next_poll = now + ROTATION_POLL_S
@@ -143,6 +153,19 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
         head.add_row("latency", "  ".join(f"{k} {v:.1f} ms" for k, v in lat.items()))
     head.add_row("versions", ", ".join(f"{k}: {v:,}" for k, v in report["versions"].items()))
     console.print(head)
+    echo = report.get("echo")
+    if echo:
+        low = echo["low_load_p50_ms"]
+        console.print(f"transport: zmq.proxy with echo workers {echo['proxy_requests_per_s']:,} "
+                      f"req/s; the pool's router is at [bold]{echo['pool_vs_proxy']:.0%}[/] of "
+                      f"it; at one request in flight p50 {low['pool']:.3f} ms vs "
+                      f"{low['proxy']:.3f} ms (adds {low['added']:.3f} ms)")
+    base = report.get("baseline")
+    if base:
+        console.print(f"baseline ({base['threads']} threads): seed {base['seed_pairs_per_s']} "
+                      f"pairs/s, batched {base['batched_pairs_per_s']} pairs/s; the pool is "
+                      f"[bold]{base['pool_vs_seed']}x[/] the seed, "
+                      f"[bold]{base['pool_vs_batched']}x[/] the batched loop")
     rotation = report.get("rotation")
     if not rotation:
         return
@@ -200,10 +223,63 @@ def plot_report(samples: Samples, report: dict[str, Any], started: float, file: 
     plt.close(fig)
 
 
+def run_baseline(spec: LoadSpec, report: dict[str, Any], path: str, threads: int,
+                 seconds: float, console: Console) -> dict[str, Any]:
+    """The seed's loop and an in-process batched loop, same model and thread budget."""
+    from pool.baseline import batched_pairs_per_s, seed_pairs_per_s
+
+    texts = make_texts(8192, spec.text_chars, random.Random(spec.seed + 7))
+    pairs = list(zip(texts[0::2], texts[1::2], strict=True))
+    with console.status(f"baseline: the seed's one-pair loop, {threads} threads, {seconds}s"):
+        seed = seed_pairs_per_s(path, threads, seconds, pairs)
+    with console.status(f"baseline: an in-process batched loop, {threads} threads, {seconds}s"):
+        batched = batched_pairs_per_s(path, threads, seconds, pairs)
+    pool = report["pairs_per_s"]
+    return {"threads": threads, "seconds": seconds, "seed_pairs_per_s": round(seed, 1),
+            "batched_pairs_per_s": round(batched, 1), "pool_pairs_per_s": pool,
+            "pool_vs_seed": round(pool / seed, 2), "pool_vs_batched": round(pool / batched, 2)}
+
+
+LOW_LOAD_S = 3.0
+
+
+def compare_with_proxy(spec: LoadSpec, workers: int, directory: Path, report: dict[str, Any],
+                       console: Console) -> dict[str, Any]:
+    """The same load through libzmq's zmq.proxy with echo workers: the transport's limit."""
+    proxy = ProxyBaseline(str(directory), workers)
+    try:
+        with console.status("the same load through zmq.proxy..."):
+            proxied = build_report(replace(spec, endpoint=proxy.endpoint),
+                                   run_load(replace(spec, endpoint=proxy.endpoint), _quiet),
+                                   None, time.monotonic())
+        with console.status(f"one request in flight for {LOW_LOAD_S:.0f}s, pool then proxy..."):
+            low = replace(spec, concurrency=1, producers=1, duration_s=LOW_LOAD_S, requests=None)
+            pool_low = latency_summary(run_load(low, _quiet).latency)["p50"] or 0.0
+            proxy_low = latency_summary(run_load(replace(low, endpoint=proxy.endpoint), _quiet)
+                                        .latency)["p50"] or 0.0
+    finally:
+        proxy.close()
+    return {"proxy_requests_per_s": proxied["requests_per_s"],
+            "pool_vs_proxy": round(report["requests_per_s"] / proxied["requests_per_s"], 3),
+            "low_load_p50_ms": {"pool": round(pool_low, 3), "proxy": round(proxy_low, 3),
+                                "added": round(pool_low - proxy_low, 3)}}
+
+
+def _quiet(*_: object) -> None:
+    pass
+
+
+def active_model_path(state_dir: Path) -> str:
+    status = control_request(state_dir, "status")
+    return status["versions"][status["active"]]["path"]
+
+
 def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
               state_dir: Path | None, rotate_at: float | None, rotate_to: str | None,
               rotate_path: str | None, json_file: Path | None, plot_file: Path | None,
-              as_json: bool, console: Console) -> dict[str, Any]:
+              as_json: bool, console: Console, baseline_s: float | None = None,
+              baseline_threads: int = 1, rotate_strategy: str = "auto",
+              model: str = "transformer") -> dict[str, Any]:
     own_state: Path | None = None
     pool: PoolProcess | None = None
     try:
@@ -211,21 +287,22 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
             own_state = Path(tempfile.mkdtemp(prefix="zp-bench-"))
             state_dir = own_state
             endpoint = f"ipc://{own_state}/front.sock"
-            args = ["--workers", str(workers), "--bind", endpoint, "--state-dir", str(own_state)]
+            args = ["--workers", str(workers), "--bind", endpoint, "--state-dir", str(own_state),
+                    "--model", model]
             if path:
                 args += ["--path", path]
             with console.status(f"starting a pool of {workers} workers..."):
                 pool = PoolProcess(args, own_state / "serve.log")
                 pool.wait_ready(endpoint, workers=workers, timeout=300)
-            spec = LoadSpec(**{**spec.__dict__, "endpoint": endpoint})
+            spec = replace(spec, endpoint=endpoint)
             if rotate_to and not rotate_path:
                 # Rotate to the same weights under another name: a rotation all the same.
-                status = control_request(own_state, "status")
-                rotate_path = status["versions"][status["active"]]["path"]
+                rotate_path = active_model_path(own_state)
         watch = None
         if rotate_at is not None and rotate_to:
             assert state_dir is not None
-            watch = RotationWatch(Path(state_dir), rotate_at, rotate_to, rotate_path)
+            watch = RotationWatch(Path(state_dir), rotate_at, rotate_to, rotate_path,
+                                  rotate_strategy)
         live = LiveLine(console, watch)
         started = time.monotonic()
         with live.live:
@@ -234,6 +311,13 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
                 watch.tick(time.monotonic() - started)  # let the rotation finish
                 time.sleep(ROTATION_POLL_S)
         report = build_report(spec, samples, watch, started)
+        if model == "echo":
+            report["echo"] = compare_with_proxy(spec, workers, own_state or Path(
+                tempfile.gettempdir()), report, console)
+        if baseline_s:
+            model = path or active_model_path(Path(state_dir or ""))
+            report["baseline"] = run_baseline(spec, report, model, baseline_threads,
+                                              baseline_s, console)
         if not as_json:
             print_report(console, report)
         if json_file is not None:

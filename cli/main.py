@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -282,7 +283,16 @@ def bench(
                          "the same model under this name unless --rotate-path).")] = None,
     rotate_path: Annotated[str | None, typer.Option(help="Model directory for --rotate-to.")]
         = None,
+    rotate_strategy: Annotated[str, typer.Option(help="surge | rolling | auto")] = "auto",
+    model: Annotated[str, typer.Option(help="With --spawn: transformer, or echo (no model: "
+                     "measures the router against libzmq's zmq.proxy).")] = "transformer",
     seed: Annotated[int, typer.Option(help="Seed of the text generator.")] = 0,
+    baseline: Annotated[bool, typer.Option("--baseline", help="Also measure the seed's "
+                        "one-pair loop and an in-process batched loop on the same model and "
+                        "thread budget; print the pool's ratio to each.")] = False,
+    baseline_seconds: Annotated[float, typer.Option(min=1)] = 10.0,
+    threads: Annotated[int | None, typer.Option(help="Thread budget of the baselines "
+                       "(default: all cores).", min=1)] = None,
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     json_file: Annotated[Path | None, typer.Option("--json-file", help="Write the report "
                          "here.")] = None,
@@ -294,6 +304,9 @@ def bench(
     from cli.bench import run_bench
     from router.bench import LoadSpec
 
+    if model == "echo" and not spawn:
+        fail("--model echo needs --spawn (it starts an echo pool and a zmq.proxy beside it)",
+             as_json, "bad_request", exit_code=2)
     if (rotate_at is None) != (rotate_to is None):
         fail("--rotate-at and --rotate-to go together", as_json, "bad_request", exit_code=2)
     spec = LoadSpec(endpoint=endpoint, concurrency=concurrency,
@@ -305,7 +318,9 @@ def bench(
         report = run_bench(spec, spawn=spawn, path=path, workers=workers, state_dir=state_dir,
                            rotate_at=rotate_at, rotate_to=rotate_to, rotate_path=rotate_path,
                            json_file=json_file, plot_file=plot, as_json=as_json,
-                           console=console)
+                           console=console, baseline_s=baseline_seconds if baseline else None,
+                           baseline_threads=threads or os.cpu_count() or 1,
+                           rotate_strategy=rotate_strategy, model=model)
     except (RuntimeError, TimeoutError, ControlError) as exc:
         fail(str(exc), as_json)
     if as_json:

@@ -230,3 +230,47 @@ def latency_summary(latency: np.ndarray) -> dict[str, float | None]:
     q = np.percentile(answered, [50, 90, 99, 99.9])
     return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
             "p99.9": float(q[3]), "max": float(answered.max())}
+
+
+# -- the physical limit: libzmq's own proxy with echo workers ---------------------------------
+
+ECHO_BODY = b'{"scores":[0.0],"version":"proxy"}'
+
+
+def _proxy(frontend: str, backend: str) -> None:
+    ctx = zmq.Context()
+    front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    front.bind(frontend)
+    back.bind(backend)
+    zmq.proxy(front, back)  # runs until the process is killed
+
+
+def _proxy_echo_worker(backend: str) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(backend)
+    while True:
+        frames = sock.recv_multipart()
+        # [client identity, ZP1, request_id, op, version, body] -> a protocol v1 reply
+        sock.send_multipart([frames[0], frames[1], frames[2], b"ok", ECHO_BODY])
+
+
+class ProxyBaseline:
+    """`zmq.proxy` (ROUTER -> DEALER) with `workers` echo processes, on ipc sockets."""
+
+    def __init__(self, directory: str, workers: int) -> None:
+        mp = multiprocessing.get_context("spawn")
+        self.endpoint = f"ipc://{directory}/proxy-front.sock"
+        backend = f"ipc://{directory}/proxy-back.sock"
+        self.procs = [mp.Process(target=_proxy, args=(self.endpoint, backend), daemon=True)]
+        self.procs += [mp.Process(target=_proxy_echo_worker, args=(backend,), daemon=True)
+                       for _ in range(workers)]
+        for proc in self.procs:
+            proc.start()
+        time.sleep(0.5)  # binds and connects settle; the load would only queue meanwhile
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.join(timeout=5)

@@ -15,8 +15,8 @@ from tests.conftest import SENTENCES
 
 @dataclass
 class Reply:
-    sent: float
-    received: float
+    sent: float  # monotonic
+    received: float  # wall clock (time.time), comparable with the pool's timestamps
     pinned: str
     status: bytes
     body: dict
@@ -70,7 +70,7 @@ class Load:
                 continue
             _, rid, status, body = sock.recv_multipart()
             sent, pairs = outstanding.pop(rid)
-            self.replies.append(Reply(sent, time.monotonic(), self.pinned, status,
+            self.replies.append(Reply(sent, time.time(), self.pinned, status,
                                       orjson.loads(body), pairs))
         self.sent = n
         sock.close()
