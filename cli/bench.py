@@ -249,9 +249,9 @@ def compare_with_proxy(spec: LoadSpec, workers: int, directory: Path, report: di
     proxy = ProxyBaseline(str(directory), workers)
     try:
         with console.status("the same load through zmq.proxy..."):
-            proxied = build_report(replace(spec, endpoint=proxy.endpoint),
-                                   run_load(replace(spec, endpoint=proxy.endpoint), _quiet),
-                                   None, time.monotonic())
+            proxy_spec = replace(spec, endpoint=proxy.endpoint)
+            started = time.monotonic()
+            proxied = build_report(proxy_spec, run_load(proxy_spec, _quiet), None, started)
         with console.status(f"one request in flight for {LOW_LOAD_S:.0f}s, pool then proxy..."):
             low = replace(spec, concurrency=1, producers=1, duration_s=LOW_LOAD_S, requests=None)
             pool_low = latency_summary(run_load(low, _quiet).latency)["p50"] or 0.0
