@@ -24,6 +24,8 @@ from router import protocol as p
 DRAIN_BURST = 256
 # A request re-dispatched this many times after worker crashes fails with worker_failed.
 MAX_ATTEMPTS = 3
+NOBLOCK = int(zmq.NOBLOCK)
+SNDMORE_NOBLOCK = int(zmq.SNDMORE) | NOBLOCK
 
 
 @dataclass(slots=True)
@@ -190,7 +192,7 @@ class Broker:
         recv = self.frontend.recv_multipart
         for _ in range(DRAIN_BURST):
             try:
-                frames = recv(zmq.NOBLOCK)
+                frames = recv(NOBLOCK)
             except zmq.Again:
                 return
             self.stats.received += 1
@@ -254,7 +256,7 @@ class Broker:
         now = time.monotonic()
         for _ in range(DRAIN_BURST):
             try:
-                frames = recv(zmq.NOBLOCK)
+                frames = recv(NOBLOCK)
             except zmq.Again:
                 return
             wid, kind = frames[0], frames[1]
@@ -318,10 +320,8 @@ class Broker:
         worker.inflight[seq] = pending
         enqueued_ns = int(pending.enqueued * 1e9).to_bytes(8, "little")
         try:
-            self.backend.send_multipart(
-                [worker.wid, p.W_REQUEST, p.encode_seq(seq), pending.op, pending.body, enqueued_ns],
-                zmq.NOBLOCK,
-            )
+            send_frames(self.backend, [worker.wid, p.W_REQUEST, p.encode_seq(seq), pending.op,
+                                       pending.body, enqueued_ns])
         except zmq.ZMQError:
             # The worker's pipe is gone or full: take the request back, stop using the worker.
             del worker.inflight[seq]
@@ -357,7 +357,7 @@ class Broker:
 
     def stop_worker(self, wid: bytes) -> None:
         try:
-            self.backend.send_multipart([wid, p.W_STOP], zmq.NOBLOCK)
+            send_frames(self.backend, [wid, p.W_STOP])
         except zmq.ZMQError:
             pass  # already gone; the supervisor reaps it either way
 
@@ -442,10 +442,19 @@ class Broker:
 
     def _send_front(self, frames: list[bytes]) -> None:
         try:
-            self.frontend.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self.frontend, frames)
         except zmq.ZMQError:
             # Peer gone or over its high-water mark: a slow producer must not stall others.
             self.stats.dropped += 1
+
+
+def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
+    """send_multipart without blocking, with plain-int flags: pyzmq's enum flags cost ~15%
+    of the router's time in Flag arithmetic (profiled with py-spy under echo load)."""
+    last = len(frames) - 1
+    send = sock.send
+    for i, frame in enumerate(frames):
+        send(frame, SNDMORE_NOBLOCK if i < last else NOBLOCK)
 
 
 def _credit(worker: WorkerSlot) -> int:
