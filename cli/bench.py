@@ -72,8 +72,100 @@ class RotationWatch:
         return f"rotation {self.record['phase']}"
 
 
+@dataclass
+class SoakWatch:
+    """Rotates back and forth every `every` seconds and samples the pool's total RSS."""
+
+    state_dir: Path
+    every: float
+    paths: dict[str, str]  # the two versions and their model directories
+    strategy: str = "auto"
+    records: list[dict] = field(default_factory=list)
+    rss: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, bytes)
+    error: str | None = None
+    _current: int | None = None  # id of the rotation in progress
+    _next_at: float = 0.0
+    _next_sample: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._next_at = self.every  # a steady first stretch to compare the end against
+
+    def tick(self, elapsed: float) -> None:
+        now = time.monotonic()
+        if now >= self._next_sample and self._current is None:
+            # Between rotations only: during a surge both versions are resident by design.
+            self._next_sample = now + 1.0
+            self.rss.append((now, pool_rss(self.state_dir)))
+        if self.error:
+            return
+        try:
+            if self._current is None and elapsed >= self._next_at:
+                active = control_request(self.state_dir, "status")["active"]
+                target = next(v for v in self.paths if v != active)
+                reply = control_request(self.state_dir, "rotate", version=target,
+                                        path=self.paths[target], strategy=self.strategy)
+                self._current = reply["rotation"]["id"]
+            elif self._current is not None:
+                record = control_request(self.state_dir, "rotation")["rotation"]
+                if record["outcome"] is not None:
+                    self.records.append(record)
+                    self._current = None
+                    self._next_at = elapsed + self.every
+        except ControlError as exc:
+            self.error = str(exc)
+
+    @property
+    def label(self) -> str:
+        done = sum(1 for r in self.records if r["outcome"] == "done")
+        return f"{done} rotations done" + (f", stopped: {self.error}" if self.error else "")
+
+
+def pool_rss(state_dir: Path) -> int:
+    """Resident memory of the serve process and everything it started."""
+    import psutil
+
+    try:
+        server = psutil.Process(control_request(state_dir, "status")["pid"])
+        procs = [server, *server.children(recursive=True)]
+    except (ControlError, psutil.Error):
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass  # exited between the listing and the reading
+    return total
+
+
+def soak_report(samples: Samples, soak: SoakWatch, started: float) -> dict[str, Any]:
+    """First and last tenth of the run side by side: latency and the pool's memory."""
+    end = float(samples.sent.max()) if samples.sent.size else started
+    tenth = (end - started) / 10
+    windows = {"first_tenth": (started, started + tenth), "last_tenth": (end - tenth, end)}
+    out: dict[str, Any] = {
+        "rotations": len(soak.records),
+        "outcomes": {o: sum(1 for r in soak.records if r["outcome"] == o)
+                     for o in sorted({r["outcome"] for r in soak.records})},
+        "error": soak.error,
+    }
+    for name, (lo, hi) in windows.items():
+        mask = (samples.sent >= lo) & (samples.sent < hi)
+        # Readings are taken between rotations; a window spent inside one uses the last before.
+        rss = [b for t, b in soak.rss if lo <= t <= hi and b] or [
+            b for t, b in soak.rss if t <= hi and b][-1:]
+        out[name] = {"latency_ms": latency_summary(samples.latency[mask]),
+                     "rss_mib": round(sum(rss) / len(rss) / 2**20, 1) if rss else None}
+    first, last = out["first_tenth"], out["last_tenth"]
+    if first["latency_ms"]["p50"] and last["latency_ms"]["p50"]:
+        out["p50_drift"] = round(last["latency_ms"]["p50"] / first["latency_ms"]["p50"], 3)
+    if first["rss_mib"] and last["rss_mib"]:
+        out["rss_drift"] = round(last["rss_mib"] / first["rss_mib"], 3)
+    return out
+
+
 class LiveLine:
-    def __init__(self, console: Console, watch: RotationWatch | None) -> None:
+    def __init__(self, console: Console, watch: RotationWatch | SoakWatch | None) -> None:
         self.console = console
         self.watch = watch
         self.done = self.errors = 0
@@ -153,6 +245,19 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
         head.add_row("latency", "  ".join(f"{k} {v:.1f} ms" for k, v in lat.items()))
     head.add_row("versions", ", ".join(f"{k}: {v:,}" for k, v in report["versions"].items()))
     console.print(head)
+    soak = report.get("soak")
+    if soak:
+        table = Table("window", "p50 ms", "p99 ms", "pool RSS MiB (between rotations)",
+                      title=f"soak: {soak['rotations']} rotations {soak['outcomes']}")
+        for name in ("first_tenth", "last_tenth"):
+            lat, rss = soak[name]["latency_ms"], soak[name]["rss_mib"]
+            table.add_row(name.replace("_", " "), *(f"{lat[k]:.1f}" if lat[k] else "-"
+                                                    for k in ("p50", "p99")),
+                          f"{rss:.0f}" if rss else "-")
+        console.print(table)
+        console.print(f"drift, last / first tenth: p50 {soak.get('p50_drift')}x, "
+                      f"RSS {soak.get('rss_drift')}x" +
+                      (f"; stopped early: {soak['error']}" if soak["error"] else ""))
     echo = report.get("echo")
     if echo:
         low = echo["low_load_p50_ms"]
@@ -279,7 +384,7 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
               rotate_path: str | None, json_file: Path | None, plot_file: Path | None,
               as_json: bool, console: Console, baseline_s: float | None = None,
               baseline_threads: int = 1, rotate_strategy: str = "auto",
-              model: str = "transformer") -> dict[str, Any]:
+              model: str = "transformer", rotate_every: float | None = None) -> dict[str, Any]:
     own_state: Path | None = None
     pool: PoolProcess | None = None
     try:
@@ -298,12 +403,21 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
             if rotate_to and not rotate_path:
                 # Rotate to the same weights under another name: a rotation all the same.
                 rotate_path = active_model_path(own_state)
-        watch = None
+        watch: RotationWatch | None = None
+        soak: SoakWatch | None = None
         if rotate_at is not None and rotate_to:
             assert state_dir is not None
             watch = RotationWatch(Path(state_dir), rotate_at, rotate_to, rotate_path,
                                   rotate_strategy)
-        live = LiveLine(console, watch)
+        elif rotate_every is not None:
+            assert state_dir is not None
+            status = control_request(Path(state_dir), "status")
+            first = status["active"]
+            other = rotate_to or ("v2" if first != "v2" else "v1")
+            paths = {first: status["versions"][first]["path"],
+                     other: rotate_path or status["versions"][first]["path"]}
+            soak = SoakWatch(Path(state_dir), rotate_every, paths, rotate_strategy)
+        live = LiveLine(console, watch or soak)
         started = time.monotonic()
         with live.live:
             samples = run_load(spec, live.progress, live.tick)
@@ -311,6 +425,8 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
                 watch.tick(time.monotonic() - started)  # let the rotation finish
                 time.sleep(ROTATION_POLL_S)
         report = build_report(spec, samples, watch, started)
+        if soak is not None:
+            report["soak"] = soak_report(samples, soak, started)
         if model == "echo":
             report["echo"] = compare_with_proxy(spec, workers, own_state or Path(
                 tempfile.gettempdir()), report, console)

@@ -284,6 +284,9 @@ def bench(
     rotate_path: Annotated[str | None, typer.Option(help="Model directory for --rotate-to.")]
         = None,
     rotate_strategy: Annotated[str, typer.Option(help="surge | rolling | auto")] = "auto",
+    rotate_every: Annotated[float | None, typer.Option(help="Soak: rotate back and forth "
+                            "between the active version and --rotate-to (default v2) every "
+                            "this many seconds; reports first vs last tenth.", min=1)] = None,
     model: Annotated[str, typer.Option(help="With --spawn: transformer, or echo (no model: "
                      "measures the router against libzmq's zmq.proxy).")] = "transformer",
     seed: Annotated[int, typer.Option(help="Seed of the text generator.")] = 0,
@@ -307,7 +310,10 @@ def bench(
     if model == "echo" and not spawn:
         fail("--model echo needs --spawn (it starts an echo pool and a zmq.proxy beside it)",
              as_json, "bad_request", exit_code=2)
-    if (rotate_at is None) != (rotate_to is None):
+    if rotate_every is not None and rotate_at is not None:
+        fail("--rotate-every and --rotate-at exclude each other", as_json, "bad_request",
+             exit_code=2)
+    if rotate_every is None and (rotate_at is None) != (rotate_to is None):
         fail("--rotate-at and --rotate-to go together", as_json, "bad_request", exit_code=2)
     spec = LoadSpec(endpoint=endpoint, concurrency=concurrency,
                     duration_s=None if requests else duration, requests=requests,
@@ -320,7 +326,8 @@ def bench(
                            json_file=json_file, plot_file=plot, as_json=as_json,
                            console=console, baseline_s=baseline_seconds if baseline else None,
                            baseline_threads=threads or os.cpu_count() or 1,
-                           rotate_strategy=rotate_strategy, model=model)
+                           rotate_strategy=rotate_strategy, model=model,
+                           rotate_every=rotate_every)
     except (RuntimeError, TimeoutError, ControlError) as exc:
         fail(str(exc), as_json)
     if as_json:

@@ -52,3 +52,20 @@ def test_bench_refuses_half_a_rotation(pool: RunningPool) -> None:
     done = run_cli("bench", "--rotate-at", "1", "--json", env=pool.env)
     assert done.returncode == 2
     assert "go together" in json.loads(done.stdout)["error"]["message"]
+
+
+def test_bench_soak_rotates_back_and_forth_and_reports_drift(models: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    done = run_cli("bench", "--spawn", "--path", str(models["v1"]), "--workers", "2",
+                   "--duration", "30", "--rotate-every", "2", "--rotate-to", "v2",
+                   "--rotate-path", str(models["v2"]), "--concurrency", "16", "--json",
+                   env={**os.environ, "ZEROPOOL_STATE_DIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["errors"] == {} and report["lost"] == 0
+    soak = report["soak"]
+    assert soak["rotations"] >= 2 and set(soak["outcomes"]) == {"done"}
+    assert set(report["versions"]) == {"v1", "v2"}
+    for window in ("first_tenth", "last_tenth"):
+        assert soak[window]["latency_ms"]["p50"] > 0
+    assert soak["first_tenth"]["rss_mib"] > 0 and soak["rss_drift"] > 0
