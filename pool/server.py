@@ -43,11 +43,16 @@ class PoolServer:
         self.state_dir = prepare_state_dir(settings.state_dir)
         self.registry = Registry(self.state_dir)
         self.ctx = zmq.Context()
-        self.broker = Broker(
-            self.ctx, settings.bind, settings.backend_endpoint,
-            max_queue=settings.max_queue, queue_timeout_s=settings.queue_timeout_s,
-            on_worker_ready=self._on_worker_ready,
-        )
+        try:
+            self.broker = Broker(
+                self.ctx, settings.bind, settings.backend_endpoint,
+                max_queue=settings.max_queue, queue_timeout_s=settings.queue_timeout_s,
+                on_worker_ready=self._on_worker_ready,
+            )
+        except zmq.ZMQError as exc:
+            self.ctx.destroy(linger=0)
+            (self.state_dir / PID_FILE).unlink(missing_ok=True)
+            raise StartupError(f"cannot listen on {settings.bind}: {exc}") from None
         self.supervisor = Supervisor(settings, self.broker)
         self.rotations = RotationController(self.supervisor, self.broker, self.registry)
         self.control = ControlServer(self.ctx, self.state_dir, Commands(self).handlers())

@@ -9,7 +9,9 @@ Which version an unpinned request goes to is decided in exactly one place: `rout
 
 from __future__ import annotations
 
+import errno
 import random
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -99,6 +101,7 @@ class Broker:
         frontend_hwm: int = 100_000,
         max_message_bytes: int = -1,
     ) -> None:
+        refuse_live_ipc(frontend_endpoint)
         self.frontend = ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
         self.frontend.setsockopt(zmq.SNDHWM, frontend_hwm)
@@ -446,6 +449,24 @@ class Broker:
         except zmq.ZMQError:
             # Peer gone or over its high-water mark: a slow producer must not stall others.
             self.stats.dropped += 1
+
+
+def refuse_live_ipc(endpoint: str) -> None:
+    """libzmq silently takes over an ipc:// path another process listens on; refuse instead.
+
+    A leftover socket file nobody listens on (a crashed pool) is fine: bind replaces it.
+    """
+    if not endpoint.startswith("ipc://"):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(endpoint[len("ipc://"):])
+    except OSError:
+        return  # no such file, or nobody listening
+    finally:
+        probe.close()
+    raise zmq.ZMQError(errno.EADDRINUSE, f"{endpoint} is in use by another process")
 
 
 def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:

@@ -306,3 +306,14 @@ def test_a_full_queue_answers_overloaded_at_once(models: dict[str, Path]) -> Non
         sock.close()
     finally:
         assert stop_pool(running) == 0
+
+
+def test_serve_reports_an_endpoint_it_cannot_bind(pool: RunningPool, models: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "serve", "--path", str(models["v1"]),
+         "--state-dir", str(tmp_path / "s"), "--bind", pool.endpoint],  # taken by `pool`
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "cannot listen on" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "s" / "serve.pid").exists()
