@@ -411,6 +411,20 @@ def promote(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False
 
 
 @app.command()
+def load(version: Annotated[str, typer.Argument(help="A registered version.")],
+         workers: Annotated[int | None, typer.Option(help="Workers (default: as many as the "
+                            "active version).", min=1)] = None,
+         state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
+    """Start a registered version beside the active one: it serves requests pinned to it, and
+    a later `pool rotate --version` to it only switches."""
+    control(state_dir, "load", as_json, version=version, workers=workers)
+    if as_json:
+        emit_json({"ok": True, "loading": version})
+    else:
+        out.print(f"loading {version}; `pool status` shows when its workers are ready")
+
+
+@app.command()
 def unload(version: Annotated[str, typer.Argument(help="A loaded, non-active version.")],
            state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
     """Stop a non-active version's workers (they drain first)."""

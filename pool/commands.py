@@ -27,6 +27,7 @@ class Commands:
             "rotation": self.rotation,
             "promote": self.promote,
             "rollback": self.rollback,
+            "load": self.load,
             "unload": self.unload,
             "versions": self.versions,
             "versions_add": self.versions_add,
@@ -124,6 +125,23 @@ class Commands:
         if not previous or srv.registry.version(previous) is None:
             raise ControlError("there is no previous version to roll back to")
         return {**self.rotate({**req, "version": previous, "path": None}), "kind": "rotate"}
+
+    def load(self, req: dict) -> dict:
+        """Start workers of a registered version beside the active one (pinned traffic)."""
+        srv = self.server
+        version = str(req.get("version") or "")
+        entry = srv.registry.version(version)
+        if entry is None:
+            raise ControlError(f"unknown version {version!r}: `pool versions add` it first")
+        if version in srv.supervisor.plans:
+            raise ControlError(f"{version} is already loaded")
+        try:
+            check_model_dir(entry["path"])
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+        srv.load_version(version, entry["path"], int(req.get("workers") or
+                                                     srv.settings.workers))
+        return {"loading": version}
 
     def unload(self, req: dict) -> dict:
         srv = self.server

@@ -128,14 +128,20 @@ class RotationController:
         source = self.broker.active
         if target == source:
             raise RotationError(f"{target} is already the active version")
-        if self.supervisor.has_workers(target):
-            raise RotationError(f"{target} already has workers; unload it first")
+        plan = self.supervisor.plans.get(target)
+        loaded = plan is not None and plan.path == path and not plan.retired and not plan.failed
+        if self.supervisor.has_workers(target) and not loaded:
+            raise RotationError(f"{target} still has workers from another path; wait or unload")
         if canary is not None and not 0 < canary < 100:
             raise RotationError("--canary is a percentage between 0 and 100")
         if strategy not in ("surge", "rolling", "auto"):
             raise RotationError(f"unknown strategy {strategy!r}: surge, rolling or auto")
         strategy_reason = f"{strategy} requested"
-        if strategy == "auto":
+        if loaded:
+            # Already serving pinned traffic (`pool load`, auto-load): it only needs the
+            # switch, the seed's switch_version. No second set of memory is needed.
+            strategy, strategy_reason = "surge", f"{target} is already loaded"
+        elif strategy == "auto":
             strategy, strategy_reason = self._choose_strategy(source, workers)
         if canary is not None and strategy == "rolling":
             raise RotationError("a canary runs both versions side by side: use --strategy surge")
@@ -151,7 +157,8 @@ class RotationController:
         log.info("rotation %d: %s -> %s (%s, %d workers%s)", rot.id, source, target, strategy,
                  workers, f", canary {canary}%" if canary is not None else "")
         self._enter(rot, Phase.SPAWNING)
-        self.supervisor.want(target, path, 0, expect)  # workers are added by the steps below
+        if not loaded:
+            self.supervisor.want(target, path, 0, expect)  # the steps below add workers
         return rot
 
     def promote(self) -> Rotation:

@@ -93,18 +93,18 @@ class PoolServer:
         self.registry.set_active(s.version)
         self.registry.log("serve", version=s.version, path=s.path, workers=s.workers)
         self.registry.save()
-        self._load_version(s.version, s.path)
+        self.load_version(s.version, s.path)
         self.broker.set_active(s.version)
         log.info("listening on %s (control %s), %d worker(s) of %s loading from %s",
                  self.broker.frontend_endpoint, s.control_endpoint, s.workers, s.version, s.path)
         for entry in self.registry.listing():
             if entry["auto_load"] and entry["version"] != s.version:
                 log.info("auto-loading %s from %s", entry["version"], entry["path"])
-                self._load_version(entry["version"], entry["path"])
+                self.load_version(entry["version"], entry["path"])
 
-    def _load_version(self, version: str, path: str) -> None:
+    def load_version(self, version: str, path: str, workers: int | None = None) -> None:
         entry = self.registry.version(version) or {}
-        self.supervisor.want(version, path, self.settings.workers,
+        self.supervisor.want(version, path, workers or self.settings.workers,
                              Expectation.from_dict(entry.get("expect")))
         self.broker.open_lane(version)  # requests queue while the workers load
 

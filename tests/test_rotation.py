@@ -313,3 +313,26 @@ def test_a_hung_old_worker_is_escalated_reaped_and_its_requests_rerun(
     assert_scores_match_versions(load, reference)
     events = [e for e in pool.status()["events"] if e.get("pid") == frozen]
     assert events[-1]["event"] == "exited" and events[-1]["exit_code"] == -signal.SIGKILL
+
+
+def test_load_beside_then_rotate_only_switches(pool_factory, models: dict[str, Path]) -> None:
+    pool = pool_factory(models["v1"])
+    assert run_cli("versions", "add", "v2", "--path", str(models["v2"]), env=pool.env
+                   ).returncode == 0
+    loaded = run_cli("load", "v2", "--json", env=pool.env)
+    assert loaded.returncode == 0, loaded.stderr
+    pool.process.wait_ready(pool.endpoint, workers=2, version="v2", timeout=60)
+    with Client(pool.endpoint) as client:
+        assert client.similarity([("a", "b")], version="v2").version == "v2"
+        assert client.similarity([("a", "b")]).version == "v1"
+    again = run_cli("load", "v2", "--json", env=pool.env)
+    assert again.returncode == 1 and "already loaded" in again.stdout
+    load = Load(pool.endpoint, in_flight=32).start()
+    code, reply = rotate(pool, "--version", "v2")
+    load.stop()
+    assert code == 0, reply
+    rot = reply["rotation"]
+    assert "already loaded" in rot["strategy_reason"]
+    assert rot["timings"]["loading"] < 1.0 and rot["timings"]["health_check"] < 1.0
+    assert load.errors() == [] and load.lost == 0
+    assert {w["version"] for w in pool.status()["workers"]} == {"v2"}
