@@ -233,6 +233,8 @@ class Broker:
             self._reply_error(req.envelope, req.request_id, p.WORKER_FAILED, msg)
             return
         if self._queued >= self.max_queue:
+            self.dispatch()  # free worker credit first: the bound is on what has to wait
+        if self._queued >= self.max_queue:
             self._reply_error(
                 req.envelope,
                 req.request_id,
