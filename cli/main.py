@@ -18,6 +18,7 @@ from rich.table import Table
 from pool import config as c
 from pool.control import ControlError, PoolNotRunning, control_request
 from router.client import Client, ZeroPoolError, verdict
+from router.protocol import ENDPOINT_ENV
 
 app = typer.Typer(
     help="zeropool: a multiprocess embedding / similarity pool with zero-downtime rotation.",
@@ -29,7 +30,7 @@ DEFAULT_STATE_DIR = c.default_state_dir()
 ROTATION_POLL_S = 0.2
 err = Console(stderr=True)
 
-EndpointOpt = Annotated[str, typer.Option("--endpoint", "-e", envvar=c.ENDPOINT_ENV,
+EndpointOpt = Annotated[str, typer.Option("--endpoint", "-e", envvar=ENDPOINT_ENV,
                                           help="Pool frontend to connect to.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 StateDirOpt = Annotated[Path, typer.Option("--state-dir", envvar=c.STATE_ENV,

@@ -53,7 +53,9 @@ class Commands:
             "versions": {
                 name: {"path": plan.path, "workers_wanted": plan.workers,
                        "workers_ready": sup.count(name, "ready"), "failed": plan.failed,
-                       "restarts": plan.restarts, "serving": name in b.lanes}
+                       "restarts": plan.restarts, "serving": name in b.lanes,
+                       "served": b.lanes[name].served if name in b.lanes else None,
+                       "errors": b.lanes[name].errors if name in b.lanes else None}
                 for name, plan in sup.plans.items()
             },
             "workers": sup.worker_rows(),

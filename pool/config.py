@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from router.protocol import DEFAULT_ENDPOINT, ENDPOINT_ENV
+from router.protocol import DEFAULT_ENDPOINT
 
 DEFAULT_BIND = DEFAULT_ENDPOINT
 DEFAULT_VERSION = "v1"
@@ -33,10 +33,6 @@ def default_state_dir() -> Path:
         return Path(os.environ[STATE_ENV])
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "zeropool"
-
-
-def default_endpoint() -> str:
-    return os.environ.get(ENDPOINT_ENV, DEFAULT_BIND)
 
 
 def embedded_model_path() -> Path:

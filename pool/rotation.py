@@ -114,7 +114,6 @@ class RotationController:
         self.broker = broker
         self.registry = registry
         self.current: Rotation | None = None
-        self.history: list[Rotation] = []
         self._ids = 0
 
     # -- operator verbs ----------------------------------------------------------------------
@@ -150,7 +149,6 @@ class RotationController:
                        canary / 100 if canary is not None else None,
                        strategy_reason=strategy_reason)
         self.current = rot
-        self.history.append(rot)
         self.registry.log("rotation_started", rotation=rot.id, target=target, source=source,
                           strategy=strategy, canary=rot.canary)
         self.registry.save()
