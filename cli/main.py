@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import time
@@ -81,19 +80,34 @@ def serve(
                              min=0.01)] = c.DEFAULT_QUEUE_TIMEOUT_S,
     model: Annotated[str, typer.Option(help="transformer | echo (no model: transport only).")]
         = "transformer",
+    max_pairs: Annotated[int, typer.Option(help="Pairs (or embed texts) per request; beyond: "
+                         "too_large.", min=1)] = c.DEFAULT_MAX_PAIRS,
+    max_text_chars: Annotated[int, typer.Option(help="Characters per text; beyond: too_large.",
+                              min=1)] = c.DEFAULT_MAX_TEXT_CHARS,
+    max_message_bytes: Annotated[int, typer.Option(help="Largest frontend message (ZMQ "
+                                 "MAXMSGSIZE); a bigger one drops the sender's connection.",
+                                 min=1024)] = c.DEFAULT_MAX_MESSAGE_BYTES,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this "
+                            "HTTP port (0: any free port).", min=0, max=65535)] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address of the metrics endpoint.")]
+        = c.DEFAULT_METRICS_HOST,
     log_json: Annotated[bool, typer.Option("--log-json", "--json",
-                        help="Log JSON lines on stderr.")] = False,
+                        help="Log JSON lines (stderr and the log file).")] = False,
 ) -> None:
     """Start a pool: router + supervisor in this process, N worker processes."""
+    from pool.logs import setup_logging
     from pool.server import StartupError
     from pool.server import serve as run_server
 
-    setup_logging(log_json)
     try:
-        settings = build_settings(path, version, workers, bind, state_dir, device, dtype,
-                                  max_batch, max_wait_ms, threads, max_queue, queue_timeout, model)
+        settings = build_settings(
+            path, version, workers, bind, state_dir, device, dtype, max_batch, max_wait_ms,
+            threads, max_queue, queue_timeout, model, max_pairs=max_pairs,
+            max_text_chars=max_text_chars, max_message_bytes=max_message_bytes,
+            metrics_port=metrics_port, metrics_host=metrics_host)
     except ValueError as exc:
         fail(str(exc), False, exit_code=2)
+    setup_logging(log_json, Path(state_dir) / c.LOG_FILE)
     try:
         code = run_server(settings)
     except StartupError as exc:
@@ -104,7 +118,8 @@ def serve(
 def build_settings(path: str | None, version: str | None, workers: int | None, bind: str,
                    state_dir: Path, device: str, dtype: str, max_batch: int, max_wait_ms: float,
                    threads: int | None, max_queue: int, queue_timeout: float,
-                   model: str) -> c.PoolSettings:
+                   model: str, **limits: Any) -> c.PoolSettings:
+    """Resolve defaults (registry, embedded model, devices); `limits` pass through as is."""
     from pool.registry import Registry
 
     if path is None:
@@ -125,23 +140,8 @@ def build_settings(path: str | None, version: str | None, workers: int | None, b
         path=str(Path(path).resolve()), version=version, workers=n, bind=bind,
         state_dir=state_dir, devices=devices, dtype=dtype, max_batch=max_batch,
         max_wait_ms=max_wait_ms, threads=threads or c.default_threads(devices, n),
-        max_queue=max_queue, queue_timeout_s=queue_timeout, model=model,
+        max_queue=max_queue, queue_timeout_s=queue_timeout, model=model, **limits,
     )
-
-
-def setup_logging(as_json: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if as_json:
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-
-
-class JsonLogFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return orjson.dumps({"t": record.created, "level": record.levelname,
-                             "logger": record.name, "message": record.getMessage()}).decode()
 
 
 # -- producer commands -------------------------------------------------------------------

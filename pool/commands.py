@@ -67,7 +67,10 @@ class Commands:
             "settings": {"workers": s.workers, "devices": s.devices, "dtype": s.dtype,
                          "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms,
                          "threads": s.threads, "max_queue": s.max_queue,
-                         "queue_timeout_s": s.queue_timeout_s},
+                         "queue_timeout_s": s.queue_timeout_s, "max_pairs": s.max_pairs,
+                         "max_text_chars": s.max_text_chars,
+                         "max_message_bytes": s.max_message_bytes,
+                         "metrics_port": s.metrics_port},
         }
 
     def rotation(self, _req: dict) -> dict:

@@ -14,6 +14,13 @@ DEFAULT_MAX_BATCH = 64  # pairs (or embed texts) per forward pass
 DEFAULT_MAX_WAIT_MS = 2.0  # how long a worker waits to fill a batch
 DEFAULT_MAX_QUEUE = 10_000  # requests waiting in the router before `overloaded`
 DEFAULT_QUEUE_TIMEOUT_S = 30.0  # queued longer than this: `timeout`
+DEFAULT_MAX_PAIRS = 1024  # pairs (or embed texts) in one request; beyond: `too_large`
+DEFAULT_MAX_TEXT_CHARS = 10_000  # characters in one text; beyond: `too_large`, never a cut
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # frontend ZMQ_MAXMSGSIZE: bigger drops the peer
+DEFAULT_METRICS_HOST = "127.0.0.1"
+LOG_FILE = "serve.log"  # in the state directory
+LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
+LOG_FILE_BACKUPS = 5
 CAPACITY_BATCHES = 2  # a worker holds this many batches: one computing, one waiting
 HEARTBEAT_S = 1.0
 HEARTBEAT_LIVENESS = 30  # heartbeats missed before a worker counts as hung
@@ -103,6 +110,11 @@ class PoolSettings:
     max_queue: int = DEFAULT_MAX_QUEUE
     queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S
     model: str = "transformer"
+    max_pairs: int = DEFAULT_MAX_PAIRS
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    metrics_port: int | None = None  # None: no Prometheus endpoint
+    metrics_host: str = DEFAULT_METRICS_HOST
 
     @property
     def control_endpoint(self) -> str:

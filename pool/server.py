@@ -48,6 +48,7 @@ class PoolServer:
                 self.ctx, settings.bind, settings.backend_endpoint,
                 max_queue=settings.max_queue, queue_timeout_s=settings.queue_timeout_s,
                 on_worker_ready=self._on_worker_ready,
+                max_message_bytes=settings.max_message_bytes,
             )
         except zmq.ZMQError as exc:
             self.ctx.destroy(linger=0)

@@ -42,6 +42,8 @@ class WorkerConfig:
     heartbeat_s: float
     parent_pid: int
     model: str = "transformer"  # "echo": no model, for measuring the transport alone
+    max_pairs: int = 1024
+    max_text_chars: int = 10_000
 
 
 @dataclass(slots=True)
