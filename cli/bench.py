@@ -397,7 +397,7 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
             if path:
                 args += ["--path", path]
             with console.status(f"starting a pool of {workers} workers..."):
-                pool = PoolProcess(args, own_state / "serve.log")
+                pool = PoolProcess(args, own_state / "console.log")
                 pool.wait_ready(endpoint, workers=workers, timeout=300)
             spec = replace(spec, endpoint=endpoint)
             if rotate_to and not rotate_path:

@@ -42,7 +42,7 @@ def run_demo(workers: int, path: str | None, plot: Path, as_json: bool) -> int:
     args = ["--workers", str(workers), "--bind", endpoint, "--state-dir", str(state_dir)]
     if path:
         args += ["--path", path]
-    pool = PoolProcess(args, state_dir / "serve.log")
+    pool = PoolProcess(args, state_dir / "console.log")
     report: dict = {}
     try:
         with console.status(f"starting a pool of {workers} workers on the embedded model..."):

@@ -225,30 +225,38 @@ def control(state_dir: Path, cmd: str, as_json: bool, **args: Any) -> dict:
 
 @app.command()
 def status(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
-    """The running pool: versions, workers, queue and request counts."""
+    """The running pool: versions, workers, queue, requests/s, last rotation, the machine."""
+    from cli.ops import print_status
+
     st = control(state_dir, "status", as_json)
     if as_json:
         emit_json(st)
-        return
-    req = st["requests"]
-    out.print(f"[bold]zeropool[/] pid {st['pid']} on {st['endpoint']}, {st['state']}, "
-              f"up {st['uptime_s']:.0f}s; active [bold]{st['active']}[/]"
-              + (f", canary {st['canary']['version']} {st['canary']['share']:.0%}"
-                 if st["canary"] else ""))
-    rot = st["rotation"]
-    if rot:
-        out.print(f"rotation {rot['id']} {rot['source']} -> {rot['target']} ({rot['strategy']}): "
-                  f"{rot['phase']}" + (f", reason: {rot['reason']}" if rot["reason"] else ""))
-    out.print(f"queue {st['queue_depth']}, in flight {st['inflight']}; requests ok {req['ok']}, "
-              f"errors {req['errors']} {req['errors_by_code'] or ''}, dropped {req['dropped']}")
-    table = Table("worker", "pid", "version", "device", "state", "in-flight", "served",
-                  "errors", "restarts", "heartbeat")
-    for w in st["workers"]:
-        beat = "-" if w["last_heartbeat_s"] is None else f"{w['last_heartbeat_s']:.1f}s ago"
-        table.add_row(w["id"], str(w["pid"]), w["version"], w["device"], w["state"],
-                      str(w["inflight"]), str(w["served"]), str(w["errors"]),
-                      str(w["restarts"]), beat)
-    out.print(table)
+    else:
+        print_status(out, st)
+
+
+@app.command()
+def health(
+    version: Annotated[str | None, typer.Option("--version", "-v", help="Judge this version "
+                       "alone (default: the pool).")] = None,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    timeout: TimeoutOpt = 5.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Health per version with reasons, and the machine. Exit 0 healthy, 1 degraded, 2 failed
+    (or not running): usable as a liveness / readiness probe."""
+    from cli.ops import print_health
+
+    try:
+        report = control_request(state_dir, "health", timeout_s=timeout, version=version)
+    except ControlError as exc:
+        fail(str(exc), as_json, "not_running" if isinstance(exc, PoolNotRunning) else "control",
+             exit_code=2)
+    if as_json:
+        emit_json(report)
+    else:
+        print_health(out, report)
+    raise typer.Exit(report["exit_code"])
 
 
 @app.command()
@@ -571,6 +579,76 @@ def read_json_file(path: Path, as_json: bool) -> Any:
         return orjson.loads(Path(path).read_bytes())
     except (OSError, orjson.JSONDecodeError) as exc:
         fail(f"cannot read {path}: {exc}", as_json, "bad_request", exit_code=2)
+
+
+# -- the web console ---------------------------------------------------------------------------
+
+UI_SCRIPT = Path(__file__).with_name("web.py")
+UI_EXTRA_MISSING = "pool ui needs the ui extra: pip install 'zeropool[ui]'"
+UI_STOP_GRACE_S = 10.0  # after SIGINT/SIGTERM, how long Streamlit may take before SIGKILL
+
+
+@app.command()
+def ui(
+    endpoint: EndpointOpt = c.DEFAULT_BIND,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    port: Annotated[int, typer.Option(help="HTTP port of the page.", min=1, max=65535)] = 8501,
+    host: Annotated[str, typer.Option(help="Address the page listens on.")] = "127.0.0.1",
+    as_json: JsonOpt = False,
+) -> None:
+    """The web console (Streamlit): similarity form, version operations and live status."""
+    import importlib.util
+
+    if importlib.util.find_spec("streamlit") is None:
+        fail(UI_EXTRA_MISSING, as_json, "missing_extra", exit_code=2)
+    url = f"http://{host}:{port}"
+    if as_json:
+        emit_json({"url": url})
+    else:
+        out.print(f"zeropool console on {url} (pool {endpoint}, state directory {state_dir}); "
+                  "Ctrl-C stops it")
+    sys.stdout.flush()
+    env = {**os.environ, ENDPOINT_ENV: endpoint, c.STATE_ENV: str(state_dir)}
+    raise typer.Exit(run_child(streamlit_command(port, host), env))
+
+
+def streamlit_command(port: int, host: str) -> list[str]:
+    return [sys.executable, "-m", "streamlit", "run", str(UI_SCRIPT),
+            "--server.headless", "true", "--server.port", str(port), "--server.address", host,
+            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+            "--client.toolbarMode", "viewer"]
+
+
+def run_child(command: list[str], env: dict[str, str]) -> int:
+    """Run `command` until it exits, forwarding SIGINT/SIGTERM to it; its exit code once reaped
+    (128 + N when signal N ended it). It is killed if it outlives a stop by UI_STOP_GRACE_S."""
+    import signal
+    import subprocess
+
+    child = subprocess.Popen(command, env=env)
+    stop_asked: list[float] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        stop_asked.append(time.monotonic())
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                code = child.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if stop_asked and time.monotonic() - stop_asked[0] > UI_STOP_GRACE_S:
+                    child.kill()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if child.poll() is None:  # leaving on an exception: never orphan the server
+            child.kill()
+            child.wait()
+    return code if code >= 0 else 128 - code
 
 
 def main() -> None:

@@ -6,8 +6,10 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from pool import config as c
 from pool.control import ControlError, Handler
-from pool.health import Expectation
+from pool.health import SEVERITY, Expectation, VersionFacts, assess_pool, assess_version
+from pool.metrics import POOL_FAULTS, RECENT_WINDOW_S
 from pool.registry import check_model_dir
 from pool.rotation import DEFAULT_DRAIN_TIMEOUT_S, RotationError
 
@@ -22,6 +24,7 @@ class Commands:
     def handlers(self) -> dict[str, Handler]:
         return {
             "status": self.status,
+            "health": self.health,
             "stop": self.stop,
             "rotate": self.rotate,
             "rotation": self.rotation,
@@ -50,6 +53,10 @@ class Commands:
             "canary": {"version": b.canary[0], "share": b.canary[1]} if b.canary else None,
             "queue_depth": b.queued,
             "inflight": b.inflight,
+            "requests_per_s": round(srv.metrics.recent.per_second(time.monotonic()), 1),
+            "metrics_url": srv.metrics_url,
+            "log_file": str(srv.state_dir / c.LOG_FILE),
+            "system": srv.system,
             "versions": {
                 name: {"path": plan.path, "workers_wanted": plan.workers,
                        "workers_ready": sup.count(name, "ready"), "failed": plan.failed,
@@ -72,6 +79,31 @@ class Commands:
                          "max_message_bytes": s.max_message_bytes,
                          "metrics_port": s.metrics_port},
         }
+
+    def health(self, req: dict) -> dict:
+        """Per-version healthy / degraded / failed with reasons, the pool's verdict, the machine."""
+        srv = self.server
+        sup = srv.supervisor
+        rows = sup.worker_rows()
+        now = time.monotonic()
+        versions = {}
+        for name, plan in sup.plans.items():
+            facts = VersionFacts(
+                version=name, workers_wanted=0 if plan.retired else plan.workers,
+                workers=[r for r in rows if r["version"] == name], failed=plan.failed,
+                ever_ready=plan.ever_ready,
+                recent_crashes=sum(1 for t in plan.crashes if now - t < RECENT_WINDOW_S),
+                replies_by_code=dict(srv.metrics.recent.by_code(name, now)),
+                golden=plan.golden, pool_faults=POOL_FAULTS)
+            versions[name] = assess_version(facts)
+        wanted = req.get("version")
+        if wanted and wanted not in versions:
+            raise ControlError(f"{wanted} is not loaded (loaded: {', '.join(versions)})")
+        pool = assess_pool(versions, srv.broker.active, srv.stopping_since is not None)
+        verdict = versions[wanted] if wanted else pool
+        return {"status": verdict["status"], "exit_code": SEVERITY[verdict["status"]],
+                "pool": pool, "active": srv.broker.active, "versions": versions,
+                "system": srv.system}
 
     def rotation(self, _req: dict) -> dict:
         return {"rotation": self.server.rotations.status()}

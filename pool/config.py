@@ -18,7 +18,7 @@ DEFAULT_MAX_PAIRS = 1024  # pairs (or embed texts) in one request; beyond: `too_
 DEFAULT_MAX_TEXT_CHARS = 10_000  # characters in one text; beyond: `too_large`, never a cut
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # frontend ZMQ_MAXMSGSIZE: bigger drops the peer
 DEFAULT_METRICS_HOST = "127.0.0.1"
-LOG_FILE = "serve.log"  # in the state directory
+LOG_FILE = "pool.log"  # in the state directory
 LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
 LOG_FILE_BACKUPS = 5
 CAPACITY_BATCHES = 2  # a worker holds this many batches: one computing, one waiting
@@ -32,6 +32,10 @@ RESPAWN_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 CRASH_LOOP_WINDOW_S = 60.0
 CRASH_LOOP_LIMIT = 5  # crashes of one slot within the window: stop respawning, report
 TICK_S = 0.1  # housekeeping period of the serve loop
+GOLDEN_RECHECK_S = 60.0  # one ready worker per version re-answers the golden probe this often
+# Upper bounds of the batch-size histogram (pairs or texts per forward pass); workers count
+# into these and report with heartbeats.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 STATE_ENV = "ZEROPOOL_STATE_DIR"
 
 

@@ -82,3 +82,79 @@ def judge_probe(status: bytes, body: bytes, expect: Expectation, dtype: str) -> 
             return (f"golden score of ({a!r}, {b!r}) is {got:.4f}, expected {want:.4f} "
                     f"± {tolerance}")
     return None
+
+
+# -- the health report (`pool health`) ----------------------------------------------------
+
+HEALTHY, DEGRADED, FAILED = "healthy", "degraded", "failed"
+SEVERITY = {HEALTHY: 0, DEGRADED: 1, FAILED: 2}  # also `pool health`'s exit status
+ERROR_RATE_DEGRADED = 0.05  # share of pool-fault replies over the recent window
+ERROR_RATE_MIN_REPLIES = 20  # fewer replies than this say nothing about a rate
+HEARTBEAT_STALE_S = 5.0  # a ready worker silent this long is suspect (killed at 30 s)
+
+
+@dataclass
+class VersionFacts:
+    """What the supervisor and router know about one version, as health reads it."""
+
+    version: str
+    workers_wanted: int
+    workers: list[dict]  # supervisor.worker_rows() of this version
+    failed: str | None
+    ever_ready: bool
+    recent_crashes: int
+    replies_by_code: dict[str, int]  # over the recent window
+    golden: dict | None
+    pool_faults: frozenset[str]
+
+
+def assess_version(f: VersionFacts) -> dict:
+    """healthy / degraded / failed with the reasons, for one version."""
+    failed: list[str] = []
+    degraded: list[str] = []
+    ready = [w for w in f.workers if w["state"] == "ready"]
+    if f.failed:
+        failed.append(f.failed)
+    elif f.workers_wanted and not ready:
+        (failed if f.ever_ready else degraded).append(
+            "no worker is ready" if f.ever_ready else "loading")
+    elif len(ready) < f.workers_wanted:
+        degraded.append(f"{len(ready)} of {f.workers_wanted} workers ready")
+    for w in ready:
+        silent = w.get("last_heartbeat_s")
+        if silent is not None and silent > HEARTBEAT_STALE_S:
+            degraded.append(f"worker {w['id']} silent for {silent:.0f}s")
+    if f.recent_crashes:
+        degraded.append(f"{f.recent_crashes} worker crash(es) in the last minute")
+    total = sum(f.replies_by_code.values())
+    faults = {k: n for k, n in f.replies_by_code.items() if k in f.pool_faults}
+    rate = sum(faults.values()) / total if total else 0.0
+    if total >= ERROR_RATE_MIN_REPLIES and rate > ERROR_RATE_DEGRADED:
+        detail = ", ".join(f"{k} {n}" for k, n in sorted(faults.items()))
+        degraded.append(f"error rate {rate:.0%} in the last minute ({detail})")
+    if f.golden is not None and not f.golden["ok"]:
+        failed.append(f"golden check failed on {f.golden['worker']}: {f.golden['reason']}")
+    status = FAILED if failed else DEGRADED if degraded else HEALTHY
+    return {"status": status, "reasons": failed + degraded,
+            "workers_ready": len(ready), "workers_wanted": f.workers_wanted,
+            "replies_last_minute": total, "error_rate": round(rate, 4), "golden": f.golden}
+
+
+def assess_pool(versions: dict[str, dict], active: str | None, stopping: bool) -> dict:
+    """The pool's health: the active version's, and at most degraded for the others."""
+    reasons: list[str] = []
+    worst = HEALTHY
+    if stopping:
+        worst = DEGRADED
+        reasons.append("the pool is stopping")
+    if active is None or active not in versions:
+        return {"status": FAILED, "reasons": [*reasons, "no version is active"]}
+    for name, report in versions.items():
+        status = report["status"]
+        if name != active and status == FAILED:
+            status = DEGRADED  # pinned traffic to it fails; unpinned traffic is served
+        if status != HEALTHY:
+            reasons += [f"{name}: {r}" for r in report["reasons"]]
+        if SEVERITY[status] > SEVERITY[worst]:
+            worst = status
+    return {"status": worst, "reasons": reasons}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -114,6 +115,7 @@ class RotationController:
         self.broker = broker
         self.registry = registry
         self.current: Rotation | None = None
+        self.on_finish: Callable[[Rotation], None] | None = None  # metrics
         self._ids = 0
 
     # -- operator verbs ----------------------------------------------------------------------
@@ -298,6 +300,8 @@ class RotationController:
                           source=rot.source, outcome=rot.outcome, reason=rot.reason,
                           strategy=rot.strategy, timings=rot.timings)
         self.registry.save()
+        if self.on_finish is not None:
+            self.on_finish(rot)
 
     def _enter(self, rot: Rotation, phase: Phase) -> None:
         now = time.monotonic()
@@ -305,7 +309,10 @@ class RotationController:
         if rot.phase != Phase.IDLE:
             rot.timings[rot.phase.value] = round(rot.timings.get(rot.phase.value, 0) + spent, 3)
         log.info("rotation %d: %s -> %s (%.3fs in %s)", rot.id, rot.phase.value, phase.value,
-                 spent, rot.phase.value)
+                 spent, rot.phase.value,
+                 extra={"event": "rotation_phase", "rotation": rot.id, "target": rot.target,
+                        "source": rot.source, "from_phase": rot.phase.value,
+                        "to_phase": phase.value, "seconds": round(spent, 3)})
         rot.phase, rot.phase_since = phase, now
 
     # -- rolling helpers ---------------------------------------------------------------------

@@ -21,9 +21,11 @@ from pool import config as c
 from pool.commands import Commands
 from pool.control import ControlServer
 from pool.health import Expectation
+from pool.metrics import REFRESH_S, PoolMetrics
 from pool.registry import Registry
 from pool.rotation import RotationController
 from pool.supervisor import Supervisor
+from pool.system import system_stats
 from router import protocol as p
 from router.broker import Broker
 
@@ -51,16 +53,39 @@ class PoolServer:
                 max_message_bytes=settings.max_message_bytes,
             )
         except zmq.ZMQError as exc:
-            self.ctx.destroy(linger=0)
-            (self.state_dir / PID_FILE).unlink(missing_ok=True)
+            self._abandon_start()
             raise StartupError(f"cannot listen on {settings.bind}: {exc}") from None
+        self.metrics = PoolMetrics()
+        self.metrics_url = self._serve_metrics()
+        self.broker.observer = self.metrics.on_reply
         self.supervisor = Supervisor(settings, self.broker)
         self.rotations = RotationController(self.supervisor, self.broker, self.registry)
+        self.rotations.on_finish = self.metrics.on_rotation_finished
+        self.system = system_stats()
         self.control = ControlServer(self.ctx, self.state_dir, Commands(self).handlers())
         self.started = time.time()
         self.stopping_since: float | None = None
         self.exit_code = 0
         self._signals: list[int] = []
+
+    def _serve_metrics(self) -> str | None:
+        s = self.settings
+        if s.metrics_port is None:
+            return None
+        try:
+            port = self.metrics.serve_http(s.metrics_host, s.metrics_port)
+        except OSError as exc:
+            self.broker.close()
+            self._abandon_start()
+            raise StartupError(f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: "
+                               f"{exc}") from None
+        url = f"http://{s.metrics_host}:{port}/metrics"
+        log.info("Prometheus metrics on %s", url)
+        return url
+
+    def _abandon_start(self) -> None:
+        self.ctx.destroy(linger=0)
+        (self.state_dir / PID_FILE).unlink(missing_ok=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -78,6 +103,7 @@ class PoolServer:
             signal.set_wakeup_fd(old_wakeup)
             self.supervisor.kill_everything()
             self.registry.save()
+            self.metrics.close()
             self.control.close()
             self.broker.close()
             self.ctx.term()
@@ -85,6 +111,8 @@ class PoolServer:
             wake_w.close()
             for name in ("control.sock", "backend.sock", PID_FILE):
                 (self.state_dir / name).unlink(missing_ok=True)
+            if self.settings.bind.startswith("ipc://"):
+                Path(self.settings.bind[len("ipc://"):]).unlink(missing_ok=True)
         return self.exit_code
 
     def _start_active_version(self) -> None:
@@ -117,7 +145,7 @@ class PoolServer:
         poller.register(wake_r, zmq.POLLIN)
         backend, frontend, control = self.broker.backend, self.broker.frontend, self.control.sock
         tick_ms = int(c.TICK_S * 1000)
-        next_tick = 0.0
+        next_tick = next_refresh = 0.0
         while True:
             events = dict(poller.poll(tick_ms))
             if backend in events:
@@ -141,6 +169,10 @@ class PoolServer:
                 self._check_failed_versions()
                 if self.stopping_since is not None and self._shutdown_step(now):
                     return
+            if now >= next_refresh:
+                next_refresh = now + REFRESH_S
+                self.system = system_stats()
+                self.metrics.refresh(self.broker, self.supervisor, self.system)
 
     def _queue_signal(self, signum: int, _frame: Any) -> None:
         self._signals.append(signum)

@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 
@@ -49,6 +49,10 @@ class VersionPlan:
     ever_ready: bool = False
     failed: str | None = None  # why this version cannot serve, once it is known
     retired: bool = False  # forget the plan once its last worker has exited
+    # The last golden check (at load, then every GOLDEN_RECHECK_S on one ready worker).
+    golden: dict | None = None
+    golden_due: float = 0.0
+    golden_pending: bool = False
 
 
 @dataclass
@@ -67,6 +71,7 @@ class WorkerProc:
     term_at: float | None = None  # when SIGTERM was sent
     info: dict = field(default_factory=dict)
     restarts: int = 0
+    checked_at: float = 0.0  # last golden re-check (monotonic)
 
     @property
     def live(self) -> bool:
@@ -81,6 +86,7 @@ class Supervisor:
         self.plans: dict[str, VersionPlan] = {}
         self.procs: dict[str, WorkerProc] = {}
         self.events: deque[dict] = deque(maxlen=200)
+        self.restarts_total: Counter[str] = Counter()  # by version, for the life of the pool
         self._mp = multiprocessing.get_context("spawn")
         self._counter = 0
 
@@ -130,10 +136,7 @@ class Supervisor:
         plan = self.plans.get(proc.version)
         if plan is None:
             return
-        if proc.info.get("dim") == 0:
-            problem = None  # the echo model has no scores to judge
-        else:
-            problem = judge_probe(status, body, plan.expect, proc.info.get("dtype", ""))
+        problem = self._judge(plan, proc, status, body)
         if problem is not None:
             self._record("health_check_failed", proc, reason=problem)
             log.error("worker %s failed its health check: %s", proc.wid, problem)
@@ -148,6 +151,49 @@ class Supervisor:
         log.info("worker %s ready (version %s, pid %s, %s, %ss to load)", proc.wid,
                  proc.version, proc.pid, proc.info.get("device"), proc.info.get("load_seconds"))
 
+    def _judge(self, plan: VersionPlan, proc: WorkerProc, status: bytes,
+               body: bytes) -> str | None:
+        """Why a probe reply disqualifies the worker (None: it passes); records the result."""
+        if proc.info.get("dim") == 0:
+            problem = None  # the echo model has no scores to judge
+        else:
+            problem = judge_probe(status, body, plan.expect, proc.info.get("dtype", ""))
+        plan.golden = {"ok": problem is None, "reason": problem, "worker": proc.wid,
+                       "at": time.time()}
+        plan.golden_due = time.monotonic() + c.GOLDEN_RECHECK_S
+        return problem
+
+    def _recheck_golden(self, now: float) -> None:
+        """Every GOLDEN_RECHECK_S, one ready worker per version answers the golden probe again.
+
+        A failure is reported (health: failed), not acted on: the scores a version gives are
+        the operator's call, and killing workers over them could take the pool down.
+        """
+        for plan in self.plans.values():
+            if plan.golden_pending or now < plan.golden_due:
+                continue
+            ready = [w for w in self.procs.values() if w.version == plan.version
+                     and w.state == READY]
+            if not ready:
+                continue
+            proc = min(ready, key=lambda w: w.checked_at)
+            proc.checked_at = now
+            plan.golden_pending = True
+            self.broker.probe(proc.wid.encode(), p.OP_SIMILARITY, probe_body(plan.expect),
+                              lambda status, body, plan=plan, proc=proc:
+                              self._on_recheck(plan, proc, status, body))
+
+    def _on_recheck(self, plan: VersionPlan, proc: WorkerProc, status: bytes,
+                    body: bytes) -> None:
+        plan.golden_pending = False
+        if status != p.STATUS_OK and (proc.wid not in self.procs or proc.state != READY):
+            plan.golden_due = 0.0  # the worker went away meanwhile: ask another one
+            return
+        problem = self._judge(plan, proc, status, body)
+        if problem is not None:
+            log.error("golden re-check of %s on worker %s failed: %s", plan.version, proc.wid,
+                      problem)
+
     # -- the tick ----------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
@@ -156,6 +202,7 @@ class Supervisor:
         self._manage_workers(now)
         self._finish_drains(now)
         self._escalate_stops(now)
+        self._recheck_golden(now)
 
     def _reap(self, now: float) -> None:
         for proc in list(self.procs.values()):
@@ -295,6 +342,7 @@ class Supervisor:
         while plan.crashes and now - plan.crashes[0] > c.CRASH_LOOP_WINDOW_S:
             plan.crashes.popleft()
         plan.restarts += 1
+        self.restarts_total[plan.version] += 1
         backoff = c.RESPAWN_BACKOFF_S[min(len(plan.crashes), len(c.RESPAWN_BACKOFF_S)) - 1]
         plan.backoff_until = now + backoff
         if not plan.ever_ready:

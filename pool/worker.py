@@ -7,6 +7,7 @@ per request. A request that fails gets an error reply; the worker lives on.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import logging
@@ -20,6 +21,7 @@ from typing import Any
 import orjson
 import zmq
 
+from pool import config as c
 from router import protocol as p
 
 log = logging.getLogger("zeropool.worker")
@@ -111,8 +113,12 @@ class WorkerLoop:
         self.last_batch = 0  # requests in the previous batch: is there concurrent load?
         self.encoder: Any = None
         # Reported with every heartbeat: how well batching and dedupe work.
-        self.stats = {"batches": 0, "requests": 0, "texts": 0, "unique_texts": 0,
-                      "failed_batches": 0}
+        self.stats: dict[str, Any] = {
+            "batches": 0, "requests": 0, "texts": 0, "unique_texts": 0, "failed_batches": 0,
+            "batch_items": 0,  # pairs or texts, summed over batches
+            # per bucket of c.BATCH_SIZE_BUCKETS, plus one for larger batches
+            "batch_size_counts": [0] * (len(c.BATCH_SIZE_BUCKETS) + 1),
+        }
 
     def run(self) -> None:
         info = self._load()
@@ -242,6 +248,9 @@ class WorkerLoop:
         self.stats["requests"] += len(jobs)
         self.stats["texts"] += sum(len(job.texts) for job in jobs)
         self.stats["unique_texts"] += len(unique)
+        items = sum(job.size for job in jobs)
+        self.stats["batch_items"] += items
+        self.stats["batch_size_counts"][bisect.bisect_left(c.BATCH_SIZE_BUCKETS, items)] += 1
 
     def _reply(self, seq: bytes, body: dict) -> None:
         raw = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)

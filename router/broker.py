@@ -26,6 +26,7 @@ from router import protocol as p
 DRAIN_BURST = 256
 # A request re-dispatched this many times after worker crashes fails with worker_failed.
 MAX_ATTEMPTS = 3
+OK = "ok"  # the tally's code for a successful reply
 NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE_NOBLOCK = int(zmq.SNDMORE) | NOBLOCK
 
@@ -86,6 +87,9 @@ class BrokerStats:
 
 
 ReadyCallback = Callable[[bytes, dict], None]
+# Called once per reply sent to a producer: (version or "", op or b"", "ok" or the error code,
+# seconds since the request arrived or None when it never queued). Metrics and health hang here.
+ReplyObserver = Callable[[str, bytes, str, float | None], None]
 
 
 class Broker:
@@ -123,6 +127,7 @@ class Broker:
         self.canary: tuple[str, float] | None = None
         self.accepting = True
         self.stats = BrokerStats()
+        self.observer: ReplyObserver | None = None
         self._seq = 0
         self._queued = 0
         self._rng = random.Random()
@@ -209,12 +214,12 @@ class Broker:
         if err.request_id is None:
             self.stats.dropped += 1
             return
-        self._count_error(err.code)
-        self._send_front(p.error_frames(err.envelope, err.request_id, err.code, err.message))
+        self._reply_error(err.envelope, err.request_id, err.code, err.message)
+        self._tally("", b"", err.code, None)
 
     def _accept(self, req: p.Request) -> None:
         if not self.accepting:
-            self._reply_error(req.envelope, req.request_id, p.SHUTTING_DOWN, "pool is stopping")
+            self._refuse(req, "", p.SHUTTING_DOWN, "pool is stopping")
             return
         version = self.route_version(req.version)
         if version is None:
@@ -222,25 +227,20 @@ class Broker:
                 msg = f"version {req.version!r} is not serving"
             else:
                 msg = "no version is serving"
-            self._reply_error(req.envelope, req.request_id, p.UNKNOWN_VERSION, msg)
+            self._refuse(req, "", p.UNKNOWN_VERSION, msg)  # any string: not a metric label
             return
         if req.op == p.OP_PING:
             self._answer_ping(req, version)
             return
         failed = self.lanes[version].failed
         if failed:
-            msg = f"{version} cannot serve: {failed}"
-            self._reply_error(req.envelope, req.request_id, p.WORKER_FAILED, msg)
+            self._refuse(req, version, p.WORKER_FAILED, f"{version} cannot serve: {failed}")
             return
         if self._queued >= self.max_queue:
             self.dispatch()  # free worker credit first: the bound is on what has to wait
         if self._queued >= self.max_queue:
-            self._reply_error(
-                req.envelope,
-                req.request_id,
-                p.OVERLOADED,
-                f"queue full ({self.max_queue} requests waiting); retry later",
-            )
+            self._refuse(req, version, p.OVERLOADED,
+                         f"queue full ({self.max_queue} requests waiting); retry later")
             return
         now = time.monotonic()
         pending = Pending(req.envelope, req.request_id, req.op, req.body, version,
@@ -252,7 +252,7 @@ class Broker:
         ready = sum(1 for w in self.workers.values() if w.version == version and w.routable)
         body = orjson.dumps({"version": version, "workers": ready})
         self._send_front(p.reply_frames(req.envelope, req.request_id, p.STATUS_OK, body))
-        self.stats.replied_ok += 1
+        self._tally(version, req.op, OK, None)
 
     # -- backend -------------------------------------------------------------------------
 
@@ -292,15 +292,16 @@ class Broker:
         self._send_front(p.reply_frames(pending.envelope, pending.request_id, status, body))
         lane = self.lanes.get(worker.version)
         if status == p.STATUS_OK:
+            code = OK
             worker.served += 1
-            self.stats.replied_ok += 1
             if lane is not None:
                 lane.served += 1
         else:
+            code = orjson.loads(body).get("code", p.INTERNAL)
             worker.errors += 1
             if lane is not None:
                 lane.errors += 1
-            self._count_error(orjson.loads(body).get("code", p.INTERNAL))
+        self._tally(worker.version, pending.op, code, time.monotonic() - pending.enqueued)
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -436,14 +437,24 @@ class Broker:
 
     def _fail(self, pending: Pending, code: str, message: str) -> None:
         self._reply_error(pending.envelope, pending.request_id, code, message)
+        self._tally(pending.version, pending.op, code, time.monotonic() - pending.enqueued)
+
+    def _refuse(self, req: p.Request, version: str, code: str, message: str) -> None:
+        """Answer a request that never queued."""
+        self._reply_error(req.envelope, req.request_id, code, message)
+        self._tally(version, req.op, code, None)
 
     def _reply_error(self, envelope: list[bytes], request_id: bytes, code: str, msg: str) -> None:
-        self._count_error(code)
         self._send_front(p.error_frames(envelope, request_id, code, msg))
 
-    def _count_error(self, code: str) -> None:
-        self.stats.replied_error += 1
-        self.stats.errors_by_code[code] = self.stats.errors_by_code.get(code, 0) + 1
+    def _tally(self, version: str, op: bytes, code: str, seconds: float | None) -> None:
+        if code == OK:
+            self.stats.replied_ok += 1
+        else:
+            self.stats.replied_error += 1
+            self.stats.errors_by_code[code] = self.stats.errors_by_code.get(code, 0) + 1
+        if self.observer is not None:
+            self.observer(version, op, code, seconds)
 
     def _send_front(self, frames: list[bytes]) -> None:
         try:

@@ -3,7 +3,8 @@
 Frontend request:  [b"ZP1", request_id, op, version, body]
 Frontend reply:    [b"ZP1", request_id, status, body]
 
-The router reads frames only; bodies stay opaque bytes until a worker decodes them.
+The router reads frames only; bodies stay opaque bytes until a worker decodes them. The one
+exception is ping, which the router answers itself: its (tiny) body is checked here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ PROTOCOL = b"ZP1"
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 ENDPOINT_ENV = "ZEROPOOL_ENDPOINT"  # where clients connect when no endpoint is given
 MAX_REQUEST_ID = 64
+MAX_PING_BODY = 1024  # bytes; a ping body is `{}` or `{"timeout_ms": n}`
 
 OP_SIMILARITY = b"similarity"
 OP_EMBED = b"embed"
@@ -81,33 +83,62 @@ def parse_request(frames: list[bytes]) -> Request | FrameError:
 
     frames[0] is the peer identity added by the ROUTER. A REQ peer (or a DEALER imitating
     one) puts an empty delimiter before the protocol tag; it is echoed back in the envelope.
+    Whenever a request_id is readable (frame 1 after the envelope, 1 to 64 bytes) the error
+    carries it and gets a reply; otherwise the message is dropped (request_id None).
     """
     if not frames:
         return FrameError([], None, BAD_REQUEST, "empty message")
     split = 2 if len(frames) > 1 and frames[1] == b"" else 1
     envelope, rest = frames[:split], frames[split:]
-    request_id = rest[1] if len(rest) >= 2 and 0 < len(rest[1]) <= MAX_REQUEST_ID else None
-    if len(rest) < 2 or request_id is None:
-        return FrameError(envelope, None, BAD_REQUEST, "no readable request_id")
+    if len(rest) < 2:
+        return FrameError(envelope, None, BAD_REQUEST, "no request_id frame")
+    request_id = rest[1]
+    if not 0 < len(request_id) <= MAX_REQUEST_ID:
+        return FrameError(envelope, None, BAD_REQUEST,
+                          f"request_id of {len(request_id)} bytes; must be 1 to {MAX_REQUEST_ID}")
+
+    def bad(message: str) -> FrameError:
+        return FrameError(envelope, request_id, BAD_REQUEST, message)
+
     if rest[0] != PROTOCOL:
-        return FrameError(
-            envelope, request_id, BAD_REQUEST, f"protocol tag must be {PROTOCOL.decode()}"
-        )
+        return bad(f"protocol tag must be {PROTOCOL.decode()}, got {rest[0][:16]!r}")
     if len(rest) != 5:
-        return FrameError(
-            envelope,
-            request_id,
-            BAD_REQUEST,
-            f"expected 5 frames [ZP1, request_id, op, version, body], got {len(rest)}",
-        )
+        return bad(f"expected 5 frames [ZP1, request_id, op, version, body], got {len(rest)}")
     op = rest[2]
     if op not in OPS:
-        return FrameError(envelope, request_id, BAD_REQUEST, f"unknown op {op[:32]!r}")
+        return bad(f"unknown op {op[:32]!r}; expected similarity, embed or ping")
     try:
         version = rest[3].decode("utf-8")
     except UnicodeDecodeError:
-        return FrameError(envelope, request_id, BAD_REQUEST, "version is not UTF-8")
-    return Request(envelope, request_id, op, version, rest[4])
+        return bad("version is not UTF-8")
+    body = rest[4]
+    if not body:
+        return bad("body is empty; expected a JSON object ({} for ping)")
+    if op == OP_PING:
+        problem = ping_body_problem(body)
+        if problem is not None:
+            return bad(problem)
+    return Request(envelope, request_id, op, version, body)
+
+
+def ping_body_problem(body: bytes) -> str | None:
+    """What is wrong with a ping body (the router answers ping without a worker), or None."""
+    if len(body) > MAX_PING_BODY:
+        return f"ping body of {len(body)} bytes; expected {{}} (at most {MAX_PING_BODY} bytes)"
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return f"body is not UTF-8 JSON: {exc}"
+    if not isinstance(doc, dict):
+        return "body must be a JSON object"
+    return timeout_ms_problem(doc.get("timeout_ms"))
+
+
+def timeout_ms_problem(value: object) -> str | None:
+    """The optional `timeout_ms` of any body: absent (None) or a positive integer."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return None
+    return "timeout_ms must be a positive integer"
 
 
 def error_body(code: str, message: str) -> bytes:

@@ -138,7 +138,7 @@ def start_pool(path: Path | None, *extra: str, workers: int = 2, version: str | 
         args += ["--path", str(path)]
     if version is not None:
         args += ["--version", version]
-    process = PoolProcess(args, state_dir / "serve.log")
+    process = PoolProcess(args, state_dir / "console.log")
     pool = RunningPool(process, state_dir, endpoint)
     if wait:
         process.wait_ready(endpoint, workers=workers, timeout=120)

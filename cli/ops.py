@@ -1,0 +1,92 @@
+"""How `pool status` and `pool health` look on a terminal (the JSON is the control reply)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+STATUS_STYLE = {"healthy": "green", "degraded": "yellow", "failed": "red"}
+MIB = 1024 * 1024
+
+
+def print_status(out: Console, st: dict[str, Any]) -> None:
+    canary = st.get("canary")
+    out.print(f"[bold]zeropool[/] pid {st['pid']} on {st['endpoint']}, {st['state']}, "
+              f"up {duration(st['uptime_s'])}; active [bold]{st['active']}[/]"
+              + (f", canary {canary['version']} {canary['share']:.0%}" if canary else ""))
+    req = st["requests"]
+    errors = ", ".join(f"{k} {n}" for k, n in sorted(req["errors_by_code"].items()))
+    out.print(f"{st.get('requests_per_s', 0):.1f} requests/s (last 10 s); queue "
+              f"{st['queue_depth']}, in flight {st['inflight']}; since start: ok {req['ok']}, "
+              f"errors {req['errors']}" + (f" ({errors})" if errors else "")
+              + f", dropped {req['dropped']}")
+    print_rotation(out, st.get("rotation"))
+    if st.get("system"):
+        out.print(system_line(st["system"]))
+    if st.get("metrics_url"):
+        out.print(f"metrics {st['metrics_url']}; log {st.get('log_file')}")
+    # Worker ids are in --json; the pid names a worker for an operator.
+    table = Table("pid", "version", "device", "state", "in flight", "served", "errors",
+                  "restarts", "heartbeat", "RSS", "GPU mem")
+    for w in st["workers"]:
+        beat = "-" if w["last_heartbeat_s"] is None else f"{w['last_heartbeat_s']:.1f}s"
+        gpu = w.get("gpu_memory_bytes") or 0
+        table.add_row(str(w["pid"]), w["version"], w["device"], w["state"],
+                      str(w["inflight"]), str(w["served"]), str(w["errors"]),
+                      str(w["restarts"]), beat, f"{w['rss_bytes'] / MIB:.0f} MiB",
+                      f"{gpu / MIB:.0f} MiB" if gpu else "-")
+    out.print(table)
+
+
+def print_rotation(out: Console, rot: dict[str, Any] | None) -> None:
+    if not rot:
+        out.print("no rotation since start")
+        return
+    state = rot["outcome"] or rot["phase"]
+    timings = ", ".join(f"{phase} {seconds:.2f}s" for phase, seconds in rot["timings"].items())
+    out.print(f"last rotation {rot['id']}: {rot['source']} -> {rot['target']} "
+              f"({rot['strategy']}) [bold]{state}[/]"
+              + (f", reason: {rot['reason']}" if rot["reason"] else "")
+              + (f"; {timings}" if timings else ""))
+
+
+def system_line(system: dict[str, Any]) -> str:
+    line = (f"machine: CPU {system['cpu_percent']:.0f}% of {system['cpu_count']} cores, "
+            f"memory {system['memory_percent']:.0f}% "
+            f"({system['memory_used_bytes'] / MIB:,.0f} of "
+            f"{system['memory_total_bytes'] / MIB:,.0f} MiB)")
+    gpus = [f"GPU {g['index']} {g['name']}: load {g['load_percent']:.0f}%, "
+            f"{g['memory_used_bytes'] / MIB:,.0f} of {g['memory_total_bytes'] / MIB:,.0f} MiB"
+            for g in system["gpus"]]
+    return "; ".join([line, *gpus]) if gpus else f"{line}; no GPU ({system['gpu_error']})"
+
+
+def print_health(out: Console, report: dict[str, Any]) -> None:
+    status = report["status"]
+    out.print(f"[bold {STATUS_STYLE[status]}]{status}[/] (active {report['active']})")
+    for reason in report["pool"]["reasons"]:
+        out.print(f"  - {reason}")
+    table = Table("version", "health", "workers", "replies/min", "errors", "golden check",
+                  "reasons")
+    for name, v in report["versions"].items():
+        golden = v.get("golden")
+        check = "-" if golden is None else "passed" if golden["ok"] else "[red]failed[/]"
+        table.add_row(name, f"[{STATUS_STYLE[v['status']]}]{v['status']}[/]",
+                      f"{v['workers_ready']}/{v['workers_wanted']}",
+                      str(v["replies_last_minute"]), f"{v['error_rate']:.1%}", check,
+                      "; ".join(v["reasons"]) or "-")
+    out.print(table)
+    out.print(system_line(report["system"]))
+
+
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s" if minutes else f"{secs}s"

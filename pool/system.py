@@ -1,0 +1,63 @@
+"""Machine figures for status, health and metrics: psutil for CPU and memory, NVML for GPUs.
+
+A machine without GPUs, without a driver or without the NVML library is reported as such
+(`gpus: []` plus `gpu_error`), never raised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psutil
+
+
+def system_stats() -> dict[str, Any]:
+    """CPU %, memory, and per-GPU load and memory.
+
+    cpu_percent is measured since the previous call (psutil keeps the last sample), so the
+    server calls this on a steady tick and the first figure after start-up is 0.0.
+    """
+    memory = psutil.virtual_memory()
+    gpus, gpu_error = gpu_stats()
+    return {
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "cpu_count": psutil.cpu_count() or 0,
+        "load_average": list(psutil.getloadavg()),
+        "memory_percent": memory.percent,
+        "memory_used_bytes": memory.total - memory.available,
+        "memory_total_bytes": memory.total,
+        "gpus": gpus,
+        "gpu_error": gpu_error,
+    }
+
+
+def gpu_stats() -> tuple[list[dict[str, Any]], str | None]:
+    """(one dict per GPU, None) or ([], why there are none)."""
+    try:
+        import pynvml
+    except ImportError:
+        return [], "nvidia-ml-py is not installed"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return [], f"no NVIDIA driver: {exc}"
+    try:
+        return [_one_gpu(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount())], None
+    except pynvml.NVMLError as exc:
+        return [], f"NVML: {exc}"
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _one_gpu(pynvml: Any, index: int) -> dict[str, Any]:
+    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+    name = pynvml.nvmlDeviceGetName(handle)
+    return {
+        "index": index,
+        "name": name.decode() if isinstance(name, bytes) else name,
+        "load_percent": float(util.gpu),
+        "memory_used_bytes": int(memory.used),
+        "memory_total_bytes": int(memory.total),
+    }

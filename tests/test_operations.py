@@ -1,0 +1,256 @@
+"""Operations on a live pool: status and health JSON, Prometheus metrics over HTTP, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
+
+from pool import config as c
+from pool.health import (
+    DEGRADED,
+    FAILED,
+    HEALTHY,
+    VersionFacts,
+    assess_pool,
+    assess_version,
+)
+from pool.metrics import POOL_FAULTS, BatchTotals, RecentReplies
+from router import protocol as p
+from router.client import Client, UnknownVersion
+from tests.conftest import RunningPool, run_cli
+
+PAIR = ("今天天气真好", "今日阳光明媚")
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 60.0, what: str = "") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what or condition}")
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the exposition, keyed by (name, sorted labels)."""
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def health(pool: RunningPool, *args: str) -> tuple[int, dict]:
+    done = run_cli("health", "--json", *args, env=pool.env)
+    return done.returncode, json.loads(done.stdout)
+
+
+def send_bad_bodies(endpoint: str, n: int) -> None:
+    """Well-framed requests whose bodies a worker rejects (bad_request, version v1)."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        for i in range(n):
+            sock.send_multipart([b"", p.PROTOCOL, f"bad-{i}".encode(), p.OP_SIMILARITY, b"",
+                                 b"{not json"])
+        for _ in range(n):
+            assert sock.poll(30_000), "no reply to a bad body"
+            frames = sock.recv_multipart()
+            assert frames[3] == p.STATUS_ERROR
+    finally:
+        sock.close()
+
+
+@pytest.mark.slow
+def test_status_metrics_and_json_logs_on_a_live_pool(pool_factory, models: dict[str, Path]
+                                                     ) -> None:
+    pool = pool_factory(models["v1"], "--metrics-port", "0", "--log-json")
+    before = pool.status()["requests"]  # start-up pings
+    with Client(pool.endpoint, timeout=30) as client:
+        for _ in range(30):
+            client.similarity([PAIR])
+        for _ in range(10):
+            client.embed(["今天天气真好"])
+        for _ in range(5):
+            with pytest.raises(UnknownVersion):
+                client.similarity([PAIR], version="nope")
+    send_bad_bodies(pool.endpoint, 5)
+    time.sleep(2.5)  # a heartbeat and a metrics refresh
+
+    st = pool.status()
+    for key in ("uptime_s", "active", "canary", "queue_depth", "requests_per_s", "rotation",
+                "workers", "system", "metrics_url", "log_file", "versions", "requests"):
+        assert key in st, key
+    assert st["active"] == "v1" and st["requests_per_s"] > 0
+    assert st["requests"]["ok"] - before["ok"] == 40
+    assert st["requests"]["errors_by_code"] == {"unknown_version": 5, "bad_request": 5}
+    assert len(st["workers"]) == 2
+    for w in st["workers"]:
+        assert w["state"] == "ready" and w["device"] == "cpu" and w["rss_bytes"] > 0
+        for key in ("pid", "version", "inflight", "served", "errors", "restarts",
+                    "last_heartbeat_s", "gpu_memory_bytes"):
+            assert key in w, key
+    assert {"cpu_percent", "memory_percent", "gpus", "gpu_error"} <= set(st["system"])
+
+    m = scrape(st["metrics_url"])
+    assert sample(m, "zeropool_requests_total", version="v1", op="similarity",
+                  status="ok") == 30
+    assert sample(m, "zeropool_requests_total", version="v1", op="embed", status="ok") == 10
+    assert sample(m, "zeropool_requests_total", version="none", op="similarity",
+                  status="unknown_version") == 5
+    assert sample(m, "zeropool_requests_total", version="v1", op="similarity",
+                  status="bad_request") == 5
+    assert sample(m, "zeropool_request_duration_seconds_count", version="v1",
+                  op="similarity") == 35
+    assert sample(m, "zeropool_workers", version="v1", state="ready") == 2
+    assert sample(m, "zeropool_queue_depth", version="v1") == 0
+    assert sample(m, "zeropool_batch_size_count", version="v1") >= 1
+    # 40 answered requests of one item each, plus the health probes' pairs
+    assert sample(m, "zeropool_batch_size_sum", version="v1") >= 40
+    assert ("zeropool_system_memory_total_bytes", ()) in m
+
+    done = run_cli("rotate", "--version", "v2", "--path", str(models["v2"]), "--json",
+                   env=pool.env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    m = scrape(st["metrics_url"])
+    assert sample(m, "zeropool_rotations_total", outcome="done") == 1
+    assert sample(m, "zeropool_rotation_phase_seconds_count", phase="draining") == 1
+    wait_for(lambda: sample(scrape(st["metrics_url"]), "zeropool_workers", version="v2",
+                            state="ready") == 2, what="v2 workers in the metrics")
+
+    records = [json.loads(line) for line in Path(st["log_file"]).read_text().splitlines()]
+    phases = [r for r in records if r.get("event") == "rotation_phase"]
+    assert [r["to_phase"] for r in phases][-1] == "done"
+    assert all(isinstance(r["seconds"], float | int) for r in phases)
+
+
+@pytest.mark.slow
+def test_health_exit_codes_follow_killed_workers_and_failed_versions(
+        pool_factory, models: dict[str, Path], tmp_path: Path) -> None:
+    pool = pool_factory(models["v1"])
+    code, report = health(pool)
+    assert (code, report["status"]) == (0, HEALTHY), report
+    assert report["versions"]["v1"]["golden"]["ok"]
+    assert {"cpu_percent", "gpus"} <= set(report["system"])
+
+    os.kill(pool.worker_pids()[0], signal.SIGKILL)
+    code, report = wait_for(lambda: (r := health(pool))[0] == 1 and r, what="degraded")
+    assert report["status"] == DEGRADED
+    assert any("crash" in reason for reason in report["versions"]["v1"]["reasons"])
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in models["v2"].iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"garbage" * 100)
+    assert run_cli("versions", "add", "bad", "--path", str(broken), env=pool.env).returncode == 0
+    assert run_cli("load", "bad", env=pool.env).returncode == 0
+    code, report = wait_for(lambda: (r := health(pool, "--version", "bad"))[0] == 2 and r,
+                            what="bad version failed")
+    assert report["versions"]["bad"]["status"] == FAILED
+    code, report = health(pool)
+    assert code == 1, report  # the active version serves: the pool is degraded, not failed
+    assert any(reason.startswith("bad:") for reason in report["pool"]["reasons"])
+
+    code, report = health(pool, "--version", "v9")
+    assert code == 2 and "v9 is not loaded" in report["error"]["message"]
+
+    assert run_cli("stop", env=pool.env).returncode == 0
+    pool.process.proc.wait(timeout=60)
+    code, report = health(pool)
+    assert code == 2 and report["error"]["code"] == "not_running"
+
+
+def test_metrics_port_in_use_is_a_clear_startup_error(models: dict[str, Path], tmp_path: Path
+                                                      ) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        state = Path(f"/tmp/zp-metrics-{os.getpid()}")
+        done = run_cli("serve", "--path", str(models["v1"]), "--workers", "1",
+                       "--bind", f"ipc://{state}/front.sock", "--state-dir", str(state),
+                       "--metrics-port", str(port), env=dict(os.environ), timeout=120)
+    assert done.returncode == 2
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in done.stderr
+    assert not (state / "serve.pid").exists()
+
+
+# -- the judgement, without processes ----------------------------------------------------------
+
+
+def facts(**overrides: object) -> VersionFacts:
+    ready = {"id": "v1-0-1", "state": "ready", "last_heartbeat_s": 0.5}
+    base: dict = {"version": "v1", "workers_wanted": 2, "workers": [ready, {**ready,
+                  "id": "v1-1-2"}], "failed": None, "ever_ready": True, "recent_crashes": 0,
+                  "replies_by_code": {"ok": 100}, "golden": {"ok": True}, "pool_faults":
+                  POOL_FAULTS}
+    return VersionFacts(**{**base, **overrides})
+
+
+@pytest.mark.parametrize(("overrides", "status", "reason"), [
+    ({}, HEALTHY, None),
+    ({"workers": []}, FAILED, "no worker is ready"),
+    ({"workers": [], "ever_ready": False}, DEGRADED, "loading"),
+    ({"failed": "crash loop"}, FAILED, "crash loop"),
+    ({"recent_crashes": 1}, DEGRADED, "crash"),
+    ({"replies_by_code": {"ok": 90, "internal": 10}}, DEGRADED, "error rate 10%"),
+    ({"replies_by_code": {"ok": 90, "bad_request": 10}}, HEALTHY, None),  # producers' fault
+    ({"replies_by_code": {"ok": 1, "timeout": 2}}, HEALTHY, None),  # too few to judge
+    ({"golden": {"ok": False, "worker": "v1-0-1", "reason": "NaN"}}, FAILED, "golden"),
+])
+def test_version_health_rules(overrides: dict, status: str, reason: str | None) -> None:
+    report = assess_version(facts(**overrides))
+    assert report["status"] == status
+    if reason:
+        assert any(reason in r for r in report["reasons"]), report["reasons"]
+    else:
+        assert report["reasons"] == []
+
+
+def test_pool_health_is_the_active_versions_and_others_only_degrade_it() -> None:
+    healthy = assess_version(facts())
+    failed = assess_version(facts(failed="boom"))
+    assert assess_pool({"v1": healthy, "v2": failed}, "v1", False)["status"] == DEGRADED
+    assert assess_pool({"v1": failed, "v2": healthy}, "v1", False)["status"] == FAILED
+    assert assess_pool({"v1": healthy}, None, False)["status"] == FAILED
+    assert assess_pool({"v1": healthy}, "v1", True)["status"] == DEGRADED
+
+
+def test_batch_totals_keep_an_exited_workers_counts() -> None:
+    counts = [0] * (len(c.BATCH_SIZE_BUCKETS) + 1)
+    counts[3] = 5
+    row = {"id": "v1-0-1", "version": "v1",
+           "batching": {"batch_size_counts": counts, "batch_items": 40}}
+    totals = BatchTotals()
+    totals.update([row, {**row, "id": "v1-1-2"}])
+    totals.update([row])  # v1-1-2 exited
+    assert totals.totals()["v1"] == ([0, 0, 0, 10, *[0] * (len(counts) - 4)], 80)
+
+
+def test_recent_replies_rate_and_window() -> None:
+    recent = RecentReplies()
+    for second in range(100, 120):
+        for _ in range(3):
+            recent.add("v1", "ok", second + 0.5)
+    recent.add("v1", "internal", 119.5)
+    assert recent.per_second(120.0) == 3.1
+    assert recent.by_code("v1", 120.0) == {"ok": 60, "internal": 1}
+    assert recent.by_code("v1", 200.0) == {}
