@@ -16,6 +16,7 @@ from rich.table import Table
 
 from pool import config as c
 from pool.control import ControlError, PoolNotRunning, control_request
+from router.auth import CLIENT_KEY_ENV, SERVER_KEY_ENV, ClientKeys, KeyFileError
 from router.client import Client, ZeroPoolError, verdict
 from router.protocol import ENDPOINT_ENV
 
@@ -37,6 +38,10 @@ StateDirOpt = Annotated[Path, typer.Option("--state-dir", envvar=c.STATE_ENV,
 VersionOpt = Annotated[str | None, typer.Option("--version", "-v",
                                                 help="Pin the request to this version.")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for a reply.")]
+ServerKeyOpt = Annotated[Path | None, typer.Option(
+    "--server-key", envvar=SERVER_KEY_ENV, help="Curve: the pool's public key file.")]
+ClientKeyOpt = Annotated[Path | None, typer.Option(
+    "--client-key", envvar=CLIENT_KEY_ENV, help="Curve: this client's .key_secret file.")]
 
 
 def emit_json(data: Any) -> None:
@@ -91,6 +96,10 @@ def serve(
                             "HTTP port (0: any free port).", min=0, max=65535)] = None,
     metrics_host: Annotated[str, typer.Option(help="Address of the metrics endpoint.")]
         = c.DEFAULT_METRICS_HOST,
+    curve_secret_key: Annotated[Path | None, typer.Option(help="Curve on the frontend: the "
+                                "pool's .key_secret file (`pool keygen`).")] = None,
+    curve_allow: Annotated[Path | None, typer.Option(help="Curve: directory of allowed client "
+                           "public keys (*.key), re-read when it changes.")] = None,
     log_json: Annotated[bool, typer.Option("--log-json", "--json",
                         help="Log JSON lines (stderr and the log file).")] = False,
 ) -> None:
@@ -104,7 +113,8 @@ def serve(
             path, version, workers, bind, state_dir, device, dtype, max_batch, max_wait_ms,
             threads, max_queue, queue_timeout, model, max_pairs=max_pairs,
             max_text_chars=max_text_chars, max_message_bytes=max_message_bytes,
-            metrics_port=metrics_port, metrics_host=metrics_host)
+            metrics_port=metrics_port, metrics_host=metrics_host,
+            curve_secret_key=curve_secret_key, curve_allow=curve_allow)
     except ValueError as exc:
         fail(str(exc), False, exit_code=2)
     setup_logging(log_json, Path(state_dir) / c.LOG_FILE)
@@ -147,9 +157,24 @@ def build_settings(path: str | None, version: str | None, workers: int | None, b
 # -- producer commands -------------------------------------------------------------------
 
 
-def call_pool(endpoint: str, timeout: float, as_json: bool, call: Any) -> Any:
+def client_keys(server_key: Path | None, client_key: Path | None,
+                as_json: bool) -> ClientKeys | None:
+    """Curve keys from --server-key / --client-key: both or neither."""
+    if server_key is None and client_key is None:
+        return None
+    if server_key is None or client_key is None:
+        fail("Curve needs both --server-key (the pool's public key) and --client-key "
+             "(this client's secret key)", as_json, "usage", exit_code=2)
+    try:
+        return ClientKeys.from_files(server_key, client_key)
+    except KeyFileError as exc:
+        fail(str(exc), as_json, "usage", exit_code=2)
+
+
+def call_pool(endpoint: str, timeout: float, as_json: bool, call: Any,
+              keys: ClientKeys | None = None) -> Any:
     """One request through the Python client; a protocol error ends the command cleanly."""
-    with Client(endpoint, timeout=timeout) as client:
+    with Client(endpoint, timeout=timeout, curve=keys) as client:
         try:
             return call(client)
         except ZeroPoolError as exc:
@@ -163,11 +188,14 @@ def similarity(
     endpoint: EndpointOpt = c.DEFAULT_BIND,
     version: VersionOpt = None,
     timeout: TimeoutOpt = 30.0,
+    server_key: ServerKeyOpt = None,
+    client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score two sentences: cosine of mean-pooled embeddings, with the seed's verdict."""
     result = call_pool(endpoint, timeout, as_json,
-                       lambda client: client.similarity([(text_a, text_b)], version=version))
+                       lambda client: client.similarity([(text_a, text_b)], version=version),
+                       client_keys(server_key, client_key, as_json))
     score = result.scores[0]
     if as_json:
         emit_json({"ok": True, "score": score, "verdict": verdict(score),
@@ -183,11 +211,14 @@ def embed(
     endpoint: EndpointOpt = c.DEFAULT_BIND,
     version: VersionOpt = None,
     timeout: TimeoutOpt = 30.0,
+    server_key: ServerKeyOpt = None,
+    client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Normalised mean-pooled embeddings of TEXTS."""
     result = call_pool(endpoint, timeout, as_json,
-                       lambda client: client.embed(texts, version=version))
+                       lambda client: client.embed(texts, version=version),
+                       client_keys(server_key, client_key, as_json))
     if as_json:
         emit_json({"ok": True, "dim": result.dim, "version": result.version,
                    "embeddings": result.embeddings})
@@ -203,10 +234,13 @@ def ping(
     endpoint: EndpointOpt = c.DEFAULT_BIND,
     version: VersionOpt = None,
     timeout: TimeoutOpt = 5.0,
+    server_key: ServerKeyOpt = None,
+    client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Is the pool answering? Prints the version it routes to and its ready workers."""
-    result = call_pool(endpoint, timeout, as_json, lambda client: client.ping(version=version))
+    result = call_pool(endpoint, timeout, as_json, lambda client: client.ping(version=version),
+                       client_keys(server_key, client_key, as_json))
     if as_json:
         emit_json({"ok": True, "version": result.version, "workers": result.workers})
     else:
@@ -270,6 +304,28 @@ def stop(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -
 
 
 @app.command()
+def keygen(
+    directory: Annotated[Path, typer.Argument(help="Where to write NAME.key and "
+                         "NAME.key_secret.")],
+    name: Annotated[str, typer.Option(help="File name stem, e.g. server or a producer's "
+                    "name.")] = "server",
+    as_json: JsonOpt = False,
+) -> None:
+    """Make a Curve key pair: the pool's (--curve-secret-key) or a producer's (--client-key;
+    copy its public .key into the pool's --curve-allow directory)."""
+    from router.auth import create_keys
+
+    if (directory / f"{name}.key_secret").exists():
+        fail(f"{directory / name}.key_secret exists; not overwriting a key", as_json,
+             "usage", exit_code=2)
+    public, secret = create_keys(directory, name)
+    if as_json:
+        emit_json({"ok": True, "public": str(public), "secret": str(secret)})
+    else:
+        out.print(f"public key {public} (give it out)\nsecret key {secret} (mode 0600; keep it)")
+
+
+@app.command()
 def bench(
     endpoint: EndpointOpt = c.DEFAULT_BIND,
     spawn: Annotated[bool, typer.Option("--spawn", help="Start a pool of its own (stopped "
@@ -310,6 +366,8 @@ def bench(
                          "here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Draw throughput and latency over time "
                     "(PNG).")] = None,
+    server_key: ServerKeyOpt = None,
+    client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Load-test a pool from producer processes over raw protocol v1; report and plot."""
@@ -327,7 +385,8 @@ def bench(
     spec = LoadSpec(endpoint=endpoint, concurrency=concurrency,
                     duration_s=None if requests else duration, requests=requests,
                     pairs_per_request=pairs_per_request, text_chars=text_chars,
-                    version=version or "", seed=seed, producers=producers)
+                    version=version or "", seed=seed, producers=producers,
+                    curve=client_keys(server_key, client_key, as_json))
     console = Console(stderr=as_json)
     try:
         report = run_bench(spec, spawn=spawn, path=path, workers=workers, state_dir=state_dir,

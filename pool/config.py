@@ -119,6 +119,8 @@ class PoolSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     metrics_port: int | None = None  # None: no Prometheus endpoint
     metrics_host: str = DEFAULT_METRICS_HOST
+    curve_secret_key: Path | None = None  # the pool's .key_secret: Curve on the frontend
+    curve_allow: Path | None = None  # directory of allowed client public keys
 
     @property
     def control_endpoint(self) -> str:

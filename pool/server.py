@@ -27,6 +27,7 @@ from pool.rotation import RotationController
 from pool.supervisor import Supervisor
 from pool.system import system_stats
 from router import protocol as p
+from router.auth import CurveServer, KeyFileError, is_loopback
 from router.broker import Broker
 
 log = logging.getLogger("zeropool.server")
@@ -45,12 +46,13 @@ class PoolServer:
         self.state_dir = prepare_state_dir(settings.state_dir)
         self.registry = Registry(self.state_dir)
         self.ctx = zmq.Context()
+        self.curve = self._start_curve()
         try:
             self.broker = Broker(
                 self.ctx, settings.bind, settings.backend_endpoint,
                 max_queue=settings.max_queue, queue_timeout_s=settings.queue_timeout_s,
                 on_worker_ready=self._on_worker_ready,
-                max_message_bytes=settings.max_message_bytes,
+                max_message_bytes=settings.max_message_bytes, curve=self.curve,
             )
         except zmq.ZMQError as exc:
             self._abandon_start()
@@ -67,6 +69,20 @@ class PoolServer:
         self.stopping_since: float | None = None
         self.exit_code = 0
         self._signals: list[int] = []
+
+    def _start_curve(self) -> CurveServer | None:
+        s = self.settings
+        if s.curve_secret_key is None:
+            if not is_loopback(s.bind):
+                log.warning("!!! %s is reachable from other machines and Curve is off: anyone "
+                            "who can reach it can send requests. Use --curve-secret-key and "
+                            "--curve-allow (see `pool keygen`). !!!", s.bind)
+            return None
+        try:
+            return CurveServer(self.ctx, s.curve_secret_key, s.curve_allow)
+        except KeyFileError as exc:
+            self._abandon_start()
+            raise StartupError(str(exc)) from None
 
     def _serve_metrics(self) -> str | None:
         s = self.settings
@@ -106,6 +122,8 @@ class PoolServer:
             self.metrics.close()
             self.control.close()
             self.broker.close()
+            if self.curve is not None:
+                self.curve.close()
             self.ctx.term()
             wake_r.close()
             wake_w.close()
@@ -143,6 +161,9 @@ class PoolServer:
         poller.register(self.broker.frontend, zmq.POLLIN)
         poller.register(self.control.sock, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
+        zap = self.curve.zap_socket if self.curve is not None else None
+        if zap is not None:
+            poller.register(zap, zmq.POLLIN)
         backend, frontend, control = self.broker.backend, self.broker.frontend, self.control.sock
         tick_ms = int(c.TICK_S * 1000)
         next_tick = next_refresh = 0.0
@@ -154,6 +175,8 @@ class PoolServer:
                 self.broker.handle_frontend()
             if control in events:
                 self.control.handle()
+            if zap is not None and zap in events:
+                self.curve.handle_zap()  # type: ignore[union-attr]
             if wake_r.fileno() in events:
                 _drain_pipe(wake_r)
                 self._handle_signals()
@@ -173,6 +196,8 @@ class PoolServer:
                 next_refresh = now + REFRESH_S
                 self.system = system_stats()
                 self.metrics.refresh(self.broker, self.supervisor, self.system)
+                if self.curve is not None:
+                    self.curve.reload_if_changed()
 
     def _queue_signal(self, signum: int, _frame: Any) -> None:
         self._signals.append(signum)

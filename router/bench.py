@@ -19,6 +19,8 @@ import numpy as np
 import orjson
 import zmq
 
+from router.auth import ClientKeys
+
 PROGRESS_S = 0.5
 TAIL_TIMEOUT_S = 60.0  # after the run, how long producers wait for outstanding replies
 OK = "ok"
@@ -71,6 +73,7 @@ class LoadSpec:
     seed: int = 0
     producers: int = 2
     timeout_ms: int | None = None
+    curve: ClientKeys | None = None
 
 
 @dataclass
@@ -103,6 +106,8 @@ def _producer(index: int, spec: LoadSpec, share: int, quota: int | None, deadlin
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if spec.curve is not None:
+        spec.curve.apply(sock)
     sock.connect(spec.endpoint)
     sent_at: dict[bytes, int] = {}
     sent: list[float] = []

@@ -21,6 +21,7 @@ import orjson
 import zmq
 
 from router import protocol as p
+from router.auth import CurveServer
 
 # How many messages one readable event drains before yielding to the other sockets.
 DRAIN_BURST = 256
@@ -104,9 +105,12 @@ class Broker:
         on_worker_ready: ReadyCallback,
         frontend_hwm: int = 100_000,
         max_message_bytes: int = -1,
+        curve: CurveServer | None = None,
     ) -> None:
         refuse_live_ipc(frontend_endpoint)
         self.frontend = ctx.socket(zmq.ROUTER)
+        if curve is not None:
+            curve.apply(self.frontend)
         self.frontend.setsockopt(zmq.LINGER, 0)
         self.frontend.setsockopt(zmq.SNDHWM, frontend_hwm)
         self.frontend.setsockopt(zmq.RCVHWM, frontend_hwm)

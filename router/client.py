@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from router import protocol as p
+from router.auth import ClientKeys
 
 DEFAULT_ENDPOINT = os.environ.get(p.ENDPOINT_ENV, p.DEFAULT_ENDPOINT)
 DEFAULT_TIMEOUT_S = 30.0
@@ -163,12 +164,14 @@ class Client:
     """Blocking client. Not thread-safe (one socket); use one per thread or `AsyncClient`."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = DEFAULT_TIMEOUT_S,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, curve: ClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self._sock)
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
 
@@ -230,12 +233,15 @@ class AsyncClient:
     """asyncio client: any number of concurrent calls share one DEALER socket."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = DEFAULT_TIMEOUT_S,
-                 context: zmq.asyncio.Context | None = None) -> None:
+                 context: zmq.asyncio.Context | None = None,
+                 curve: ClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self._sock)
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
         self._pending: dict[bytes, tuple[bytes, asyncio.Future]] = {}
