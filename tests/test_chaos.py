@@ -1,0 +1,241 @@
+"""Chaos: floods beyond capacity, kill -9 of workers mid-rotation, kill -9 of the supervisor.
+
+`pytest -m chaos` runs these alone. ZEROPOOL_CHAOS_SECONDS (default 30) sets how long the
+flood lasts and how long the kill loops go on: set it to hours for a soak, e.g.
+`ZEROPOOL_CHAOS_SECONDS=3600 .venv/bin/pytest -m chaos`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import psutil
+import pytest
+import zmq
+
+from pool.control import control_request
+from router.client import Client
+from tests.conftest import SENTENCES, RunningPool, run_cli, start_pool, stop_pool
+from tests.loadgen import Load
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+CHAOS_SECONDS = float(os.environ.get("ZEROPOOL_CHAOS_SECONDS", "30"))
+FLOOD_FACTOR = 10
+ACCEPTED_UNDER_FLOOD = {"ok", "overloaded", "timeout"}
+
+
+def pool_rss(pool: RunningPool) -> int:
+    procs = [psutil.Process(pool.process.pid), *pool.children()]
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def capacity(endpoint: str, seconds: float = 3.0) -> float:
+    """Replies per second the pool sustains with 64 requests in flight."""
+    load = Load(endpoint, in_flight=64).start()
+    time.sleep(seconds)
+    load.stop()
+    assert not load.errors() and load.lost == 0
+    return len(load.replies) / seconds
+
+
+@dataclass
+class Flood:
+    """Open loop: sends at `rate` whatever comes back, and reads every reply."""
+
+    endpoint: str
+    rate: float
+    replies: dict[bytes, list[str]] = field(default_factory=dict)  # id -> codes received
+    sent: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Flood:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(180)
+        assert not self._thread.is_alive(), "the flood did not drain"
+
+    def _run(self) -> None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        started = time.monotonic()
+        drain_deadline = None
+        while True:
+            if not self._stop.is_set():
+                due = int((time.monotonic() - started) * self.rate) - self.sent
+                for _ in range(max(0, min(due, 1000))):
+                    if not self._send(sock):
+                        break
+            elif self.sent == len(self.replies):
+                break
+            else:
+                drain_deadline = drain_deadline or time.monotonic() + 120
+                if time.monotonic() > drain_deadline:
+                    break
+            while sock.poll(0 if not self._stop.is_set() else 100):
+                _, rid, status, body = sock.recv_multipart()
+                code = "ok" if status == b"ok" else orjson.loads(body)["code"]
+                self.replies.setdefault(rid, []).append(code)
+            if not self._stop.is_set():
+                time.sleep(0.005)
+        sock.close()
+
+    def _send(self, sock: zmq.Socket) -> bool:
+        n = self.sent
+        body = orjson.dumps({"pairs": [[SENTENCES[n % 8], SENTENCES[(n // 8 + 1) % 8]]]})
+        try:
+            sock.send_multipart([b"ZP1", n.to_bytes(8, "big"), b"similarity", b"", body],
+                                zmq.NOBLOCK)
+        except zmq.Again:
+            return False  # the pipe is full: that is the flood's own backpressure
+        self.sent += 1
+        return True
+
+    def codes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for codes in self.replies.values():
+            for code in codes:
+                out[code] = out.get(code, 0) + 1
+        return out
+
+
+def test_a_flood_at_ten_times_capacity_through_a_rotation(pool_factory,
+                                                           models: dict[str, Path]) -> None:
+    pool = pool_factory(models["v1"], "--max-queue", "256", "--queue-timeout", "2")
+    rate = FLOOD_FACTOR * capacity(pool.endpoint)
+    rss_before = pool_rss(pool)
+    flood = Flood(pool.endpoint, rate).start()
+    rss_peak = rss_before
+    deadline = time.monotonic() + CHAOS_SECONDS
+    rotated = False
+    while time.monotonic() < deadline:
+        if not rotated and time.monotonic() > deadline - CHAOS_SECONDS * 2 / 3:
+            done = run_cli("rotate", "--version", "v2", "--path", str(models["v2"]),
+                           "--no-wait", "--json", env=pool.env)
+            assert done.returncode == 0, done.stdout + done.stderr
+            rotated = True
+        time.sleep(1.0)
+        rss_peak = max(rss_peak, pool_rss(pool))
+    flood.stop()
+
+    assert flood.sent == len(flood.replies), f"{flood.sent - len(flood.replies)} unanswered"
+    twice = [rid for rid, codes in flood.replies.items() if len(codes) != 1]
+    assert not twice, f"{len(twice)} requests answered more than once"
+    codes = flood.codes()
+    assert set(codes) <= ACCEPTED_UNDER_FLOOD, codes
+    assert codes.get("overloaded", 0) > 0, f"the flood never exceeded capacity: {codes}"
+    assert codes.get("ok", 0) > 0
+    # The bounded queue and high-water marks bound memory; rotation adds a second set of
+    # workers for a while, which is what the allowance is for.
+    assert rss_peak < 2.5 * rss_before + 200 * 2**20, (rss_before, rss_peak)
+
+    rot = control_request(pool.state_dir, "rotation")["rotation"]
+    deadline = time.monotonic() + 120
+    while rot["outcome"] is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        rot = control_request(pool.state_dir, "rotation")["rotation"]
+    assert rot["outcome"] == "done", rot
+    started = time.monotonic()
+    with Client(pool.endpoint, timeout=10) as client:  # service resumes at once
+        assert client.similarity([("今天天气真好", "今日阳光明媚")]).version == "v2"
+    assert time.monotonic() - started < 5
+    assert pool.status()["queue_depth"] == 0
+
+
+def test_rotations_while_workers_are_killed_lose_nothing(pool_factory,
+                                                          models: dict[str, Path]) -> None:
+    pool = pool_factory(models["v1"])
+    rng = random.Random(7)
+    load = Load(pool.endpoint, in_flight=32).start()
+    deadline = time.monotonic() + CHAOS_SECONDS
+    target, rotations, kills = "v2", 0, 0
+    while time.monotonic() < deadline or rotations < 2:
+        done = run_cli("rotate", "--version", target, "--path", str(models[target]),
+                       "--no-wait", "--json", env=pool.env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        while True:
+            time.sleep(rng.uniform(0.2, 1.5))
+            rot = control_request(pool.state_dir, "rotation")["rotation"]
+            if rot["outcome"] is not None:
+                break
+            pids = [w["pid"] for w in pool.status()["workers"]]
+            if pids:
+                os.kill(rng.choice(pids), signal.SIGKILL)
+                kills += 1
+        rotations += 1
+        if rot["outcome"] == "done":
+            target = "v1" if target == "v2" else "v2"
+        # let the pool settle back to full strength before the next round
+        wait_until_full(pool, workers=2)
+    load.stop()
+
+    assert load.lost == 0
+    assert load.errors() == [], load.errors()[:3]
+    assert kills > 0
+    st = pool.status()
+    assert st["active"] in ("v1", "v2")
+    assert all(w["state"] == "ready" for w in st["workers"])
+    registry = json.loads((pool.state_dir / "versions.json").read_text())
+    assert registry["active"] == st["active"]
+
+
+def wait_until_full(pool: RunningPool, workers: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = pool.status()
+        ready = [w for w in st["workers"] if w["state"] == "ready"]
+        if len(ready) == workers and len(st["workers"]) == workers:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"the pool did not come back to {workers} ready workers")
+
+
+def test_supervisor_kill_9_mid_rotation_then_restart(models: dict[str, Path]) -> None:
+    rng = random.Random(11)
+    pool = start_pool(models["v1"], workers=1)
+    state_dir = pool.state_dir
+    deadline = time.monotonic() + CHAOS_SECONDS
+    target, rounds = "v2", 0
+    try:
+        while time.monotonic() < deadline or rounds < 2:
+            done = run_cli("rotate", "--version", target, "--path", str(models[target]),
+                           "--no-wait", "--json", env=pool.env)
+            assert done.returncode == 0, done.stdout + done.stderr
+            time.sleep(rng.uniform(0.0, 4.0))
+            workers = pool.children()
+            os.kill(pool.process.pid, signal.SIGKILL)
+            pool.process.proc.wait(10)
+            # The workers notice their parent is gone and exit on their own.
+            _, alive = psutil.wait_procs(workers, timeout=15)
+            assert not alive, f"orphans: {[p.pid for p in alive]}"
+            registry = json.loads((state_dir / "versions.json").read_text())
+            active = registry["active"]
+            assert Path(registry["versions"][active]["path"]).is_dir()
+            # A restart without --path serves what the registry says, stale files and all.
+            pool = start_pool(None, workers=1, state_dir=state_dir)
+            with Client(pool.endpoint, timeout=30) as client:
+                assert client.similarity([("今天天气真好", "今日阳光明媚")]).version == active
+            target = "v1" if active == "v2" else "v2"
+            rounds += 1
+    finally:
+        assert stop_pool(pool) == 0
