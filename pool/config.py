@@ -55,16 +55,9 @@ def embedded_model_path() -> Path:
 
 def visible_gpus() -> list[int]:
     """GPU indices via NVML, without importing torch or touching CUDA in the server."""
-    try:
-        import pynvml
+    from pool.system import gpu_stats
 
-        pynvml.nvmlInit()
-        try:
-            return list(range(pynvml.nvmlDeviceGetCount()))
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no driver, no library, no GPU: all mean "CPU"
-        return []
+    return [g["index"] for g in gpu_stats()[0]]
 
 
 def parse_devices(spec: str) -> list[str]:

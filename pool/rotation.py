@@ -33,6 +33,7 @@ from pool import config as c
 from pool.health import Expectation
 from pool.registry import Registry
 from pool.supervisor import CHECKING, DRAINING, LOADING, READY, STOPPING, Supervisor
+from pool.system import gpu_stats
 from router.broker import Broker
 
 log = logging.getLogger("zeropool.rotation")
@@ -117,6 +118,15 @@ class RotationController:
         self.current: Rotation | None = None
         self.on_finish: Callable[[Rotation], None] | None = None  # metrics
         self._ids = 0
+        # What each tick does in each phase. SWITCHING has no step (the switch is made on
+        # entry, at once); CANARY waits for `promote` or `rollback`.
+        self._steps: dict[Phase, Callable[[Rotation, float], None]] = {
+            Phase.SPAWNING: self._step_spawning,
+            Phase.LOADING: self._step_loading,
+            Phase.HEALTH_CHECK: self._step_health_check,
+            Phase.DRAINING: self._step_draining,
+            Phase.ROLLING_BACK: self._step_rolling_back,
+        }
 
     # -- operator verbs ----------------------------------------------------------------------
 
@@ -196,8 +206,9 @@ class RotationController:
             log.error("rotation %d: %s", rot.id, rot.reason)
             self._finish(rot, Phase.FAILED)
             return
-        handler = getattr(self, f"_step_{rot.phase.value}")
-        handler(rot, now)
+        handler = self._steps.get(rot.phase)
+        if handler is not None:
+            handler(rot, now)
 
     def _step_spawning(self, rot: Rotation, now: float) -> None:
         if rot.strategy == "rolling" and rot.source is not None:
@@ -217,12 +228,6 @@ class RotationController:
         if self.supervisor.count(rot.target, READY) >= self._first_round(rot):
             self._enter(rot, Phase.SWITCHING)
             self._switch(rot)
-
-    def _step_switching(self, rot: Rotation, now: float) -> None:
-        pass  # the switch is done on entry, in one step
-
-    def _step_canary(self, rot: Rotation, now: float) -> None:
-        pass  # waits for `promote` or `rollback`
 
     def _step_draining(self, rot: Rotation, now: float) -> None:
         if rot.strategy == "rolling" and rot.source is not None and not self._rolling_step(rot):
@@ -366,16 +371,7 @@ class RotationController:
 
 
 def _free_gpu_memory() -> int:
-    """The smallest free memory over the visible GPUs (NVML), 0 if unknown."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            count = pynvml.nvmlDeviceGetCount()
-            return min(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free
-                       for i in range(count))
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no NVML: treat as unknown, which picks rolling (the safe choice)
-        return 0
+    """The smallest free memory over the visible GPUs (NVML); 0 if unknown, which picks
+    rolling, the safe choice."""
+    gpus, _ = gpu_stats()
+    return min((g["memory_total_bytes"] - g["memory_used_bytes"] for g in gpus), default=0)
