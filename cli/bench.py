@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -17,7 +16,7 @@ from rich.live import Live
 from rich.table import Table
 
 from pool.control import ControlError, control_request
-from pool.launch import PoolProcess
+from pool.launch import PrivatePool
 from router.bench import (
     OK,
     LoadSpec,
@@ -385,24 +384,17 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
               as_json: bool, console: Console, baseline_s: float | None = None,
               baseline_threads: int = 1, rotate_strategy: str = "auto",
               model: str = "transformer", rotate_every: float | None = None) -> dict[str, Any]:
-    own_state: Path | None = None
-    pool: PoolProcess | None = None
+    pool: PrivatePool | None = None
     try:
         if spawn:
-            own_state = Path(tempfile.mkdtemp(prefix="zp-bench-"))
-            state_dir = own_state
-            endpoint = f"ipc://{own_state}/front.sock"
-            args = ["--workers", str(workers), "--bind", endpoint, "--state-dir", str(own_state),
-                    "--model", model]
-            if path:
-                args += ["--path", path]
+            pool = PrivatePool(workers, path, ("--model", model), prefix="zp-bench-")
+            state_dir = pool.state_dir
             with console.status(f"starting a pool of {workers} workers..."):
-                pool = PoolProcess(args, own_state / "console.log")
-                pool.wait_ready(endpoint, workers=workers, timeout=300)
-            spec = replace(spec, endpoint=endpoint)
+                pool.wait_ready()
+            spec = replace(spec, endpoint=pool.endpoint)
             if rotate_to and not rotate_path:
                 # Rotate to the same weights under another name: a rotation all the same.
-                rotate_path = active_model_path(own_state)
+                rotate_path = active_model_path(pool.state_dir)
         watch: RotationWatch | None = None
         soak: SoakWatch | None = None
         if rotate_at is not None and rotate_to:
@@ -428,7 +420,7 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
         if soak is not None:
             report["soak"] = soak_report(samples, soak, started)
         if model == "echo":
-            report["echo"] = compare_with_proxy(spec, workers, own_state or Path(
+            report["echo"] = compare_with_proxy(spec, workers, pool.state_dir if pool else Path(
                 tempfile.gettempdir()), report, console)
         if baseline_s:
             model = path or active_model_path(Path(state_dir or ""))
@@ -445,6 +437,4 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
         return report
     finally:
         if pool is not None:
-            pool.stop()
-        if own_state is not None:
-            shutil.rmtree(own_state, ignore_errors=True)
+            pool.close()

@@ -7,8 +7,6 @@ the after), print the report and its headline, save the plot, stop cleanly.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from rich.table import Table
 
 from cli.bench import run_bench
 from pool.control import control_request
-from pool.launch import PoolProcess
+from pool.launch import PrivatePool
 from router.bench import LoadSpec
 from router.client import Client, verdict
 
@@ -37,17 +35,13 @@ DEMO_IN_FLIGHT = 64
 
 def run_demo(workers: int, path: str | None, plot: Path, as_json: bool) -> int:
     console = Console(stderr=as_json)
-    state_dir = Path(tempfile.mkdtemp(prefix="zp-demo-"))
-    endpoint = f"ipc://{state_dir}/front.sock"
-    args = ["--workers", str(workers), "--bind", endpoint, "--state-dir", str(state_dir)]
-    if path:
-        args += ["--path", path]
-    pool = PoolProcess(args, state_dir / "console.log")
+    pool = PrivatePool(workers, path, prefix="zp-demo-")
+    state_dir, endpoint = pool.state_dir, pool.endpoint
     report: dict = {}
     try:
         with console.status(f"starting a pool of {workers} workers on the embedded model..."):
             started = time.monotonic()
-            pool.wait_ready(endpoint, workers=workers, timeout=300)
+            pool.wait_ready()
         report["ready_seconds"] = round(time.monotonic() - started, 2)
         console.print(f"pool ready in {report['ready_seconds']}s at {endpoint}")
         with Client(endpoint) as client:
@@ -63,8 +57,7 @@ def run_demo(workers: int, path: str | None, plot: Path, as_json: bool) -> int:
             plot_file=plot, as_json=as_json, console=console)
         console.print(headline(report["bench"]))
     finally:
-        report["exit_code"] = pool.stop()
-        shutil.rmtree(state_dir, ignore_errors=True)
+        report["exit_code"] = pool.close()
     console.print(f"pool stopped (exit code {report['exit_code']})")
     if as_json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,3 +70,28 @@ class PoolProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class PrivatePool:
+    """A throwaway pool in a fresh temporary state directory, on an ipc endpoint inside it
+    (the demo, `pool bench --spawn`). `close()` stops it and removes the directory."""
+
+    def __init__(self, workers: int, path: str | None = None, extra: tuple[str, ...] = (),
+                 prefix: str = "zp-") -> None:
+        self.workers = workers
+        self.state_dir = Path(tempfile.mkdtemp(prefix=prefix))
+        self.endpoint = f"ipc://{self.state_dir}/front.sock"
+        args = ["--workers", str(workers), "--bind", self.endpoint,
+                "--state-dir", str(self.state_dir), *extra]
+        if path:
+            args += ["--path", path]
+        self.process = PoolProcess(args, self.state_dir / "console.log")
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        self.process.wait_ready(self.endpoint, workers=self.workers, timeout=timeout)
+
+    def close(self) -> int:
+        try:
+            return self.process.stop()
+        finally:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
