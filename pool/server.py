@@ -256,6 +256,10 @@ def prepare_state_dir(state_dir: Path) -> Path:
     """Create the state directory 0700, refuse a second live pool, clear stale sockets."""
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
+    owner = state_dir.stat().st_uid
+    if owner != os.geteuid():
+        raise StartupError(f"{state_dir} belongs to uid {owner}, not to this user: its control "
+                           "socket would not be private; use a directory of your own")
     os.chmod(state_dir, 0o700)
     pid_file = state_dir / PID_FILE
     try:
