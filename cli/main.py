@@ -16,6 +16,7 @@ from rich.table import Table
 
 from pool import config as c
 from pool.control import ControlError, PoolNotRunning, control_request
+from pool.health import PROBE_MIN_PAIRS, PROBE_MIN_TEXT_CHARS
 from router.auth import CLIENT_KEY_ENV, SERVER_KEY_ENV, ClientKeys, KeyFileError
 from router.client import Client, ZeroPoolError, verdict
 from router.protocol import ENDPOINT_ENV
@@ -86,12 +87,14 @@ def serve(
     model: Annotated[str, typer.Option(help="transformer | echo (no model: transport only).")]
         = "transformer",
     max_pairs: Annotated[int, typer.Option(help="Pairs (or embed texts) per request; beyond: "
-                         "too_large.", min=1)] = c.DEFAULT_MAX_PAIRS,
+                         "too_large. At least the health probe's size.",
+                         min=PROBE_MIN_PAIRS)] = c.DEFAULT_MAX_PAIRS,
     max_text_chars: Annotated[int, typer.Option(help="Characters per text; beyond: too_large.",
-                              min=1)] = c.DEFAULT_MAX_TEXT_CHARS,
-    max_message_bytes: Annotated[int, typer.Option(help="Largest frontend message (ZMQ "
-                                 "MAXMSGSIZE); a bigger one drops the sender's connection.",
-                                 min=1024)] = c.DEFAULT_MAX_MESSAGE_BYTES,
+                              min=PROBE_MIN_TEXT_CHARS)] = c.DEFAULT_MAX_TEXT_CHARS,
+    max_message_bytes: Annotated[int, typer.Option(help="Largest frame of a frontend message "
+                                 "(ZMQ MAXMSGSIZE); a bigger one drops the sender's "
+                                 "connection, unanswered.", min=1024)]
+        = c.DEFAULT_MAX_MESSAGE_BYTES,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this "
                             "HTTP port (0: any free port).", min=0, max=65535)] = None,
     metrics_host: Annotated[str, typer.Option(help="Address of the metrics endpoint.")]

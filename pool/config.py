@@ -16,7 +16,8 @@ DEFAULT_MAX_QUEUE = 10_000  # requests waiting in the router before `overloaded`
 DEFAULT_QUEUE_TIMEOUT_S = 30.0  # queued longer than this: `timeout`
 DEFAULT_MAX_PAIRS = 1024  # pairs (or embed texts) in one request; beyond: `too_large`
 DEFAULT_MAX_TEXT_CHARS = 10_000  # characters in one text; beyond: `too_large`, never a cut
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # frontend ZMQ_MAXMSGSIZE: bigger drops the peer
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # frontend ZMQ_MAXMSGSIZE, per frame: bigger
+# drops the sender's connection
 DEFAULT_METRICS_HOST = "127.0.0.1"
 LOG_FILE = "pool.log"  # in the state directory
 LOG_FILE_MAX_BYTES = 10 * 1024 * 1024

@@ -19,6 +19,9 @@ GOLDEN_PAIRS: tuple[tuple[str, str], ...] = (
     ("这家餐厅的菜很好吃", "股票市场今天大跌"),
     ("The weather is lovely today", "It is sunny and warm outside"),
 )
+# The probe is a request like any other, so the pool's size limits must admit it.
+PROBE_MIN_PAIRS = 3 * len(GOLDEN_PAIRS)  # golden pairs + each golden text against itself
+PROBE_MIN_TEXT_CHARS = max(len(t) for pair in GOLDEN_PAIRS for t in pair)
 SELF_SIMILARITY_MIN = 0.99
 TOLERANCE_FP32 = 1e-3
 TOLERANCE_HALF = 0.02  # fp16 / bf16 weights move scores by up to ~1e-2

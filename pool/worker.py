@@ -44,8 +44,8 @@ class WorkerConfig:
     heartbeat_s: float
     parent_pid: int
     model: str = "transformer"  # "echo": no model, for measuring the transport alone
-    max_pairs: int = 1024
-    max_text_chars: int = 10_000
+    max_pairs: int = c.DEFAULT_MAX_PAIRS
+    max_text_chars: int = c.DEFAULT_MAX_TEXT_CHARS
 
 
 @dataclass(slots=True)
@@ -209,8 +209,9 @@ class WorkerLoop:
         if frames[0] != p.W_REQUEST:
             return None
         _, seq, op, body, enqueued_ns = frames
+        limits = Limits(self.cfg.max_pairs, self.cfg.max_text_chars)
         try:
-            job = decode_job(seq, op, body, int.from_bytes(enqueued_ns, "little"))
+            job = decode_job(seq, op, body, int.from_bytes(enqueued_ns, "little"), limits)
         except BadBody as exc:
             self._reply_error(seq, exc.code, str(exc))
             return None
@@ -260,8 +261,20 @@ class WorkerLoop:
         self.sock.send_multipart([p.W_REPLY, seq, p.STATUS_ERROR, p.error_body(code, message)])
 
 
-def decode_job(seq: bytes, op: bytes, body: bytes, enqueued_ns: int) -> Job:
-    """Validate a request body; raise BadBody with the protocol code on anything wrong."""
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits of one request (`pool serve --max-pairs`, `--max-text-chars`)."""
+
+    max_pairs: int = c.DEFAULT_MAX_PAIRS  # pairs per similarity request, texts per embed
+    max_text_chars: int = c.DEFAULT_MAX_TEXT_CHARS  # characters (code points) per text
+
+
+def decode_job(seq: bytes, op: bytes, body: bytes, enqueued_ns: int, limits: Limits) -> Job:
+    """Validate a request body; raise BadBody with the protocol code on anything wrong.
+
+    Over a limit is `too_large`, naming the item, its size, the limit and the flag that
+    raises it; nothing is ever cut to fit.
+    """
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -269,9 +282,10 @@ def decode_job(seq: bytes, op: bytes, body: bytes, enqueued_ns: int) -> Job:
     if not isinstance(doc, dict):
         raise BadBody(p.BAD_REQUEST, "body must be a JSON object")
     timeout_ms = doc.get("timeout_ms")
+    problem = p.timeout_ms_problem(timeout_ms)
+    if problem is not None:
+        raise BadBody(p.BAD_REQUEST, problem)
     if timeout_ms is not None:
-        if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms <= 0:
-            raise BadBody(p.BAD_REQUEST, "timeout_ms must be a positive integer")
         waited_ms = (time.monotonic_ns() - enqueued_ns) / 1e6
         if waited_ms > timeout_ms:
             raise BadBody(p.TIMEOUT, f"waited {waited_ms:.0f} ms, over timeout_ms={timeout_ms}")
@@ -279,22 +293,41 @@ def decode_job(seq: bytes, op: bytes, body: bytes, enqueued_ns: int) -> Job:
         pairs = doc.get("pairs")
         if not isinstance(pairs, list) or not pairs:
             raise BadBody(p.BAD_REQUEST, '"pairs" must be a non-empty list of [text, text]')
+        _check_count(len(pairs), "pairs", limits)
         texts: list[str] = []
         for i, pair in enumerate(pairs):
             if not (isinstance(pair, list) and len(pair) == 2
                     and isinstance(pair[0], str) and isinstance(pair[1], str)):
                 raise BadBody(p.BAD_REQUEST, f"pairs[{i}] must be a list of two strings")
+            _check_chars(pair[0], f"pairs[{i}][0]", limits)
+            _check_chars(pair[1], f"pairs[{i}][1]", limits)
             texts += pair
         return Job(seq, op, texts, len(pairs))
     if op == p.OP_EMBED:
         texts = doc.get("texts")
         if not isinstance(texts, list) or not texts:
             raise BadBody(p.BAD_REQUEST, '"texts" must be a non-empty list of strings')
+        _check_count(len(texts), "texts", limits)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise BadBody(p.BAD_REQUEST, f"texts[{i}] must be a string")
+            _check_chars(text, f"texts[{i}]", limits)
         return Job(seq, op, texts, len(texts))
     raise BadBody(p.BAD_REQUEST, f"op {op[:32]!r} is not served by workers")
+
+
+def _check_count(count: int, what: str, limits: Limits) -> None:
+    if count > limits.max_pairs:
+        raise BadBody(p.TOO_LARGE, f"{count} {what} in one request, over the limit of "
+                                   f"{limits.max_pairs}: split the request, or raise the limit "
+                                   "with `pool serve --max-pairs`")
+
+
+def _check_chars(text: str, where: str, limits: Limits) -> None:
+    if len(text) > limits.max_text_chars:
+        raise BadBody(p.TOO_LARGE, f"{where} has {len(text)} characters, over the limit of "
+                                   f"{limits.max_text_chars}: shorten it, or raise the limit "
+                                   "with `pool serve --max-text-chars`")
 
 
 def _release_cuda_cache() -> None:

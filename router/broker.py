@@ -115,6 +115,8 @@ class Broker:
         self.frontend.setsockopt(zmq.SNDHWM, frontend_hwm)
         self.frontend.setsockopt(zmq.RCVHWM, frontend_hwm)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        # A reply to a producer that has gone must count as dropped, not vanish as sent.
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.frontend.bind(frontend_endpoint)
         self.backend = ctx.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 0)
@@ -228,7 +230,7 @@ class Broker:
         version = self.route_version(req.version)
         if version is None:
             if req.version:
-                msg = f"version {req.version!r} is not serving"
+                msg = f"version {req.version[:64]!r} is not serving"
             else:
                 msg = "no version is serving"
             self._refuse(req, "", p.UNKNOWN_VERSION, msg)  # any string: not a metric label

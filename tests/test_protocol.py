@@ -46,9 +46,40 @@ def test_unknown_op_and_frame_count_are_bad_requests() -> None:
 
 def test_messages_without_a_readable_id_are_dropped() -> None:
     for frames in ([IDENT], [IDENT, b"ZP1"], [IDENT, b"ZP1", b"", b"ping", b"", b"{}"],
-                   [IDENT, b"ZP1", b"x" * 65, b"ping", b"", b"{}"], []):
+                   [IDENT, b"ZP1", b"x" * 65, b"ping", b"", b"{}"], [],
+                   [IDENT, b""], [IDENT, b"", b"ZP1"], [IDENT, b"", b"ZP1", b"", b"ping"]):
         err = p.parse_request(frames)
         assert isinstance(err, p.FrameError) and err.request_id is None
+
+
+def test_error_messages_say_what_is_wrong() -> None:
+    cases = {
+        (b"ZP9", b"r", b"ping", b"", b"{}"): "protocol tag must be ZP1, got b'ZP9'",
+        (b"ZP1", b"r", b"ping"): "expected 5 frames",
+        (b"ZP1", b"r", b"sing", b"", b"{}"): "unknown op b'sing'",
+        (b"ZP1", b"r", b"ping", b"\xff", b"{}"): "version is not UTF-8",
+    }
+    for frames, message in cases.items():
+        err = p.parse_request([IDENT, *frames])
+        assert isinstance(err, p.FrameError) and message in err.message
+
+
+def test_an_empty_body_is_a_bad_request_for_every_op() -> None:
+    for op in sorted(p.OPS):
+        err = p.parse_request([IDENT, b"ZP1", b"r", op, b"", b""])
+        assert isinstance(err, p.FrameError)
+        assert (err.request_id, err.code) == (b"r", p.BAD_REQUEST)
+        assert "body is empty" in err.message
+
+
+def test_the_router_checks_ping_bodies_since_it_answers_them() -> None:
+    for body in (b"{}", b'{"timeout_ms": 5}', b'{"anything": [1, 2]}'):
+        assert isinstance(p.parse_request([IDENT, b"ZP1", b"r", b"ping", b"", body]), p.Request)
+    for body in (b"nope", b"[]", b'"x"', b'{"timeout_ms": 0}', b'{"timeout_ms": true}',
+                 b"\xff{}", b"{}" + b" " * p.MAX_PING_BODY):
+        err = p.parse_request([IDENT, b"ZP1", b"r", b"ping", b"", body])
+        assert isinstance(err, p.FrameError), body
+        assert (err.request_id, err.code) == (b"r", p.BAD_REQUEST)
 
 
 def test_request_id_of_64_bytes_is_accepted() -> None:
