@@ -117,7 +117,7 @@ def serve(
             threads, max_queue, queue_timeout, model, max_pairs=max_pairs,
             max_text_chars=max_text_chars, max_message_bytes=max_message_bytes,
             metrics_port=metrics_port, metrics_host=metrics_host,
-            curve_secret_key=curve_secret_key, curve_allow=curve_allow)
+            curve_secret_key=curve_secret_key, curve_allow=curve_allow, log_json=log_json)
     except ValueError as exc:
         fail(str(exc), False, exit_code=2)
     setup_logging(log_json, Path(state_dir) / c.LOG_FILE)

@@ -53,7 +53,7 @@ class Commands:
             "canary": {"version": b.canary[0], "share": b.canary[1]} if b.canary else None,
             "queue_depth": b.queued,
             "inflight": b.inflight,
-            "requests_per_s": round(srv.metrics.recent.per_second(time.monotonic()), 1),
+            "requests_per_s": round(srv.metrics.recent.per_second(), 1),
             "metrics_url": srv.metrics_url,
             "log_file": str(srv.state_dir / c.LOG_FILE),
             "system": srv.system,
@@ -93,7 +93,7 @@ class Commands:
                 workers=[r for r in rows if r["version"] == name], failed=plan.failed,
                 ever_ready=plan.ever_ready,
                 recent_crashes=sum(1 for t in plan.crashes if now - t < RECENT_WINDOW_S),
-                replies_by_code=dict(srv.metrics.recent.by_code(name, now)),
+                replies_by_code=srv.metrics.recent.by_code(name),
                 golden=plan.golden, pool_faults=POOL_FAULTS)
             versions[name] = assess_version(facts)
         wanted = req.get("version")

@@ -115,6 +115,7 @@ class PoolSettings:
     metrics_host: str = DEFAULT_METRICS_HOST
     curve_secret_key: Path | None = None  # the pool's .key_secret: Curve on the frontend
     curve_allow: Path | None = None  # directory of allowed client public keys
+    log_json: bool = False  # workers log JSON lines too
 
     @property
     def control_endpoint(self) -> str:

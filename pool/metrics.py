@@ -1,24 +1,24 @@
 """What the pool counts: Prometheus metrics, requests/s for status, error rates for health.
 
-Two kinds of figures, and why the exporter thread is safe beside the one serve loop:
-- per reply (`zeropool_requests_total`, `zeropool_request_duration_seconds`): the broker's
-  reply observer, called in the serve loop, updates prometheus_client objects (thread-safe).
-- pool state (workers, queues, batch sizes from worker heartbeats, restarts, the machine):
-  the serve loop rebuilds an immutable list of metric families every REFRESH_S; the HTTP
-  thread of prometheus_client only ever reads that list, never the broker or supervisor.
-Worker-side figures (batch sizes) reach this one endpoint through heartbeats, so there is
-no multiprocess-mode directory to manage; a dead worker's counts are kept as of its last
-heartbeat.
+Everything is counted in the one serve loop and exported from snapshots, so prometheus_client's
+HTTP thread never touches the router's or supervisor's state:
+- per reply: plain-dict counts and latency buckets (`ReplyTally`, the hot path);
+- pool state (workers, queues, batch sizes from worker heartbeats, restarts, the machine).
+Every REFRESH_S the loop rebuilds an immutable list of metric families from both; the HTTP
+thread only reads that list (and the rotation counters, prometheus_client objects, which are
+thread-safe). Scrapes therefore see figures at most REFRESH_S old. Worker-side figures reach
+this one endpoint through heartbeats: no multiprocess-mode directory to manage; a dead
+worker's counts are kept as of its last heartbeat.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
-from collections import Counter as Tally
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import (
@@ -53,36 +53,72 @@ POOL_FAULTS = frozenset({p.INTERNAL, p.WORKER_FAILED, p.TIMEOUT, p.OVERLOADED})
 NO_LABEL = "none"
 
 
-class RecentReplies:
-    """Replies per whole second over the last RECENT_WINDOW_S, by (version, code)."""
+class ReplyTally:
+    """Every reply counted in plain dicts: this is on the router's hot path (well under a
+    microsecond a reply, where prometheus_client's locked objects cost ~4). Exported, and
+    windowed for status and health, once a second from `snapshot()`."""
 
     def __init__(self) -> None:
-        self._seconds: deque[tuple[int, Tally[tuple[str, str]]]] = deque()
+        self.counts: dict[tuple[str, bytes, str], int] = {}
+        self.buckets: dict[tuple[str, bytes], list[int]] = {}  # per LATENCY_BUCKETS, + +Inf
+        self.sums: dict[tuple[str, bytes], float] = {}
 
-    def add(self, version: str, code: str, now: float) -> None:
-        second = int(now)
-        if not self._seconds or self._seconds[-1][0] != second:
-            self._seconds.append((second, Tally()))
-            while self._seconds[0][0] <= second - RECENT_WINDOW_S:
-                self._seconds.popleft()
-        self._seconds[-1][1][(version, code)] += 1
+    def add(self, version: str, op: bytes, code: str, seconds: float | None) -> None:
+        key = (version, op, code)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if seconds is None:
+            return
+        where = (version, op)
+        buckets = self.buckets.get(where)
+        if buckets is None:
+            buckets = self.buckets[where] = [0] * (len(LATENCY_BUCKETS) + 1)
+            self.sums[where] = 0.0
+        buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sums[where] += seconds
 
-    def per_second(self, now: float, window_s: int = RATE_WINDOW_S) -> float:
-        """Replies per second over the last `window_s` complete seconds."""
-        since = int(now) - window_s
-        total = sum(sum(t.values()) for s, t in self._seconds if since <= s < int(now))
-        return total / window_s
-
-    def by_code(self, version: str, now: float) -> Tally[str]:
-        """Replies of `version` by code over the last RECENT_WINDOW_S."""
-        since = int(now) - RECENT_WINDOW_S
-        out: Tally[str] = Tally()
-        for second, tally in self._seconds:
-            if second > since:
-                for (v, code), n in tally.items():
-                    if v == version:
-                        out[code] += n
+    def by_version_code(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for (version, _op, code), n in self.counts.items():
+            out[(version, code)] = out.get((version, code), 0) + n
         return out
+
+
+class RecentReplies:
+    """Windows over once-a-second snapshots of the cumulative reply counts."""
+
+    def __init__(self) -> None:
+        self._snapshots: deque[tuple[float, dict[tuple[str, str], int]]] = deque(
+            maxlen=RECENT_WINDOW_S + 1)
+
+    def record(self, now: float, counts: dict[tuple[str, str], int]) -> None:
+        self._snapshots.append((now, counts))
+
+    def per_second(self, window_s: float = RATE_WINDOW_S) -> float:
+        """All replies per second over (about) the last `window_s` seconds."""
+        old, new = self._span(window_s)
+        if old is None or new is None or new[0] <= old[0]:
+            return 0.0
+        return (sum(new[1].values()) - sum(old[1].values())) / (new[0] - old[0])
+
+    def by_code(self, version: str) -> dict[str, int]:
+        """Replies of `version` by code over the last RECENT_WINDOW_S."""
+        old, new = self._span(RECENT_WINDOW_S)
+        if new is None:
+            return {}
+        before = old[1] if old is not None else {}
+        out = {code: n - before.get((v, code), 0) for (v, code), n in new[1].items()
+               if v == version}
+        return {code: n for code, n in out.items() if n}
+
+    def _span(self, window_s: float) -> tuple[tuple | None, tuple | None]:
+        """(the oldest snapshot within window_s of the newest, the newest)."""
+        if not self._snapshots:
+            return None, None
+        newest = self._snapshots[-1]
+        for snap in self._snapshots:
+            if newest[0] - snap[0] <= window_s + 0.5:
+                return snap, newest
+        return None, newest
 
 
 class StateCollector(Collector):
@@ -127,12 +163,7 @@ class BatchTotals:
 class PoolMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("zeropool_requests", "Replies sent to producers.",
-                                ["version", "op", "status"], registry=self.registry)
-        self.duration = Histogram(
-            "zeropool_request_duration_seconds",
-            "Arrival at the router to reply, for requests that were queued for a worker.",
-            ["version", "op"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.replies = ReplyTally()
         self.rotations = Counter("zeropool_rotations", "Finished rotations.", ["outcome"],
                                  registry=self.registry)
         self.rotation_phase = Histogram(
@@ -144,20 +175,11 @@ class PoolMetrics:
         self.batches = BatchTotals()
         self.started = time.time()
         self.http: WSGIServer | None = None
-        self._children: dict[tuple[str, bytes, str], tuple[Any, Any]] = {}
 
     # -- fed by the serve loop ---------------------------------------------------------------
 
     def on_reply(self, version: str, op: bytes, code: str, seconds: float | None) -> None:
-        children = self._children.get((version, op, code))
-        if children is None:
-            labels = (version or NO_LABEL, op.decode(errors="replace") or NO_LABEL)
-            children = (self.requests.labels(*labels, code), self.duration.labels(*labels))
-            self._children[(version, op, code)] = children
-        children[0].inc()
-        if seconds is not None:
-            children[1].observe(seconds)
-        self.recent.add(version, code, time.monotonic())
+        self.replies.add(version, op, code, seconds)
 
     def on_rotation_finished(self, rot: Rotation) -> None:
         self.rotations.labels(rot.outcome or "unknown").inc()
@@ -167,7 +189,9 @@ class PoolMetrics:
     def refresh(self, broker: Broker, supervisor: Supervisor, system: dict) -> None:
         rows = supervisor.worker_rows()
         self.batches.update(rows)
-        self.state.families = [*self._pool_families(broker, supervisor, rows),
+        self.recent.record(time.monotonic(), self.replies.by_version_code())
+        self.state.families = [*self._reply_families(),
+                               *self._pool_families(broker, supervisor, rows),
                                *self._system_families(system)]
 
     # -- the exporter ------------------------------------------------------------------------
@@ -184,6 +208,22 @@ class PoolMetrics:
             self.http = None
 
     # -- families ----------------------------------------------------------------------------
+
+    def _reply_families(self) -> list[Metric]:
+        requests = CounterMetricFamily("zeropool_requests", "Replies sent to producers; "
+                                       "status is ok or the error code.",
+                                       labels=["version", "op", "status"])
+        for (version, op, code), n in sorted(self.replies.counts.items()):
+            requests.add_metric([*_labels(version, op), code], n)
+        duration = HistogramMetricFamily(
+            "zeropool_request_duration_seconds",
+            "Arrival at the router to reply, for requests that were queued for a worker.",
+            labels=["version", "op"])
+        bounds = [str(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for (version, op), counts in sorted(self.replies.buckets.items()):
+            duration.add_metric(_labels(version, op), _cumulative(bounds, counts),
+                                sum_value=self.replies.sums[(version, op)])
+        return [requests, duration]
 
     def _pool_families(self, broker: Broker, supervisor: Supervisor,
                        rows: list[dict]) -> list[Metric]:
@@ -231,11 +271,7 @@ class PoolMetrics:
                                        "Pairs or texts per forward pass.", labels=["version"])
         bounds = [str(float(b)) for b in c.BATCH_SIZE_BUCKETS] + ["+Inf"]
         for version, (counts, items) in sorted(self.batches.totals().items()):
-            cumulative, running = [], 0
-            for bound, n in zip(bounds, counts, strict=True):
-                running += n
-                cumulative.append((bound, running))
-            family.add_metric([version], cumulative, sum_value=items)
+            family.add_metric([version], _cumulative(bounds, counts), sum_value=items)
         return family
 
     @staticmethod
@@ -263,3 +299,15 @@ class PoolMetrics:
             used.add_metric([index], g["memory_used_bytes"])
             total.add_metric([index], g["memory_total_bytes"])
         return [*out, load, used, total]
+
+
+def _labels(version: str, op: bytes) -> list[str]:
+    return [version or NO_LABEL, op.decode(errors="replace") or NO_LABEL]
+
+
+def _cumulative(bounds: list[str], counts: list[int]) -> list[tuple[str, float]]:
+    out, running = [], 0
+    for bound, n in zip(bounds, counts, strict=True):
+        running += n
+        out.append((bound, running))
+    return out

@@ -304,7 +304,7 @@ class Supervisor:
             threads=s.threads, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
             capacity=s.capacity, backend=s.backend_endpoint, heartbeat_s=c.HEARTBEAT_S,
             parent_pid=os.getpid(), model=s.model, max_pairs=s.max_pairs,
-            max_text_chars=s.max_text_chars,
+            max_text_chars=s.max_text_chars, log_json=s.log_json,
         )
         process = self._mp.Process(target=worker_main, args=(cfg,), name=f"zeropool-{wid}")
         process.start()

@@ -22,6 +22,7 @@ import orjson
 import zmq
 
 from pool import config as c
+from pool.logs import JsonLogFormatter
 from router import protocol as p
 
 log = logging.getLogger("zeropool.worker")
@@ -46,6 +47,7 @@ class WorkerConfig:
     model: str = "transformer"  # "echo": no model, for measuring the transport alone
     max_pairs: int = c.DEFAULT_MAX_PAIRS
     max_text_chars: int = c.DEFAULT_MAX_TEXT_CHARS
+    log_json: bool = False
 
 
 @dataclass(slots=True)
@@ -67,11 +69,11 @@ def worker_main(cfg: WorkerConfig) -> None:
     _pin_device(cfg)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     _die_with_parent()
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s worker {cfg.worker_id} %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if cfg.log_json else logging.Formatter(
+        f"%(asctime)s worker {cfg.worker_id} %(levelname)s %(message)s"))
+    handler.addFilter(lambda record: setattr(record, "worker", cfg.worker_id) or True)
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, cfg.worker_id.encode())

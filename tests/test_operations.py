@@ -23,7 +23,7 @@ from pool.health import (
     assess_pool,
     assess_version,
 )
-from pool.metrics import POOL_FAULTS, BatchTotals, RecentReplies
+from pool.metrics import POOL_FAULTS, BatchTotals, RecentReplies, ReplyTally
 from router import protocol as p
 from router.client import Client, UnknownVersion
 from tests.conftest import RunningPool, run_cli
@@ -134,6 +134,9 @@ def test_status_metrics_and_json_logs_on_a_live_pool(pool_factory, models: dict[
                             state="ready") == 2, what="v2 workers in the metrics")
 
     records = [json.loads(line) for line in Path(st["log_file"]).read_text().splitlines()]
+    console = (pool.state_dir / "console.log").read_text().splitlines()
+    workers = [json.loads(line) for line in console if '"worker"' in line]
+    assert any(r["message"].startswith("ready: version v1") for r in workers), console[-5:]
     phases = [r for r in records if r.get("event") == "rotation_phase"]
     assert [r["to_phase"] for r in phases][-1] == "done"
     assert all(isinstance(r["seconds"], float | int) for r in phases)
@@ -245,12 +248,16 @@ def test_batch_totals_keep_an_exited_workers_counts() -> None:
     assert totals.totals()["v1"] == ([0, 0, 0, 10, *[0] * (len(counts) - 4)], 80)
 
 
-def test_recent_replies_rate_and_window() -> None:
-    recent = RecentReplies()
-    for second in range(100, 120):
+def test_reply_tally_and_recent_windows() -> None:
+    tally, recent = ReplyTally(), RecentReplies()
+    for second in range(100):
         for _ in range(3):
-            recent.add("v1", "ok", second + 0.5)
-    recent.add("v1", "internal", 119.5)
-    assert recent.per_second(120.0) == 3.1
-    assert recent.by_code("v1", 120.0) == {"ok": 60, "internal": 1}
-    assert recent.by_code("v1", 200.0) == {}
+            tally.add("v1", b"similarity", "ok", 0.003)
+        if second == 95:
+            tally.add("v1", b"similarity", "internal", None)
+        recent.record(float(second), tally.by_version_code())
+    assert tally.counts[("v1", b"similarity", "ok")] == 300
+    assert sum(tally.buckets[("v1", b"similarity")]) == 300  # the error had no duration
+    assert recent.per_second() == 3.1  # 30 ok and the one error in the last 10 s
+    assert recent.by_code("v1") == {"ok": 180, "internal": 1}
+    assert recent.by_code("v2") == {}
