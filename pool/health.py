@@ -139,6 +139,7 @@ def assess_version(f: VersionFacts) -> dict:
         failed.append(f"golden check failed on {f.golden['worker']}: {f.golden['reason']}")
     status = FAILED if failed else DEGRADED if degraded else HEALTHY
     return {"status": status, "reasons": failed + degraded,
+            "loading": not failed and degraded == ["loading"],
             "workers_ready": len(ready), "workers_wanted": f.workers_wanted,
             "replies_last_minute": total, "error_rate": round(rate, 4), "golden": f.golden}
 
@@ -154,6 +155,8 @@ def assess_pool(versions: dict[str, dict], active: str | None, stopping: bool) -
         return {"status": FAILED, "reasons": [*reasons, "no version is active"]}
     for name, report in versions.items():
         status = report["status"]
+        if name != active and report.get("loading"):
+            continue  # a rotation's or `pool load`'s new version on its way: nothing wrong
         if name != active and status == FAILED:
             status = DEGRADED  # pinned traffic to it fails; unpinned traffic is served
         if status != HEALTHY:

@@ -314,7 +314,7 @@ SCENARIOS = {
                 0, True, True),
     "rotating": (health_json("v1", {"v1": version_report("v1", wanted=2, ready=2),
                                     "v2": version_report("v2", wanted=2, ready=0)}),
-                 1, True, True),
+                 0, True, True),
     "one worker restarting": (health_json("v1", {"v1": version_report("v1", wanted=2,
                                                                       ready=1)}),
                               1, True, True),

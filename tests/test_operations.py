@@ -235,6 +235,10 @@ def test_pool_health_is_the_active_versions_and_others_only_degrade_it() -> None
     assert assess_pool({"v1": failed, "v2": healthy}, "v1", False)["status"] == FAILED
     assert assess_pool({"v1": healthy}, None, False)["status"] == FAILED
     assert assess_pool({"v1": healthy}, "v1", True)["status"] == DEGRADED
+    loading = assess_version(facts(workers=[], ever_ready=False))
+    assert loading["loading"]
+    assert assess_pool({"v1": healthy, "v2": loading}, "v1", False)["status"] == HEALTHY
+    assert assess_pool({"v1": loading}, "v1", False)["status"] == DEGRADED  # at start-up
 
 
 def test_batch_totals_keep_an_exited_workers_counts() -> None:
