@@ -602,7 +602,7 @@ def versions_add(
     path: Annotated[str, typer.Option(help="Local transformers model directory.")],
     auto_load: Annotated[bool, typer.Option("--auto-load", help="Load it whenever the pool "
                          "starts (serves pinned requests).")] = False,
-    expect: Annotated[Path | None, typer.Option(help="golden.json: {\"pairs\": [[a, b], ...],"
+    expect: Annotated[Path | None, typer.Option(help="golden.json: {\"pairs\": \\[\\[a, b], ...],"
                       " \"scores\": [...], \"tolerance\": 0.01} checked before it serves.")]
         = None,
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
