@@ -656,6 +656,8 @@ def ui(
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     port: Annotated[int, typer.Option(help="HTTP port of the page.", min=1, max=65535)] = 8501,
     host: Annotated[str, typer.Option(help="Address the page listens on.")] = "127.0.0.1",
+    server_key: ServerKeyOpt = None,
+    client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The web console (Streamlit): similarity form, version operations and live status."""
@@ -663,6 +665,9 @@ def ui(
 
     if importlib.util.find_spec("streamlit") is None:
         fail(UI_EXTRA_MISSING, as_json, "missing_extra", exit_code=2)
+    env = {**os.environ, ENDPOINT_ENV: endpoint, c.STATE_ENV: str(state_dir)}
+    if client_keys(server_key, client_key, as_json) is not None:  # checked here, used there
+        env |= {SERVER_KEY_ENV: str(server_key), CLIENT_KEY_ENV: str(client_key)}
     url = f"http://{host}:{port}"
     if as_json:
         emit_json({"url": url})
@@ -670,7 +675,6 @@ def ui(
         out.print(f"zeropool console on {url} (pool {endpoint}, state directory {state_dir}); "
                   "Ctrl-C stops it")
     sys.stdout.flush()
-    env = {**os.environ, ENDPOINT_ENV: endpoint, c.STATE_ENV: str(state_dir)}
     raise typer.Exit(run_child(streamlit_command(port, host), env))
 
 
