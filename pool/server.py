@@ -161,9 +161,9 @@ class PoolServer:
         poller.register(self.broker.frontend, zmq.POLLIN)
         poller.register(self.control.sock, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
-        zap = self.curve.zap_socket if self.curve is not None else None
-        if zap is not None:
-            poller.register(zap, zmq.POLLIN)
+        curve = self.curve
+        if curve is not None:
+            poller.register(curve.zap_socket, zmq.POLLIN)
         backend, frontend, control = self.broker.backend, self.broker.frontend, self.control.sock
         tick_ms = int(c.TICK_S * 1000)
         next_tick = next_refresh = 0.0
@@ -175,8 +175,8 @@ class PoolServer:
                 self.broker.handle_frontend()
             if control in events:
                 self.control.handle()
-            if zap is not None and zap in events:
-                self.curve.handle_zap()  # type: ignore[union-attr]
+            if curve is not None and curve.zap_socket in events:
+                curve.handle_zap()
             if wake_r.fileno() in events:
                 _drain_pipe(wake_r)
                 self._handle_signals()
@@ -196,8 +196,8 @@ class PoolServer:
                 next_refresh = now + REFRESH_S
                 self.system = system_stats()
                 self.metrics.refresh(self.broker, self.supervisor, self.system)
-                if self.curve is not None:
-                    self.curve.reload_if_changed()
+                if curve is not None:
+                    curve.reload_if_changed()
 
     def _queue_signal(self, signum: int, _frame: Any) -> None:
         self._signals.append(signum)

@@ -33,20 +33,34 @@ def system_stats() -> dict[str, Any]:
 
 def gpu_stats() -> tuple[list[dict[str, Any]], str | None]:
     """(one dict per GPU, None) or ([], why there are none)."""
+    nvml = _nvml()
+    if nvml is None:
+        return [], _NVML["error"]
     try:
-        import pynvml
-    except ImportError:
-        return [], "nvidia-ml-py is not installed"
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        return [], f"no NVIDIA driver: {exc}"
-    try:
-        return [_one_gpu(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount())], None
-    except pynvml.NVMLError as exc:
+        return [_one_gpu(nvml, i) for i in range(nvml.nvmlDeviceGetCount())], None
+    except nvml.NVMLError as exc:
         return [], f"NVML: {exc}"
-    finally:
-        pynvml.nvmlShutdown()
+
+
+# NVML is initialised once per process and kept: nvmlInit can take tens of milliseconds,
+# too long to pay every second inside the serve loop.
+_NVML: dict[str, Any] = {"module": None, "error": None}
+
+
+def _nvml() -> Any:
+    if _NVML["module"] is None and _NVML["error"] is None:
+        try:
+            import pynvml
+        except ImportError:
+            _NVML["error"] = "nvidia-ml-py is not installed"
+            return None
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            _NVML["error"] = f"no NVIDIA driver: {exc}"
+            return None
+        _NVML["module"] = pynvml
+    return _NVML["module"]
 
 
 def _one_gpu(pynvml: Any, index: int) -> dict[str, Any]:
