@@ -114,6 +114,7 @@ class WorkerLoop:
         self.next_heartbeat = 0.0
         self.last_batch = 0  # requests in the previous batch: is there concurrent load?
         self.encoder: Any = None
+        self.limits = Limits(cfg.max_pairs, cfg.max_text_chars)
         # Reported with every heartbeat: how well batching and dedupe work.
         self.stats: dict[str, Any] = {
             "batches": 0, "requests": 0, "texts": 0, "unique_texts": 0, "failed_batches": 0,
@@ -211,9 +212,8 @@ class WorkerLoop:
         if frames[0] != p.W_REQUEST:
             return None
         _, seq, op, body, enqueued_ns = frames
-        limits = Limits(self.cfg.max_pairs, self.cfg.max_text_chars)
         try:
-            job = decode_job(seq, op, body, int.from_bytes(enqueued_ns, "little"), limits)
+            job = decode_job(seq, op, body, int.from_bytes(enqueued_ns, "little"), self.limits)
         except BadBody as exc:
             self._reply_error(seq, exc.code, str(exc))
             return None

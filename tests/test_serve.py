@@ -207,7 +207,9 @@ def test_killed_worker_loses_no_request_and_is_respawned(models: dict[str, Path]
         assert stop_pool(running) == 0
 
 
-def test_sigterm_stops_cleanly_and_reaps_every_worker(models: dict[str, Path]) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_stops_cleanly_and_reaps_every_worker(models: dict[str, Path],
+                                                            signum: int) -> None:
     running = start_pool(models["v1"])
     workers = [psutil.Process(pid) for pid in running.worker_pids()]
     assert len(workers) == 2
@@ -216,7 +218,7 @@ def test_sigterm_stops_cleanly_and_reaps_every_worker(models: dict[str, Path]) -
         sock.send_multipart([b"ZP1", b"%d" % i, b"similarity", b"",
                              orjson.dumps({"pairs": [["今天天气真好", "今日阳光明媚"]] * 8})])
     time.sleep(0.05)
-    running.process.proc.send_signal(signal.SIGTERM)
+    running.process.proc.send_signal(signum)
     replies = recv_all(sock, 50)
     codes = {f[2] if f[2] == b"ok" else orjson.loads(f[3])["code"] for f in replies.values()}
     assert codes <= {b"ok", "shutting_down"}
