@@ -18,7 +18,10 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
               + (f", canary {canary['version']} {canary['share']:.0%}" if canary else ""))
     req = st["requests"]
     errors = ", ".join(f"{k} {n}" for k, n in sorted(req["errors_by_code"].items()))
-    out.print(f"{st.get('requests_per_s', 0):.1f} requests/s (last 10 s); queue "
+    latency = st.get("latency_ms")
+    out.print(f"{st.get('requests_per_s', 0):.1f} requests/s"
+              + (f", p50 {latency['p50']:.1f} ms, p99 {latency['p99']:.1f} ms" if latency else "")
+              + " (last 10 s); queue "
               f"{st['queue_depth']}, in flight {st['inflight']}; since start: ok {req['ok']}, "
               f"errors {req['errors']}" + (f" ({errors})" if errors else "")
               + f", dropped {req['dropped']}")

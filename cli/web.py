@@ -85,7 +85,6 @@ def score_pair(endpoint: str, text_a: str, text_b: str, version: str | None) -> 
     except KeyFileError as exc:
         return {"error": f"Curve keys: {exc}"}
     latency_ms = (time.perf_counter() - started) * 1000
-    append_sample("latencies", (datetime.now(), latency_ms))
     score = result.scores[0]
     return {"score": score, "verdict": verdict(score), "version": result.version,
             "latency_ms": latency_ms}
@@ -95,31 +94,15 @@ def score_pair(endpoint: str, text_a: str, text_b: str, version: str | None) -> 
 
 
 def init_state() -> None:
-    for key, value in (("rates", []), ("latencies", []), ("last_count", None),
-                       ("result", None), ("flash", None), ("shape", None)):
+    for key, value in (("rates", []), ("latencies", []), ("result", None), ("flash", None),
+                       ("shape", None)):
         st.session_state.setdefault(key, value)
 
 
-def append_sample(key: str, sample: tuple[datetime, float]) -> None:
+def append_sample(key: str, sample: tuple[Any, ...]) -> None:
     samples = st.session_state.setdefault(key, [])
     samples.append(sample)
     del samples[:-HISTORY]
-
-
-def request_rate(status: dict[str, Any], now: float) -> float | None:
-    """The pool's requests/s: its own figure when it gives one, else from the counter."""
-    if status.get("requests_per_s") is not None:
-        return float(status["requests_per_s"])
-    received = (status.get("requests") or {}).get("received")
-    last = st.session_state.get("last_count")
-    current = (status.get("pid"), now, received)
-    if received is None or last is None or last[0] != current[0] or received < last[2]:
-        st.session_state.last_count = current  # first sample, or the pool restarted
-        return None
-    if now - last[1] < REFRESH_S / 4:
-        return None  # too close to the last sample to mean anything
-    st.session_state.last_count = current
-    return (received - last[2]) / (now - last[1])
 
 
 # -- the sidebar: versions and operations ---------------------------------------------------
@@ -286,9 +269,13 @@ def status_panel(state_dir: Path) -> None:
     if status is None:
         st.error(error)
         return
-    rate = request_rate(status, time.time())
+    now = datetime.now()
+    rate = status.get("requests_per_s")
     if rate is not None:
-        append_sample("rates", (datetime.now(), rate))
+        append_sample("rates", (now, rate))
+    latency = status.get("latency_ms")
+    if latency:
+        append_sample("latencies", (now, latency["p50"], latency["p99"]))
     headline(status, rate)
     rotation_line(status.get("rotation"))
     workers_table(status.get("workers") or [])
@@ -364,18 +351,19 @@ def gib(value: Any) -> str:
 def charts() -> None:
     left, right = st.columns(2)
     with left:
-        st.markdown("**Requests/s** (the pool)")
-        series(st.session_state.get("rates") or [], "requests/s")
+        st.markdown("**Requests/s** (the pool, last 10 s)")
+        series(st.session_state.get("rates") or [], ["requests/s"])
     with right:
-        st.markdown("**Latency, ms** (this page's similarity requests)")
-        series(st.session_state.get("latencies") or [], "latency ms")
+        st.markdown("**Latency, ms** (the pool's replies, last 10 s)")
+        series(st.session_state.get("latencies") or [], ["p50", "p99"])
 
 
-def series(samples: list[tuple[datetime, float]], name: str) -> None:
+def series(samples: list[tuple[Any, ...]], names: list[str]) -> None:
     if not samples:
         st.caption("no samples yet")
         return
-    st.line_chart(pd.DataFrame(samples, columns=["time", name]).set_index("time"), height=200)
+    frame = pd.DataFrame(samples, columns=["time", *names]).set_index("time")
+    st.line_chart(frame, height=200)
 
 
 def live_panel(state_dir: Path) -> None:

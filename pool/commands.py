@@ -54,6 +54,7 @@ class Commands:
             "queue_depth": b.queued,
             "inflight": b.inflight,
             "requests_per_s": round(srv.metrics.recent.per_second(), 1),
+            "latency_ms": srv.metrics.recent.latency_ms(),
             "metrics_url": srv.metrics_url,
             "log_file": str(srv.state_dir / c.LOG_FILE),
             "system": srv.system,

@@ -82,16 +82,35 @@ class ReplyTally:
             out[(version, code)] = out.get((version, code), 0) + n
         return out
 
+    def all_buckets(self) -> list[int]:
+        """Latency bucket counts summed over versions and ops."""
+        return [sum(column) for column in zip(*self.buckets.values(), strict=True)] or \
+            [0] * (len(LATENCY_BUCKETS) + 1)
+
 
 class RecentReplies:
-    """Windows over once-a-second snapshots of the cumulative reply counts."""
+    """Windows over once-a-second snapshots of the cumulative reply counts and latencies."""
 
     def __init__(self) -> None:
-        self._snapshots: deque[tuple[float, dict[tuple[str, str], int]]] = deque(
+        self._snapshots: deque[tuple[float, dict[tuple[str, str], int], list[int]]] = deque(
             maxlen=RECENT_WINDOW_S + 1)
 
-    def record(self, now: float, counts: dict[tuple[str, str], int]) -> None:
-        self._snapshots.append((now, counts))
+    def record(self, now: float, counts: dict[tuple[str, str], int],
+               buckets: list[int]) -> None:
+        self._snapshots.append((now, counts, buckets))
+
+    def latency_ms(self, window_s: float = RATE_WINDOW_S) -> dict[str, float] | None:
+        """p50 and p99 over (about) the last `window_s` seconds, estimated from the histogram
+        buckets as Prometheus' histogram_quantile does; None without replies."""
+        old, new = self._span(window_s)
+        if new is None:
+            return None
+        before = old[2] if old is not None and old is not new else [0] * len(new[2])
+        counts = [b - a for a, b in zip(before, new[2], strict=True)]
+        if not sum(counts):
+            return None
+        return {name: round(bucket_quantile(q, LATENCY_BUCKETS, counts) * 1000, 2)
+                for name, q in (("p50", 0.5), ("p99", 0.99))}
 
     def per_second(self, window_s: float = RATE_WINDOW_S) -> float:
         """All replies per second over (about) the last `window_s` seconds."""
@@ -189,7 +208,8 @@ class PoolMetrics:
     def refresh(self, broker: Broker, supervisor: Supervisor, system: dict) -> None:
         rows = supervisor.worker_rows()
         self.batches.update(rows)
-        self.recent.record(time.monotonic(), self.replies.by_version_code())
+        self.recent.record(time.monotonic(), self.replies.by_version_code(),
+                           self.replies.all_buckets())
         self.state.families = [*self._reply_families(),
                                *self._pool_families(broker, supervisor, rows),
                                *self._system_families(system)]
@@ -311,3 +331,18 @@ def _cumulative(bounds: list[str], counts: list[int]) -> list[tuple[str, float]]
         running += n
         out.append((bound, running))
     return out
+
+
+def bucket_quantile(q: float, bounds: tuple[float, ...], counts: list[int]) -> float:
+    """The q-quantile of observations counted in buckets (upper bounds `bounds`, plus +Inf),
+    interpolated linearly inside its bucket; the +Inf bucket answers the largest bound."""
+    rank = q * sum(counts)
+    seen = 0
+    for i, n in enumerate(counts):
+        if n and seen + n >= rank:
+            if i == len(bounds):
+                return bounds[-1]
+            lower = bounds[i - 1] if i else 0.0
+            return lower + (bounds[i] - lower) * (rank - seen) / n
+        seen += n
+    return bounds[-1]

@@ -23,7 +23,13 @@ from pool.health import (
     assess_pool,
     assess_version,
 )
-from pool.metrics import POOL_FAULTS, BatchTotals, RecentReplies, ReplyTally
+from pool.metrics import (
+    POOL_FAULTS,
+    BatchTotals,
+    RecentReplies,
+    ReplyTally,
+    bucket_quantile,
+)
 from router import protocol as p
 from router.client import Client, UnknownVersion
 from tests.conftest import RunningPool, run_cli
@@ -97,6 +103,7 @@ def test_status_metrics_and_json_logs_on_a_live_pool(pool_factory, models: dict[
                 "workers", "system", "metrics_url", "log_file", "versions", "requests"):
         assert key in st, key
     assert st["active"] == "v1" and st["requests_per_s"] > 0
+    assert st["latency_ms"]["p99"] >= st["latency_ms"]["p50"] > 0
     assert st["requests"]["ok"] - before["ok"] == 40
     assert st["requests"]["errors_by_code"] == {"unknown_version": 5, "bad_request": 5}
     assert len(st["workers"]) == 2
@@ -259,9 +266,18 @@ def test_reply_tally_and_recent_windows() -> None:
             tally.add("v1", b"similarity", "ok", 0.003)
         if second == 95:
             tally.add("v1", b"similarity", "internal", None)
-        recent.record(float(second), tally.by_version_code())
+        recent.record(float(second), tally.by_version_code(), tally.all_buckets())
     assert tally.counts[("v1", b"similarity", "ok")] == 300
     assert sum(tally.buckets[("v1", b"similarity")]) == 300  # the error had no duration
     assert recent.per_second() == 3.1  # 30 ok and the one error in the last 10 s
     assert recent.by_code("v1") == {"ok": 180, "internal": 1}
     assert recent.by_code("v2") == {}
+    latency = recent.latency_ms()  # every reply took 3 ms: in the (2.5 ms, 5 ms] bucket
+    assert latency is not None and 2.5 < latency["p50"] < latency["p99"] <= 5.0
+
+
+def test_bucket_quantile_interpolates_like_prometheus() -> None:
+    bounds = (1.0, 2.0, 4.0)
+    assert bucket_quantile(0.5, bounds, [0, 10, 0, 0]) == 1.5
+    assert bucket_quantile(0.99, bounds, [50, 0, 50, 0]) == 3.96
+    assert bucket_quantile(0.5, bounds, [0, 0, 0, 5]) == 4.0  # +Inf answers the top bound
