@@ -197,9 +197,6 @@ class PoolMetrics:
 
     # -- fed by the serve loop ---------------------------------------------------------------
 
-    def on_reply(self, version: str, op: bytes, code: str, seconds: float | None) -> None:
-        self.replies.add(version, op, code, seconds)
-
     def on_rotation_finished(self, rot: Rotation) -> None:
         self.rotations.labels(rot.outcome or "unknown").inc()
         for phase, seconds in rot.timings.items():

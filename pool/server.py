@@ -59,7 +59,7 @@ class PoolServer:
             raise StartupError(f"cannot listen on {settings.bind}: {exc}") from None
         self.metrics = PoolMetrics()
         self.metrics_url = self._serve_metrics()
-        self.broker.observer = self.metrics.on_reply
+        self.broker.observer = self.metrics.replies.add
         self.supervisor = Supervisor(settings, self.broker)
         self.rotations = RotationController(self.supervisor, self.broker, self.registry)
         self.rotations.on_finish = self.metrics.on_rotation_finished

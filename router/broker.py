@@ -29,6 +29,7 @@ DRAIN_BURST = 256
 MAX_ATTEMPTS = 3
 OK = "ok"  # the tally's code for a successful reply
 NOBLOCK = int(zmq.NOBLOCK)
+RCVMORE = int(zmq.RCVMORE)
 SNDMORE_NOBLOCK = int(zmq.SNDMORE) | NOBLOCK
 
 
@@ -203,10 +204,9 @@ class Broker:
     # -- frontend ------------------------------------------------------------------------
 
     def handle_frontend(self) -> None:
-        recv = self.frontend.recv_multipart
         for _ in range(DRAIN_BURST):
             try:
-                frames = recv(NOBLOCK)
+                frames = recv_frames(self.frontend)
             except zmq.Again:
                 return
             self.stats.received += 1
@@ -263,11 +263,10 @@ class Broker:
     # -- backend -------------------------------------------------------------------------
 
     def handle_backend(self) -> None:
-        recv = self.backend.recv_multipart
         now = time.monotonic()
         for _ in range(DRAIN_BURST):
             try:
-                frames = recv(NOBLOCK)
+                frames = recv_frames(self.backend)
             except zmq.Again:
                 return
             wid, kind = frames[0], frames[1]
@@ -495,6 +494,16 @@ def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
     send = sock.send
     for i, frame in enumerate(frames):
         send(frame, SNDMORE_NOBLOCK if i < last else NOBLOCK)
+
+
+def recv_frames(sock: zmq.Socket) -> list[bytes]:
+    """recv_multipart(NOBLOCK) without pyzmq's enum conversion of RCVMORE on every frame
+    (7% of the router's time under echo load, py-spy); raises zmq.Again when empty."""
+    recv, more = sock.recv, sock.get
+    frames = [recv(NOBLOCK)]
+    while more(RCVMORE):
+        frames.append(recv(NOBLOCK))
+    return frames
 
 
 def _credit(worker: WorkerSlot) -> int:
