@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 STATUS_STYLE = {"healthy": "green", "degraded": "yellow", "failed": "red"}
 MIB = 1024 * 1024
+TABLE_WIDTH = 110
 
 
 def print_status(out: Console, st: dict[str, Any]) -> None:
@@ -28,19 +30,26 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
     print_rotation(out, st.get("rotation"))
     if st.get("system"):
         out.print(system_line(st["system"]))
+    limits = st.get("settings") or {}
+    if limits:
+        out.print(f"limits: {limits['max_pairs']} pairs/request, {limits['max_text_chars']} "
+                  f"chars/text, {limits['max_message_bytes'] / MIB:.0f} MiB/frame, queue "
+                  f"{limits['max_queue']}, queue timeout {limits['queue_timeout_s']:.0f}s")
     if st.get("metrics_url"):
         out.print(f"metrics {st['metrics_url']}; log {st.get('log_file')}")
     # Worker ids are in --json; the pid names a worker for an operator.
     table = Table("pid", "version", "device", "state", "in flight", "served", "errors",
-                  "restarts", "heartbeat", "RSS", "GPU mem")
+                  "restarts", "heartbeat", "RSS MiB", "GPU MiB", box=box.SIMPLE_HEAD)
     for w in st["workers"]:
         beat = "-" if w["last_heartbeat_s"] is None else f"{w['last_heartbeat_s']:.1f}s"
         gpu = w.get("gpu_memory_bytes") or 0
         table.add_row(str(w["pid"]), w["version"], w["device"], w["state"],
                       str(w["inflight"]), str(w["served"]), str(w["errors"]),
-                      str(w["restarts"]), beat, f"{w['rss_bytes'] / MIB:.0f} MiB",
-                      f"{gpu / MIB:.0f} MiB" if gpu else "-")
-    out.print(table)
+                      str(w["restarts"]), beat, f"{w['rss_bytes'] / MIB:.0f}",
+                      f"{gpu / MIB:.0f}" if gpu else "-")
+    # Rich squeezes tables into 80 columns when stdout is not a terminal: don't.
+    Console(file=out.file, width=max(out.width, TABLE_WIDTH),
+            force_terminal=out.is_terminal).print(table)
 
 
 def print_rotation(out: Console, rot: dict[str, Any] | None) -> None:
