@@ -20,6 +20,7 @@ import orjson
 import zmq
 
 from router.auth import ClientKeys
+from router.client import connect_dealer
 
 PROGRESS_S = 0.5
 TAIL_TIMEOUT_S = 60.0  # after the run, how long producers wait for outstanding replies
@@ -105,10 +106,7 @@ def _producer(index: int, spec: LoadSpec, share: int, quota: int | None, deadlin
     texts = make_texts(4096, spec.text_chars, rng)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if spec.curve is not None:
-        spec.curve.apply(sock)
-    sock.connect(spec.endpoint)
+    connect_dealer(sock, spec.endpoint, spec.curve)
     sent_at: dict[bytes, int] = {}
     sent: list[float] = []
     latency: list[float] = []

@@ -160,19 +160,49 @@ def _raise_or_return(result: Result | ZeroPoolError) -> Any:
     return result
 
 
-class Client:
-    """Blocking client. Not thread-safe (one socket); use one per thread or `AsyncClient`."""
+Endpoints = str | Sequence[str]
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = DEFAULT_TIMEOUT_S,
-                 context: zmq.Context | None = None, curve: ClientKeys | None = None) -> None:
-        self.endpoint = endpoint
+
+def split_endpoints(endpoint: Endpoints) -> list[str]:
+    """One endpoint, a comma-separated string of them, or a sequence."""
+    items = endpoint.split(",") if isinstance(endpoint, str) else list(endpoint)
+    endpoints = [e.strip() for e in items if e.strip()]
+    if not endpoints:
+        raise ValueError("no endpoint given")
+    return endpoints
+
+
+def connect_dealer(sock: zmq.Socket, endpoint: Endpoints, curve: ClientKeys | None) -> str:
+    """Connect to one pool, or to several: the DEALER then spreads requests round-robin.
+
+    With several pools, ZMQ_IMMEDIATE keeps requests off pools that are not connected (down
+    or restarting): they go to the others instead of waiting for a reconnect.
+    """
+    endpoints = split_endpoints(endpoint)
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.apply(sock)
+    if len(endpoints) > 1:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+    for one in endpoints:
+        sock.connect(one)
+    return ",".join(endpoints)
+
+
+class Client:
+    """Blocking client. Not thread-safe (one socket); use one per thread or `AsyncClient`.
+
+    `endpoint` may name several pools (a list, or "tcp://a:5555,tcp://b:5555"): requests are
+    spread over the connected ones.
+    """
+
+    def __init__(self, endpoint: Endpoints = DEFAULT_ENDPOINT,
+                 timeout: float = DEFAULT_TIMEOUT_S, context: zmq.Context | None = None,
+                 curve: ClientKeys | None = None) -> None:
         self.timeout = timeout
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        if curve is not None:
-            curve.apply(self._sock)
-        self._sock.connect(endpoint)
+        self.endpoint = connect_dealer(self._sock, endpoint, curve)
         self._ids = itertools.count(1)
 
     def similarity(self, pairs: Iterable[Sequence[str]], version: str | None = None,
@@ -204,13 +234,22 @@ class Client:
         sent = 0
         while sent < len(bodies) or waiting:
             while sent < len(bodies) and len(waiting) < in_flight:
+                # Writable once a pool is connected (with several pools and none up, never).
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1, zmq.POLLOUT):
+                    break
                 rid = next(self._ids).to_bytes(8, "big")
-                self._sock.send_multipart(encode_request(rid, op, version, bodies[sent]))
+                self._sock.send_multipart(encode_request(rid, op, version, bodies[sent]),
+                                          zmq.NOBLOCK)
                 waiting[rid] = sent
                 sent += 1
+            if sent < len(bodies) and not waiting:
+                for index in range(sent, len(bodies)):
+                    results[index] = NoReply(f"no pool reachable at {self.endpoint}")
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
-                for index in waiting.values():
+                for index in [*waiting.values(), *range(sent, len(bodies))]:
                     results[index] = NoReply(f"no reply from {self.endpoint} in time")
                 break
             frames = self._sock.recv_multipart()
@@ -232,17 +271,14 @@ class Client:
 class AsyncClient:
     """asyncio client: any number of concurrent calls share one DEALER socket."""
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = DEFAULT_TIMEOUT_S,
+    def __init__(self, endpoint: Endpoints = DEFAULT_ENDPOINT,
+                 timeout: float = DEFAULT_TIMEOUT_S,
                  context: zmq.asyncio.Context | None = None,
                  curve: ClientKeys | None = None) -> None:
-        self.endpoint = endpoint
         self.timeout = timeout
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        if curve is not None:
-            curve.apply(self._sock)
-        self._sock.connect(endpoint)
+        self.endpoint = connect_dealer(self._sock, endpoint, curve)
         self._ids = itertools.count(1)
         self._pending: dict[bytes, tuple[bytes, asyncio.Future]] = {}
         self._reader: asyncio.Task | None = None
@@ -267,10 +303,15 @@ class AsyncClient:
         rid = next(self._ids).to_bytes(8, "big")
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[rid] = (op, future)
-        try:
+        limit = timeout if timeout is not None else self.timeout
+
+        async def send_and_wait() -> Any:
             await self._sock.send_multipart(encode_request(rid, op, version, body))
-            limit = timeout if timeout is not None else self.timeout
-            result = await asyncio.wait_for(future, limit)
+            return await future
+
+        try:
+            # The send waits while no pool is connected (several pools, all down): bounded too.
+            result = await asyncio.wait_for(send_and_wait(), limit)
         except asyncio.TimeoutError:
             raise NoReply(f"no reply from {self.endpoint} in time") from None
         finally:

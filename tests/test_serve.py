@@ -20,6 +20,7 @@ from router.client import (
     AsyncClient,
     BadRequest,
     Client,
+    NoReply,
     Similarity,
     UnknownVersion,
 )
@@ -319,3 +320,25 @@ def test_serve_reports_an_endpoint_it_cannot_bind(pool: RunningPool, models: dic
     assert done.returncode == 2
     assert "cannot listen on" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "s" / "serve.pid").exists()
+
+
+def test_one_client_spreads_over_two_pools_and_skips_one_that_stops(
+        models: dict[str, Path]) -> None:
+    pool_a = start_pool(models["v1"], workers=1, version="a")
+    pool_b = start_pool(models["v2"], workers=1, version="b")
+    try:
+        with Client([pool_a.endpoint, pool_b.endpoint], timeout=30) as client:
+            served = {client.similarity([("今天天气真好", "今日阳光明媚")]).version
+                      for _ in range(20)}
+            assert served == {"a", "b"}
+            assert stop_pool(pool_b) == 0
+            after = [client.similarity([("今天天气真好", "今日阳光明媚")]).version
+                     for _ in range(20)]
+            assert after == ["a"] * 20
+            assert stop_pool(pool_a) == 0
+            with pytest.raises(NoReply):  # nothing connected: a prompt, clear error
+                client.ping(timeout=1)
+    finally:
+        for pool in (pool_a, pool_b):
+            if pool.process.proc.poll() is None:
+                stop_pool(pool)
