@@ -32,15 +32,24 @@ class KeyFileError(ValueError):
     """A key file is missing or not a certificate: the message says which and why."""
 
 
-def load_certificate(path: Path, need_secret: bool) -> tuple[bytes, bytes | None]:
-    """(public, secret) from a pyzmq certificate file, or KeyFileError saying what is wrong."""
-    try:
-        public, secret = zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as exc:
-        raise KeyFileError(f"cannot read the key file {path}: {exc}") from None
-    if need_secret and not secret:
+def load_public_key(path: Path) -> bytes:
+    """The public key of a pyzmq certificate file (.key or .key_secret)."""
+    return _load_certificate(path)[0]
+
+
+def load_key_pair(path: Path) -> tuple[bytes, bytes]:
+    """(public, secret) from a .key_secret file, or KeyFileError saying what is wrong."""
+    public, secret = _load_certificate(path)
+    if not secret:
         raise KeyFileError(f"{path} holds no secret key: give the .key_secret file")
     return public, secret
+
+
+def _load_certificate(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise KeyFileError(f"cannot read the key file {path}: {exc}") from None
 
 
 def create_keys(directory: Path, name: str) -> tuple[Path, Path]:
@@ -66,10 +75,8 @@ class ClientKeys:
 
     @classmethod
     def from_files(cls, server_key: str | Path, client_key: str | Path) -> ClientKeys:
-        server_public, _ = load_certificate(Path(server_key), need_secret=False)
-        public, secret = load_certificate(Path(client_key), need_secret=True)
-        assert secret is not None
-        return cls(server_public, public, secret)
+        public, secret = load_key_pair(Path(client_key))
+        return cls(load_public_key(Path(server_key)), public, secret)
 
     @classmethod
     def from_env(cls) -> ClientKeys | None:
@@ -88,16 +95,16 @@ class CurveServer:
     """The frontend's Curve keys and the ZAP handler deciding which clients get in."""
 
     def __init__(self, ctx: zmq.Context, secret_key_file: Path, allow_dir: Path | None) -> None:
-        self.public, secret = load_certificate(secret_key_file, need_secret=True)
-        assert secret is not None
-        self._secret = secret
+        self.public, self._secret = load_key_pair(secret_key_file)
         self.allow_dir = allow_dir
         if allow_dir is not None and not allow_dir.is_dir():
             raise KeyFileError(f"--curve-allow {allow_dir} is not a directory of client keys")
         self.authenticator = Authenticator(ctx, log=logging.getLogger("zeropool.auth.zap"))
         self.authenticator.start()
-        self._allow_stamp: float | None = None
+        self._allow_stamp: object = None
         self.reload_if_changed()
+        if self._allow_stamp is None:
+            raise KeyFileError(f"cannot load the client keys in --curve-allow {allow_dir}")
 
     @property
     def zap_socket(self) -> zmq.Socket:
@@ -125,15 +132,23 @@ class CurveServer:
                 log.warning("Curve without --curve-allow: traffic is encrypted, but any client "
                             "key is let in")
                 self.authenticator.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
-                self._allow_stamp = 0.0
+                self._allow_stamp = "any"
             return
-        stamp = self.allow_dir.stat().st_mtime
-        if stamp == self._allow_stamp:
+        try:
+            if not self.allow_dir.is_dir():
+                raise FileNotFoundError("not a directory")
+            # Names and mtimes of the key files: a key added, removed or replaced in place.
+            stamp = sorted((p.name, p.stat().st_mtime_ns) for p in self.allow_dir.glob("*.key"))
+            if stamp == self._allow_stamp:
+                return
+            self.authenticator.configure_curve(domain="*", location=str(self.allow_dir))
+        except (OSError, ValueError) as exc:
+            # Gone, unreadable or a malformed key: the pool keeps serving with the keys it had.
+            log.error("cannot read --curve-allow %s (%s); keeping the keys loaded before",
+                      self.allow_dir, exc)
             return
         self._allow_stamp = stamp
-        self.authenticator.configure_curve(domain="*", location=str(self.allow_dir))
-        allowed = len(list(self.allow_dir.glob("*.key")))
-        log.info("Curve: %d client key(s) allowed from %s", allowed, self.allow_dir)
+        log.info("Curve: %d client key(s) allowed from %s", len(stamp), self.allow_dir)
 
     def close(self) -> None:
         self.authenticator.stop()

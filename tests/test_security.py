@@ -63,6 +63,11 @@ def test_curve_lets_in_allowed_keys_only_and_rereads_the_allow_dir(
         time.sleep(2.5)  # the allow directory is re-read once a second when it changed
         with Client(pool.endpoint, timeout=30, curve=mallory) as client:
             assert -1 <= client.similarity([PAIR]).scores[0] <= 1
+
+        allow.rename(tmp_path / "gone")  # an operator's slip must not take the pool down
+        time.sleep(2.5)
+        with Client(pool.endpoint, timeout=30, curve=alice) as client:
+            assert -1 <= client.similarity([PAIR]).scores[0] <= 1
     finally:
         assert stop_pool(pool) == 0
 
