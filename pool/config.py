@@ -26,6 +26,9 @@ CAPACITY_BATCHES = 2  # a worker holds this many batches: one computing, one wai
 HEARTBEAT_S = 1.0
 HEARTBEAT_LIVENESS = 30  # heartbeats missed before a worker counts as hung
 LOAD_TIMEOUT_S = 300.0  # spawn to READY
+# A draining version counts as idle only after this long with nothing pinned to it arriving
+# and nothing held: a producer between two pinned requests is not done with it.
+DRAIN_QUIET_S = 0.5
 DRAIN_GRACE_S = 10.0  # a retired worker's in-flight work gets this long before STOP
 STOP_GRACE_S = 10.0  # STOP -> SIGTERM
 TERM_GRACE_S = 5.0  # SIGTERM -> SIGKILL

@@ -236,10 +236,9 @@ class RotationController:
         if source is None:
             self._finish(rot, Phase.DONE)
             return
-        load = self.broker.version_load(source)
         if rot.source_closed_at is None:
             # Requests pinned to the old version are served until it is idle or time is up.
-            if load == 0 or now - rot.phase_since > rot.drain_timeout_s:
+            if self._source_idle(source, now) or now - rot.phase_since > rot.drain_timeout_s:
                 self.broker.close_lane(source)
                 rot.source_closed_at = now
             return
@@ -253,6 +252,10 @@ class RotationController:
             return
         if not self.supervisor.has_workers(source):
             self._finish(rot, Phase.DONE)
+
+    def _source_idle(self, source: str, now: float) -> bool:
+        return (self.broker.version_load(source) == 0
+                and self.broker.pinned_quiet_for(source, now) >= c.DRAIN_QUIET_S)
 
     def _step_rolling_back(self, rot: Rotation, now: float) -> None:
         if self.broker.version_load(rot.target) > 0 and now - rot.phase_since < \

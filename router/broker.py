@@ -77,6 +77,7 @@ class Lane:
     failed: str | None = None  # the version cannot serve (crash loop): fail fast, don't queue
     served: int = 0
     errors: int = 0
+    last_pinned_at: float = 0.0  # monotonic arrival of the latest request pinned here
 
 
 @dataclass(slots=True)
@@ -251,7 +252,10 @@ class Broker:
         now = time.monotonic()
         pending = Pending(req.envelope, req.request_id, req.op, req.body, version,
                           bool(req.version), now, now)
-        self.lanes[version].queue.append(pending)
+        lane = self.lanes[version]
+        lane.queue.append(pending)
+        if req.version:
+            lane.last_pinned_at = now
         self._queued += 1
 
     def _answer_ping(self, req: p.Request, version: str) -> None:
@@ -425,6 +429,13 @@ class Broker:
         """Queued plus in-flight requests of one version."""
         held = sum(len(w.inflight) for w in self.workers.values() if w.version == version)
         return self.queue_length(version) + held
+
+    def pinned_quiet_for(self, version: str, now: float) -> float:
+        """Seconds since the last request pinned to `version` arrived (inf if none did)."""
+        lane = self.lanes.get(version)
+        if lane is None or not lane.last_pinned_at:
+            return float("inf")
+        return now - lane.last_pinned_at
 
     @property
     def queued(self) -> int:
