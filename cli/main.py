@@ -105,6 +105,11 @@ def serve(
                            "public keys (*.key), re-read when it changes.")] = None,
     log_json: Annotated[bool, typer.Option("--log-json", "--json",
                         help="Log JSON lines (stderr and the log file).")] = False,
+    start_method: Annotated[str, typer.Option(
+        envvar="ZEROPOOL_START_METHOD", help="How workers start: auto (forkserver on CPU, "
+        "spawn with CUDA) | spawn | forkserver (imports torch once; a worker is ready in a "
+        "fraction of a second).")]
+        = c.DEFAULT_START_METHOD,
 ) -> None:
     """Start a pool: router + supervisor in this process, N worker processes."""
     from pool.logs import setup_logging
@@ -117,7 +122,8 @@ def serve(
             threads, max_queue, queue_timeout, model, max_pairs=max_pairs,
             max_text_chars=max_text_chars, max_message_bytes=max_message_bytes,
             metrics_port=metrics_port, metrics_host=metrics_host,
-            curve_secret_key=curve_secret_key, curve_allow=curve_allow, log_json=log_json)
+            curve_secret_key=curve_secret_key, curve_allow=curve_allow, log_json=log_json,
+            start_method=start_method)
     except ValueError as exc:
         fail(str(exc), False, exit_code=2)
     setup_logging(log_json, Path(state_dir) / c.LOG_FILE)
@@ -134,6 +140,7 @@ def build_settings(path: str | None, version: str | None, workers: int | None, b
                    model: str, **limits: Any) -> c.PoolSettings:
     """Resolve defaults (registry, embedded model, devices); `limits` pass through as is."""
     from pool.registry import Registry
+    from pool.startmethod import choose_start_method
 
     if path is None:
         registry = Registry(state_dir)
@@ -148,6 +155,7 @@ def build_settings(path: str | None, version: str | None, workers: int | None, b
     if model not in ("transformer", "echo"):
         raise ValueError(f"--model must be transformer or echo, not {model!r}")
     devices = c.parse_devices(device)
+    choose_start_method(limits.get("start_method", c.DEFAULT_START_METHOD), devices, model)
     n = workers or c.default_workers(devices)
     return c.PoolSettings(
         path=str(Path(path).resolve()), version=version, workers=n, bind=bind,

@@ -32,6 +32,9 @@ DRAIN_QUIET_S = 0.5
 DRAIN_GRACE_S = 10.0  # a retired worker's in-flight work gets this long before STOP
 STOP_GRACE_S = 10.0  # STOP -> SIGTERM
 TERM_GRACE_S = 5.0  # SIGTERM -> SIGKILL
+FORKSERVER_START_TIMEOUT_S = 180.0  # importing torch + transformers once, on a busy machine
+START_METHODS = ("auto", "spawn", "forkserver")
+DEFAULT_START_METHOD = "auto"  # pool.startmethod: forkserver on CPU pools, spawn with CUDA
 RESPAWN_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 CRASH_LOOP_WINDOW_S = 60.0
 CRASH_LOOP_LIMIT = 5  # crashes of one slot within the window: stop respawning, report
@@ -119,6 +122,7 @@ class PoolSettings:
     curve_secret_key: Path | None = None  # the pool's .key_secret: Curve on the frontend
     curve_allow: Path | None = None  # directory of allowed client public keys
     log_json: bool = False  # workers log JSON lines too
+    start_method: str = DEFAULT_START_METHOD
 
     @property
     def control_endpoint(self) -> str:

@@ -24,6 +24,7 @@ from pool.health import Expectation
 from pool.metrics import REFRESH_S, PoolMetrics
 from pool.registry import Registry
 from pool.rotation import RotationController
+from pool.startmethod import ForkserverError
 from pool.supervisor import Supervisor
 from pool.system import system_stats
 from router import protocol as p
@@ -60,7 +61,13 @@ class PoolServer:
         self.metrics = PoolMetrics()
         self.metrics_url = self._serve_metrics()
         self.broker.observer = self.metrics.replies.add
-        self.supervisor = Supervisor(settings, self.broker)
+        try:
+            self.supervisor = Supervisor(settings, self.broker)
+        except ForkserverError as exc:
+            self.metrics.close()
+            self.broker.close()
+            self._abandon_start()
+            raise StartupError(str(exc)) from None
         self.rotations = RotationController(self.supervisor, self.broker, self.registry)
         self.rotations.on_finish = self.metrics.on_rotation_finished
         self.system = system_stats()

@@ -12,7 +12,6 @@ then DRAINING (no new work, in-flight finishes) -> STOPPING (STOP sent) -> reape
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
 import time
@@ -24,6 +23,12 @@ import psutil
 
 from pool import config as c
 from pool.health import Expectation, judge_probe, probe_body
+from pool.startmethod import (
+    choose_start_method,
+    ensure_forkserver,
+    stop_forkserver,
+    worker_context,
+)
 from pool.worker import WorkerConfig, worker_main
 from router import protocol as p
 from router.broker import Broker
@@ -87,7 +92,9 @@ class Supervisor:
         self.procs: dict[str, WorkerProc] = {}
         self.events: deque[dict] = deque(maxlen=200)
         self.restarts_total: Counter[str] = Counter()  # by version, for the life of the pool
-        self._mp = multiprocessing.get_context("spawn")
+        self.start_method = choose_start_method(settings.start_method, settings.devices,
+                                                settings.model)
+        self._mp = worker_context(self.start_method, settings.threads)
         self._counter = 0
 
     # -- what is wanted ----------------------------------------------------------------------
@@ -303,9 +310,11 @@ class Supervisor:
             worker_id=wid, version=plan.version, path=plan.path, device=device, dtype=s.dtype,
             threads=s.threads, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
             capacity=s.capacity, backend=s.backend_endpoint, heartbeat_s=c.HEARTBEAT_S,
-            parent_pid=os.getpid(), model=s.model, max_pairs=s.max_pairs,
+            model=s.model, max_pairs=s.max_pairs,
             max_text_chars=s.max_text_chars, log_json=s.log_json,
         )
+        if self.start_method == "forkserver":
+            ensure_forkserver(s.threads)
         process = self._mp.Process(target=worker_main, args=(cfg,), name=f"zeropool-{wid}")
         process.start()
         assert process.pid is not None  # set by start(); never 0, which would signal our group
@@ -384,6 +393,7 @@ class Supervisor:
             _signal(proc.pid, signal.SIGKILL)
         for proc in self.procs.values():
             proc.process.join(timeout=5)
+        stop_forkserver()
 
     def worker_rows(self) -> list[dict]:
         rows = []

@@ -43,7 +43,6 @@ class WorkerConfig:
     capacity: int
     backend: str
     heartbeat_s: float
-    parent_pid: int
     model: str = "transformer"  # "echo": no model, for measuring the transport alone
     max_pairs: int = c.DEFAULT_MAX_PAIRS
     max_text_chars: int = c.DEFAULT_MAX_TEXT_CHARS
@@ -65,9 +64,10 @@ class BadBody(ValueError):
 
 
 def worker_main(cfg: WorkerConfig) -> None:
-    """Process entry point (multiprocessing `spawn`)."""
+    """Process entry point (multiprocessing `spawn` or `forkserver`, pool.startmethod)."""
     _pin_device(cfg)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    _release_forkserver_pipe()
     _die_with_parent()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter() if cfg.log_json else logging.Formatter(
@@ -90,18 +90,41 @@ def worker_main(cfg: WorkerConfig) -> None:
 
 
 def _pin_device(cfg: WorkerConfig) -> None:
-    # Must happen before torch initialises CUDA; torch is imported lazily for this reason.
+    # Must happen before torch initialises CUDA (a forkserver imports torch, never CUDA).
     if cfg.device.startswith("cuda:"):
         os.environ["CUDA_VISIBLE_DEVICES"] = cfg.device.split(":", 1)[1]
-    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for key, value in worker_env(cfg.threads).items():
+        os.environ.setdefault(key, value)
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """Environment a worker needs before torch or tokenizers initialise (defaults only)."""
+    return {
+        "OMP_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        # torch.cuda.is_available() through NVML, not cuInit: a forked child can use CUDA.
+        "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
+    }
+
+
+def _release_forkserver_pipe() -> None:
+    """A forked worker inherits the pool's end of the forkserver's "alive" pipe. Held here,
+    it would keep the forkserver, and so this worker, alive after the pool is killed."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver  # type: ignore[attr-defined]
+    if server._forkserver_alive_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM us if the server dies; the loop also checks getppid()."""
+    """Ask Linux to SIGTERM us if our parent dies (the server, or the forkserver that forked
+    us, which exits with the server); the loop also watches getppid()."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -110,6 +133,7 @@ class WorkerLoop:
     def __init__(self, cfg: WorkerConfig, sock: zmq.Socket) -> None:
         self.cfg = cfg
         self.sock = sock
+        self.parent = os.getppid()
         self.stopping = False
         self.next_heartbeat = 0.0
         self.last_batch = 0  # requests in the previous batch: is there concurrent load?
@@ -135,8 +159,8 @@ class WorkerLoop:
                 if jobs:
                     self._serve(jobs)
             self._heartbeat_if_due()
-            if os.getppid() != self.cfg.parent_pid:
-                log.warning("server process is gone; exiting")
+            if os.getppid() != self.parent:
+                log.warning("parent process is gone; exiting")
                 return
         log.info("stopped")
 

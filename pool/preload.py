@@ -1,0 +1,26 @@
+"""Imported once by the worker forkserver (pool.startmethod): what every worker needs.
+
+modeling_utils carries nearly all of transformers' import time (torch.distributed.tensor,
+dynamo, generation); BERT is the family zeropool ships. Nothing here starts a thread, a
+torch thread pool or CUDA: all three break across fork.
+"""
+
+import atexit
+import os
+
+import transformers.modeling_utils
+import transformers.models.bert.modeling_bert  # noqa: F401
+
+import pool.runtime
+import pool.worker  # noqa: F401
+
+_FORKSERVER_PID = os.getpid()
+
+
+@atexit.register
+def _exit_without_teardown() -> None:
+    # The forkserver exits when the pool does; torch's interpreter teardown would keep it
+    # (and, through PDEATHSIG, the workers it forked) alive for seconds with nothing to
+    # flush. Forked workers inherit this hook: the pid check leaves them alone.
+    if os.getpid() == _FORKSERVER_PID:
+        os._exit(0)
