@@ -92,11 +92,15 @@ def stop_forkserver() -> None:
     pid = server._forkserver_pid
     if pid is None:
         return
-    # Workers are gone by now and it holds nothing to flush.
+    # Closing its "alive" pipe asks it to exit (pool.preload makes that quick); it holds
+    # nothing to flush, so it is killed if it lingers.
     with contextlib.suppress(OSError):
         os.close(server._forkserver_alive_fd)
     deadline = time.monotonic() + c.TERM_GRACE_S
-    while not _reaped(pid) and time.monotonic() < deadline:
+    while not _reaped(pid):
+        if time.monotonic() > deadline:
+            _kill(pid)
+            deadline = float("inf")
         time.sleep(0.01)
     with contextlib.suppress(OSError, TypeError):
         os.unlink(server._forkserver_address)

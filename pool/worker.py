@@ -65,10 +65,13 @@ class BadBody(ValueError):
 
 def worker_main(cfg: WorkerConfig) -> None:
     """Process entry point (multiprocessing `spawn` or `forkserver`, pool.startmethod)."""
+    parent = os.getppid()
     _pin_device(cfg)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     _release_forkserver_pipe()
     _die_with_parent()
+    if os.getppid() != parent:
+        os._exit(0)  # it died before PDEATHSIG was armed
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter() if cfg.log_json else logging.Formatter(
         f"%(asctime)s worker {cfg.worker_id} %(levelname)s %(message)s"))
@@ -80,7 +83,7 @@ def worker_main(cfg: WorkerConfig) -> None:
     sock.setsockopt(zmq.LINGER, 2000)
     sock.connect(cfg.backend)
     try:
-        WorkerLoop(cfg, sock).run()
+        WorkerLoop(cfg, sock, parent).run()
     finally:
         sock.close()
         ctx.term()  # delivers the last replies (LINGER bounds it)
@@ -130,10 +133,10 @@ def _die_with_parent() -> None:
 
 
 class WorkerLoop:
-    def __init__(self, cfg: WorkerConfig, sock: zmq.Socket) -> None:
+    def __init__(self, cfg: WorkerConfig, sock: zmq.Socket, parent: int) -> None:
         self.cfg = cfg
         self.sock = sock
-        self.parent = os.getppid()
+        self.parent = parent  # the server, or the forkserver that forked us
         self.stopping = False
         self.next_heartbeat = 0.0
         self.last_batch = 0  # requests in the previous batch: is there concurrent load?

@@ -113,6 +113,12 @@ def test_status_metrics_and_json_logs_on_a_live_pool(pool_factory, models: dict[
                     "last_heartbeat_s", "gpu_memory_bytes"):
             assert key in w, key
     assert {"cpu_percent", "memory_percent", "gpus", "gpu_error"} <= set(st["system"])
+    rich = run_cli("status", env=pool.env)
+    assert rich.returncode == 0, rich.stderr
+    words = " ".join(rich.stdout.split())  # rich wraps lines when stdout is a pipe
+    for text in ("active v1", "limits: 1024 pairs/request", "workers start by forkserver",
+                 f"metrics {st['metrics_url']}"):
+        assert text in words, (text, rich.stdout)
 
     m = scrape(st["metrics_url"])
     assert sample(m, "zeropool_requests_total", version="v1", op="similarity",
