@@ -1,13 +1,15 @@
 """The model runtime: one transformers encoder on one device, the seed's score semantics.
 
 Mean pooling over the attention mask, L2 normalisation, cosine. Texts are deduplicated,
-sorted by token length and run in chunks padded only to their own longest text, so a batch
-of mixed lengths wastes little compute on padding.
+sorted by token length and split into the forward passes that cost least: each pass is
+padded only to its own longest text, and a pass has a fixed cost of its own, so short
+texts go together with long ones only when another pass would cost more than the padding.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 from transformers import AutoModel, AutoTokenizer
@@ -16,6 +18,10 @@ from pool.health import GOLDEN_PAIRS
 
 # Texts per forward pass after sorting by length; bounds activation memory on long inputs.
 DEFAULT_CHUNK_TEXTS = 128
+# The fixed cost of one forward pass (Python, dispatch, kernel launches), in the time it takes
+# to compute this many tokens. CPU: MiniLM at one thread, t = 7.2 ms + 0.176 ms x tokens
+# (docs/benchmarks.md). CUDA: launches dominate small batches, so padding is nearly free.
+FORWARD_OVERHEAD_TOKENS = {"cpu": 48, "cuda": 1024}
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -34,6 +40,7 @@ class Encoder:
         device: str = "cpu",
         dtype: str = "auto",
         chunk_texts: int = DEFAULT_CHUNK_TEXTS,
+        overhead_tokens: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, device)
@@ -42,6 +49,9 @@ class Encoder:
         self.model = model.to(self.device).eval()
         self.max_length = _max_length(self.tokenizer, self.model.config)
         self.chunk_texts = chunk_texts
+        if overhead_tokens is None:
+            overhead_tokens = FORWARD_OVERHEAD_TOKENS.get(self.device.type, 0)
+        self.overhead_tokens = overhead_tokens
         self.dim = int(self.model.config.hidden_size)
 
     @torch.inference_mode()
@@ -53,20 +63,18 @@ class Encoder:
             texts, truncation=True, max_length=self.max_length, add_special_tokens=True
         )["input_ids"]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        lengths = [len(ids[i]) for i in order]
         out = torch.empty((len(texts), self.dim))
-        for start in range(0, len(order), self.chunk_texts):
-            chunk = order[start : start + self.chunk_texts]
+        for start, end in plan_chunks(lengths, self.overhead_tokens, self.chunk_texts):
+            chunk = order[start:end]
             out[chunk] = self._forward([ids[i] for i in chunk])
         return out
 
     def _forward(self, ids: list[list[int]]) -> torch.Tensor:
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        input_ids = torch.tensor([seq + [pad] * (width - len(seq)) for seq in ids])
+        mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in ids])
         input_ids = input_ids.to(self.device, non_blocking=True)
         mask = mask.to(self.device, non_blocking=True)
         hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
@@ -85,6 +93,40 @@ class Encoder:
         start = time.perf_counter()
         self.similarity(list(GOLDEN_PAIRS))
         return time.perf_counter() - start
+
+
+def plan_chunks(
+    lengths: Sequence[int], overhead_tokens: int, max_rows: int
+) -> list[tuple[int, int]]:
+    """Split texts sorted by token length into `[start, end)` forward passes of least cost.
+
+    A pass costs its rows x its longest length (padding included) plus `overhead_tokens`.
+    Passes start and end only where the length changes (a cut inside a run of equal lengths
+    never pays), found by dynamic programming over those runs; a pass of more than
+    `max_rows` texts runs as several.
+    """
+    if not lengths:
+        return []
+    ends = [i + 1 for i in range(len(lengths)) if i + 1 == len(lengths)
+            or lengths[i + 1] != lengths[i]]
+    starts = [0, *ends[:-1]]
+    best = [0] * (len(ends) + 1)  # best[j]: least cost of the first j runs
+    cut = [0] * (len(ends) + 1)  # the run where the last pass of best[j] begins
+    for j, end in enumerate(ends, start=1):
+        width = lengths[end - 1]
+        best[j] = -1
+        for i in range(j):
+            rows = end - starts[i]
+            cost = best[i] + rows * width + overhead_tokens * -(-rows // max_rows)
+            if best[j] < 0 or cost < best[j]:
+                best[j], cut[j] = cost, i
+    passes: list[tuple[int, int]] = []
+    j = len(ends)
+    while j:
+        start, end = starts[cut[j]], ends[j - 1]
+        passes[:0] = [(s, min(s + max_rows, end)) for s in range(start, end, max_rows)]
+        j = cut[j]
+    return passes
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

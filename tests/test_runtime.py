@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from pool.runtime import Encoder
+from pool.runtime import Encoder, plan_chunks
 from tests.conftest import SENTENCES, TINY_MAX_LENGTH, Reference
 
 TOLERANCE = 1e-4
@@ -75,3 +77,59 @@ def test_versions_differ(models: dict[str, Path]) -> None:
     v1 = Encoder(str(models["v1"]))
     pair = [("今天天气真好", "股票市场今天大跌")]
     assert abs(v1.similarity(pair)[0] - v2.similarity(pair)[0]) > 1e-3
+
+
+def _cost(lengths: list[int], passes: list[tuple[int, int]], overhead: int) -> int:
+    return sum((end - start) * lengths[end - 1] + overhead for start, end in passes)
+
+
+def _brute_force_cost(lengths: list[int], overhead: int) -> int:
+    """Least cost over every way of cutting where the length changes (no row limit)."""
+    cuts = [i for i in range(1, len(lengths)) if lengths[i] != lengths[i - 1]]
+    best = None
+    for k in range(len(cuts) + 1):
+        for chosen in itertools.combinations(cuts, k):
+            bounds = [0, *chosen, len(lengths)]
+            cost = _cost(lengths, list(itertools.pairwise(bounds)), overhead)
+            best = cost if best is None else min(best, cost)
+    assert best is not None
+    return best
+
+
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=60).map(sorted),
+    overhead=st.integers(0, 200),
+    max_rows=st.integers(1, 70),
+)
+def test_chunk_plan_covers_every_text_once_within_the_row_limit(
+    lengths: list[int], overhead: int, max_rows: int
+) -> None:
+    passes = plan_chunks(lengths, overhead, max_rows)
+    assert passes[0][0] == 0 and passes[-1][1] == len(lengths)
+    assert all(prev[1] == nxt[0] for prev, nxt in itertools.pairwise(passes))
+    assert all(0 < end - start <= max_rows for start, end in passes)
+    # Never worse than the two obvious plans: one pass per row limit, one pass per length.
+    one_pass = [(s, min(s + max_rows, len(lengths))) for s in range(0, len(lengths), max_rows)]
+    assert _cost(lengths, passes, overhead) <= _cost(lengths, one_pass, overhead)
+
+
+@given(
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=14).map(sorted),
+    overhead=st.integers(0, 60),
+)
+def test_chunk_plan_is_the_cheapest(lengths: list[int], overhead: int) -> None:
+    passes = plan_chunks(lengths, overhead, max_rows=len(lengths))
+    assert _cost(lengths, passes, overhead) == _brute_force_cost(lengths, overhead)
+
+
+def test_chunk_plan_trades_padding_against_passes() -> None:
+    lengths = [6] * 40 + [18] * 40
+    assert plan_chunks(lengths, overhead_tokens=48, max_rows=128) == [(0, 40), (40, 80)]
+    assert plan_chunks(lengths, overhead_tokens=1024, max_rows=128) == [(0, 80)]
+
+
+def test_scores_do_not_depend_on_how_texts_are_split(models: dict[str, Path]) -> None:
+    pairs = list(itertools.combinations(SENTENCES, 2))
+    one_pass = Encoder(str(models["v1"]), overhead_tokens=10**9).similarity(pairs)
+    per_length = Encoder(str(models["v1"]), overhead_tokens=0).similarity(pairs)
+    assert max(abs(a - b) for a, b in zip(one_pass, per_length, strict=True)) < 1e-5
