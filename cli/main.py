@@ -110,6 +110,9 @@ def serve(
         "spawn with CUDA) | spawn | forkserver (imports torch once; a worker is ready in a "
         "fraction of a second).")]
         = c.DEFAULT_START_METHOD,
+    crash_retry: Annotated[float, typer.Option(help="Seconds between tries of a version that "
+                           "served, then crash-looped (its requests fail at once meanwhile).",
+                           min=0.1)] = c.DEFAULT_CRASH_RETRY_S,
 ) -> None:
     """Start a pool: router + supervisor in this process, N worker processes."""
     from pool.logs import setup_logging
@@ -123,7 +126,7 @@ def serve(
             max_text_chars=max_text_chars, max_message_bytes=max_message_bytes,
             metrics_port=metrics_port, metrics_host=metrics_host,
             curve_secret_key=curve_secret_key, curve_allow=curve_allow, log_json=log_json,
-            start_method=start_method)
+            start_method=start_method, crash_retry_s=crash_retry)
     except ValueError as exc:
         fail(str(exc), False, exit_code=2)
     setup_logging(log_json, Path(state_dir) / c.LOG_FILE)

@@ -28,6 +28,12 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
               f"errors {req['errors']}" + (f" ({errors})" if errors else "")
               + f", dropped {req['dropped']}")
     print_rotation(out, st.get("rotation"))
+    for name, v in st["versions"].items():
+        trouble = v.get("failed") or v.get("crash_loop")
+        if trouble:
+            retry = v.get("next_try_s")
+            out.print(f"[red]{name}: {trouble}[/]"
+                      + (f" (next try in {retry:.0f}s)" if retry is not None else ""))
     if st.get("system"):
         out.print(system_line(st["system"]))
     limits = st.get("settings") or {}

@@ -60,8 +60,10 @@ class Commands:
             "system": srv.system,
             "versions": {
                 name: {"path": plan.path, "workers_wanted": plan.workers,
-                       "workers_ready": sup.count(name, "ready"), "failed": plan.failed,
-                       "restarts": plan.restarts, "serving": name in b.lanes,
+                       "workers_ready": sup.count(name, "ready"),
+                       "failed": sup.failure(name), "crash_loop": plan.crash_loop,
+                       "next_try_s": sup.next_try_s(name), "restarts": plan.restarts,
+                       "serving": name in b.lanes,
                        "served": b.lanes[name].served if name in b.lanes else None,
                        "errors": b.lanes[name].errors if name in b.lanes else None}
                 for name, plan in sup.plans.items()
@@ -92,7 +94,8 @@ class Commands:
         for name, plan in sup.plans.items():
             facts = VersionFacts(
                 version=name, workers_wanted=0 if plan.retired else plan.workers,
-                workers=[r for r in rows if r["version"] == name], failed=plan.failed,
+                workers=[r for r in rows if r["version"] == name],
+                failed=sup.failure(name), crash_loop=plan.crash_loop,
                 ever_ready=plan.ever_ready,
                 recent_crashes=sum(1 for t in plan.crashes if now - t < RECENT_WINDOW_S),
                 replies_by_code=srv.metrics.recent.by_code(name),

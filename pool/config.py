@@ -37,7 +37,8 @@ START_METHODS = ("auto", "spawn", "forkserver")
 DEFAULT_START_METHOD = "auto"  # pool.startmethod: forkserver on CPU pools, spawn with CUDA
 RESPAWN_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 CRASH_LOOP_WINDOW_S = 60.0
-CRASH_LOOP_LIMIT = 5  # crashes of one slot within the window: stop respawning, report
+CRASH_LOOP_LIMIT = 5  # crashes of a version within the window: a crash loop, reported
+DEFAULT_CRASH_RETRY_S = 60.0  # a crash-looping version that had served is retried this often
 TICK_S = 0.1  # housekeeping period of the serve loop
 GOLDEN_RECHECK_S = 60.0  # one ready worker per version re-answers the golden probe this often
 # Upper bounds of the batch-size histogram (pairs or texts per forward pass); workers count
@@ -123,6 +124,7 @@ class PoolSettings:
     curve_allow: Path | None = None  # directory of allowed client public keys
     log_json: bool = False  # workers log JSON lines too
     start_method: str = DEFAULT_START_METHOD
+    crash_retry_s: float = DEFAULT_CRASH_RETRY_S
 
     @property
     def control_endpoint(self) -> str:

@@ -104,6 +104,7 @@ class VersionFacts:
     workers_wanted: int
     workers: list[dict]  # supervisor.worker_rows() of this version
     failed: str | None
+    crash_loop: str | None  # kept apart from `failed` while some worker still serves
     ever_ready: bool
     recent_crashes: int
     replies_by_code: dict[str, int]  # over the recent window
@@ -123,6 +124,8 @@ def assess_version(f: VersionFacts) -> dict:
             "no worker is ready" if f.ever_ready else "loading")
     elif len(ready) < f.workers_wanted:
         degraded.append(f"{len(ready)} of {f.workers_wanted} workers ready")
+    if f.crash_loop and not f.failed:
+        degraded.append(f.crash_loop)
     for w in ready:
         silent = w.get("last_heartbeat_s")
         if silent is not None and silent > HEARTBEAT_STALE_S:

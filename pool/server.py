@@ -245,10 +245,11 @@ class PoolServer:
                 self.broker.remove_lane(version)
 
     def _check_failed_versions(self) -> None:
-        """Failed versions answer at once; at start-up, a failed active version ends the pool."""
-        for version, plan in self.supervisor.plans.items():
-            if plan.failed and version in self.broker.lanes:
-                self.broker.fail_lane(version, plan.failed)
+        """Versions that cannot serve answer at once, until they can again; at start-up, a
+        failed active version ends the pool."""
+        for version in self.supervisor.plans:
+            if version in self.broker.lanes:
+                self.broker.set_lane_failure(version, self.supervisor.failure(version))
         active = self.supervisor.plans.get(self.broker.active or "")
         if active is None or active.ever_ready or not active.failed:
             return

@@ -52,7 +52,10 @@ class VersionPlan:
     restarts: int = 0
     backoff_until: float = 0.0
     ever_ready: bool = False
-    failed: str | None = None  # why this version cannot serve, once it is known
+    failed: str | None = None  # why this version can never serve (broken: not retried)
+    # Why a version that has served keeps crashing; retried every crash_retry_s until a
+    # worker of it is ready again (a transient cause must not become a permanent outage).
+    crash_loop: str | None = None
     retired: bool = False  # forget the plan once its last worker has exited
     # The last golden check (at load, then every GOLDEN_RECHECK_S on one ready worker).
     golden: dict | None = None
@@ -152,6 +155,10 @@ class Supervisor:
             return
         proc.state = READY
         plan.ever_ready = True
+        if plan.crash_loop is not None:
+            log.warning("version %s serves again after its crash loop (%s)", plan.version,
+                        plan.crash_loop)
+            plan.crash_loop = None
         self.broker.enable_worker(proc.wid.encode())
         self._record("ready", proc, check_seconds=round(time.monotonic() -
                                                         (proc.checking_since or 0), 3))
@@ -353,15 +360,17 @@ class Supervisor:
         plan.restarts += 1
         self.restarts_total[plan.version] += 1
         backoff = c.RESPAWN_BACKOFF_S[min(len(plan.crashes), len(c.RESPAWN_BACKOFF_S)) - 1]
-        plan.backoff_until = now + backoff
         if not plan.ever_ready:
             # A version that never served once is broken, not unlucky: fail it now.
             plan.failed = reason
-        elif len(plan.crashes) >= c.CRASH_LOOP_LIMIT:
-            plan.failed = (f"crash loop: {len(plan.crashes)} crashes in "
-                           f"{c.CRASH_LOOP_WINDOW_S:.0f}s, last: {reason}")
-        if plan.failed is not None:
             log.error("version %s cannot serve: %s", plan.version, plan.failed)
+        elif plan.crash_loop is not None or len(plan.crashes) >= c.CRASH_LOOP_LIMIT:
+            backoff = self.settings.crash_retry_s
+            plan.crash_loop = (f"crash loop: {plan.restarts} restarts, "
+                               f"{len(plan.crashes)} in the last {c.CRASH_LOOP_WINDOW_S:.0f}s; "
+                               f"last: {reason}; retried every {backoff:g}s")
+            log.error("version %s: %s", plan.version, plan.crash_loop)
+        plan.backoff_until = now + backoff
 
     def _record(self, event: str, proc: WorkerProc, **extra: object) -> None:
         self.events.append({"t": time.time(), "event": event, "worker": proc.wid,
@@ -380,8 +389,20 @@ class Supervisor:
         return any(w.version == version for w in self.procs.values())
 
     def failure(self, version: str) -> str | None:
+        """Why `version` cannot serve now: broken, or crash-looping with no worker ready."""
         plan = self.plans.get(version)
-        return plan.failed if plan is not None else None
+        if plan is None:
+            return None
+        if plan.crash_loop is not None and not self.count(version, READY):
+            return plan.crash_loop
+        return plan.failed
+
+    def next_try_s(self, version: str) -> float | None:
+        """Seconds until a crash-looping version gets its next worker (None: not waiting)."""
+        plan = self.plans.get(version)
+        if plan is None or plan.crash_loop is None:
+            return None
+        return round(max(0.0, plan.backoff_until - time.monotonic()), 1)
 
     @property
     def idle(self) -> bool:

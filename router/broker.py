@@ -149,13 +149,15 @@ class Broker:
         else:
             lane.open, lane.failed = True, None
 
-    def fail_lane(self, version: str, reason: str) -> None:
-        """The version cannot serve: queued and new requests get worker_failed at once."""
+    def set_lane_failure(self, version: str, reason: str | None) -> None:
+        """With a reason, the version cannot serve: queued and new requests get worker_failed
+        at once. None: it serves again."""
         lane = self.lanes.get(version)
-        if lane is None or lane.failed:
+        if lane is None or lane.failed == reason:
             return
         lane.failed = reason
-        self._fail_queue(lane, p.WORKER_FAILED, f"{version} cannot serve: {reason}")
+        if reason is not None:
+            self._fail_queue(lane, p.WORKER_FAILED, f"{version} cannot serve: {reason}")
 
     def close_lane(self, version: str) -> None:
         """New requests pinned to `version` get unknown_version; queued ones still run."""

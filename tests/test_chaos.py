@@ -203,8 +203,8 @@ def test_rotations_while_workers_are_killed_lose_nothing(pool_factory,
 
 
 def may_kill(recent: list[float]) -> bool:
-    """Stay under the crash-loop limit: that many deaths in the window fail a version on
-    purpose (tested in test_supervision.py), which is not what this test is about."""
+    """Stay under the crash-loop limit: that many deaths in the window put a version in a
+    crash loop on purpose (test_supervision.py), which is not what this test is about."""
     now = time.monotonic()
     return sum(now - t < c.CRASH_LOOP_WINDOW_S for t in recent) < c.CRASH_LOOP_LIMIT - 2
 

@@ -295,7 +295,7 @@ def version_report(name: str, *, wanted: int, ready: int, failed: str | None = N
     workers = [{"id": f"{name}-{i}", "state": "ready" if i < ready else "loading",
                 "last_heartbeat_s": 0.5} for i in range(wanted)]
     return assess_version(VersionFacts(
-        version=name, workers_wanted=wanted, workers=workers, failed=failed,
+        version=name, workers_wanted=wanted, workers=workers, failed=failed, crash_loop=None,
         ever_ready=ready > 0, recent_crashes=0, replies_by_code={}, golden=None,
         pool_faults=POOL_FAULTS))
 

@@ -215,9 +215,9 @@ def test_metrics_port_in_use_is_a_clear_startup_error(models: dict[str, Path], t
 def facts(**overrides: object) -> VersionFacts:
     ready = {"id": "v1-0-1", "state": "ready", "last_heartbeat_s": 0.5}
     base: dict = {"version": "v1", "workers_wanted": 2, "workers": [ready, {**ready,
-                  "id": "v1-1-2"}], "failed": None, "ever_ready": True, "recent_crashes": 0,
-                  "replies_by_code": {"ok": 100}, "golden": {"ok": True}, "pool_faults":
-                  POOL_FAULTS}
+                  "id": "v1-1-2"}], "failed": None, "crash_loop": None, "ever_ready": True,
+                  "recent_crashes": 0, "replies_by_code": {"ok": 100}, "golden": {"ok": True},
+                  "pool_faults": POOL_FAULTS}
     return VersionFacts(**{**base, **overrides})
 
 
@@ -226,6 +226,8 @@ def facts(**overrides: object) -> VersionFacts:
     ({"workers": []}, FAILED, "no worker is ready"),
     ({"workers": [], "ever_ready": False}, DEGRADED, "loading"),
     ({"failed": "crash loop"}, FAILED, "crash loop"),
+    # One slot keeps crashing, the other serves: the version still answers.
+    ({"crash_loop": "crash loop: 5 restarts", "recent_crashes": 5}, DEGRADED, "crash loop"),
     ({"recent_crashes": 1}, DEGRADED, "crash"),
     ({"replies_by_code": {"ok": 90, "internal": 10}}, DEGRADED, "error rate 10%"),
     ({"replies_by_code": {"ok": 90, "bad_request": 10}}, HEALTHY, None),  # producers' fault

@@ -28,28 +28,73 @@ def wait_for_ready_worker(pool, not_pids: set[int], timeout: float = 60) -> int:
     raise AssertionError(f"no new ready worker within {timeout}s: {pool.status()['workers']}")
 
 
-def test_a_crash_loop_is_detected_and_reported_not_spun(pool_factory,
-                                                        models: dict[str, Path]) -> None:
-    pool = pool_factory(models["v1"], workers=1)
+CRASH_RETRY_S = 6.0
+
+
+def test_a_crash_loop_is_reported_answered_at_once_and_retried_until_it_serves(
+    pool_factory, models: dict[str, Path]
+) -> None:
+    pool = pool_factory(models["v1"], "--crash-retry", str(CRASH_RETRY_S), workers=1)
     killed: set[int] = set()
     for _ in range(c.CRASH_LOOP_LIMIT):
         pid = wait_for_ready_worker(pool, killed)
         os.kill(pid, signal.SIGKILL)
         killed.add(pid)
     deadline = time.monotonic() + 10
-    while not (status := pool.status())["versions"]["v1"]["failed"]:
+    while not (status := pool.status())["versions"]["v1"]["crash_loop"]:
         assert time.monotonic() < deadline, status["versions"]
         time.sleep(0.1)
-    assert "crash loop" in status["versions"]["v1"]["failed"]
-    assert status["versions"]["v1"]["restarts"] == c.CRASH_LOOP_LIMIT
-    time.sleep(2 * c.TICK_S + max(c.RESPAWN_BACKOFF_S[: c.CRASH_LOOP_LIMIT]))
-    assert pool.status()["workers"] == [], "a failed version must not be respawned"
-    # The pool itself stays up and says so, rather than hanging producers.
+    v1 = status["versions"]["v1"]
+    assert "crash loop" in v1["failed"] and v1["restarts"] == c.CRASH_LOOP_LIMIT
+    assert 0 < v1["next_try_s"] <= CRASH_RETRY_S
+    # Not spun: no worker until the retry is due. Meanwhile the pool stays up and answers
+    # at once, rather than holding producers until their timeouts.
+    time.sleep(CRASH_RETRY_S / 3)
+    assert pool.status()["workers"] == []
     assert pool.process.proc.poll() is None
     with Client(pool.endpoint, timeout=5) as client:
         assert client.ping().workers == 0
-        with pytest.raises(WorkerFailed, match="crash loop"):  # at once, not after a timeout
+        with pytest.raises(WorkerFailed, match="crash loop"):
             client.similarity([("a", "b")], timeout=2)
+    health = run_cli("health", "--json", env=pool.env)
+    assert health.returncode == 2 and "crash loop" in health.stdout
+    # The cause went away (nobody kills the next worker): the version serves again.
+    wait_for_ready_worker(pool, killed, timeout=CRASH_RETRY_S + 60)
+    with Client(pool.endpoint, timeout=10) as client:
+        assert len(client.similarity([("a", "b")], timeout=10).scores) == 1
+    v1 = pool.status()["versions"]["v1"]
+    assert v1["failed"] is None and v1["crash_loop"] is None and v1["next_try_s"] is None
+    health = run_cli("health", "--json", env=pool.env)
+    assert health.returncode == 1, health.stdout  # degraded: crashes in the last minute
+
+
+def test_one_crash_looping_worker_does_not_take_down_the_ones_that_serve(
+    pool_factory, models: dict[str, Path]
+) -> None:
+    pool = pool_factory(models["v1"], "--crash-retry", "600")
+    steady = next(w for w in pool.status()["workers"] if w["id"].startswith("v1-1-"))
+    load = Load(pool.endpoint, in_flight=8).start()
+    killed: set[int] = set()
+    for _ in range(c.CRASH_LOOP_LIMIT):
+        deadline = time.monotonic() + 60
+        while not (flaky := [w for w in pool.status()["workers"] if w["id"].startswith("v1-0-")
+                             and w["state"] == "ready" and w["pid"] not in killed]):
+            assert time.monotonic() < deadline, pool.status()["workers"]
+            time.sleep(0.1)
+        os.kill(flaky[0]["pid"], signal.SIGKILL)
+        killed.add(flaky[0]["pid"])
+    deadline = time.monotonic() + 10
+    while not (status := pool.status())["versions"]["v1"]["crash_loop"]:
+        assert time.monotonic() < deadline, status["versions"]
+        time.sleep(0.1)
+    time.sleep(1)
+    load.stop()
+    # The other worker kept serving throughout: nothing failed, nothing was lost.
+    assert load.errors() == [] and load.lost == 0 and len(load.replies) > 20
+    assert [w["pid"] for w in status["workers"]] == [steady["pid"]]
+    assert status["versions"]["v1"]["failed"] is None
+    health = run_cli("health", "--json", env=pool.env)
+    assert health.returncode == 1 and "crash loop" in health.stdout  # degraded, not failed
 
 
 def forkserver_of(pool) -> psutil.Process:
