@@ -1,6 +1,7 @@
 """The request router: frontend ROUTER for producers, backend ROUTER for workers.
 
-Frames in, frames out; bodies are never decoded. Load balancing is by credit (zguide
+Frames in, frames out; bodies are never decoded, except a body that carries `timeout_ms`,
+for its deadline. Load balancing is by credit (zguide
 "load-balancing broker"): a worker announces its capacity in READY and receives at most that
 many requests at once; everything else waits in a bounded per-version queue.
 
@@ -44,6 +45,7 @@ class Pending:
     enqueued: float  # arrival: the clock of the client's timeout_ms
     queued_since: float = 0.0  # the clock of the queue timeout; reset when re-queued
     attempts: int = 0
+    deadline: float = 0.0  # enqueued + the body's timeout_ms; 0: none
     # Set for the router's own probes (health checks): the reply goes here, not to a producer.
     on_reply: Callable[[bytes, bytes], None] | None = None
 
@@ -254,6 +256,9 @@ class Broker:
         now = time.monotonic()
         pending = Pending(req.envelope, req.request_id, req.op, req.body, version,
                           bool(req.version), now, now)
+        timeout_ms = p.peek_timeout_ms(req.body)
+        if timeout_ms is not None:
+            pending.deadline = now + timeout_ms / 1000
         lane = self.lanes[version]
         lane.queue.append(pending)
         if req.version:
@@ -406,13 +411,23 @@ class Broker:
     # -- housekeeping ----------------------------------------------------------------------
 
     def expire_queued(self, now: float) -> None:
-        """Answer `timeout` for requests that waited longer than the queue timeout."""
+        """Answer `timeout` for queued requests past their timeout_ms or the queue timeout."""
         limit = now - self.queue_timeout_s
         for lane in self.lanes.values():
             queue = lane.queue
             while queue and queue[0].queued_since < limit:
                 self._queued -= 1
                 self._fail(queue.popleft(), p.TIMEOUT, "no worker could start it in time")
+            # Deadlines differ per request, so the whole queue is looked at (bounded by
+            # --max-queue, and only while requests wait at all).
+            late = [x for x in queue if 0 < x.deadline <= now]
+            if late:
+                lane.queue = deque(x for x in queue if not 0 < x.deadline <= now)
+                self._queued -= len(late)
+                for pending in late:
+                    allowed_ms = round((pending.deadline - pending.enqueued) * 1000)
+                    self._fail(pending, p.TIMEOUT, f"no worker could start it within its "
+                               f"timeout_ms={allowed_ms}")
 
     def fail_all_queued(self, code: str, message: str) -> None:
         for lane in self.lanes.values():

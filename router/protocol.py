@@ -134,11 +134,27 @@ def ping_body_problem(body: bytes) -> str | None:
     return timeout_ms_problem(doc.get("timeout_ms"))
 
 
+TIMEOUT_MS_KEY = b'"timeout_ms"'
+
+
 def timeout_ms_problem(value: object) -> str | None:
     """The optional `timeout_ms` of any body: absent (None) or a positive integer."""
     if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
         return None
     return "timeout_ms must be a positive integer"
+
+
+def peek_timeout_ms(body: bytes) -> int | None:
+    """A body's valid `timeout_ms`, or None. Bodies without the key are not decoded; the
+    worker validates every body in full (an invalid value gets bad_request there)."""
+    if TIMEOUT_MS_KEY not in body:
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    value = doc.get("timeout_ms") if isinstance(doc, dict) else None
+    return value if value is not None and timeout_ms_problem(value) is None else None
 
 
 def error_body(code: str, message: str) -> bytes:

@@ -113,3 +113,27 @@ def test_client_decodes_results_and_typed_errors() -> None:
     assert isinstance(err, UnknownVersion) and err.code == "unknown_version"
     bad = decode_reply(p.OP_EMBED, p.error_frames([], b"r", p.BAD_REQUEST, "x"))
     assert isinstance(bad, BadRequest)
+
+
+timeout_values = (st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.booleans()
+                  | st.none() | st.text(max_size=5))
+
+
+@given(timeout_values)
+def test_the_router_reads_only_a_valid_timeout_ms(value: object) -> None:
+    try:
+        body = orjson.dumps({"pairs": [["a", "b"]], "timeout_ms": value})
+    except orjson.JSONEncodeError:  # beyond 64 bits, as a producer elsewhere may send it
+        body = b'{"timeout_ms": %d}' % value
+    try:
+        decodable = orjson.loads(body)["timeout_ms"] == value
+    except orjson.JSONDecodeError:
+        decodable = False  # the worker answers bad_request: not JSON it can read
+    valid = decodable and type(value) is int and value > 0
+    assert p.peek_timeout_ms(body) == (value if valid else None)
+
+
+def test_bodies_without_timeout_ms_are_not_decoded() -> None:
+    assert p.peek_timeout_ms(b"not json at all") is None
+    assert p.peek_timeout_ms(b'[{"timeout_ms": 5}]') is None
+    assert p.peek_timeout_ms(b'{"timeout_ms": 5, ') is None

@@ -311,6 +311,39 @@ def test_a_full_queue_answers_overloaded_at_once(models: dict[str, Path]) -> Non
         assert stop_pool(running) == 0
 
 
+def test_timeout_ms_is_answered_at_the_deadline_while_the_request_waits_for_a_worker(
+    pool_factory, models: dict[str, Path]
+) -> None:
+    # One worker with 2 requests of credit (max-batch 1), frozen: what comes after waits in
+    # the router's queue, and only the router can answer it.
+    running = pool_factory(models["v1"], "--max-batch", "1", workers=1)
+    worker = running.worker_pids()[0]
+    sock = dealer(running.endpoint)
+    body = {"pairs": [["今天天气真好", "今日阳光明媚"]]}
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        for i in range(2):
+            sock.send_multipart([b"ZP1", b"held%d" % i, b"similarity", b"", orjson.dumps(body)])
+        sent = time.monotonic()
+        sock.send_multipart([b"ZP1", b"late", b"similarity", b"",
+                             orjson.dumps({**body, "timeout_ms": 300})])
+        sock.send_multipart([b"ZP1", b"patient", b"similarity", b"",
+                             orjson.dumps({**body, "timeout_ms": 600_000})])
+        late = recv_all(sock, 1, timeout_s=20)[b"late"]
+        waited = time.monotonic() - sent
+        assert psutil.Process(worker).status() == psutil.STATUS_STOPPED  # not the worker
+        assert late[2] == b"error"
+        error = orjson.loads(late[3])
+        assert error["code"] == "timeout" and "timeout_ms=300" in error["message"]
+        assert waited >= 0.3
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    # Nothing else was given up: the held requests and the patient one are scored.
+    rest = recv_all(sock, 3)
+    assert {f[2] for f in rest.values()} == {b"ok"}, rest
+    sock.close()
+
+
 def test_serve_reports_an_endpoint_it_cannot_bind(pool: RunningPool, models: dict[str, Path],
                                                   tmp_path: Path) -> None:
     done = subprocess.run(
