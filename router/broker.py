@@ -1,9 +1,9 @@
 """The request router: frontend ROUTER for producers, backend ROUTER for workers.
 
-Frames in, frames out; bodies are never decoded, except a body that carries `timeout_ms`,
-for its deadline. Load balancing is by credit (zguide
-"load-balancing broker"): a worker announces its capacity in READY and receives at most that
-many requests at once; everything else waits in a bounded per-version queue.
+Frames in, frames out; bodies are never decoded, except one that carries `timeout_ms` (for
+its deadline). Load balancing is by credit (zguide "load-balancing broker"): a worker
+announces its capacity in READY and receives at most that many requests at once; everything
+else waits in a bounded per-version queue.
 
 Which version an unpinned request goes to is decided in exactly one place: `route_version`.
 """
