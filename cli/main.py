@@ -113,6 +113,10 @@ def serve(
     crash_retry: Annotated[float, typer.Option(help="Seconds between tries of a version that "
                            "served, then crash-looped (its requests fail at once meanwhile).",
                            min=0.1)] = c.DEFAULT_CRASH_RETRY_S,
+    load_niceness: Annotated[int, typer.Option(help="How much nicer than serving a worker "
+                             "loads its model, so a rotation on a busy machine does not slow "
+                             "the version serving (0: same priority, loads fastest).",
+                             min=0, max=19)] = c.DEFAULT_LOAD_NICENESS,
 ) -> None:
     """Start a pool: router + supervisor in this process, N worker processes."""
     from pool.logs import setup_logging
@@ -126,7 +130,8 @@ def serve(
             max_text_chars=max_text_chars, max_message_bytes=max_message_bytes,
             metrics_port=metrics_port, metrics_host=metrics_host,
             curve_secret_key=curve_secret_key, curve_allow=curve_allow, log_json=log_json,
-            start_method=start_method, crash_retry_s=crash_retry)
+            start_method=start_method, crash_retry_s=crash_retry,
+            load_niceness=load_niceness)
     except ValueError as exc:
         fail(str(exc), False, exit_code=2)
     setup_logging(log_json, Path(state_dir) / c.LOG_FILE)

@@ -77,6 +77,7 @@ class Commands:
             "settings": {"workers": s.workers, "devices": s.devices, "dtype": s.dtype,
                          "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms,
                          "threads": s.threads, "start_method": sup.start_method,
+                         "load_niceness": s.load_niceness, "crash_retry_s": s.crash_retry_s,
                          "max_queue": s.max_queue,
                          "queue_timeout_s": s.queue_timeout_s, "max_pairs": s.max_pairs,
                          "max_text_chars": s.max_text_chars,

@@ -26,6 +26,9 @@ CAPACITY_BATCHES = 2  # a worker holds this many batches: one computing, one wai
 HEARTBEAT_S = 1.0
 HEARTBEAT_LIVENESS = 30  # heartbeats missed before a worker counts as hung
 LOAD_TIMEOUT_S = 300.0  # spawn to READY
+# A worker loads its model this much nicer than it serves (pool.worker.load_encoder): new
+# versions load on CPU the serving workers leave over.
+DEFAULT_LOAD_NICENESS = 10
 # A draining version counts as idle only after this long with nothing pinned to it arriving
 # and nothing held: a producer between two pinned requests is not done with it.
 DRAIN_QUIET_S = 0.5
@@ -125,6 +128,7 @@ class PoolSettings:
     log_json: bool = False  # workers log JSON lines too
     start_method: str = DEFAULT_START_METHOD
     crash_retry_s: float = DEFAULT_CRASH_RETRY_S
+    load_niceness: int = DEFAULT_LOAD_NICENESS
 
     @property
     def control_endpoint(self) -> str:

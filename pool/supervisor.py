@@ -319,6 +319,7 @@ class Supervisor:
             capacity=s.capacity, backend=s.backend_endpoint, heartbeat_s=c.HEARTBEAT_S,
             model=s.model, max_pairs=s.max_pairs,
             max_text_chars=s.max_text_chars, log_json=s.log_json,
+            load_niceness=s.load_niceness,
         )
         if self.start_method == "forkserver":
             ensure_forkserver(s.threads)

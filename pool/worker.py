@@ -14,7 +14,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,7 @@ class WorkerConfig:
     max_pairs: int = c.DEFAULT_MAX_PAIRS
     max_text_chars: int = c.DEFAULT_MAX_TEXT_CHARS
     log_json: bool = False
+    load_niceness: int = c.DEFAULT_LOAD_NICENESS
 
 
 @dataclass(slots=True)
@@ -90,6 +93,26 @@ def worker_main(cfg: WorkerConfig) -> None:
     # Nothing left to flush: skip the interpreter's (torch's) slow teardown.
     logging.shutdown()
     os._exit(0)
+
+
+def load_encoder(cfg: WorkerConfig, device: str) -> tuple[Any, float]:
+    """Import, load and warm up the model at a lower CPU priority than the workers serving.
+
+    Runs on a thread of its own: niceness is per thread on Linux, and only raising it needs
+    no privilege, so the thread that serves afterwards keeps the normal priority. On a busy
+    machine a new version then loads with the CPU the serving workers leave over, instead
+    of taking half of it from them in the middle of a rotation.
+    """
+    if cfg.load_niceness:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), cfg.load_niceness)
+    import torch
+
+    from pool.runtime import Encoder
+
+    torch.set_num_threads(cfg.threads)
+    encoder = Encoder(cfg.path, device=device, dtype=cfg.dtype)
+    return encoder, encoder.warm_up()
 
 
 def _pin_device(cfg: WorkerConfig) -> None:
@@ -180,14 +203,13 @@ class WorkerLoop:
         if self.cfg.model == "echo":
             info.update(load_seconds=0.0, dtype="none", dim=0)
             return info
-        import torch
-
-        from pool.runtime import Encoder
-
-        torch.set_num_threads(self.cfg.threads)
         device = "cuda:0" if self.cfg.device.startswith("cuda") else self.cfg.device
-        self.encoder = Encoder(self.cfg.path, device=device, dtype=self.cfg.dtype)
-        warm_up_seconds = self.encoder.warm_up()
+        with ThreadPoolExecutor(1, thread_name_prefix="zeropool-load") as loader:
+            self.encoder, warm_up_seconds = loader.submit(load_encoder, self.cfg,
+                                                          device).result()
+        import torch  # imported by the loader already
+
+        torch.set_num_threads(self.cfg.threads)  # this thread runs the forward passes
         info.update(
             load_seconds=round(time.perf_counter() - start, 3),
             warm_up_seconds=round(warm_up_seconds, 3),

@@ -264,6 +264,12 @@ def test_second_pool_on_the_same_state_dir_is_refused(pool: RunningPool,
     assert "already serving" in done.stderr
 
 
+def test_workers_serve_at_the_priority_of_the_server(pool: RunningPool) -> None:
+    # They load their model on a thread niced by --load-niceness; serving must not inherit it.
+    server = psutil.Process(pool.process.pid).nice()
+    assert [psutil.Process(pid).nice() for pid in pool.worker_pids()] == [server, server]
+
+
 def test_requests_in_flight_share_forward_passes_and_texts_are_deduplicated(
     pool: RunningPool
 ) -> None:
