@@ -113,10 +113,10 @@ def serve(
     crash_retry: Annotated[float, typer.Option(help="Seconds between tries of a version that "
                            "served, then crash-looped (its requests fail at once meanwhile).",
                            min=0.1)] = c.DEFAULT_CRASH_RETRY_S,
-    load_niceness: Annotated[int, typer.Option(help="How much nicer than serving a worker "
-                             "loads its model, so a rotation on a busy machine does not slow "
-                             "the version serving (0: same priority, loads fastest).",
-                             min=0, max=19)] = c.DEFAULT_LOAD_NICENESS,
+    load_niceness: Annotated[int, typer.Option(
+        envvar="ZEROPOOL_LOAD_NICENESS", help="How much nicer than serving a worker loads its "
+        "model, so a rotation on a busy machine does not slow the version serving (0: same "
+        "priority, loads fastest).", min=0, max=19)] = c.DEFAULT_LOAD_NICENESS,
 ) -> None:
     """Start a pool: router + supervisor in this process, N worker processes."""
     from pool.logs import setup_logging
