@@ -266,7 +266,8 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
                       f"{low['proxy']:.3f} ms (adds {low['added']:.3f} ms)")
     base = report.get("baseline")
     if base:
-        console.print(f"baseline ({base['threads']} threads): seed {base['seed_pairs_per_s']} "
+        console.print(f"baseline ({base['threads']} threads, {base['device']}): seed "
+                      f"{base['seed_pairs_per_s']} "
                       f"pairs/s, batched {base['batched_pairs_per_s']} pairs/s; the pool is "
                       f"[bold]{base['pool_vs_seed']}x[/] the seed, "
                       f"[bold]{base['pool_vs_batched']}x[/] the batched loop")
@@ -328,18 +329,20 @@ def plot_report(samples: Samples, report: dict[str, Any], started: float, file: 
 
 
 def run_baseline(spec: LoadSpec, report: dict[str, Any], path: str, threads: int,
-                 seconds: float, console: Console) -> dict[str, Any]:
-    """The seed's loop and an in-process batched loop, same model and thread budget."""
+                 seconds: float, console: Console, device: str = "cpu") -> dict[str, Any]:
+    """The seed's loop and an in-process batched loop, same model, device and threads."""
     from pool.baseline import batched_pairs_per_s, seed_pairs_per_s
 
     texts = make_texts(8192, spec.text_chars, random.Random(spec.seed + 7))
     pairs = list(zip(texts[0::2], texts[1::2], strict=True))
-    with console.status(f"baseline: the seed's one-pair loop, {threads} threads, {seconds}s"):
-        seed = seed_pairs_per_s(path, threads, seconds, pairs)
-    with console.status(f"baseline: an in-process batched loop, {threads} threads, {seconds}s"):
-        batched = batched_pairs_per_s(path, threads, seconds, pairs)
+    where = f"{threads} threads, {device}"
+    with console.status(f"baseline: the seed's one-pair loop, {where}, {seconds}s"):
+        seed = seed_pairs_per_s(path, threads, seconds, pairs, device)
+    with console.status(f"baseline: an in-process batched loop, {where}, {seconds}s"):
+        batched = batched_pairs_per_s(path, threads, seconds, pairs, device=device)
     pool = report["pairs_per_s"]
-    return {"threads": threads, "seconds": seconds, "seed_pairs_per_s": round(seed, 1),
+    return {"threads": threads, "device": device, "seconds": seconds,
+            "seed_pairs_per_s": round(seed, 1),
             "batched_pairs_per_s": round(batched, 1), "pool_pairs_per_s": pool,
             "pool_vs_seed": round(pool / seed, 2), "pool_vs_batched": round(pool / batched, 2)}
 
@@ -376,6 +379,15 @@ def _quiet(*_: object) -> None:
 def active_model_path(state_dir: Path) -> str:
     status = control_request(state_dir, "status")
     return status["versions"][status["active"]]["path"]
+
+
+def pool_device(state_dir: Path | None) -> str:
+    """Where the active version's workers compute ("cuda:N" or "cpu"): the baselines' too."""
+    if state_dir is None:
+        return "cpu"
+    status = control_request(state_dir, "status")
+    devices = [w["device"] for w in status["workers"] if w["version"] == status["active"]]
+    return devices[0] if devices else "cpu"
 
 
 def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
@@ -425,7 +437,7 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
         if baseline_s:
             model = path or active_model_path(Path(state_dir or ""))
             report["baseline"] = run_baseline(spec, report, model, baseline_threads,
-                                              baseline_s, console)
+                                              baseline_s, console, pool_device(state_dir))
         if not as_json:
             print_report(console, report)
         if json_file is not None:

@@ -1,6 +1,8 @@
-"""In-process baselines on the same model and thread budget as a pool, for `pool bench`.
+"""In-process baselines on the same model, device and thread budget as a pool, for
+`pool bench`.
 
-  seed     the seed article's code: one pair per padded forward pass
+  seed     the seed article's code: one pair per padded forward pass (`.half().cuda()` on
+           a GPU, as the seed does)
   batched  zeropool's own runtime in one process: batches of `batch` pairs
 """
 
@@ -11,17 +13,19 @@ from collections.abc import Sequence
 
 
 def seed_pairs_per_s(path: str, threads: int, seconds: float,
-                     pairs: Sequence[tuple[str, str]]) -> float:
+                     pairs: Sequence[tuple[str, str]], device: str = "cpu") -> float:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
+    if device.startswith("cuda"):
+        model = model.half().to(device)
 
     @torch.inference_mode()
     def similarity(a: str, b: str) -> float:
-        enc = tokenizer([a, b], padding=True, truncation=True, return_tensors="pt")
+        enc = tokenizer([a, b], padding=True, truncation=True, return_tensors="pt").to(device)
         hidden = model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -36,13 +40,14 @@ def seed_pairs_per_s(path: str, threads: int, seconds: float,
 
 
 def batched_pairs_per_s(path: str, threads: int, seconds: float,
-                        pairs: Sequence[tuple[str, str]], batch: int = 64) -> float:
+                        pairs: Sequence[tuple[str, str]], batch: int = 64,
+                        device: str = "cpu") -> float:
     import torch
 
     from pool.runtime import Encoder
 
     torch.set_num_threads(threads)
-    encoder = Encoder(path)
+    encoder = Encoder(path, device=device)
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         i = done % len(pairs)

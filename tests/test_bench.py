@@ -48,6 +48,23 @@ def test_bench_spawns_a_pool_rotates_mid_run_and_plots(models: dict[str, Path],
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_baseline_measures_the_seed_and_the_batched_loop_on_the_pools_device(
+    pool: RunningPool,
+) -> None:
+    done = run_cli("bench", "--duration", "3", "--baseline", "--baseline-seconds", "1",
+                   "--threads", "1", "--json", env=pool.env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    base = report["baseline"]
+    assert (base["device"], base["threads"]) == ("cpu", 1)
+    assert base["seed_pairs_per_s"] > 0 and base["batched_pairs_per_s"] > 0
+    assert base["pool_pairs_per_s"] == report["pairs_per_s"]
+    assert base["pool_vs_seed"] == pytest.approx(
+        report["pairs_per_s"] / base["seed_pairs_per_s"], rel=0.02)
+    assert base["pool_vs_batched"] == pytest.approx(
+        report["pairs_per_s"] / base["batched_pairs_per_s"], rel=0.02)
+
+
 def test_bench_refuses_half_a_rotation(pool: RunningPool) -> None:
     done = run_cli("bench", "--rotate-at", "1", "--json", env=pool.env)
     assert done.returncode == 2
