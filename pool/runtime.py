@@ -19,8 +19,9 @@ from pool.health import GOLDEN_PAIRS
 # Texts per forward pass after sorting by length; bounds activation memory on long inputs.
 DEFAULT_CHUNK_TEXTS = 128
 # The fixed cost of one forward pass (Python, dispatch, kernel launches), in the time it takes
-# to compute this many tokens. CPU: MiniLM at one thread, t = 7.2 ms + 0.176 ms x tokens
-# (docs/benchmarks.md). CUDA: launches dominate small batches, so padding is nearly free.
+# to compute this many tokens. CPU: MiniLM at one thread, 40-80 tokens' worth, and 24-96 all
+# plan as well (benchmarks/forward_cost.py). CUDA: launches dominate small batches, so
+# padding is nearly free (assumed; not measured yet).
 FORWARD_OVERHEAD_TOKENS = {"cpu": 48, "cuda": 1024}
 
 
