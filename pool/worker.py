@@ -278,12 +278,18 @@ class WorkerLoop:
         self._count_batch(jobs, unique)
         try:
             vectors = self.encoder.embed(unique).numpy()
-        except Exception as exc:  # OOM, tokenizer failure: the batch fails, the worker lives
-            log.exception("forward pass failed for %d requests", len(jobs))
+        except Exception as exc:  # OOM, a model that cannot take some input: the worker lives
             _release_cuda_cache()
             self.stats["failed_batches"] += 1
-            for job in jobs:
-                self._reply_error(job.seq, p.INTERNAL, f"{type(exc).__name__}: {exc}"[:500])
+            if len(jobs) > 1:
+                # One request's failure must not fail the others batched with it.
+                log.warning("forward pass of %d requests failed (%s: %s); running each alone",
+                            len(jobs), type(exc).__name__, exc)
+                for job in jobs:
+                    self._serve([job])
+                return
+            log.exception("forward pass failed for request %s", jobs[0].seq.hex())
+            self._reply_error(jobs[0].seq, p.INTERNAL, f"{type(exc).__name__}: {exc}"[:500])
             return
         index = {t: i for i, t in enumerate(unique)}
         for job in jobs:

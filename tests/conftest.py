@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psutil
@@ -38,11 +38,15 @@ def _vocab() -> list[str]:
     return SPECIAL + sorted(chars) + words + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
 
 
-def make_tiny_bert(directory: Path, seed: int) -> Path:
-    """A 2-layer BERT with random weights and a vocab covering Chinese characters."""
+def make_tiny_bert(directory: Path, seed: int, unknown_to_model: Sequence[str] = ()) -> Path:
+    """A 2-layer BERT with random weights and a vocab covering Chinese characters.
+
+    Tokens in `unknown_to_model` are in the tokenizer's vocab but beyond the model's
+    embedding table, as with a tokenizer shipped for another model: a text holding one makes
+    the forward pass fail."""
     directory.mkdir(parents=True, exist_ok=True)
     vocab_file = directory / "vocab.txt"
-    vocab_file.write_text("\n".join(_vocab()) + "\n", encoding="utf-8")
+    vocab_file.write_text("\n".join([*_vocab(), *unknown_to_model]) + "\n", encoding="utf-8")
     # transformers 5 takes `vocab`, 4.x `vocab_file`.
     key = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters \
         else "vocab_file"
@@ -50,8 +54,9 @@ def make_tiny_bert(directory: Path, seed: int) -> Path:
     tokenizer.save_pretrained(directory)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, max_position_embeddings=TINY_MAX_LENGTH,
+        vocab_size=tokenizer.vocab_size - len(unknown_to_model), hidden_size=32,
+        num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=TINY_MAX_LENGTH,
         # Wide initial weights spread the scores, so versions and sentences differ clearly.
         initializer_range=1.0,
     )

@@ -24,7 +24,16 @@ from router.client import (
     Similarity,
     UnknownVersion,
 )
-from tests.conftest import SENTENCES, Reference, RunningPool, run_cli, start_pool, stop_pool
+from tests.conftest import (
+    SENTENCES,
+    Reference,
+    RunningPool,
+    make_tiny_bert,
+    run_cli,
+    short_tmpdir,
+    start_pool,
+    stop_pool,
+)
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -262,6 +271,34 @@ def test_second_pool_on_the_same_state_dir_is_refused(pool: RunningPool,
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "already serving" in done.stderr
+
+
+def test_a_request_the_model_cannot_take_fails_alone_not_the_batch_it_shares(
+    pool_factory,
+) -> None:
+    poison = "毒"
+    path = make_tiny_bert(short_tmpdir() / "mismatched", seed=3, unknown_to_model=[poison])
+    pool = pool_factory(path, workers=1)
+    worker = pool.worker_pids()
+    sock = dealer(pool.endpoint)
+    good = orjson.dumps({"pairs": [["今天天气真好", "今日阳光明媚"]]})
+    # One burst: the worker gathers the poisoned request into a batch with good ones.
+    for i in range(40):
+        sock.send_multipart([b"ZP1", b"good%d" % i, b"similarity", b"", good])
+    sock.send_multipart([b"ZP1", b"bad", b"similarity", b"",
+                         orjson.dumps({"pairs": [["今天" + poison, "今日阳光明媚"]]})])
+    for i in range(40, 80):
+        sock.send_multipart([b"ZP1", b"good%d" % i, b"similarity", b"", good])
+    replies = recv_all(sock, 81)
+    bad = replies.pop(b"bad")
+    assert bad[2] == b"error", bad
+    error = orjson.loads(bad[3])
+    assert error["code"] == "internal" and "IndexError" in error["message"]
+    assert {f[2] for f in replies.values()} == {b"ok"}, "a good request failed with the bad one"
+    assert pool.worker_pids() == worker, "the worker must live on"
+    with Client(pool.endpoint) as client:
+        assert client.similarity([("今天天气真好", "今日阳光明媚")]).version == "v1"
+    sock.close()
 
 
 def test_workers_serve_at_the_priority_of_the_server(pool: RunningPool) -> None:
