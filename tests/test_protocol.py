@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import orjson
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from router import protocol as p
@@ -120,16 +120,21 @@ timeout_values = (st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st
 
 
 @given(timeout_values)
+@example(2**64 - 1)  # the largest integer orjson reads as one
+@example(2**64)  # read back as a float: refused
+@example(True)
 def test_the_router_reads_only_a_valid_timeout_ms(value: object) -> None:
     try:
         body = orjson.dumps({"pairs": [["a", "b"]], "timeout_ms": value})
     except orjson.JSONEncodeError:  # beyond 64 bits, as a producer elsewhere may send it
         body = b'{"timeout_ms": %d}' % value
     try:
-        decodable = orjson.loads(body)["timeout_ms"] == value
+        decoded = orjson.loads(body)["timeout_ms"]
     except orjson.JSONDecodeError:
-        decodable = False  # the worker answers bad_request: not JSON it can read
-    valid = decodable and type(value) is int and value > 0
+        decoded = None  # the worker answers bad_request: not JSON it can read
+    # What a JSON decoder reads back must be that very integer (orjson reads integers beyond
+    # 64 bits as floats, which the worker refuses too).
+    valid = type(decoded) is int and decoded == value and decoded > 0
     assert p.peek_timeout_ms(body) == (value if valid else None)
 
 
