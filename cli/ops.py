@@ -28,12 +28,8 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
               f"errors {req['errors']}" + (f" ({errors})" if errors else "")
               + f", dropped {req['dropped']}")
     print_rotation(out, st.get("rotation"))
-    for name, v in st["versions"].items():
-        trouble = v.get("failed") or v.get("crash_loop")
-        if trouble:
-            retry = v.get("next_try_s")
-            out.print(f"[red]{name}: {trouble}[/]"
-                      + (f" (next try in {retry:.0f}s)" if retry is not None else ""))
+    for trouble in version_troubles(st):
+        out.print(f"[red]{trouble}[/]")
     if st.get("system"):
         out.print(system_line(st["system"]))
     limits = st.get("settings") or {}
@@ -57,6 +53,18 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
     # Rich squeezes tables into 80 columns when stdout is not a terminal: don't.
     Console(file=out.file, width=max(out.width, TABLE_WIDTH),
             force_terminal=out.is_terminal).print(table)
+
+
+def version_troubles(st: dict[str, Any]) -> list[str]:
+    """One line per version that cannot serve or keeps crashing, from a status reply."""
+    lines = []
+    for name, v in (st.get("versions") or {}).items():
+        trouble = v.get("failed") or v.get("crash_loop")
+        if trouble:
+            retry = v.get("next_try_s")
+            lines.append(f"{name}: {trouble}"
+                         + (f" (next try in {retry:.0f}s)" if retry is not None else ""))
+    return lines
 
 
 def print_rotation(out: Console, rot: dict[str, Any] | None) -> None:

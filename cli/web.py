@@ -21,6 +21,7 @@ import pandas as pd
 import streamlit as st
 import zmq
 
+from cli.ops import version_troubles
 from pool.config import default_state_dir
 from pool.control import ControlError, PoolNotRunning, control_request
 from router.auth import ClientKeys, KeyFileError
@@ -277,6 +278,8 @@ def status_panel(state_dir: Path) -> None:
     if latency:
         append_sample("latencies", (now, latency["p50"], latency["p99"]))
     headline(status, rate)
+    for trouble in version_troubles(status):
+        st.error(trouble)
     rotation_line(status.get("rotation"))
     workers_table(status.get("workers") or [])
     system_panel(status.get("system"))

@@ -14,6 +14,7 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
+from cli.ops import version_troubles
 from pool import config as c
 from pool.health import (
     DEGRADED,
@@ -289,3 +290,18 @@ def test_bucket_quantile_interpolates_like_prometheus() -> None:
     assert bucket_quantile(0.5, bounds, [0, 10, 0, 0]) == 1.5
     assert bucket_quantile(0.99, bounds, [50, 0, 50, 0]) == 3.96
     assert bucket_quantile(0.5, bounds, [0, 0, 0, 5]) == 4.0  # +Inf answers the top bound
+
+
+def test_status_names_each_version_that_cannot_serve_or_keeps_crashing() -> None:
+    status = {"versions": {
+        "v1": {"failed": None, "crash_loop": None, "next_try_s": None},
+        "v2": {"failed": "crash loop: 5 restarts", "crash_loop": "crash loop: 5 restarts",
+               "next_try_s": 41.6},
+        "v3": {"failed": "weights are corrupt", "crash_loop": None, "next_try_s": None},
+        "v4": {"failed": None, "crash_loop": "crash loop: 6 restarts", "next_try_s": 3.0},
+    }}
+    assert version_troubles(status) == [
+        "v2: crash loop: 5 restarts (next try in 42s)",
+        "v3: weights are corrupt",
+        "v4: crash loop: 6 restarts (next try in 3s)",
+    ]
