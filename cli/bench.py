@@ -44,12 +44,16 @@ class RotationWatch:
     finished: float | None = None
     record: dict = field(default_factory=dict)
     error: str | None = None
+    # The pool's memory right before the rotation and once it ended (old workers reaped).
+    memory_before: PoolMemory | None = None
+    memory_after: PoolMemory | None = None
     _next_poll: float = 0.0
 
     def tick(self, elapsed: float) -> None:
         now = time.monotonic()
         try:
             if self.started is None and elapsed >= self.at:
+                self.memory_before = pool_memory(self.state_dir)
                 self.started = now
                 reply = control_request(self.state_dir, "rotate", version=self.target,
                                         path=self.path, strategy=self.strategy)
@@ -59,6 +63,7 @@ class RotationWatch:
                 self.record = control_request(self.state_dir, "rotation")["rotation"]
                 if self.record.get("outcome") is not None:
                     self.finished = now
+                    self.memory_after = pool_memory(self.state_dir)
         except ControlError as exc:
             self.error, self.finished = str(exc), self.finished or now
 
@@ -73,14 +78,14 @@ class RotationWatch:
 
 @dataclass
 class SoakWatch:
-    """Rotates back and forth every `every` seconds and samples the pool's total RSS."""
+    """Rotates back and forth every `every` seconds and samples the pool's memory."""
 
     state_dir: Path
     every: float
     paths: dict[str, str]  # the two versions and their model directories
     strategy: str = "auto"
     records: list[dict] = field(default_factory=list)
-    rss: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, bytes)
+    memory: list[tuple[float, PoolMemory]] = field(default_factory=list)  # (monotonic, ...)
     error: str | None = None
     _current: int | None = None  # id of the rotation in progress
     _next_at: float = 0.0
@@ -94,7 +99,7 @@ class SoakWatch:
         if now >= self._next_sample and self._current is None:
             # Between rotations only: during a surge both versions are resident by design.
             self._next_sample = now + 1.0
-            self.rss.append((now, pool_rss(self.state_dir)))
+            self.memory.append((now, pool_memory(self.state_dir)))
         if self.error:
             return
         try:
@@ -119,22 +124,42 @@ class SoakWatch:
         return f"{done} rotations done" + (f", stopped: {self.error}" if self.error else "")
 
 
-def pool_rss(state_dir: Path) -> int:
-    """Resident memory of the serve process and everything it started."""
+@dataclass(frozen=True)
+class PoolMemory:
+    rss: int  # bytes resident in the serve process and everything it started
+    gpu: int  # bytes used on the machine's GPUs (NVML, as `pool status` reads it); 0: none
+
+
+def pool_memory(state_dir: Path) -> PoolMemory:
     import psutil
 
     try:
-        server = psutil.Process(control_request(state_dir, "status")["pid"])
+        status = control_request(state_dir, "status")
+        server = psutil.Process(status["pid"])
         procs = [server, *server.children(recursive=True)]
     except (ControlError, psutil.Error):
-        return 0
-    total = 0
+        return PoolMemory(0, 0)
+    rss = 0
     for proc in procs:
         try:
-            total += proc.memory_info().rss
+            rss += proc.memory_info().rss
         except psutil.Error:
             pass  # exited between the listing and the reading
-    return total
+    gpus = (status.get("system") or {}).get("gpus") or []
+    return PoolMemory(rss, sum(g["memory_used_bytes"] for g in gpus))
+
+
+def memory_change(before: PoolMemory | None, after: PoolMemory | None) -> dict[str, Any]:
+    """MiB before and after, and after / before, for RSS and (when there is one) GPU."""
+    out: dict[str, Any] = {}
+    if before is None or after is None:
+        return out
+    for kind in ("rss", "gpu"):
+        was, now = getattr(before, kind), getattr(after, kind)
+        if was:
+            out[kind] = {"before_mib": round(was / 2**20, 1), "after_mib": round(now / 2**20, 1),
+                         "ratio": round(now / was, 3)}
+    return out
 
 
 def soak_report(samples: Samples, soak: SoakWatch, started: float) -> dict[str, Any]:
@@ -151,16 +176,22 @@ def soak_report(samples: Samples, soak: SoakWatch, started: float) -> dict[str, 
     for name, (lo, hi) in windows.items():
         mask = (samples.sent >= lo) & (samples.sent < hi)
         # Readings are taken between rotations; a window spent inside one uses the last before.
-        rss = [b for t, b in soak.rss if lo <= t <= hi and b] or [
-            b for t, b in soak.rss if t <= hi and b][-1:]
+        readings = [m for t, m in soak.memory if lo <= t <= hi and m.rss] or [
+            m for t, m in soak.memory if t <= hi and m.rss][-1:]
         out[name] = {"latency_ms": latency_summary(samples.latency[mask]),
-                     "rss_mib": round(sum(rss) / len(rss) / 2**20, 1) if rss else None}
+                     "rss_mib": _mean_mib([m.rss for m in readings]),
+                     "gpu_mib": _mean_mib([m.gpu for m in readings if m.gpu])}
     first, last = out["first_tenth"], out["last_tenth"]
     if first["latency_ms"]["p50"] and last["latency_ms"]["p50"]:
         out["p50_drift"] = round(last["latency_ms"]["p50"] / first["latency_ms"]["p50"], 3)
-    if first["rss_mib"] and last["rss_mib"]:
-        out["rss_drift"] = round(last["rss_mib"] / first["rss_mib"], 3)
+    for kind in ("rss", "gpu"):
+        if first[f"{kind}_mib"] and last[f"{kind}_mib"]:
+            out[f"{kind}_drift"] = round(last[f"{kind}_mib"] / first[f"{kind}_mib"], 3)
     return out
+
+
+def _mean_mib(values: list[int]) -> float | None:
+    return round(sum(values) / len(values) / 2**20, 1) if values else None
 
 
 class LiveLine:
@@ -222,6 +253,7 @@ def build_report(spec: LoadSpec, samples: Samples, watch: RotationWatch | None,
             "record": watch.record, "error": watch.error,
             "started_s": round(watch.started - started, 3),
             "finished_s": round(stop - started, 3),
+            "memory": memory_change(watch.memory_before, watch.memory_after),
             "phases": {name: {"requests": int(mask.sum()),
                               "errors": int(((outcomes != OK) & mask).sum()),
                               "latency_ms": latency_summary(samples.latency[mask])}
@@ -246,17 +278,22 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
     console.print(head)
     soak = report.get("soak")
     if soak:
+        gpu = soak["first_tenth"]["gpu_mib"] is not None
         table = Table("window", "p50 ms", "p99 ms", "pool RSS MiB (between rotations)",
+                      *(["GPU MiB"] if gpu else []),
                       title=f"soak: {soak['rotations']} rotations {soak['outcomes']}")
         for name in ("first_tenth", "last_tenth"):
-            lat, rss = soak[name]["latency_ms"], soak[name]["rss_mib"]
+            window = soak[name]
+            lat = window["latency_ms"]
             table.add_row(name.replace("_", " "), *(f"{lat[k]:.1f}" if lat[k] else "-"
                                                     for k in ("p50", "p99")),
-                          f"{rss:.0f}" if rss else "-")
+                          *(f"{window[k]:.0f}" if window[k] else "-"
+                            for k in (["rss_mib", "gpu_mib"] if gpu else ["rss_mib"])))
         console.print(table)
         console.print(f"drift, last / first tenth: p50 {soak.get('p50_drift')}x, "
-                      f"RSS {soak.get('rss_drift')}x" +
-                      (f"; stopped early: {soak['error']}" if soak["error"] else ""))
+                      f"RSS {soak.get('rss_drift')}x"
+                      + (f", GPU memory {soak.get('gpu_drift')}x" if gpu else "")
+                      + (f"; stopped early: {soak['error']}" if soak["error"] else ""))
     echo = report.get("echo")
     if echo:
         low = echo["low_load_p50_ms"]
@@ -287,6 +324,11 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
     console.print(table)
     if rec.get("timings"):
         console.print("phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in rec["timings"].items()))
+    names = {"rss": "pool RSS", "gpu": "GPU memory"}
+    changes = [f"{names[kind]} {m['before_mib']:,.0f} -> {m['after_mib']:,.0f} MiB "
+               f"({m['ratio']}x)" for kind, m in rotation.get("memory", {}).items()]
+    if changes:
+        console.print("memory before the rotation -> after it: " + "; ".join(changes))
 
 
 def plot_report(samples: Samples, report: dict[str, Any], started: float, file: Path) -> None:

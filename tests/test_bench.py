@@ -45,6 +45,11 @@ def test_bench_spawns_a_pool_rotates_mid_run_and_plots(models: dict[str, Path],
     assert set(rotation["phases"]) == {"before", "during", "after"}
     assert all(phase["errors"] == 0 for phase in rotation["phases"].values())
     assert rotation["phases"]["after"]["requests"] > 0
+    # Memory before the rotation and once the old workers are gone (RSS; no GPU here).
+    rss = rotation["memory"]["rss"]
+    assert rss["before_mib"] > 0 and rss["after_mib"] > 0
+    assert rss["ratio"] == pytest.approx(rss["after_mib"] / rss["before_mib"], abs=0.01)
+    assert "gpu" not in rotation["memory"]
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -86,3 +91,4 @@ def test_bench_soak_rotates_back_and_forth_and_reports_drift(models: dict[str, P
     for window in ("first_tenth", "last_tenth"):
         assert soak[window]["latency_ms"]["p50"] > 0
     assert soak["first_tenth"]["rss_mib"] > 0 and soak["rss_drift"] > 0
+    assert soak["first_tenth"]["gpu_mib"] is None and "gpu_drift" not in soak  # no GPU here
