@@ -28,6 +28,9 @@ from router.bench import (
 )
 
 ROTATION_POLL_S = 0.25
+# The pool refreshes its GPU figures every second (pool.server): read memory after a rotation
+# once a fresh figure is sure to have replaced the one taken while the old workers lived.
+MEMORY_SETTLE_S = 2.5
 RECENT_WINDOW = 2000  # latencies kept for the live p99
 
 
@@ -44,7 +47,8 @@ class RotationWatch:
     finished: float | None = None
     record: dict = field(default_factory=dict)
     error: str | None = None
-    # The pool's memory right before the rotation and once it ended (old workers reaped).
+    # The pool's memory right before the rotation and MEMORY_SETTLE_S after it ended (the old
+    # workers are reaped by then).
     memory_before: PoolMemory | None = None
     memory_after: PoolMemory | None = None
     _next_poll: float = 0.0
@@ -63,9 +67,17 @@ class RotationWatch:
                 self.record = control_request(self.state_dir, "rotation")["rotation"]
                 if self.record.get("outcome") is not None:
                     self.finished = now
-                    self.memory_after = pool_memory(self.state_dir)
+            elif self.finished is not None and self.memory_after is None \
+                    and now >= self.finished + MEMORY_SETTLE_S:
+                self.memory_after = pool_memory(self.state_dir)
         except ControlError as exc:
             self.error, self.finished = str(exc), self.finished or now
+
+    def settle(self) -> None:
+        """Wait out the rotation, then its memory reading (the load may end first)."""
+        while self.started is not None and self.memory_after is None and self.error is None:
+            self.tick(float("inf"))
+            time.sleep(ROTATION_POLL_S)
 
     @property
     def label(self) -> str:
@@ -467,9 +479,8 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
         started = time.monotonic()
         with live.live:
             samples = run_load(spec, live.progress, live.tick)
-            while watch is not None and watch.started is not None and watch.finished is None:
-                watch.tick(time.monotonic() - started)  # let the rotation finish
-                time.sleep(ROTATION_POLL_S)
+            if watch is not None:
+                watch.settle()
         report = build_report(spec, samples, watch, started)
         if soak is not None:
             report["soak"] = soak_report(samples, soak, started)
