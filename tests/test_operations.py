@@ -117,8 +117,9 @@ def test_status_metrics_and_json_logs_on_a_live_pool(pool_factory, models: dict[
     rich = run_cli("status", env=pool.env)
     assert rich.returncode == 0, rich.stderr
     words = " ".join(rich.stdout.split())  # rich wraps lines when stdout is a pipe
-    for text in ("active v1", "limits: 1024 pairs/request", "workers start by forkserver",
-                 f"metrics {st['metrics_url']}"):
+    for text in ("active v1", "limits: 1024 pairs/request",
+                 "workers start by forkserver and load at nice +10",
+                 "crash loops retried every 60s", f"metrics {st['metrics_url']}"):
         assert text in words, (text, rich.stdout)
 
     m = scrape(st["metrics_url"])
