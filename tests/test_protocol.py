@@ -140,5 +140,8 @@ def test_the_router_reads_only_a_valid_timeout_ms(value: object) -> None:
 
 def test_bodies_without_timeout_ms_are_not_decoded() -> None:
     assert p.peek_timeout_ms(b"not json at all") is None
+    padding = b" " * p.PEEK_MAX_BYTES  # too big to decode in the router: the worker's job
+    assert p.peek_timeout_ms(b'{"timeout_ms": 5}' + padding) is None
+    assert p.peek_timeout_ms(b'{"timeout_ms": 5}' + padding[:-100]) == 5
     assert p.peek_timeout_ms(b'[{"timeout_ms": 5}]') is None
     assert p.peek_timeout_ms(b'{"timeout_ms": 5, ') is None
