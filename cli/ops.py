@@ -38,8 +38,8 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
                   f"chars/text, {limits['max_message_bytes'] / MIB:.0f} MiB/frame, queue "
                   f"{limits['max_queue']}, queue timeout {limits['queue_timeout_s']:.0f}s; "
                   f"workers start by {limits['start_method']} and load at nice "
-                  f"+{limits.get('load_niceness', 0)}; crash loops retried every "
-                  f"{limits.get('crash_retry_s', 0):g}s")
+                  f"+{limits['load_niceness']}; crash loops retried every "
+                  f"{limits['crash_retry_s']:g}s")
     if st.get("metrics_url"):
         out.print(f"metrics {st['metrics_url']}; log {st.get('log_file')}")
     # Worker ids are in --json; the pid names a worker for an operator.
