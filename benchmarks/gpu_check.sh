@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run ON THE GPU MACHINE, after benchmarks/gpu_prepare.sh here, as one device call:
-#   command: bash benchmarks/gpu_check.sh   carry: [".gpu"]   timeout_s: 540 (~7.5 min)
+#   command: bash benchmarks/gpu_check.sh   carry: [".gpu"]   timeout_s: 540 (342 s on an H200)
 # GPU tests first, then the benchmarks docs/benchmarks.md asks for on a GPU; every report
 # lands in $OUT (at most 8 files come back: log.txt, gpu-util.csv and six reports). Each step
 # is bounded, so one that hangs leaves time for the rest.
@@ -28,6 +28,8 @@ trap 'kill $SMI 2>/dev/null' EXIT
 step tests
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_runtime.py \
   2>&1 | tail -30 | tee -a "$LOG"
+step "new shapes: cuDNN attention on vs off"
+timeout 60 python3 benchmarks/new_shapes.py --path $MODEL 2>&1 | grep -v Loading | tee -a "$LOG"
 # Throughput at 64 in flight against the seed's loop and the batched loop, fp16 on the GPU.
 step "throughput: 1 worker, 1 pair/request, with baselines"
 timeout 80 $BENCH --workers 1 --duration 15 --baseline --baseline-seconds 10 \

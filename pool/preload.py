@@ -6,6 +6,7 @@ torch thread pool or CUDA: all three break across fork.
 """
 
 import atexit
+import gc
 import os
 
 import transformers.modeling_utils
@@ -15,6 +16,9 @@ import pool.runtime
 import pool.worker  # noqa: F401
 
 _FORKSERVER_PID = os.getpid()
+# What every worker inherits is never garbage: out of the collector's sight, a worker's
+# collections neither scan it nor write to its pages (which would un-share them).
+gc.freeze()
 
 
 @atexit.register

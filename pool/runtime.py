@@ -32,6 +32,19 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
             "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}[dtype]
 
 
+def plan_free_attention() -> None:
+    """Keep torch's attention off cuDNN in this process.
+
+    torch picks cuDNN attention first on Hopper, and cuDNN builds a plan for every new
+    (rows, tokens) shape: 70 ms median and up to 420 ms per new shape on an H200, against
+    14 ms for the whole forward pass. Dynamic batching makes new shapes all the time, so
+    a pool's p99 went to the plan builds (82 ms, max 1.2 s). The other fused kernels
+    (flash, memory-efficient) need no plan: p99 27 ms, max 52 ms (docs/benchmarks.md,
+    benchmarks/new_shapes.py).
+    """
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 class Encoder:
     """Loads one model version and turns texts into normalised sentence embeddings."""
 
@@ -44,6 +57,8 @@ class Encoder:
         overhead_tokens: int | None = None,
     ) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            plan_free_attention()
         self.dtype = resolve_dtype(dtype, device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path, dtype=self.dtype)
@@ -101,24 +116,29 @@ def plan_chunks(
 ) -> list[tuple[int, int]]:
     """Split texts sorted by token length into `[start, end)` forward passes of least cost.
 
-    A pass costs its rows x its longest length (padding included) plus `overhead_tokens`.
-    Passes start and end only where the length changes (a cut inside a run of equal lengths
-    never pays), found by dynamic programming over those runs; a pass of more than
-    `max_rows` texts runs as several.
+    A pass of at most `max_rows` texts costs its rows x its longest length (padding
+    included) plus `overhead_tokens`. Some plan of least cost starts every pass where the
+    length changes or right after a full pass: a pass starting inside a run of equal
+    lengths can hand its first text to the pass before (at that pass's own width) for
+    nothing more, and saves its own width on it. So the plan is a dynamic programme over
+    runs of equal length, each group of runs cut into full passes from its start.
     """
     if not lengths:
         return []
     ends = [i + 1 for i in range(len(lengths)) if i + 1 == len(lengths)
             or lengths[i + 1] != lengths[i]]
     starts = [0, *ends[:-1]]
-    best = [0] * (len(ends) + 1)  # best[j]: least cost of the first j runs
-    cut = [0] * (len(ends) + 1)  # the run where the last pass of best[j] begins
-    for j, end in enumerate(ends, start=1):
-        width = lengths[end - 1]
-        best[j] = -1
-        for i in range(j):
-            rows = end - starts[i]
-            cost = best[i] + rows * width + overhead_tokens * -(-rows // max_rows)
+    best = [0] + [-1] * len(ends)  # best[j]: least cost of the first j runs; -1: none yet
+    cut = [0] * (len(ends) + 1)  # the run where the last group of best[j] begins
+    for i, start in enumerate(starts):
+        full_end, full_cost = start, 0  # the full passes of the group starting at run i
+        for j in range(i + 1, len(ends) + 1):
+            end = ends[j - 1]
+            while end - full_end >= max_rows:
+                full_end += max_rows
+                full_cost += max_rows * lengths[full_end - 1] + overhead_tokens
+            rest = end - full_end
+            cost = best[i] + full_cost + (rest * lengths[end - 1] + overhead_tokens if rest else 0)
             if best[j] < 0 or cost < best[j]:
                 best[j], cut[j] = cost, i
     passes: list[tuple[int, int]] = []

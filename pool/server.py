@@ -27,6 +27,7 @@ from pool.rotation import RotationController
 from pool.startmethod import ForkserverError
 from pool.supervisor import Supervisor
 from pool.system import system_stats
+from pool.worker import freeze_heap
 from router import protocol as p
 from router.auth import CurveServer, KeyFileError, is_loopback
 from router.broker import Broker
@@ -121,6 +122,7 @@ class PoolServer:
             signal.signal(sig, self._queue_signal)
         try:
             self._start_active_version()
+            freeze_heap()  # the loop every producer shares must not stall on a full collection
             self._loop(wake_r)
         finally:
             signal.set_wakeup_fd(old_wakeup)

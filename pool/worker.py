@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -115,6 +116,17 @@ def load_encoder(cfg: WorkerConfig, device: str) -> tuple[Any, float]:
     return encoder, encoder.warm_up()
 
 
+def freeze_heap() -> None:
+    """Take everything alive now (torch, transformers, the model) out of the collector's sight.
+
+    Called once start-up is over, by workers and by the server. A full collection otherwise
+    walks a worker's ~400k long-lived objects: 150-220 ms with the GIL held, a stall every
+    request of the batch waits out (measured on a worker under load, docs/benchmarks.md).
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def _pin_device(cfg: WorkerConfig) -> None:
     # Must happen before torch initialises CUDA (a forkserver imports torch, never CUDA).
     if cfg.device.startswith("cuda:"):
@@ -175,6 +187,7 @@ class WorkerLoop:
 
     def run(self) -> None:
         info = self._load()
+        freeze_heap()
         self.sock.send_multipart([p.W_READY, orjson.dumps(info)])
         log.info("ready: version %s on %s in %.2fs", self.cfg.version, info["device"],
                  info["load_seconds"])

@@ -7,6 +7,7 @@ PROGRESS_S and hand back every request's (sent time, latency, outcome, version) 
 
 from __future__ import annotations
 
+import gc
 import itertools
 import multiprocessing
 import queue
@@ -138,6 +139,7 @@ def _producer(index: int, spec: LoadSpec, share: int, quota: int | None, deadlin
             return n < quota
         return time.monotonic() < deadline
 
+    gc.freeze()  # a collection walking the imports would show up as the pool's latency
     while len(sent_at) < share and more():
         send()
     tail_deadline: float | None = None

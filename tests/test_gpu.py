@@ -15,6 +15,7 @@ import psutil
 import pytest
 import torch
 
+from pool.runtime import Encoder
 from pool.system import gpu_stats
 from router.client import Client
 from tests.conftest import SENTENCES, Reference, RunningPool, run_cli
@@ -95,3 +96,16 @@ def test_unloading_a_version_frees_its_gpu_memory(pool_factory, models: dict[str
              "v2 workers did not exit")
     wait_for(lambda: gpu_memory_used() <= before * 1.1 + 64 * 2**20, 30,
              f"GPU memory {gpu_memory_used()} did not come back to about {before}")
+
+
+def test_a_cuda_encoder_serves_new_shapes_without_cudnn_attention_plans(
+    models: dict[str, Path], reference: dict[str, Reference]
+) -> None:
+    encoder = Encoder(str(models["v1"]), device="cuda")
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    # Shapes of every row count and length still score as the fp32 seed does.
+    for rows in (1, 3, 8, 17):
+        texts = [SENTENCES[(i + rows) % len(SENTENCES)] * (1 + i % 3) for i in range(rows)]
+        vectors = encoder.embed(texts).float().cpu()
+        want = reference["v1"].embed(texts)
+        assert torch.allclose(vectors, want, atol=FP16_TOLERANCE), rows

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pool.runtime import Encoder, plan_chunks
@@ -83,15 +83,15 @@ def _cost(lengths: list[int], passes: list[tuple[int, int]], overhead: int) -> i
     return sum((end - start) * lengths[end - 1] + overhead for start, end in passes)
 
 
-def _brute_force_cost(lengths: list[int], overhead: int) -> int:
-    """Least cost over every way of cutting where the length changes (no row limit)."""
-    cuts = [i for i in range(1, len(lengths)) if lengths[i] != lengths[i - 1]]
+def _brute_force_cost(lengths: list[int], overhead: int, max_rows: int) -> int:
+    """Least cost over every way of cutting the texts into passes of at most max_rows."""
     best = None
-    for k in range(len(cuts) + 1):
-        for chosen in itertools.combinations(cuts, k):
-            bounds = [0, *chosen, len(lengths)]
-            cost = _cost(lengths, list(itertools.pairwise(bounds)), overhead)
-            best = cost if best is None else min(best, cost)
+    for k in range(len(lengths)):
+        for chosen in itertools.combinations(range(1, len(lengths)), k):
+            passes = list(itertools.pairwise([0, *chosen, len(lengths)]))
+            if all(end - start <= max_rows for start, end in passes):
+                cost = _cost(lengths, passes, overhead)
+                best = cost if best is None else min(best, cost)
     assert best is not None
     return best
 
@@ -114,12 +114,15 @@ def test_chunk_plan_covers_every_text_once_within_the_row_limit(
 
 
 @given(
-    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=14).map(sorted),
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=11).map(sorted),
     overhead=st.integers(0, 60),
+    max_rows=st.integers(1, 12),
 )
-def test_chunk_plan_is_the_cheapest(lengths: list[int], overhead: int) -> None:
-    passes = plan_chunks(lengths, overhead, max_rows=len(lengths))
-    assert _cost(lengths, passes, overhead) == _brute_force_cost(lengths, overhead)
+@example(lengths=[1, 1, 1, 2], overhead=2, max_rows=2)  # a cut inside a run pays here
+def test_chunk_plan_is_the_cheapest(lengths: list[int], overhead: int, max_rows: int) -> None:
+    passes = plan_chunks(lengths, overhead, max_rows)
+    assert all(0 < end - start <= max_rows for start, end in passes)
+    assert _cost(lengths, passes, overhead) == _brute_force_cost(lengths, overhead, max_rows)
 
 
 def test_chunk_plan_trades_padding_against_passes() -> None:
