@@ -9,9 +9,11 @@ texts go together with long ones only when another pass would cost more than the
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from transformers import AutoModel, AutoTokenizer
 
 from pool.health import GOLDEN_PAIRS
@@ -64,6 +66,7 @@ class Encoder:
         model = AutoModel.from_pretrained(path, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         self.max_length = _max_length(self.tokenizer, self.model.config)
+        self.token_ids = token_id_encoder(self.tokenizer, self.max_length)
         self.chunk_texts = chunk_texts
         if overhead_tokens is None:
             overhead_tokens = FORWARD_OVERHEAD_TOKENS.get(self.device.type, 0)
@@ -75,9 +78,7 @@ class Encoder:
         """Normalised embeddings (float32, on CPU), one row per text, in input order."""
         if not texts:
             return torch.empty((0, self.dim))
-        ids = self.tokenizer(
-            texts, truncation=True, max_length=self.max_length, add_special_tokens=True
-        )["input_ids"]
+        ids = self.token_ids(texts)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         lengths = [len(ids[i]) for i in order]
         out = torch.empty((len(texts), self.dim))
@@ -109,6 +110,24 @@ class Encoder:
         start = time.perf_counter()
         self.similarity(list(GOLDEN_PAIRS))
         return time.perf_counter() - start
+
+
+def token_id_encoder(tokenizer: Any, max_length: int) -> Callable[[list[str]], list[list[int]]]:
+    """texts -> their token ids, special tokens added, truncated to `max_length`.
+
+    The same ids as `tokenizer(texts, truncation=True, max_length=max_length)`, from the
+    Rust tokenizer inside it called directly: transformers builds a dict of lists per text
+    and a BatchEncoding around them in Python, which took most of a batch's tokenising time
+    (benchmarks/tokenize_cost.py); a GPU worker spends a quarter of its time tokenising.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # no Rust core (a SentencePiece-only tokenizer): the slow way
+        return lambda texts: tokenizer(texts, truncation=True,
+                                       max_length=max_length)["input_ids"]
+    own = Tokenizer.from_str(backend.to_str())  # a copy: the wrapper resets its own settings
+    own.no_padding()
+    own.enable_truncation(max_length, direction=tokenizer.truncation_side)
+    return lambda texts: [encoding.ids for encoding in own.encode_batch_fast(texts)]
 
 
 def plan_chunks(

@@ -9,8 +9,10 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
+from transformers import AutoTokenizer
 
-from pool.runtime import Encoder, plan_chunks
+from pool.config import embedded_model_path
+from pool.runtime import Encoder, plan_chunks, token_id_encoder
 from tests.conftest import SENTENCES, TINY_MAX_LENGTH, Reference
 
 TOLERANCE = 1e-4
@@ -136,3 +138,24 @@ def test_scores_do_not_depend_on_how_texts_are_split(models: dict[str, Path]) ->
     one_pass = Encoder(str(models["v1"]), overhead_tokens=10**9).similarity(pairs)
     per_length = Encoder(str(models["v1"]), overhead_tokens=0).similarity(pairs)
     assert max(abs(a - b) for a, b in zip(one_pass, per_length, strict=True)) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def tokenizers_under_test(encoder: Encoder) -> dict[str, tuple[object, int]]:
+    """The tiny BERT's and the embedded MiniLM's tokenizers, each with its length limit."""
+    minilm = AutoTokenizer.from_pretrained(embedded_model_path())
+    return {"tiny": (encoder.tokenizer, encoder.max_length), "minilm": (minilm, 64)}
+
+
+TEXTS = st.lists(st.one_of(st.text(max_size=200), st.sampled_from(SENTENCES),
+                           st.sampled_from(SENTENCES).map(lambda s: s * 30)),
+                 min_size=1, max_size=12)
+
+
+@given(texts=TEXTS, which=st.sampled_from(["tiny", "minilm"]))
+def test_token_ids_are_what_the_transformers_tokenizer_gives(
+    tokenizers_under_test: dict[str, tuple[object, int]], texts: list[str], which: str
+) -> None:
+    tokenizer, max_length = tokenizers_under_test[which]
+    want = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]  # type: ignore[operator]
+    assert token_id_encoder(tokenizer, max_length)(texts) == want
