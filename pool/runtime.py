@@ -117,8 +117,8 @@ def token_id_encoder(tokenizer: Any, max_length: int) -> Callable[[list[str]], l
 
     The same ids as `tokenizer(texts, truncation=True, max_length=max_length)`, from the
     Rust tokenizer inside it called directly: transformers builds a dict of lists per text
-    and a BatchEncoding around them in Python, which took most of a batch's tokenising time
-    (benchmarks/tokenize_cost.py); a GPU worker spends a quarter of its time tokenising.
+    and a BatchEncoding around them in Python, a third of a batch's tokenising time
+    (benchmarks/tokenize_cost.py), and a GPU worker spends a quarter of its time tokenising.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # no Rust core (a SentencePiece-only tokenizer): the slow way
