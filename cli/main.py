@@ -163,7 +163,7 @@ def build_settings(path: str | None, version: str | None, workers: int | None, b
     if model not in ("transformer", "echo"):
         raise ValueError(f"--model must be transformer or echo, not {model!r}")
     devices = c.parse_devices(device)
-    choose_start_method(limits.get("start_method", c.DEFAULT_START_METHOD), devices, model)
+    choose_start_method(limits.get("start_method", c.DEFAULT_START_METHOD), model)
     n = workers or c.default_workers(devices)
     return c.PoolSettings(
         path=str(Path(path).resolve()), version=version, workers=n, bind=bind,

@@ -95,8 +95,7 @@ class Supervisor:
         self.procs: dict[str, WorkerProc] = {}
         self.events: deque[dict] = deque(maxlen=200)
         self.restarts_total: Counter[str] = Counter()  # by version, for the life of the pool
-        self.start_method = choose_start_method(settings.start_method, settings.devices,
-                                                settings.model)
+        self.start_method = choose_start_method(settings.start_method, settings.model)
         self._mp = worker_context(self.start_method, settings.threads)
         self._counter = 0
 
