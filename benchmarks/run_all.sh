@@ -15,6 +15,8 @@ PYTHON=${PYTHON:-.venv/bin/python}
 # parallelism on this machine (no router, no producers).
 $PYTHON benchmarks/forward_cost.py --threads 1 --batch 64 | tee "$OUT/forward_cost.txt"
 $PYTHON benchmarks/ceiling.py | tee "$OUT/ceiling.txt"
+# Tokenising a batch: transformers' call against the Rust tokenizer called directly.
+$PYTHON benchmarks/tokenize_cost.py | tee "$OUT/tokenize_cost.txt"
 
 # Throughput at 64 in flight vs the seed's loop and an in-process batched loop (same threads).
 $POOL bench --spawn --workers "$(nproc)" --duration 20 --baseline --baseline-seconds 20 \
