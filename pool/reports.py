@@ -1,0 +1,75 @@
+"""What a worker tells the supervisor about itself: its READY info and its heartbeats.
+
+Typed records in both processes; JSON only on the backend socket between them.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import asdict, dataclass, field
+
+import orjson
+
+# Upper bounds of the batch-size histogram (pairs or texts per forward pass); workers count
+# into these and report with heartbeats.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyInfo:
+    """Sent once, when the worker has loaded and warmed up its model."""
+
+    version: str
+    worker_id: str
+    pid: int
+    capacity: int
+    max_batch: int
+    device: str
+    load_seconds: float = 0.0
+    dtype: str = "none"  # "none": the echo model
+    dim: int = 0  # 0: the echo model, which has no scores to judge
+    warm_up_seconds: float = 0.0
+    max_length: int = 0
+    gpu_memory_bytes: int = 0
+
+    def encode(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ReadyInfo:
+        doc = orjson.loads(raw)
+        return cls(**{name: doc[name] for name in cls.__dataclass_fields__ if name in doc})
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """A worker's running totals of how well batching and dedupe work (every heartbeat)."""
+
+    batches: int = 0
+    requests: int = 0
+    texts: int = 0
+    unique_texts: int = 0
+    failed_batches: int = 0
+    batch_items: int = 0  # pairs or texts, summed over batches
+    # per bucket of BATCH_SIZE_BUCKETS, plus one for larger batches
+    batch_size_counts: list[int] = field(
+        default_factory=lambda: [0] * (len(BATCH_SIZE_BUCKETS) + 1))
+
+    def count_batch(self, requests: int, texts: int, unique_texts: int, items: int) -> None:
+        self.batches += 1
+        self.requests += requests
+        self.texts += texts
+        self.unique_texts += unique_texts
+        self.batch_items += items
+        self.batch_size_counts[bisect.bisect_left(BATCH_SIZE_BUCKETS, items)] += 1
+
+    def encode(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> BatchStats:
+        doc = orjson.loads(raw)
+        return cls(**{name: doc[name] for name in cls.__dataclass_fields__ if name in doc})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
