@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from router.protocol import STATUS_OK
+
 GOLDEN_PAIRS: tuple[tuple[str, str], ...] = (
     ("今天天气真好", "今日阳光明媚"),
     ("我想订一张去北京的机票", "帮我买一张到北京的飞机票"),
@@ -45,9 +47,18 @@ class Expectation:
             raise ValueError(f"expect: {len(pairs)} pairs but {len(scores)} scores")
         return cls(pairs, scores, doc.get("tolerance"))
 
-    def to_dict(self) -> dict:
-        return {"pairs": [list(x) for x in self.pairs], "scores": self.scores,
-                "tolerance": self.tolerance}
+
+@dataclass(frozen=True, slots=True)
+class GoldenCheck:
+    """The result of one golden probe of a version (at load, then every minute)."""
+
+    ok: bool
+    reason: str | None
+    worker: str
+    at: float  # wall clock
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "reason": self.reason, "worker": self.worker, "at": self.at}
 
 
 def probe_pairs(expect: Expectation) -> list[tuple[str, str]]:
@@ -65,7 +76,7 @@ def judge_probe(status: bytes, body: bytes, expect: Expectation, dtype: str) -> 
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         return "probe reply is not JSON"
-    if status != b"ok":
+    if status != STATUS_OK:
         return f"probe failed: {doc.get('code')}: {doc.get('message')}"
     scores = doc.get("scores", [])
     if len(scores) != len(probe_pairs(expect)):

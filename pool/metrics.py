@@ -29,15 +29,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from pool import config as c
-from router import protocol as p
+from pool.reports import BATCH_SIZE_BUCKETS, BatchStats
+from router import protocol
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from pool.rotation import Rotation
-    from pool.supervisor import Supervisor
-    from router.broker import Broker
+    from pool.supervisor import SupervisorSnapshot, WorkerView
+    from router.broker import BrokerSnapshot
 
 log = logging.getLogger("zeropool.metrics")
 
@@ -49,7 +49,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 PHASE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 WORKER_STATES = ("loading", "checking", "ready", "draining", "stopping")
 # Replies that say the pool, not the producer, fell short: these count against health.
-POOL_FAULTS = frozenset({p.INTERNAL, p.WORKER_FAILED, p.TIMEOUT, p.OVERLOADED})
+POOL_FAULTS = frozenset({protocol.INTERNAL, protocol.WORKER_FAILED, protocol.TIMEOUT,
+                         protocol.OVERLOADED})
 NO_LABEL = "none"
 
 
@@ -154,12 +155,12 @@ class BatchTotals:
     """Batch-size histogram per version, summed over live and exited workers."""
 
     def __init__(self) -> None:
-        self._live: dict[str, tuple[str, dict]] = {}  # worker id -> (version, last stats)
+        # worker id -> (version, last stats)
+        self._live: dict[str, tuple[str, BatchStats]] = {}
         self._retired: dict[str, tuple[list[int], int]] = {}  # version -> (counts, items)
 
-    def update(self, rows: list[dict]) -> None:
-        seen = {row["id"]: (row["version"], row["batching"]) for row in rows
-                if row.get("batching")}
+    def update(self, workers: list[WorkerView]) -> None:
+        seen = {w.id: (w.version, w.batching) for w in workers if w.batching is not None}
         for wid, (version, stats) in self._live.items():
             if wid not in seen:
                 self._add(self._retired, version, stats)
@@ -172,11 +173,11 @@ class BatchTotals:
         return out
 
     @staticmethod
-    def _add(into: dict[str, tuple[list[int], int]], version: str, stats: dict) -> None:
-        counts = stats.get("batch_size_counts") or []
-        have, items = into.get(version, ([0] * (len(c.BATCH_SIZE_BUCKETS) + 1), 0))
+    def _add(into: dict[str, tuple[list[int], int]], version: str, stats: BatchStats) -> None:
+        counts = stats.batch_size_counts
+        have, items = into.get(version, ([0] * (len(BATCH_SIZE_BUCKETS) + 1), 0))
         into[version] = ([a + b for a, b in zip(have, counts, strict=False)] + have[len(counts):],
-                         items + int(stats.get("batch_items", 0)))
+                         items + stats.batch_items)
 
 
 class PoolMetrics:
@@ -202,13 +203,13 @@ class PoolMetrics:
         for phase, seconds in rot.timings.items():
             self.rotation_phase.labels(phase).observe(seconds)
 
-    def refresh(self, broker: Broker, supervisor: Supervisor, system: dict) -> None:
-        rows = supervisor.worker_rows()
-        self.batches.update(rows)
+    def refresh(self, broker: BrokerSnapshot, supervisor: SupervisorSnapshot,
+                system: dict) -> None:
+        self.batches.update(supervisor.workers)
         self.recent.record(time.monotonic(), self.replies.by_version_code(),
                            self.replies.all_buckets())
         self.state.families = [*self._reply_families(),
-                               *self._pool_families(broker, supervisor, rows),
+                               *self._pool_families(broker, supervisor),
                                *self._system_families(system)]
 
     # -- the exporter ------------------------------------------------------------------------
@@ -242,9 +243,9 @@ class PoolMetrics:
                                 sum_value=self.replies.sums[(version, op)])
         return [requests, duration]
 
-    def _pool_families(self, broker: Broker, supervisor: Supervisor,
-                       rows: list[dict]) -> list[Metric]:
-        versions = sorted(set(supervisor.plans) | set(broker.lanes))
+    def _pool_families(self, broker: BrokerSnapshot,
+                       supervisor: SupervisorSnapshot) -> list[Metric]:
+        versions = sorted(set(supervisor.versions) | set(broker.lanes))
         up = GaugeMetricFamily("zeropool_up", "1 while the pool serves.")
         up.add_metric([], 1.0)
         uptime = GaugeMetricFamily("zeropool_uptime_seconds", "Seconds since the pool started.")
@@ -268,13 +269,14 @@ class PoolMetrics:
         gpu = GaugeMetricFamily("zeropool_worker_gpu_memory_bytes",
                                 "GPU memory the workers' models hold.", labels=["version"])
         for version in versions:
-            queue.add_metric([version], broker.queue_length(version))
-            mine = [r for r in rows if r["version"] == version]
-            inflight.add_metric([version], sum(r["inflight"] for r in mine))
+            lane = broker.lanes.get(version)
+            queue.add_metric([version], lane.queued if lane is not None else 0)
+            mine = [w for w in supervisor.workers if w.version == version]
+            inflight.add_metric([version], sum(w.inflight for w in mine))
             for state in WORKER_STATES:
-                workers.add_metric([version, state], sum(r["state"] == state for r in mine))
-            rss.add_metric([version], sum(r["rss_bytes"] for r in mine))
-            gpu.add_metric([version], sum(r["gpu_memory_bytes"] or 0 for r in mine))
+                workers.add_metric([version, state], sum(w.state == state for w in mine))
+            rss.add_metric([version], sum(w.rss_bytes for w in mine))
+            gpu.add_metric([version], sum(w.gpu_memory_bytes for w in mine))
         restarts = CounterMetricFamily("zeropool_worker_restarts",
                                        "Workers that died or failed and were replaced.",
                                        labels=["version"])
@@ -286,7 +288,7 @@ class PoolMetrics:
     def _batch_family(self) -> Metric:
         family = HistogramMetricFamily("zeropool_batch_size",
                                        "Pairs or texts per forward pass.", labels=["version"])
-        bounds = [str(float(b)) for b in c.BATCH_SIZE_BUCKETS] + ["+Inf"]
+        bounds = [str(float(b)) for b in BATCH_SIZE_BUCKETS] + ["+Inf"]
         for version, (counts, items) in sorted(self.batches.totals().items()):
             family.add_metric([version], _cumulative(bounds, counts), sum_value=items)
         return family

@@ -29,10 +29,10 @@ from typing import Any
 
 import psutil
 
-from pool import config as c
+from pool import config
 from pool.health import Expectation
 from pool.registry import Registry
-from pool.supervisor import CHECKING, DRAINING, LOADING, READY, STOPPING, Supervisor
+from pool.supervisor import CHECKING, DRAINING, LIVE, READY, STOPPING, Routing, Supervisor
 from pool.system import gpu_stats
 from router.broker import Broker
 
@@ -56,7 +56,6 @@ class Phase(str, Enum):
 
 
 TERMINAL = (Phase.DONE, Phase.FAILED)
-LIVE = (LOADING, CHECKING, READY)
 BEFORE_SWITCH = (Phase.SPAWNING, Phase.LOADING, Phase.HEALTH_CHECK)
 
 
@@ -77,7 +76,7 @@ class Rotation:
     strategy_reason: str = ""
     phase: Phase = Phase.IDLE
     started_at: float = field(default_factory=time.time)
-    phase_since: float = field(default_factory=time.monotonic)
+    phase_since: float = 0.0  # the controller's clock
     timings: dict[str, float] = field(default_factory=dict)
     reason: str | None = None
     switched: bool = False
@@ -97,8 +96,7 @@ class Rotation:
             return "rolled_back" if not self.switched or self.canary else "failed"
         return None
 
-    def as_dict(self) -> dict[str, Any]:
-        now = time.monotonic()
+    def as_dict(self, now: float) -> dict[str, Any]:
         return {
             "id": self.id, "target": self.target, "source": self.source, "path": self.path,
             "strategy": self.strategy, "strategy_reason": self.strategy_reason,
@@ -111,10 +109,12 @@ class Rotation:
 
 
 class RotationController:
-    def __init__(self, supervisor: Supervisor, broker: Broker, registry: Registry) -> None:
+    def __init__(self, supervisor: Supervisor, broker: Broker, registry: Registry, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.supervisor = supervisor
         self.broker = broker
         self.registry = registry
+        self.clock = clock
         self.current: Rotation | None = None
         self.on_finish: Callable[[Rotation], None] | None = None  # metrics
         self._ids = 0
@@ -159,7 +159,7 @@ class RotationController:
         self._ids += 1
         rot = Rotation(self._ids, target, path, source, workers, strategy, drain_timeout_s,
                        canary / 100 if canary is not None else None,
-                       strategy_reason=strategy_reason)
+                       strategy_reason=strategy_reason, phase_since=self.clock())
         self.current = rot
         self.registry.log("rotation_started", rotation=rot.id, target=target, source=source,
                           strategy=strategy, canary=rot.canary)
@@ -168,7 +168,8 @@ class RotationController:
                  workers, f", canary {canary}%" if canary is not None else "")
         self._enter(rot, Phase.SPAWNING)
         if not loaded:
-            self.supervisor.want(target, path, 0, expect)  # the steps below add workers
+            # The steps below add workers; its lane opens at the switch.
+            self.supervisor.want(target, path, 0, expect, routing=Routing.HIDDEN)
         return rot
 
     def promote(self) -> Rotation:
@@ -239,14 +240,13 @@ class RotationController:
         if rot.source_closed_at is None:
             # Requests pinned to the old version are served until it is idle or time is up.
             if self._source_idle(source, now) or now - rot.phase_since > rot.drain_timeout_s:
-                self.broker.close_lane(source)
+                self.supervisor.set_routing(source, Routing.CLOSED)
                 rot.source_closed_at = now
             return
         if not rot.source_retired:
             # What is queued still needs the old workers; what is in flight drains with them.
             queued = self.broker.queue_length(source)
-            if queued == 0 or now - rot.source_closed_at > c.STOP_GRACE_S:
-                self.broker.remove_lane(source)
+            if queued == 0 or now - rot.source_closed_at > config.STOP_GRACE_S:
                 self.supervisor.retire_version(source)
                 rot.source_retired = True
             return
@@ -255,14 +255,12 @@ class RotationController:
 
     def _source_idle(self, source: str, now: float) -> bool:
         return (self.broker.version_load(source) == 0
-                and self.broker.pinned_quiet_for(source, now) >= c.DRAIN_QUIET_S)
+                and self.broker.pinned_quiet_for(source, now) >= config.DRAIN_QUIET_S)
 
     def _step_rolling_back(self, rot: Rotation, now: float) -> None:
         if self.broker.version_load(rot.target) > 0 and now - rot.phase_since < \
                 rot.drain_timeout_s:
             return  # a canary's in-flight requests finish first
-        if rot.target in self.broker.lanes:
-            self.broker.remove_lane(rot.target)
         self.supervisor.retire_version(rot.target)
         if self.supervisor.has_workers(rot.target):
             return
@@ -277,7 +275,7 @@ class RotationController:
 
     def _switch(self, rot: Rotation) -> None:
         """The one step that moves traffic: open the new lane, point routing at it."""
-        self.broker.open_lane(rot.target)
+        self.supervisor.set_routing(rot.target, Routing.OPEN)
         if rot.canary is not None and rot.source is not None:
             self.broker.set_active(rot.source, canary=(rot.target, rot.canary))
             rot.switched = True
@@ -299,7 +297,7 @@ class RotationController:
         log.error("rotation %d to %s: %s; rolling back", rot.id, rot.target, reason)
         if rot.phase == Phase.CANARY and rot.source is not None:
             self.broker.set_active(rot.source)
-            self.broker.close_lane(rot.target)
+            self.supervisor.set_routing(rot.target, Routing.CLOSED)
         self._enter(rot, Phase.ROLLING_BACK)
 
     def _finish(self, rot: Rotation, phase: Phase) -> None:
@@ -312,7 +310,7 @@ class RotationController:
             self.on_finish(rot)
 
     def _enter(self, rot: Rotation, phase: Phase) -> None:
-        now = time.monotonic()
+        now = self.clock()
         spent = now - rot.phase_since
         if rot.phase != Phase.IDLE:
             rot.timings[rot.phase.value] = round(rot.timings.get(rot.phase.value, 0) + spent, 3)
@@ -354,9 +352,9 @@ class RotationController:
         if source is None:
             return "surge", "auto: nothing serves yet"
         per_worker_cpu = self.supervisor.memory_per_worker(source)
-        gpu = [w for w in self.supervisor.worker_rows() if w["gpu_memory_bytes"]]
+        gpu = [w for w in self.supervisor.worker_views() if w.gpu_memory_bytes]
         if gpu:
-            need = max(w["gpu_memory_bytes"] for w in gpu) * workers * MEMORY_HEADROOM
+            need = max(w.gpu_memory_bytes for w in gpu) * workers * MEMORY_HEADROOM
             free = _free_gpu_memory()
         else:
             need = per_worker_cpu * workers * MEMORY_HEADROOM
@@ -370,7 +368,7 @@ class RotationController:
 
     def status(self) -> dict[str, Any] | None:
         rot = self.current
-        return rot.as_dict() if rot is not None else None
+        return rot.as_dict(self.clock()) if rot is not None else None
 
 
 def _free_gpu_memory() -> int:

@@ -1,8 +1,9 @@
 """`pool serve`: one process, one event loop holding the router, the supervisor and control.
 
 The loop polls the backend (replies free credit), the frontend (new requests), the control
-socket and a self-pipe for signals, then dispatches queued work; every TICK_S it lets the
-supervisor converge the pool. Signals only queue an event (gunicorn's arbiter pattern).
+socket and a self-pipe for signals, hands the broker's events to the supervisor, then
+dispatches queued work; every TICK_S it lets the supervisor converge the pool and the
+rotation take its next step. Signals only queue an event (gunicorn's arbiter pattern).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from pool import config as c
+from pool import config
 from pool.commands import Commands
 from pool.control import ControlServer
 from pool.health import Expectation
@@ -25,10 +26,11 @@ from pool.metrics import REFRESH_S, PoolMetrics
 from pool.registry import Registry
 from pool.rotation import RotationController
 from pool.startmethod import ForkserverError
+from pool.status import PoolSnapshot
 from pool.supervisor import Supervisor
 from pool.system import system_stats
 from pool.worker import freeze_heap
-from router import protocol as p
+from router import protocol
 from router.auth import CurveServer, KeyFileError, is_loopback
 from router.broker import Broker
 
@@ -43,7 +45,7 @@ class StartupError(RuntimeError):
 
 
 class PoolServer:
-    def __init__(self, settings: c.PoolSettings) -> None:
+    def __init__(self, settings: config.PoolSettings) -> None:
         self.settings = settings
         self.state_dir = prepare_state_dir(settings.state_dir)
         self.registry = Registry(self.state_dir)
@@ -53,7 +55,6 @@ class PoolServer:
             self.broker = Broker(
                 self.ctx, settings.bind, settings.backend_endpoint,
                 max_queue=settings.max_queue, queue_timeout_s=settings.queue_timeout_s,
-                on_worker_ready=self._on_worker_ready,
                 max_message_bytes=settings.max_message_bytes, curve=self.curve,
             )
         except zmq.ZMQError as exc:
@@ -72,7 +73,8 @@ class PoolServer:
         self.rotations = RotationController(self.supervisor, self.broker, self.registry)
         self.rotations.on_finish = self.metrics.on_rotation_finished
         self.system = system_stats()
-        self.control = ControlServer(self.ctx, self.state_dir, Commands(self).handlers())
+        commands = Commands(self, self.rotations, self.registry)
+        self.control = ControlServer(self.ctx, self.state_dir, commands.handlers())
         self.started = time.time()
         self.stopping_since: float | None = None
         self.exit_code = 0
@@ -158,11 +160,54 @@ class PoolServer:
                 log.info("auto-loading %s from %s", entry["version"], entry["path"])
                 self.load_version(entry["version"], entry["path"])
 
+    # -- what commands may ask (pool.commands.PoolHandle) ------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self.stopping_since is not None
+
+    @property
+    def active_version(self) -> str | None:
+        return self.broker.active
+
+    @property
+    def default_workers(self) -> int:
+        return self.settings.workers
+
+    def loaded(self, version: str) -> bool:
+        return version in self.supervisor.plans
+
     def load_version(self, version: str, path: str, workers: int | None = None) -> None:
+        """Workers of `version` start; requests for it queue while they load."""
         entry = self.registry.version(version) or {}
         self.supervisor.want(version, path, workers or self.settings.workers,
                              Expectation.from_dict(entry.get("expect")))
-        self.broker.open_lane(version)  # requests queue while the workers load
+
+    def unload_version(self, version: str) -> None:
+        self.supervisor.retire_version(version)
+
+    def snapshot(self) -> PoolSnapshot:
+        s = self.settings
+        return PoolSnapshot(
+            pid=os.getpid(), uptime_s=round(time.time() - self.started, 1),
+            stopping=self.stopping, now=time.monotonic(),
+            previous=self.registry.data["previous"],
+            requests_per_s=round(self.metrics.recent.per_second(), 1),
+            latency_ms=self.metrics.recent.latency_ms(),
+            replies_by_code={name: self.metrics.recent.by_code(name)
+                             for name in self.supervisor.plans},
+            metrics_url=self.metrics_url, log_file=str(self.state_dir / config.LOG_FILE),
+            system=self.system,
+            settings={"workers": s.workers, "devices": s.devices, "dtype": s.dtype,
+                      "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms,
+                      "threads": s.threads, "load_niceness": s.load_niceness,
+                      "crash_retry_s": s.crash_retry_s, "max_queue": s.max_queue,
+                      "queue_timeout_s": s.queue_timeout_s, "max_pairs": s.max_pairs,
+                      "max_text_chars": s.max_text_chars,
+                      "max_message_bytes": s.max_message_bytes,
+                      "metrics_port": s.metrics_port},
+            broker=self.broker.snapshot(), supervisor=self.supervisor.snapshot(),
+            rotation=self.rotations.status())
 
     def _loop(self, wake_r: socket.socket) -> None:
         poller = zmq.Poller()
@@ -174,12 +219,14 @@ class PoolServer:
         if curve is not None:
             poller.register(curve.zap_socket, zmq.POLLIN)
         backend, frontend, control = self.broker.backend, self.broker.frontend, self.control.sock
-        tick_ms = int(c.TICK_S * 1000)
+        tick_ms = int(config.TICK_S * 1000)
         next_tick = next_refresh = 0.0
         while True:
             events = dict(poller.poll(tick_ms))
             if backend in events:
                 self.broker.handle_backend()
+                for event in self.broker.take_events():
+                    self.supervisor.handle(event)
             if frontend in events:
                 self.broker.handle_frontend()
             if control in events:
@@ -192,19 +239,19 @@ class PoolServer:
             self.broker.dispatch()
             now = time.monotonic()
             if now >= next_tick:
-                next_tick = now + c.TICK_S
+                next_tick = now + config.TICK_S
                 self.supervisor.tick(now)
                 if self.stopping_since is None:
                     self.rotations.step(now)
-                self._remove_orphan_lanes()
                 self.broker.expire_queued(now)
-                self._check_failed_versions()
+                self._check_active_failed()
                 if self.stopping_since is not None and self._shutdown_step(now):
                     return
             if now >= next_refresh:
                 next_refresh = now + REFRESH_S
                 self.system = system_stats()
-                self.metrics.refresh(self.broker, self.supervisor, self.system)
+                self.metrics.refresh(self.broker.snapshot(), self.supervisor.snapshot(),
+                                     self.system)
                 if curve is not None:
                     curve.reload_if_changed()
 
@@ -230,28 +277,16 @@ class PoolServer:
             if busy:
                 log.warning("%d requests still pending after %.0fs; stopping anyway", busy,
                             SHUTDOWN_DRAIN_S)
-                self.broker.fail_all_queued(p.SHUTTING_DOWN, "pool stopped before it could run")
+                self.broker.fail_all_queued(protocol.SHUTTING_DOWN,
+                                            "pool stopped before it could run")
             self.supervisor.stop_all()
         if not self.supervisor.plans and self.supervisor.idle:
             log.info("all workers stopped; bye")
             return True
         return False
 
-    def _on_worker_ready(self, wid: bytes, info: dict) -> None:
-        self.supervisor.on_worker_ready(wid, info)
-
-    def _remove_orphan_lanes(self) -> None:
-        """A version whose workers are all gone (unloaded) stops taking requests."""
-        for version in list(self.broker.lanes):
-            if version not in self.supervisor.plans and version != self.broker.active:
-                self.broker.remove_lane(version)
-
-    def _check_failed_versions(self) -> None:
-        """Versions that cannot serve answer at once, until they can again; at start-up, a
-        failed active version ends the pool."""
-        for version in self.supervisor.plans:
-            if version in self.broker.lanes:
-                self.broker.set_lane_failure(version, self.supervisor.failure(version))
+    def _check_active_failed(self) -> None:
+        """At start-up, a failed active version ends the pool."""
         active = self.supervisor.plans.get(self.broker.active or "")
         if active is None or active.ever_ready or not active.failed:
             return
@@ -259,7 +294,8 @@ class PoolServer:
             log.error("active version %s failed: %s; shutting down", active.version, active.failed)
             self.exit_code = 1
             self.begin_shutdown()
-            self.broker.fail_all_queued(p.WORKER_FAILED, f"version failed: {active.failed}")
+            self.broker.fail_all_queued(protocol.WORKER_FAILED,
+                                        f"version failed: {active.failed}")
 
 
 def prepare_state_dir(state_dir: Path) -> Path:
@@ -303,6 +339,6 @@ def _drain_pipe(sock: socket.socket) -> None:
         pass
 
 
-def serve(settings: c.PoolSettings) -> int:
+def serve(settings: config.PoolSettings) -> int:
     settings.state_dir = Path(settings.state_dir).resolve()
     return PoolServer(settings).run()

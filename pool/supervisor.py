@@ -2,42 +2,62 @@
 
 Modelled on gunicorn's arbiter: every tick reaps exited workers, kills hung ones, escalates
 stops (STOP -> SIGTERM -> SIGKILL) and spawns or retires workers until each version runs
-the number wanted of it. Callers (the server, the rotation) only change what is wanted.
-Nothing here blocks.
+the number wanted of it. Callers (the server, the rotation, commands) only change what is
+wanted. Nothing here blocks, and time is whatever `clock` says (a fake one in tests).
 
 A worker goes LOADING -> CHECKING (READY received, health probe sent) -> READY (routable);
 then DRAINING (no new work, in-flight finishes) -> STOPPING (STOP sent) -> reaped.
+
+Each worker has one record, `Worker`: the broker routes to the same object (its routing
+fields), so nothing is copied between a process table and a routing table. What happens on
+the backend reaches the supervisor as broker events (`handle`). The lanes of the broker,
+which versions take requests, change in one place: `sync_lanes`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.process import BaseProcess
+from enum import Enum
 
 import psutil
 
-from pool import config as c
-from pool.health import Expectation, judge_probe, probe_body
-from pool.startmethod import (
-    choose_start_method,
-    ensure_forkserver,
-    stop_forkserver,
-    worker_context,
+from pool import config
+from pool.health import Expectation, GoldenCheck, judge_probe, probe_body
+from pool.processes import Launcher, Spawner, WorkerProcess
+from pool.reports import BatchStats, ReadyInfo
+from pool.startmethod import choose_start_method
+from pool.worker import WorkerConfig
+from router import protocol
+from router.broker import (
+    Broker,
+    BrokerEvent,
+    HeartbeatReceived,
+    Pending,
+    ProbeAnswered,
+    WorkerAnnounced,
 )
-from pool.worker import WorkerConfig, worker_main
-from router import protocol as p
-from router.broker import Broker
 
 log = logging.getLogger("zeropool.supervisor")
 
 LOADING, CHECKING, READY = "loading", "checking", "ready"
 DRAINING, STOPPING = "draining", "stopping"
+LIVE = (LOADING, CHECKING, READY)  # counts toward its version's wanted workers
 PROBE_TIMEOUT_S = 60.0
+HEALTH_PROBE, GOLDEN_PROBE = "health", "golden"  # what a probe is for
+REAP_TIMEOUT_S = 5.0
+
+
+class Routing(str, Enum):
+    """Whether a version's lane in the broker takes requests (see `sync_lanes`)."""
+
+    HIDDEN = "hidden"  # no lane: a rotation's target before the switch
+    OPEN = "open"  # requests queue for it, pinned or routed
+    CLOSED = "closed"  # new requests pinned to it are refused; queued ones still run
 
 
 @dataclass
@@ -48,6 +68,7 @@ class VersionPlan:
     path: str
     workers: int  # wanted
     expect: Expectation = field(default_factory=Expectation)
+    routing: Routing = Routing.OPEN
     crashes: deque[float] = field(default_factory=deque)
     restarts: int = 0
     backoff_until: float = 0.0
@@ -58,122 +79,238 @@ class VersionPlan:
     crash_loop: str | None = None
     retired: bool = False  # forget the plan once its last worker has exited
     # The last golden check (at load, then every GOLDEN_RECHECK_S on one ready worker).
-    golden: dict | None = None
+    golden: GoldenCheck | None = None
     golden_due: float = 0.0
-    golden_pending: bool = False
+    golden_probe: bytes | None = None  # the worker re-answering the golden probe now
 
 
-@dataclass
-class WorkerProc:
-    wid: str
+@dataclass(slots=True, eq=False)
+class Worker:
+    """One worker process: the supervisor's record of it and the broker's (one record)."""
+
+    id: bytes  # its DEALER identity; `name` is the same id as text
     version: str
     slot: int
     device: str
-    process: BaseProcess
-    pid: int
+    process: WorkerProcess
     started: float
+    capacity: int
+    restarts: int = 0
     state: str = LOADING
+    info: ReadyInfo | None = None  # from READY
     checking_since: float | None = None
     drain_since: float | None = None
     stop_at: float | None = None  # when STOP was sent
     term_at: float | None = None  # when SIGTERM was sent
-    info: dict = field(default_factory=dict)
-    restarts: int = 0
-    checked_at: float = 0.0  # last golden re-check (monotonic)
+    checked_at: float = 0.0  # last golden re-check
+    batching: BatchStats | None = None  # from its latest heartbeat
+    # Routing: read and written by the broker (router.broker.RoutedWorker).
+    inflight: dict[int, Pending] = field(default_factory=dict)
+    served: int = 0
+    errors: int = 0
+    last_seen: float = 0.0
+    unreachable: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.id.decode()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     @property
     def live(self) -> bool:
         """Counts toward its version's wanted workers (not on its way out)."""
-        return self.state in (LOADING, CHECKING, READY)
+        return self.state in LIVE
+
+    @property
+    def routable(self) -> bool:
+        return self.state == READY and not self.unreachable
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """One worker as `pool status`, health and metrics see it."""
+
+    id: str
+    pid: int
+    version: str
+    device: str
+    state: str
+    restarts: int
+    inflight: int
+    served: int
+    errors: int
+    last_heartbeat_s: float | None  # None until it announced itself
+    uptime_s: float
+    load_seconds: float | None
+    rss_bytes: int
+    gpu_memory_bytes: int
+    batching: BatchStats | None
+
+
+@dataclass(frozen=True, slots=True)
+class VersionView:
+    """One version's plan and workers, as status and health see it."""
+
+    version: str
+    path: str
+    workers_wanted: int
+    workers_ready: int
+    failed: str | None  # why it cannot serve now (broken, or crash-looping with none ready)
+    crash_loop: str | None
+    next_try_s: float | None
+    restarts: int
+    retired: bool
+    ever_ready: bool
+    crash_times: tuple[float, ...]  # the clock at each crash in the crash-loop window
+    golden: GoldenCheck | None
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorSnapshot:
+    start_method: str
+    versions: dict[str, VersionView]
+    workers: list[WorkerView]
+    events: list[dict]
+    restarts_total: dict[str, int]
 
 
 class Supervisor:
-    def __init__(self, settings: c.PoolSettings, broker: Broker) -> None:
+    def __init__(self, settings: config.PoolSettings, broker: Broker, *,
+                 spawn: Spawner | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.broker = broker
+        self.clock = clock
         self.plans: dict[str, VersionPlan] = {}
-        self.procs: dict[str, WorkerProc] = {}
+        self.workers: dict[bytes, Worker] = {}
         self.events: deque[dict] = deque(maxlen=200)
         self.restarts_total: Counter[str] = Counter()  # by version, for the life of the pool
         self.start_method = choose_start_method(settings.start_method, settings.model)
-        self._mp = worker_context(self.start_method, settings.threads)
+        self._launcher = Launcher(self.start_method, settings.threads) if spawn is None else None
+        self._spawner: Spawner = spawn or self._launcher  # type: ignore[assignment]
         self._counter = 0
 
     # -- what is wanted ----------------------------------------------------------------------
 
-    def want(self, version: str, path: str, workers: int,
-             expect: Expectation | None = None) -> VersionPlan:
+    def want(self, version: str, path: str, workers: int, expect: Expectation | None = None,
+             routing: Routing = Routing.OPEN) -> VersionPlan:
         """Run `workers` workers of `version` (spawned on the next tick)."""
         plan = self.plans.get(version)
         if plan is None or plan.path != path or plan.failed or plan.retired:
-            plan = VersionPlan(version, path, workers, expect or Expectation())
+            plan = VersionPlan(version, path, workers, expect or Expectation(), routing)
             self.plans[version] = plan
         plan.workers = workers
+        self.sync_lanes()
         return plan
 
     def set_workers(self, version: str, workers: int) -> None:
         self.plans[version].workers = workers
 
+    def set_routing(self, version: str, routing: Routing) -> None:
+        self.plans[version].routing = routing
+        self.sync_lanes()
+
     def retire_version(self, version: str) -> None:
-        """Stop wanting a version: its workers drain, then stop; the plan goes once all exit."""
+        """Stop wanting a version: its workers drain, then stop; the plan goes once all exit.
+        Its lane goes now: what is still queued for it fails as unknown_version."""
         plan = self.plans.get(version)
         if plan is not None:
             plan.workers = 0
             plan.retired = True
+        self.sync_lanes()
 
     def stop_all(self) -> None:
-        for version in self.plans:
+        for version in list(self.plans):
             self.retire_version(version)
+
+    def sync_lanes(self) -> None:
+        """The one place the broker's lanes change: they follow the plans.
+
+        A lane exists for each plan that is neither retired nor hidden, and for the active
+        version whatever its plan (it goes only when another version is active); it is open
+        or closed as its plan's routing says, and failed while the version cannot serve.
+        """
+        broker = self.broker
+        wanted = {name: plan.routing for name, plan in self.plans.items()
+                  if not plan.retired and plan.routing is not Routing.HIDDEN}
+        for name in list(broker.lanes):
+            if name not in wanted and name != broker.active:
+                broker.remove_lane(name)
+        for name, routing in wanted.items():
+            if routing is Routing.OPEN:
+                broker.open_lane(name)
+            else:
+                broker.close_lane(name)
+        for name in self.plans:
+            broker.set_lane_failure(name, self.failure(name))
 
     # -- events from the broker --------------------------------------------------------------
 
-    def on_worker_ready(self, wid: bytes, info: dict) -> None:
-        """A worker loaded its model: probe it through the backend before it takes traffic."""
-        proc = self.procs.get(wid.decode())
-        if proc is None or proc.state != LOADING:
-            self.broker.stop_worker(wid)
-            return
-        proc.state, proc.info, proc.checking_since = CHECKING, info, time.monotonic()
-        self._record("loaded", proc, load_seconds=info.get("load_seconds"))
-        plan = self.plans[proc.version]
-        self.broker.probe(wid, p.OP_SIMILARITY, probe_body(plan.expect),
-                          lambda status, body: self._on_probe(proc, status, body))
+    def handle(self, event: BrokerEvent) -> None:
+        if isinstance(event, HeartbeatReceived):
+            worker = self.workers.get(event.worker)
+            if worker is not None:
+                worker.batching = BatchStats.decode(event.body)
+        elif isinstance(event, WorkerAnnounced):
+            self._on_announced(event)
+        elif event.purpose == HEALTH_PROBE:
+            self._on_health_probe(event)
+        else:
+            self._on_golden_probe(event)
 
-    def _on_probe(self, proc: WorkerProc, status: bytes, body: bytes) -> None:
-        if proc.state != CHECKING:
+    def _on_announced(self, event: WorkerAnnounced) -> None:
+        """A worker loaded its model: probe it through the backend before it takes traffic."""
+        worker = self.workers.get(event.worker)
+        if worker is None or worker.state != LOADING:
+            self.broker.stop_worker(event.worker)
             return
-        plan = self.plans.get(proc.version)
+        worker.state, worker.checking_since = CHECKING, self.clock()
+        worker.info = ReadyInfo.decode(event.info)
+        self._record("loaded", worker, load_seconds=worker.info.load_seconds)
+        plan = self.plans[worker.version]
+        self.broker.probe(worker.id, HEALTH_PROBE, protocol.OP_SIMILARITY,
+                          probe_body(plan.expect))
+
+    def _on_health_probe(self, event: ProbeAnswered) -> None:
+        worker = self.workers.get(event.worker)
+        if worker is None or worker.state != CHECKING:
+            return
+        plan = self.plans.get(worker.version)
         if plan is None:
             return
-        problem = self._judge(plan, proc, status, body)
+        problem = self._judge(plan, worker, event)
         if problem is not None:
-            self._record("health_check_failed", proc, reason=problem)
-            log.error("worker %s failed its health check: %s", proc.wid, problem)
+            self._record("health_check_failed", worker, reason=problem)
+            log.error("worker %s failed its health check: %s", worker.name, problem)
             self._note_crash(plan, f"health check failed: {problem}")
-            self._begin_stop(proc)
+            self._begin_stop(worker)
             return
-        proc.state = READY
+        worker.state = READY
         plan.ever_ready = True
         if plan.crash_loop is not None:
             log.warning("version %s serves again after its crash loop (%s)", plan.version,
                         plan.crash_loop)
             plan.crash_loop = None
-        self.broker.enable_worker(proc.wid.encode())
-        self._record("ready", proc, check_seconds=round(time.monotonic() -
-                                                        (proc.checking_since or 0), 3))
-        log.info("worker %s ready (version %s, pid %s, %s, %ss to load)", proc.wid,
-                 proc.version, proc.pid, proc.info.get("device"), proc.info.get("load_seconds"))
+        self._record("ready", worker, check_seconds=round(
+            self.clock() - (worker.checking_since or 0), 3))
+        info = worker.info
+        log.info("worker %s ready (version %s, pid %s, %s, %ss to load)", worker.name,
+                 worker.version, worker.pid, info.device if info else worker.device,
+                 info.load_seconds if info else None)
 
-    def _judge(self, plan: VersionPlan, proc: WorkerProc, status: bytes,
-               body: bytes) -> str | None:
+    def _judge(self, plan: VersionPlan, worker: Worker, event: ProbeAnswered) -> str | None:
         """Why a probe reply disqualifies the worker (None: it passes); records the result."""
-        if proc.info.get("dim") == 0:
+        info = worker.info
+        if info is not None and info.dim == 0:
             problem = None  # the echo model has no scores to judge
         else:
-            problem = judge_probe(status, body, plan.expect, proc.info.get("dtype", ""))
-        plan.golden = {"ok": problem is None, "reason": problem, "worker": proc.wid,
-                       "at": time.time()}
-        plan.golden_due = time.monotonic() + c.GOLDEN_RECHECK_S
+            problem = judge_probe(event.status, event.body, plan.expect,
+                                  info.dtype if info else "")
+        plan.golden = GoldenCheck(problem is None, problem, worker.name, time.time())
+        plan.golden_due = self.clock() + config.GOLDEN_RECHECK_S
         return problem
 
     def _recheck_golden(self, now: float) -> None:
@@ -183,29 +320,31 @@ class Supervisor:
         the operator's call, and killing workers over them could take the pool down.
         """
         for plan in self.plans.values():
-            if plan.golden_pending or now < plan.golden_due:
+            if plan.golden_probe is not None or now < plan.golden_due:
                 continue
-            ready = [w for w in self.procs.values() if w.version == plan.version
+            ready = [w for w in self.workers.values() if w.version == plan.version
                      and w.state == READY]
             if not ready:
                 continue
-            proc = min(ready, key=lambda w: w.checked_at)
-            proc.checked_at = now
-            plan.golden_pending = True
-            self.broker.probe(proc.wid.encode(), p.OP_SIMILARITY, probe_body(plan.expect),
-                              lambda status, body, plan=plan, proc=proc:
-                              self._on_recheck(plan, proc, status, body))
+            worker = min(ready, key=lambda w: w.checked_at)
+            worker.checked_at = now
+            plan.golden_probe = worker.id
+            self.broker.probe(worker.id, GOLDEN_PROBE, protocol.OP_SIMILARITY,
+                              probe_body(plan.expect))
 
-    def _on_recheck(self, plan: VersionPlan, proc: WorkerProc, status: bytes,
-                    body: bytes) -> None:
-        plan.golden_pending = False
-        if status != p.STATUS_OK and (proc.wid not in self.procs or proc.state != READY):
+    def _on_golden_probe(self, event: ProbeAnswered) -> None:
+        plan = next((x for x in self.plans.values() if x.golden_probe == event.worker), None)
+        if plan is None:
+            return
+        plan.golden_probe = None
+        worker = self.workers.get(event.worker)
+        if worker is None or worker.state != READY:
             plan.golden_due = 0.0  # the worker went away meanwhile: ask another one
             return
-        problem = self._judge(plan, proc, status, body)
+        problem = self._judge(plan, worker, event)
         if problem is not None:
-            log.error("golden re-check of %s on worker %s failed: %s", plan.version, proc.wid,
-                      problem)
+            log.error("golden re-check of %s on worker %s failed: %s", plan.version,
+                      worker.name, problem)
 
     # -- the tick ----------------------------------------------------------------------------
 
@@ -216,56 +355,58 @@ class Supervisor:
         self._finish_drains(now)
         self._escalate_stops(now)
         self._recheck_golden(now)
+        self.sync_lanes()
 
     def _reap(self, now: float) -> None:
-        for proc in list(self.procs.values()):
-            code = proc.process.exitcode  # non-blocking waitpid
+        for worker in list(self.workers.values()):
+            code = worker.process.exitcode
             if code is None:
                 continue
-            del self.procs[proc.wid]
-            proc.process.close()
-            self.broker.forget_worker(proc.wid.encode(), f"worker exited with code {code}")
-            planned = proc.stop_at is not None
-            self._record("exited", proc, exit_code=code, planned=planned)
+            del self.workers[worker.id]
+            worker.process.reap(0)
+            self.broker.forget_worker(worker.id, f"worker exited with code {code}")
+            planned = worker.stop_at is not None
+            self._record("exited", worker, exit_code=code, planned=planned)
             if planned:
-                log.info("worker %s exited (code %s)", proc.wid, code)
+                log.info("worker %s exited (code %s)", worker.name, code)
                 continue
-            log.warning("worker %s (pid %s) died unexpectedly: exit code %s", proc.wid,
-                        proc.pid, code)
-            plan = self.plans.get(proc.version)
+            log.warning("worker %s (pid %s) died unexpectedly: exit code %s", worker.name,
+                        worker.pid, code)
+            plan = self.plans.get(worker.version)
             if plan is not None:
                 when = {LOADING: "while loading", CHECKING: "during its health check"}.get(
-                    proc.state, "while serving")
+                    worker.state, "while serving")
                 self._note_crash(plan, f"worker exited with code {code} {when}")
 
     def _murder_hung(self, now: float) -> None:
-        silent_limit = c.HEARTBEAT_S * c.HEARTBEAT_LIVENESS
-        for proc in self.procs.values():
-            if proc.stop_at is not None:
+        silent_limit = config.HEARTBEAT_S * config.HEARTBEAT_LIVENESS
+        for worker in self.workers.values():
+            if worker.stop_at is not None:
                 continue
-            if proc.state == LOADING and now - proc.started > c.LOAD_TIMEOUT_S:
-                self._fail_worker(proc, f"did not load within {c.LOAD_TIMEOUT_S:.0f}s")
-            elif proc.state == CHECKING and now - (proc.checking_since or now) > PROBE_TIMEOUT_S:
-                self._fail_worker(proc, f"health probe unanswered for {PROBE_TIMEOUT_S:.0f}s")
-            slot = self.broker.workers.get(proc.wid.encode())
-            if proc.state == READY and slot is not None and now - slot.last_seen > silent_limit:
-                log.error("worker %s silent for %.0fs (hung?); killing", proc.wid,
-                          now - slot.last_seen)
-                _signal(proc.pid, signal.SIGKILL)
+            if worker.state == LOADING and now - worker.started > config.LOAD_TIMEOUT_S:
+                self._fail_worker(worker, f"did not load within {config.LOAD_TIMEOUT_S:.0f}s")
+            elif worker.state == CHECKING and \
+                    now - (worker.checking_since or now) > PROBE_TIMEOUT_S:
+                self._fail_worker(worker,
+                                  f"health probe unanswered for {PROBE_TIMEOUT_S:.0f}s")
+            elif worker.state == READY and now - worker.last_seen > silent_limit:
+                log.error("worker %s silent for %.0fs (hung?); killing", worker.name,
+                          now - worker.last_seen)
+                worker.process.signal(signal.SIGKILL)
 
-    def _fail_worker(self, proc: WorkerProc, reason: str) -> None:
-        log.error("worker %s %s; killing", proc.wid, reason)
-        plan = self.plans.get(proc.version)
+    def _fail_worker(self, worker: Worker, reason: str) -> None:
+        log.error("worker %s %s; killing", worker.name, reason)
+        plan = self.plans.get(worker.version)
         if plan is not None:
             self._note_crash(plan, reason)
-        proc.stop_at = proc.term_at = time.monotonic()
-        proc.state = STOPPING
-        _signal(proc.pid, signal.SIGKILL)
+        worker.stop_at = worker.term_at = self.clock()
+        worker.state = STOPPING
+        worker.process.signal(signal.SIGKILL)
 
     def _manage_workers(self, now: float) -> None:
         """Spawn or retire workers until every version has the number wanted of it."""
         for version, plan in list(self.plans.items()):
-            live = [w for w in self.procs.values() if w.version == version and w.live]
+            live = [w for w in self.workers.values() if w.version == version and w.live]
             wanted = 0 if plan.failed else plan.workers
             if len(live) < wanted and now >= plan.backoff_until:
                 used = {w.slot for w in live}
@@ -275,118 +416,113 @@ class Supervisor:
             elif len(live) > wanted:
                 # Workers not yet serving go first, then the least busy.
                 order = {LOADING: 0, CHECKING: 1, READY: 2}
-                live.sort(key=lambda w: (order[w.state], self._inflight(w)))
-                for proc in live[: len(live) - wanted]:
-                    self._drain(proc)
+                live.sort(key=lambda w: (order[w.state], len(w.inflight)))
+                for worker in live[: len(live) - wanted]:
+                    self._drain(worker)
             if plan.retired and not self.has_workers(version):
                 del self.plans[version]
 
     def _finish_drains(self, now: float) -> None:
         """A draining worker stops once idle, or after DRAIN_GRACE_S if it hangs."""
-        for proc in self.procs.values():
-            if proc.state != DRAINING:
+        for worker in self.workers.values():
+            if worker.state != DRAINING:
                 continue
-            overdue = now - (proc.drain_since or now) > c.DRAIN_GRACE_S
+            overdue = now - (worker.drain_since or now) > config.DRAIN_GRACE_S
             if overdue:
                 log.warning("worker %s still holds %d requests after draining %.0fs; stopping",
-                            proc.wid, self._inflight(proc), c.DRAIN_GRACE_S)
-            if overdue or self._inflight(proc) == 0:
-                self._begin_stop(proc)
+                            worker.name, len(worker.inflight), config.DRAIN_GRACE_S)
+            if overdue or not worker.inflight:
+                self._begin_stop(worker)
 
     def _escalate_stops(self, now: float) -> None:
-        for proc in self.procs.values():
-            if proc.stop_at is None:
+        for worker in self.workers.values():
+            if worker.stop_at is None:
                 continue
-            if proc.term_at is None and now - proc.stop_at > c.STOP_GRACE_S:
-                log.warning("worker %s ignored STOP for %ss; SIGTERM", proc.wid, c.STOP_GRACE_S)
-                proc.term_at = now
-                _signal(proc.pid, signal.SIGTERM)
-            elif proc.term_at is not None and now - proc.term_at > c.TERM_GRACE_S:
-                log.warning("worker %s still alive after SIGTERM; SIGKILL", proc.wid)
-                _signal(proc.pid, signal.SIGKILL)
+            if worker.term_at is None and now - worker.stop_at > config.STOP_GRACE_S:
+                log.warning("worker %s ignored STOP for %ss; SIGTERM", worker.name,
+                            config.STOP_GRACE_S)
+                worker.term_at = now
+                worker.process.signal(signal.SIGTERM)
+            elif worker.term_at is not None and now - worker.term_at > config.TERM_GRACE_S:
+                log.warning("worker %s still alive after SIGTERM; SIGKILL", worker.name)
+                worker.process.signal(signal.SIGKILL)
 
     # -- verbs -------------------------------------------------------------------------------
 
-    def _spawn(self, plan: VersionPlan, slot: int) -> WorkerProc:
+    def _spawn(self, plan: VersionPlan, slot: int) -> Worker:
         s = self.settings
         self._counter += 1
-        wid = f"{plan.version}-{slot}-{self._counter}"
+        name = f"{plan.version}-{slot}-{self._counter}"
         device = s.devices[slot % len(s.devices)]
         cfg = WorkerConfig(
-            worker_id=wid, version=plan.version, path=plan.path, device=device, dtype=s.dtype,
+            worker_id=name, version=plan.version, path=plan.path, device=device, dtype=s.dtype,
             threads=s.threads, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
-            capacity=s.capacity, backend=s.backend_endpoint, heartbeat_s=c.HEARTBEAT_S,
+            capacity=s.capacity, backend=s.backend_endpoint, heartbeat_s=config.HEARTBEAT_S,
             model=s.model, max_pairs=s.max_pairs,
             max_text_chars=s.max_text_chars, log_json=s.log_json,
             load_niceness=s.load_niceness,
         )
-        if self.start_method == "forkserver":
-            ensure_forkserver(s.threads)
-        process = self._mp.Process(target=worker_main, args=(cfg,), name=f"zeropool-{wid}")
-        process.start()
-        assert process.pid is not None  # set by start(); never 0, which would signal our group
-        proc = WorkerProc(wid, plan.version, slot, device, process, process.pid,
-                          time.monotonic(), restarts=plan.restarts)
-        self.procs[wid] = proc
-        self._record("spawned", proc)
-        log.info("spawned worker %s (pid %s) for %s on %s", wid, process.pid, plan.version, device)
-        return proc
+        process = self._spawner(cfg)
+        worker = Worker(name.encode(), plan.version, slot, device, process, self.clock(),
+                        s.capacity, restarts=plan.restarts)
+        self.workers[worker.id] = worker
+        self.broker.add_worker(worker)
+        self._record("spawned", worker)
+        log.info("spawned worker %s (pid %s) for %s on %s", name, worker.pid, plan.version,
+                 device)
+        return worker
 
-    def _drain(self, proc: WorkerProc) -> None:
-        if proc.state != READY:
-            self._begin_stop(proc)  # nothing in flight yet: no need to wait
+    def _drain(self, worker: Worker) -> None:
+        if worker.state != READY:
+            self._begin_stop(worker)  # nothing in flight yet: no need to wait
             return
-        proc.state, proc.drain_since = DRAINING, time.monotonic()
-        self.broker.drain_worker(proc.wid.encode())
-        self._record("draining", proc)
+        worker.state, worker.drain_since = DRAINING, self.clock()
+        self._record("draining", worker)
 
-    def _begin_stop(self, proc: WorkerProc) -> None:
-        if proc.stop_at is not None:
+    def _begin_stop(self, worker: Worker) -> None:
+        if worker.stop_at is not None:
             return
-        loading = proc.state == LOADING
-        proc.state, proc.stop_at = STOPPING, time.monotonic()
-        self.broker.drain_worker(proc.wid.encode())
-        self.broker.stop_worker(proc.wid.encode())
+        loading = worker.state == LOADING
+        worker.state, worker.stop_at = STOPPING, self.clock()
+        self.broker.stop_worker(worker.id)
         if loading:
             # It reads its socket only once loaded; a load can take minutes. Stop it now.
-            proc.term_at = proc.stop_at
-            _signal(proc.pid, signal.SIGTERM)
+            worker.term_at = worker.stop_at
+            worker.process.signal(signal.SIGTERM)
 
     def _note_crash(self, plan: VersionPlan, reason: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         plan.crashes.append(now)
-        while plan.crashes and now - plan.crashes[0] > c.CRASH_LOOP_WINDOW_S:
+        while plan.crashes and now - plan.crashes[0] > config.CRASH_LOOP_WINDOW_S:
             plan.crashes.popleft()
         plan.restarts += 1
         self.restarts_total[plan.version] += 1
-        backoff = c.RESPAWN_BACKOFF_S[min(len(plan.crashes), len(c.RESPAWN_BACKOFF_S)) - 1]
+        backoff = config.RESPAWN_BACKOFF_S[
+            min(len(plan.crashes), len(config.RESPAWN_BACKOFF_S)) - 1]
         if not plan.ever_ready:
             # A version that never served once is broken, not unlucky: fail it now.
             plan.failed = reason
             log.error("version %s cannot serve: %s", plan.version, plan.failed)
-        elif plan.crash_loop is not None or len(plan.crashes) >= c.CRASH_LOOP_LIMIT:
+        elif plan.crash_loop is not None or len(plan.crashes) >= config.CRASH_LOOP_LIMIT:
             backoff = self.settings.crash_retry_s
             plan.crash_loop = (f"crash loop: {plan.restarts} restarts, "
-                               f"{len(plan.crashes)} in the last {c.CRASH_LOOP_WINDOW_S:.0f}s; "
+                               f"{len(plan.crashes)} in the last "
+                               f"{config.CRASH_LOOP_WINDOW_S:.0f}s; "
                                f"last: {reason}; retried every {backoff:g}s")
             log.error("version %s: %s", plan.version, plan.crash_loop)
         plan.backoff_until = now + backoff
 
-    def _record(self, event: str, proc: WorkerProc, **extra: object) -> None:
-        self.events.append({"t": time.time(), "event": event, "worker": proc.wid,
-                            "version": proc.version, "pid": proc.pid, **extra})
-
-    def _inflight(self, proc: WorkerProc) -> int:
-        slot = self.broker.workers.get(proc.wid.encode())
-        return len(slot.inflight) if slot is not None else 0
+    def _record(self, event: str, worker: Worker, **extra: object) -> None:
+        self.events.append({"t": time.time(), "event": event, "worker": worker.name,
+                            "version": worker.version, "pid": worker.pid, **extra})
 
     # -- queries -----------------------------------------------------------------------------
 
     def count(self, version: str, *states: str) -> int:
-        return sum(1 for w in self.procs.values() if w.version == version and w.state in states)
+        return sum(1 for w in self.workers.values() if w.version == version and w.state in states)
 
     def has_workers(self, version: str) -> bool:
-        return any(w.version == version for w in self.procs.values())
+        return any(w.version == version for w in self.workers.values())
 
     def failure(self, version: str) -> str | None:
         """Why `version` cannot serve now: broken, or crash-looping with no worker ready."""
@@ -402,43 +538,53 @@ class Supervisor:
         plan = self.plans.get(version)
         if plan is None or plan.crash_loop is None:
             return None
-        return round(max(0.0, plan.backoff_until - time.monotonic()), 1)
+        return round(max(0.0, plan.backoff_until - self.clock()), 1)
 
     @property
     def idle(self) -> bool:
         """Every worker process has been reaped."""
-        return not self.procs
+        return not self.workers
 
     def kill_everything(self) -> None:
-        for proc in self.procs.values():
-            _signal(proc.pid, signal.SIGKILL)
-        for proc in self.procs.values():
-            proc.process.join(timeout=5)
-        stop_forkserver()
+        for worker in self.workers.values():
+            worker.process.signal(signal.SIGKILL)
+        for worker in self.workers.values():
+            worker.process.reap(REAP_TIMEOUT_S)
+        if self._launcher is not None:
+            self._launcher.close()
 
-    def worker_rows(self) -> list[dict]:
-        rows = []
-        now = time.monotonic()
-        for proc in sorted(self.procs.values(), key=lambda x: (x.version, x.slot)):
-            slot = self.broker.workers.get(proc.wid.encode())
-            rows.append({
-                "id": proc.wid, "pid": proc.pid, "version": proc.version,
-                "device": proc.device, "state": proc.state, "restarts": proc.restarts,
-                "inflight": len(slot.inflight) if slot else 0,
-                "served": slot.served if slot else 0,
-                "errors": slot.errors if slot else 0,
-                "last_heartbeat_s": round(now - slot.last_seen, 2) if slot else None,
-                "uptime_s": round(now - proc.started, 1),
-                "load_seconds": proc.info.get("load_seconds"),
-                "rss_bytes": _rss(proc.pid),
-                "gpu_memory_bytes": proc.info.get("gpu_memory_bytes", 0),
-                "batching": slot.reported if slot else {},
-            })
-        return rows
+    def worker_views(self) -> list[WorkerView]:
+        now = self.clock()
+        return [self._view(w, now) for w in
+                sorted(self.workers.values(), key=lambda x: (x.version, x.slot))]
+
+    def _view(self, worker: Worker, now: float) -> WorkerView:
+        info = worker.info
+        return WorkerView(
+            id=worker.name, pid=worker.pid, version=worker.version, device=worker.device,
+            state=worker.state, restarts=worker.restarts, inflight=len(worker.inflight),
+            served=worker.served, errors=worker.errors,
+            last_heartbeat_s=round(now - worker.last_seen, 2) if info else None,
+            uptime_s=round(now - worker.started, 1),
+            load_seconds=info.load_seconds if info else None, rss_bytes=_rss(worker.pid),
+            gpu_memory_bytes=info.gpu_memory_bytes if info else 0, batching=worker.batching)
+
+    def version_views(self) -> dict[str, VersionView]:
+        return {name: VersionView(
+            version=name, path=plan.path, workers_wanted=plan.workers,
+            workers_ready=self.count(name, READY), failed=self.failure(name),
+            crash_loop=plan.crash_loop, next_try_s=self.next_try_s(name),
+            restarts=plan.restarts, retired=plan.retired, ever_ready=plan.ever_ready,
+            crash_times=tuple(plan.crashes), golden=plan.golden)
+            for name, plan in self.plans.items()}
+
+    def snapshot(self) -> SupervisorSnapshot:
+        return SupervisorSnapshot(self.start_method, self.version_views(), self.worker_views(),
+                                  list(self.events), dict(self.restarts_total))
 
     def memory_per_worker(self, version: str) -> int:
         """Measured resident memory of one loaded worker of `version` (0 if none is loaded)."""
-        sizes = [_rss(w.pid) for w in self.procs.values()
+        sizes = [_rss(w.pid) for w in self.workers.values()
                  if w.version == version and w.state == READY]
         return max(sizes, default=0)
 
@@ -448,10 +594,3 @@ def _rss(pid: int) -> int:
         return psutil.Process(pid).memory_info().rss
     except psutil.Error:
         return 0
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass

@@ -6,6 +6,11 @@ announces its capacity in READY and receives at most that many requests at once;
 else waits in a bounded per-version queue.
 
 Which version an unpinned request goes to is decided in exactly one place: `route_version`.
+
+The broker does not know processes. The supervisor hands it each worker's record (anything
+with the attributes of `RoutedWorker`) when it spawns the worker, and the broker reports what
+happened on the backend as events (`take_events`) that the serve loop hands to the
+supervisor: a worker announced itself, a probe came back, a heartbeat arrived.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import orjson
 import zmq
 
-from router import protocol as p
+from router import protocol
 from router.auth import CurveServer
 
 # How many messages one readable event drains before yielding to the other sockets.
@@ -32,6 +38,7 @@ OK = "ok"  # the tally's code for a successful reply
 NOBLOCK = int(zmq.NOBLOCK)
 RCVMORE = int(zmq.RCVMORE)
 SNDMORE_NOBLOCK = int(zmq.SNDMORE) | NOBLOCK
+PROBE_ID = b"probe"  # request id of the router's own requests (never sent to a producer)
 
 
 @dataclass(slots=True)
@@ -46,27 +53,52 @@ class Pending:
     queued_since: float = 0.0  # the clock of the queue timeout; reset when re-queued
     attempts: int = 0
     deadline: float = 0.0  # enqueued + the body's timeout_ms; 0: none
-    # Set for the router's own probes (health checks): the reply goes here, not to a producer.
-    on_reply: Callable[[bytes, bytes], None] | None = None
+    # Set for the router's own probes (health checks): what the reply is for. Its reply is
+    # reported as a ProbeAnswered event, never sent to a producer.
+    probe: str = ""
 
 
-@dataclass(slots=True)
-class WorkerSlot:
-    wid: bytes
+class RoutedWorker(Protocol):
+    """What the broker reads and writes of a worker's record (the supervisor's `Worker`)."""
+
+    id: bytes  # the DEALER identity of the worker's socket
     version: str
-    capacity: int
-    info: dict
-    routable: bool = False
-    draining: bool = False
-    last_seen: float = field(default_factory=time.monotonic)
-    inflight: dict[int, Pending] = field(default_factory=dict)
-    served: int = 0
-    errors: int = 0
-    reported: dict = field(default_factory=dict)  # the worker's own counters (heartbeats)
+    capacity: int  # requests it may hold at once (its READY capacity)
+    inflight: dict[int, Pending]
+    served: int
+    errors: int
+    last_seen: float  # the broker's clock, at the last message from the worker
+    unreachable: bool  # a send to it failed: its pipe is gone or full
 
     @property
-    def credit(self) -> int:
-        return self.capacity - len(self.inflight) if self.routable else 0
+    def routable(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerAnnounced:
+    """A worker sent READY: its model is loaded; `info` is its READY body."""
+
+    worker: bytes
+    info: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeAnswered:
+    """The reply to one of the router's own requests (or worker_failed if it got none)."""
+
+    worker: bytes
+    purpose: str
+    status: bytes
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReceived:
+    worker: bytes
+    body: bytes
+
+
+BrokerEvent = WorkerAnnounced | ProbeAnswered | HeartbeatReceived
 
 
 @dataclass(slots=True)
@@ -79,7 +111,7 @@ class Lane:
     failed: str | None = None  # the version cannot serve (crash loop): fail fast, don't queue
     served: int = 0
     errors: int = 0
-    last_pinned_at: float = 0.0  # monotonic arrival of the latest request pinned here
+    last_pinned_at: float = 0.0  # the clock at the arrival of the latest request pinned here
 
 
 @dataclass(slots=True)
@@ -91,7 +123,29 @@ class BrokerStats:
     errors_by_code: dict[str, int] = field(default_factory=dict)
 
 
-ReadyCallback = Callable[[bytes, dict], None]
+@dataclass(frozen=True, slots=True)
+class LaneView:
+    version: str
+    open: bool
+    queued: int
+    served: int
+    errors: int
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSnapshot:
+    """The router as status, health and metrics see it."""
+
+    endpoint: str
+    accepting: bool
+    active: str | None
+    canary: tuple[str, float] | None
+    queued: int
+    inflight: int
+    stats: BrokerStats
+    lanes: dict[str, LaneView]
+
+
 # Called once per reply sent to a producer: (version or "", op or b"", "ok" or the error code,
 # seconds since the request arrived or None when it never queued). Metrics and health hang here.
 ReplyObserver = Callable[[str, bytes, str, float | None], None]
@@ -106,10 +160,10 @@ class Broker:
         *,
         max_queue: int,
         queue_timeout_s: float,
-        on_worker_ready: ReadyCallback,
         frontend_hwm: int = 100_000,
         max_message_bytes: int = -1,
         curve: CurveServer | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         refuse_live_ipc(frontend_endpoint)
         self.frontend = ctx.socket(zmq.ROUTER)
@@ -130,26 +184,32 @@ class Broker:
         self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
-        self.on_worker_ready = on_worker_ready
-        self.workers: dict[bytes, WorkerSlot] = {}
+        self.clock = clock
+        self.workers: dict[bytes, RoutedWorker] = {}
         self.lanes: dict[str, Lane] = {}
         self.active: str | None = None
         self.canary: tuple[str, float] | None = None
         self.accepting = True
         self.stats = BrokerStats()
         self.observer: ReplyObserver | None = None
+        self._events: list[BrokerEvent] = []
         self._seq = 0
         self._queued = 0
         self._rng = random.Random()
 
-    # -- routing policy ------------------------------------------------------------------
+    def take_events(self) -> list[BrokerEvent]:
+        """What happened on the backend since the last call, in order."""
+        events, self._events = self._events, []
+        return events
+
+    # -- lanes: changed only by the supervisor's sync_lanes ------------------------------
 
     def open_lane(self, version: str) -> None:
         lane = self.lanes.get(version)
         if lane is None:
             self.lanes[version] = Lane(version)
         else:
-            lane.open, lane.failed = True, None
+            lane.open = True
 
     def set_lane_failure(self, version: str, reason: str | None) -> None:
         """With a reason, the version cannot serve: queued and new requests get worker_failed
@@ -159,7 +219,7 @@ class Broker:
             return
         lane.failed = reason
         if reason is not None:
-            self._fail_queue(lane, p.WORKER_FAILED, f"{version} cannot serve: {reason}")
+            self._fail_queue(lane, protocol.WORKER_FAILED, f"{version} cannot serve: {reason}")
 
     def close_lane(self, version: str) -> None:
         """New requests pinned to `version` get unknown_version; queued ones still run."""
@@ -171,7 +231,9 @@ class Broker:
         """Forget `version`; anything still queued for it fails as unknown_version."""
         lane = self.lanes.pop(version, None)
         if lane is not None:
-            self._fail_queue(lane, p.UNKNOWN_VERSION, f"version {version} was unloaded")
+            self._fail_queue(lane, protocol.UNKNOWN_VERSION, f"version {version} was unloaded")
+
+    # -- routing policy ------------------------------------------------------------------
 
     def set_active(self, version: str | None, canary: tuple[str, float] | None = None) -> None:
         """Route unpinned requests to `version` (and a share to a canary) from now on.
@@ -215,22 +277,22 @@ class Broker:
             except zmq.Again:
                 return
             self.stats.received += 1
-            parsed = p.parse_request(frames)
-            if isinstance(parsed, p.FrameError):
+            parsed = protocol.parse_request(frames)
+            if isinstance(parsed, protocol.FrameError):
                 self._reject(parsed)
             else:
                 self._accept(parsed)
 
-    def _reject(self, err: p.FrameError) -> None:
+    def _reject(self, err: protocol.FrameError) -> None:
         if err.request_id is None:
             self.stats.dropped += 1
             return
         self._reply_error(err.envelope, err.request_id, err.code, err.message)
         self._tally("", b"", err.code, None)
 
-    def _accept(self, req: p.Request) -> None:
+    def _accept(self, req: protocol.Request) -> None:
         if not self.accepting:
-            self._refuse(req, "", p.SHUTTING_DOWN, "pool is stopping")
+            self._refuse(req, "", protocol.SHUTTING_DOWN, "pool is stopping")
             return
         version = self.route_version(req.version)
         if version is None:
@@ -238,25 +300,26 @@ class Broker:
                 msg = f"version {req.version[:64]!r} is not serving"
             else:
                 msg = "no version is serving"
-            self._refuse(req, "", p.UNKNOWN_VERSION, msg)  # any string: not a metric label
+            self._refuse(req, "", protocol.UNKNOWN_VERSION, msg)  # any string: not a label
             return
-        if req.op == p.OP_PING:
+        if req.op == protocol.OP_PING:
             self._answer_ping(req, version)
             return
         failed = self.lanes[version].failed
         if failed:
-            self._refuse(req, version, p.WORKER_FAILED, f"{version} cannot serve: {failed}")
+            self._refuse(req, version, protocol.WORKER_FAILED,
+                         f"{version} cannot serve: {failed}")
             return
         if self._queued >= self.max_queue:
             self.dispatch()  # free worker credit first: the bound is on what has to wait
         if self._queued >= self.max_queue:
-            self._refuse(req, version, p.OVERLOADED,
+            self._refuse(req, version, protocol.OVERLOADED,
                          f"queue full ({self.max_queue} requests waiting); retry later")
             return
-        now = time.monotonic()
+        now = self.clock()
         pending = Pending(req.envelope, req.request_id, req.op, req.body, version,
                           bool(req.version), now, now)
-        timeout_ms = p.peek_timeout_ms(req.body)
+        timeout_ms = protocol.peek_timeout_ms(req.body)
         if timeout_ms is not None:
             pending.deadline = now + timeout_ms / 1000
         lane = self.lanes[version]
@@ -265,16 +328,16 @@ class Broker:
             lane.last_pinned_at = now
         self._queued += 1
 
-    def _answer_ping(self, req: p.Request, version: str) -> None:
-        ready = sum(1 for w in self.workers.values() if w.version == version and w.routable)
-        body = orjson.dumps({"version": version, "workers": ready})
-        self._send_front(p.reply_frames(req.envelope, req.request_id, p.STATUS_OK, body))
+    def _answer_ping(self, req: protocol.Request, version: str) -> None:
+        body = orjson.dumps({"version": version, "workers": self.routable_workers(version)})
+        self._send_front(protocol.reply_frames(req.envelope, req.request_id,
+                                               protocol.STATUS_OK, body))
         self._tally(version, req.op, OK, None)
 
     # -- backend -------------------------------------------------------------------------
 
     def handle_backend(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for _ in range(DRAIN_BURST):
             try:
                 frames = recv_frames(self.backend)
@@ -282,42 +345,40 @@ class Broker:
                 return
             wid, kind = frames[0], frames[1]
             worker = self.workers.get(wid)
-            if worker is not None:
-                worker.last_seen = now
-            if kind == p.W_REPLY and worker is not None:
+            if worker is None:
+                if kind == protocol.W_READY:
+                    self.stop_worker(wid)  # stale: a worker this pool no longer knows
+                continue
+            worker.last_seen = now
+            if kind == protocol.W_REPLY:
                 self._complete(worker, frames)
-            elif kind == p.W_READY:
-                self._register(wid, frames[2])
-            elif kind == p.W_HEARTBEAT and worker is not None and len(frames) > 2:
-                worker.reported = orjson.loads(frames[2])
-            # Anything from an unknown worker is stale (it was forgotten).
+            elif kind == protocol.W_READY:
+                self._events.append(WorkerAnnounced(wid, frames[2]))
+            elif kind == protocol.W_HEARTBEAT and len(frames) > 2:
+                self._events.append(HeartbeatReceived(wid, frames[2]))
 
-    def _register(self, wid: bytes, raw_info: bytes) -> None:
-        info = orjson.loads(raw_info)
-        self.workers[wid] = WorkerSlot(wid, info["version"], int(info["capacity"]), info)
-        self.on_worker_ready(wid, info)
-
-    def _complete(self, worker: WorkerSlot, frames: list[bytes]) -> None:
-        pending = worker.inflight.pop(p.decode_seq(frames[2]), None)
+    def _complete(self, worker: RoutedWorker, frames: list[bytes]) -> None:
+        pending = worker.inflight.pop(protocol.decode_seq(frames[2]), None)
         if pending is None:
             return  # already answered (timed out or re-dispatched)
         status, body = frames[3], frames[4]
-        if pending.on_reply is not None:
-            pending.on_reply(status, body)
+        if pending.probe:
+            self._events.append(ProbeAnswered(worker.id, pending.probe, status, body))
             return
-        self._send_front(p.reply_frames(pending.envelope, pending.request_id, status, body))
+        self._send_front(protocol.reply_frames(pending.envelope, pending.request_id, status,
+                                               body))
         lane = self.lanes.get(worker.version)
-        if status == p.STATUS_OK:
+        if status == protocol.STATUS_OK:
             code = OK
             worker.served += 1
             if lane is not None:
                 lane.served += 1
         else:
-            code = orjson.loads(body).get("code", p.INTERNAL)
+            code = orjson.loads(body).get("code", protocol.INTERNAL)
             worker.errors += 1
             if lane is not None:
                 lane.errors += 1
-        self._tally(worker.version, pending.op, code, time.monotonic() - pending.enqueued)
+        self._tally(worker.version, pending.op, code, self.clock() - pending.enqueued)
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -328,71 +389,64 @@ class Broker:
                 continue
             candidates = [w for w in self.workers.values() if w.version == lane.version]
             while lane.queue:
-                worker = max(candidates, key=_credit, default=None)
-                if worker is None or worker.credit <= 0:
+                worker = max(candidates, key=credit, default=None)
+                if worker is None or credit(worker) <= 0:
                     break
                 pending = lane.queue.popleft()
                 self._queued -= 1
                 self._send_to_worker(worker, pending)
 
-    def _send_to_worker(self, worker: WorkerSlot, pending: Pending) -> None:
+    def _send_to_worker(self, worker: RoutedWorker, pending: Pending) -> None:
         self._seq += 1
         seq = self._seq
         pending.attempts += 1
         worker.inflight[seq] = pending
         enqueued_ns = int(pending.enqueued * 1e9).to_bytes(8, "little")
         try:
-            send_frames(self.backend, [worker.wid, p.W_REQUEST, p.encode_seq(seq), pending.op,
-                                       pending.body, enqueued_ns])
+            send_frames(self.backend, [worker.id, protocol.W_REQUEST, protocol.encode_seq(seq),
+                                       pending.op, pending.body, enqueued_ns])
         except zmq.ZMQError:
             # The worker's pipe is gone or full: take the request back, stop using the worker.
             del worker.inflight[seq]
             pending.attempts -= 1
-            worker.routable = False
-            if pending.on_reply is not None:
-                pending.on_reply(p.STATUS_ERROR, p.error_body(p.WORKER_FAILED, "unreachable"))
+            worker.unreachable = True
+            if pending.probe:
+                self._probe_failed(worker.id, pending, "unreachable")
             else:
                 self._requeue_front(pending)
 
-    # -- worker lifecycle (driven by the supervisor) ---------------------------------------
+    # -- workers (the supervisor's records) ------------------------------------------------
 
-    def enable_worker(self, wid: bytes) -> None:
-        worker = self.workers.get(wid)
-        if worker is not None:
-            worker.routable = True
-            worker.draining = False
+    def add_worker(self, worker: RoutedWorker) -> None:
+        """Route to `worker` once it is routable; its messages are accepted from now on."""
+        worker.last_seen = self.clock()
+        self.workers[worker.id] = worker
 
-    def drain_worker(self, wid: bytes) -> None:
-        """No new requests for this worker; in-flight ones finish."""
-        worker = self.workers.get(wid)
-        if worker is not None:
-            worker.routable = False
-            worker.draining = True
-
-    def probe(self, wid: bytes, op: bytes, body: bytes,
-              on_reply: Callable[[bytes, bytes], None]) -> None:
-        """Send the router's own request to one worker, routable or not (health checks)."""
-        worker = self.workers[wid]
-        pending = Pending([], b"probe", op, body, worker.version, True, time.monotonic(),
-                          attempts=MAX_ATTEMPTS, on_reply=on_reply)
+    def probe(self, worker_id: bytes, purpose: str, op: bytes, body: bytes) -> None:
+        """Send the router's own request to one worker, routable or not (health checks);
+        the reply comes back as a ProbeAnswered event."""
+        worker = self.workers[worker_id]
+        pending = Pending([], PROBE_ID, op, body, worker.version, True, self.clock(),
+                          attempts=MAX_ATTEMPTS, probe=purpose)
         self._send_to_worker(worker, pending)
 
-    def stop_worker(self, wid: bytes) -> None:
+    def stop_worker(self, worker_id: bytes) -> None:
         try:
-            send_frames(self.backend, [wid, p.W_STOP])
+            send_frames(self.backend, [worker_id, protocol.W_STOP])
         except zmq.ZMQError:
             pass  # already gone; the supervisor reaps it either way
 
-    def forget_worker(self, wid: bytes, reason: str) -> None:
+    def forget_worker(self, worker_id: bytes, reason: str) -> None:
         """The worker process is gone: re-dispatch what it held, bounded by MAX_ATTEMPTS."""
-        worker = self.workers.pop(wid, None)
+        worker = self.workers.pop(worker_id, None)
         if worker is None:
             return
         for pending in sorted(worker.inflight.values(), key=lambda x: x.enqueued, reverse=True):
-            if pending.on_reply is not None:
-                pending.on_reply(p.STATUS_ERROR, p.error_body(p.WORKER_FAILED, reason))
+            if pending.probe:
+                self._probe_failed(worker_id, pending, reason)
             elif pending.attempts >= MAX_ATTEMPTS:
-                self._fail(pending, p.WORKER_FAILED, f"worker died {pending.attempts}x: {reason}")
+                self._fail(pending, protocol.WORKER_FAILED,
+                           f"worker died {pending.attempts}x: {reason}")
             elif pending.version in self.lanes:
                 self._requeue_front(pending)
             elif not pending.pinned and self.active in self.lanes:
@@ -400,11 +454,17 @@ class Broker:
                 pending.version = self.active
                 self._requeue_front(pending)
             else:
-                self._fail(pending, p.WORKER_FAILED, f"worker died and {pending.version} is gone")
+                self._fail(pending, protocol.WORKER_FAILED,
+                           f"worker died and {pending.version} is gone")
+        worker.inflight.clear()
+
+    def _probe_failed(self, worker_id: bytes, pending: Pending, reason: str) -> None:
+        self._events.append(ProbeAnswered(worker_id, pending.probe, protocol.STATUS_ERROR,
+                                          protocol.error_body(protocol.WORKER_FAILED, reason)))
 
     def _requeue_front(self, pending: Pending) -> None:
         # Time spent inside a worker that died is not time spent waiting for one.
-        pending.queued_since = time.monotonic()
+        pending.queued_since = self.clock()
         self.lanes[pending.version].queue.appendleft(pending)
         self._queued += 1
 
@@ -417,7 +477,7 @@ class Broker:
             queue = lane.queue
             while queue and queue[0].queued_since < limit:
                 self._queued -= 1
-                self._fail(queue.popleft(), p.TIMEOUT, "no worker could start it in time")
+                self._fail(queue.popleft(), protocol.TIMEOUT, "no worker could start it in time")
             # Deadlines differ per request, so the whole queue is looked at (bounded by
             # --max-queue, and only while requests wait at all).
             late = [x for x in queue if 0 < x.deadline <= now]
@@ -426,8 +486,8 @@ class Broker:
                 self._queued -= len(late)
                 for pending in late:
                     allowed_ms = round((pending.deadline - pending.enqueued) * 1000)
-                    self._fail(pending, p.TIMEOUT, f"no worker could start it within its "
-                               f"timeout_ms={allowed_ms}")
+                    self._fail(pending, protocol.TIMEOUT, f"no worker could start it within "
+                               f"its timeout_ms={allowed_ms}")
 
     def fail_all_queued(self, code: str, message: str) -> None:
         for lane in self.lanes.values():
@@ -438,6 +498,8 @@ class Broker:
             self._queued -= 1
             self._fail(lane.queue.popleft(), code, message)
 
+    # -- queries -----------------------------------------------------------------------------
+
     def queue_length(self, version: str) -> int:
         lane = self.lanes.get(version)
         return len(lane.queue) if lane is not None else 0
@@ -446,6 +508,9 @@ class Broker:
         """Queued plus in-flight requests of one version."""
         held = sum(len(w.inflight) for w in self.workers.values() if w.version == version)
         return self.queue_length(version) + held
+
+    def routable_workers(self, version: str) -> int:
+        return sum(1 for w in self.workers.values() if w.version == version and w.routable)
 
     def pinned_quiet_for(self, version: str, now: float) -> float:
         """Seconds since the last request pinned to `version` arrived (inf if none did)."""
@@ -462,6 +527,12 @@ class Broker:
     def inflight(self) -> int:
         return sum(len(w.inflight) for w in self.workers.values())
 
+    def snapshot(self) -> BrokerSnapshot:
+        lanes = {name: LaneView(name, lane.open, len(lane.queue), lane.served, lane.errors)
+                 for name, lane in self.lanes.items()}
+        return BrokerSnapshot(self.frontend_endpoint, self.accepting, self.active, self.canary,
+                              self._queued, self.inflight, self.stats, lanes)
+
     def close(self) -> None:
         self.frontend.close(linger=0)
         self.backend.close(linger=0)
@@ -470,15 +541,15 @@ class Broker:
 
     def _fail(self, pending: Pending, code: str, message: str) -> None:
         self._reply_error(pending.envelope, pending.request_id, code, message)
-        self._tally(pending.version, pending.op, code, time.monotonic() - pending.enqueued)
+        self._tally(pending.version, pending.op, code, self.clock() - pending.enqueued)
 
-    def _refuse(self, req: p.Request, version: str, code: str, message: str) -> None:
+    def _refuse(self, req: protocol.Request, version: str, code: str, message: str) -> None:
         """Answer a request that never queued."""
         self._reply_error(req.envelope, req.request_id, code, message)
         self._tally(version, req.op, code, None)
 
     def _reply_error(self, envelope: list[bytes], request_id: bytes, code: str, msg: str) -> None:
-        self._send_front(p.error_frames(envelope, request_id, code, msg))
+        self._send_front(protocol.error_frames(envelope, request_id, code, msg))
 
     def _tally(self, version: str, op: bytes, code: str, seconds: float | None) -> None:
         if code == OK:
@@ -495,6 +566,11 @@ class Broker:
         except zmq.ZMQError:
             # Peer gone or over its high-water mark: a slow producer must not stall others.
             self.stats.dropped += 1
+
+
+def credit(worker: RoutedWorker) -> int:
+    """How many more requests `worker` may be sent now."""
+    return worker.capacity - len(worker.inflight) if worker.routable else 0
 
 
 def refuse_live_ipc(endpoint: str) -> None:
@@ -532,7 +608,3 @@ def recv_frames(sock: zmq.Socket) -> list[bytes]:
     while more(RCVMORE):
         frames.append(recv(NOBLOCK))
     return frames
-
-
-def _credit(worker: WorkerSlot) -> int:
-    return worker.credit
