@@ -1,0 +1,585 @@
+"""The broker, supervisor and rotation state machines in process, on a fake clock.
+
+The end-to-end tests (test_serve, test_rotation, test_supervision, test_chaos) prove each
+scenario once on real processes; these carry the combinatorics: every rotation transition
+and rollback path, crash re-dispatch and its attempt limit, the drain's quiet period, crash
+loops and their retry, credit, the queue bound and deadlines.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pool import config
+from pool.reports import BatchStats
+from pool.rotation import Phase
+from pool.supervisor import CHECKING, DRAINING, LOADING, READY, STOPPING
+from router import protocol
+from router.broker import MAX_ATTEMPTS
+from tests.fakepool import FakePool
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[FakePool]:
+    pool = FakePool(tmp_path)
+    yield pool
+    pool.close()
+
+
+def serving(fake: FakePool, workers: int = 2) -> FakePool:
+    fake.load("v1", workers=workers)
+    fake.bring_up("v1")
+    assert len(fake.workers_of("v1", READY)) == workers
+    return fake
+
+
+# -- the router: credit, queue, deadlines, re-dispatch ------------------------------------------
+
+
+def test_a_worker_is_routed_to_only_after_its_health_probe_passes(fake: FakePool) -> None:
+    fake.load("v1", workers=1)
+    fake.tick()
+    [worker] = fake.workers_of("v1")
+    assert fake.state(worker) == LOADING
+    producer = fake.producer()
+    producer.send(b"r1")
+    fake.pump()
+    assert fake.broker.queued == 1  # queues while the version loads
+    worker.announce()
+    fake.pump()
+    assert fake.state(worker) == CHECKING
+    [probe] = worker.received()  # the health probe, and nothing else yet
+    assert len(probe.body["pairs"]) >= 12
+    worker.answer(probe)
+    fake.pump()
+    assert fake.state(worker) == READY
+    [request] = worker.received()
+    assert request.body == {"pairs": [["a", "b"]]}
+    worker.answer(request)
+    fake.pump()
+    assert producer.codes() == {b"r1": "ok"}
+
+
+def test_credit_bounds_what_each_worker_holds_and_goes_to_the_least_loaded(
+        fake: FakePool) -> None:
+    serving(fake)
+    capacity = fake.supervisor.settings.capacity
+    producer = fake.producer()
+    for i in range(3 * capacity):
+        producer.send(str(i).encode())
+    fake.pump()
+    held = [len(w.received()) for w in fake.workers_of("v1")]
+    assert held == [capacity, capacity]  # spread evenly, never above capacity
+    assert fake.broker.queued == capacity
+    assert fake.broker.inflight == 2 * capacity
+
+
+def test_replies_free_credit_and_every_request_gets_one_reply(fake: FakePool) -> None:
+    serving(fake)
+    producer = fake.producer()
+    for i in range(50):
+        producer.send(str(i).encode())
+    fake.pump()
+    while fake.serve_all():
+        pass
+    assert producer.codes() == {str(i).encode(): "ok" for i in range(50)}
+    assert fake.broker.queued == fake.broker.inflight == 0
+
+
+def test_the_queue_bound_answers_overloaded_at_once(tmp_path: Path) -> None:
+    fake = FakePool(tmp_path, max_queue=3)
+    try:
+        serving(fake, workers=1)
+        capacity = fake.supervisor.settings.capacity
+        producer = fake.producer()
+        for i in range(capacity + 5):
+            producer.send(str(i).encode())
+        fake.pump()
+        codes = producer.codes()
+        assert list(codes.values()) == [protocol.OVERLOADED] * 2
+        assert fake.broker.queued == 3
+    finally:
+        fake.close()
+
+
+def test_queued_requests_time_out_by_their_timeout_ms_and_by_the_queue_timeout(
+        tmp_path: Path) -> None:
+    fake = FakePool(tmp_path, queue_timeout_s=5.0)
+    try:
+        fake.load("v1", workers=1)
+        fake.tick()  # spawned, never ready: requests wait
+        producer = fake.producer()
+        producer.send(b"short", timeout_ms=300)
+        producer.send(b"plain")
+        fake.pump()
+        fake.tick(0.2)
+        assert producer.codes() == {}
+        fake.tick(0.2)  # past 300 ms
+        assert producer.codes() == {b"short": protocol.TIMEOUT}
+        assert "timeout_ms=300" in producer.replies[b"short"][1]["message"]
+        fake.tick(5.0)
+        assert producer.codes()[b"plain"] == protocol.TIMEOUT
+    finally:
+        fake.close()
+
+
+def test_a_crashed_workers_requests_run_again_elsewhere_exactly_once(fake: FakePool) -> None:
+    serving(fake)
+    producer = fake.producer()
+    for i in range(4):
+        producer.send(str(i).encode())
+    fake.pump()
+    victim = fake.workers_of("v1")[0]
+    held = victim.received()
+    assert held
+    victim.exit(-9)
+    fake.tick()  # reaped: what it held is dispatched again
+    served = fake.serve_all()
+    fake.pump()
+    assert served >= len(held)
+    assert producer.codes() == {str(i).encode(): "ok" for i in range(4)}
+
+
+def test_a_request_that_kills_every_worker_fails_after_the_attempt_limit(
+        fake: FakePool) -> None:
+    serving(fake)
+    producer = fake.producer()
+    producer.send(b"poison")
+    fake.pump()
+    for attempt in range(MAX_ATTEMPTS):
+        holder = next(w for w in fake.workers_of("v1") if w.received())
+        holder.exit(-9)
+        fake.tick()
+        codes = producer.codes()
+        if attempt < MAX_ATTEMPTS - 1:
+            assert codes == {}, f"answered after {attempt + 1} crash(es)"
+            plan = fake.supervisor.plans["v1"]
+            fake.tick(plan.backoff_until - fake.clock())
+            fake.bring_up("v1")  # the replacement, after its backoff
+    assert producer.codes() == {b"poison": protocol.WORKER_FAILED}
+    assert f"{MAX_ATTEMPTS}x" in producer.replies[b"poison"][1]["message"]
+
+
+def test_heartbeats_become_the_workers_batching_figures(fake: FakePool) -> None:
+    serving(fake, workers=1)
+    [worker] = fake.workers_of("v1")
+    stats = BatchStats()
+    stats.count_batch(requests=3, texts=6, unique_texts=5, items=3)
+    worker.heartbeat(stats)
+    fake.pump()
+    [view] = fake.supervisor.worker_views()
+    assert view.batching == stats
+
+
+# -- the supervisor: health gate, hangs, stops, crash loops --------------------------------------
+
+
+def test_a_failed_health_probe_fails_a_version_that_never_served(fake: FakePool) -> None:
+    fake.load("v1", workers=1)
+    fake.bring_up("v1", scores=[float("nan")] * 12)
+    plan = fake.supervisor.plans["v1"]
+    assert plan.failed is not None and "health check failed" in plan.failed
+    assert fake.supervisor.failure("v1") == plan.failed
+    producer = fake.producer()
+    producer.send(b"r")
+    fake.pump()
+    assert producer.codes() == {b"r": protocol.WORKER_FAILED}
+
+
+def test_a_silent_ready_worker_is_killed_and_replaced(fake: FakePool) -> None:
+    serving(fake, workers=1)
+    [worker] = fake.workers_of("v1")
+    fake.tick(config.HEARTBEAT_S * config.HEARTBEAT_LIVENESS + 1)
+    assert signal.SIGKILL in worker.signals
+    fake.tick()
+    assert fake.supervisor.plans["v1"].restarts == 1
+    fake.tick(config.RESPAWN_BACKOFF_S[0])
+    assert len(fake.workers_of("v1", LOADING)) == 1
+
+
+def test_stop_escalates_to_sigterm_then_sigkill(fake: FakePool) -> None:
+    serving(fake, workers=1)
+    [worker] = fake.workers_of("v1")
+    worker.ignores_term = True
+    fake.supervisor.retire_version("v1")
+    fake.tick()
+    assert fake.state(worker) == STOPPING
+    assert worker.received() == [] and worker.stop_received
+    fake.tick(config.STOP_GRACE_S + 0.1)
+    assert worker.signals == [signal.SIGTERM]
+    fake.tick(config.TERM_GRACE_S + 0.1)
+    assert worker.signals == [signal.SIGTERM, signal.SIGKILL]
+    fake.tick()
+    assert fake.supervisor.idle and "v1" not in fake.supervisor.plans
+
+
+def test_a_draining_worker_finishes_what_it_holds_before_it_is_stopped(fake: FakePool) -> None:
+    serving(fake, workers=1)
+    [worker] = fake.workers_of("v1")
+    producer = fake.producer()
+    producer.send(b"r")
+    fake.pump()
+    [request] = worker.received()
+    fake.supervisor.set_workers("v1", 0)
+    fake.tick()
+    assert fake.state(worker) == DRAINING and not worker.stop_received
+    worker.answer(request)
+    fake.tick()
+    assert producer.codes() == {b"r": "ok"}
+    assert worker.received() == [] and worker.stop_received
+    assert fake.state(worker) == STOPPING
+
+
+def test_a_crash_loop_is_reported_fails_fast_and_is_retried_until_it_serves(
+        tmp_path: Path) -> None:
+    fake = FakePool(tmp_path, crash_retry_s=20.0)
+    try:
+        serving(fake, workers=1)
+        plan = fake.supervisor.plans["v1"]
+        for _ in range(config.CRASH_LOOP_LIMIT):
+            for worker in fake.workers_of("v1"):
+                worker.exit(1)
+            fake.tick()
+            if plan.crash_loop is None:
+                fake.tick(plan.backoff_until - fake.clock())
+                fake.tick()  # spawned; dies before it is ready
+        assert plan.crash_loop is not None and "crash loop" in plan.crash_loop
+        assert fake.supervisor.failure("v1") == plan.crash_loop
+        producer = fake.producer()
+        producer.send(b"r")
+        fake.pump()
+        assert producer.codes() == {b"r": protocol.WORKER_FAILED}  # at once, not queued
+        assert fake.supervisor.next_try_s("v1") == pytest.approx(20.0, abs=0.2)
+        fake.tick(10.0)
+        assert not fake.workers_of("v1")  # waits for the retry
+        fake.tick(10.0)
+        fake.bring_up("v1")
+        assert plan.crash_loop is None and fake.supervisor.failure("v1") is None
+        producer.send(b"again")
+        fake.pump()
+        fake.serve_all()
+        assert producer.codes()[b"again"] == "ok"
+    finally:
+        fake.close()
+
+
+# -- lanes ------------------------------------------------------------------------------------
+
+
+def test_an_unloaded_version_refuses_pinned_requests_and_fails_what_waits(
+        fake: FakePool) -> None:
+    serving(fake)
+    fake.load("v2", "/models/v2", workers=1)
+    fake.tick()  # v2 loading: pinned requests queue
+    producer = fake.producer()
+    producer.send(b"queued", version="v2")
+    fake.pump()
+    assert fake.broker.queue_length("v2") == 1
+    fake.supervisor.retire_version("v2")
+    producer.send(b"late", version="v2")
+    fake.pump()
+    codes = producer.codes()
+    assert codes == {b"queued": protocol.UNKNOWN_VERSION, b"late": protocol.UNKNOWN_VERSION}
+    fake.tick()
+    fake.tick()  # the loading worker got SIGTERM (it reads no socket yet), then is reaped
+    assert "v2" not in fake.supervisor.plans and "v2" not in fake.broker.lanes
+
+
+# -- the rotation ------------------------------------------------------------------------------
+
+
+def rotate(fake: FakePool, **kwargs: object) -> None:
+    options: dict = {"workers": 2, "strategy": "surge", **kwargs}
+    fake.rotations.start("v2", "/models/v2", **options)
+
+
+def run_rotation(fake: FakePool, limit: int = 400) -> list[Phase]:
+    """Tick until the rotation ends, workers answering everything; the phases it went by."""
+    phases = [fake.rotations.current.phase]
+    for _ in range(limit):
+        rot = fake.rotations.current
+        if rot.finished or rot.phase == Phase.CANARY:
+            break
+        fake.bring_up("v2")
+        fake.serve_all()
+        fake.finish_stops()
+        fake.tick()
+        if rot.phase != phases[-1]:
+            phases.append(rot.phase)
+    return phases
+
+
+def test_a_surge_rotation_goes_through_every_phase_and_fails_nothing(fake: FakePool) -> None:
+    serving(fake)
+    producer = fake.producer()
+    for i in range(20):
+        producer.send(f"before-{i}".encode())
+    fake.pump()
+    rotate(fake)
+    phases = run_rotation(fake)
+    for i in range(20):
+        producer.send(f"after-{i}".encode())
+    fake.pump()
+    while fake.serve_all():
+        pass
+    rot = fake.rotations.current
+    assert rot.outcome == "done", rot.reason
+    assert list(rot.timings) == ["spawning", "loading", "health_check", "switching",
+                                 "draining"]
+    assert phases[0] == Phase.SPAWNING and phases[-1] == Phase.DONE
+    assert set(producer.codes().values()) == {"ok"} and len(producer.replies) == 40
+    versions = {body["version"] for rid, (_, body) in producer.replies.items()
+                if rid.startswith(b"after")}
+    assert versions == {"v2"}
+    assert fake.broker.active == "v2" and "v1" not in fake.supervisor.plans
+    assert set(fake.broker.lanes) == {"v2"}
+    assert fake.registry.active == "v2"
+
+
+def test_a_rolling_rotation_never_runs_more_workers_than_before(fake: FakePool) -> None:
+    serving(fake)
+    rotate(fake, strategy="rolling")
+    peak = 0
+    for _ in range(400):
+        rot = fake.rotations.current
+        if rot.finished:
+            break
+        alive = [w for w in fake.processes if w.exitcode is None]
+        peak = max(peak, len(alive))
+        fake.bring_up("v2")
+        fake.serve_all()
+        fake.finish_stops()
+        fake.tick()
+    assert rot.outcome == "done", rot.reason
+    assert peak <= 2
+    assert len(fake.workers_of("v2", READY)) == 2
+
+
+@pytest.mark.parametrize("breakage", ["crash_on_load", "bad_probe", "operator"])
+def test_a_rotation_that_fails_before_the_switch_rolls_back_and_v1_keeps_serving(
+        fake: FakePool, breakage: str) -> None:
+    serving(fake)
+    rotate(fake)
+    fake.tick()
+    fake.tick()  # v2 workers spawned
+    new = fake.workers_of("v2")
+    assert len(new) == 2
+    if breakage == "crash_on_load":
+        new[0].exit(1)
+    elif breakage == "bad_probe":
+        fake.bring_up("v2", scores=[2.0] * 12)
+    else:
+        fake.rotations.rollback()
+    for _ in range(50):
+        fake.finish_stops()
+        fake.tick()
+    rot = fake.rotations.current
+    assert rot.phase == Phase.FAILED and rot.outcome == "rolled_back"
+    assert "rolling_back" in rot.timings and "switching" not in rot.timings
+    assert fake.broker.active == "v1" and not fake.workers_of("v2")
+    producer = fake.producer()
+    producer.send(b"r")
+    fake.pump()
+    fake.serve_all()
+    assert producer.codes() == {b"r": "ok"}
+    assert producer.replies[b"r"][1]["version"] == "v1"
+
+
+def test_a_failed_rolling_rotation_brings_the_old_workers_back(fake: FakePool) -> None:
+    serving(fake)
+    rotate(fake, strategy="rolling")
+    for _ in range(20):
+        fake.finish_stops()
+        fake.tick()
+        if fake.workers_of("v2", LOADING):
+            break
+    assert len(fake.workers_of("v1")) == 1  # one old worker made room
+    fake.workers_of("v2", LOADING)[0].exit(1)
+    for _ in range(100):
+        fake.bring_up("v1")
+        fake.finish_stops()
+        fake.tick()
+        if fake.rotations.current.finished:
+            break
+    assert fake.rotations.current.outcome == "rolled_back"
+    assert len(fake.workers_of("v1", READY)) == 2
+
+
+def test_a_canary_shares_traffic_then_promote_finishes_it(fake: FakePool) -> None:
+    serving(fake)
+    rotate(fake, canary=50.0)
+    assert run_rotation(fake)[-1] == Phase.CANARY
+    assert fake.broker.active == "v1" and fake.broker.canary == ("v2", 0.5)
+    producer = fake.producer()
+    for i in range(100):  # within the queue bound
+        producer.send(str(i).encode())
+    fake.pump()
+    while fake.serve_all():
+        pass
+    served_by = [body["version"] for _, body in producer.collect().values()]
+    assert len(served_by) == 100
+    assert 20 < served_by.count("v2") < 80
+    fake.rotations.promote()
+    run_rotation(fake)
+    assert fake.rotations.current.outcome == "done"
+    assert fake.broker.active == "v2" and fake.broker.canary is None
+
+
+def test_ending_a_canary_returns_all_traffic_to_v1(fake: FakePool) -> None:
+    serving(fake)
+    rotate(fake, canary=10.0)
+    run_rotation(fake)
+    fake.rotations.rollback()
+    producer = fake.producer()
+    producer.send(b"pinned", version="v2")
+    fake.pump()
+    assert producer.codes() == {b"pinned": protocol.UNKNOWN_VERSION}  # its lane is closed
+    for _ in range(20):
+        fake.finish_stops()
+        fake.tick()
+    rot = fake.rotations.current
+    assert rot.outcome == "rolled_back"
+    assert fake.broker.active == "v1" and fake.broker.canary is None
+    assert "v2" not in fake.broker.lanes
+
+
+def test_v2_failing_after_the_switch_ends_the_rotation_as_failed(fake: FakePool) -> None:
+    serving(fake)
+    rotate(fake)
+    for _ in range(50):
+        fake.bring_up("v2")
+        fake.tick()
+        if fake.rotations.current.phase == Phase.DRAINING:
+            break
+    producer = fake.producer()
+    producer.send(b"pinned-v1", version="v1")  # keeps the drain from closing v1 at once
+    fake.pump()
+    fake.supervisor.plans["v2"].failed = "simulated"
+    fake.tick()
+    rot = fake.rotations.current
+    assert rot.phase == Phase.FAILED and rot.outcome == "failed"
+    assert "failed after the switch" in (rot.reason or "")
+
+
+def test_the_drain_waits_for_a_quiet_period_of_pinned_requests(fake: FakePool) -> None:
+    serving(fake)
+    rotate(fake)
+    for _ in range(50):
+        fake.bring_up("v2")
+        fake.tick()
+        if fake.rotations.current.phase == Phase.DRAINING:
+            break
+    rot = fake.rotations.current
+    producer = fake.producer()
+    quiet = config.DRAIN_QUIET_S
+    for i in range(5):  # a producer pinned to v1, a request every half quiet period
+        producer.send(f"p{i}".encode(), version="v1")
+        fake.pump()
+        fake.serve_all()
+        fake.tick(quiet / 2)
+        assert rot.source_closed_at is None, f"v1 closed while request {i} was recent"
+    fake.tick(quiet)
+    fake.tick()
+    assert rot.source_closed_at is not None
+    assert producer.codes() == {f"p{i}".encode(): "ok" for i in range(5)}
+    producer.send(b"too-late", version="v1")
+    fake.pump()
+    assert producer.codes()[b"too-late"] == protocol.UNKNOWN_VERSION
+
+
+def test_the_drain_closes_v1_at_its_timeout_under_endless_pinned_traffic(
+        fake: FakePool) -> None:
+    serving(fake)
+    rotate(fake, drain_timeout_s=3.0)
+    for _ in range(50):
+        fake.bring_up("v2")
+        fake.tick()
+        if fake.rotations.current.phase == Phase.DRAINING:
+            break
+    rot = fake.rotations.current
+    drain_started = rot.phase_since
+    producer = fake.producer()
+    for i in range(40):
+        producer.send(f"p{i}".encode(), version="v1")
+        fake.pump()
+        fake.serve_all()
+        fake.finish_stops()
+        fake.tick(0.1)
+    assert rot.source_closed_at is not None
+    assert rot.source_closed_at - drain_started == pytest.approx(3.0, abs=0.3)
+    for _ in range(20):
+        fake.finish_stops()
+        fake.tick()
+    assert rot.outcome == "done"
+    assert set(producer.codes().values()) <= {"ok", protocol.UNKNOWN_VERSION}
+
+
+def test_unpinned_requests_queued_for_v1_move_to_v2_at_the_switch(fake: FakePool) -> None:
+    serving(fake, workers=1)
+    capacity = fake.supervisor.settings.capacity
+    producer = fake.producer()
+    for i in range(capacity + 3):
+        producer.send(str(i).encode())
+    fake.pump()
+    assert fake.broker.queue_length("v1") == 3
+    rotate(fake, workers=1)
+    for _ in range(50):
+        fake.bring_up("v2")
+        fake.tick()
+        if fake.rotations.current.switched:
+            break
+    assert fake.broker.queue_length("v1") == 0
+    while fake.serve_all():
+        pass
+    versions = [body["version"] for _, body in producer.collect().values()]
+    assert versions.count("v2") == 3 and len(versions) == capacity + 3
+
+
+def test_refused_rotations_leave_everything_as_it_was(fake: FakePool) -> None:
+    from pool.rotation import RotationError
+
+    serving(fake)
+    with pytest.raises(RotationError, match="already the active"):
+        fake.rotations.start("v1", "/models/v1", workers=2)
+    with pytest.raises(RotationError, match="canary"):
+        fake.rotations.start("v2", "/models/v2", workers=2, strategy="rolling", canary=5.0)
+    with pytest.raises(RotationError, match="unknown strategy"):
+        fake.rotations.start("v2", "/models/v2", workers=2, strategy="sideways")
+    rotate(fake)
+    with pytest.raises(RotationError, match="still"):
+        rotate(fake)
+    assert set(fake.broker.lanes) == {"v1"} and fake.broker.active == "v1"
+
+
+def test_an_old_worker_dying_during_the_drain_loses_none_of_its_requests(
+        fake: FakePool) -> None:
+    serving(fake)
+    capacity = fake.supervisor.settings.capacity
+    producer = fake.producer()
+    for i in range(2 * capacity):
+        producer.send(str(i).encode())
+    fake.pump()
+    old = fake.workers_of("v1")
+    held = {w.name: w.received() for w in old}
+    assert all(len(x) == capacity for x in held.values())
+    rotate(fake)
+    for _ in range(50):
+        fake.bring_up("v2")
+        fake.tick()
+        if fake.rotations.current.phase == Phase.DRAINING:
+            break
+    assert {fake.state(w) for w in old} == {READY}  # v1 serves pinned requests until idle
+    old[0].exit(-9)  # dies holding unpinned requests
+    fake.tick()
+    for request in held[old[1].name]:
+        old[1].answer(request)
+    for _ in range(20):
+        fake.serve_all()
+        fake.finish_stops()
+        fake.tick()
+    assert producer.codes() == {str(i).encode(): "ok" for i in range(2 * capacity)}
+    assert fake.rotations.current.outcome == "done"
