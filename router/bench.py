@@ -20,8 +20,8 @@ import numpy as np
 import orjson
 import zmq
 
-from router.auth import ClientKeys
 from router.client import connect_dealer
+from router.keys import ClientKeys
 
 PROGRESS_S = 0.5
 TAIL_TIMEOUT_S = 60.0  # after the run, how long producers wait for outstanding replies

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from router.auth import ClientKeys, create_keys, is_loopback
+from router.auth import is_loopback
 from router.client import Client, NoReply
+from router.keys import ClientKeys, create_keys
 from tests.conftest import run_cli, start_pool, stop_pool
 
 pytestmark = pytest.mark.slow
