@@ -391,7 +391,7 @@ def bench(
 ) -> None:
     """Load-test a pool from producer processes over raw protocol v1; report and plot."""
     from cli.bench import run_bench
-    from router.bench import LoadSpec
+    from tooling.loadgen import LoadSpec
 
     if model == "echo" and not spawn:
         fail("--model echo needs --spawn (it starts an echo pool and a zmq.proxy beside it)",

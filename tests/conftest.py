@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
 
 from pool.control import control_request
-from pool.launch import PoolProcess
+from tooling.launch import PoolProcess
 
 TINY_MAX_LENGTH = 48
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

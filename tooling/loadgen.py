@@ -1,8 +1,10 @@
-"""The load generator behind `pool bench`: producer processes speaking protocol v1 directly.
+"""The load generator: producers speaking protocol v1 directly on raw DEALER sockets (no
+zeropool client code on the request path).
 
-Each producer is its own process (the GIL must not be the bottleneck) with one DEALER socket
-and its share of the requests in flight. Producers stream progress to the parent every
-PROGRESS_S and hand back every request's (sent time, latency, outcome, version) at the end.
+`run_load` drives `pool bench`. Each producer is its own process (the GIL must not be the
+bottleneck) with one DEALER socket and its share of the requests in flight. Producers stream
+progress to the parent every PROGRESS_S and hand back every request's (sent time, latency,
+outcome, version) at the end.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import zmq
 
 from router.client import connect_dealer
 from router.keys import ClientKeys
+from router.protocol import INTERNAL, OK_CODE, OP_SIMILARITY, PROTOCOL, STATUS_OK
 
 PROGRESS_S = 0.5
 TAIL_TIMEOUT_S = 60.0  # after the run, how long producers wait for outstanding replies
-OK = "ok"
 
 # Bundled sample sentences (Chinese, as the seed's users send, plus some English).
 SUBJECTS = ["我", "你", "他们", "我的朋友", "这位老师", "那个学生", "我们公司", "小王", "她妈妈"]
@@ -130,7 +132,7 @@ def _producer(index: int, spec: LoadSpec, share: int, quota: int | None, deadlin
         latency.append(float("nan"))
         outcome.append("lost")
         version.append("")
-        sock.send_multipart([b"ZP1", rid, b"similarity", spec.version.encode(),
+        sock.send_multipart([PROTOCOL, rid, OP_SIMILARITY, spec.version.encode(),
                              orjson.dumps(body)])
         n += 1
 
@@ -161,10 +163,10 @@ def _producer(index: int, spec: LoadSpec, share: int, quota: int | None, deadlin
             continue
         latency[i] = time.monotonic() - sent[i]
         doc = orjson.loads(body)
-        if status == b"ok":
-            outcome[i], version[i] = OK, doc.get("version", "")
+        if status == STATUS_OK:
+            outcome[i], version[i] = OK_CODE, doc.get("version", "")
         else:
-            outcome[i] = doc.get("code", "internal")
+            outcome[i] = doc.get("code", INTERNAL)
             report.errors += 1
         report.done += 1
         report.recent.append(latency[i])
@@ -257,7 +259,7 @@ def _proxy_echo_worker(backend: str) -> None:
     while True:
         frames = sock.recv_multipart()
         # [client identity, ZP1, request_id, op, version, body] -> a protocol v1 reply
-        sock.send_multipart([frames[0], frames[1], frames[2], b"ok", ECHO_BODY])
+        sock.send_multipart([frames[0], frames[1], frames[2], STATUS_OK, ECHO_BODY])
 
 
 class ProxyBaseline:
