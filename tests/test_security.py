@@ -14,7 +14,7 @@ import pytest
 from router.auth import is_loopback
 from router.client import Client, NoReply
 from router.keys import ClientKeys, create_keys
-from tests.conftest import run_cli, start_pool, stop_pool
+from tests.support import run_cli, start_pool, stop_pool
 
 pytestmark = pytest.mark.slow
 PAIR = ("今天天气真好", "今日阳光明媚")
