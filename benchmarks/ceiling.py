@@ -1,7 +1,7 @@
 """The most process parallelism can give on this machine, without router or producers.
 
 N processes x 1 torch thread vs 1 process x N threads of the pool's own batched loop
-(`pool.baseline.batched_pairs_per_s`), same pairs, for each batch size: the ratio is the
+(`tooling.baseline.batched_pairs_per_s`), same pairs, for each batch size: the ratio is the
 ceiling of "pool / in-process batched loop" here. Run: `.venv/bin/python benchmarks/ceiling.py`.
 """
 
@@ -15,11 +15,11 @@ import random
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pool.config import embedded_model_path
-from router.bench import make_texts
+from tooling.loadgen import make_texts
 
 
 def measure(threads: int, batch: int, seconds: float, out: mp.Queue) -> None:
-    from pool.baseline import batched_pairs_per_s
+    from tooling.baseline import batched_pairs_per_s
 
     texts = make_texts(4000, 0, random.Random(0))
     pairs = list(zip(texts[::2], texts[1::2], strict=True))

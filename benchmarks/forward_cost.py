@@ -18,7 +18,7 @@ import torch
 
 from pool.config import embedded_model_path
 from pool.runtime import Encoder
-from router.bench import make_texts
+from tooling.loadgen import make_texts
 
 ONE_PASS = 10**9  # an overhead no padding can outweigh: the whole batch in one pass
 SHAPES = [(1, 8), (1, 16), (8, 16), (32, 16), (64, 16), (128, 12), (128, 18)]

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from pool.config import embedded_model_path
 from pool.runtime import token_id_encoder
-from router.bench import make_texts
+from tooling.loadgen import make_texts
 
 
 def rate(fn: Callable[[], object], seconds: float) -> float:

@@ -17,8 +17,8 @@ from rich.table import Table
 from pool import config as c
 from pool.control import ControlError, PoolNotRunning, control_request
 from pool.health import PROBE_MIN_PAIRS, PROBE_MIN_TEXT_CHARS
-from router.auth import CLIENT_KEY_ENV, SERVER_KEY_ENV, ClientKeys, KeyFileError
 from router.client import Client, ZeroPoolError, verdict
+from router.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, ClientKeys, KeyFileError
 from router.protocol import ENDPOINT_ENV
 
 app = typer.Typer(
@@ -332,7 +332,7 @@ def keygen(
 ) -> None:
     """Make a Curve key pair: the pool's (--curve-secret-key) or a producer's (--client-key;
     copy its public .key into the pool's --curve-allow directory)."""
-    from router.auth import create_keys
+    from router.keys import create_keys
 
     if (directory / f"{name}.key_secret").exists():
         fail(f"{directory / name}.key_secret exists; not overwriting a key", as_json,
@@ -391,7 +391,7 @@ def bench(
 ) -> None:
     """Load-test a pool from producer processes over raw protocol v1; report and plot."""
     from cli.bench import run_bench
-    from router.bench import LoadSpec
+    from tooling.loadgen import LoadSpec
 
     if model == "echo" and not spawn:
         fail("--model echo needs --spawn (it starts an echo pool and a zmq.proxy beside it)",

@@ -24,8 +24,8 @@ import zmq
 from cli.ops import version_troubles
 from pool.config import default_state_dir
 from pool.control import ControlError, PoolNotRunning, control_request
-from router.auth import ClientKeys, KeyFileError
 from router.client import Client, NoReply, ZeroPoolError, verdict
+from router.keys import ClientKeys, KeyFileError
 from router.protocol import DEFAULT_ENDPOINT, ENDPOINT_ENV
 
 DEFAULT_A = "今天天气真好"

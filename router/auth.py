@@ -1,19 +1,17 @@
-"""CurveZMQ on the frontend: who may send requests, and encryption on the wire.
+"""CurveZMQ on the frontend, the server's side: who may send requests, and encryption on the
+wire.
 
-Keys are pyzmq's certificate files (`zmq.auth.create_certificates`): `NAME.key` holds the
-public key, `NAME.key_secret` both. The pool loads its secret certificate and a directory of
-allowed client public keys; pyzmq's ZAP `Authenticator` judges each handshake, driven by the
-serve loop's poller (no authenticator thread). A client needs the server's public key and its
-own secret certificate.
+The pool loads its secret certificate and a directory of allowed client public keys; pyzmq's
+ZAP `Authenticator` judges each handshake, driven by the serve loop's poller (no authenticator
+thread). The client's side (key files, `ClientKeys`) is router.keys; its names are re-exported
+here for the server and for older imports.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,74 +19,29 @@ import zmq
 import zmq.auth
 from zmq.auth.base import Authenticator
 
+# Re-exported: pool.server imports KeyFileError from here, and the key files are shared.
+from router.keys import (
+    CLIENT_KEY_ENV,
+    SERVER_KEY_ENV,
+    ClientKeys,
+    KeyFileError,
+    create_keys,
+    load_key_pair,
+    load_public_key,
+)
+
 log = logging.getLogger("zeropool.auth")
+__all__ = [
+    "CLIENT_KEY_ENV", "SERVER_KEY_ENV", "ClientKeys", "CurveServer", "KeyFileError",
+    "create_keys", "is_loopback", "load_key_pair", "load_public_key",
+]
 
-SERVER_KEY_ENV = "ZEROPOOL_SERVER_KEY"  # the pool's public key file, for clients
-CLIENT_KEY_ENV = "ZEROPOOL_CLIENT_KEY"  # the client's secret key file
 _LOOPBACK = re.compile(r"^(ipc|inproc)://|^tcp://(127\.[0-9.]+|localhost|\[::1\]|::1):")
-
-
-class KeyFileError(ValueError):
-    """A key file is missing or not a certificate: the message says which and why."""
-
-
-def load_public_key(path: Path) -> bytes:
-    """The public key of a pyzmq certificate file (.key or .key_secret)."""
-    return _load_certificate(path)[0]
-
-
-def load_key_pair(path: Path) -> tuple[bytes, bytes]:
-    """(public, secret) from a .key_secret file, or KeyFileError saying what is wrong."""
-    public, secret = _load_certificate(path)
-    if not secret:
-        raise KeyFileError(f"{path} holds no secret key: give the .key_secret file")
-    return public, secret
-
-
-def _load_certificate(path: Path) -> tuple[bytes, bytes | None]:
-    try:
-        return zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as exc:
-        raise KeyFileError(f"cannot read the key file {path}: {exc}") from None
-
-
-def create_keys(directory: Path, name: str) -> tuple[Path, Path]:
-    """A new key pair as DIR/NAME.key (public) and DIR/NAME.key_secret (mode 0600)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(directory), name)
-    os.chmod(secret, 0o600)
-    return Path(public), Path(secret)
 
 
 def is_loopback(endpoint: str) -> bool:
     """Reachable only from this machine (ipc, inproc, tcp on a loopback address)."""
     return bool(_LOOPBACK.match(endpoint))
-
-
-@dataclass(frozen=True)
-class ClientKeys:
-    """What a producer needs to talk to a Curve-protected pool."""
-
-    server_public: bytes
-    public: bytes
-    secret: bytes
-
-    @classmethod
-    def from_files(cls, server_key: str | Path, client_key: str | Path) -> ClientKeys:
-        public, secret = load_key_pair(Path(client_key))
-        return cls(load_public_key(Path(server_key)), public, secret)
-
-    @classmethod
-    def from_env(cls) -> ClientKeys | None:
-        """From ZEROPOOL_SERVER_KEY and ZEROPOOL_CLIENT_KEY when both are set."""
-        server, client = os.environ.get(SERVER_KEY_ENV), os.environ.get(CLIENT_KEY_ENV)
-        return cls.from_files(server, client) if server and client else None
-
-    def apply(self, sock: zmq.Socket) -> None:
-        """Before connect()."""
-        sock.curve_serverkey = self.server_public
-        sock.curve_publickey = self.public
-        sock.curve_secretkey = self.secret
 
 
 class CurveServer:

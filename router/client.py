@@ -19,10 +19,10 @@ import orjson
 import zmq
 import zmq.asyncio
 
-from router import protocol as p
-from router.auth import ClientKeys
+from router import protocol
+from router.keys import ClientKeys
 
-DEFAULT_ENDPOINT = os.environ.get(p.ENDPOINT_ENV, p.DEFAULT_ENDPOINT)
+DEFAULT_ENDPOINT = os.environ.get(protocol.ENDPOINT_ENV, protocol.DEFAULT_ENDPOINT)
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_IN_FLIGHT = 64
 
@@ -30,7 +30,7 @@ DEFAULT_IN_FLIGHT = 64
 class ZeroPoolError(Exception):
     """A request failed; `code` is the protocol error code."""
 
-    code = p.INTERNAL
+    code = protocol.INTERNAL
 
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
@@ -43,35 +43,35 @@ class ZeroPoolError(Exception):
 
 
 class BadRequest(ZeroPoolError):
-    code = p.BAD_REQUEST
+    code = protocol.BAD_REQUEST
 
 
 class TooLarge(ZeroPoolError):
-    code = p.TOO_LARGE
+    code = protocol.TOO_LARGE
 
 
 class UnknownVersion(ZeroPoolError):
-    code = p.UNKNOWN_VERSION
+    code = protocol.UNKNOWN_VERSION
 
 
 class Overloaded(ZeroPoolError):
-    code = p.OVERLOADED
+    code = protocol.OVERLOADED
 
 
 class RequestTimeout(ZeroPoolError):
-    code = p.TIMEOUT
+    code = protocol.TIMEOUT
 
 
 class WorkerFailed(ZeroPoolError):
-    code = p.WORKER_FAILED
+    code = protocol.WORKER_FAILED
 
 
 class ShuttingDown(ZeroPoolError):
-    code = p.SHUTTING_DOWN
+    code = protocol.SHUTTING_DOWN
 
 
 class InternalError(ZeroPoolError):
-    code = p.INTERNAL
+    code = protocol.INTERNAL
 
 
 class NoReply(ZeroPoolError):
@@ -122,20 +122,20 @@ def verdict(score: float) -> str:
 
 
 def encode_request(request_id: bytes, op: bytes, version: str | None, body: dict) -> list[bytes]:
-    return [p.PROTOCOL, request_id, op, (version or "").encode(), orjson.dumps(body)]
+    return [protocol.PROTOCOL, request_id, op, (version or "").encode(), orjson.dumps(body)]
 
 
 def decode_reply(op: bytes, frames: list[bytes]) -> Result | ZeroPoolError:
     """A reply's frames (after any envelope) as a result, or the error it carries."""
-    if len(frames) != 4 or frames[0] != p.PROTOCOL:
+    if len(frames) != 4 or frames[0] != protocol.PROTOCOL:
         return InternalError(f"malformed reply ({len(frames)} frames)")
     status, body = frames[2], orjson.loads(frames[3])
-    if status != p.STATUS_OK:
-        code = body.get("code", p.INTERNAL)
+    if status != protocol.STATUS_OK:
+        code = body.get("code", protocol.INTERNAL)
         return ERRORS.get(code, ZeroPoolError)(body.get("message", ""), code)
-    if op == p.OP_SIMILARITY:
+    if op == protocol.OP_SIMILARITY:
         return Similarity(body["scores"], body["version"])
-    if op == p.OP_EMBED:
+    if op == protocol.OP_EMBED:
         return Embeddings(body["embeddings"], body["dim"], body["version"])
     return Ping(body["version"], body["workers"])
 
@@ -208,22 +208,22 @@ class Client:
     def similarity(self, pairs: Iterable[Sequence[str]], version: str | None = None,
                    timeout: float | None = None, timeout_ms: int | None = None) -> Similarity:
         body = similarity_body(pairs, timeout_ms)
-        return _raise_or_return(self._call(p.OP_SIMILARITY, version, [body], timeout)[0])
+        return _raise_or_return(self._call(protocol.OP_SIMILARITY, version, [body], timeout)[0])
 
     def embed(self, texts: Iterable[str], version: str | None = None,
               timeout: float | None = None, timeout_ms: int | None = None) -> Embeddings:
         body = embed_body(texts, timeout_ms)
-        return _raise_or_return(self._call(p.OP_EMBED, version, [body], timeout)[0])
+        return _raise_or_return(self._call(protocol.OP_EMBED, version, [body], timeout)[0])
 
     def ping(self, version: str | None = None, timeout: float | None = None) -> Ping:
-        return _raise_or_return(self._call(p.OP_PING, version, [{}], timeout)[0])
+        return _raise_or_return(self._call(protocol.OP_PING, version, [{}], timeout)[0])
 
     def similarity_many(self, batches: Iterable[Iterable[Sequence[str]]],
                         version: str | None = None, in_flight: int = DEFAULT_IN_FLIGHT,
                         timeout: float | None = None) -> list[Similarity | ZeroPoolError]:
         """Many similarity requests pipelined; errors are returned in place, not raised."""
         bodies = [similarity_body(pairs, None) for pairs in batches]
-        return self._call(p.OP_SIMILARITY, version, bodies, timeout, in_flight)
+        return self._call(protocol.OP_SIMILARITY, version, bodies, timeout, in_flight)
 
     def _call(self, op: bytes, version: str | None, bodies: list[dict],
               timeout: float | None, in_flight: int = 1) -> list[Any]:
@@ -286,15 +286,16 @@ class AsyncClient:
     async def similarity(self, pairs: Iterable[Sequence[str]], version: str | None = None,
                          timeout: float | None = None,
                          timeout_ms: int | None = None) -> Similarity:
-        return await self._call(p.OP_SIMILARITY, version, similarity_body(pairs, timeout_ms),
-                                timeout)
+        body = similarity_body(pairs, timeout_ms)
+        return await self._call(protocol.OP_SIMILARITY, version, body, timeout)
 
     async def embed(self, texts: Iterable[str], version: str | None = None,
                     timeout: float | None = None, timeout_ms: int | None = None) -> Embeddings:
-        return await self._call(p.OP_EMBED, version, embed_body(texts, timeout_ms), timeout)
+        body = embed_body(texts, timeout_ms)
+        return await self._call(protocol.OP_EMBED, version, body, timeout)
 
     async def ping(self, version: str | None = None, timeout: float | None = None) -> Ping:
-        return await self._call(p.OP_PING, version, {}, timeout)
+        return await self._call(protocol.OP_PING, version, {}, timeout)
 
     async def _call(self, op: bytes, version: str | None, body: dict,
                     timeout: float | None) -> Any:

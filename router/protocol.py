@@ -26,6 +26,8 @@ OPS = frozenset({OP_SIMILARITY, OP_EMBED, OP_PING})
 
 STATUS_OK = b"ok"
 STATUS_ERROR = b"error"
+# A request's outcome where reports and counters spell it as text: "ok", or its error code.
+OK_CODE = STATUS_OK.decode()
 
 # Error codes (the body of an error reply is {"code": ..., "message": ...}).
 BAD_REQUEST = "bad_request"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningPool, run_cli
+from tests.support import RunningPool, run_cli
 
 pytestmark = pytest.mark.slow
 

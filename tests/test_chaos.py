@@ -11,21 +11,17 @@ import json
 import os
 import random
 import signal
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
 import psutil
 import pytest
-import zmq
 
-from pool import config as c
+from pool import config
 from pool.control import control_request
 from router.client import Client
-from tests.conftest import SENTENCES, RunningPool, run_cli, start_pool, stop_pool
-from tests.loadgen import Load
+from tests.support import SENTENCES, Load, RunningPool, run_cli, start_pool, stop_pool
+from tooling.loadgen import ThreadLoad
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 CHAOS_SECONDS = float(os.environ.get("ZEROPOOL_CHAOS_SECONDS", "30"))
@@ -53,71 +49,33 @@ def capacity(endpoint: str, seconds: float = 3.0) -> float:
     return len(load.replies) / seconds
 
 
-@dataclass
 class Flood:
-    """Open loop: sends at `rate` whatever comes back, and reads every reply."""
+    """Open loop: sends at `rate` whatever comes back, and reads every reply (ThreadLoad)."""
 
-    endpoint: str
-    rate: float
-    replies: dict[bytes, list[str]] = field(default_factory=dict)  # id -> codes received
-    sent: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    def __init__(self, endpoint: str, rate: float) -> None:
+        self.load = ThreadLoad(endpoint, SENTENCES, rate=rate, offset=1, drain_s=120)
 
     def start(self) -> Flood:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.load.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(180)
-        assert not self._thread.is_alive(), "the flood did not drain"
+        self.load.stop(timeout=180)
 
-    def _run(self) -> None:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.endpoint)
-        started = time.monotonic()
-        drain_deadline = None
-        while True:
-            if not self._stop.is_set():
-                due = int((time.monotonic() - started) * self.rate) - self.sent
-                for _ in range(max(0, min(due, 1000))):
-                    if not self._send(sock):
-                        break
-            elif self.sent == len(self.replies):
-                break
-            else:
-                drain_deadline = drain_deadline or time.monotonic() + 120
-                if time.monotonic() > drain_deadline:
-                    break
-            while sock.poll(0 if not self._stop.is_set() else 100):
-                _, rid, status, body = sock.recv_multipart()
-                code = "ok" if status == b"ok" else orjson.loads(body)["code"]
-                self.replies.setdefault(rid, []).append(code)
-            if not self._stop.is_set():
-                time.sleep(0.005)
-        sock.close()
+    @property
+    def sent(self) -> int:
+        return self.load.sent
 
-    def _send(self, sock: zmq.Socket) -> bool:
-        n = self.sent
-        body = orjson.dumps({"pairs": [[SENTENCES[n % 8], SENTENCES[(n // 8 + 1) % 8]]]})
-        try:
-            sock.send_multipart([b"ZP1", n.to_bytes(8, "big"), b"similarity", b"", body],
-                                zmq.NOBLOCK)
-        except zmq.Again:
-            return False  # the pipe is full: that is the flood's own backpressure
-        self.sent += 1
-        return True
+    @property
+    def replies(self) -> dict[bytes, list[str]]:
+        """Request id -> the codes of every reply it got (one, unless the pool repeated)."""
+        out: dict[bytes, list[str]] = {}
+        for reply in [*self.load.replies, *self.load.repeats]:
+            out.setdefault(reply.request_id, []).append(reply.code)
+        return out
 
     def codes(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for codes in self.replies.values():
-            for code in codes:
-                out[code] = out.get(code, 0) + 1
-        return out
+        return self.load.codes()
 
 
 def test_a_flood_at_ten_times_capacity_through_a_rotation(pool_factory,
@@ -209,7 +167,7 @@ def may_kill(recent: list[float]) -> bool:
     """Stay under the crash-loop limit: that many deaths in the window put a version in a
     crash loop on purpose (test_supervision.py), which is not what this test is about."""
     now = time.monotonic()
-    return sum(now - t < c.CRASH_LOOP_WINDOW_S for t in recent) < c.CRASH_LOOP_LIMIT - 2
+    return sum(now - t < config.CRASH_LOOP_WINDOW_S for t in recent) < config.CRASH_LOOP_LIMIT - 2
 
 
 def wait_until_full(pool: RunningPool, workers: int, timeout: float = 120) -> None:

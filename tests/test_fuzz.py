@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pool.worker import BadBody, Job, Limits, decode_job
-from router import protocol as p
+from router import protocol
 from router.client import Client, TooLarge
-from tests.conftest import SENTENCES, Reference, RunningPool, start_pool, stop_pool
+from tests.support import SENTENCES, Reference, RunningPool, start_pool, stop_pool
 
 IDENT = b"\x00peer"
 # No deadline: other test runs share this machine's two cores; the properties are not timings.
@@ -30,13 +30,14 @@ FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCh
 # -- parse_request ---------------------------------------------------------------------------
 
 INTERESTING = [
-    b"", b"ZP1", b"ZP2", b"zp1", b"ZP1\x00", b"similarity", b"embed", b"ping", b"pong", b"v1",
+    b"", protocol.PROTOCOL, b"ZP2", b"zp1", protocol.PROTOCOL + b"\x00", b"similarity", b"embed",
+    b"ping", b"pong", b"v1",
     b"\xff\xfe", b"\xed\xa0\x80", b"{}", b"[]", b'{"pairs": [["a", "b"]]}', b'{"timeout_ms": 0}',
     b"x" * 64, b"x" * 65, b"\x00",
 ]
 frame = st.sampled_from(INTERESTING) | st.binary(max_size=80)
 ids = st.sampled_from([b"", b"r", b"x" * 64, b"x" * 65, b"y" * 300]) | st.binary(max_size=70)
-ops = st.sampled_from(sorted(p.OPS)) | st.sampled_from([b"", b"SIMILARITY", b"sing"]) | frame
+ops = st.sampled_from(sorted(protocol.OPS)) | st.sampled_from([b"", b"SIMILARITY", b"sing"]) | frame
 versions = st.sampled_from([b"", b"v1", "版本".encode(), b"\xff", b"v1\xc3\x28"]) | frame
 bodies = st.sampled_from([b"{}", b"", b'{"pairs": [["a", "b"]]}', b'{"timeout_ms": 5}',
                           b'{"timeout_ms": -5}', b"[]", b"{", b" " * 1025]) | frame
@@ -45,7 +46,7 @@ bodies = st.sampled_from([b"{}", b"", b'{"pairs": [["a", "b"]]}', b'{"timeout_ms
 @st.composite
 def mutated_messages(draw: st.DrawFn) -> list[bytes]:
     """A valid message (maybe REQ-delimited), then drop / duplicate / insert / replace frames."""
-    frames = [p.PROTOCOL, draw(ids), draw(ops), draw(versions), draw(bodies)]
+    frames = [protocol.PROTOCOL, draw(ids), draw(ops), draw(versions), draw(bodies)]
     if draw(st.booleans()):
         frames.insert(0, b"")
     for _ in range(draw(st.integers(0, 3))):
@@ -68,7 +69,7 @@ messages = mutated_messages() | any_frames | st.just([])
 
 
 def spec_ping_body_ok(body: bytes) -> bool:
-    if len(body) > p.MAX_PING_BODY:
+    if len(body) > protocol.MAX_PING_BODY:
         return False
     try:
         doc = orjson.loads(body)
@@ -86,7 +87,8 @@ def spec(frames: list[bytes]) -> tuple[int, bytes | None, bool]:
     rest = frames[split:]
     if len(rest) < 2 or not 1 <= len(rest[1]) <= 64:
         return split, None, False
-    if rest[0] != b"ZP1" or len(rest) != 5 or rest[2] not in (b"similarity", b"embed", b"ping"):
+    if rest[0] != protocol.PROTOCOL or len(rest) != 5 \
+            or rest[2] not in (b"similarity", b"embed", b"ping"):
         return split, rest[1], False
     try:
         rest[3].decode("utf-8")
@@ -97,31 +99,31 @@ def spec(frames: list[bytes]) -> tuple[int, bytes | None, bool]:
 
 
 def check_error_reply(envelope: list[bytes], request_id: bytes, code: str, message: str) -> None:
-    frames = p.error_frames(envelope, request_id, code, message)
+    frames = protocol.error_frames(envelope, request_id, code, message)
     assert frames[: len(envelope)] == envelope
     tag, rid, status, body = frames[len(envelope):]
-    assert (tag, rid, status) == (b"ZP1", request_id, b"error")
+    assert (tag, rid, status) == (protocol.PROTOCOL, request_id, b"error")
     doc = orjson.loads(body)
     assert set(doc) == {"code", "message"}
-    assert doc["code"] == code and doc["code"] in p.ERROR_CODES
+    assert doc["code"] == code and doc["code"] in protocol.ERROR_CODES
     assert isinstance(doc["message"], str) and doc["message"]
 
 
 @FUZZ
 @given(messages)
 def test_parse_request_never_raises_and_follows_the_spec(frames: list[bytes]) -> None:
-    result = p.parse_request(frames)
-    assert isinstance(result, p.Request | p.FrameError)
+    result = protocol.parse_request(frames)
+    assert isinstance(result, protocol.Request | protocol.FrameError)
     if not frames:
-        assert isinstance(result, p.FrameError) and result.request_id is None
+        assert isinstance(result, protocol.FrameError) and result.request_id is None
         return
     split, request_id, valid = spec(frames)
     assert result.request_id == request_id
-    assert isinstance(result, p.Request) == valid
+    assert isinstance(result, protocol.Request) == valid
     assert result.envelope == frames[:split]
-    if isinstance(result, p.Request):
+    if isinstance(result, protocol.Request):
         # A request is exactly the message: nothing is lost or invented on the way.
-        assert [*result.envelope, b"ZP1", result.request_id, result.op,
+        assert [*result.envelope, protocol.PROTOCOL, result.request_id, result.op,
                 result.version.encode(), result.body] == frames
     elif result.request_id is not None:
         check_error_reply(result.envelope, result.request_id, result.code, result.message)
@@ -130,10 +132,10 @@ def test_parse_request_never_raises_and_follows_the_spec(frames: list[bytes]) ->
 @FUZZ
 @given(st.lists(st.binary(max_size=300), min_size=1, max_size=12))
 def test_arbitrary_frames_parse_or_yield_a_replyable_error(frames: list[bytes]) -> None:
-    result = p.parse_request(frames)
-    assert isinstance(result, p.Request | p.FrameError)
-    if isinstance(result, p.FrameError) and result.request_id is not None:
-        assert 1 <= len(result.request_id) <= p.MAX_REQUEST_ID
+    result = protocol.parse_request(frames)
+    assert isinstance(result, protocol.Request | protocol.FrameError)
+    if isinstance(result, protocol.FrameError) and result.request_id is not None:
+        assert 1 <= len(result.request_id) <= protocol.MAX_REQUEST_ID
         check_error_reply(result.envelope, result.request_id, result.code, result.message)
 
 
@@ -141,7 +143,7 @@ def test_arbitrary_frames_parse_or_yield_a_replyable_error(frames: list[bytes]) 
 
 LIMITS = Limits(max_pairs=8, max_text_chars=12)
 FAR_FUTURE = 10**18  # enqueued "later": no timeout_ms can have run out
-WORKER_CODES = {p.BAD_REQUEST, p.TOO_LARGE, p.TIMEOUT}
+WORKER_CODES = {protocol.BAD_REQUEST, protocol.TOO_LARGE, protocol.TIMEOUT}
 
 int64 = st.integers(-(2**63), 2**63 - 1)  # what orjson writes
 json_values = st.recursive(
@@ -173,58 +175,59 @@ def decode(op: bytes, body: bytes, enqueued_ns: int = FAR_FUTURE) -> Job | BadBo
 
 def spec_outcome(op: bytes, doc: object) -> str:
     """The code docs/protocol.md implies for a body (malformed before too large, per item)."""
-    if not isinstance(doc, dict) or op not in (p.OP_SIMILARITY, p.OP_EMBED):
-        return p.BAD_REQUEST
+    if not isinstance(doc, dict) or op not in (protocol.OP_SIMILARITY, protocol.OP_EMBED):
+        return protocol.BAD_REQUEST
     timeout_ms = doc.get("timeout_ms")
     if not (timeout_ms is None or (type(timeout_ms) is int and timeout_ms > 0)):
-        return p.BAD_REQUEST
-    entries = doc.get("pairs" if op == p.OP_SIMILARITY else "texts")
+        return protocol.BAD_REQUEST
+    entries = doc.get("pairs" if op == protocol.OP_SIMILARITY else "texts")
     if not isinstance(entries, list) or not entries:
-        return p.BAD_REQUEST
+        return protocol.BAD_REQUEST
     if len(entries) > LIMITS.max_pairs:
-        return p.TOO_LARGE
+        return protocol.TOO_LARGE
     for entry in entries:
-        if op == p.OP_EMBED:
+        if op == protocol.OP_EMBED:
             strings = [entry] if isinstance(entry, str) else None
         elif isinstance(entry, list) and len(entry) == 2:
             strings = entry if all(isinstance(s, str) for s in entry) else None
         else:
             strings = None
         if strings is None:
-            return p.BAD_REQUEST
+            return protocol.BAD_REQUEST
         if any(len(s) > LIMITS.max_text_chars for s in strings):
-            return p.TOO_LARGE
+            return protocol.TOO_LARGE
     return "ok"
 
 
 @FUZZ
-@given(st.sampled_from(sorted(p.OPS)) | st.binary(max_size=12), st.binary(max_size=300))
+@given(st.sampled_from(sorted(protocol.OPS)) | st.binary(max_size=12), st.binary(max_size=300))
 def test_decode_job_on_arbitrary_bytes_gives_a_job_or_bad_body(op: bytes, body: bytes) -> None:
     result = decode(op, body)
     if isinstance(result, Job):
-        assert op in (p.OP_SIMILARITY, p.OP_EMBED)
+        assert op in (protocol.OP_SIMILARITY, protocol.OP_EMBED)
 
 
 @FUZZ
-@given(st.sampled_from([p.OP_SIMILARITY, p.OP_EMBED, p.OP_PING, b"nope"]), bodies_json)
+@given(st.sampled_from([protocol.OP_SIMILARITY, protocol.OP_EMBED, protocol.OP_PING, b"nope"]),
+       bodies_json)
 def test_decode_job_on_json_bodies_matches_the_spec(op: bytes, doc: object) -> None:
     result = decode(op, orjson.dumps(doc))
     want = spec_outcome(op, doc)
     assert (result.code if isinstance(result, BadBody) else "ok") == want, result
     if isinstance(result, Job):
         assert isinstance(doc, dict)
-        entries = doc["pairs" if op == p.OP_SIMILARITY else "texts"]
-        flat = [t for pair in entries for t in pair] if op == p.OP_SIMILARITY else entries
+        entries = doc["pairs" if op == protocol.OP_SIMILARITY else "texts"]
+        flat = [t for pair in entries for t in pair] if op == protocol.OP_SIMILARITY else entries
         assert (result.seq, result.op, result.texts, result.size) == (b"seq", op, flat,
                                                                       len(entries))
 
 
 @FUZZ
-@given(st.sampled_from([p.OP_SIMILARITY, p.OP_EMBED]), st.integers(1, 40), st.integers(0, 40),
-       st.integers(0, 100))
+@given(st.sampled_from([protocol.OP_SIMILARITY, protocol.OP_EMBED]), st.integers(1, 40),
+       st.integers(0, 40), st.integers(0, 100))
 def test_limits_hold_at_every_size(op: bytes, count: int, chars: int, where: int) -> None:
     text = "好" * chars
-    if op == p.OP_SIMILARITY:
+    if op == protocol.OP_SIMILARITY:
         doc: dict = {"pairs": [["a", "b"]] * count}
         doc["pairs"][where % count] = ["a", text]
     else:
@@ -232,10 +235,10 @@ def test_limits_hold_at_every_size(op: bytes, count: int, chars: int, where: int
         doc["texts"][where % count] = text
     result = decode(op, orjson.dumps(doc))
     if count > LIMITS.max_pairs:
-        assert isinstance(result, BadBody) and result.code == p.TOO_LARGE
+        assert isinstance(result, BadBody) and result.code == protocol.TOO_LARGE
         assert f"{count} " in str(result) and "--max-pairs" in str(result)
     elif chars > LIMITS.max_text_chars:
-        assert isinstance(result, BadBody) and result.code == p.TOO_LARGE
+        assert isinstance(result, BadBody) and result.code == protocol.TOO_LARGE
         assert f"{chars} characters" in str(result) and "--max-text-chars" in str(result)
     else:
         assert isinstance(result, Job) and text in result.texts  # whole, never cut
@@ -309,7 +312,7 @@ class MalformedTraffic:
         return case
 
     def request(self, op: bytes, body: bytes, expect: str, version: bytes = b"") -> Case:
-        return self.readable([p.PROTOCOL, self.request_id(), op, version, body], expect)
+        return self.readable([protocol.PROTOCOL, self.request_id(), op, version, body], expect)
 
     # message families
 
@@ -317,13 +320,14 @@ class MalformedTraffic:
         rng = self.rng
         body = orjson.dumps({"pairs": self.pairs(1)})
         frames = rng.choice([
-            [p.PROTOCOL],
+            [protocol.PROTOCOL],
             [rng.randbytes(rng.randint(0, 30))],
-            [p.PROTOCOL, b"", p.OP_SIMILARITY, b"", body],  # empty request_id
-            [p.PROTOCOL, b"h" * rng.randint(65, 3000), p.OP_SIMILARITY, b"", body],  # huge one
-            [b"", p.PROTOCOL],
+            [protocol.PROTOCOL, b"", protocol.OP_SIMILARITY, b"", body],  # empty request_id
+            # a huge request_id
+            [protocol.PROTOCOL, b"h" * rng.randint(65, 3000), protocol.OP_SIMILARITY, b"", body],
+            [b"", protocol.PROTOCOL],
             [b"", b""],
-            [b"", p.PROTOCOL, b"", p.OP_PING, b"", b"{}"],
+            [b"", protocol.PROTOCOL, b"", protocol.OP_PING, b"", b"{}"],
         ])
         return Case(frames, None)
 
@@ -334,37 +338,39 @@ class MalformedTraffic:
         kind = rng.randrange(8)
         if kind == 0:  # wrong protocol tag (never empty: that reads as a REQ delimiter)
             tag = rng.choice([b"ZP2", b"zp1", b"ZP", b"ZP10", b"\x00", rng.randbytes(4) + b"!"])
-            return self.readable([tag, rid, p.OP_SIMILARITY, b"", body], p.BAD_REQUEST)
+            return self.readable([tag, rid, protocol.OP_SIMILARITY, b"", body],
+                                 protocol.BAD_REQUEST)
         if kind == 1:  # too few frames
-            frames = [p.PROTOCOL, rid, p.OP_SIMILARITY, b""][: rng.randint(2, 4)]
-            return self.readable(frames, p.BAD_REQUEST)
+            frames = [protocol.PROTOCOL, rid, protocol.OP_SIMILARITY, b""][: rng.randint(2, 4)]
+            return self.readable(frames, protocol.BAD_REQUEST)
         if kind == 2:  # extra frames
             extra = [rng.randbytes(rng.randint(0, 20)) for _ in range(rng.randint(1, 3))]
-            return self.readable([p.PROTOCOL, rid, p.OP_SIMILARITY, b"", body, *extra],
-                                 p.BAD_REQUEST)
+            frames = [protocol.PROTOCOL, rid, protocol.OP_SIMILARITY, b"", body, *extra]
+            return self.readable(frames, protocol.BAD_REQUEST)
         if kind == 3:  # unknown op
             op = rng.choice([b"SIMILARITY", b"similarity ", b"embeds", b"", b"\xff",
                              rng.randbytes(6)])
-            return self.readable([p.PROTOCOL, rid, op, b"", body], p.BAD_REQUEST)
+            return self.readable([protocol.PROTOCOL, rid, op, b"", body], protocol.BAD_REQUEST)
         if kind == 4:  # version not UTF-8
             version = rng.choice([b"\xff", b"v1\xff", b"\xc3\x28", b"\xed\xa0\x80"])
-            return self.readable([p.PROTOCOL, rid, p.OP_SIMILARITY, version, body],
-                                 p.BAD_REQUEST)
+            return self.readable([protocol.PROTOCOL, rid, protocol.OP_SIMILARITY, version, body],
+                                 protocol.BAD_REQUEST)
         if kind == 5:  # a pinned version that is not serving
             version = rng.choice([b"v9", b"nope", "版本".encode(), b"v1 "])
-            return self.readable([p.PROTOCOL, rid, p.OP_SIMILARITY, version, body],
-                                 p.UNKNOWN_VERSION)
+            return self.readable([protocol.PROTOCOL, rid, protocol.OP_SIMILARITY, version, body],
+                                 protocol.UNKNOWN_VERSION)
         if kind == 6:  # empty body, any op
-            return self.readable([p.PROTOCOL, rid, rng.choice(sorted(p.OPS)), b"", b""],
-                                 p.BAD_REQUEST)
+            op = rng.choice(sorted(protocol.OPS))
+            return self.readable([protocol.PROTOCOL, rid, op, b"", b""], protocol.BAD_REQUEST)
         ping_body = rng.choice([b"[]", b"nope", b'{"timeout_ms": -1}', b"{" * 40,
                                 b"{}" + b" " * 2000])
-        return self.readable([p.PROTOCOL, rid, p.OP_PING, b"", ping_body], p.BAD_REQUEST)
+        return self.readable([protocol.PROTOCOL, rid, protocol.OP_PING, b"", ping_body],
+                             protocol.BAD_REQUEST)
 
     def bad_body(self) -> Case:
         rng = self.rng
-        op = rng.choice([p.OP_SIMILARITY, p.OP_EMBED])
-        key = "pairs" if op == p.OP_SIMILARITY else "texts"
+        op = rng.choice([protocol.OP_SIMILARITY, protocol.OP_EMBED])
+        key = "pairs" if op == protocol.OP_SIMILARITY else "texts"
         good = self.pairs(rng.randint(1, 8)) if key == "pairs" else [self.text() for _ in "abc"]
         valid = orjson.dumps({key: good})
         bad_items = ([["a"], ["a", "b", "c"], [], "ab", ["a", 1], [None, "b"], {"a": "b"},
@@ -385,7 +391,7 @@ class MalformedTraffic:
             orjson.dumps({"texts" if key == "pairs" else "pairs": good}),  # the other op's body
             orjson.dumps({key: good, "timeout_ms": rng.choice([0, -5, "soon", 1.5, True, [1]])}),
         ])
-        return self.request(op, body, p.BAD_REQUEST)
+        return self.request(op, body, protocol.BAD_REQUEST)
 
     def too_large(self) -> Case:
         rng = self.rng
@@ -395,18 +401,19 @@ class MalformedTraffic:
             if rng.random() < 0.5:
                 pairs = self.pairs(rng.randint(1, MAX_PAIRS))
                 pairs[rng.randrange(len(pairs))][rng.randrange(2)] = long_text
-            return self.request(p.OP_SIMILARITY, orjson.dumps({"pairs": pairs}), p.TOO_LARGE)
+            return self.request(protocol.OP_SIMILARITY, orjson.dumps({"pairs": pairs}),
+                                protocol.TOO_LARGE)
         texts = [self.text() for _ in range(rng.randint(MAX_PAIRS + 1, 60))]
         if rng.random() < 0.5:
             texts = texts[: rng.randint(1, MAX_PAIRS)]
             texts[rng.randrange(len(texts))] = long_text
-        return self.request(p.OP_EMBED, orjson.dumps({"texts": texts}), p.TOO_LARGE)
+        return self.request(protocol.OP_EMBED, orjson.dumps({"texts": texts}), protocol.TOO_LARGE)
 
     def odd_but_valid(self) -> Case:
         rng = self.rng
         pairs = self.pairs(rng.randint(1, MAX_PAIRS))
         pairs[0] = [rng.choice(["", " ", "\u0000", "😀" * MAX_TEXT_CHARS]), "x" * MAX_TEXT_CHARS]
-        return self.request(p.OP_SIMILARITY, orjson.dumps({"pairs": pairs,
+        return self.request(protocol.OP_SIMILARITY, orjson.dumps({"pairs": pairs,
                                                            "timeout_ms": 600_000}), OK)
 
     def cases(self, n: int) -> list[Case]:
@@ -422,7 +429,7 @@ def split_reply(frames: list[bytes]) -> tuple[bool, bytes, bytes, bytes]:
     """(delimiter echoed?, request_id, status, body) of one reply."""
     delimited = len(frames) == 5 and frames[0] == b""
     tag, rid, status, body = frames[1:] if delimited else frames
-    assert tag == b"ZP1", frames
+    assert tag == protocol.PROTOCOL, frames
     return delimited, rid, status, body
 
 
@@ -456,7 +463,8 @@ def test_a_live_pool_answers_1000_malformed_messages_and_keeps_serving(
         if i % 50 == 49:
             while receive(0):
                 pass
-    sock.send_multipart([b"ZP1", b"last-ping", b"ping", b"", b"{}"])  # after everything above
+    # after everything above
+    sock.send_multipart([protocol.PROTOCOL, b"last-ping", b"ping", b"", b"{}"])
     deadline = time.monotonic() + 120
     while len(replies) < len(expected) + 1 and time.monotonic() < deadline:
         receive(1000)
@@ -503,7 +511,7 @@ def test_a_live_pool_answers_1000_malformed_messages_and_keeps_serving(
     codes = Counter(c.expect for c in cases if c.expect not in (None, OK))
     assert {code: req1["errors_by_code"].get(code, 0) - req0["errors_by_code"].get(code, 0)
             for code in codes} == dict(codes), context
-    assert codes[p.TOO_LARGE] > 50 and codes[p.BAD_REQUEST] > 300
+    assert codes[protocol.TOO_LARGE] > 50 and codes[protocol.BAD_REQUEST] > 300
 
 
 @pytest.mark.slow
@@ -533,13 +541,13 @@ def test_an_oversized_message_is_dropped_by_libzmq_and_the_pool_keeps_serving(
     big, other = dealer(pool.endpoint), dealer(pool.endpoint)
 
     def served(sock: zmq.Socket, rid: bytes) -> None:
-        sock.send_multipart([b"ZP1", rid, b"similarity", b"", ok_body])
+        sock.send_multipart([protocol.PROTOCOL, rid, b"similarity", b"", ok_body])
         assert sock.poll(30_000), f"no reply to {rid!r}"
         assert sock.recv_multipart()[1:3] == [rid, b"ok"]
 
     served(big, b"before")
     oversized = orjson.dumps({"pairs": [["x" * (1 << 20), "y"]]})  # 1 MiB, the limit is 64 KiB
-    big.send_multipart([b"ZP1", b"huge", b"similarity", b"", oversized])
+    big.send_multipart([protocol.PROTOCOL, b"huge", b"similarity", b"", oversized])
     served(other, b"meanwhile")  # another producer is not disturbed
     assert not big.poll(2000), "an oversized message got a reply"
     # libzmq dropped the connection; the DEALER reconnects by itself and is served again.

@@ -18,8 +18,7 @@ import torch
 from pool.runtime import Encoder
 from pool.system import gpu_stats
 from router.client import Client
-from tests.conftest import SENTENCES, Reference, RunningPool, run_cli
-from tests.loadgen import Load
+from tests.support import SENTENCES, Load, Reference, RunningPool, run_cli, wait_for
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -30,13 +29,6 @@ def gpu_memory_used() -> int:
     gpus, error = gpu_stats()
     assert gpus, error
     return gpus[0]["memory_used_bytes"]
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])

@@ -7,7 +7,6 @@ import os
 import signal
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from cli.ops import version_troubles
-from pool import config as c
+from pool import config
 from pool.health import (
     DEGRADED,
     FAILED,
@@ -31,21 +30,11 @@ from pool.metrics import (
     ReplyTally,
     bucket_quantile,
 )
-from router import protocol as p
+from router import protocol
 from router.client import Client, UnknownVersion
-from tests.conftest import RunningPool, run_cli
+from tests.support import RunningPool, run_cli, wait_for
 
 PAIR = ("今天天气真好", "今日阳光明媚")
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 60.0, what: str = "") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what or condition}")
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -73,12 +62,12 @@ def send_bad_bodies(endpoint: str, n: int) -> None:
     sock.connect(endpoint)
     try:
         for i in range(n):
-            sock.send_multipart([b"", p.PROTOCOL, f"bad-{i}".encode(), p.OP_SIMILARITY, b"",
-                                 b"{not json"])
+            sock.send_multipart([b"", protocol.PROTOCOL, f"bad-{i}".encode(),
+                                 protocol.OP_SIMILARITY, b"", b"{not json"])
         for _ in range(n):
             assert sock.poll(30_000), "no reply to a bad body"
             frames = sock.recv_multipart()
-            assert frames[3] == p.STATUS_ERROR
+            assert frames[3] == protocol.STATUS_ERROR
     finally:
         sock.close()
 
@@ -259,7 +248,7 @@ def test_pool_health_is_the_active_versions_and_others_only_degrade_it() -> None
 
 
 def test_batch_totals_keep_an_exited_workers_counts() -> None:
-    counts = [0] * (len(c.BATCH_SIZE_BUCKETS) + 1)
+    counts = [0] * (len(config.BATCH_SIZE_BUCKETS) + 1)
     counts[3] = 5
     row = {"id": "v1-0-1", "version": "v1",
            "batching": {"batch_size_counts": counts, "batch_items": 40}}

@@ -2,116 +2,128 @@
 
 from __future__ import annotations
 
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import orjson
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from router import protocol as p
+from router import protocol
 from router.client import BadRequest, Similarity, UnknownVersion, decode_reply, encode_request
 
 IDENT = b"\x00peer"
+TAG = protocol.PROTOCOL  # b"ZP1": frames below are spelled as a producer sends them
 
 
 def test_well_framed_request_parses() -> None:
-    req = p.parse_request([IDENT, b"ZP1", b"r1", b"similarity", b"v2", b'{"pairs": []}'])
-    assert isinstance(req, p.Request)
+    req = protocol.parse_request([IDENT, TAG, b"r1", b"similarity", b"v2", b'{"pairs": []}'])
+    assert isinstance(req, protocol.Request)
     assert (req.envelope, req.request_id, req.op, req.version) == ([IDENT], b"r1",
                                                                    b"similarity", "v2")
     assert req.body == b'{"pairs": []}'
 
 
 def test_req_socket_delimiter_is_kept_in_the_envelope() -> None:
-    req = p.parse_request([IDENT, b"", b"ZP1", b"r1", b"ping", b"", b"{}"])
-    assert isinstance(req, p.Request)
+    req = protocol.parse_request([IDENT, b"", TAG, b"r1", b"ping", b"", b"{}"])
+    assert isinstance(req, protocol.Request)
     assert req.envelope == [IDENT, b""]
-    assert p.reply_frames(req.envelope, req.request_id, p.STATUS_OK, b"{}")[:3] == [
-        IDENT, b"", b"ZP1"]
+    assert protocol.reply_frames(req.envelope, req.request_id, protocol.STATUS_OK, b"{}")[:3] == [
+        IDENT, b"", TAG]
 
 
 def test_wrong_tag_is_answered_when_the_id_is_readable() -> None:
-    err = p.parse_request([IDENT, b"ZP9", b"r1", b"ping", b"", b"{}"])
-    assert isinstance(err, p.FrameError)
-    assert (err.request_id, err.code) == (b"r1", p.BAD_REQUEST)
+    err = protocol.parse_request([IDENT, b"ZP9", b"r1", b"ping", b"", b"{}"])
+    assert isinstance(err, protocol.FrameError)
+    assert (err.request_id, err.code) == (b"r1", protocol.BAD_REQUEST)
 
 
 def test_unknown_op_and_frame_count_are_bad_requests() -> None:
-    for frames in ([IDENT, b"ZP1", b"r", b"sing", b"", b"{}"],
-                   [IDENT, b"ZP1", b"r", b"ping", b""],
-                   [IDENT, b"ZP1", b"r", b"ping", b"", b"{}", b"extra"],
-                   [IDENT, b"ZP1", b"r", b"ping", b"\xff\xfe", b"{}"]):
-        err = p.parse_request(frames)
-        assert isinstance(err, p.FrameError) and err.code == p.BAD_REQUEST
+    for frames in ([IDENT, TAG, b"r", b"sing", b"", b"{}"],
+                   [IDENT, TAG, b"r", b"ping", b""],
+                   [IDENT, TAG, b"r", b"ping", b"", b"{}", b"extra"],
+                   [IDENT, TAG, b"r", b"ping", b"\xff\xfe", b"{}"]):
+        err = protocol.parse_request(frames)
+        assert isinstance(err, protocol.FrameError) and err.code == protocol.BAD_REQUEST
         assert err.request_id == b"r"
 
 
 def test_messages_without_a_readable_id_are_dropped() -> None:
-    for frames in ([IDENT], [IDENT, b"ZP1"], [IDENT, b"ZP1", b"", b"ping", b"", b"{}"],
-                   [IDENT, b"ZP1", b"x" * 65, b"ping", b"", b"{}"], [],
-                   [IDENT, b""], [IDENT, b"", b"ZP1"], [IDENT, b"", b"ZP1", b"", b"ping"]):
-        err = p.parse_request(frames)
-        assert isinstance(err, p.FrameError) and err.request_id is None
+    for frames in ([IDENT], [IDENT, TAG], [IDENT, TAG, b"", b"ping", b"", b"{}"],
+                   [IDENT, TAG, b"x" * 65, b"ping", b"", b"{}"], [],
+                   [IDENT, b""], [IDENT, b"", TAG], [IDENT, b"", TAG, b"", b"ping"]):
+        err = protocol.parse_request(frames)
+        assert isinstance(err, protocol.FrameError) and err.request_id is None
 
 
 def test_error_messages_say_what_is_wrong() -> None:
     cases = {
         (b"ZP9", b"r", b"ping", b"", b"{}"): "protocol tag must be ZP1, got b'ZP9'",
-        (b"ZP1", b"r", b"ping"): "expected 5 frames",
-        (b"ZP1", b"r", b"sing", b"", b"{}"): "unknown op b'sing'",
-        (b"ZP1", b"r", b"ping", b"\xff", b"{}"): "version is not UTF-8",
+        (TAG, b"r", b"ping"): "expected 5 frames",
+        (TAG, b"r", b"sing", b"", b"{}"): "unknown op b'sing'",
+        (TAG, b"r", b"ping", b"\xff", b"{}"): "version is not UTF-8",
     }
     for frames, message in cases.items():
-        err = p.parse_request([IDENT, *frames])
-        assert isinstance(err, p.FrameError) and message in err.message
+        err = protocol.parse_request([IDENT, *frames])
+        assert isinstance(err, protocol.FrameError) and message in err.message
 
 
 def test_an_empty_body_is_a_bad_request_for_every_op() -> None:
-    for op in sorted(p.OPS):
-        err = p.parse_request([IDENT, b"ZP1", b"r", op, b"", b""])
-        assert isinstance(err, p.FrameError)
-        assert (err.request_id, err.code) == (b"r", p.BAD_REQUEST)
+    for op in sorted(protocol.OPS):
+        err = protocol.parse_request([IDENT, TAG, b"r", op, b"", b""])
+        assert isinstance(err, protocol.FrameError)
+        assert (err.request_id, err.code) == (b"r", protocol.BAD_REQUEST)
         assert "body is empty" in err.message
 
 
 def test_the_router_checks_ping_bodies_since_it_answers_them() -> None:
     for body in (b"{}", b'{"timeout_ms": 5}', b'{"anything": [1, 2]}'):
-        assert isinstance(p.parse_request([IDENT, b"ZP1", b"r", b"ping", b"", body]), p.Request)
+        request = protocol.parse_request([IDENT, TAG, b"r", b"ping", b"", body])
+        assert isinstance(request, protocol.Request)
     for body in (b"nope", b"[]", b'"x"', b'{"timeout_ms": 0}', b'{"timeout_ms": true}',
-                 b"\xff{}", b"{}" + b" " * p.MAX_PING_BODY):
-        err = p.parse_request([IDENT, b"ZP1", b"r", b"ping", b"", body])
-        assert isinstance(err, p.FrameError), body
-        assert (err.request_id, err.code) == (b"r", p.BAD_REQUEST)
+                 b"\xff{}", b"{}" + b" " * protocol.MAX_PING_BODY):
+        err = protocol.parse_request([IDENT, TAG, b"r", b"ping", b"", body])
+        assert isinstance(err, protocol.FrameError), body
+        assert (err.request_id, err.code) == (b"r", protocol.BAD_REQUEST)
 
 
 def test_request_id_of_64_bytes_is_accepted() -> None:
-    assert isinstance(p.parse_request([IDENT, b"ZP1", b"x" * 64, b"ping", b"", b"{}"]), p.Request)
+    request = protocol.parse_request([IDENT, TAG, b"x" * 64, b"ping", b"", b"{}"])
+    assert isinstance(request, protocol.Request)
 
 
 @given(st.lists(st.binary(max_size=80), max_size=8))
 def test_any_frames_give_a_request_or_an_error(frames: list[bytes]) -> None:
-    result = p.parse_request([IDENT, *frames])
-    assert isinstance(result, p.Request | p.FrameError)
-    if isinstance(result, p.FrameError) and result.request_id is not None:
-        assert 1 <= len(result.request_id) <= p.MAX_REQUEST_ID
-        assert result.code in p.ERROR_CODES
+    result = protocol.parse_request([IDENT, *frames])
+    assert isinstance(result, protocol.Request | protocol.FrameError)
+    if isinstance(result, protocol.FrameError) and result.request_id is not None:
+        assert 1 <= len(result.request_id) <= protocol.MAX_REQUEST_ID
+        assert result.code in protocol.ERROR_CODES
 
 
-@given(st.binary(min_size=1, max_size=64), st.sampled_from(sorted(p.OPS)),
+@given(st.binary(min_size=1, max_size=64), st.sampled_from(sorted(protocol.OPS)),
        st.text(max_size=20), st.dictionaries(st.text(max_size=5), st.integers(-(2**63), 2**63 - 1)))
 def test_client_encoding_round_trips_through_the_router_codec(
     rid: bytes, op: bytes, version: str, body: dict
 ) -> None:
-    req = p.parse_request([IDENT, *encode_request(rid, op, version, body)])
-    assert isinstance(req, p.Request)
+    req = protocol.parse_request([IDENT, *encode_request(rid, op, version, body)])
+    assert isinstance(req, protocol.Request)
     assert (req.request_id, req.op, req.version) == (rid, op, version)
     assert orjson.loads(req.body) == body
 
 
 def test_client_decodes_results_and_typed_errors() -> None:
-    ok = decode_reply(p.OP_SIMILARITY, [b"ZP1", b"r", b"ok", b'{"scores":[0.5],"version":"v1"}'])
+    ok = decode_reply(protocol.OP_SIMILARITY,
+                      [TAG, b"r", b"ok", b'{"scores":[0.5],"version":"v1"}'])
     assert ok == Similarity([0.5], "v1")
-    err = decode_reply(p.OP_EMBED, p.error_frames([], b"r", p.UNKNOWN_VERSION, "nope"))
+    err = decode_reply(protocol.OP_EMBED,
+                       protocol.error_frames([], b"r", protocol.UNKNOWN_VERSION, "nope"))
     assert isinstance(err, UnknownVersion) and err.code == "unknown_version"
-    bad = decode_reply(p.OP_EMBED, p.error_frames([], b"r", p.BAD_REQUEST, "x"))
+    bad = decode_reply(protocol.OP_EMBED,
+                       protocol.error_frames([], b"r", protocol.BAD_REQUEST, "x"))
     assert isinstance(bad, BadRequest)
 
 
@@ -135,13 +147,32 @@ def test_the_router_reads_only_a_valid_timeout_ms(value: object) -> None:
     # What a JSON decoder reads back must be that very integer (orjson reads integers beyond
     # 64 bits as floats, which the worker refuses too).
     valid = type(decoded) is int and decoded == value and decoded > 0
-    assert p.peek_timeout_ms(body) == (value if valid else None)
+    assert protocol.peek_timeout_ms(body) == (value if valid else None)
 
 
 def test_bodies_without_timeout_ms_are_not_decoded() -> None:
-    assert p.peek_timeout_ms(b"not json at all") is None
-    padding = b" " * p.PEEK_MAX_BYTES  # too big to decode in the router: the worker's job
-    assert p.peek_timeout_ms(b'{"timeout_ms": 5}' + padding) is None
-    assert p.peek_timeout_ms(b'{"timeout_ms": 5}' + padding[:-100]) == 5
-    assert p.peek_timeout_ms(b'[{"timeout_ms": 5}]') is None
-    assert p.peek_timeout_ms(b'{"timeout_ms": 5, ') is None
+    assert protocol.peek_timeout_ms(b"not json at all") is None
+    padding = b" " * protocol.PEEK_MAX_BYTES  # too big to decode in the router: the worker's job
+    assert protocol.peek_timeout_ms(b'{"timeout_ms": 5}' + padding) is None
+    assert protocol.peek_timeout_ms(b'{"timeout_ms": 5}' + padding[:-100]) == 5
+    assert protocol.peek_timeout_ms(b'[{"timeout_ms": 5}]') is None
+    assert protocol.peek_timeout_ms(b'{"timeout_ms": 5, ') is None
+
+
+def test_the_protocol_tag_is_the_public_contract() -> None:
+    # Every test spells frames with protocol.PROTOCOL; this pins what it is on the wire.
+    assert protocol.PROTOCOL == b"ZP1"
+
+
+def test_importing_the_client_loads_no_server_code() -> None:
+    """A producer's `from router import Client` must not pull in the broker, the ZAP handler,
+    the pool or the tooling: a fresh interpreter shows exactly what it loads."""
+    code = ("import sys; from router import Client; "
+            "print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('router', 'pool', 'tooling', 'cli')))")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=120, check=True)
+    loaded = ast.literal_eval(done.stdout.strip())
+    assert loaded == ["router", "router.client", "router.keys", "router.protocol"], loaded

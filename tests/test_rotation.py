@@ -13,10 +13,9 @@ import orjson
 import psutil
 import pytest
 
-from pool import config as c
+from pool import config
 from router.client import Client, UnknownVersion
-from tests.conftest import Reference, RunningPool, run_cli
-from tests.loadgen import Load
+from tests.support import Load, Reference, RunningPool, run_cli
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-4
@@ -307,7 +306,7 @@ def test_a_hung_old_worker_is_escalated_reaped_and_its_requests_rerun(
     finally:
         load.stop(timeout=120)
     assert code == 0, reply
-    assert reply["rotation"]["timings"]["draining"] > c.DRAIN_GRACE_S
+    assert reply["rotation"]["timings"]["draining"] > config.DRAIN_GRACE_S
     assert reaped([frozen])
     assert load.errors() == [] and load.lost == 0
     assert_scores_match_versions(load, reference)

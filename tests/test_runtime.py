@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from pool.config import embedded_model_path
 from pool.runtime import Encoder, plan_chunks, token_id_encoder
-from tests.conftest import SENTENCES, TINY_MAX_LENGTH, Reference
+from tests.support import SENTENCES, TINY_MAX_LENGTH, Reference
 
 TOLERANCE = 1e-4
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from router.auth import ClientKeys, create_keys, is_loopback
+from router.auth import is_loopback
 from router.client import Client, NoReply
-from tests.conftest import run_cli, start_pool, stop_pool
+from router.keys import ClientKeys, create_keys
+from tests.support import run_cli, start_pool, stop_pool
 
 pytestmark = pytest.mark.slow
 PAIR = ("今天天气真好", "今日阳光明媚")

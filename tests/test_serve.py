@@ -24,7 +24,8 @@ from router.client import (
     Similarity,
     UnknownVersion,
 )
-from tests.conftest import (
+from router.protocol import PROTOCOL
+from tests.support import (
     SENTENCES,
     Reference,
     RunningPool,
@@ -69,12 +70,12 @@ def test_raw_dealer_200_requests_in_flight_all_scored_correctly(
         pairs = [[SENTENCES[(i + k) % 8], SENTENCES[(i * 3 + k) % 8]] for k in range(1 + i % 4)]
         rid = f"r{i}".encode()
         sent[rid] = pairs
-        sock.send_multipart([b"ZP1", rid, b"similarity", b"", orjson.dumps({"pairs": pairs})])
+        sock.send_multipart([PROTOCOL, rid, b"similarity", b"", orjson.dumps({"pairs": pairs})])
     replies = recv_all(sock, 200)
     assert set(replies) == set(sent)
     for rid, frames in replies.items():
         tag, _, status, body = frames
-        assert (tag, status) == (b"ZP1", b"ok"), body
+        assert (tag, status) == (PROTOCOL, b"ok"), body
         reply = orjson.loads(body)
         assert reply["version"] == "v1"
         assert len(reply["scores"]) == len(sent[rid])
@@ -86,18 +87,18 @@ def test_raw_dealer_200_requests_in_flight_all_scored_correctly(
 def test_bad_bodies_get_bad_request_and_the_pool_keeps_serving(pool: RunningPool) -> None:
     sock = dealer(pool.endpoint)
     bad = [
-        [b"ZP1", b"b1", b"similarity", b"", b"not json"],
-        [b"ZP1", b"b2", b"similarity", b"", b'{"pairs": [["only one"]]}'],
-        [b"ZP1", b"b3", b"similarity", b"", b'{"pairs": []}'],
-        [b"ZP1", b"b4", b"embed", b"", b'{"texts": [42]}'],
-        [b"ZP1", b"b5", b"transmogrify", b"", b"{}"],
+        [PROTOCOL, b"b1", b"similarity", b"", b"not json"],
+        [PROTOCOL, b"b2", b"similarity", b"", b'{"pairs": [["only one"]]}'],
+        [PROTOCOL, b"b3", b"similarity", b"", b'{"pairs": []}'],
+        [PROTOCOL, b"b4", b"embed", b"", b'{"texts": [42]}'],
+        [PROTOCOL, b"b5", b"transmogrify", b"", b"{}"],
         [b"ZP2", b"b6", b"ping", b"", b"{}"],
-        [b"ZP1", b"b7", b"ping", b""],
-        [b"ZP1", b"b8", b"similarity", b"", b'{"pairs": [["a", "b"]], "timeout_ms": -1}'],
+        [PROTOCOL, b"b7", b"ping", b""],
+        [PROTOCOL, b"b8", b"similarity", b"", b'{"pairs": [["a", "b"]], "timeout_ms": -1}'],
     ]
     for frames in bad:
         sock.send_multipart(frames)
-    sock.send_multipart([b"ZP1"])  # no request_id: dropped, never answered
+    sock.send_multipart([PROTOCOL])  # no request_id: dropped, never answered
     replies = recv_all(sock, len(bad))
     for rid, (_, _, status, body) in replies.items():
         assert status == b"error", rid
@@ -121,10 +122,10 @@ def test_req_socket_works(pool: RunningPool) -> None:
     sock = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(pool.endpoint)
-    sock.send_multipart([b"ZP1", b"q", b"ping", b"", b"{}"])
+    sock.send_multipart([PROTOCOL, b"q", b"ping", b"", b"{}"])
     assert sock.poll(10_000)
     tag, rid, status, body = sock.recv_multipart()
-    assert (tag, rid, status) == (b"ZP1", b"q", b"ok")
+    assert (tag, rid, status) == (PROTOCOL, b"q", b"ok")
     assert orjson.loads(body) == {"version": "v1", "workers": 2}
     sock.close()
 
@@ -202,7 +203,7 @@ def test_killed_worker_loses_no_request_and_is_respawned(models: dict[str, Path]
         sock = dealer(running.endpoint)
         pairs = [["今天天气真好" * 5, "今日阳光明媚" * 5]] * 16
         for i in range(300):
-            sock.send_multipart([b"ZP1", b"%d" % i, b"similarity", b"",
+            sock.send_multipart([PROTOCOL, b"%d" % i, b"similarity", b"",
                                  orjson.dumps({"pairs": pairs})])
             if i == 100:
                 os.kill(victim, signal.SIGKILL)
@@ -225,7 +226,7 @@ def test_a_stop_signal_stops_cleanly_and_reaps_every_worker(models: dict[str, Pa
     assert len(workers) == 2
     sock = dealer(running.endpoint)
     for i in range(50):
-        sock.send_multipart([b"ZP1", b"%d" % i, b"similarity", b"",
+        sock.send_multipart([PROTOCOL, b"%d" % i, b"similarity", b"",
                              orjson.dumps({"pairs": [["今天天气真好", "今日阳光明媚"]] * 8})])
     time.sleep(0.05)
     running.process.proc.send_signal(signum)
@@ -284,11 +285,11 @@ def test_a_request_the_model_cannot_take_fails_alone_not_the_batch_it_shares(
     good = orjson.dumps({"pairs": [["今天天气真好", "今日阳光明媚"]]})
     # One burst: the worker gathers the poisoned request into a batch with good ones.
     for i in range(40):
-        sock.send_multipart([b"ZP1", b"good%d" % i, b"similarity", b"", good])
-    sock.send_multipart([b"ZP1", b"bad", b"similarity", b"",
+        sock.send_multipart([PROTOCOL, b"good%d" % i, b"similarity", b"", good])
+    sock.send_multipart([PROTOCOL, b"bad", b"similarity", b"",
                          orjson.dumps({"pairs": [["今天" + poison, "今日阳光明媚"]]})])
     for i in range(40, 80):
-        sock.send_multipart([b"ZP1", b"good%d" % i, b"similarity", b"", good])
+        sock.send_multipart([PROTOCOL, b"good%d" % i, b"similarity", b"", good])
     replies = recv_all(sock, 81)
     bad = replies.pop(b"bad")
     assert bad[2] == b"error", bad
@@ -321,7 +322,7 @@ def test_requests_in_flight_share_forward_passes_and_texts_are_deduplicated(
     for i in range(300):  # 8 sentences: the same texts recur across requests
         pair = [SENTENCES[i % 8], SENTENCES[(i // 8) % 8]]
         body = orjson.dumps({"pairs": [pair]})
-        sock.send_multipart([b"ZP1", b"%d" % i, b"similarity", b"", body])
+        sock.send_multipart([PROTOCOL, b"%d" % i, b"similarity", b"", body])
     replies = recv_all(sock, 300)
     assert {f[2] for f in replies.values()} == {b"ok"}
     sock.close()
@@ -339,7 +340,7 @@ def test_a_full_queue_answers_overloaded_at_once(models: dict[str, Path]) -> Non
     try:
         sock = dealer(running.endpoint)
         for i in range(200):
-            sock.send_multipart([b"ZP1", b"%d" % i, b"similarity", b"",
+            sock.send_multipart([PROTOCOL, b"%d" % i, b"similarity", b"",
                                  orjson.dumps({"pairs": [["今天天气真好" * 8, "今日阳光明媚"]]})])
         replies = recv_all(sock, 200)
         outcomes = [f[2] if f[2] == b"ok" else orjson.loads(f[3])["code"]
@@ -366,11 +367,11 @@ def test_timeout_ms_is_answered_at_the_deadline_while_the_request_waits_for_a_wo
     os.kill(worker, signal.SIGSTOP)
     try:
         for i in range(2):
-            sock.send_multipart([b"ZP1", b"held%d" % i, b"similarity", b"", orjson.dumps(body)])
+            sock.send_multipart([PROTOCOL, b"held%d" % i, b"similarity", b"", orjson.dumps(body)])
         sent = time.monotonic()
-        sock.send_multipart([b"ZP1", b"late", b"similarity", b"",
+        sock.send_multipart([PROTOCOL, b"late", b"similarity", b"",
                              orjson.dumps({**body, "timeout_ms": 300})])
-        sock.send_multipart([b"ZP1", b"patient", b"similarity", b"",
+        sock.send_multipart([PROTOCOL, b"patient", b"similarity", b"",
                              orjson.dumps({**body, "timeout_ms": 600_000})])
         late = recv_all(sock, 1, timeout_s=20)[b"late"]
         waited = time.monotonic() - sent

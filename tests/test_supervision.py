@@ -10,22 +10,21 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pool import config as c
+from pool import config
 from router.client import Client, WorkerFailed
-from tests.conftest import run_cli
-from tests.loadgen import Load
+from tests.support import Load, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def wait_for_ready_worker(pool, not_pids: set[int], timeout: float = 60) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for worker in pool.status()["workers"]:
-            if worker["state"] == "ready" and worker["pid"] not in not_pids:
-                return worker["pid"]
-        time.sleep(0.1)
-    raise AssertionError(f"no new ready worker within {timeout}s: {pool.status()['workers']}")
+    """The pid of a ready worker that is none of `not_pids`."""
+
+    def new_ready() -> int | None:
+        return next((w["pid"] for w in pool.status()["workers"]
+                     if w["state"] == "ready" and w["pid"] not in not_pids), None)
+
+    return wait_for(new_ready, timeout, f"a new ready worker within {timeout}s", poll=0.1)
 
 
 CRASH_RETRY_S = 12.0  # long enough for the checks below to run before the retry, on a slow CI
@@ -36,7 +35,7 @@ def test_a_crash_loop_is_reported_answered_at_once_and_retried_until_it_serves(
 ) -> None:
     pool = pool_factory(models["v1"], "--crash-retry", str(CRASH_RETRY_S), workers=1)
     killed: set[int] = set()
-    for _ in range(c.CRASH_LOOP_LIMIT):
+    for _ in range(config.CRASH_LOOP_LIMIT):
         pid = wait_for_ready_worker(pool, killed)
         os.kill(pid, signal.SIGKILL)
         killed.add(pid)
@@ -45,7 +44,7 @@ def test_a_crash_loop_is_reported_answered_at_once_and_retried_until_it_serves(
         assert time.monotonic() < deadline, status["versions"]
         time.sleep(0.1)
     v1 = status["versions"]["v1"]
-    assert "crash loop" in v1["failed"] and v1["restarts"] == c.CRASH_LOOP_LIMIT
+    assert "crash loop" in v1["failed"] and v1["restarts"] == config.CRASH_LOOP_LIMIT
     assert 0 < v1["next_try_s"] <= CRASH_RETRY_S
     # Not spun: no worker until the retry is due. Meanwhile the pool stays up and answers
     # at once, rather than holding producers until their timeouts.
@@ -77,7 +76,7 @@ def test_one_crash_looping_worker_does_not_take_down_the_ones_that_serve(
     steady = next(w for w in pool.status()["workers"] if w["id"].startswith("v1-1-"))
     load = Load(pool.endpoint, in_flight=8).start()
     killed: set[int] = set()
-    for _ in range(c.CRASH_LOOP_LIMIT):
+    for _ in range(config.CRASH_LOOP_LIMIT):
         deadline = time.monotonic() + 60
         while not (flaky := [w for w in pool.status()["workers"] if w["id"].startswith("v1-0-")
                              and w["state"] == "ready" and w["pid"] not in killed]):

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from cli.main import UI_EXTRA_MISSING, app
 from pool.control import control_request
 from router.client import Client, verdict
-from tests.conftest import RunningPool, short_tmpdir
+from tests.support import RunningPool, short_tmpdir
 
 pytestmark = pytest.mark.slow
 

@@ -1,8 +1,13 @@
-"""The load generator behind `pool bench`: producer processes speaking protocol v1 directly.
+"""The load generator: producers speaking protocol v1 directly on raw DEALER sockets (no
+zeropool client code on the request path).
 
-Each producer is its own process (the GIL must not be the bottleneck) with one DEALER socket
-and its share of the requests in flight. Producers stream progress to the parent every
-PROGRESS_S and hand back every request's (sent time, latency, outcome, version) at the end.
+`run_load` drives `pool bench`. Each of its producers is its own process (the GIL must not
+be the bottleneck) with one DEALER socket and its share of the requests in flight. Producers
+stream progress to the parent every PROGRESS_S and hand back every request's (sent time,
+latency, outcome, version) at the end.
+
+`ThreadLoad` is the tests' load: one producer in a thread beside them, closed loop (N in
+flight) or open loop (a rate), recording every reply whole.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import itertools
 import multiprocessing
 import queue
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,12 +26,12 @@ import numpy as np
 import orjson
 import zmq
 
-from router.auth import ClientKeys
 from router.client import connect_dealer
+from router.keys import ClientKeys
+from router.protocol import INTERNAL, OK_CODE, OP_SIMILARITY, PROTOCOL, STATUS_OK
 
 PROGRESS_S = 0.5
 TAIL_TIMEOUT_S = 60.0  # after the run, how long producers wait for outstanding replies
-OK = "ok"
 
 # Bundled sample sentences (Chinese, as the seed's users send, plus some English).
 SUBJECTS = ["我", "你", "他们", "我的朋友", "这位老师", "那个学生", "我们公司", "小王", "她妈妈"]
@@ -130,7 +136,7 @@ def _producer(index: int, spec: LoadSpec, share: int, quota: int | None, deadlin
         latency.append(float("nan"))
         outcome.append("lost")
         version.append("")
-        sock.send_multipart([b"ZP1", rid, b"similarity", spec.version.encode(),
+        sock.send_multipart([PROTOCOL, rid, OP_SIMILARITY, spec.version.encode(),
                              orjson.dumps(body)])
         n += 1
 
@@ -161,10 +167,10 @@ def _producer(index: int, spec: LoadSpec, share: int, quota: int | None, deadlin
             continue
         latency[i] = time.monotonic() - sent[i]
         doc = orjson.loads(body)
-        if status == b"ok":
-            outcome[i], version[i] = OK, doc.get("version", "")
+        if status == STATUS_OK:
+            outcome[i], version[i] = OK_CODE, doc.get("version", "")
         else:
-            outcome[i] = doc.get("code", "internal")
+            outcome[i] = doc.get("code", INTERNAL)
             report.errors += 1
         report.done += 1
         report.recent.append(latency[i])
@@ -257,7 +263,7 @@ def _proxy_echo_worker(backend: str) -> None:
     while True:
         frames = sock.recv_multipart()
         # [client identity, ZP1, request_id, op, version, body] -> a protocol v1 reply
-        sock.send_multipart([frames[0], frames[1], frames[2], b"ok", ECHO_BODY])
+        sock.send_multipart([frames[0], frames[1], frames[2], STATUS_OK, ECHO_BODY])
 
 
 class ProxyBaseline:
@@ -279,3 +285,154 @@ class ProxyBaseline:
             proc.kill()
         for proc in self.procs:
             proc.join(timeout=5)
+
+
+# -- in a thread: the tests' load --------------------------------------------------------------
+
+THREAD_DRAIN_S = 60.0  # after stop(), how long a ThreadLoad waits for outstanding replies
+OPEN_LOOP_TICK_S = 0.005  # an open loop's pace between bursts of sends
+MAX_BURST = 1000  # an open loop sends at most this many at once, catching up after a stall
+
+
+@dataclass
+class Reply:
+    """One reply a ThreadLoad received."""
+
+    request_id: bytes
+    sent: float  # monotonic
+    received: float  # wall clock (time.time), comparable with the pool's timestamps
+    pinned: str
+    status: bytes
+    body: dict
+    pairs: list[list[str]]
+
+    @property
+    def code(self) -> str:
+        """OK_CODE, or the error's code."""
+        return OK_CODE if self.status == STATUS_OK else self.body.get("code", INTERNAL)
+
+
+class ThreadLoad:
+    """A producer in a thread of this process, on one raw DEALER: what the tests run beside a
+    pool while they rotate, kill and flood it, and then check every reply.
+
+    Closed loop (`in_flight`): keeps that many similarity requests outstanding until stop().
+    Open loop (`rate`, requests per second): sends on schedule whatever comes back, without
+    blocking (a full pipe is the flood's own backpressure), to push a pool past capacity.
+
+    Request n asks for the pair (texts[n % len], texts[(n // len + offset) % len]). Every
+    first reply is in `replies`; a second reply to the same request goes to `repeats` (the
+    pool must never send one). stop() drains the outstanding replies for up to `drain_s`:
+    what is still missing then counts as `lost`.
+    """
+
+    def __init__(self, endpoint: str, texts: list[str], *, in_flight: int = 64,
+                 rate: float | None = None, pinned: str = "", offset: int = 3,
+                 drain_s: float = THREAD_DRAIN_S, curve: ClientKeys | None = None) -> None:
+        self.endpoint = endpoint
+        self.texts = texts
+        self.in_flight = in_flight
+        self.rate = rate
+        self.pinned = pinned
+        self.offset = offset
+        self.drain_s = drain_s
+        self.curve = curve
+        self.replies: list[Reply] = []
+        self.repeats: list[Reply] = []
+        self.sent = 0
+        self._outstanding: dict[bytes, tuple[float, list[list[str]]]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> ThreadLoad:
+        self._thread = threading.Thread(target=self._run, daemon=True, name="thread-load")
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 60) -> ThreadLoad:
+        """Stop sending, wait (up to `timeout` s) for the drain to end."""
+        self._stop.set()
+        assert self._thread is not None, "stop() before start()"
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the load generator did not finish"
+        return self
+
+    # -- what happened ---------------------------------------------------------------------
+
+    @property
+    def lost(self) -> int:
+        """Requests sent and never answered."""
+        return self.sent - len(self.replies)
+
+    def errors(self) -> list[dict]:
+        return [r.body for r in self.replies if r.status != STATUS_OK]
+
+    def versions(self) -> set[str]:
+        return {r.body["version"] for r in self.replies if r.status == STATUS_OK}
+
+    def versions_after(self, moment: float) -> set[str]:
+        """Versions that served requests sent after `moment` (monotonic)."""
+        return {r.body["version"] for r in self.replies
+                if r.status == STATUS_OK and r.sent > moment}
+
+    def codes(self) -> dict[str, int]:
+        """How many replies, repeats included, carried each outcome."""
+        out: dict[str, int] = {}
+        for reply in [*self.replies, *self.repeats]:
+            out[reply.code] = out.get(reply.code, 0) + 1
+        return out
+
+    # -- the thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        connect_dealer(sock, self.endpoint, self.curve)
+        started = time.monotonic()
+        drain_deadline: float | None = None
+        try:
+            while True:
+                if not self._stop.is_set():
+                    self._send_due(sock, started)
+                elif not self._outstanding:
+                    break
+                else:
+                    drain_deadline = drain_deadline or time.monotonic() + self.drain_s
+                    if time.monotonic() > drain_deadline:
+                        break  # whatever is still outstanding counts as lost
+                self._receive(sock)
+                if self.rate is not None and not self._stop.is_set():
+                    time.sleep(OPEN_LOOP_TICK_S)
+        finally:
+            sock.close()
+
+    def _send_due(self, sock: zmq.Socket, started: float) -> None:
+        if self.rate is None:
+            while len(self._outstanding) < self.in_flight:
+                self._send(sock, 0)
+            return
+        due = int((time.monotonic() - started) * self.rate) - self.sent
+        for _ in range(max(0, min(due, MAX_BURST))):
+            try:
+                self._send(sock, zmq.NOBLOCK)
+            except zmq.Again:
+                return  # the pipe is full: that is the flood's own backpressure
+
+    def _send(self, sock: zmq.Socket, flags: int) -> None:
+        n, size = self.sent, len(self.texts)
+        pairs = [[self.texts[n % size], self.texts[(n // size + self.offset) % size]]]
+        rid = n.to_bytes(8, "big")
+        sock.send_multipart([PROTOCOL, rid, OP_SIMILARITY, self.pinned.encode(),
+                             orjson.dumps({"pairs": pairs})], flags)
+        self._outstanding[rid] = (time.monotonic(), pairs)
+        self.sent += 1
+
+    def _receive(self, sock: zmq.Socket) -> None:
+        """Every reply waiting; a closed loop (or a drain) first waits up to 100 ms for one."""
+        wait = 0 if self.rate is not None and not self._stop.is_set() else 100
+        while sock.poll(wait):
+            _, rid, status, body = sock.recv_multipart()
+            request = self._outstanding.pop(rid, None)
+            sent, pairs = request or (float("nan"), [])
+            reply = Reply(rid, sent, time.time(), self.pinned, status, orjson.loads(body), pairs)
+            (self.replies if request is not None else self.repeats).append(reply)
+            wait = 0
