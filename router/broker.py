@@ -34,7 +34,6 @@ from router.auth import CurveServer
 DRAIN_BURST = 256
 # A request re-dispatched this many times after worker crashes fails with worker_failed.
 MAX_ATTEMPTS = 3
-OK = "ok"  # the tally's code for a successful reply
 NOBLOCK = int(zmq.NOBLOCK)
 RCVMORE = int(zmq.RCVMORE)
 SNDMORE_NOBLOCK = int(zmq.SNDMORE) | NOBLOCK
@@ -332,7 +331,7 @@ class Broker:
         body = orjson.dumps({"version": version, "workers": self.routable_workers(version)})
         self._send_front(protocol.reply_frames(req.envelope, req.request_id,
                                                protocol.STATUS_OK, body))
-        self._tally(version, req.op, OK, None)
+        self._tally(version, req.op, protocol.OK_CODE, None)
 
     # -- backend -------------------------------------------------------------------------
 
@@ -369,7 +368,7 @@ class Broker:
                                                body))
         lane = self.lanes.get(worker.version)
         if status == protocol.STATUS_OK:
-            code = OK
+            code = protocol.OK_CODE
             worker.served += 1
             if lane is not None:
                 lane.served += 1
@@ -552,7 +551,7 @@ class Broker:
         self._send_front(protocol.error_frames(envelope, request_id, code, msg))
 
     def _tally(self, version: str, op: bytes, code: str, seconds: float | None) -> None:
-        if code == OK:
+        if code == protocol.OK_CODE:
             self.stats.replied_ok += 1
         else:
             self.stats.replied_error += 1

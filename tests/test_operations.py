@@ -8,13 +8,13 @@ import signal
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from cli.ops import version_troubles
-from pool import config
 from pool.health import (
     DEGRADED,
     FAILED,
@@ -30,6 +30,7 @@ from pool.metrics import (
     ReplyTally,
     bucket_quantile,
 )
+from pool.reports import BATCH_SIZE_BUCKETS, BatchStats
 from router import protocol
 from router.client import Client, UnknownVersion
 from tests.support import RunningPool, run_cli, wait_for
@@ -248,12 +249,12 @@ def test_pool_health_is_the_active_versions_and_others_only_degrade_it() -> None
 
 
 def test_batch_totals_keep_an_exited_workers_counts() -> None:
-    counts = [0] * (len(config.BATCH_SIZE_BUCKETS) + 1)
+    counts = [0] * (len(BATCH_SIZE_BUCKETS) + 1)
     counts[3] = 5
-    row = {"id": "v1-0-1", "version": "v1",
-           "batching": {"batch_size_counts": counts, "batch_items": 40}}
+    row = SimpleNamespace(id="v1-0-1", version="v1",
+                          batching=BatchStats(batch_size_counts=counts, batch_items=40))
     totals = BatchTotals()
-    totals.update([row, {**row, "id": "v1-1-2"}])
+    totals.update([row, SimpleNamespace(**{**vars(row), "id": "v1-1-2"})])
     totals.update([row])  # v1-1-2 exited
     assert totals.totals()["v1"] == ([0, 0, 0, 10, *[0] * (len(counts) - 4)], 80)
 
