@@ -1,4 +1,4 @@
-"""The `pool` command: parses arguments, calls pool/ and router/, prints. Nothing else."""
+"""The `pool` command: parses arguments, calls pool/, router/ and tooling/, prints. Nothing else."""
 
 from __future__ import annotations
 
