@@ -29,7 +29,8 @@ app = typer.Typer(
 out = Console()
 DEFAULT_STATE_DIR = c.default_state_dir()
 ROTATION_POLL_S = 0.2
-err = Console(stderr=True)
+# Errors are never wrapped: a script greps them, and a long path must not split a sentence.
+err = Console(stderr=True, soft_wrap=True)
 
 EndpointOpt = Annotated[str, typer.Option("--endpoint", "-e", envvar=ENDPOINT_ENV,
                                           help="Pool frontend to connect to.")]
