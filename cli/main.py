@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 import time
@@ -16,7 +17,6 @@ from rich.table import Table
 
 from pool import config as c
 from pool.control import ControlError, PoolNotRunning, control_request
-from pool.health import PROBE_MIN_PAIRS, PROBE_MIN_TEXT_CHARS
 from router.client import Client, ZeroPoolError, verdict
 from router.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, ClientKeys, KeyFileError
 from router.protocol import ENDPOINT_ENV
@@ -61,81 +61,17 @@ def fail(message: str, as_json: bool, code: str = "error", exit_code: int = 1) -
 # -- serving -----------------------------------------------------------------------------
 
 
-@app.command()
-def serve(
-    path: Annotated[str | None, typer.Option(help="Local transformers model directory. "
-                    "Default: the registry's active version, else the embedded MiniLM.")] = None,
-    version: Annotated[str | None, typer.Option("--version", "-v",
-                       help=f"Version name (default {c.DEFAULT_VERSION}).")] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (default: one per GPU,"
-                       " else one per core up to 8).", min=1)] = None,
-    bind: Annotated[str, typer.Option(help="Frontend endpoint (tcp:// or ipc://).")]
-        = c.DEFAULT_BIND,
-    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:0,1")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU) | float16 | "
-                     "bfloat16 | float32")] = "auto",
-    max_batch: Annotated[int, typer.Option(help="Pairs per forward pass.", min=1)]
-        = c.DEFAULT_MAX_BATCH,
-    max_wait_ms: Annotated[float, typer.Option(help="How long a worker waits to fill a batch.",
-                           min=0)] = c.DEFAULT_MAX_WAIT_MS,
-    threads: Annotated[int | None, typer.Option(help="Torch threads per worker (default: "
-                       "cores / workers).", min=1)] = None,
-    max_queue: Annotated[int, typer.Option(help="Requests waiting before `overloaded`.",
-                         min=1)] = c.DEFAULT_MAX_QUEUE,
-    queue_timeout: Annotated[float, typer.Option(help="Seconds a request may wait for a worker.",
-                             min=0.01)] = c.DEFAULT_QUEUE_TIMEOUT_S,
-    model: Annotated[str, typer.Option(help="transformer | echo (no model: transport only).")]
-        = "transformer",
-    max_pairs: Annotated[int, typer.Option(help="Pairs (or embed texts) per request; beyond: "
-                         "too_large. At least the health probe's size.",
-                         min=PROBE_MIN_PAIRS)] = c.DEFAULT_MAX_PAIRS,
-    max_text_chars: Annotated[int, typer.Option(help="Characters per text; beyond: too_large.",
-                              min=PROBE_MIN_TEXT_CHARS)] = c.DEFAULT_MAX_TEXT_CHARS,
-    max_message_bytes: Annotated[int, typer.Option(help="Largest frame of a frontend message "
-                                 "(ZMQ MAXMSGSIZE); a bigger one drops the sender's "
-                                 "connection, unanswered.", min=1024)]
-        = c.DEFAULT_MAX_MESSAGE_BYTES,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this "
-                            "HTTP port (0: any free port).", min=0, max=65535)] = None,
-    metrics_host: Annotated[str, typer.Option(help="Address of the metrics endpoint.")]
-        = c.DEFAULT_METRICS_HOST,
-    curve_secret_key: Annotated[Path | None, typer.Option(help="Curve on the frontend: the "
-                                "pool's .key_secret file (`pool keygen`).")] = None,
-    curve_allow: Annotated[Path | None, typer.Option(help="Curve: directory of allowed client "
-                           "public keys (*.key), re-read when it changes.")] = None,
-    log_json: Annotated[bool, typer.Option("--log-json", "--json",
-                        help="Log JSON lines (stderr and the log file).")] = False,
-    start_method: Annotated[str, typer.Option(
-        envvar="ZEROPOOL_START_METHOD", help="How workers start: auto (forkserver on CPU, "
-        "spawn with CUDA) | spawn | forkserver (imports torch once; a worker is ready in a "
-        "fraction of a second).")]
-        = c.DEFAULT_START_METHOD,
-    crash_retry: Annotated[float, typer.Option(help="Seconds between tries of a version that "
-                           "served, then crash-looped (its requests fail at once meanwhile).",
-                           min=0.1)] = c.DEFAULT_CRASH_RETRY_S,
-    load_niceness: Annotated[int, typer.Option(
-        envvar="ZEROPOOL_LOAD_NICENESS", help="How much nicer than serving a worker loads its "
-        "model, so a rotation on a busy machine does not slow the version serving (0: same "
-        "priority, loads fastest).", min=0, max=19)] = c.DEFAULT_LOAD_NICENESS,
-) -> None:
+def serve(**options: Any) -> None:
     """Start a pool: router + supervisor in this process, N worker processes."""
     from pool.logs import setup_logging
     from pool.server import StartupError
     from pool.server import serve as run_server
 
     try:
-        settings = build_settings(
-            path, version, workers, bind, state_dir, device, dtype, max_batch, max_wait_ms,
-            threads, max_queue, queue_timeout, model, max_pairs=max_pairs,
-            max_text_chars=max_text_chars, max_message_bytes=max_message_bytes,
-            metrics_port=metrics_port, metrics_host=metrics_host,
-            curve_secret_key=curve_secret_key, curve_allow=curve_allow, log_json=log_json,
-            start_method=start_method, crash_retry_s=crash_retry,
-            load_niceness=load_niceness)
+        settings = c.resolve_settings(options)
     except ValueError as exc:
         fail(str(exc), False, exit_code=2)
-    setup_logging(log_json, Path(state_dir) / c.LOG_FILE)
+    setup_logging(settings.log_json, Path(settings.state_dir) / c.LOG_FILE)
     try:
         code = run_server(settings)
     except StartupError as exc:
@@ -143,35 +79,20 @@ def serve(
     raise typer.Exit(code)
 
 
-def build_settings(path: str | None, version: str | None, workers: int | None, bind: str,
-                   state_dir: Path, device: str, dtype: str, max_batch: int, max_wait_ms: float,
-                   threads: int | None, max_queue: int, queue_timeout: float,
-                   model: str, **limits: Any) -> c.PoolSettings:
-    """Resolve defaults (registry, embedded model, devices); `limits` pass through as is."""
-    from pool.registry import Registry
-    from pool.startmethod import choose_start_method
+def serve_signature() -> inspect.Signature:
+    """`pool serve`'s options: one per setting declared in pool.config.PoolSettings."""
+    params = []
+    for name, kind, spec in c.flags():
+        option = typer.Option(*spec.names, envvar=spec.env, help=spec.help, min=spec.min,
+                              max=spec.max)
+        params.append(inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=c.flag_default(spec, name),
+            annotation=Annotated[spec.flag_type or kind, option]))
+    return inspect.Signature(params)
 
-    if path is None:
-        registry = Registry(state_dir)
-        restored = registry.version(version or registry.active or "")
-        if restored is not None:
-            version, path = version or registry.active, restored["path"]
-        else:
-            path = str(c.embedded_model_path())
-    version = version or c.DEFAULT_VERSION
-    if model == "transformer" and not (Path(path) / "config.json").is_file():
-        raise ValueError(f"--path {path} is not a transformers model directory (no config.json)")
-    if model not in ("transformer", "echo"):
-        raise ValueError(f"--model must be transformer or echo, not {model!r}")
-    devices = c.parse_devices(device)
-    choose_start_method(limits.get("start_method", c.DEFAULT_START_METHOD), model)
-    n = workers or c.default_workers(devices)
-    return c.PoolSettings(
-        path=str(Path(path).resolve()), version=version, workers=n, bind=bind,
-        state_dir=state_dir, devices=devices, dtype=dtype, max_batch=max_batch,
-        max_wait_ms=max_wait_ms, threads=threads or c.default_threads(devices, n),
-        max_queue=max_queue, queue_timeout_s=queue_timeout, model=model, **limits,
-    )
+
+serve.__signature__ = serve_signature()  # type: ignore[attr-defined]
+app.command()(serve)
 
 
 # -- producer commands -------------------------------------------------------------------

@@ -8,6 +8,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from pool.config import settings_line
+
 STATUS_STYLE = {"healthy": "green", "degraded": "yellow", "failed": "red"}
 MIB = 1024 * 1024
 TABLE_WIDTH = 110
@@ -32,14 +34,8 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
         out.print(f"[red]{trouble}[/]")
     if st.get("system"):
         out.print(system_line(st["system"]))
-    limits = st.get("settings") or {}
-    if limits:
-        out.print(f"limits: {limits['max_pairs']} pairs/request, {limits['max_text_chars']} "
-                  f"chars/text, {limits['max_message_bytes'] / MIB:.0f} MiB/frame, queue "
-                  f"{limits['max_queue']}, queue timeout {limits['queue_timeout_s']:.0f}s; "
-                  f"workers start by {limits['start_method']} and load at nice "
-                  f"+{limits['load_niceness']}; crash loops retried every "
-                  f"{limits['crash_retry_s']:g}s")
+    if st.get("settings"):
+        out.print(f"limits: {settings_line(st['settings'])}")
     if st.get("metrics_url"):
         out.print(f"metrics {st['metrics_url']}; log {st.get('log_file')}")
     # Worker ids are in --json; the pid names a worker for an operator.

@@ -1,11 +1,16 @@
-"""Defaults in one place, and the settings of one `pool serve`."""
+"""Constants and defaults in one place, and the settings of one `pool serve`, each declared
+once (`PoolSettings`)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any, get_type_hints
 
+from pool.health import PROBE_MIN_PAIRS, PROBE_MIN_TEXT_CHARS
+from router.bodies import DEFAULT_MAX_PAIRS, DEFAULT_MAX_TEXT_CHARS
 from router.protocol import DEFAULT_ENDPOINT
 
 DEFAULT_BIND = DEFAULT_ENDPOINT
@@ -14,11 +19,11 @@ DEFAULT_MAX_BATCH = 64  # pairs (or embed texts) per forward pass
 DEFAULT_MAX_WAIT_MS = 2.0  # how long a worker waits to fill a batch
 DEFAULT_MAX_QUEUE = 10_000  # requests waiting in the router before `overloaded`
 DEFAULT_QUEUE_TIMEOUT_S = 30.0  # queued longer than this: `timeout`
-DEFAULT_MAX_PAIRS = 1024  # pairs (or embed texts) in one request; beyond: `too_large`
-DEFAULT_MAX_TEXT_CHARS = 10_000  # characters in one text; beyond: `too_large`, never a cut
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # frontend ZMQ_MAXMSGSIZE, per frame: bigger
 # drops the sender's connection
 DEFAULT_METRICS_HOST = "127.0.0.1"
+DEFAULT_SHUTDOWN_DRAIN_S = 30.0  # in-flight work gets this long to finish on stop
+MIB = 1024 * 1024
 LOG_FILE = "pool.log"  # in the state directory
 LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
 LOG_FILE_BACKUPS = 5
@@ -44,9 +49,6 @@ CRASH_LOOP_LIMIT = 5  # crashes of a version within the window: a crash loop, re
 DEFAULT_CRASH_RETRY_S = 60.0  # a crash-looping version that had served is retried this often
 TICK_S = 0.1  # housekeeping period of the serve loop
 GOLDEN_RECHECK_S = 60.0  # one ready worker per version re-answers the golden probe this often
-# Upper bounds of the batch-size histogram (pairs or texts per forward pass); workers count
-# into these and report with heartbeats.
-BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 STATE_ENV = "ZEROPOOL_STATE_DIR"
 
 
@@ -103,32 +105,115 @@ def default_threads(devices: list[str], workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """How one setting of `pool serve` is given and shown: its one declaration, beside its
+    field in PoolSettings (gunicorn's config.py declares each setting once the same way).
+
+    The `pool serve` options are generated from these (cli/main.py), `pool status` shows
+    those with `shown`, and workers get the whole typed settings record (pool.worker)."""
+
+    help: str
+    names: tuple[str, ...] = ()  # option names; default: --the-field-name
+    env: str | None = None
+    min: float | None = None
+    max: float | None = None
+    # The option's type and default where the flag is the raw form of a value resolved
+    # later (`--device auto` -> devices), see resolve_settings.
+    flag_type: Any = None
+    flag_default: Any = None
+    shown: bool = False  # in `pool status` under "settings"
+    # How the status line prints it: a format with {value} (and {mib} for bytes), with the
+    # separator that leads it on the line.
+    label: str = ""
+
+
+def setting(default: Any, help: str, *, factory: Callable[[], Any] | None = None,
+            **flag: Any) -> Any:
+    """A PoolSettings field declared with its flag."""
+    meta = {FLAG: Flag(help, **flag)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+FLAG = "zeropool.flag"
+
+
 @dataclass
 class PoolSettings:
-    path: str
-    version: str = DEFAULT_VERSION
-    workers: int = 1
-    bind: str = DEFAULT_BIND
-    state_dir: Path = field(default_factory=default_state_dir)
-    devices: list[str] = field(default_factory=lambda: ["cpu"])
-    dtype: str = "auto"
-    max_batch: int = DEFAULT_MAX_BATCH
-    max_wait_ms: float = DEFAULT_MAX_WAIT_MS
-    threads: int = 1
-    max_queue: int = DEFAULT_MAX_QUEUE
-    queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S
-    model: str = "transformer"
-    max_pairs: int = DEFAULT_MAX_PAIRS
-    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    metrics_port: int | None = None  # None: no Prometheus endpoint
-    metrics_host: str = DEFAULT_METRICS_HOST
-    curve_secret_key: Path | None = None  # the pool's .key_secret: Curve on the frontend
-    curve_allow: Path | None = None  # directory of allowed client public keys
-    log_json: bool = False  # workers log JSON lines too
-    start_method: str = DEFAULT_START_METHOD
-    crash_retry_s: float = DEFAULT_CRASH_RETRY_S
-    load_niceness: int = DEFAULT_LOAD_NICENESS
+    """The settings of one `pool serve`: each declared once, with its flag."""
+
+    path: str = setting(
+        "", "Local transformers model directory. Default: the registry's active version, "
+        "else the embedded MiniLM.", flag_type=str | None)
+    version: str = setting(
+        DEFAULT_VERSION, f"Version name (default {DEFAULT_VERSION}).",
+        names=("--version", "-v"), flag_type=str | None)
+    workers: int = setting(
+        1, "Worker processes (default: one per GPU, else one per core up to 8).", min=1,
+        flag_type=int | None, shown=True)
+    bind: str = setting(DEFAULT_BIND, "Frontend endpoint (tcp:// or ipc://).")
+    state_dir: Path = setting(
+        None, "State directory of the pool.", factory=default_state_dir, env=STATE_ENV)
+    devices: list[str] = setting(
+        None, "auto | cpu | cuda | cuda:0,1", factory=lambda: ["cpu"], names=("--device",),
+        flag_type=str, flag_default="auto", shown=True)
+    dtype: str = setting(
+        "auto", "auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32", shown=True)
+    max_batch: int = setting(DEFAULT_MAX_BATCH, "Pairs per forward pass.", min=1, shown=True)
+    max_wait_ms: float = setting(
+        DEFAULT_MAX_WAIT_MS, "How long a worker waits to fill a batch.", min=0, shown=True)
+    threads: int = setting(
+        1, "Torch threads per worker (default: cores / workers).", min=1,
+        flag_type=int | None, shown=True)
+    model: str = setting("transformer", "transformer | echo (no model: transport only).")
+    max_pairs: int = setting(
+        DEFAULT_MAX_PAIRS, "Pairs (or embed texts) per request; beyond: too_large. At least "
+        "the health probe's size.", min=PROBE_MIN_PAIRS, shown=True,
+        label="{value} pairs/request")
+    max_text_chars: int = setting(
+        DEFAULT_MAX_TEXT_CHARS, "Characters per text; beyond: too_large.",
+        min=PROBE_MIN_TEXT_CHARS, shown=True, label=", {value} chars/text")
+    max_message_bytes: int = setting(
+        DEFAULT_MAX_MESSAGE_BYTES, "Largest frame of a frontend message (ZMQ MAXMSGSIZE); a "
+        "bigger one drops the sender's connection, unanswered.", min=1024, shown=True,
+        label=", {mib:.0f} MiB/frame")
+    max_queue: int = setting(
+        DEFAULT_MAX_QUEUE, "Requests waiting before `overloaded`.", min=1, shown=True,
+        label=", queue {value}")
+    queue_timeout_s: float = setting(
+        DEFAULT_QUEUE_TIMEOUT_S, "Seconds a request may wait for a worker.",
+        names=("--queue-timeout",), min=0.01, shown=True, label=", queue timeout {value:.0f}s")
+    metrics_port: int | None = setting(
+        None, "Serve Prometheus metrics on this HTTP port (0: any free port).", min=0,
+        max=65535, shown=True)
+    metrics_host: str = setting(DEFAULT_METRICS_HOST, "Address of the metrics endpoint.")
+    curve_secret_key: Path | None = setting(
+        None, "Curve on the frontend: the pool's .key_secret file (`pool keygen`).")
+    curve_allow: Path | None = setting(
+        None, "Curve: directory of allowed client public keys (*.key), re-read when it "
+        "changes.")
+    log_json: bool = setting(
+        False, "Log JSON lines (stderr and the log file).", names=("--log-json", "--json"))
+    start_method: str = setting(
+        DEFAULT_START_METHOD, "How workers start: auto (forkserver on CPU, spawn with CUDA) | "
+        "spawn | forkserver (imports torch once; a worker is ready in a fraction of a "
+        "second).", env="ZEROPOOL_START_METHOD", shown=True,
+        label="; workers start by {value}")
+    load_niceness: int = setting(
+        DEFAULT_LOAD_NICENESS, "How much nicer than serving a worker loads its model, so a "
+        "rotation on a busy machine does not slow the version serving (0: same priority, "
+        "loads fastest).", env="ZEROPOOL_LOAD_NICENESS", min=0, max=19, shown=True,
+        label=" and load at nice +{value}")
+    crash_retry_s: float = setting(
+        DEFAULT_CRASH_RETRY_S, "Seconds between tries of a version that served, then "
+        "crash-looped (its requests fail at once meanwhile).", names=("--crash-retry",),
+        min=0.1, shown=True, label="; crash loops retried every {value:g}s")
+    shutdown_drain_s: float = setting(
+        DEFAULT_SHUTDOWN_DRAIN_S, "Seconds in-flight and queued work gets to finish when the "
+        "pool stops; what is still queued then gets shutting_down.",
+        names=("--shutdown-drain",), min=0, shown=True, label="; stop drains {value:g}s")
 
     @property
     def control_endpoint(self) -> str:
@@ -141,6 +226,68 @@ class PoolSettings:
     @property
     def capacity(self) -> int:
         return self.max_batch * CAPACITY_BATCHES
+
+
+def flags() -> list[tuple[str, Any, Flag]]:
+    """(field name, its type, its flag) for each setting, in declaration order."""
+    hints = get_type_hints(PoolSettings)
+    return [(f.name, hints[f.name], f.metadata[FLAG]) for f in fields(PoolSettings)
+            if FLAG in f.metadata]
+
+
+def flag_default(spec: Flag, name: str) -> Any:
+    """What the option defaults to when not given (None: resolve_settings decides)."""
+    if spec.flag_type is not None:
+        return spec.flag_default
+    declared = next(f for f in fields(PoolSettings) if f.name == name)
+    if declared.default_factory is not MISSING:
+        return declared.default_factory()
+    return declared.default
+
+
+def shown_settings(settings: PoolSettings) -> dict[str, Any]:
+    """What `pool status` shows of the settings."""
+    return {name: getattr(settings, name) for name, _, spec in flags() if spec.shown}
+
+
+def settings_line(shown: dict[str, Any]) -> str:
+    """The settings of a status reply as one line, by the labels declared."""
+    return "".join(_label(spec.label, shown[name]) for name, _, spec in flags()
+                   if spec.label and name in shown)
+
+
+def _label(label: str, value: Any) -> str:
+    mib = value / MIB if isinstance(value, int | float) else 0.0
+    return label.format(value=value, mib=mib)
+
+
+def resolve_settings(values: dict[str, Any]) -> PoolSettings:
+    """PoolSettings from the flags' values: the registry's version or the embedded model for
+    a missing --path, devices from --device, workers and threads from the devices. Raises
+    ValueError saying what is wrong."""
+    from pool.registry import Registry
+    from pool.startmethod import choose_start_method
+
+    path, version, state_dir = values["path"], values["version"], Path(values["state_dir"])
+    if path is None:
+        registry = Registry(state_dir)
+        restored = registry.version(version or registry.active or "")
+        if restored is not None:
+            version, path = version or registry.active, restored["path"]
+        else:
+            path = str(embedded_model_path())
+    model = values["model"]
+    if model == "transformer" and not (Path(path) / "config.json").is_file():
+        raise ValueError(f"--path {path} is not a transformers model directory (no config.json)")
+    if model not in ("transformer", "echo"):
+        raise ValueError(f"--model must be transformer or echo, not {model!r}")
+    devices = parse_devices(values["devices"])
+    choose_start_method(values["start_method"], model)
+    workers = values["workers"] or default_workers(devices)
+    return PoolSettings(**{
+        **values, "path": str(Path(path).resolve()), "version": version or DEFAULT_VERSION,
+        "state_dir": state_dir, "devices": devices, "workers": workers,
+        "threads": values["threads"] or default_threads(devices, workers)})
 
 
 def control_endpoint_for(state_dir: Path) -> str:

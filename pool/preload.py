@@ -12,8 +12,8 @@ import os
 import transformers.modeling_utils
 import transformers.models.bert.modeling_bert  # noqa: F401
 
-import pool.runtime
-import pool.worker  # noqa: F401
+import pool.bootstrap
+import pool.runtime  # noqa: F401
 
 _FORKSERVER_PID = os.getpid()
 # What every worker inherits is never garbage: out of the collector's sight, a worker's

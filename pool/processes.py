@@ -12,8 +12,9 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Protocol
 
+from pool.bootstrap import worker_main
 from pool.startmethod import ensure_forkserver, stop_forkserver, worker_context
-from pool.worker import WorkerConfig, worker_main
+from pool.worker import WorkerConfig
 
 
 class WorkerProcess(Protocol):

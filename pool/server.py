@@ -36,7 +36,6 @@ from router.broker import Broker
 
 log = logging.getLogger("zeropool.server")
 
-SHUTDOWN_DRAIN_S = 30.0  # in-flight work gets this long to finish on stop
 PID_FILE = "serve.pid"
 
 
@@ -187,7 +186,6 @@ class PoolServer:
         self.supervisor.retire_version(version)
 
     def snapshot(self) -> PoolSnapshot:
-        s = self.settings
         return PoolSnapshot(
             pid=os.getpid(), uptime_s=round(time.time() - self.started, 1),
             stopping=self.stopping, now=time.monotonic(),
@@ -197,15 +195,7 @@ class PoolServer:
             replies_by_code={name: self.metrics.recent.by_code(name)
                              for name in self.supervisor.plans},
             metrics_url=self.metrics_url, log_file=str(self.state_dir / config.LOG_FILE),
-            system=self.system,
-            settings={"workers": s.workers, "devices": s.devices, "dtype": s.dtype,
-                      "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms,
-                      "threads": s.threads, "load_niceness": s.load_niceness,
-                      "crash_retry_s": s.crash_retry_s, "max_queue": s.max_queue,
-                      "queue_timeout_s": s.queue_timeout_s, "max_pairs": s.max_pairs,
-                      "max_text_chars": s.max_text_chars,
-                      "max_message_bytes": s.max_message_bytes,
-                      "metrics_port": s.metrics_port},
+            system=self.system, settings=config.shown_settings(self.settings),
             broker=self.broker.snapshot(), supervisor=self.supervisor.snapshot(),
             rotation=self.rotations.status())
 
@@ -273,10 +263,11 @@ class PoolServer:
     def _shutdown_step(self, now: float) -> bool:
         """Drain, then stop workers; True once every worker is reaped."""
         busy = self.broker.inflight + self.broker.queued
-        if self.supervisor.plans and (busy == 0 or now - self.stopping_since > SHUTDOWN_DRAIN_S):
+        drain_s = self.settings.shutdown_drain_s
+        if self.supervisor.plans and (busy == 0 or now - self.stopping_since > drain_s):
             if busy:
                 log.warning("%d requests still pending after %.0fs; stopping anyway", busy,
-                            SHUTDOWN_DRAIN_S)
+                            drain_s)
                 self.broker.fail_all_queued(protocol.SHUTTING_DOWN,
                                             "pool stopped before it could run")
             self.supervisor.stop_all()

@@ -31,7 +31,7 @@ from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
 
 from pool import config as c
-from pool.worker import worker_env
+from pool.bootstrap import worker_env
 
 log = logging.getLogger("zeropool.startmethod")
 

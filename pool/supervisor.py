@@ -454,15 +454,7 @@ class Supervisor:
         self._counter += 1
         name = f"{plan.version}-{slot}-{self._counter}"
         device = s.devices[slot % len(s.devices)]
-        cfg = WorkerConfig(
-            worker_id=name, version=plan.version, path=plan.path, device=device, dtype=s.dtype,
-            threads=s.threads, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
-            capacity=s.capacity, backend=s.backend_endpoint, heartbeat_s=config.HEARTBEAT_S,
-            model=s.model, max_pairs=s.max_pairs,
-            max_text_chars=s.max_text_chars, log_json=s.log_json,
-            load_niceness=s.load_niceness,
-        )
-        process = self._spawner(cfg)
+        process = self._spawner(WorkerConfig(name, plan.version, plan.path, device, s))
         worker = Worker(name.encode(), plan.version, slot, device, process, self.clock(),
                         s.capacity, restarts=plan.restarts)
         self.workers[worker.id] = worker

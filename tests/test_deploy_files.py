@@ -19,9 +19,9 @@ import pytest
 import yaml  # a dependency of transformers, so always in the project's environment
 
 from pool import config as c
+from pool.config import DEFAULT_SHUTDOWN_DRAIN_S as SHUTDOWN_DRAIN_S
 from pool.health import VersionFacts, assess_pool, assess_version
 from pool.metrics import POOL_FAULTS
-from pool.server import SHUTDOWN_DRAIN_S
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "deploy" / "systemd" / "zeropool.service"
