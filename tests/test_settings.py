@@ -1,0 +1,59 @@
+"""The settings of `pool serve`, each declared once (pool.config.PoolSettings), and what is
+derived from the declarations: the command's options, `pool status`, the status line and
+what workers get."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import pickle
+
+from cli.main import serve
+from pool import config
+from pool.worker import WorkerConfig
+
+STATUS_KEYS = {"workers", "devices", "dtype", "max_batch", "max_wait_ms", "threads",
+               "start_method", "load_niceness", "crash_retry_s", "max_queue", "queue_timeout_s",
+               "max_pairs", "max_text_chars", "max_message_bytes", "metrics_port",
+               "shutdown_drain_s"}
+
+
+def test_every_declared_setting_is_an_option_of_serve() -> None:
+    params = inspect.signature(serve).parameters
+    assert list(params) == [f.name for f in dataclasses.fields(config.PoolSettings)]
+    assert params["max_text_chars"].default == config.DEFAULT_MAX_TEXT_CHARS
+    assert params["devices"].default == "auto"  # the flag's raw form, resolved later
+
+
+def test_status_shows_the_settings_declared_shown() -> None:
+    shown = config.shown_settings(config.PoolSettings(path="/m", shutdown_drain_s=5.0))
+    assert set(shown) == STATUS_KEYS
+    assert shown["shutdown_drain_s"] == 5.0
+
+
+def test_the_status_line_words_each_labelled_setting() -> None:
+    shown = {**config.shown_settings(config.PoolSettings(path="/m")), "start_method": "spawn"}
+    assert config.settings_line(shown) == (
+        "1024 pairs/request, 10000 chars/text, 64 MiB/frame, queue 10000, queue timeout 30s; "
+        "workers start by spawn and load at nice +10; crash loops retried every 60s; "
+        "stop drains 30s")
+
+
+def test_a_worker_gets_the_typed_settings_and_they_pickle() -> None:
+    settings = config.PoolSettings(path="/m", max_text_chars=99, threads=3)
+    cfg = WorkerConfig("v1-0-1", "v1", "/m", "cpu", settings)
+    again = pickle.loads(pickle.dumps(cfg))  # what multiprocessing sends to the worker
+    assert (again.settings.max_text_chars, again.settings.threads) == (99, 3)
+    assert again.capacity == settings.capacity
+
+
+def test_resolving_fills_what_depends_on_the_machine(tmp_path) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    values = {name: config.flag_default(spec, name) for name, _, spec in config.flags()}
+    settings = config.resolve_settings({**values, "path": str(model), "devices": "cpu",
+                                        "state_dir": tmp_path / "state", "workers": 2})
+    assert settings.devices == ["cpu"] and settings.workers == 2
+    assert settings.threads == config.default_threads(["cpu"], 2)
+    assert settings.version == config.DEFAULT_VERSION
