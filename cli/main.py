@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pool import config as c
+from pool import config
 from pool.control import ControlError, PoolNotRunning, control_request
 from router.client import Client, ZeroPoolError, verdict
 from router.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, ClientKeys, KeyFileError
@@ -27,7 +27,7 @@ app = typer.Typer(
     add_completion=False,
 )
 out = Console()
-DEFAULT_STATE_DIR = c.default_state_dir()
+DEFAULT_STATE_DIR = config.default_state_dir()
 ROTATION_POLL_S = 0.2
 # Errors are never wrapped: a script greps them, and a long path must not split a sentence.
 err = Console(stderr=True, soft_wrap=True)
@@ -35,7 +35,7 @@ err = Console(stderr=True, soft_wrap=True)
 EndpointOpt = Annotated[str, typer.Option("--endpoint", "-e", envvar=ENDPOINT_ENV,
                                           help="Pool frontend to connect to.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
-StateDirOpt = Annotated[Path, typer.Option("--state-dir", envvar=c.STATE_ENV,
+StateDirOpt = Annotated[Path, typer.Option("--state-dir", envvar=config.STATE_ENV,
                                            help="State directory of the pool.")]
 VersionOpt = Annotated[str | None, typer.Option("--version", "-v",
                                                 help="Pin the request to this version.")]
@@ -68,10 +68,10 @@ def serve(**options: Any) -> None:
     from pool.server import serve as run_server
 
     try:
-        settings = c.resolve_settings(options)
+        settings = config.resolve_settings(options)
     except ValueError as exc:
         fail(str(exc), False, exit_code=2)
-    setup_logging(settings.log_json, Path(settings.state_dir) / c.LOG_FILE)
+    setup_logging(settings.log_json, Path(settings.state_dir) / config.LOG_FILE)
     try:
         code = run_server(settings)
     except StartupError as exc:
@@ -82,11 +82,11 @@ def serve(**options: Any) -> None:
 def serve_signature() -> inspect.Signature:
     """`pool serve`'s options: one per setting declared in pool.config.PoolSettings."""
     params = []
-    for name, kind, spec in c.flags():
+    for name, kind, spec in config.flags():
         option = typer.Option(*spec.names, envvar=spec.env, help=spec.help, min=spec.min,
                               max=spec.max)
         params.append(inspect.Parameter(
-            name, inspect.Parameter.KEYWORD_ONLY, default=c.flag_default(spec, name),
+            name, inspect.Parameter.KEYWORD_ONLY, default=config.flag_default(spec, name),
             annotation=Annotated[spec.flag_type or kind, option]))
     return inspect.Signature(params)
 
@@ -126,7 +126,7 @@ def call_pool(endpoint: str, timeout: float, as_json: bool, call: Any,
 def similarity(
     text_a: Annotated[str, typer.Argument(help="First sentence.")],
     text_b: Annotated[str, typer.Argument(help="Second sentence.")],
-    endpoint: EndpointOpt = c.DEFAULT_BIND,
+    endpoint: EndpointOpt = config.DEFAULT_BIND,
     version: VersionOpt = None,
     timeout: TimeoutOpt = 30.0,
     server_key: ServerKeyOpt = None,
@@ -149,7 +149,7 @@ def similarity(
 @app.command()
 def embed(
     texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
-    endpoint: EndpointOpt = c.DEFAULT_BIND,
+    endpoint: EndpointOpt = config.DEFAULT_BIND,
     version: VersionOpt = None,
     timeout: TimeoutOpt = 30.0,
     server_key: ServerKeyOpt = None,
@@ -172,7 +172,7 @@ def embed(
 
 @app.command()
 def ping(
-    endpoint: EndpointOpt = c.DEFAULT_BIND,
+    endpoint: EndpointOpt = config.DEFAULT_BIND,
     version: VersionOpt = None,
     timeout: TimeoutOpt = 5.0,
     server_key: ServerKeyOpt = None,
@@ -268,7 +268,7 @@ def keygen(
 
 @app.command()
 def bench(
-    endpoint: EndpointOpt = c.DEFAULT_BIND,
+    endpoint: EndpointOpt = config.DEFAULT_BIND,
     spawn: Annotated[bool, typer.Option("--spawn", help="Start a pool of its own (stopped "
                      "after).")] = False,
     path: Annotated[str | None, typer.Option(help="With --spawn: model directory "
@@ -590,7 +590,7 @@ UI_STOP_GRACE_S = 10.0  # after SIGINT/SIGTERM, how long Streamlit may take befo
 
 @app.command()
 def ui(
-    endpoint: EndpointOpt = c.DEFAULT_BIND,
+    endpoint: EndpointOpt = config.DEFAULT_BIND,
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     port: Annotated[int, typer.Option(help="HTTP port of the page.", min=1, max=65535)] = 8501,
     host: Annotated[str, typer.Option(help="Address the page listens on.")] = "127.0.0.1",
@@ -603,7 +603,7 @@ def ui(
 
     if importlib.util.find_spec("streamlit") is None:
         fail(UI_EXTRA_MISSING, as_json, "missing_extra", exit_code=2)
-    env = {**os.environ, ENDPOINT_ENV: endpoint, c.STATE_ENV: str(state_dir)}
+    env = {**os.environ, ENDPOINT_ENV: endpoint, config.STATE_ENV: str(state_dir)}
     if client_keys(server_key, client_key, as_json) is not None:  # checked here, used there
         env |= {SERVER_KEY_ENV: str(server_key), CLIENT_KEY_ENV: str(client_key)}
     url = f"http://{host}:{port}"

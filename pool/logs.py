@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 
-from pool import config as c
+from pool import config
 
 HUMAN_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 # Attributes every LogRecord has; anything else came in through `extra=`.
@@ -39,7 +39,7 @@ def setup_logging(as_json: bool, log_file: Path | None = None) -> None:
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         handlers.append(logging.handlers.RotatingFileHandler(
-            log_file, maxBytes=c.LOG_FILE_MAX_BYTES, backupCount=c.LOG_FILE_BACKUPS,
+            log_file, maxBytes=config.LOG_FILE_MAX_BYTES, backupCount=config.LOG_FILE_BACKUPS,
             encoding="utf-8"))
     for handler in handlers:
         handler.setFormatter(formatter)

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
 
-from pool import config as c
+from pool import config
 from pool.bootstrap import worker_env
 
 log = logging.getLogger("zeropool.startmethod")
@@ -44,8 +44,8 @@ PRELOAD = ["pool.preload"]  # what the forkserver imports once
 
 
 def choose_start_method(setting: str, model: str) -> str:
-    if setting not in c.START_METHODS:
-        raise ValueError(f"--start-method must be one of {', '.join(c.START_METHODS)}, "
+    if setting not in config.START_METHODS:
+        raise ValueError(f"--start-method must be one of {', '.join(config.START_METHODS)}, "
                          f"not {setting!r}")
     if setting != "auto":
         return setting
@@ -63,12 +63,12 @@ def worker_context(method: str, threads: int) -> BaseContext:
     # The first start blocks until the preload is done: pay for it here, not in the loop.
     probe = ctx.Process(target=_noop, name="zeropool-forkserver-probe")
     probe.start()
-    probe.join(timeout=c.FORKSERVER_START_TIMEOUT_S)
+    probe.join(timeout=config.FORKSERVER_START_TIMEOUT_S)
     if probe.exitcode != 0:
         _kill(probe.pid)
         stop_forkserver()
         raise ForkserverError(f"the worker forkserver did not start a process within "
-                              f"{c.FORKSERVER_START_TIMEOUT_S:.0f}s (exit {probe.exitcode})")
+                              f"{config.FORKSERVER_START_TIMEOUT_S:.0f}s (exit {probe.exitcode})")
     log.info("worker forkserver ready in %.2fs (pid %s)", time.monotonic() - start,
              forkserver_pid())
     return ctx
@@ -98,7 +98,7 @@ def stop_forkserver() -> None:
     # nothing to flush, so it is killed if it lingers.
     with contextlib.suppress(OSError):
         os.close(server._forkserver_alive_fd)
-    deadline = time.monotonic() + c.TERM_GRACE_S
+    deadline = time.monotonic() + config.TERM_GRACE_S
     while not _reaped(pid):
         if time.monotonic() > deadline:
             _kill(pid)

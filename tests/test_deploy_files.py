@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml  # a dependency of transformers, so always in the project's environment
 
-from pool import config as c
+from pool import config
 from pool.config import DEFAULT_SHUTDOWN_DRAIN_S as SHUTDOWN_DRAIN_S
 from pool.health import VersionFacts, assess_pool, assess_version
 from pool.metrics import POOL_FAULTS
@@ -30,7 +30,7 @@ K8S_FILES = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
 DOCS = ROOT / "docs" / "deploy.md"
 STATE_DIR = "/var/lib/zeropool"
 # The longest a graceful stop can take: in-flight work, then STOP -> SIGTERM -> SIGKILL.
-WORST_STOP_S = SHUTDOWN_DRAIN_S + c.STOP_GRACE_S + c.TERM_GRACE_S
+WORST_STOP_S = SHUTDOWN_DRAIN_S + config.STOP_GRACE_S + config.TERM_GRACE_S
 POOL_NAMES = {"pool", "zp"}  # docs/deploy.md's `zp` is an alias of the service's `pool`
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
@@ -387,5 +387,5 @@ def test_docs_name_real_metrics_and_log_file():
     for name in names:
         base = name.removesuffix("_total")
         assert f'"{base}"' in source, f"{name} is not a metric of pool/metrics.py"
-    assert f"`{c.LOG_FILE}`" in text
-    assert f"{c.LOG_FILE_MAX_BYTES // 2**20} MB × {c.LOG_FILE_BACKUPS}" in text
+    assert f"`{config.LOG_FILE}`" in text
+    assert f"{config.LOG_FILE_MAX_BYTES // 2**20} MB × {config.LOG_FILE_BACKUPS}" in text

@@ -9,21 +9,22 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pool import config as c
+from pool import config
 from pool.worker import BadBody, Limits, decode_job
-from router import protocol as p
+from router import protocol
 
 NOW = time.monotonic_ns
 LIMITS = Limits(max_pairs=4, max_text_chars=10)
+SIMILARITY, EMBED = protocol.OP_SIMILARITY, protocol.OP_EMBED
 
 
 def test_similarity_body_flattens_pairs() -> None:
-    job = decode_job(b"s", p.OP_SIMILARITY, b'{"pairs": [["a", "b"], ["c", "d"]]}', NOW(), LIMITS)
+    job = decode_job(b"s", SIMILARITY, b'{"pairs": [["a", "b"], ["c", "d"]]}', NOW(), LIMITS)
     assert (job.texts, job.size) == (["a", "b", "c", "d"], 2)
 
 
 def test_embed_body() -> None:
-    job = decode_job(b"s", p.OP_EMBED, '{"texts": ["今天", "x"]}'.encode(), NOW(), LIMITS)
+    job = decode_job(b"s", EMBED, '{"texts": ["今天", "x"]}'.encode(), NOW(), LIMITS)
     assert (job.texts, job.size) == (["今天", "x"], 2)
 
 
@@ -34,74 +35,74 @@ def test_embed_body() -> None:
 ])
 def test_bad_similarity_bodies(body: bytes) -> None:
     with pytest.raises(BadBody) as exc:
-        decode_job(b"s", p.OP_SIMILARITY, body, NOW(), LIMITS)
-    assert exc.value.code == p.BAD_REQUEST
+        decode_job(b"s", SIMILARITY, body, NOW(), LIMITS)
+    assert exc.value.code == protocol.BAD_REQUEST
 
 
 @pytest.mark.parametrize("body", [b'{"texts": []}', b'{"texts": [1]}', b'{"texts": "abc"}'])
 def test_bad_embed_bodies(body: bytes) -> None:
     with pytest.raises(BadBody) as exc:
-        decode_job(b"s", p.OP_EMBED, body, NOW(), LIMITS)
-    assert exc.value.code == p.BAD_REQUEST
+        decode_job(b"s", EMBED, body, NOW(), LIMITS)
+    assert exc.value.code == protocol.BAD_REQUEST
 
 
 def test_a_request_that_waited_past_its_timeout_is_abandoned() -> None:
     enqueued = NOW() - 50_000_000  # 50 ms ago
     with pytest.raises(BadBody) as exc:
-        decode_job(b"s", p.OP_SIMILARITY, b'{"pairs": [["a", "b"]], "timeout_ms": 10}', enqueued,
+        decode_job(b"s", SIMILARITY, b'{"pairs": [["a", "b"]], "timeout_ms": 10}', enqueued,
                    LIMITS)
-    assert exc.value.code == p.TIMEOUT
-    job = decode_job(b"s", p.OP_SIMILARITY, b'{"pairs": [["a", "b"]], "timeout_ms": 1000}',
+    assert exc.value.code == protocol.TIMEOUT
+    job = decode_job(b"s", SIMILARITY, b'{"pairs": [["a", "b"]], "timeout_ms": 1000}',
                      enqueued, LIMITS)
     assert job.size == 1
 
 
 def test_the_default_limits_are_the_pool_defaults() -> None:
-    assert (Limits().max_pairs, Limits().max_text_chars) == (c.DEFAULT_MAX_PAIRS,
-                                                             c.DEFAULT_MAX_TEXT_CHARS)
+    assert (Limits().max_pairs, Limits().max_text_chars) == (config.DEFAULT_MAX_PAIRS,
+                                                             config.DEFAULT_MAX_TEXT_CHARS)
 
 
 def too_large(op: bytes, doc: dict) -> str:
     with pytest.raises(BadBody) as exc:
         decode_job(b"s", op, orjson.dumps(doc), NOW(), LIMITS)
-    assert exc.value.code == p.TOO_LARGE
+    assert exc.value.code == protocol.TOO_LARGE
     return str(exc.value)
 
 
 def test_requests_at_the_limits_are_served_whole() -> None:
-    job = decode_job(b"s", p.OP_SIMILARITY, orjson.dumps({"pairs": [["x" * 10, "好" * 10]] * 4}),
+    job = decode_job(b"s", SIMILARITY, orjson.dumps({"pairs": [["x" * 10, "好" * 10]] * 4}),
                      NOW(), LIMITS)
     assert job.size == 4 and job.texts[:2] == ["x" * 10, "好" * 10]  # nothing cut
-    job = decode_job(b"s", p.OP_EMBED, orjson.dumps({"texts": ["好" * 10] * 4}), NOW(), LIMITS)
+    job = decode_job(b"s", EMBED, orjson.dumps({"texts": ["好" * 10] * 4}), NOW(), LIMITS)
     assert job.size == 4 and job.texts[0] == "好" * 10
 
 
 def test_too_many_pairs_or_texts_is_too_large_with_a_precise_message() -> None:
-    message = too_large(p.OP_SIMILARITY, {"pairs": [["a", "b"]] * 5})
+    message = too_large(protocol.OP_SIMILARITY, {"pairs": [["a", "b"]] * 5})
     assert "5 pairs" in message and "limit of 4" in message and "--max-pairs" in message
-    message = too_large(p.OP_EMBED, {"texts": ["a"] * 7})
+    message = too_large(protocol.OP_EMBED, {"texts": ["a"] * 7})
     assert "7 texts" in message and "limit of 4" in message and "--max-pairs" in message
 
 
 def test_a_text_over_max_text_chars_is_too_large_never_cut() -> None:
     # Characters, not bytes: ten CJK characters (30 UTF-8 bytes) are within the limit.
-    message = too_large(p.OP_SIMILARITY, {"pairs": [["a", "b"], ["c", "好" * 11]]})
+    message = too_large(protocol.OP_SIMILARITY, {"pairs": [["a", "b"], ["c", "好" * 11]]})
     assert "pairs[1][1]" in message and "11 characters" in message
     assert "limit of 10" in message and "--max-text-chars" in message
-    message = too_large(p.OP_EMBED, {"texts": ["ok", "ok", "x" * 500]})
+    message = too_large(protocol.OP_EMBED, {"texts": ["ok", "ok", "x" * 500]})
     assert "texts[2]" in message and "500 characters" in message and "--max-text-chars" in message
 
 
 def test_malformed_items_before_an_oversized_one_are_bad_requests() -> None:
     with pytest.raises(BadBody) as exc:
-        decode_job(b"s", p.OP_SIMILARITY, orjson.dumps({"pairs": [["a"], ["b", "c" * 99]]}),
+        decode_job(b"s", SIMILARITY, orjson.dumps({"pairs": [["a"], ["b", "c" * 99]]}),
                    NOW(), LIMITS)
-    assert exc.value.code == p.BAD_REQUEST and "pairs[0]" in str(exc.value)
+    assert exc.value.code == protocol.BAD_REQUEST and "pairs[0]" in str(exc.value)
 
 
-@given(st.sampled_from([p.OP_SIMILARITY, p.OP_EMBED]), st.binary(max_size=200))
+@given(st.sampled_from([protocol.OP_SIMILARITY, protocol.OP_EMBED]), st.binary(max_size=200))
 def test_any_body_decodes_or_raises_bad_body(op: bytes, body: bytes) -> None:
     try:
         decode_job(b"s", op, body, NOW(), LIMITS)
     except BadBody as exc:
-        assert exc.code in p.ERROR_CODES
+        assert exc.code in protocol.ERROR_CODES
