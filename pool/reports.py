@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import orjson
 
@@ -37,8 +38,7 @@ class ReadyInfo:
 
     @classmethod
     def decode(cls, raw: bytes) -> ReadyInfo:
-        doc = orjson.loads(raw)
-        return cls(**{name: doc[name] for name in cls.__dataclass_fields__ if name in doc})
+        return cls(**known_fields(cls, raw))
 
 
 @dataclass(slots=True)
@@ -68,8 +68,13 @@ class BatchStats:
 
     @classmethod
     def decode(cls, raw: bytes) -> BatchStats:
-        doc = orjson.loads(raw)
-        return cls(**{name: doc[name] for name in cls.__dataclass_fields__ if name in doc})
+        return cls(**known_fields(cls, raw))
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def known_fields(record: type, raw: bytes) -> dict[str, Any]:
+    """The JSON object `raw`, keeping the keys `record` has: a newer worker may say more."""
+    doc = orjson.loads(raw)
+    return {name: doc[name] for name in record.__dataclass_fields__ if name in doc}

@@ -297,6 +297,16 @@ def rotate(fake: FakePool, **kwargs: object) -> None:
     fake.rotations.start("v2", "/models/v2", **options)
 
 
+def until_switched(fake: FakePool) -> None:
+    """Bring v2 up until routing has moved to it (the rotation is draining v1)."""
+    for _ in range(50):
+        fake.bring_up("v2")
+        fake.tick()
+        if fake.rotations.current.phase == Phase.DRAINING:
+            return
+    raise AssertionError(f"still {fake.rotations.current.phase} after 50 rounds")
+
+
 def run_rotation(fake: FakePool, limit: int = 400) -> list[Phase]:
     """Tick until the rotation ends, workers answering everything; the phases it went by."""
     phases = [fake.rotations.current.phase]
@@ -450,11 +460,7 @@ def test_ending_a_canary_returns_all_traffic_to_v1(fake: FakePool) -> None:
 def test_v2_failing_after_the_switch_ends_the_rotation_as_failed(fake: FakePool) -> None:
     serving(fake)
     rotate(fake)
-    for _ in range(50):
-        fake.bring_up("v2")
-        fake.tick()
-        if fake.rotations.current.phase == Phase.DRAINING:
-            break
+    until_switched(fake)
     producer = fake.producer()
     producer.send(b"pinned-v1", version="v1")  # keeps the drain from closing v1 at once
     fake.pump()
@@ -468,11 +474,7 @@ def test_v2_failing_after_the_switch_ends_the_rotation_as_failed(fake: FakePool)
 def test_the_drain_waits_for_a_quiet_period_of_pinned_requests(fake: FakePool) -> None:
     serving(fake)
     rotate(fake)
-    for _ in range(50):
-        fake.bring_up("v2")
-        fake.tick()
-        if fake.rotations.current.phase == Phase.DRAINING:
-            break
+    until_switched(fake)
     rot = fake.rotations.current
     producer = fake.producer()
     quiet = config.DRAIN_QUIET_S
@@ -495,11 +497,7 @@ def test_the_drain_closes_v1_at_its_timeout_under_endless_pinned_traffic(
         fake: FakePool) -> None:
     serving(fake)
     rotate(fake, drain_timeout_s=3.0)
-    for _ in range(50):
-        fake.bring_up("v2")
-        fake.tick()
-        if fake.rotations.current.phase == Phase.DRAINING:
-            break
+    until_switched(fake)
     rot = fake.rotations.current
     drain_started = rot.phase_since
     producer = fake.producer()
@@ -527,11 +525,7 @@ def test_unpinned_requests_queued_for_v1_move_to_v2_at_the_switch(fake: FakePool
     fake.pump()
     assert fake.broker.queue_length("v1") == 3
     rotate(fake, workers=1)
-    for _ in range(50):
-        fake.bring_up("v2")
-        fake.tick()
-        if fake.rotations.current.switched:
-            break
+    until_switched(fake)
     assert fake.broker.queue_length("v1") == 0
     while fake.serve_all():
         pass
@@ -567,11 +561,7 @@ def test_an_old_worker_dying_during_the_drain_loses_none_of_its_requests(
     held = {w.name: w.received() for w in old}
     assert all(len(x) == capacity for x in held.values())
     rotate(fake)
-    for _ in range(50):
-        fake.bring_up("v2")
-        fake.tick()
-        if fake.rotations.current.phase == Phase.DRAINING:
-            break
+    until_switched(fake)
     assert {fake.state(w) for w in old} == {READY}  # v1 serves pinned requests until idle
     old[0].exit(-9)  # dies holding unpinned requests
     fake.tick()
