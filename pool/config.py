@@ -266,7 +266,6 @@ def resolve_settings(values: dict[str, Any]) -> PoolSettings:
     a missing --path, devices from --device, workers and threads from the devices. Raises
     ValueError saying what is wrong."""
     from pool.registry import Registry
-    from pool.startmethod import choose_start_method
 
     path, version, state_dir = values["path"], values["version"], Path(values["state_dir"])
     if path is None:
@@ -288,6 +287,15 @@ def resolve_settings(values: dict[str, Any]) -> PoolSettings:
         **values, "path": str(Path(path).resolve()), "version": version or DEFAULT_VERSION,
         "state_dir": state_dir, "devices": devices, "workers": workers,
         "threads": values["threads"] or default_threads(devices, workers)})
+
+
+def choose_start_method(setting: str, model: str) -> str:
+    if setting not in START_METHODS:
+        raise ValueError(f"--start-method must be one of {', '.join(START_METHODS)}, "
+                         f"not {setting!r}")
+    if setting != "auto":
+        return setting
+    return "spawn" if model == "echo" else "forkserver"
 
 
 def control_endpoint_for(state_dir: Path) -> str:

@@ -43,15 +43,6 @@ class ForkserverError(RuntimeError):
 PRELOAD = ["pool.preload"]  # what the forkserver imports once
 
 
-def choose_start_method(setting: str, model: str) -> str:
-    if setting not in config.START_METHODS:
-        raise ValueError(f"--start-method must be one of {', '.join(config.START_METHODS)}, "
-                         f"not {setting!r}")
-    if setting != "auto":
-        return setting
-    return "spawn" if model == "echo" else "forkserver"
-
-
 def worker_context(method: str, threads: int) -> BaseContext:
     """The multiprocessing context workers start from; a forkserver is started and warm."""
     ctx = multiprocessing.get_context(method)

@@ -30,7 +30,6 @@ from pool import config
 from pool.health import Expectation, GoldenCheck, judge_probe, probe_body
 from pool.processes import Launcher, Spawner, WorkerProcess
 from pool.reports import BatchStats, ReadyInfo
-from pool.startmethod import choose_start_method
 from pool.worker import WorkerConfig
 from router import protocol
 from router.broker import (
@@ -188,7 +187,7 @@ class Supervisor:
         self.workers: dict[bytes, Worker] = {}
         self.events: deque[dict] = deque(maxlen=200)
         self.restarts_total: Counter[str] = Counter()  # by version, for the life of the pool
-        self.start_method = choose_start_method(settings.start_method, settings.model)
+        self.start_method = config.choose_start_method(settings.start_method, settings.model)
         self._launcher = Launcher(self.start_method, settings.threads) if spawn is None else None
         self._spawner: Spawner = spawn or self._launcher  # type: ignore[assignment]
         self._counter = 0
