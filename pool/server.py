@@ -215,8 +215,6 @@ class PoolServer:
             events = dict(poller.poll(tick_ms))
             if backend in events:
                 self.broker.handle_backend()
-                for event in self.broker.take_events():
-                    self.supervisor.handle(event)
             if frontend in events:
                 self.broker.handle_frontend()
             if control in events:
@@ -226,6 +224,10 @@ class PoolServer:
             if wake_r.fileno() in events:
                 _drain_pipe(wake_r)
                 self._handle_signals()
+            # What the broker saw (READY, probe replies, heartbeats; also probes its last
+            # tick's reaping or a failed send answered) goes to the supervisor.
+            for event in self.broker.take_events():
+                self.supervisor.handle(event)
             self.broker.dispatch()
             now = time.monotonic()
             if now >= next_tick:
