@@ -9,12 +9,15 @@ TORCH ?= torch==2.13.0
 
 setup: $(VENV)/.installed
 
-# --no-compile: byte-compiling every file of torch and transformers up front is most of the
-# install time (~150 s -> ~65 s); Python compiles what is imported, when it is imported.
+# pip byte-compiles one file at a time, most of the install time; compileall does the same
+# on every core. The bytecode must be there: where PYTHONDONTWRITEBYTECODE is set, nothing
+# else writes it, and every pool's forkserver would compile torch from source. (A few
+# third-party files are written for other Python versions and do not compile: not an error.)
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile "$(TORCH)"
 	$(PY) -m pip install -q --no-compile -e ".[test]"
+	$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $@
 
 run: setup
