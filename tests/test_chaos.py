@@ -1,6 +1,6 @@
 """Chaos: floods beyond capacity, kill -9 of workers mid-rotation, kill -9 of the supervisor.
 
-`pytest -m chaos` runs these alone. ZEROPOOL_CHAOS_SECONDS (default 30) sets how long the
+`pytest -m chaos` runs these alone. ZEROPOOL_CHAOS_SECONDS (default 15) sets how long the
 flood lasts and how long the kill loops go on: set it to hours for a soak, e.g.
 `ZEROPOOL_CHAOS_SECONDS=3600 .venv/bin/pytest -m chaos`.
 """
@@ -24,7 +24,7 @@ from tests.support import SENTENCES, Load, RunningPool, run_cli, start_pool, sto
 from tooling.loadgen import ThreadLoad
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
-CHAOS_SECONDS = float(os.environ.get("ZEROPOOL_CHAOS_SECONDS", "30"))
+CHAOS_SECONDS = float(os.environ.get("ZEROPOOL_CHAOS_SECONDS", "15"))
 FLOOD_FACTOR = 10
 ACCEPTED_UNDER_FLOOD = {"ok", "overloaded", "timeout"}
 
