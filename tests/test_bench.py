@@ -79,7 +79,7 @@ def test_bench_refuses_half_a_rotation(pool: RunningPool) -> None:
 def test_bench_soak_rotates_back_and_forth_and_reports_drift(models: dict[str, Path],
                                                              tmp_path: Path) -> None:
     done = run_cli("bench", "--spawn", "--path", str(models["v1"]), "--workers", "2",
-                   "--duration", "16", "--rotate-every", "2", "--rotate-to", "v2",
+                   "--duration", "30", "--rotate-every", "2", "--rotate-to", "v2",
                    "--rotate-path", str(models["v2"]), "--concurrency", "16", "--json",
                    env={**os.environ, "ZEROPOOL_STATE_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]
