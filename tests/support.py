@@ -168,12 +168,20 @@ def wait_for(condition: Callable[[], T], timeout: float = 60.0, what: str = "",
     raise AssertionError(f"timed out waiting for {what or condition}")
 
 
-class Load(ThreadLoad):
-    """The tests' closed-loop load: `in_flight` requests over SENTENCES, optionally pinned to
-    a version, every reply recorded (tooling.loadgen.ThreadLoad)."""
+# The tests' load is paced: their assertions are about every request (none failed, none
+# lost, none answered twice), not throughput, and an unpaced closed loop takes every core from
+# the tests running beside it (pytest -n). `max_rate=None` is the closed loop at full speed.
+LOAD_RATE = 400.0
 
-    def __init__(self, endpoint: str, in_flight: int = 64, pinned: str = "") -> None:
-        super().__init__(endpoint, SENTENCES, in_flight=in_flight, pinned=pinned)
+
+class Load(ThreadLoad):
+    """The tests' load: up to `in_flight` requests over SENTENCES at `max_rate` per second,
+    optionally pinned to a version, every reply recorded (tooling.loadgen.ThreadLoad)."""
+
+    def __init__(self, endpoint: str, in_flight: int = 64, pinned: str = "",
+                 max_rate: float | None = LOAD_RATE) -> None:
+        super().__init__(endpoint, SENTENCES, in_flight=in_flight, pinned=pinned,
+                         max_rate=max_rate)
 
     def stop(self, timeout: float = 60) -> Load:
         super().stop(timeout)

@@ -42,7 +42,7 @@ def pool_rss(pool: RunningPool) -> int:
 
 def capacity(endpoint: str, seconds: float = 3.0) -> float:
     """Replies per second the pool sustains with 64 requests in flight."""
-    load = Load(endpoint, in_flight=64).start()
+    load = Load(endpoint, in_flight=64, max_rate=None).start()
     time.sleep(seconds)
     load.stop()
     assert not load.errors() and load.lost == 0

@@ -316,7 +316,9 @@ class ThreadLoad:
     """A producer in a thread of this process, on one raw DEALER: what the tests run beside a
     pool while they rotate, kill and flood it, and then check every reply.
 
-    Closed loop (`in_flight`): keeps that many similarity requests outstanding until stop().
+    Closed loop (`in_flight`): keeps that many similarity requests outstanding until stop(),
+    sending at most `max_rate` per second when given (a paced load that still keeps requests
+    in flight, without taking every core a closed loop would).
     Open loop (`rate`, requests per second): sends on schedule whatever comes back, without
     blocking (a full pipe is the flood's own backpressure), to push a pool past capacity.
 
@@ -327,12 +329,14 @@ class ThreadLoad:
     """
 
     def __init__(self, endpoint: str, texts: list[str], *, in_flight: int = 64,
-                 rate: float | None = None, pinned: str = "", offset: int = 3,
+                 rate: float | None = None, max_rate: float | None = None,
+                 pinned: str = "", offset: int = 3,
                  drain_s: float = THREAD_DRAIN_S, curve: ClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self.texts = texts
         self.in_flight = in_flight
         self.rate = rate
+        self.max_rate = max_rate
         self.pinned = pinned
         self.offset = offset
         self.drain_s = drain_s
@@ -400,14 +404,16 @@ class ThreadLoad:
                     if time.monotonic() > drain_deadline:
                         break  # whatever is still outstanding counts as lost
                 self._receive(sock)
-                if self.rate is not None and not self._stop.is_set():
+                if self._paced and not self._stop.is_set():
                     time.sleep(OPEN_LOOP_TICK_S)
         finally:
             sock.close()
 
     def _send_due(self, sock: zmq.Socket, started: float) -> None:
         if self.rate is None:
-            while len(self._outstanding) < self.in_flight:
+            allowed = (float("inf") if self.max_rate is None
+                       else (time.monotonic() - started) * self.max_rate)
+            while len(self._outstanding) < self.in_flight and self.sent < allowed:
                 self._send(sock, 0)
             return
         due = int((time.monotonic() - started) * self.rate) - self.sent
@@ -416,6 +422,10 @@ class ThreadLoad:
                 self._send(sock, zmq.NOBLOCK)
             except zmq.Again:
                 return  # the pipe is full: that is the flood's own backpressure
+
+    @property
+    def _paced(self) -> bool:
+        return self.rate is not None or self.max_rate is not None
 
     def _send(self, sock: zmq.Socket, flags: int) -> None:
         n, size = self.sent, len(self.texts)
@@ -428,7 +438,7 @@ class ThreadLoad:
 
     def _receive(self, sock: zmq.Socket) -> None:
         """Every reply waiting; a closed loop (or a drain) first waits up to 100 ms for one."""
-        wait = 0 if self.rate is not None and not self._stop.is_set() else 100
+        wait = 0 if self._paced and not self._stop.is_set() else 100
         while sock.poll(wait):
             _, rid, status, body = sock.recv_multipart()
             request = self._outstanding.pop(rid, None)
