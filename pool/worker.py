@@ -2,7 +2,9 @@
 
 Wait for requests, gather everything waiting (up to max_batch pairs or max_wait_ms), decode
 and validate each body (router.bodies), run one deduplicated forward pass for the whole
-batch, reply per request. A request that fails gets an error reply; the worker lives on.
+batch, and send every reply of it in one message. A request that fails gets an error reply;
+the worker lives on. A router message may carry more requests than one batch takes: the rest
+wait in the backlog for the next.
 The process around it is set up by pool.bootstrap.
 """
 
@@ -14,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +111,8 @@ class WorkerLoop:
         self.settings = cfg.settings
         self.limits = Limits(self.settings.max_pairs, self.settings.max_text_chars)
         self.stats = BatchStats()  # reported with every heartbeat
+        self.backlog: deque[Job] = deque()  # decoded, not yet in a batch
+        self.outbox: list[bytes] = []  # reply heads and bodies not yet sent
 
     def run(self) -> None:
         info = self._load()
@@ -116,11 +121,12 @@ class WorkerLoop:
         log.info("ready: version %s on %s in %.2fs", self.cfg.version, info.device,
                  info.load_seconds)
         self.next_heartbeat = time.monotonic() + self.cfg.heartbeat_s
-        while not self.stopping:
-            if self.sock.poll(int(self.cfg.heartbeat_s * 1000)):
+        while not self.stopping or self.backlog:
+            if self.backlog or self.sock.poll(int(self.cfg.heartbeat_s * 1000)):
                 jobs = self._gather()
                 if jobs:
                     self._serve(jobs)
+                    self._flush()
             self._heartbeat_if_due()
             if os.getppid() != self.parent:
                 log.warning("parent process is gone; exiting")
@@ -159,7 +165,8 @@ class WorkerLoop:
     # -- batching ----------------------------------------------------------------------
 
     def _gather(self) -> list[Job]:
-        """Everything waiting now, then more for up to max_wait_ms while under max_batch.
+        """The backlog and everything waiting now, then more for up to max_wait_ms while
+        under max_batch. Requests that need no model (bad bodies) are answered at once.
 
         The wait only pays off under concurrent load: after a batch of one request, the next
         request is served at once instead of idling max_wait_ms for company.
@@ -168,7 +175,14 @@ class WorkerLoop:
         size = 0
         wait_s = self.settings.max_wait_ms / 1000 if self.last_batch > 1 else 0.0
         deadline = time.monotonic() + wait_s
-        while size < self.cfg.max_batch:
+        backlog = self.backlog
+        while True:
+            while backlog and size < self.cfg.max_batch:
+                job = backlog.popleft()
+                jobs.append(job)
+                size += job.size
+            if size >= self.cfg.max_batch or self.stopping:
+                break
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -176,27 +190,25 @@ class WorkerLoop:
                 if remaining <= 0 or not self.sock.poll(max(1, int(remaining * 1000))):
                     break
                 continue
-            job = self._accept(frames)
-            if job is not None:
-                jobs.append(job)
-                size += job.size
+            self._accept(frames)
+        self._flush()
         self.last_batch = len(jobs)
         return jobs
 
-    def _accept(self, frames: list[bytes]) -> Job | None:
-        """Decode one backend message; answer at once what needs no model."""
+    def _accept(self, frames: list[bytes]) -> None:
+        """Decode one backend message into the backlog; bad bodies get their error reply."""
         if frames[0] == protocol.W_STOP:
             self.stopping = True
-            return None
+            return
         if frames[0] != protocol.W_REQUEST:
-            return None
-        _, seq, op, body, enqueued_ns = frames
-        try:
-            job = decode_job(seq, op, body, int.from_bytes(enqueued_ns, "little"), self.limits)
-        except BadBody as exc:
-            self._reply_error(seq, exc.code, str(exc))
-            return None
-        return job
+            return
+        for i in range(1, len(frames) - 1, 2):
+            seq, enqueued_ns, op = protocol.split_request_head(frames[i])
+            try:
+                self.backlog.append(decode_job(seq, op, frames[i + 1], enqueued_ns,
+                                               self.limits))
+            except BadBody as exc:
+                self._reply_error(seq, exc.code, str(exc))
 
     def _serve(self, jobs: list[Job]) -> None:
         if self.settings.model == "echo":
@@ -237,11 +249,17 @@ class WorkerLoop:
 
     def _reply(self, seq: bytes, body: dict) -> None:
         raw = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
-        self.sock.send_multipart([protocol.W_REPLY, seq, protocol.STATUS_OK, raw])
+        self.outbox += (protocol.reply_head(seq, protocol.STATUS_OK), raw)
 
     def _reply_error(self, seq: bytes, code: str, message: str) -> None:
-        self.sock.send_multipart([protocol.W_REPLY, seq, protocol.STATUS_ERROR,
-                                  protocol.error_body(code, message)])
+        self.outbox += (protocol.reply_head(seq, protocol.STATUS_ERROR),
+                        protocol.error_body(code, message))
+
+    def _flush(self) -> None:
+        """Send every reply waiting, in one message."""
+        if self.outbox:
+            self.sock.send_multipart([protocol.W_REPLY, *self.outbox])
+            self.outbox = []
 
 
 def _release_cuda_cache() -> None:

@@ -357,10 +357,15 @@ class Broker:
                 self._events.append(HeartbeatReceived(wid, frames[2]))
 
     def _complete(self, worker: RoutedWorker, frames: list[bytes]) -> None:
-        pending = worker.inflight.pop(protocol.decode_seq(frames[2]), None)
-        if pending is None:
-            return  # already answered (timed out or re-dispatched)
-        status, body = frames[3], frames[4]
+        """Every reply of one W_REPLY message: [wid, W_REPLY, head, body, head, body, ...]."""
+        inflight = worker.inflight
+        for i in range(2, len(frames) - 1, 2):
+            seq, status = protocol.split_reply_head(frames[i])
+            pending = inflight.pop(seq, None)
+            if pending is not None:  # else already answered (timed out or re-dispatched)
+                self._answer(worker, pending, status, frames[i + 1])
+
+    def _answer(self, worker: RoutedWorker, pending: Pending, status: bytes, body: bytes) -> None:
         if pending.probe:
             self._events.append(ProbeAnswered(worker.id, pending.probe, status, body))
             return
@@ -382,37 +387,46 @@ class Broker:
     # -- dispatch --------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Hand queued requests to workers with credit, least loaded first."""
+        """Hand queued requests to workers with credit, least loaded first (as if one at a
+        time to whoever has most credit), each worker's share in one message."""
         for lane in self.lanes.values():
             if not lane.queue:
                 continue
-            candidates = [w for w in self.workers.values() if w.version == lane.version]
-            while lane.queue:
-                worker = max(candidates, key=credit, default=None)
-                if worker is None or credit(worker) <= 0:
-                    break
-                pending = lane.queue.popleft()
-                self._queued -= 1
-                self._send_to_worker(worker, pending)
+            ready = [w for w in self.workers.values()
+                     if w.version == lane.version and credit(w) > 0]
+            if not ready:
+                continue
+            queue = lane.queue
+            for worker, count in zip(ready, even_shares([credit(w) for w in ready],
+                                                        len(queue)), strict=True):
+                if count:
+                    self._queued -= count
+                    self._send_to_worker(worker, [queue.popleft() for _ in range(count)])
 
-    def _send_to_worker(self, worker: RoutedWorker, pending: Pending) -> None:
-        self._seq += 1
-        seq = self._seq
-        pending.attempts += 1
-        worker.inflight[seq] = pending
-        enqueued_ns = int(pending.enqueued * 1e9).to_bytes(8, "little")
+    def _send_to_worker(self, worker: RoutedWorker, batch: list[Pending]) -> None:
+        """One W_REQUEST message carrying `batch`; on a failed send, every request of it is
+        taken back (re-queued in order, or a probe answered worker_failed)."""
+        frames = [worker.id, protocol.W_REQUEST]
+        for pending in batch:
+            self._seq += 1
+            pending.attempts += 1
+            worker.inflight[self._seq] = pending
+            frames.append(protocol.request_head(self._seq, int(pending.enqueued * 1e9),
+                                                pending.op))
+            frames.append(pending.body)
         try:
-            send_frames(self.backend, [worker.id, protocol.W_REQUEST, protocol.encode_seq(seq),
-                                       pending.op, pending.body, enqueued_ns])
+            send_frames(self.backend, frames)
         except zmq.ZMQError:
-            # The worker's pipe is gone or full: take the request back, stop using the worker.
-            del worker.inflight[seq]
-            pending.attempts -= 1
+            # The worker's pipe is gone or full: take the requests back, stop using the worker.
             worker.unreachable = True
-            if pending.probe:
-                self._probe_failed(worker.id, pending, "unreachable")
-            else:
-                self._requeue_front(pending)
+            for pending in reversed(batch):
+                del worker.inflight[self._seq]
+                self._seq -= 1
+                pending.attempts -= 1
+                if pending.probe:
+                    self._probe_failed(worker.id, pending, "unreachable")
+                else:
+                    self._requeue_front(pending)
 
     # -- workers (the supervisor's records) ------------------------------------------------
 
@@ -427,7 +441,7 @@ class Broker:
         worker = self.workers[worker_id]
         pending = Pending([], PROBE_ID, op, body, worker.version, True, self.clock(),
                           attempts=MAX_ATTEMPTS, probe=purpose)
-        self._send_to_worker(worker, pending)
+        self._send_to_worker(worker, [pending])
 
     def stop_worker(self, worker_id: bytes) -> None:
         try:
@@ -570,6 +584,30 @@ class Broker:
 def credit(worker: RoutedWorker) -> int:
     """How many more requests `worker` may be sent now."""
     return worker.capacity - len(worker.inflight) if worker.routable else 0
+
+
+def even_shares(credits: list[int], count: int) -> list[int]:
+    """How many of `count` requests each worker gets, the most credit first, so that the
+    credits left are as even as they can be: water-filling from the top. The same split as
+    handing requests one at a time to whoever has most credit, computed at once."""
+    order = sorted(range(len(credits)), key=lambda i: -credits[i])
+    shares = [0] * len(credits)
+    level, above = credits[order[0]] if order else 0, 0
+    while count > 0 and level > 0:
+        while above < len(order) and credits[order[above]] >= level:
+            above += 1
+        next_level = credits[order[above]] if above < len(order) else 0
+        room = (level - next_level) * above
+        if room >= count:
+            each, extra = divmod(count, above)
+            for rank in range(above):
+                shares[order[rank]] += each + int(rank < extra)
+            break
+        for rank in range(above):
+            shares[order[rank]] += level - next_level
+        count -= room
+        level = next_level
+    return shares
 
 
 def refuse_live_ipc(endpoint: str) -> None:

@@ -9,6 +9,7 @@ exception is ping, which the router answers itself: its (tiny) body is checked h
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import orjson
@@ -52,11 +53,17 @@ ERROR_CODES = frozenset(
 )
 
 # Backend frames between the router (ROUTER) and workers (DEALER). Internal: not a contract.
+# One request message carries every request the router hands a worker at once, and one reply
+# message every reply of a forward pass: the router and the worker pay per message, not per
+# request. Each request is two frames, a head and the producer's body (never copied into
+# another frame), and so is each reply.
 W_READY = b"R"  # worker -> router: [W_READY, json info]
 W_HEARTBEAT = b"H"  # worker -> router: [W_HEARTBEAT, json counters]
-W_REPLY = b"P"  # worker -> router: [W_REPLY, seq, status, body]
-W_REQUEST = b"Q"  # router -> worker: [W_REQUEST, seq, op, body, enqueued_ns]
+W_REPLY = b"P"  # worker -> router: [W_REPLY, reply head, body, reply head, body, ...]
+W_REQUEST = b"Q"  # router -> worker: [W_REQUEST, request head, body, request head, body, ...]
 W_STOP = b"S"  # router -> worker: [W_STOP]
+SEQ_BYTES = 8  # a request's sequence number on the backend, little-endian
+_HEAD = struct.Struct("<QQ")  # seq, enqueued_ns: the start of a request head
 
 
 @dataclass(slots=True)
@@ -178,9 +185,22 @@ def error_frames(envelope: list[bytes], request_id: bytes, code: str, message: s
     return reply_frames(envelope, request_id, STATUS_ERROR, error_body(code, message))
 
 
-def encode_seq(seq: int) -> bytes:
-    return seq.to_bytes(8, "little")
+def request_head(seq: int, enqueued_ns: int, op: bytes) -> bytes:
+    """A request's head on the backend: seq, when the router took it (monotonic ns), op."""
+    return _HEAD.pack(seq, enqueued_ns) + op
 
 
-def decode_seq(raw: bytes) -> int:
-    return int.from_bytes(raw, "little")
+def split_request_head(head: bytes) -> tuple[bytes, int, bytes]:
+    """(seq as the worker echoes it back, enqueued_ns, op) of a request head."""
+    _, enqueued_ns = _HEAD.unpack_from(head)
+    return head[:SEQ_BYTES], enqueued_ns, head[_HEAD.size:]
+
+
+def reply_head(seq: bytes, status: bytes) -> bytes:
+    """A reply's head on the backend: the request's seq (as received), then its status."""
+    return seq + status
+
+
+def split_reply_head(head: bytes) -> tuple[int, bytes]:
+    """(seq, status) of a reply head."""
+    return int.from_bytes(head[:SEQ_BYTES], "little"), head[SEQ_BYTES:]

@@ -57,6 +57,7 @@ class FakeWorker:
         self.ignores_term = False  # a hung worker: only SIGKILL ends it
         self.stop_received = False
         self.inbox: list[Request] = []
+        self.messages = 0  # request messages received (each may carry several requests)
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, cfg.worker_id.encode())
@@ -97,8 +98,10 @@ class FakeWorker:
             frames = self.sock.recv_multipart()
             if frames[0] == protocol.W_STOP:
                 self.stop_received = True
-            else:
-                _, seq, op, body, _enqueued = frames
+                continue
+            self.messages += 1
+            for head, body in zip(frames[1::2], frames[2::2], strict=True):
+                seq, _enqueued_ns, op = protocol.split_request_head(head)
                 self.inbox.append(Request(seq, op, orjson.loads(body)))
 
     def received(self) -> list[Request]:
@@ -109,14 +112,21 @@ class FakeWorker:
 
     def answer(self, request: Request, scores: list[float] | None = None,
                error: str | None = None) -> None:
-        if error is not None:
-            self.sock.send_multipart([protocol.W_REPLY, request.seq, protocol.STATUS_ERROR,
-                                      protocol.error_body(error, "fake failure")])
-            return
-        if scores is None:
-            scores = [1.0 if a == b else 0.5 for a, b in request.body["pairs"]]
-        body = orjson.dumps({"scores": scores, "version": self.cfg.version})
-        self.sock.send_multipart([protocol.W_REPLY, request.seq, protocol.STATUS_OK, body])
+        self.answer_all([request], scores, error)
+
+    def answer_all(self, requests: list[Request], scores: list[float] | None = None,
+                   error: str | None = None) -> None:
+        """Reply to `requests` in one message, as a worker does after a forward pass."""
+        frames = [protocol.W_REPLY]
+        for request in requests:
+            if error is not None:
+                status, body = protocol.STATUS_ERROR, protocol.error_body(error, "fake failure")
+            else:
+                answer = scores or [1.0 if a == b else 0.5 for a, b in request.body["pairs"]]
+                status = protocol.STATUS_OK
+                body = orjson.dumps({"scores": answer, "version": self.cfg.version})
+            frames += (protocol.reply_head(request.seq, status), body)
+        self.sock.send_multipart(frames)
 
 
 @dataclass

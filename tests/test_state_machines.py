@@ -13,13 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pool import config
 from pool.reports import BatchStats
 from pool.rotation import Phase
 from pool.supervisor import CHECKING, DRAINING, LOADING, READY, STOPPING
 from router import protocol
-from router.broker import MAX_ATTEMPTS
+from router.broker import MAX_ATTEMPTS, even_shares
 from tests.fakepool import FakePool
 
 
@@ -142,6 +144,78 @@ def test_a_crashed_workers_requests_run_again_elsewhere_exactly_once(fake: FakeP
     fake.pump()
     assert served >= len(held)
     assert producer.codes() == {str(i).encode(): "ok" for i in range(4)}
+
+
+def test_each_workers_share_goes_in_one_message_and_one_message_answers_it(
+        fake: FakePool) -> None:
+    serving(fake)
+    capacity = fake.supervisor.settings.capacity
+    before = {w.name: w.messages for w in fake.workers_of("v1")}
+    producer = fake.producer()
+    for i in range(2 * capacity):
+        producer.send(str(i).encode())
+    fake.pump()
+    for worker in fake.workers_of("v1"):
+        held = worker.received()
+        assert len(held) == capacity
+        assert worker.messages == before[worker.name] + 1  # the whole share at once
+        worker.answer_all(held)
+    fake.pump()
+    assert producer.codes() == {str(i).encode(): "ok" for i in range(2 * capacity)}
+    assert fake.broker.inflight == 0
+
+
+def test_a_worker_dying_after_answering_part_of_a_message_reruns_only_the_rest(
+        fake: FakePool) -> None:
+    serving(fake)
+    capacity = fake.supervisor.settings.capacity
+    producer = fake.producer()
+    for i in range(capacity):
+        producer.send(str(i).encode())
+    fake.pump()
+    victim, other = fake.workers_of("v1")
+    held, held_elsewhere = victim.received(), other.received()
+    assert len(held) == len(held_elsewhere) == capacity // 2  # each share in one message
+    victim.answer_all(held[:1])  # one reply message for the first request, then death
+    fake.pump()
+    victim.exit(-9)
+    fake.tick()
+    rerun = other.received()
+    assert len(rerun) == len(held) - 1  # only what got no reply runs again
+    other.answer_all(rerun + held_elsewhere)
+    fake.pump()
+    assert producer.codes() == {str(i).encode(): "ok" for i in range(capacity)}
+
+
+def test_a_late_reply_in_a_message_is_dropped_and_the_rest_of_it_delivered(
+        fake: FakePool) -> None:
+    serving(fake, workers=1)
+    producer = fake.producer()
+    producer.send(b"late", timeout_ms=100)
+    fake.pump()
+    [late] = fake.workers_of("v1")[0].received()
+    producer.send(b"fresh")
+    fake.pump()
+    [worker] = fake.workers_of("v1")
+    [fresh] = worker.received()
+    worker.answer_all([late, late, fresh])  # a repeated seq must not answer twice
+    fake.pump()
+    assert producer.codes() == {b"late": "ok", b"fresh": "ok"}
+
+
+@given(st.lists(st.integers(0, 300), max_size=6), st.integers(0, 2000))
+def test_even_shares_split_as_one_at_a_time_to_the_most_credit(credits: list[int],
+                                                               count: int) -> None:
+    shares = even_shares(credits, count)
+    left = list(credits)
+    for _ in range(count):  # the reference: one request at a time
+        best = max(range(len(left)), key=lambda i: left[i], default=None)
+        if best is None or left[best] <= 0:
+            break
+        left[best] -= 1
+    assert sum(shares) == sum(credits) - sum(left)
+    assert all(0 <= share <= credit for share, credit in zip(shares, credits, strict=True))
+    assert sorted(c - s for c, s in zip(credits, shares, strict=True)) == sorted(left)
 
 
 def test_a_request_that_kills_every_worker_fails_after_the_attempt_limit(
