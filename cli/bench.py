@@ -87,6 +87,17 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
                       f"RSS {soak.get('rss_drift')}x"
                       + (f", GPU memory {soak.get('gpu_drift')}x" if gpu else "")
                       + (f"; stopped early: {soak['error']}" if soak["error"] else ""))
+    usage = report.get("usage")
+    if usage:
+        cpu = usage["cpu_percent"]
+        line = (f"CPU over the load (100% = one core of {usage['cores']}): router "
+                f"{cpu['router']:.0f}%, workers {cpu['workers']:.0f}% "
+                f"({len(usage['per_worker_cpu_percent'])}), producers {cpu['producers']:.0f}% "
+                f"({usage['producers']})")
+        gpus = usage.get("gpu_busy_percent", {})
+        if gpus:
+            line += "; GPU busy " + ", ".join(f"{i}: {v:.0f}%" for i, v in gpus.items())
+        console.print(line)
     echo = report.get("echo")
     if echo:
         low = echo["low_load_p50_ms"]
@@ -96,8 +107,8 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
                       f"{low['proxy']:.3f} ms (adds {low['added']:.3f} ms)")
     base = report.get("baseline")
     if base:
-        console.print(f"baseline ({base['threads']} threads, {base['device']}): seed "
-                      f"{base['seed_pairs_per_s']} "
+        console.print(f"baseline ({base['threads']} threads, {base['device']}, "
+                      f"{base['dtype']}): seed {base['seed_pairs_per_s']} "
                       f"pairs/s, batched {base['batched_pairs_per_s']} pairs/s; the pool is "
                       f"[bold]{base['pool_vs_seed']}x[/] the seed, "
                       f"[bold]{base['pool_vs_batched']}x[/] the batched loop")
@@ -128,14 +139,16 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
               state_dir: Path | None, rotate_at: float | None, rotate_to: str | None,
               rotate_path: str | None, json_file: Path | None, plot_file: Path | None,
               as_json: bool, console: Console, baseline_s: float | None = None,
-              baseline_threads: int = 1, rotate_strategy: str = "auto",
-              model: str = "transformer", rotate_every: float | None = None) -> dict[str, Any]:
+              threads: int | None = None, rotate_strategy: str = "auto",
+              model: str = "transformer", rotate_every: float | None = None,
+              dtype: str | None = None) -> dict[str, Any]:
     """Run the bench with its progress on `console`, print the report (unless as_json), save
     the JSON and the plot where asked; the report."""
     plan = BenchPlan(spawn=spawn, path=path, workers=workers, state_dir=state_dir,
                      rotate_at=rotate_at, rotate_to=rotate_to, rotate_path=rotate_path,
                      rotate_strategy=rotate_strategy, rotate_every=rotate_every, model=model,
-                     baseline_s=baseline_s, baseline_threads=baseline_threads)
+                     dtype=dtype,
+                     baseline_s=baseline_s, threads=threads)
     result = run_engine(spec, plan, lambda watch: LiveLine(console, watch), console.status)
     if not as_json:
         print_report(console, result.report)

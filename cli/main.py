@@ -295,13 +295,16 @@ def bench(
                             "this many seconds; reports first vs last tenth.", min=1)] = None,
     model: Annotated[str, typer.Option(help="With --spawn: transformer, or echo (no model: "
                      "measures the router against libzmq's zmq.proxy).")] = "transformer",
+    dtype: Annotated[str | None, typer.Option(help="With --spawn: the workers' --dtype "
+                     "(default: the pool's, auto).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the text generator.")] = 0,
     baseline: Annotated[bool, typer.Option("--baseline", help="Also measure the seed's "
                         "one-pair loop and an in-process batched loop on the same model and "
                         "thread budget; print the pool's ratio to each.")] = False,
     baseline_seconds: Annotated[float, typer.Option(min=1)] = 10.0,
-    threads: Annotated[int | None, typer.Option(help="Thread budget of the baselines "
-                       "(default: all cores).", min=1)] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch threads of the baselines "
+                       "(default: all cores) and, with --spawn, of the pool's workers "
+                       "(default: the pool's): the same thread budget for both.", min=1)] = None,
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     json_file: Annotated[Path | None, typer.Option("--json-file", help="Write the report "
                          "here.")] = None,
@@ -317,6 +320,9 @@ def bench(
 
     if model == "echo" and not spawn:
         fail("--model echo needs --spawn (it starts an echo pool and a zmq.proxy beside it)",
+             as_json, "bad_request", exit_code=2)
+    if dtype is not None and not spawn:
+        fail("--dtype needs --spawn (a running pool keeps the dtype it was started with)",
              as_json, "bad_request", exit_code=2)
     if rotate_every is not None and rotate_at is not None:
         fail("--rotate-every and --rotate-at exclude each other", as_json, "bad_request",
@@ -334,8 +340,8 @@ def bench(
                            rotate_at=rotate_at, rotate_to=rotate_to, rotate_path=rotate_path,
                            json_file=json_file, plot_file=plot, as_json=as_json,
                            console=console, baseline_s=baseline_seconds if baseline else None,
-                           baseline_threads=threads or os.cpu_count() or 1,
-                           rotate_strategy=rotate_strategy, model=model,
+                           threads=threads,
+                           rotate_strategy=rotate_strategy, model=model, dtype=dtype,
                            rotate_every=rotate_every)
     except (RuntimeError, TimeoutError, ControlError) as exc:
         fail(str(exc), as_json)

@@ -16,6 +16,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModel, AutoTokenizer
 
+from pool import config
 from pool.health import GOLDEN_PAIRS
 
 # Texts per forward pass after sorting by length; bounds activation memory on long inputs.
@@ -27,11 +28,36 @@ DEFAULT_CHUNK_TEXTS = 128
 FORWARD_OVERHEAD_TOKENS = {"cpu": 48, "cuda": 1024}
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}[dtype]
+# CPU flags of native bf16 arithmetic (/proc/cpuinfo): where one is present, bf16 runs a
+# BERT ~3x faster than fp32 (docs/benchmarks.md); elsewhere torch emulates it, slower.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+CPUINFO = "/proc/cpuinfo"
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+assert set(DTYPES) | {"auto"} == set(config.DTYPE_NAMES)
+
+
+def cpu_flags(cpuinfo: str = CPUINFO) -> frozenset[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is not there to say)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as file:
+            for line in file:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_dtype(dtype: str, device: str,
+                  flags: Callable[[], frozenset[str]] = cpu_flags) -> torch.dtype:
+    """`auto`: fp16 on CUDA; bf16 on a CPU with native bf16 (AVX512_BF16 or AMX), else fp32.
+    Pooling and cosine stay fp32 whatever the weights run in (Encoder._forward)."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.startswith("cuda"):
+        return torch.float16
+    return torch.bfloat16 if flags() & NATIVE_BF16_FLAGS else torch.float32
 
 
 def plan_free_attention() -> None:

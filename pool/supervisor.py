@@ -136,6 +136,7 @@ class WorkerView:
     pid: int
     version: str
     device: str
+    dtype: str | None  # what its weights run in, from READY; None until then
     state: str
     restarts: int
     inflight: int
@@ -553,7 +554,8 @@ class Supervisor:
         info = worker.info
         return WorkerView(
             id=worker.name, pid=worker.pid, version=worker.version, device=worker.device,
-            state=worker.state, restarts=worker.restarts, inflight=len(worker.inflight),
+            dtype=info.dtype if info else None, state=worker.state, restarts=worker.restarts,
+            inflight=len(worker.inflight),
             served=worker.served, errors=worker.errors,
             last_heartbeat_s=round(now - worker.last_seen, 2) if info else None,
             uptime_s=round(now - worker.started, 1),

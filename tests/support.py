@@ -128,11 +128,16 @@ class RunningPool:
 
 def start_pool(path: Path | None, *extra: str, workers: int = 2, version: str | None = None,
                state_dir: Path | None = None, wait: bool = True) -> RunningPool:
-    """`pool serve` on ipc sockets; no path means "restore from the registry"."""
+    """`pool serve` on ipc sockets; no path means "restore from the registry".
+
+    float32 unless `extra` says otherwise: the tests hold the pool to the seed's scores
+    within 1e-4, and `--dtype auto` runs bf16 on CPUs that have it."""
     state_dir = state_dir or short_tmpdir()
     endpoint = f"ipc://{state_dir}/front.sock"
     args = ["--workers", str(workers), "--threads", "1", "--bind", endpoint,
             "--state-dir", str(state_dir), *extra]
+    if "--dtype" not in extra:
+        args += ["--dtype", "float32"]
     if path is not None:
         args += ["--path", str(path)]
     if version is not None:

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from pool.config import embedded_model_path
-from pool.runtime import Encoder, plan_chunks, token_id_encoder
+from pool.health import TOLERANCE_HALF
+from pool.runtime import Encoder, cpu_flags, plan_chunks, resolve_dtype, token_id_encoder
 from tests.support import SENTENCES, TINY_MAX_LENGTH, Reference
 
 TOLERANCE = 1e-4
@@ -21,12 +22,48 @@ TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def encoder(models: dict[str, Path]) -> Encoder:
     torch.set_num_threads(1)
-    return Encoder(str(models["v1"]), device="cpu", dtype="auto", chunk_texts=3)
+    return Encoder(str(models["v1"]), device="cpu", dtype="float32", chunk_texts=3)
 
 
-def test_cpu_defaults_to_float32(encoder: Encoder) -> None:
+def test_float32_keeps_the_models_max_length(encoder: Encoder) -> None:
     assert encoder.dtype == torch.float32
     assert encoder.max_length == TINY_MAX_LENGTH
+
+
+@pytest.mark.parametrize(("flags", "device", "want"), [
+    ({"avx2", "avx512f", "avx512_bf16"}, "cpu", torch.bfloat16),
+    ({"avx2", "amx_tile", "amx_bf16"}, "cpu", torch.bfloat16),
+    ({"avx2", "avx512f"}, "cpu", torch.float32),  # bf16 emulated: slower than fp32
+    (set(), "cpu", torch.float32),  # no /proc/cpuinfo
+    ({"avx512_bf16"}, "cuda:0", torch.float16),
+])
+def test_auto_dtype_is_fp16_on_cuda_and_bf16_only_on_cpus_with_native_bf16(
+        flags: set[str], device: str, want: torch.dtype) -> None:
+    assert resolve_dtype("auto", device, lambda: frozenset(flags)) == want
+    assert resolve_dtype("float32", device, lambda: frozenset(flags)) == torch.float32
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\n"
+                       "flags\t\t: fpu sse2 avx512_bf16 amx_tile\n\nprocessor\t: 1\n")
+    assert cpu_flags(str(cpuinfo)) == {"fpu", "sse2", "avx512_bf16", "amx_tile"}
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_bfloat16_weights_give_float32_embeddings_close_to_float32(
+        models: dict[str, Path], encoder: Encoder) -> None:
+    low = Encoder(str(models["v1"]), device="cpu", dtype="bfloat16")
+    assert low.dtype == torch.bfloat16
+    got = low.embed(SENTENCES)
+    assert got.dtype == torch.float32  # pooling and normalisation ran in fp32
+    assert torch.allclose(got.norm(dim=1), torch.ones(len(SENTENCES)), atol=1e-5)
+    pairs = list(itertools.combinations(SENTENCES, 2))
+    drift = max(abs(a - b) for a, b in zip(low.similarity(pairs), encoder.similarity(pairs),
+                                           strict=True))
+    # Really bf16, and close: the tiny model's deliberately wide random weights amplify
+    # rounding (3e-2 here); the real MiniLM moves by 2.5e-3 (docs/benchmarks.md).
+    assert 0 < drift < 5 * TOLERANCE_HALF
 
 
 def test_scores_match_the_seed_computation(

@@ -180,6 +180,7 @@ def test_cli_similarity_embed_ping_status(pool: RunningPool) -> None:
     assert status["active"] == "v1"
     assert len(status["workers"]) == 2
     assert {w["state"] for w in status["workers"]} == {"ready"}
+    assert {w["dtype"] for w in status["workers"]} == {"float32"}
     assert sum(w["served"] for w in status["workers"]) > 0
 
     missing = run_cli("similarity", "a", "b", "--version", "nope", "--json", env=pool.env)
@@ -240,6 +241,32 @@ def test_a_stop_signal_stops_cleanly_and_reaps_every_worker(models: dict[str, Pa
     assert orjson.loads((running.state_dir / "versions.json").read_bytes())["active"] == "v1"
     sock.close()
     stop_pool(running)
+
+
+def test_a_bfloat16_pool_says_so_and_scores_within_the_low_precision_bound(
+        models: dict[str, Path], reference: dict[str, Reference]) -> None:
+    running = start_pool(models["v1"], "--dtype", "bfloat16", workers=1)
+    try:
+        status = running.status()
+        assert [w["dtype"] for w in status["workers"]] == ["bfloat16"]
+        assert status["settings"]["dtype"] == "bfloat16"
+        human = run_cli("status", env=running.env)
+        assert "bfloat16" in human.stdout
+        pairs = [(SENTENCES[i], SENTENCES[i + 1]) for i in range(len(SENTENCES) - 1)]
+        with Client(running.endpoint) as client:
+            scores = client.similarity(pairs).scores
+        drift = max(abs(got - reference["v1"].similarity(a, b))
+                    for (a, b), got in zip(pairs, scores, strict=True))
+        assert 0 < drift < 0.1  # the tiny model's wide weights: 3e-2 (test_runtime)
+    finally:
+        stop_pool(running)
+
+
+def test_serve_refuses_an_unknown_dtype(models: dict[str, Path], tmp_path: Path) -> None:
+    done = run_cli("serve", "--path", str(models["v1"]), "--dtype", "int4",
+                   "--state-dir", str(tmp_path), env=dict(os.environ), timeout=60)
+    assert done.returncode == 2
+    assert "--dtype must be one of auto, float16" in done.stderr
 
 
 def test_serve_refuses_a_path_that_is_not_a_model(tmp_path: Path) -> None:

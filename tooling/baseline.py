@@ -3,7 +3,8 @@
 
   seed     the seed article's code: one pair per padded forward pass (`.half().cuda()` on
            a GPU, as the seed does)
-  batched  zeropool's own runtime in one process: batches of `batch` pairs
+  batched  zeropool's own runtime in one process: batches of `batch` pairs, in the pool's
+           dtype
 
 Both run on the attention kernels a pool's workers use (pool.runtime.plan_free_attention) and
 are timed after an untimed warm-up: the comparison is about batching and processes, not
@@ -50,13 +51,13 @@ def seed_pairs_per_s(path: str, threads: int, seconds: float,
 
 def batched_pairs_per_s(path: str, threads: int, seconds: float,
                         pairs: Sequence[tuple[str, str]], batch: int = 64,
-                        device: str = "cpu") -> float:
+                        device: str = "cpu", dtype: str = "auto") -> float:
     import torch
 
     from pool.runtime import Encoder
 
     torch.set_num_threads(threads)
-    encoder = Encoder(path, device=device)
+    encoder = Encoder(path, device=device, dtype=dtype)
 
     def step(done: int) -> int:
         i = done % len(pairs)

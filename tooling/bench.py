@@ -6,6 +6,7 @@ running load (`LoadDisplay`).
 
 from __future__ import annotations
 
+import os
 import random
 import tempfile
 import time
@@ -29,6 +30,7 @@ from tooling.loadgen import (
     make_texts,
     run_load,
 )
+from tooling.usage import UsageMeter
 
 ROTATION_POLL_S = 0.25
 # The pool refreshes its GPU figures every second (pool.server): read memory after a rotation
@@ -308,9 +310,10 @@ def plot_report(samples: Samples, report: dict[str, Any], started: float, file: 
 
 
 def run_baseline(spec: LoadSpec, report: dict[str, Any], path: str, threads: int,
-                 seconds: float, device: str = "cpu", stage: Stage = no_stage
-                 ) -> dict[str, Any]:
-    """The seed's loop and an in-process batched loop, same model, device and threads."""
+                 seconds: float, device: str = "cpu", dtype: str = "auto",
+                 stage: Stage = no_stage) -> dict[str, Any]:
+    """The seed's loop (its own dtype) and an in-process batched loop (the pool's), same
+    model, device and threads."""
     # Imported here: the baselines bring torch and transformers, which a run without them
     # (or an echo pool) need not load.
     from tooling.baseline import batched_pairs_per_s, seed_pairs_per_s
@@ -321,9 +324,10 @@ def run_baseline(spec: LoadSpec, report: dict[str, Any], path: str, threads: int
     with stage(f"baseline: the seed's one-pair loop, {where}, {seconds}s"):
         seed = seed_pairs_per_s(path, threads, seconds, pairs, device)
     with stage(f"baseline: an in-process batched loop, {where}, {seconds}s"):
-        batched = batched_pairs_per_s(path, threads, seconds, pairs, device=device)
+        batched = batched_pairs_per_s(path, threads, seconds, pairs, device=device,
+                                      dtype=dtype)
     pool = report["pairs_per_s"]
-    return {"threads": threads, "device": device, "seconds": seconds,
+    return {"threads": threads, "device": device, "dtype": dtype, "seconds": seconds,
             "seed_pairs_per_s": round(seed, 1),
             "batched_pairs_per_s": round(batched, 1), "pool_pairs_per_s": pool,
             "pool_vs_seed": round(pool / seed, 2), "pool_vs_batched": round(pool / batched, 2)}
@@ -361,13 +365,16 @@ def active_model_path(state_dir: Path) -> str:
     return status["versions"][status["active"]]["path"]
 
 
-def pool_device(state_dir: Path | None) -> str:
-    """Where the active version's workers compute ("cuda:N" or "cpu"): the baselines' too."""
+def pool_runtime(state_dir: Path | None) -> tuple[str, str]:
+    """Where and in what the active version's workers compute ("cuda:N" or "cpu", and their
+    dtype): the batched baseline's too."""
     if state_dir is None:
-        return "cpu"
+        return "cpu", "auto"
     status = control_request(state_dir, "status")
-    devices = [w["device"] for w in status["workers"] if w["version"] == status["active"]]
-    return devices[0] if devices else "cpu"
+    workers = [w for w in status["workers"] if w["version"] == status["active"]]
+    if not workers:
+        return "cpu", "auto"
+    return workers[0]["device"], workers[0]["dtype"] or "auto"
 
 
 @dataclass(frozen=True)
@@ -384,8 +391,11 @@ class BenchPlan:
     rotate_strategy: str = "auto"
     rotate_every: float | None = None  # soak: rotate back and forth this often
     model: str = "transformer"  # with spawn: or "echo", compared with zmq.proxy
+    dtype: str | None = None  # with spawn: the workers' --dtype (None: the pool's default)
     baseline_s: float | None = None  # measure the baselines this long (None: not at all)
-    baseline_threads: int = 1
+    # Torch threads of a spawned pool's workers (None: the pool's default) and of the
+    # baselines (None: every core): give it to compare on the same thread budget.
+    threads: int | None = None
 
 
 @dataclass
@@ -431,7 +441,9 @@ def run_bench(spec: LoadSpec, plan: BenchPlan,
     state_dir = plan.state_dir
     try:
         if plan.spawn:
-            pool = PrivatePool(plan.workers, plan.path, ("--model", plan.model),
+            extra = ("--model", plan.model, *(("--dtype", plan.dtype) if plan.dtype else ()),
+                     *(("--threads", str(plan.threads)) if plan.threads else ()))
+            pool = PrivatePool(plan.workers, plan.path, extra,
                                prefix="zp-bench-")
             state_dir = pool.state_dir
             with stage(f"starting a pool of {plan.workers} workers..."):
@@ -441,9 +453,12 @@ def run_bench(spec: LoadSpec, plan: BenchPlan,
                 # Rotate to the same weights under another name: a rotation all the same.
                 plan = replace(plan, rotate_path=active_model_path(pool.state_dir))
         watch = make_watch(plan, state_dir)
-        samples, started = _run_watched(spec, watch, display(watch))
+        usage = UsageMeter.start(state_dir)
+        samples, started = _run_watched(spec, watch, display(watch), usage)
         rotation = watch if isinstance(watch, RotationWatch) else None
         report = build_report(spec, samples, rotation, started)
+        if usage is not None:
+            report["usage"] = usage.report(samples.cpu_s, spec.producers)
         if isinstance(watch, SoakWatch):
             report["soak"] = soak_report(samples, watch, started)
         if plan.model == "echo":
@@ -451,21 +466,26 @@ def run_bench(spec: LoadSpec, plan: BenchPlan,
             report["echo"] = compare_with_proxy(spec, plan.workers, directory, report, stage)
         if plan.baseline_s:
             model_path = plan.path or active_model_path(Path(state_dir or ""))
-            report["baseline"] = run_baseline(spec, report, model_path, plan.baseline_threads,
-                                              plan.baseline_s, pool_device(state_dir), stage)
+            threads = plan.threads or os.cpu_count() or 1
+            report["baseline"] = run_baseline(spec, report, model_path, threads,
+                                              plan.baseline_s, *pool_runtime(state_dir),
+                                              stage=stage)
         return BenchResult(report, samples, started)
     finally:
         if pool is not None:
             pool.close()
 
 
-def _run_watched(spec: LoadSpec, watch: Watch | None, display: LoadDisplay
-                 ) -> tuple[Samples, float]:
-    """The load with `watch` ticked beside it, then a rotation waited out; (samples, start)."""
+def _run_watched(spec: LoadSpec, watch: Watch | None, display: LoadDisplay,
+                 usage: UsageMeter | None = None) -> tuple[Samples, float]:
+    """The load with `watch` and `usage` ticked beside it, then a rotation waited out;
+    (samples, start)."""
 
     def tick(elapsed: float) -> None:
         if watch is not None:
             watch.tick(elapsed)
+        if usage is not None:
+            usage.tick()
         display.tick(elapsed)
 
     started = time.monotonic()

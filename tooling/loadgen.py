@@ -92,12 +92,14 @@ class Samples:
     latency: np.ndarray  # seconds; NaN when no reply came
     outcome: list[str]  # "ok" or the error code, "lost" when no reply came
     version: list[str]
+    cpu_s: float = 0.0  # CPU seconds the producers spent on the load
 
     @classmethod
     def concat(cls, parts: list[Samples]) -> Samples:
         return cls(np.concatenate([x.sent for x in parts]) if parts else np.empty(0),
                    np.concatenate([x.latency for x in parts]) if parts else np.empty(0),
-                   [o for x in parts for o in x.outcome], [v for x in parts for v in x.version])
+                   [o for x in parts for o in x.outcome], [v for x in parts for v in x.version],
+                   sum(x.cpu_s for x in parts))
 
 
 @dataclass
@@ -146,6 +148,7 @@ def _producer(index: int, spec: LoadSpec, share: int, quota: int | None, deadlin
         return time.monotonic() < deadline
 
     gc.freeze()  # a collection walking the imports would show up as the pool's latency
+    cpu_start = time.process_time()
     while len(sent_at) < share and more():
         send()
     tail_deadline: float | None = None
@@ -177,7 +180,8 @@ def _producer(index: int, spec: LoadSpec, share: int, quota: int | None, deadlin
         if more():
             send()
     progress.put((index, report.done, report.errors, report.recent))
-    results.put((index, Samples(np.array(sent), np.array(latency), outcome, version)))
+    results.put((index, Samples(np.array(sent), np.array(latency), outcome, version,
+                                time.process_time() - cpu_start)))
     sock.close()
     ctx.term()
 
