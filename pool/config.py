@@ -27,6 +27,7 @@ MIB = 1024 * 1024
 LOG_FILE = "pool.log"  # in the state directory
 LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
 LOG_FILE_BACKUPS = 5
+GRAPH_NAMES = ("auto", "traced", "eager")
 DTYPE_NAMES = ("auto", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32")
 CAPACITY_BATCHES = 2  # a worker holds this many batches: one computing, one waiting
 HEARTBEAT_S = 1.0
@@ -164,6 +165,10 @@ class PoolSettings:
         "auto", "auto (fp16 on CUDA; bf16 on a CPU with native bf16, AVX512_BF16 or AMX; "
         "else fp32) | float16 | bfloat16 | float32 (scores within 1e-4 of the seed's)",
         shown=True)
+    graph: str = setting(
+        "auto", "How forward passes run: auto (a TorchScript graph on CPU, checked against the "
+        "model at load, eager if it cannot be traced; eager on CUDA) | traced | eager.",
+        shown=True)
     max_batch: int = setting(DEFAULT_MAX_BATCH, "Pairs per forward pass.", min=1, shown=True)
     max_wait_ms: float = setting(
         DEFAULT_MAX_WAIT_MS, "How long a worker waits to fill a batch.", min=0, shown=True)
@@ -286,6 +291,9 @@ def resolve_settings(values: dict[str, Any]) -> PoolSettings:
     if values["dtype"] not in DTYPE_NAMES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, "
                          f"not {values['dtype']!r}")
+    if values["graph"] not in GRAPH_NAMES:
+        raise ValueError(f"--graph must be one of {', '.join(GRAPH_NAMES)}, "
+                         f"not {values['graph']!r}")
     devices = parse_devices(values["devices"])
     choose_start_method(values["start_method"], model)
     workers = values["workers"] or default_workers(devices)

@@ -28,6 +28,8 @@ class ReadyInfo:
     device: str
     load_seconds: float = 0.0
     dtype: str = "none"  # "none": the echo model
+    graph: str = "none"  # how forward passes run: "traced" or "eager" (pool.runtime.Encoder)
+    graph_note: str = ""  # why --graph auto stayed eager
     dim: int = 0  # 0: the echo model, which has no scores to judge
     warm_up_seconds: float = 0.0
     max_length: int = 0

@@ -137,6 +137,7 @@ class WorkerView:
     version: str
     device: str
     dtype: str | None  # what its weights run in, from READY; None until then
+    graph: str | None  # how its forward passes run (traced / eager), from READY
     state: str
     restarts: int
     inflight: int
@@ -554,7 +555,8 @@ class Supervisor:
         info = worker.info
         return WorkerView(
             id=worker.name, pid=worker.pid, version=worker.version, device=worker.device,
-            dtype=info.dtype if info else None, state=worker.state, restarts=worker.restarts,
+            dtype=info.dtype if info else None, graph=info.graph if info else None,
+            state=worker.state, restarts=worker.restarts,
             inflight=len(worker.inflight),
             served=worker.served, errors=worker.errors,
             last_heartbeat_s=round(now - worker.last_seen, 2) if info else None,

@@ -84,7 +84,8 @@ def load_encoder(cfg: WorkerConfig, device: str) -> tuple[Any, float]:
     from pool.runtime import Encoder
 
     torch.set_num_threads(cfg.settings.threads)
-    encoder = Encoder(cfg.path, device=device, dtype=cfg.settings.dtype)
+    encoder = Encoder(cfg.path, device=device, dtype=cfg.settings.dtype,
+                      graph=cfg.settings.graph)
     return encoder, encoder.warm_up()
 
 
@@ -118,8 +119,11 @@ class WorkerLoop:
         info = self._load()
         freeze_heap()
         self.sock.send_multipart([protocol.W_READY, info.encode()])
-        log.info("ready: version %s on %s in %.2fs", self.cfg.version, info.device,
-                 info.load_seconds)
+        log.info("ready: version %s on %s (%s, %s) in %.2fs", self.cfg.version, info.device,
+                 info.dtype, info.graph, info.load_seconds)
+        if info.graph_note:
+            log.warning("forward passes run eager: the model could not be traced (%s)",
+                        info.graph_note)
         self.next_heartbeat = time.monotonic() + self.cfg.heartbeat_s
         while not self.stopping or self.backlog:
             if self.backlog or self.sock.poll(int(self.cfg.heartbeat_s * 1000)):
@@ -151,6 +155,7 @@ class WorkerLoop:
             **me, load_seconds=round(time.perf_counter() - start, 3),
             warm_up_seconds=round(warm_up_seconds, 3),
             dtype=str(self.encoder.dtype).removeprefix("torch."),
+            graph=self.encoder.graph, graph_note=self.encoder.graph_note,
             dim=self.encoder.dim,
             max_length=self.encoder.max_length,
             gpu_memory_bytes=(torch.cuda.memory_reserved() if device.startswith("cuda") else 0),

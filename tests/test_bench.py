@@ -33,7 +33,10 @@ def test_bench_spawns_a_pool_rotates_mid_run_and_plots(models: dict[str, Path],
                                                        tmp_path: Path) -> None:
     plot = tmp_path / "bench.png"
     done = run_cli("bench", "--spawn", "--path", str(models["v1"]), "--workers", "2",
-                   "--duration", "20", "--rotate-at", "1", "--rotate-to", "v2",
+                   "--dtype", "float32",
+                   # 30 s: on two cores shared with other tests, the new workers load niced
+                   # behind the bench's own closed loop, tracing their graph included.
+                   "--duration", "30", "--rotate-at", "1", "--rotate-to", "v2",
                    "--rotate-path", str(models["v2"]), "--plot", str(plot), "--json",
                    env={**os.environ, "ZEROPOOL_STATE_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -69,11 +72,11 @@ def test_bench_baseline_measures_the_seed_and_the_batched_loop_on_the_pools_devi
     assert "gpu_busy_percent" not in usage
     assert base["seed_pairs_per_s"] > 0 and base["batched_pairs_per_s"] > 0
     assert base["pool_pairs_per_s"] == report["pairs_per_s"]
-    # The report rounds its ratios to two decimals.
+    # The report rounds its ratios to two decimals, the throughputs to one.
     assert base["pool_vs_seed"] == pytest.approx(
-        report["pairs_per_s"] / base["seed_pairs_per_s"], abs=0.005)
+        report["pairs_per_s"] / base["seed_pairs_per_s"], rel=0.01, abs=0.005)
     assert base["pool_vs_batched"] == pytest.approx(
-        report["pairs_per_s"] / base["batched_pairs_per_s"], abs=0.005)
+        report["pairs_per_s"] / base["batched_pairs_per_s"], rel=0.01, abs=0.005)
 
 
 def test_bench_refuses_half_a_rotation(pool: RunningPool) -> None:
@@ -85,7 +88,8 @@ def test_bench_refuses_half_a_rotation(pool: RunningPool) -> None:
 def test_bench_soak_rotates_back_and_forth_and_reports_drift(models: dict[str, Path],
                                                              tmp_path: Path) -> None:
     done = run_cli("bench", "--spawn", "--path", str(models["v1"]), "--workers", "2",
-                   "--duration", "30", "--rotate-every", "2", "--rotate-to", "v2",
+                   "--dtype", "float32",
+                   "--duration", "40", "--rotate-every", "2", "--rotate-to", "v2",
                    "--rotate-path", str(models["v2"]), "--concurrency", "16", "--json",
                    env={**os.environ, "ZEROPOOL_STATE_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]

@@ -13,7 +13,14 @@ from transformers import AutoTokenizer
 
 from pool.config import embedded_model_path
 from pool.health import TOLERANCE_HALF
-from pool.runtime import Encoder, cpu_flags, plan_chunks, resolve_dtype, token_id_encoder
+from pool.runtime import (
+    Encoder,
+    GraphCheckFailed,
+    cpu_flags,
+    plan_chunks,
+    resolve_dtype,
+    token_id_encoder,
+)
 from tests.support import SENTENCES, TINY_MAX_LENGTH, Reference
 
 TOLERANCE = 1e-4
@@ -41,6 +48,51 @@ def test_auto_dtype_is_fp16_on_cuda_and_bf16_only_on_cpus_with_native_bf16(
         flags: set[str], device: str, want: torch.dtype) -> None:
     assert resolve_dtype("auto", device, lambda: frozenset(flags)) == want
     assert resolve_dtype("float32", device, lambda: frozenset(flags)) == torch.float32
+
+
+def test_cpu_runs_a_traced_graph_that_computes_what_the_eager_model_does(
+        models: dict[str, Path], encoder: Encoder) -> None:
+    assert encoder.graph == "traced" and not encoder.graph_note
+    eager = Encoder(str(models["v1"]), device="cpu", dtype="float32", graph="eager")
+    assert eager.graph == "eager"
+    texts = [*SENTENCES, "今天天气真好今天天气真好今天天气真好", "a"]  # several widths
+    assert torch.allclose(encoder.embed(texts), eager.embed(texts), atol=1e-6)
+
+
+def test_a_model_that_cannot_be_traced_runs_eager_under_auto_and_fails_under_traced(
+        models: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+        reference: dict[str, Reference]) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("cannot trace this model")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    auto = Encoder(str(models["v1"]), device="cpu", dtype="float32")
+    assert auto.graph == "eager" and "cannot trace this model" in auto.graph_note
+    pair = ("今天天气真好", "今日阳光明媚")
+    assert abs(auto.similarity([pair])[0] - reference["v1"].similarity(*pair)) < TOLERANCE
+    with pytest.raises(RuntimeError, match="cannot trace"):
+        Encoder(str(models["v1"]), device="cpu", dtype="float32", graph="traced")
+
+
+def test_a_traced_graph_that_computes_something_else_is_refused(
+        models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    freeze = torch.jit.freeze
+
+    class Skewed(torch.nn.Module):
+        """The frozen graph with its output moved: what a mis-traced branch would give."""
+
+        def __init__(self, graph: torch.nn.Module) -> None:
+            super().__init__()
+            self.graph = graph
+
+        def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
+            hidden = self.graph(**batch)["last_hidden_state"]
+            return {"last_hidden_state": hidden + torch.linspace(0, 1, hidden.shape[-1])}
+
+    monkeypatch.setattr(torch.jit, "freeze", lambda module: Skewed(freeze(module)))
+    with pytest.raises(GraphCheckFailed, match="differ"):
+        Encoder(str(models["v1"]), device="cpu", dtype="float32", graph="traced")
+    assert Encoder(str(models["v1"]), device="cpu", dtype="float32").graph == "eager"
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:

@@ -180,7 +180,7 @@ def test_cli_similarity_embed_ping_status(pool: RunningPool) -> None:
     assert status["active"] == "v1"
     assert len(status["workers"]) == 2
     assert {w["state"] for w in status["workers"]} == {"ready"}
-    assert {w["dtype"] for w in status["workers"]} == {"float32"}
+    assert {(w["dtype"], w["graph"]) for w in status["workers"]} == {("float32", "traced")}
     assert sum(w["served"] for w in status["workers"]) > 0
 
     missing = run_cli("similarity", "a", "b", "--version", "nope", "--json", env=pool.env)
