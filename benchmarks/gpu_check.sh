@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run ON THE GPU MACHINE, after benchmarks/gpu_prepare.sh here, as one device call:
-#   command: bash benchmarks/gpu_check.sh   carry: [".gpu"]   timeout_s: 540 (342 s on an H200)
+#   command: bash benchmarks/gpu_check.sh   carry: [".gpu"]   timeout_s: 540 (342 s on an H200 before the issue-15 steps, ~+100 s with them)
 # GPU tests first, then the benchmarks docs/benchmarks.md asks for on a GPU; every report
-# lands in $OUT (at most 8 files come back: log.txt, gpu-util.csv and six reports). Each step
+# lands in $OUT (log.txt, gpu-util.csv and the JSON reports). Each step
 # is bounded, so one that hangs leaves time for the rest.
 set -uo pipefail
 OUT=${OUT:-gpu-results}
@@ -39,6 +39,17 @@ timeout 80 $BENCH --workers 1 --duration 15 --baseline --baseline-seconds 10 \
 step "throughput: 1 worker, 16 pairs/request"
 timeout 45 $BENCH --workers 1 --duration 15 --pairs-per-request 16 \
   --json-file "$OUT/tp-1w-16p.json" 2>&1 | tail -12 | tee -a "$LOG"
+# Issue #15's GPU targets: 256 in flight at one pair per request; the device's own limit at
+# 16 pairs per request (pre-tokenised, no server); the traced graph against eager on CUDA.
+step "throughput: 1 worker, 1 pair/request, 256 in flight"
+timeout 45 $BENCH --workers 1 --duration 15 --concurrency 256 \
+  --json-file "$OUT/tp-1w-1p-256.json" 2>&1 | tail -12 | tee -a "$LOG"
+step "device only: 64 requests x 16 pairs per pass"
+timeout 40 python3 benchmarks/device_only.py --path $MODEL --pairs 16 --batch 64 \
+  --seconds 10 2>&1 | grep -v Loading | tee -a "$LOG"
+step "throughput: 1 worker, 16 pairs/request, --graph traced"
+timeout 45 $BENCH --workers 1 --duration 15 --pairs-per-request 16 --graph traced \
+  --json-file "$OUT/tp-1w-16p-traced.json" 2>&1 | tail -12 | tee -a "$LOG"
 step "throughput: 2 workers, 1 pair/request"
 timeout 45 $BENCH --workers 2 --duration 15 --json-file "$OUT/tp-2w-1p.json" 2>&1 \
   | tail -12 | tee -a "$LOG"

@@ -141,13 +141,13 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
               as_json: bool, console: Console, baseline_s: float | None = None,
               threads: int | None = None, rotate_strategy: str = "auto",
               model: str = "transformer", rotate_every: float | None = None,
-              dtype: str | None = None) -> dict[str, Any]:
+              dtype: str | None = None, graph: str | None = None) -> dict[str, Any]:
     """Run the bench with its progress on `console`, print the report (unless as_json), save
     the JSON and the plot where asked; the report."""
     plan = BenchPlan(spawn=spawn, path=path, workers=workers, state_dir=state_dir,
                      rotate_at=rotate_at, rotate_to=rotate_to, rotate_path=rotate_path,
                      rotate_strategy=rotate_strategy, rotate_every=rotate_every, model=model,
-                     dtype=dtype,
+                     dtype=dtype, graph=graph,
                      baseline_s=baseline_s, threads=threads)
     result = run_engine(spec, plan, lambda watch: LiveLine(console, watch), console.status)
     if not as_json:

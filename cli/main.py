@@ -297,6 +297,8 @@ def bench(
                      "measures the router against libzmq's zmq.proxy).")] = "transformer",
     dtype: Annotated[str | None, typer.Option(help="With --spawn: the workers' --dtype "
                      "(default: the pool's, auto).")] = None,
+    graph: Annotated[str | None, typer.Option(help="With --spawn: the workers' --graph "
+                     "(default: the pool's, auto).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the text generator.")] = 0,
     baseline: Annotated[bool, typer.Option("--baseline", help="Also measure the seed's "
                         "one-pair loop and an in-process batched loop on the same model and "
@@ -321,9 +323,9 @@ def bench(
     if model == "echo" and not spawn:
         fail("--model echo needs --spawn (it starts an echo pool and a zmq.proxy beside it)",
              as_json, "bad_request", exit_code=2)
-    if dtype is not None and not spawn:
-        fail("--dtype needs --spawn (a running pool keeps the dtype it was started with)",
-             as_json, "bad_request", exit_code=2)
+    if (dtype is not None or graph is not None) and not spawn:
+        fail("--dtype and --graph need --spawn (a running pool keeps what it was started "
+             "with)", as_json, "bad_request", exit_code=2)
     if rotate_every is not None and rotate_at is not None:
         fail("--rotate-every and --rotate-at exclude each other", as_json, "bad_request",
              exit_code=2)
@@ -342,6 +344,7 @@ def bench(
                            console=console, baseline_s=baseline_seconds if baseline else None,
                            threads=threads,
                            rotate_strategy=rotate_strategy, model=model, dtype=dtype,
+                           graph=graph,
                            rotate_every=rotate_every)
     except (RuntimeError, TimeoutError, ControlError) as exc:
         fail(str(exc), as_json)

@@ -392,6 +392,7 @@ class BenchPlan:
     rotate_every: float | None = None  # soak: rotate back and forth this often
     model: str = "transformer"  # with spawn: or "echo", compared with zmq.proxy
     dtype: str | None = None  # with spawn: the workers' --dtype (None: the pool's default)
+    graph: str | None = None  # with spawn: the workers' --graph (None: the pool's default)
     baseline_s: float | None = None  # measure the baselines this long (None: not at all)
     # Torch threads of a spawned pool's workers (None: the pool's default) and of the
     # baselines (None: every core): give it to compare on the same thread budget.
@@ -442,6 +443,7 @@ def run_bench(spec: LoadSpec, plan: BenchPlan,
     try:
         if plan.spawn:
             extra = ("--model", plan.model, *(("--dtype", plan.dtype) if plan.dtype else ()),
+                     *(("--graph", plan.graph) if plan.graph else ()),
                      *(("--threads", str(plan.threads)) if plan.threads else ()))
             pool = PrivatePool(plan.workers, plan.path, extra,
                                prefix="zp-bench-")
