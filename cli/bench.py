@@ -93,7 +93,7 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
         line = (f"CPU over the load (100% = one core of {usage['cores']}): router "
                 f"{cpu['router']:.0f}%, workers {cpu['workers']:.0f}% "
                 f"({len(usage['per_worker_cpu_percent'])}), producers {cpu['producers']:.0f}% "
-                f"({usage['producers']})")
+                f"({report['producers']})")
         gpus = usage.get("gpu_busy_percent", {})
         if gpus:
             line += "; GPU busy " + ", ".join(f"{i}: {v:.0f}%" for i, v in gpus.items())

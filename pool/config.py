@@ -125,6 +125,7 @@ class Flag:
     flag_type: Any = None
     flag_default: Any = None
     shown: bool = False  # in `pool status` under "settings"
+    choices: tuple[str, ...] = ()  # the values it may take (checked by resolve_settings)
     # How the status line prints it: a format with {value} (and {mib} for bytes), with the
     # separator that leads it on the line.
     label: str = ""
@@ -164,11 +165,11 @@ class PoolSettings:
     dtype: str = setting(
         "auto", "auto (fp16 on CUDA; bf16 on a CPU with native bf16, AVX512_BF16 or AMX; "
         "else fp32) | float16 | bfloat16 | float32 (scores within 1e-4 of the seed's)",
-        shown=True)
+        shown=True, choices=DTYPE_NAMES)
     graph: str = setting(
         "auto", "How forward passes run: auto (a TorchScript graph on CPU, checked against the "
         "model at load, eager if it cannot be traced; eager on CUDA) | traced | eager.",
-        shown=True)
+        shown=True, choices=GRAPH_NAMES)
     max_batch: int = setting(DEFAULT_MAX_BATCH, "Pairs per forward pass.", min=1, shown=True)
     max_wait_ms: float = setting(
         DEFAULT_MAX_WAIT_MS, "How long a worker waits to fill a batch.", min=0, shown=True)
@@ -207,7 +208,7 @@ class PoolSettings:
     start_method: str = setting(
         DEFAULT_START_METHOD, "How workers start: auto (forkserver on CPU, spawn with CUDA) | "
         "spawn | forkserver (imports torch once; a worker is ready in a fraction of a "
-        "second).", env="ZEROPOOL_START_METHOD", shown=True,
+        "second).", env="ZEROPOOL_START_METHOD", shown=True, choices=START_METHODS,
         label="; workers start by {value}")
     load_niceness: int = setting(
         DEFAULT_LOAD_NICENESS, "How much nicer than serving a worker loads its model, so a "
@@ -288,14 +289,11 @@ def resolve_settings(values: dict[str, Any]) -> PoolSettings:
         raise ValueError(f"--path {path} is not a transformers model directory (no config.json)")
     if model not in ("transformer", "echo"):
         raise ValueError(f"--model must be transformer or echo, not {model!r}")
-    if values["dtype"] not in DTYPE_NAMES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, "
-                         f"not {values['dtype']!r}")
-    if values["graph"] not in GRAPH_NAMES:
-        raise ValueError(f"--graph must be one of {', '.join(GRAPH_NAMES)}, "
-                         f"not {values['graph']!r}")
+    for name, _, spec in flags():
+        if spec.choices and values[name] not in spec.choices:
+            raise ValueError(f"{option_name(name, spec)} must be one of "
+                             f"{', '.join(spec.choices)}, not {values[name]!r}")
     devices = parse_devices(values["devices"])
-    choose_start_method(values["start_method"], model)
     workers = values["workers"] or default_workers(devices)
     return PoolSettings(**{
         **values, "path": str(Path(path).resolve()), "version": version or DEFAULT_VERSION,
@@ -303,10 +301,13 @@ def resolve_settings(values: dict[str, Any]) -> PoolSettings:
         "threads": values["threads"] or default_threads(devices, workers)})
 
 
+def option_name(name: str, spec: Flag) -> str:
+    """The option a setting is given by: its first declared name, else --the-field-name."""
+    return spec.names[0] if spec.names else "--" + name.replace("_", "-")
+
+
 def choose_start_method(setting: str, model: str) -> str:
-    if setting not in START_METHODS:
-        raise ValueError(f"--start-method must be one of {', '.join(START_METHODS)}, "
-                         f"not {setting!r}")
+    """What `auto` means for this model (a setting resolve_settings has checked)."""
     if setting != "auto":
         return setting
     return "spawn" if model == "echo" else "forkserver"

@@ -141,12 +141,10 @@ class Encoder:
                                      check_trace=False)  # _trace checks it, once
             graph = torch.jit.freeze(traced.eval())
         check = self._batch(self.token_ids(texts))  # another batch size and width
-        mask = check["attention_mask"]
         with torch.inference_mode():
-            want = normalize(mean_pool(self.model(**check).last_hidden_state.float(), mask))
+            want = sentence_vectors(self.model(**check).last_hidden_state, check)
             for _ in range(2):  # the first run profiles the graph, the next runs it optimised
-                hidden = graph(**check)["last_hidden_state"]
-        got = normalize(mean_pool(hidden.float(), mask))
+                got = sentence_vectors(graph(**check)["last_hidden_state"], check)
         tolerance = GRAPH_TOLERANCE.get(self.dtype, GRAPH_TOLERANCE[torch.float16])
         if got.shape != want.shape or (got - want).abs().max().item() > tolerance:
             raise GraphCheckFailed(f"its embeddings differ from the model's by more than "
@@ -178,7 +176,7 @@ class Encoder:
 
     def _forward(self, ids: list[list[int]]) -> torch.Tensor:
         batch = self._batch(ids)
-        return normalize(mean_pool(self._hidden(batch).float(), batch["attention_mask"])).cpu()
+        return sentence_vectors(self._hidden(batch), batch).cpu()
 
     def _hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._traced is not None:
@@ -261,6 +259,12 @@ def plan_chunks(
         passes[:0] = [(s, min(s + max_rows, end)) for s in range(start, end, max_rows)]
         j = cut[j]
     return passes
+
+
+def sentence_vectors(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The seed's sentence embeddings of a pass: mean over the mask, L2-normalised, in fp32
+    whatever the weights ran in."""
+    return normalize(mean_pool(hidden.float(), batch["attention_mask"]))
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -460,7 +460,7 @@ def run_bench(spec: LoadSpec, plan: BenchPlan,
         rotation = watch if isinstance(watch, RotationWatch) else None
         report = build_report(spec, samples, rotation, started)
         if usage is not None:
-            report["usage"] = usage.report(samples.cpu_s, spec.producers)
+            report["usage"] = usage.report(samples.cpu_s)
         if isinstance(watch, SoakWatch):
             report["soak"] = soak_report(samples, watch, started)
         if plan.model == "echo":

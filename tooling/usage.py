@@ -92,7 +92,7 @@ class UsageMeter:
         self.gpus |= {int(w["device"].partition(":")[2]) for w in status["workers"]
                       if w["device"].startswith("cuda:")}
 
-    def report(self, producer_cpu_s: float, producers: int) -> dict[str, Any]:
+    def report(self, producer_cpu_s: float) -> dict[str, Any]:
         """The figures over the load: CPU % of one core per role, GPU busy % per GPU."""
         self.tick()
         seconds = max(time.monotonic() - self.started, 1e-9)
@@ -108,7 +108,6 @@ class UsageMeter:
             "cpu_percent": {"router": percent(router), "workers": percent(sum(workers.values())),
                             "producers": percent(producer_cpu_s)},
             "per_worker_cpu_percent": {str(pid): percent(s) for pid, s in workers.items()},
-            "producers": producers,
         }
         if self.gpu_busy:
             usage["gpu_busy_percent"] = {str(i): round(sum(v) / len(v), 1)
