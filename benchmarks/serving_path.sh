@@ -13,16 +13,18 @@
 #   echo     the echo model against zmq.proxy, and the p50 at one request in flight.
 #   minilm   the embedded MiniLM, 2 workers, 64 in flight, with --dtype float32 / auto, and
 #            the seed's one-pair loop on the same two threads.
-# ROUNDS (default 2) and SECONDS (default 15) size the runs; nothing else may be running.
+# ROUNDS (default 2) and BENCH_SECONDS (default 15) size the runs; FIGURES (default
+# "tiny echo minilm") picks figures; nothing else may be running.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$ROOT/.venv/bin/python}
 ROUNDS=${ROUNDS:-2}
-SECONDS_EACH=${SECONDS:-15}
+SECONDS_EACH=${BENCH_SECONDS:-15}
+FIGURES=${FIGURES:-tiny echo minilm}
 TREES=("$@")
 [ ${#TREES[@]} -gt 0 ] || TREES=("$ROOT")
 WORK=$(mktemp -d /tmp/zp-serving-XXXX)
-trap 'rm -rf "$WORK"' EXIT
+trap '[ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT
 export HF_HUB_OFFLINE=1
 
 TINY=$WORK/tiny
@@ -46,7 +48,7 @@ run() {
     sleep 1
   done
   (cd "$tree" && PYTHONPATH=$tree $PY -m cli.main bench --duration "$SECONDS_EACH" \
-     --json-file "$dir/bench.json" "${bench[@]}") > /dev/null 2>&1 || true
+     --json-file "$dir/bench.json" "${bench[@]}") > "$dir/bench.log" 2>&1 || tail -5 "$dir/bench.log" >&2
   kill -TERM $pid; wait $pid || true
   $PY - "$tree" "$label" "$dir/bench.json" <<'EOF'
 import json, sys
@@ -79,11 +81,15 @@ print(json.dumps({'tree': '$tree', 'run': 'echo', 'requests_per_s': r['requests_
 
 for round in $(seq "$ROUNDS"); do
   for tree in "${TREES[@]}"; do
-    run "$tree" tiny --baseline --baseline-seconds "$SECONDS_EACH" --threads 1 -- \
-      --path "$TINY" --workers 1 --threads 1 --dtype float32
-    echo_run "$tree"
-    run "$tree" minilm-float32 -- --path "$MINILM" --workers 2 --dtype float32
-    run "$tree" minilm-auto --baseline --baseline-seconds "$SECONDS_EACH" --threads 2 -- \
-      --path "$MINILM" --workers 2 --dtype auto
+    if [[ " $FIGURES " == *" tiny "* ]]; then
+      run "$tree" tiny --baseline --baseline-seconds "$SECONDS_EACH" --threads 1 -- \
+        --path "$TINY" --workers 1 --threads 1 --dtype float32
+    fi
+    if [[ " $FIGURES " == *" echo "* ]]; then echo_run "$tree"; fi
+    if [[ " $FIGURES " == *" minilm "* ]]; then
+      run "$tree" minilm-float32 -- --path "$MINILM" --workers 2 --dtype float32
+      run "$tree" minilm-auto --baseline --baseline-seconds "$SECONDS_EACH" --threads 2 -- \
+        --path "$MINILM" --workers 2 --dtype auto
+    fi
   done
 done

@@ -98,6 +98,13 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
         if gpus:
             line += "; GPU busy " + ", ".join(f"{i}: {v:.0f}%" for i, v in gpus.items())
         console.print(line)
+        busy = usage.get("device_busy_percent", {})
+        stages = usage.get("request_ms")
+        if busy and stages:
+            console.print(
+                "workers' device threads busy " + ", ".join(f"{v:.0f}%" for v in busy.values())
+                + f"; a request's mean ms: to the worker {stages['to_worker']:.2f}, queued in "
+                f"it {stages['queued_in_worker']:.2f}, in its pass {stages['in_pass']:.2f}")
     echo = report.get("echo")
     if echo:
         low = echo["low_load_p50_ms"]

@@ -12,7 +12,7 @@ from pool.config import settings_line
 
 STATUS_STYLE = {"healthy": "green", "degraded": "yellow", "failed": "red"}
 MIB = 1024 * 1024
-TABLE_WIDTH = 120
+TABLE_WIDTH = 140
 
 
 def print_status(out: Console, st: dict[str, Any]) -> None:
@@ -39,14 +39,16 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
     if st.get("metrics_url"):
         out.print(f"metrics {st['metrics_url']}; log {st.get('log_file')}")
     # Worker ids are in --json; the pid names a worker for an operator.
-    table = Table("pid", "version", "device", "runs", "state", "in flight", "served", "errors",
-                  "restarts", "heartbeat", "RSS MiB", "GPU MiB", box=box.SIMPLE_HEAD)
+    table = Table("pid", "version", "device", "runs", "state", "in flight", "busy", "served",
+                  "errors", "restarts", "heartbeat", "RSS MiB", "GPU MiB", box=box.SIMPLE_HEAD)
     for w in st["workers"]:
         beat = "-" if w["last_heartbeat_s"] is None else f"{w['last_heartbeat_s']:.1f}s"
         gpu = w.get("gpu_memory_bytes") or 0
         runs = " ".join(x for x in (w["dtype"], w["graph"]) if x and x != "none") or "-"
+        busy = (w.get("batching") or {}).get("busy_percent")
         table.add_row(str(w["pid"]), w["version"], w["device"], runs, w["state"],
-                      str(w["inflight"]), str(w["served"]), str(w["errors"]),
+                      str(w["inflight"]), "-" if busy is None else f"{busy:.0f}%",
+                      str(w["served"]), str(w["errors"]),
                       str(w["restarts"]), beat, f"{w['rss_bytes'] / MIB:.0f}",
                       f"{gpu / MIB:.0f}" if gpu else "-")
     # Rich squeezes tables into 80 columns when stdout is not a terminal: don't.

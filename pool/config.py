@@ -171,6 +171,10 @@ class PoolSettings:
         "model at load, eager if it cannot be traced; eager on CUDA) | traced | eager.",
         shown=True, choices=GRAPH_NAMES)
     max_batch: int = setting(DEFAULT_MAX_BATCH, "Pairs per forward pass.", min=1, shown=True)
+    max_batch_tokens: int = setting(
+        0, "Tokens per forward pass (its texts' token counts summed, as text-embeddings-"
+        "inference counts): a pass stops before going over; a request over it alone runs "
+        "alone. 0: none, --max-batch alone bounds a pass.", min=0, shown=True)
     max_wait_ms: float = setting(
         DEFAULT_MAX_WAIT_MS, "How long a worker waits to fill a batch.", min=0, shown=True)
     threads: int = setting(

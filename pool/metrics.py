@@ -268,6 +268,10 @@ class PoolMetrics:
                                 labels=["version"])
         gpu = GaugeMetricFamily("zeropool_worker_gpu_memory_bytes",
                                 "GPU memory the workers' models hold.", labels=["version"])
+        busy = GaugeMetricFamily(
+            "zeropool_worker_device_busy_ratio", "Share of the last heartbeat interval the "
+            "workers' device threads spent in forward passes (mean over workers).",
+            labels=["version"])
         for version in versions:
             lane = broker.lanes.get(version)
             queue.add_metric([version], lane.queued if lane is not None else 0)
@@ -277,12 +281,15 @@ class PoolMetrics:
                 workers.add_metric([version, state], sum(w.state == state for w in mine))
             rss.add_metric([version], sum(w.rss_bytes for w in mine))
             gpu.add_metric([version], sum(w.gpu_memory_bytes for w in mine))
+            beats = [w.batching.busy_percent for w in mine if w.batching is not None]
+            if beats:
+                busy.add_metric([version], sum(beats) / len(beats) / 100)
         restarts = CounterMetricFamily("zeropool_worker_restarts",
                                        "Workers that died or failed and were replaced.",
                                        labels=["version"])
         for version, n in sorted(supervisor.restarts_total.items()):
             restarts.add_metric([version], n)
-        return [up, uptime, active, queue, inflight, workers, rss, gpu, restarts,
+        return [up, uptime, active, queue, inflight, workers, rss, gpu, busy, restarts,
                 self._batch_family()]
 
     def _batch_family(self) -> Metric:

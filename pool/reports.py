@@ -53,9 +53,26 @@ class BatchStats:
     unique_texts: int = 0
     failed_batches: int = 0
     batch_items: int = 0  # pairs or texts, summed over batches
+    # Where the time goes (pool.passes): the device thread computing or waiting for work,
+    # and per request, summed: router to this worker's intake (the router's queue and the
+    # transit), queued in the worker for a pass, and the pass it was in.
+    device_busy_s: float = 0.0
+    device_idle_s: float = 0.0
+    request_transit_s: float = 0.0
+    request_queued_s: float = 0.0
+    request_pass_s: float = 0.0
+    busy_percent: float = 0.0  # device busy over the last heartbeat interval
     # per bucket of BATCH_SIZE_BUCKETS, plus one for larger batches
     batch_size_counts: list[int] = field(
         default_factory=lambda: [0] * (len(BATCH_SIZE_BUCKETS) + 1))
+
+    def count_times(self, busy_s: float, idle_s: float, transit_s: float, queued_s: float,
+                    pass_s: float) -> None:
+        self.device_busy_s += busy_s
+        self.device_idle_s += idle_s
+        self.request_transit_s += transit_s
+        self.request_queued_s += queued_s
+        self.request_pass_s += pass_s
 
     def count_batch(self, requests: int, texts: int, unique_texts: int, items: int) -> None:
         self.batches += 1

@@ -163,12 +163,16 @@ class Encoder:
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> torch.Tensor:
         """Normalised embeddings (float32, on CPU), one row per text, in input order."""
-        if not texts:
+        return self.embed_tokens(self.token_ids(texts))
+
+    @torch.inference_mode()
+    def embed_tokens(self, ids: list[list[int]]) -> torch.Tensor:
+        """`embed` of texts already tokenised by `token_ids`."""
+        if not ids:
             return torch.empty((0, self.dim))
-        ids = self.token_ids(texts)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         lengths = [len(ids[i]) for i in order]
-        out = torch.empty((len(texts), self.dim))
+        out = torch.empty((len(ids), self.dim))
         for start, end in plan_chunks(lengths, self.overhead_tokens, self.chunk_texts):
             chunk = order[start:end]
             out[chunk] = self._forward([ids[i] for i in chunk])

@@ -1,11 +1,12 @@
 """The worker loop: one model version on one device, a DEALER to the router's backend.
 
-Wait for requests, gather everything waiting (up to max_batch pairs or max_wait_ms), decode
-and validate each body (router.bodies), run one deduplicated forward pass for the whole
-batch, and send every reply of it in one message. A request that fails gets an error reply;
-the worker lives on. A router message may carry more requests than one batch takes: the rest
-wait in the backlog for the next.
-The process around it is set up by pool.bootstrap.
+Two threads. This module's main thread owns the socket: it receives request messages,
+decodes and validates each body (router.bodies), tokenises the texts and queues the jobs;
+it forwards replies, heartbeats, and obeys STOP. The device thread (pool.passes) takes
+everything queued (up to max_batch pairs, or max_wait_ms) as one deduplicated forward pass
+and sends every reply of it in one message. So receiving and tokenising the next batch
+overlaps the device computing this one. A request that fails gets an error reply; the
+worker lives on. The process around it is set up by pool.bootstrap.
 """
 
 from __future__ import annotations
@@ -16,20 +17,22 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import zmq
 
 from pool import config
+from pool.passes import PASSES_CRASHED, PASSES_DONE, DeviceThread, Job, JobQueue
 from pool.reports import BatchStats, ReadyInfo
 from router import protocol
 from router.bodies import BadBody, Limits, decode_body
 
 log = logging.getLogger("zeropool.worker")
+
+INTAKE_MESSAGES = 256  # backend messages taken per turn before replies get forwarded again
+DEVICE_JOIN_S = 5.0  # how long an exiting worker waits for a pass still running
 
 
 @dataclass(frozen=True)
@@ -51,14 +54,6 @@ class WorkerConfig:
     @property
     def max_batch(self) -> int:
         return self.settings.max_batch
-
-
-@dataclass(slots=True)
-class Job:
-    seq: bytes
-    op: bytes
-    texts: list[str]  # embed: the texts; similarity: a, b, a, b, ...
-    size: int  # pairs (similarity) or texts (embed): what counts against max_batch
 
 
 def decode_job(seq: bytes, op: bytes, body: bytes, enqueued_ns: int, limits: Limits) -> Job:
@@ -101,19 +96,25 @@ def freeze_heap() -> None:
 
 
 class WorkerLoop:
+    """The worker's main thread: owns the backend socket. Receives, decodes and tokenises
+    requests into the job queue, forwards the device thread's replies, heartbeats, obeys
+    STOP (after every job queued before it is answered) and follows the parent's death."""
+
     def __init__(self, cfg: WorkerConfig, sock: zmq.Socket, parent: int) -> None:
         self.cfg = cfg
         self.sock = sock
         self.parent = parent  # the server, or the forkserver that forked us
         self.stopping = False
         self.next_heartbeat = 0.0
-        self.last_batch = 0  # requests in the previous batch: is there concurrent load?
         self.encoder: Any = None
         self.settings = cfg.settings
         self.limits = Limits(self.settings.max_pairs, self.settings.max_text_chars)
-        self.stats = BatchStats()  # reported with every heartbeat
-        self.backlog: deque[Job] = deque()  # decoded, not yet in a batch
-        self.outbox: list[bytes] = []  # reply heads and bodies not yet sent
+        self.stats = BatchStats()  # counted by the device thread, reported with heartbeats
+        self.queue = JobQueue()
+        self.outbox: list[bytes] = []  # error replies of requests that never reach the queue
+        self.device: DeviceThread | None = None
+        self.last_beat = 0.0  # monotonic time of the last heartbeat, and the device's busy
+        self.last_busy = 0.0  # seconds then: the busy % of the next one
 
     def run(self) -> None:
         info = self._load()
@@ -124,17 +125,29 @@ class WorkerLoop:
         if info.graph_note:
             log.warning("forward passes run eager: the model could not be traced (%s)",
                         info.graph_note)
-        self.next_heartbeat = time.monotonic() + self.cfg.heartbeat_s
-        while not self.stopping or self.backlog:
-            if self.backlog or self.sock.poll(int(self.cfg.heartbeat_s * 1000)):
-                jobs = self._gather()
-                if jobs:
-                    self._serve(jobs)
-                    self._flush()
-            self._heartbeat_if_due()
-            if os.getppid() != self.parent:
-                log.warning("parent process is gone; exiting")
-                return
+        encoder = self.encoder
+        self.device = DeviceThread(
+            self.queue, self.cfg.version, self.cfg.max_batch, self.settings.max_wait_ms,
+            embed=None if encoder is None else lambda ids: encoder.embed_tokens(ids).numpy(),
+            stats=self.stats, on_failure=_release_cuda_cache,
+            max_batch_tokens=self.settings.max_batch_tokens)
+        if encoder is None:
+            # The echo model has no device to overlap with: its "passes" run right here,
+            # without two thread hops per request.
+            self._serve(None)
+            log.info("stopped")
+            return
+        pair = self.sock.context.socket(zmq.PAIR)
+        pair.setsockopt(zmq.LINGER, 0)
+        endpoint = f"inproc://zeropool-passes-{id(self):x}"
+        pair.bind(endpoint)
+        thread = self._start_device_thread(endpoint)
+        try:
+            self._serve(pair)
+        finally:
+            self.queue.close()
+            thread.join(DEVICE_JOIN_S)
+            pair.close(linger=0)
         log.info("stopped")
 
     def _load(self) -> ReadyInfo:
@@ -150,7 +163,6 @@ class WorkerLoop:
                                                           device).result()
         import torch  # imported by the loader already
 
-        torch.set_num_threads(self.settings.threads)  # this thread runs the forward passes
         return ReadyInfo(
             **me, load_seconds=round(time.perf_counter() - start, 3),
             warm_up_seconds=round(warm_up_seconds, 3),
@@ -161,110 +173,147 @@ class WorkerLoop:
             gpu_memory_bytes=(torch.cuda.memory_reserved() if device.startswith("cuda") else 0),
         )
 
+    def _start_device_thread(self, endpoint: str) -> threading.Thread:
+        device = self.device
+        assert device is not None
+
+        def run_passes() -> None:
+            import torch  # loaded already, with the model
+
+            torch.set_num_threads(self.settings.threads)  # per thread with OpenMP
+            pair = self.sock.context.socket(zmq.PAIR)
+            pair.setsockopt(zmq.LINGER, 0)
+            pair.connect(endpoint)
+            try:
+                device.run(pair)
+            finally:
+                pair.close(linger=0)
+
+        thread = threading.Thread(target=run_passes, name="zeropool-device", daemon=True)
+        thread.start()
+        return thread
+
+    def _serve(self, pair: zmq.Socket | None) -> None:
+        """Until the device thread is done after a STOP (no `pair`, the echo model: until
+        the STOP), or the parent is gone."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if pair is not None:
+            poller.register(pair, zmq.POLLIN)
+        self.next_heartbeat = time.monotonic() + self.cfg.heartbeat_s
+        while True:
+            ready = dict(poller.poll(int(self.cfg.heartbeat_s * 1000)))
+            if pair is not None and pair in ready and self._forward_replies(pair):
+                return
+            if self.sock in ready and not self.stopping:
+                self._intake()
+                if pair is None:
+                    self._serve_queued_here()
+                    if self.stopping:
+                        return
+            self._heartbeat_if_due()
+            if os.getppid() != self.parent:
+                log.warning("parent process is gone; exiting")
+                return
+
+    def _forward_replies(self, pair: zmq.Socket) -> bool:
+        """Send on every reply message the device thread has made; True once it is done."""
+        while True:
+            try:
+                frames = pair.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return False
+            first = frames[0].bytes
+            if first == PASSES_DONE:
+                return True
+            if first == PASSES_CRASHED:
+                raise RuntimeError("the device thread failed (logged above); exiting so that "
+                                   "the pool re-runs this worker's requests")
+            self.sock.send_multipart(frames, copy=False)
+
     def _heartbeat_if_due(self) -> None:
         now = time.monotonic()
-        if now >= self.next_heartbeat:
-            self.sock.send_multipart([protocol.W_HEARTBEAT, self.stats.encode()])
-            self.next_heartbeat = now + self.cfg.heartbeat_s
+        if now < self.next_heartbeat:
+            return
+        device = self.device
+        if device is not None:
+            started = device.pass_started
+            if started and now - started > self.cfg.heartbeat_s:
+                # A pass this long may be stuck: silence lets the supervisor judge, as it did
+                # when passes ran on this thread.
+                return
+            busy = device.busy_seconds(now)
+            if self.last_beat:
+                self.stats.busy_percent = round(
+                    100 * (busy - self.last_busy) / max(now - self.last_beat, 1e-9), 1)
+            self.last_beat, self.last_busy = now, busy
+        self.sock.send_multipart([protocol.W_HEARTBEAT, self.stats.encode()])
+        self.next_heartbeat = now + self.cfg.heartbeat_s
 
-    # -- batching ----------------------------------------------------------------------
+    # -- intake ------------------------------------------------------------------------
 
-    def _gather(self) -> list[Job]:
-        """The backlog and everything waiting now, then more for up to max_wait_ms while
-        under max_batch. Requests that need no model (bad bodies) are answered at once.
-
-        The wait only pays off under concurrent load: after a batch of one request, the next
-        request is served at once instead of idling max_wait_ms for company.
-        """
+    def _intake(self) -> None:
+        """Everything waiting on the socket (up to INTAKE_MESSAGES messages), decoded and
+        tokenised into the queue; bad bodies are answered at once."""
         jobs: list[Job] = []
-        size = 0
-        wait_s = self.settings.max_wait_ms / 1000 if self.last_batch > 1 else 0.0
-        deadline = time.monotonic() + wait_s
-        backlog = self.backlog
-        while True:
-            while backlog and size < self.cfg.max_batch:
-                job = backlog.popleft()
-                jobs.append(job)
-                size += job.size
-            if size >= self.cfg.max_batch or self.stopping:
-                break
+        now_ns = time.monotonic_ns()
+        for _ in range(INTAKE_MESSAGES):
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self.sock.poll(max(1, int(remaining * 1000))):
-                    break
-                continue
-            self._accept(frames)
-        self._flush()
-        self.last_batch = len(jobs)
-        return jobs
+                break
+            if frames[0] == protocol.W_STOP:
+                self.stopping = True
+                break
+            if frames[0] == protocol.W_REQUEST:
+                self._decode(frames, jobs, now_ns)
+        if jobs:
+            self.queue.put(self._tokenized(jobs))
+        if self.stopping:
+            self.queue.close()
+        if self.outbox:
+            self.sock.send_multipart([protocol.W_REPLY, *self.outbox])
+            self.outbox = []
 
-    def _accept(self, frames: list[bytes]) -> None:
-        """Decode one backend message into the backlog; bad bodies get their error reply."""
-        if frames[0] == protocol.W_STOP:
-            self.stopping = True
-            return
-        if frames[0] != protocol.W_REQUEST:
-            return
+    def _serve_queued_here(self) -> None:
+        assert self.device is not None
+        for message in self.device.serve_queued():
+            self.sock.send_multipart(message)
+
+    def _decode(self, frames: list[bytes], jobs: list[Job], now_ns: int) -> None:
         for i in range(1, len(frames) - 1, 2):
             seq, enqueued_ns, op = protocol.split_request_head(frames[i])
             try:
-                self.backlog.append(decode_job(seq, op, frames[i + 1], enqueued_ns,
-                                               self.limits))
+                job = decode_job(seq, op, frames[i + 1], enqueued_ns, self.limits)
             except BadBody as exc:
                 self._reply_error(seq, exc.code, str(exc))
+                continue
+            job.received_ns, job.transit_ns = now_ns, now_ns - enqueued_ns
+            jobs.append(job)
 
-    def _serve(self, jobs: list[Job]) -> None:
-        if self.settings.model == "echo":
-            for job in jobs:
-                self._reply(seq=job.seq, body={"scores": [0.0] * (len(job.texts) // 2),
-                                               "version": self.cfg.version})
-            return
-        unique = list(dict.fromkeys(t for job in jobs for t in job.texts))
-        self._count_batch(jobs, unique)
+    def _tokenized(self, jobs: list[Job]) -> list[Job]:
+        """The jobs with their token ids (each distinct text tokenised once); a job whose
+        texts the tokenizer fails on gets its error reply instead."""
+        if self.encoder is None:
+            return jobs
         try:
-            vectors = self.encoder.embed(unique).numpy()
-        except Exception as exc:  # OOM, a model that cannot take some input: the worker lives
-            _release_cuda_cache()
-            self.stats.failed_batches += 1
-            if len(jobs) > 1:
-                # One request's failure must not fail the others batched with it.
-                log.warning("forward pass of %d requests failed (%s: %s); running each alone",
-                            len(jobs), type(exc).__name__, exc)
-                for job in jobs:
-                    self._serve([job])
-                return
-            log.exception("forward pass failed for request %s", jobs[0].seq.hex())
-            self._reply_error(jobs[0].seq, protocol.INTERNAL, f"{type(exc).__name__}: {exc}"[:500])
-            return
-        index = {t: i for i, t in enumerate(unique)}
+            unique = list(dict.fromkeys(t for job in jobs for t in job.texts))
+            ids = dict(zip(unique, self.encoder.token_ids(unique), strict=True))
+        except Exception as exc:
+            if len(jobs) == 1:
+                log.exception("tokenizing request %s failed", jobs[0].seq.hex())
+                self._reply_error(jobs[0].seq, protocol.INTERNAL,
+                                  f"{type(exc).__name__}: {exc}"[:500])
+                return []
+            return [ok for job in jobs for ok in self._tokenized([job])]
         for job in jobs:
-            rows = vectors[[index[t] for t in job.texts]]
-            if job.op == protocol.OP_EMBED:
-                self._reply(job.seq, {"embeddings": rows, "dim": int(rows.shape[1]),
-                                      "version": self.cfg.version})
-            else:
-                scores = (rows[0::2] * rows[1::2]).sum(axis=1)
-                self._reply(job.seq, {"scores": scores.tolist(), "version": self.cfg.version})
-
-    def _count_batch(self, jobs: list[Job], unique: list[str]) -> None:
-        self.stats.count_batch(requests=len(jobs), texts=sum(len(job.texts) for job in jobs),
-                               unique_texts=len(unique), items=sum(job.size for job in jobs))
-
-    def _reply(self, seq: bytes, body: dict) -> None:
-        raw = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
-        self.outbox += (protocol.reply_head(seq, protocol.STATUS_OK), raw)
+            job.ids = [ids[t] for t in job.texts]
+            job.tokens = sum(map(len, job.ids))
+        return jobs
 
     def _reply_error(self, seq: bytes, code: str, message: str) -> None:
         self.outbox += (protocol.reply_head(seq, protocol.STATUS_ERROR),
                         protocol.error_body(code, message))
-
-    def _flush(self) -> None:
-        """Send every reply waiting, in one message."""
-        if self.outbox:
-            self.sock.send_multipart([protocol.W_REPLY, *self.outbox])
-            self.outbox = []
 
 
 def _release_cuda_cache() -> None:

@@ -70,6 +70,13 @@ def test_bench_baseline_measures_the_seed_and_the_batched_loop_on_the_pools_devi
     assert all(usage["cpu_percent"][role] > 0 for role in ("router", "workers", "producers"))
     assert len(usage["per_worker_cpu_percent"]) == 2 and report["producers"] == 2
     assert "gpu_busy_percent" not in usage
+    # ... and the workers' own timers: how busy each device thread was, where a request's
+    # time inside the pool went.
+    busy = usage["device_busy_percent"]
+    assert len(busy) == 2 and all(0 < v <= 100 for v in busy.values())
+    stages = usage["request_ms"]
+    assert stages["to_worker"] > 0 and stages["in_pass"] > 0
+    assert stages["queued_in_worker"] >= 0
     assert base["seed_pairs_per_s"] > 0 and base["batched_pairs_per_s"] > 0
     assert base["pool_pairs_per_s"] == report["pairs_per_s"]
     # The report rounds its ratios to two decimals, the throughputs to one.

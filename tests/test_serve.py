@@ -262,6 +262,46 @@ def test_a_bfloat16_pool_says_so_and_scores_within_the_low_precision_bound(
         stop_pool(running)
 
 
+def test_a_token_budget_keeps_every_pass_under_it_and_scores_unchanged(
+        models: dict[str, Path], reference: dict[str, Reference]) -> None:
+    from transformers import AutoTokenizer
+
+    from pool.reports import BATCH_SIZE_BUCKETS
+
+    budget = 60
+    tokenizer = AutoTokenizer.from_pretrained(models["v1"])
+    pairs = [(SENTENCES[i % 8], SENTENCES[(i * 3 + 1) % 8]) for i in range(80)]
+    tokens = sorted(len(tokenizer(a)["input_ids"]) + len(tokenizer(b)["input_ids"])
+                    for a, b in pairs)
+    most = max(k for k in range(1, len(tokens) + 1) if sum(tokens[:k]) <= budget)
+    running = start_pool(models["v1"], "--max-batch-tokens", str(budget), "--max-wait-ms",
+                         "20", workers=1)
+    try:
+        status = running.status()
+        assert status["settings"]["max_batch_tokens"] == budget
+        time.sleep(1.2)  # the health probe (one request over the budget: it ran alone) is
+        before = running.status()["workers"][0]["batching"]["batch_size_counts"]  # counted
+        sock = dealer(running.endpoint)
+        for i, pair in enumerate(pairs):
+            sock.send_multipart([PROTOCOL, b"%d" % i, b"similarity", b"",
+                                 orjson.dumps({"pairs": [list(pair)]})])
+        replies = recv_all(sock, len(pairs))
+        sock.close()
+        for i, (a, b) in enumerate(pairs):
+            frames = replies[b"%d" % i]
+            assert frames[2] == b"ok"
+            score = orjson.loads(frames[3])["scores"][0]
+            assert score == pytest.approx(reference["v1"].similarity(a, b), abs=1e-4)
+        time.sleep(1.5)  # a heartbeat carries the batch sizes
+        after = running.status()["workers"][0]["batching"]["batch_size_counts"]
+        counts = [b - a for a, b in zip(before, after, strict=True)]
+        lowest = [1] + [bound + 1 for bound in BATCH_SIZE_BUCKETS]  # of each bucket
+        over = [n for low, n in zip(lowest, counts, strict=True) if low > most and n]
+        assert sum(counts) > 0 and not over, f"passes over the budget: {counts}"
+    finally:
+        stop_pool(running)
+
+
 def test_serve_refuses_an_unknown_dtype(models: dict[str, Path], tmp_path: Path) -> None:
     done = run_cli("serve", "--path", str(models["v1"]), "--dtype", "int4",
                    "--state-dir", str(tmp_path), env=dict(os.environ), timeout=60)

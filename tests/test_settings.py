@@ -12,7 +12,8 @@ from cli.main import serve
 from pool import config
 from pool.worker import WorkerConfig
 
-STATUS_KEYS = {"workers", "devices", "dtype", "graph", "max_batch", "max_wait_ms", "threads",
+STATUS_KEYS = {"workers", "devices", "dtype", "graph", "max_batch", "max_batch_tokens",
+               "max_wait_ms", "threads",
                "start_method", "load_niceness", "crash_retry_s", "max_queue", "queue_timeout_s",
                "max_pairs", "max_text_chars", "max_message_bytes", "metrics_port",
                "shutdown_drain_s"}

@@ -1,5 +1,7 @@
 """Where a bench run's time went: CPU of the pool's router, its workers and the producers
-(psutil), and how busy the pool's GPUs were (NVML), over the load.
+(psutil), how busy the pool's GPUs were (NVML), and the workers' own timers (how busy each
+device thread was; a request's time to the worker, queued in it and in its pass), over the
+load.
 
 CPU is in percent of one core (200 = two cores busy), from each process's own CPU seconds:
 the router and the workers are read from the pool's status at the start and every
@@ -48,6 +50,9 @@ class UsageMeter:
     gpu_busy: dict[int, list[float]] = field(default_factory=dict)
     gpus: set[int] = field(default_factory=set)  # indices the pool's workers run on
     next_status: float = 0.0
+    # worker pid -> its batching totals (pool.reports.BatchStats) at the first and the
+    # latest status reading
+    batching: dict[int, tuple[dict, dict]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, state_dir: Path | None) -> UsageMeter | None:
@@ -91,9 +96,16 @@ class UsageMeter:
             self.meters[pid] = Meter(role, process, now if first else 0.0, now)
         self.gpus |= {int(w["device"].partition(":")[2]) for w in status["workers"]
                       if w["device"].startswith("cuda:")}
+        for w in status["workers"]:
+            stats = w.get("batching") or {}
+            if stats:
+                earlier = self.batching.get(w["pid"], ({} if not first else stats, {}))[0]
+                self.batching[w["pid"]] = (earlier, stats)
 
     def report(self, producer_cpu_s: float) -> dict[str, Any]:
-        """The figures over the load: CPU % of one core per role, GPU busy % per GPU."""
+        """The figures over the load: CPU % of one core per role, GPU busy % per GPU, the
+        workers' device threads' busy % and a request's time in the pool by stage."""
+        self.next_status = 0.0  # the workers' latest totals
         self.tick()
         seconds = max(time.monotonic() - self.started, 1e-9)
 
@@ -109,10 +121,32 @@ class UsageMeter:
                             "producers": percent(producer_cpu_s)},
             "per_worker_cpu_percent": {str(pid): percent(s) for pid, s in workers.items()},
         }
+        usage |= self._worker_times()
         if self.gpu_busy:
             usage["gpu_busy_percent"] = {str(i): round(sum(v) / len(v), 1)
                                          for i, v in sorted(self.gpu_busy.items())}
         return usage
+
+
+    def _worker_times(self) -> dict[str, Any]:
+        """From the workers' own timers over the load: how busy each device thread was, and
+        where a request's time inside the pool went (means, ms)."""
+        def delta(key: str) -> dict[int, float]:
+            return {pid: last.get(key, 0) - first.get(key, 0)
+                    for pid, (first, last) in self.batching.items()}
+
+        busy, idle = delta("device_busy_s"), delta("device_idle_s")
+        requests = sum(delta("requests").values())
+        out: dict[str, Any] = {"device_busy_percent": {
+            str(pid): round(100 * busy[pid] / (busy[pid] + idle[pid]), 1)
+            for pid in busy if busy[pid] + idle[pid] > 0}}
+        if requests:
+            out["request_ms"] = {
+                stage: round(1000 * sum(delta(key).values()) / requests, 2)
+                for stage, key in (("to_worker", "request_transit_s"),
+                                   ("queued_in_worker", "request_queued_s"),
+                                   ("in_pass", "request_pass_s"))}
+        return out
 
 
 def cpu_seconds(process: psutil.Process) -> float:

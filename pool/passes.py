@@ -1,0 +1,229 @@
+"""A worker's device thread: batches out of the job queue, one forward pass each, replies.
+
+The worker's main thread (pool.worker.WorkerLoop) owns the backend socket: it receives,
+decodes, validates and tokenises requests, and queues them here as Jobs. This thread takes
+whatever is queued (up to max_batch pairs, waiting up to max_wait_ms to fill a batch), runs
+one deduplicated forward pass, and sends the batch's replies, one message, over an inproc
+PAIR socket of its own that the main thread forwards to the router. So the next batch is
+received and tokenised while the device computes this one: the Rust tokenizer and torch
+both run without the GIL, on the cores the device thread leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import zmq
+
+from pool.reports import BatchStats
+from router import protocol
+
+log = logging.getLogger("zeropool.worker")
+
+# Frames on the PAIR socket from the device thread besides reply messages: it has stopped,
+# after answering every job queued before the stop; or it has died of a bug.
+PASSES_DONE = b"\x00passes-done"
+PASSES_CRASHED = b"\x00passes-crashed"
+QUEUE_POLL_S = 1.0  # how often a wait on the queue looks up from it (bounds every wait)
+
+
+@dataclass(slots=True)
+class Job:
+    seq: bytes
+    op: bytes
+    texts: list[str]  # embed: the texts; similarity: a, b, a, b, ...
+    size: int  # pairs (similarity) or texts (embed): what counts against max_batch
+    ids: list[list[int]] | None = None  # token ids per text, filled at intake (echo: none)
+    tokens: int = 0  # the ids' lengths summed: what counts against max_batch_tokens
+    received_ns: int = 0  # monotonic, at intake
+    transit_ns: int = 0  # from the router taking it to intake (one machine, one clock)
+
+
+class JobQueue:
+    """Jobs decoded and tokenised by the main thread, waiting for the device thread."""
+
+    def __init__(self) -> None:
+        self._jobs: deque[Job] = deque()
+        self._ready = threading.Condition()
+        self.closed = False  # no more jobs: the device thread stops once this is empty
+
+    def put(self, jobs: list[Job]) -> None:
+        with self._ready:
+            self._jobs.extend(jobs)
+            self._ready.notify()
+
+    def close(self) -> None:
+        with self._ready:
+            self.closed = True
+            self._ready.notify()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def take(self, max_size: int, wait_s: float, max_tokens: int = 0) -> list[Job] | None:
+        """Jobs up to max_size (pairs or texts; the last job may go over) and, if max_tokens,
+        short of max_tokens (a job over it alone is taken alone); waiting for the first job,
+        then up to wait_s for more. None once closed and empty."""
+        taken: list[Job] = []
+        size = tokens = 0
+        deadline = None
+        jobs = self._jobs
+        with self._ready:
+            while True:
+                while jobs and size < max_size and not (
+                        max_tokens and taken and tokens + jobs[0].tokens > max_tokens):
+                    job = jobs.popleft()
+                    taken.append(job)
+                    size += job.size
+                    tokens += job.tokens
+                full = size >= max_size or bool(max_tokens and jobs and taken)
+                if full or (taken and self.closed):
+                    return taken
+                if not taken:
+                    if self.closed:
+                        return None
+                    self._ready.wait(QUEUE_POLL_S)
+                    continue
+                if deadline is None:
+                    deadline = time.monotonic() + wait_s
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return taken
+                self._ready.wait(remaining)
+
+
+class DeviceThread:
+    """Runs the forward passes: `embed` (token ids of distinct texts -> their normalised
+    vectors, a numpy array, one row per text) or, on the echo model, none."""
+
+    def __init__(self, queue: JobQueue, version: str, max_batch: int, max_wait_ms: float,
+                 embed: Callable[[list[list[int]]], Any] | None, stats: BatchStats,
+                 on_failure: Callable[[], None] = lambda: None, max_batch_tokens: int = 0,
+                 ) -> None:
+        self.queue = queue
+        self.version = version
+        self.max_batch = max_batch
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_ms / 1000
+        self.embed = embed
+        self.stats = stats  # the main thread reads it for heartbeats
+        self.on_failure = on_failure  # after a failed pass (frees device memory)
+        self.pass_started = 0.0  # monotonic start of the pass running now; 0 between passes
+        self.last_batch = 0  # requests in the previous batch: is there concurrent load?
+        self.outbox: list[bytes] = []
+
+    def run(self, pair: zmq.Socket) -> None:
+        """Until the queue is closed and empty. `pair`: this thread's own end of the PAIR
+        to the main thread, made in this thread."""
+        try:
+            idle_since = time.monotonic_ns()
+            while (jobs := self._next_batch()) is not None:
+                started = time.monotonic_ns()
+                self.pass_started = started / 1e9
+                self._serve(jobs)
+                self.pass_started = 0.0
+                pair.send_multipart([protocol.W_REPLY, *self.outbox])
+                self.outbox = []
+                done = time.monotonic_ns()
+                self._count_times(jobs, idle_since, started, done)
+                idle_since = done
+        except Exception:  # a bug: the worker must exit, so that its requests are re-run
+            log.exception("the device thread failed")
+            pair.send(PASSES_CRASHED)
+        else:
+            pair.send(PASSES_DONE)
+
+    def serve_queued(self) -> list[list[bytes]]:
+        """Everything queued now, served on the calling thread instead (the echo model):
+        one reply message per pass. Only for a queue no other thread takes from."""
+        messages = []
+        while len(self.queue):
+            jobs = self.queue.take(self.max_batch, 0.0, self.max_batch_tokens)
+            if jobs is None:
+                break
+            self._serve(jobs)
+            messages.append([protocol.W_REPLY, *self.outbox])
+            self.outbox = []
+        return messages
+
+    def _next_batch(self) -> list[Job] | None:
+        # The wait only pays off under concurrent load: after a batch of one request, the
+        # next request is served at once instead of idling max_wait_ms for company.
+        wait_s = self.max_wait_s if self.last_batch > 1 else 0.0
+        jobs = self.queue.take(self.max_batch, wait_s, self.max_batch_tokens)
+        self.last_batch = len(jobs) if jobs else 0
+        return jobs
+
+    def _serve(self, jobs: list[Job]) -> None:
+        if self.embed is None:  # the echo model
+            for job in jobs:
+                self._reply(job.seq, {"scores": [0.0] * (len(job.texts) // 2),
+                                      "version": self.version})
+            return
+        first_ids: dict[str, list[int]] = {}
+        for job in jobs:
+            for text, ids in zip(job.texts, job.ids or (), strict=True):
+                first_ids.setdefault(text, ids)
+        unique = list(first_ids)
+        self._count_batch(jobs, len(unique))
+        try:
+            vectors = self.embed(list(first_ids.values()))
+        except Exception as exc:  # OOM, a model that cannot take some input: the worker lives
+            self.on_failure()
+            self.stats.failed_batches += 1
+            if len(jobs) > 1:
+                # One request's failure must not fail the others batched with it.
+                log.warning("forward pass of %d requests failed (%s: %s); running each alone",
+                            len(jobs), type(exc).__name__, exc)
+                for job in jobs:
+                    self._serve([job])
+                return
+            log.exception("forward pass failed for request %s", jobs[0].seq.hex())
+            self.reply_error(jobs[0].seq, protocol.INTERNAL, f"{type(exc).__name__}: {exc}"[:500])
+            return
+        index = {t: i for i, t in enumerate(unique)}
+        pairs = [job for job in jobs if job.op != protocol.OP_EMBED]
+        if pairs:  # every similarity request's scores in one vector operation
+            rows = vectors[[index[t] for job in pairs for t in job.texts]]
+            scores = (rows[0::2] * rows[1::2]).sum(axis=1).tolist()
+            at = 0
+            for job in pairs:
+                self._reply(job.seq, {"scores": scores[at:at + job.size],
+                                      "version": self.version})
+                at += job.size
+        for job in jobs:
+            if job.op == protocol.OP_EMBED:
+                rows = vectors[[index[t] for t in job.texts]]
+                self._reply(job.seq, {"embeddings": rows, "dim": int(rows.shape[1]),
+                                      "version": self.version})
+
+    def _count_times(self, jobs: list[Job], idle_since: int, started: int, done: int) -> None:
+        self.stats.count_times(
+            busy_s=(done - started) / 1e9, idle_s=(started - idle_since) / 1e9,
+            transit_s=sum(job.transit_ns for job in jobs) / 1e9,
+            queued_s=sum(started - job.received_ns for job in jobs) / 1e9,
+            pass_s=(done - started) * len(jobs) / 1e9)
+
+    def busy_seconds(self, now: float) -> float:
+        """Seconds computing so far, the pass running now included."""
+        started = self.pass_started
+        return self.stats.device_busy_s + (now - started if started else 0.0)
+
+    def _count_batch(self, jobs: list[Job], unique_texts: int) -> None:
+        self.stats.count_batch(requests=len(jobs), texts=sum(len(job.texts) for job in jobs),
+                               unique_texts=unique_texts, items=sum(job.size for job in jobs))
+
+    def _reply(self, seq: bytes, body: dict) -> None:
+        raw = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        self.outbox += (protocol.reply_head(seq, protocol.STATUS_OK), raw)
+
+    def reply_error(self, seq: bytes, code: str, message: str) -> None:
+        self.outbox += (protocol.reply_head(seq, protocol.STATUS_ERROR),
+                        protocol.error_body(code, message))

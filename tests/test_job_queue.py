@@ -1,0 +1,96 @@
+"""How a worker's device thread takes its next pass out of the job queue (pool.passes):
+max_batch pairs, the --max-batch-tokens budget, the wait to fill a batch, the stop."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pool.passes import Job, JobQueue
+
+
+def job(n: int, size: int = 1, tokens: int = 10) -> Job:
+    return Job(seq=n.to_bytes(8, "little"), op=b"similarity", texts=["a", "b"] * size,
+               size=size, tokens=tokens)
+
+
+def numbers(jobs: list[Job] | None) -> list[int]:
+    assert jobs is not None
+    return [int.from_bytes(j.seq, "little") for j in jobs]
+
+
+def test_a_pass_takes_up_to_max_batch_pairs_in_order_and_the_last_request_may_go_over() -> None:
+    queue = JobQueue()
+    queue.put([job(1, size=3), job(2, size=3), job(3, size=1)])
+    assert numbers(queue.take(max_size=4, wait_s=0)) == [1, 2]  # 6 pairs: never split a request
+    assert numbers(queue.take(max_size=4, wait_s=0)) == [3]
+
+
+def test_the_token_budget_stops_a_pass_short_and_a_long_request_runs_alone() -> None:
+    queue = JobQueue()
+    queue.put([job(1, tokens=40), job(2, tokens=50), job(3, tokens=500), job(4, tokens=10)])
+    assert numbers(queue.take(64, 0, max_tokens=100)) == [1, 2]
+    assert numbers(queue.take(64, 0, max_tokens=100)) == [3]  # over the budget alone
+    assert numbers(queue.take(64, 0, max_tokens=100)) == [4]
+
+
+def test_a_pass_waits_up_to_wait_s_for_company_then_goes() -> None:
+    queue = JobQueue()
+    queue.put([job(1)])
+    later = threading.Timer(0.05, lambda: queue.put([job(2)]))
+    later.start()
+    start = time.monotonic()
+    assert numbers(queue.take(64, wait_s=0.3)) == [1, 2]  # the second came within the wait
+    assert 0.29 <= time.monotonic() - start < 3.0
+    later.join()
+
+
+def test_a_full_pass_does_not_wait() -> None:
+    queue = JobQueue()
+    queue.put([job(1, size=2), job(2, size=2)])
+    start = time.monotonic()
+    assert numbers(queue.take(4, wait_s=5.0)) == [1, 2]
+    assert time.monotonic() - start < 1.0
+
+
+def test_a_closed_queue_is_emptied_first_then_ends() -> None:
+    queue = JobQueue()
+    queue.put([job(1), job(2), job(3)])
+    queue.close()
+    assert numbers(queue.take(2, wait_s=5.0)) == [1, 2]
+    assert numbers(queue.take(2, wait_s=5.0)) == [3]  # closed: no wait for company
+    assert queue.take(2, wait_s=5.0) is None
+
+
+def test_a_waiting_take_wakes_on_a_put_and_on_close() -> None:
+    queue = JobQueue()
+    threading.Timer(0.05, lambda: queue.put([job(7)])).start()
+    assert numbers(queue.take(1, wait_s=0)) == [7]
+    threading.Timer(0.05, queue.close).start()
+    assert queue.take(1, wait_s=0) is None
+
+
+@given(st.lists(st.tuples(st.integers(1, 8), st.integers(1, 300)), min_size=1, max_size=30),
+       st.integers(1, 16), st.sampled_from([0, 50, 200, 1000]))
+def test_passes_cover_the_queue_in_order_and_each_is_as_full_as_the_rules_allow(
+    specs: list[tuple[int, int]], max_size: int, max_tokens: int,
+) -> None:
+    queue = JobQueue()
+    queue.put([job(i, size, tokens) for i, (size, tokens) in enumerate(specs)])
+    queue.close()
+    passes = []
+    while (taken := queue.take(max_size, 0, max_tokens)) is not None:
+        passes.append(taken)
+    assert [n for p in passes for n in numbers(p)] == list(range(len(specs)))
+    for i, taken in enumerate(passes):
+        size = sum(j.size for j in taken)
+        tokens = sum(j.tokens for j in taken)
+        assert sum(j.size for j in taken[:-1]) < max_size  # only the last may go over
+        if max_tokens and len(taken) > 1:
+            assert tokens <= max_tokens
+        if i + 1 < len(passes):  # the next request would have broken a rule
+            nxt = passes[i + 1][0]
+            assert size >= max_size or (max_tokens and tokens + nxt.tokens > max_tokens)
