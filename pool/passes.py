@@ -128,11 +128,12 @@ class DeviceThread:
                 started = time.monotonic_ns()
                 self.pass_started = started / 1e9
                 self._serve(jobs)
+                done = time.monotonic_ns()
                 self.pass_started = 0.0
+                # Counted before the replies go, so that a heartbeat sent after them has it.
+                self._count_times(jobs, idle_since, started, done)
                 pair.send_multipart([protocol.W_REPLY, *self.outbox])
                 self.outbox = []
-                done = time.monotonic_ns()
-                self._count_times(jobs, idle_since, started, done)
                 idle_since = done
         except Exception:  # a bug: the worker must exit, so that its requests are re-run
             log.exception("the device thread failed")

@@ -49,9 +49,15 @@ def worker_context(method: str, threads: int) -> BaseContext:
     if method != "forkserver":
         return ctx
     ctx.set_forkserver_preload(PRELOAD)
+    warm_forkserver(ctx, threads)
+    return ctx
+
+
+def warm_forkserver(ctx: BaseContext, threads: int) -> None:
+    """Start the forkserver and wait until it has imported torch (the first process it
+    starts waits for that); raise ForkserverError if it cannot start one."""
     start = time.monotonic()
     ensure_forkserver(threads)
-    # The first start blocks until the preload is done: pay for it here, not in the loop.
     probe = ctx.Process(target=_noop, name="zeropool-forkserver-probe")
     probe.start()
     probe.join(timeout=config.FORKSERVER_START_TIMEOUT_S)
@@ -62,7 +68,18 @@ def worker_context(method: str, threads: int) -> BaseContext:
                               f"{config.FORKSERVER_START_TIMEOUT_S:.0f}s (exit {probe.exitcode})")
     log.info("worker forkserver ready in %.2fs (pid %s)", time.monotonic() - start,
              forkserver_pid())
-    return ctx
+
+
+def forkserver_exited() -> bool:
+    """Whether the forkserver this process started has exited (it was killed). Does not
+    reap it: multiprocessing does, when it starts the next one."""
+    pid = forkserver_pid()
+    if pid is None:
+        return True
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 def ensure_forkserver(threads: int) -> None:

@@ -28,7 +28,7 @@ import psutil
 
 from pool import config
 from pool.health import Expectation, GoldenCheck, judge_probe, probe_body
-from pool.processes import Launcher, Spawner, WorkerProcess
+from pool.processes import Launcher, Spawner, SpawnFailed, SpawnPending, WorkerProcess
 from pool.reports import BatchStats, ReadyInfo
 from pool.worker import WorkerConfig
 from router import protocol
@@ -413,7 +413,8 @@ class Supervisor:
                 used = {w.slot for w in live}
                 free = (s for s in range(wanted + len(live)) if s not in used)
                 for _, slot in zip(range(wanted - len(live)), free, strict=False):
-                    self._spawn(plan, slot)
+                    if not self._spawn(plan, slot):
+                        return
             elif len(live) > wanted:
                 # Workers not yet serving go first, then the least busy.
                 order = {LOADING: 0, CHECKING: 1, READY: 2}
@@ -450,12 +451,19 @@ class Supervisor:
 
     # -- verbs -------------------------------------------------------------------------------
 
-    def _spawn(self, plan: VersionPlan, slot: int) -> Worker:
+    def _spawn(self, plan: VersionPlan, slot: int) -> Worker | None:
+        """The worker started, or None when no process can start now (tried next tick)."""
         s = self.settings
-        self._counter += 1
-        name = f"{plan.version}-{slot}-{self._counter}"
+        name = f"{plan.version}-{slot}-{self._counter + 1}"
         device = s.devices[slot % len(s.devices)]
-        process = self._spawner(WorkerConfig(name, plan.version, plan.path, device, s))
+        try:
+            process = self._spawner(WorkerConfig(name, plan.version, plan.path, device, s))
+        except SpawnPending:
+            return None
+        except SpawnFailed as exc:
+            self._note_crash(plan, f"no worker process could start: {exc}")
+            return None
+        self._counter += 1
         worker = Worker(name.encode(), plan.version, slot, device, process, self.clock(),
                         s.capacity, restarts=plan.restarts)
         self.workers[worker.id] = worker

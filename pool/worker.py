@@ -244,8 +244,9 @@ class WorkerLoop:
                 return
             busy = device.busy_seconds(now)
             if self.last_beat:
-                self.stats.busy_percent = round(
-                    100 * (busy - self.last_busy) / max(now - self.last_beat, 1e-9), 1)
+                # Clamped: a pass that ends while it is read is counted at its end.
+                share = (busy - self.last_busy) / max(now - self.last_beat, 1e-9)
+                self.stats.busy_percent = round(100 * min(max(share, 0.0), 1.0), 1)
             self.last_beat, self.last_busy = now, busy
         self.sock.send_multipart([protocol.W_HEARTBEAT, self.stats.encode()])
         self.next_heartbeat = now + self.cfg.heartbeat_s

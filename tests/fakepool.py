@@ -172,8 +172,11 @@ class FakePool:
         settings = PoolSettings(path="/models/v1", workers=workers, state_dir=state_dir,
                                 max_batch=max_batch, crash_retry_s=crash_retry_s)
         self.processes: list[FakeWorker] = []
+        self.refuse_spawns: Exception | None = None  # what the spawner raises instead
 
         def spawn(cfg: WorkerConfig) -> FakeWorker:
+            if self.refuse_spawns is not None:
+                raise self.refuse_spawns
             worker = FakeWorker(cfg, self.ctx, backend)
             self.processes.append(worker)
             return worker

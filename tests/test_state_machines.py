@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pool import config
+from pool.processes import SpawnFailed, SpawnPending
 from pool.reports import BatchStats
 from pool.rotation import Phase
 from pool.supervisor import CHECKING, DRAINING, LOADING, READY, STOPPING
@@ -144,6 +145,46 @@ def test_a_crashed_workers_requests_run_again_elsewhere_exactly_once(fake: FakeP
     fake.pump()
     assert served >= len(held)
     assert producer.codes() == {str(i).encode(): "ok" for i in range(4)}
+
+
+def test_while_no_process_can_start_requests_wait_and_are_served_once_one_can(
+        fake: FakePool) -> None:
+    serving(fake)
+    producer = fake.producer()
+    for i in range(4):
+        producer.send(str(i).encode())
+    fake.pump()
+    fake.refuse_spawns = SpawnPending("the worker forkserver is restarting")
+    for worker in fake.workers_of("v1"):  # the forkserver was killed: every worker with it
+        worker.exit(-9)
+    fake.tick(5.0)
+    fake.tick(5.0)
+    plan = fake.supervisor.plans["v1"]
+    assert not fake.supervisor.workers and fake.broker.queued == 4
+    assert plan.restarts == 2 and plan.failed is None  # the two deaths, not the waits
+    fake.refuse_spawns = None
+    fake.bring_up("v1")
+    fake.serve_all()
+    assert producer.codes() == {str(i).encode(): "ok" for i in range(4)}
+
+
+def test_a_spawner_that_cannot_start_processes_counts_as_crashes(tmp_path: Path) -> None:
+    fake = FakePool(tmp_path, crash_retry_s=20.0)
+    try:
+        serving(fake, workers=1)
+        fake.refuse_spawns = SpawnFailed("the worker forkserver did not start a process")
+        fake.workers_of("v1")[0].exit(-9)
+        plan = fake.supervisor.plans["v1"]
+        for _ in range(config.CRASH_LOOP_LIMIT):
+            fake.tick(plan.backoff_until - fake.clock() + 0.1)
+        assert plan.crash_loop is not None
+        assert "no worker process could start" in plan.crash_loop
+        fake.refuse_spawns = None
+        fake.tick(20.0)
+        fake.bring_up("v1")
+        assert plan.crash_loop is None
+    finally:
+        fake.close()
 
 
 def test_each_workers_share_goes_in_one_message_and_one_message_answers_it(
