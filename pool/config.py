@@ -15,7 +15,13 @@ from router.protocol import DEFAULT_ENDPOINT
 
 DEFAULT_BIND = DEFAULT_ENDPOINT
 DEFAULT_VERSION = "v1"
-DEFAULT_MAX_BATCH = 64  # pairs (or embed texts) per forward pass
+DEFAULT_MAX_BATCH = 64  # pairs (or embed texts) per forward pass, on CPU
+# On a GPU a pass is launch-bound far beyond 64 pairs: an H200 ran MiniLM at 14,114 pairs/s
+# at 16 pairs per request while 64-pair passes kept it ~9% busy (docs/benchmarks.md,
+# session 5). There, a pass takes up to this many pairs and stops short of the token budget
+# (text-embeddings-inference's default --max-batch-tokens), which bounds its memory.
+GPU_MAX_BATCH = 512
+GPU_MAX_BATCH_TOKENS = 16_384
 DEFAULT_MAX_WAIT_MS = 2.0  # how long a worker waits to fill a batch
 DEFAULT_MAX_QUEUE = 10_000  # requests waiting in the router before `overloaded`
 DEFAULT_QUEUE_TIMEOUT_S = 30.0  # queued longer than this: `timeout`
@@ -101,6 +107,14 @@ def default_workers(devices: list[str]) -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+def default_max_batch(devices: list[str]) -> int:
+    return GPU_MAX_BATCH if devices[0].startswith("cuda") else DEFAULT_MAX_BATCH
+
+
+def default_max_batch_tokens(devices: list[str]) -> int:
+    return GPU_MAX_BATCH_TOKENS if devices[0].startswith("cuda") else 0
+
+
 def default_threads(devices: list[str], workers: int) -> int:
     if devices[0].startswith("cuda"):
         return 1
@@ -170,11 +184,14 @@ class PoolSettings:
         "auto", "How forward passes run: auto (a TorchScript graph on CPU, checked against the "
         "model at load, eager if it cannot be traced; eager on CUDA) | traced | eager.",
         shown=True, choices=GRAPH_NAMES)
-    max_batch: int = setting(DEFAULT_MAX_BATCH, "Pairs per forward pass.", min=1, shown=True)
+    max_batch: int = setting(
+        DEFAULT_MAX_BATCH, f"Pairs per forward pass (default {DEFAULT_MAX_BATCH} on CPU, "
+        f"{GPU_MAX_BATCH} on GPUs).", min=1, flag_type=int | None, shown=True)
     max_batch_tokens: int = setting(
         0, "Tokens per forward pass (its texts' token counts summed, as text-embeddings-"
         "inference counts): a pass stops before going over; a request over it alone runs "
-        "alone. 0: none, --max-batch alone bounds a pass.", min=0, shown=True)
+        f"alone. 0: none, --max-batch alone bounds a pass (default on CPU; {GPU_MAX_BATCH_TOKENS}"
+        " on GPUs).", min=0, flag_type=int | None, shown=True)
     max_wait_ms: float = setting(
         DEFAULT_MAX_WAIT_MS, "How long a worker waits to fill a batch.", min=0, shown=True)
     threads: int = setting(
@@ -302,7 +319,15 @@ def resolve_settings(values: dict[str, Any]) -> PoolSettings:
     return PoolSettings(**{
         **values, "path": str(Path(path).resolve()), "version": version or DEFAULT_VERSION,
         "state_dir": state_dir, "devices": devices, "workers": workers,
-        "threads": values["threads"] or default_threads(devices, workers)})
+        "threads": values["threads"] or default_threads(devices, workers),
+        "max_batch": _given(values["max_batch"], default_max_batch(devices)),
+        "max_batch_tokens": _given(values["max_batch_tokens"],
+                                   default_max_batch_tokens(devices))})
+
+
+def _given(value: Any, default: Any) -> Any:
+    """A flag's value where one was given (0 included), else the device's default."""
+    return default if value is None else value
 
 
 def option_name(name: str, spec: Flag) -> str:

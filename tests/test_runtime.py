@@ -17,6 +17,7 @@ from pool.runtime import (
     Encoder,
     GraphCheckFailed,
     cpu_flags,
+    padded,
     plan_chunks,
     resolve_dtype,
     token_id_encoder,
@@ -227,6 +228,30 @@ def test_scores_do_not_depend_on_how_texts_are_split(models: dict[str, Path]) ->
     one_pass = Encoder(str(models["v1"]), overhead_tokens=10**9).similarity(pairs)
     per_length = Encoder(str(models["v1"]), overhead_tokens=0).similarity(pairs)
     assert max(abs(a - b) for a, b in zip(one_pass, per_length, strict=True)) < 1e-5
+
+
+def test_padding_to_a_wider_multiple_leaves_the_embeddings_as_they_were(
+        models: dict[str, Path]) -> None:
+    # What a CUDA worker does to every pass (CUDA_WIDTH_MULTIPLE), checked here on CPU.
+    pairs = list(itertools.combinations(SENTENCES, 2))
+    tight = Encoder(str(models["v1"]), dtype="float32")
+    wide = Encoder(str(models["v1"]), dtype="float32")
+    wide.width_multiple = 16
+    assert wide._batch(wide.token_ids(["a"]))["input_ids"].shape[1] == 16
+    got, want = wide.similarity(pairs), tight.similarity(pairs)
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-5
+
+
+@given(ids=st.lists(st.lists(st.integers(0, 2**40), max_size=20), min_size=1, max_size=20),
+       multiple=st.integers(1, 16), pad=st.integers(0, 3))
+def test_padded_ids_and_mask_are_the_rows_padded_to_a_multiple_of_the_longest(
+        ids: list[list[int]], multiple: int, pad: int) -> None:
+    matrix, mask = padded(ids, pad, multiple)
+    longest = max(map(len, ids))
+    width = matrix.shape[1]
+    assert width % multiple == 0 and longest <= width < longest + multiple
+    assert matrix.tolist() == [row + [pad] * (width - len(row)) for row in ids]
+    assert mask.tolist() == [[1] * len(row) + [0] * (width - len(row)) for row in ids]
 
 
 @pytest.fixture(scope="module")

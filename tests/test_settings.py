@@ -58,3 +58,20 @@ def test_resolving_fills_what_depends_on_the_machine(tmp_path) -> None:
     assert settings.devices == ["cpu"] and settings.workers == 2
     assert settings.threads == config.default_threads(["cpu"], 2)
     assert settings.version == config.DEFAULT_VERSION
+
+
+def test_batch_bounds_default_by_device_and_a_given_value_wins(tmp_path) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    values = {name: config.flag_default(spec, name) for name, _, spec in config.flags()}
+    values |= {"path": str(model), "state_dir": tmp_path / "state"}
+
+    def resolved(**given):
+        settings = config.resolve_settings({**values, **given})
+        return settings.max_batch, settings.max_batch_tokens
+
+    assert resolved(devices="cpu") == (config.DEFAULT_MAX_BATCH, 0)
+    assert resolved(devices="cuda:0") == (config.GPU_MAX_BATCH, config.GPU_MAX_BATCH_TOKENS)
+    # 0 is a value (no token budget), not "not given".
+    assert resolved(devices="cuda:0", max_batch=32, max_batch_tokens=0) == (32, 0)
