@@ -243,8 +243,8 @@ class Thresholds:
             raise ValueError(f"low threshold {self.low} must be below high threshold {self.high}")
 
     def __str__(self) -> str:
-        """The form parse_thresholds reads back: "HIGH,LOW"."""
-        return f"{self.high:g},{self.low:g}"
+        """The form parse_thresholds reads back, exactly: "HIGH,LOW"."""
+        return f"{self.high!r},{self.low!r}"
 
 
 # The seed's thresholds (router.client.VERY_SIMILAR, router.client.RELATED).
@@ -278,16 +278,19 @@ def parse_thresholds(flag: str) -> Thresholds:
 def verdict(score: float, thresholds: Thresholds = SEED_THRESHOLDS) -> str:
     if not math.isfinite(score):
         raise ValueError(f"score {score} is not a finite number")
-    if score > thresholds.high:
-        return VERDICT_VERY_SIMILAR
-    if score > thresholds.low:
-        return VERDICT_RELATED
-    return VERDICT_UNRELATED
+    return VERDICT_OF_LABEL[int(predicted_labels(np.array([score]), thresholds)[0])]
+
+
+def clip_scores(scores: ScoreArray) -> ScoreArray:
+    """Scores within [-1, 1]: a cosine can come out a rounding error past either end, and
+    thresholds cannot be placed there (a high of 1 means nothing is "very similar")."""
+    return np.clip(scores, MIN_SCORE, MAX_SCORE)
 
 
 def predicted_labels(scores: ScoreArray, thresholds: Thresholds) -> npt.NDArray[np.int64]:
-    """The label each score's verdict stands for; the same comparisons as verdict()."""
-    return (scores > thresholds.low).astype(np.int64) + (scores > thresholds.high)
+    """The label each score's verdict stands for: 2 above high, 1 above low, else 0."""
+    clipped = clip_scores(scores)
+    return (clipped > thresholds.low).astype(np.int64) + (clipped > thresholds.high)
 
 
 def verdict_accuracy(scores: Sequence[float] | ScoreArray,
@@ -298,61 +301,98 @@ def verdict_accuracy(scores: Sequence[float] | ScoreArray,
     return float(np.mean(predicted_labels(score_array, thresholds) == truth))
 
 
+@dataclass(frozen=True, slots=True)
+class ScoreGaps:
+    """[-1, 1] cut at the distinct scores: a threshold anywhere in one gap gives every pair
+    the same verdict. Gap k is [lower[k], upper[k]), the last one closed at 1."""
+
+    lower: ScoreArray
+    upper: ScoreArray
+    one_cut: ScoreArray  # a threshold in each gap, halfway across
+    two_cuts: list[tuple[float, float] | None]  # low < high both in the gap, where it has room
+
+
+def score_gaps(clipped: ScoreArray) -> ScoreGaps:
+    distinct = np.unique(clipped)
+    lower = np.concatenate(([MIN_SCORE], distinct))
+    upper = np.concatenate((distinct, [MAX_SCORE]))
+    if distinct[0] == MIN_SCORE:  # [-1, -1) holds no threshold
+        lower, upper = lower[1:], upper[1:]
+    last = len(lower) - 1
+
+    def in_gap(gap: int, value: float) -> bool:
+        return bool(lower[gap] <= value < upper[gap] or (gap == last and value == upper[gap]))
+
+    one_cut: list[float] = []
+    two_cuts: list[tuple[float, float] | None] = []
+    for gap in range(len(lower)):
+        width = upper[gap] - lower[gap]
+        halfway = float(lower[gap] + width / 2)
+        third, two_thirds = float(lower[gap] + width / 3), float(lower[gap] + width * 2 / 3)
+        next_float = float(np.nextafter(lower[gap], np.inf))
+        # Across a gap of a few adjacent floats, halfway and the thirds round onto its ends.
+        one_cut.append(halfway if in_gap(gap, halfway) else float(lower[gap]))
+        if third < two_thirds and in_gap(gap, third) and in_gap(gap, two_thirds):
+            two_cuts.append((third, two_thirds))
+        elif in_gap(gap, next_float):
+            two_cuts.append((float(lower[gap]), next_float))
+        else:
+            two_cuts.append(None)
+    return ScoreGaps(lower=lower, upper=upper, one_cut=np.array(one_cut), two_cuts=two_cuts)
+
+
 def fit_thresholds(scores: Sequence[float] | ScoreArray,
                    labels: Sequence[int] | npt.NDArray[Any]) -> Thresholds:
     """The thresholds with the highest verdict accuracy on these pairs, exactly.
 
-    Candidate cut points are -1, 1 and the midpoint between each two neighbouring distinct
-    scores, so a score a little off its place does not cross a cut (where two scores are
-    adjacent floats, the lower one), clipped to [-1, 1] (a cosine can come out a rounding
-    error above 1). Every choice of cuts in [-1, 1] sorts the pairs as one of these candidate
-    pairs does, so their best is the best. Among equally accurate pairs the one with the
-    lowest `high` wins, then the lowest `low`. O(n log n).
+    Scores are clipped to [-1, 1] (clip_scores), and [-1, 1] is cut at each distinct score
+    into gaps (score_gaps): thresholds anywhere in one gap give the same verdicts, so trying
+    every gap for `low` with every gap at or above it for `high` is exhaustive. A threshold
+    is placed halfway across its gap, so that a score a little off its place does not cross
+    it; where low and high share a gap (no pair is best called "related"), at its thirds.
+
+    Among equally accurate choices: low and high in different gaps (a "related" band kept)
+    before both in one gap; then the lowest gap for high; then the lowest gap for low.
+    O(n log n) for the sort, then one pass over the gaps.
 
     Fitted on the pairs it is then scored on, the accuracy is optimistic: report it beside
     the accuracy at thresholds chosen beforehand.
     """
     score_array, label_array = checked_scores(scores, labels)
     truth = checked_labels(label_array)
-    cuts = candidate_cuts(score_array)
+    clipped = clip_scores(score_array)
+    gaps = score_gaps(clipped)
 
-    # cumulative[k][c]: how many pairs labelled k score <= cuts[c] (verdict uses score > cut).
-    order = np.argsort(score_array, kind="stable")
-    ordered_scores, ordered_truth = score_array[order], truth[order]
-    positions = np.searchsorted(ordered_scores, cuts, side="right")
-    cumulative = {label: np.concatenate(([0], np.cumsum(ordered_truth == label)))[positions]
-                  for label in LABELS}
-    # Correct verdicts with low = cuts[i] < high = cuts[j]:
-    #   unrelated <= cuts[i], cuts[i] < related <= cuts[j], same meaning > cuts[j]
-    # = (below0[i] - below1[i]) + (below1[j] - below2[j]) + count2: a best i for each j.
-    gain_low = cumulative[UNRELATED] - cumulative[RELATED]
-    gain_high = cumulative[RELATED] - cumulative[SAME_MEANING]
-    best_low, best_correct, best_pair = 0, -1, (0, 1)
-    for high_index in range(1, len(cuts)):
-        # Strict comparisons keep the first (lowest) index among equals.
-        if gain_low[high_index - 1] > gain_low[best_low]:
-            best_low = high_index - 1
-        correct = int(gain_low[best_low] + gain_high[high_index])
-        if correct > best_correct:
-            best_correct, best_pair = correct, (best_low, high_index)
-    low_index, high_index = best_pair
-    return Thresholds(high=float(cuts[high_index]), low=float(cuts[low_index]))
+    # at_or_below[k][g]: how many pairs labelled k score <= a threshold in gap g.
+    order = np.argsort(clipped, kind="stable")
+    ordered_scores, ordered_truth = clipped[order], truth[order]
+    positions = np.searchsorted(ordered_scores, gaps.one_cut, side="right")
+    at_or_below = {label: np.concatenate(([0], np.cumsum(ordered_truth == label)))[positions]
+                   for label in LABELS}
+    # Correct verdicts with low in gap i, high in gap j >= i:
+    #   unrelated <= low, low < related <= high, same meaning > high
+    # = (below0[i] - below1[i]) + (below1[j] - below2[j]) + count2; for i == j the related
+    # terms cancel, as they should. So one pass keeping the best i below each j.
+    gain_low = at_or_below[UNRELATED] - at_or_below[RELATED]
+    gain_high = at_or_below[RELATED] - at_or_below[SAME_MEANING]
 
-
-def candidate_cuts(scores: ScoreArray) -> ScoreArray:
-    """-1, the midpoints between neighbouring distinct scores, and 1, all within [-1, 1].
-
-    A midpoint outside [-1, 1] clipped to the range still lies between its two scores
-    wherever any cut in the range does, so clipping loses no way of sorting the pairs.
-    """
-    distinct = np.unique(scores)
-    lower, upper = distinct[:-1], distinct[1:]
-    midpoints = lower + (upper - lower) / 2.0
-    # A midpoint of adjacent floats can round up onto the upper score, which would then no
-    # longer be above the cut; the lower score separates the two the same way.
-    midpoints = np.where(midpoints < upper, midpoints, lower)
-    cuts = np.concatenate(([MIN_SCORE], midpoints, [MAX_SCORE]))
-    return np.unique(np.clip(cuts, MIN_SCORE, MAX_SCORE))
+    best: tuple[int, Thresholds] | None = None
+    best_low = 0
+    for high_gap in range(1, len(gaps.one_cut)):
+        # Strict comparisons keep the first (lowest) gap among equals.
+        if gain_low[high_gap - 1] > gain_low[best_low]:
+            best_low = high_gap - 1
+        correct = int(gain_low[best_low] + gain_high[high_gap])
+        if best is None or correct > best[0]:
+            best = (correct, Thresholds(high=float(gaps.one_cut[high_gap]),
+                                        low=float(gaps.one_cut[best_low])))
+    for gap, cuts in enumerate(gaps.two_cuts):
+        correct = int(gain_low[gap] + gain_high[gap])
+        if cuts is not None and (best is None or correct > best[0]):
+            best = (correct, Thresholds(high=cuts[1], low=cuts[0]))
+    # [-1, 1] makes two gaps or more, or one with room for two thresholds.
+    assert best is not None
+    return best[1]
 
 
 # ---------------------------------------------------------------------------- report
