@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -35,10 +34,14 @@ from pool.quality import (
     verdict,
     verdict_accuracy,
 )
+from tooling import pairs_stats
 
 REPO = Path(__file__).resolve().parent.parent
 MIN_DEFAULT_PAIRS = 180
 MIN_LABEL_SHARE = 0.25
+MIN_TOPICS = 10
+SHORT_TEXT = 4  # characters
+LONG_TEXT = 40
 TOLERANCE = 1e-9
 CLOSE_SCORES = 1e-12
 
@@ -395,7 +398,23 @@ def test_default_set_has_no_duplicate_or_trivial_pairs(default_pairs: list[Label
 
 
 def test_default_set_is_package_data() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11; the project allows 3.10
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     patterns = pyproject["tool"]["setuptools"]["package-data"][quality.DEFAULT_PAIRS_PACKAGE]
     assert any(fnmatch(quality.DEFAULT_PAIRS_RESOURCE, pattern) for pattern in patterns)
     assert (REPO / "pool" / quality.DEFAULT_PAIRS_RESOURCE).is_file()
+
+
+def test_default_set_spreads_over_topics_and_lengths() -> None:
+    text = (REPO / "pool" / quality.DEFAULT_PAIRS_RESOURCE).read_text(encoding="utf-8")
+    pairs = quality.parse_pairs(text)
+    topics = pairs_stats.topics_by_line(text)
+    per_topic = Counter(topics[pair.line] for pair in pairs)
+    assert "(none)" not in per_topic and len(per_topic) >= MIN_TOPICS, per_topic
+    lengths = [len(t) for pair in pairs for t in (pair.text_a, pair.text_b)]
+    assert min(lengths) <= SHORT_TEXT and max(lengths) >= LONG_TEXT
+    # The hard cases: same-topic pairs share more characters than paraphrases do.
+    assert "Spearman" in pairs_stats.report(text, "zh_pairs.tsv")
+    overlap = {label: np.mean([pairs_stats.character_overlap(p.text_a, p.text_b)
+                               for p in pairs if p.label == label]) for label in quality.LABELS}
+    assert overlap[quality.RELATED] > overlap[quality.SAME_MEANING] > overlap[quality.UNRELATED]
