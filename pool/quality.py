@@ -10,10 +10,11 @@ Labels (pool/data/zh_pairs.tsv, docs/quality-data.md):
   1  same topic, not same -> "related"
   0  unrelated            -> "unrelated"
 
-Undefined figures are NaN, never an exception, so a report can still be printed for a broken
-model: Spearman is NaN when the scores (or the labels) are all equal. A gate must therefore
-test `passes_spearman_gate`, not `value < minimum` (NaN compares False with everything).
-Scores themselves must be finite: a NaN score is a model fault and raises ValueError.
+A broken model still gets a report: Spearman is NaN when its scores (or the labels) are all
+equal, and the report writes it as null. A gate must therefore test `passes_spearman_gate`,
+not `value < minimum` (NaN compares False with everything). A set without a class AUC needs
+is a data fault: `auc` raises, the report says null. Scores must be finite numbers: a NaN
+score is a model fault and raises ValueError.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ MAX_SCORE = 1.0
 
 FIELDS_PER_LINE = 3  # label, text_a, text_b
 COMMENT_PREFIX = "#"
+BYTE_ORDER_MARK = "\ufeff"
 
 # The packaged default set, inside the `pool` package so that it ships in the wheel.
 DEFAULT_PAIRS_PACKAGE = "pool"
@@ -81,6 +83,8 @@ def parse_pairs(content: str | bytes, source: str = "<text>") -> list[LabelledPa
     Windows) and spaces around the fields are ignored.
     """
     text = decode_utf8(content, source) if isinstance(content, bytes) else content
+    # A byte-order mark, as some Windows editors write, is not part of the first label.
+    text = text.removeprefix(BYTE_ORDER_MARK)
     pairs: list[LabelledPair] = []
     # Not str.splitlines(): it also splits on characters such as U+2028 and U+001C that may
     # sit inside a text, and the line numbers would then disagree with an editor's.
@@ -114,8 +118,7 @@ def parse_line(line: str, source: str, number: int) -> LabelledPair:
 
 def decode_utf8(content: bytes, source: str) -> str:
     try:
-        # utf-8-sig: a byte-order mark, as some Windows editors write, is not part of a label.
-        return content.decode("utf-8-sig")
+        return content.decode("utf-8")
     except UnicodeDecodeError as error:
         line = content.count(b"\n", 0, error.start) + 1
         raise PairsFileError(

@@ -339,6 +339,9 @@ def test_parse_pairs_skips_comments_and_blank_lines_and_keeps_line_numbers() -> 
     ]
     # A byte-order mark is not part of the first line.
     assert parse_pairs("\ufeff1\ta\tb".encode())[0].label == 1
+    assert parse_pairs("\ufeff1\ta\tb")[0].label == 1
+    with pytest.raises(PairsFileError, match=r"line 2: not UTF-8 \(byte 0xfe\)"):
+        parse_pairs(b"\xef\xbb\xbf1\ta\tb\n2\t\xfe\tc")
 
 
 @pytest.mark.parametrize(("content", "message"), [
