@@ -8,6 +8,7 @@ engine of `pool bench` and `pool demo`.
   tooling.bench     `pool bench`'s engine: the load, the rotation and soak watches, the report,
                     the plot (cli/bench.py only displays)
   tooling.demo      `pool demo`'s engine (cli/demo.py only displays)
+  tooling.pairs_stats  the figures of docs/quality-data.md from a labelled pairs file
 
 A producer or the server never imports from here.
 """
