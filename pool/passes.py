@@ -132,7 +132,7 @@ class DeviceThread:
                 self.pass_started = 0.0
                 # Counted before the replies go, so that a heartbeat sent after them has it.
                 self._count_times(jobs, idle_since, started, done)
-                pair.send_multipart([protocol.W_REPLY, *self.outbox])
+                pair.send_multipart([protocol.W_REPLY, b"".join(self.outbox)])
                 self.outbox = []
                 idle_since = done
         except Exception:  # a bug: the worker must exit, so that its requests are re-run
@@ -150,7 +150,7 @@ class DeviceThread:
             if jobs is None:
                 break
             self._serve(jobs)
-            messages.append([protocol.W_REPLY, *self.outbox])
+            messages.append([protocol.W_REPLY, b"".join(self.outbox)])
             self.outbox = []
         return messages
 
@@ -223,8 +223,8 @@ class DeviceThread:
 
     def _reply(self, seq: bytes, body: dict) -> None:
         raw = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
-        self.outbox += (protocol.reply_head(seq, protocol.STATUS_OK), raw)
+        self.outbox.append(protocol.reply_entry(seq, protocol.STATUS_OK, raw))
 
     def reply_error(self, seq: bytes, code: str, message: str) -> None:
-        self.outbox += (protocol.reply_head(seq, protocol.STATUS_ERROR),
-                        protocol.error_body(code, message))
+        self.outbox.append(protocol.reply_entry(seq, protocol.STATUS_ERROR,
+                                                protocol.error_body(code, message)))

@@ -266,14 +266,14 @@ class WorkerLoop:
             if frames[0] == protocol.W_STOP:
                 self.stopping = True
                 break
-            if frames[0] == protocol.W_REQUEST:
-                self._decode(frames, jobs, now_ns)
+            if frames[0] == protocol.W_REQUEST and len(frames) == 2:
+                self._decode(frames[1], jobs, now_ns)
         if jobs:
             self.queue.put(self._tokenized(jobs))
         if self.stopping:
             self.queue.close()
         if self.outbox:
-            self.sock.send_multipart([protocol.W_REPLY, *self.outbox])
+            self.sock.send_multipart([protocol.W_REPLY, b"".join(self.outbox)])
             self.outbox = []
 
     def _serve_queued_here(self) -> None:
@@ -281,11 +281,17 @@ class WorkerLoop:
         for message in self.device.serve_queued():
             self.sock.send_multipart(message)
 
-    def _decode(self, frames: list[bytes], jobs: list[Job], now_ns: int) -> None:
-        for i in range(1, len(frames) - 1, 2):
-            seq, enqueued_ns, op = protocol.split_request_head(frames[i])
+    def _decode(self, packed: bytes, jobs: list[Job], now_ns: int) -> None:
+        # A message that does not parse is the router's bug: its requests are lost to this
+        # worker, and the router re-runs them elsewhere when this worker is stopped or lost.
+        try:
+            requests = protocol.split_requests(packed)
+        except protocol.BadEntries:
+            log.exception("a request message from the router does not parse")
+            return
+        for seq, enqueued_ns, op, body in requests:
             try:
-                job = decode_job(seq, op, frames[i + 1], enqueued_ns, self.limits)
+                job = decode_job(seq, op, body, enqueued_ns, self.limits)
             except BadBody as exc:
                 self._reply_error(seq, exc.code, str(exc))
                 continue
@@ -313,8 +319,8 @@ class WorkerLoop:
         return jobs
 
     def _reply_error(self, seq: bytes, code: str, message: str) -> None:
-        self.outbox += (protocol.reply_head(seq, protocol.STATUS_ERROR),
-                        protocol.error_body(code, message))
+        self.outbox.append(protocol.reply_entry(seq, protocol.STATUS_ERROR,
+                                                protocol.error_body(code, message)))
 
 
 def _release_cuda_cache() -> None:

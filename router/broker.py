@@ -16,6 +16,7 @@ supervisor: a worker announced itself, a probe came back, a heartbeat arrived.
 from __future__ import annotations
 
 import errno
+import logging
 import random
 import socket
 import time
@@ -29,6 +30,8 @@ import zmq
 
 from router import protocol
 from router.auth import CurveServer
+
+log = logging.getLogger("zeropool.router")
 
 # How many messages one readable event drains before yielding to the other sockets.
 DRAIN_BURST = 256
@@ -357,13 +360,24 @@ class Broker:
                 self._events.append(HeartbeatReceived(wid, frames[2]))
 
     def _complete(self, worker: RoutedWorker, frames: list[bytes]) -> None:
-        """Every reply of one W_REPLY message: [wid, W_REPLY, head, body, head, body, ...]."""
+        """Every reply of one W_REPLY message: [wid, W_REPLY, reply entries]."""
+        try:
+            if len(frames) != 3:
+                raise protocol.BadEntries(f"{len(frames) - 1} frames, not 2")
+            replies = protocol.split_replies(frames[2])
+        except protocol.BadEntries as exc:
+            # A worker bug. Stopped, it is replaced, and what it held is re-run elsewhere.
+            log.error("worker %s sent a reply message that does not parse (%s); stopping it",
+                      worker.id.decode(errors="replace"), exc)
+            self.stats.dropped += 1
+            worker.unreachable = True
+            self.stop_worker(worker.id)
+            return
         inflight = worker.inflight
-        for i in range(2, len(frames) - 1, 2):
-            seq, status = protocol.split_reply_head(frames[i])
+        for seq, status, body in replies:
             pending = inflight.pop(seq, None)
             if pending is not None:  # else already answered (timed out or re-dispatched)
-                self._answer(worker, pending, status, frames[i + 1])
+                self._answer(worker, pending, status, body)
 
     def _answer(self, worker: RoutedWorker, pending: Pending, status: bytes, body: bytes) -> None:
         if pending.probe:
@@ -406,16 +420,15 @@ class Broker:
     def _send_to_worker(self, worker: RoutedWorker, batch: list[Pending]) -> None:
         """One W_REQUEST message carrying `batch`; on a failed send, every request of it is
         taken back (re-queued in order, or a probe answered worker_failed)."""
-        frames = [worker.id, protocol.W_REQUEST]
+        entries = []
         for pending in batch:
             self._seq += 1
             pending.attempts += 1
             worker.inflight[self._seq] = pending
-            frames.append(protocol.request_head(self._seq, int(pending.enqueued * 1e9),
-                                                pending.op))
-            frames.append(pending.body)
+            entries.append(protocol.request_entry(self._seq, int(pending.enqueued * 1e9),
+                                                  pending.op, pending.body))
         try:
-            send_frames(self.backend, frames)
+            send_frames(self.backend, [worker.id, protocol.W_REQUEST, b"".join(entries)])
         except zmq.ZMQError:
             # The worker's pipe is gone or full: take the requests back, stop using the worker.
             worker.unreachable = True

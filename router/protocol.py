@@ -54,16 +54,25 @@ ERROR_CODES = frozenset(
 
 # Backend frames between the router (ROUTER) and workers (DEALER). Internal: not a contract.
 # One request message carries every request the router hands a worker at once, and one reply
-# message every reply of a forward pass: the router and the worker pay per message, not per
-# request. Each request is two frames, a head and the producer's body (never copied into
-# another frame), and so is each reply.
+# message every reply of a forward pass, packed into one frame as entries back to back: the
+# router and the worker pay per message, not per request. (A frame per head and body cost
+# ~8 us a request on each hop, through pyzmq and libzmq; copying a body into the packed frame
+# costs far less: docs/benchmarks.md, session 10.)
 W_READY = b"R"  # worker -> router: [W_READY, json info]
 W_HEARTBEAT = b"H"  # worker -> router: [W_HEARTBEAT, json counters]
-W_REPLY = b"P"  # worker -> router: [W_REPLY, reply head, body, reply head, body, ...]
-W_REQUEST = b"Q"  # router -> worker: [W_REQUEST, request head, body, request head, body, ...]
+W_REPLY = b"P"  # worker -> router: [W_REPLY, reply entries]
+W_REQUEST = b"Q"  # router -> worker: [W_REQUEST, request entries]
 W_STOP = b"S"  # router -> worker: [W_STOP]
 SEQ_BYTES = 8  # a request's sequence number on the backend, little-endian
-_HEAD = struct.Struct("<QQ")  # seq, enqueued_ns: the start of a request head
+# A request entry: seq, when the router took it (monotonic ns), len(op), len(body); then the
+# op and the producer's body. A reply entry: the seq as received, len(status), len(body);
+# then the status and the body.
+_REQUEST_ENTRY = struct.Struct("<QQBI")
+_REPLY_ENTRY = struct.Struct(f"<{SEQ_BYTES}sBI")
+
+
+class BadEntries(ValueError):
+    """A packed backend frame that does not parse (a bug in its sender)."""
 
 
 @dataclass(slots=True)
@@ -185,22 +194,45 @@ def error_frames(envelope: list[bytes], request_id: bytes, code: str, message: s
     return reply_frames(envelope, request_id, STATUS_ERROR, error_body(code, message))
 
 
-def request_head(seq: int, enqueued_ns: int, op: bytes) -> bytes:
-    """A request's head on the backend: seq, when the router took it (monotonic ns), op."""
-    return _HEAD.pack(seq, enqueued_ns) + op
+def request_entry(seq: int, enqueued_ns: int, op: bytes, body: bytes) -> bytes:
+    """One request of a W_REQUEST frame."""
+    return _REQUEST_ENTRY.pack(seq, enqueued_ns, len(op), len(body)) + op + body
 
 
-def split_request_head(head: bytes) -> tuple[bytes, int, bytes]:
-    """(seq as the worker echoes it back, enqueued_ns, op) of a request head."""
-    _, enqueued_ns = _HEAD.unpack_from(head)
-    return head[:SEQ_BYTES], enqueued_ns, head[_HEAD.size:]
+def split_requests(packed: bytes) -> list[tuple[bytes, int, bytes, bytes]]:
+    """(seq as the worker echoes it back, enqueued_ns, op, body) of each request of a
+    W_REQUEST frame; BadEntries if it does not parse."""
+    return [(packed[at:at + SEQ_BYTES], head[1], fields[0], fields[1])
+            for at, head, fields in _entries(packed, _REQUEST_ENTRY)]
 
 
-def reply_head(seq: bytes, status: bytes) -> bytes:
-    """A reply's head on the backend: the request's seq (as received), then its status."""
-    return seq + status
+def reply_entry(seq: bytes, status: bytes, body: bytes) -> bytes:
+    """One reply of a W_REPLY frame: `seq` as the request carried it."""
+    return _REPLY_ENTRY.pack(seq, len(status), len(body)) + status + body
 
 
-def split_reply_head(head: bytes) -> tuple[int, bytes]:
-    """(seq, status) of a reply head."""
-    return int.from_bytes(head[:SEQ_BYTES], "little"), head[SEQ_BYTES:]
+def split_replies(packed: bytes) -> list[tuple[int, bytes, bytes]]:
+    """(seq, status, body) of each reply of a W_REPLY frame; BadEntries if it does not
+    parse."""
+    return [(int.from_bytes(head[0], "little"), fields[0], fields[1])
+            for _, head, fields in _entries(packed, _REPLY_ENTRY)]
+
+
+def _entries(packed: bytes, entry: struct.Struct):
+    """(offset, fixed head, (first field, second field)) of each entry, the two variable
+    fields' lengths being the head's last two values."""
+    at, end, size = 0, len(packed), entry.size
+    out = []
+    while at < end:
+        if at + size > end:
+            raise BadEntries(f"a packed backend frame ends inside an entry head at byte {at}")
+        head = entry.unpack_from(packed, at)
+        first_len, second_len = head[-2], head[-1]
+        start = at + size
+        middle = start + first_len
+        stop = middle + second_len
+        if stop > end:
+            raise BadEntries(f"a packed backend frame ends inside an entry at byte {at}")
+        out.append((at, head, (packed[start:middle], packed[middle:stop])))
+        at = stop
+    return out

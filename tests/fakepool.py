@@ -100,8 +100,7 @@ class FakeWorker:
                 self.stop_received = True
                 continue
             self.messages += 1
-            for head, body in zip(frames[1::2], frames[2::2], strict=True):
-                seq, _enqueued_ns, op = protocol.split_request_head(head)
+            for seq, _enqueued_ns, op, body in protocol.split_requests(frames[1]):
                 self.inbox.append(Request(seq, op, orjson.loads(body)))
 
     def received(self) -> list[Request]:
@@ -117,7 +116,7 @@ class FakeWorker:
     def answer_all(self, requests: list[Request], scores: list[float] | None = None,
                    error: str | None = None) -> None:
         """Reply to `requests` in one message, as a worker does after a forward pass."""
-        frames = [protocol.W_REPLY]
+        entries = []
         for request in requests:
             if error is not None:
                 status, body = protocol.STATUS_ERROR, protocol.error_body(error, "fake failure")
@@ -125,8 +124,8 @@ class FakeWorker:
                 answer = scores or [1.0 if a == b else 0.5 for a, b in request.body["pairs"]]
                 status = protocol.STATUS_OK
                 body = orjson.dumps({"scores": answer, "version": self.cfg.version})
-            frames += (protocol.reply_head(request.seq, status), body)
-        self.sock.send_multipart(frames)
+            entries.append(protocol.reply_entry(request.seq, status, body))
+        self.sock.send_multipart([protocol.W_REPLY, b"".join(entries)])
 
 
 @dataclass

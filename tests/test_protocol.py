@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -176,3 +177,35 @@ def test_importing_the_client_loads_no_server_code() -> None:
                           env=env, cwd=root, timeout=120, check=True)
     loaded = ast.literal_eval(done.stdout.strip())
     assert loaded == ["router", "router.client", "router.keys", "router.protocol"], loaded
+
+
+OPS = st.sampled_from([protocol.OP_SIMILARITY, protocol.OP_EMBED, protocol.OP_PING])
+
+
+@given(requests=st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**63), OPS,
+                                   st.binary(max_size=300)), max_size=20))
+def test_backend_request_entries_round_trip(requests: list[tuple[int, int, bytes, bytes]]) -> None:
+    packed = b"".join(protocol.request_entry(*request) for request in requests)
+    assert [(int.from_bytes(seq, "little"), at, op, body)
+            for seq, at, op, body in protocol.split_requests(packed)] == requests
+
+
+@given(replies=st.lists(st.tuples(st.integers(0, 2**64 - 1),
+                                  st.sampled_from([protocol.STATUS_OK, protocol.STATUS_ERROR]),
+                                  st.binary(max_size=300)), max_size=20))
+def test_backend_reply_entries_round_trip(replies: list[tuple[int, bytes, bytes]]) -> None:
+    packed = b"".join(protocol.reply_entry(seq.to_bytes(protocol.SEQ_BYTES, "little"), status,
+                                           body) for seq, status, body in replies)
+    assert protocol.split_replies(packed) == replies
+
+
+@given(body=st.binary(min_size=1, max_size=50), cut=st.integers(1, 200))
+def test_a_truncated_packed_frame_is_refused_not_misread(body: bytes, cut: int) -> None:
+    packed = protocol.reply_entry(b"\x01" * protocol.SEQ_BYTES, protocol.STATUS_OK, body) * 2
+    truncated = packed[:max(0, len(packed) - cut)]
+    whole_entries = len(truncated) in (0, len(packed) // 2)
+    if whole_entries:
+        assert len(protocol.split_replies(truncated)) == len(truncated) * 2 // len(packed)
+    else:
+        with pytest.raises(protocol.BadEntries, match="ends inside"):
+            protocol.split_replies(truncated)

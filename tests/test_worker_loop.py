@@ -101,13 +101,13 @@ class Router:
 
     def send(self, bodies: list[bytes]) -> list[bytes]:
         """One W_REQUEST message carrying `bodies`; their seqs as the worker echoes them."""
-        frames, seqs = [b"w1", protocol.W_REQUEST], []
+        entries, seqs = [], []
         for body in bodies:
             self.seq += 1
-            head = protocol.request_head(self.seq, time.monotonic_ns(), protocol.OP_SIMILARITY)
-            frames += (head, body)
-            seqs.append(head[:protocol.SEQ_BYTES])
-        self.sock.send_multipart(frames)
+            entries.append(protocol.request_entry(self.seq, time.monotonic_ns(),
+                                                  protocol.OP_SIMILARITY, body))
+            seqs.append(self.seq.to_bytes(protocol.SEQ_BYTES, "little"))
+        self.sock.send_multipart([b"w1", protocol.W_REQUEST, b"".join(entries)])
         return seqs
 
     def read(self) -> list[bytes]:
@@ -123,10 +123,8 @@ class Router:
                 self.heartbeats.append(BatchStats.decode(frames[2]))
             if frames[1] != protocol.W_REPLY:
                 continue
-            message = []
-            for head, body in zip(frames[2::2], frames[3::2], strict=True):
-                seq, status = protocol.split_reply_head(head)
-                message.append((seq, status, orjson.loads(body)))
+            message = [(seq, status, orjson.loads(body))
+                       for seq, status, body in protocol.split_replies(frames[2])]
             messages.append(message)
             seen += len(message)
         return messages
