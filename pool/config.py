@@ -22,7 +22,13 @@ DEFAULT_MAX_BATCH = 64  # pairs (or embed texts) per forward pass, on CPU
 # (text-embeddings-inference's default --max-batch-tokens), which bounds its memory.
 GPU_MAX_BATCH = 512
 GPU_MAX_BATCH_TOKENS = 16_384
-DEFAULT_MAX_WAIT_MS = 2.0  # how long a worker waits to fill a batch
+# How long a worker waits to fill a batch. None by default: a worker's next batch is
+# whatever queued while its device computed the last one (continuous batching, as
+# text-embeddings-inference does; Triton's queue delay also defaults to 0). Waiting to fill
+# --max-batch held back every pass whenever fewer requests than that were in flight: a tiny
+# model's pool did 6,150 pairs/s with 2 ms against 7,800 without, at 64 in flight
+# (docs/benchmarks.md, session 10).
+DEFAULT_MAX_WAIT_MS = 0.0
 DEFAULT_MAX_QUEUE = 10_000  # requests waiting in the router before `overloaded`
 DEFAULT_QUEUE_TIMEOUT_S = 30.0  # queued longer than this: `timeout`
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # frontend ZMQ_MAXMSGSIZE, per frame: bigger
@@ -193,7 +199,8 @@ class PoolSettings:
         f"alone. 0: none, --max-batch alone bounds a pass (default on CPU; {GPU_MAX_BATCH_TOKENS}"
         " on GPUs).", min=0, flag_type=int | None, shown=True)
     max_wait_ms: float = setting(
-        DEFAULT_MAX_WAIT_MS, "How long a worker waits to fill a batch.", min=0, shown=True)
+        DEFAULT_MAX_WAIT_MS, "How long a worker waits to fill a batch (default 0: the next batch "
+        "is what queued during the last one).", min=0, shown=True)
     threads: int = setting(
         1, "Torch threads per worker (default: cores / workers).", min=1,
         flag_type=int | None, shown=True)
