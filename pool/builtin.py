@@ -43,13 +43,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,8 +255,7 @@ def read_pieces(reader: _Reader) -> tuple[list[str], np.ndarray, tuple[int, int,
                                                              < 0):
         raise BuiltinModelError(f"{reader.path}: bad piece offsets")
     try:
-        pieces = [blob[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:],
-                                                             strict=True)]
+        pieces = [blob[a:b].decode("utf-8") for a, b in itertools.pairwise(offsets)]
     except UnicodeDecodeError as exc:
         raise BuiltinModelError(f"{reader.path}: a piece is not UTF-8: {exc}") from exc
     return pieces, scores, (bos, eos, pad, unk)
@@ -465,8 +465,16 @@ class DoubleArray:
 
 def build_tokenizer(e5: E5File) -> Any:
     """The fast tokenizer: the file's Unigram pieces and normalisation, XLM-R's templates."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-    from tokenizers import pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
 
     vocab = [(piece, float(score)) for piece, score in zip(e5.pieces, e5.scores, strict=True)]
     tokenizer = Tokenizer(models.Unigram(vocab, unk_id=e5.unk, byte_fallback=False))

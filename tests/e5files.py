@@ -64,7 +64,7 @@ def compile_reference(build_dir: Path) -> Path:
     for flags in (["-fopenmp", "-lm"], ["-lm"]):
         if subprocess.run(base + flags, capture_output=True).returncode == 0:
             return library
-    result = subprocess.run(base + ["-lm"], capture_output=True, text=True)
+    result = subprocess.run([*base, "-lm"], capture_output=True, text=True)
     raise RuntimeError(f"compiling e5.c failed: {result.stderr[-2000:]}")
 
 
