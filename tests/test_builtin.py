@@ -5,6 +5,7 @@ on the real one; the cache; the errors."""
 from __future__ import annotations
 
 import re
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,10 +292,17 @@ def test_unexpected_failure_is_one_exception_class(tiny_file: Path, tmp_path: Pa
     assert_nothing_left(tmp_path / "cache")
 
 
-def test_bad_header(tmp_path: Path) -> None:
-    path = write_e5_file(tmp_path / "odd.bin", TinyE5(hidden=36, heads=2))
-    with pytest.raises(BuiltinModelError, match="bad header"):
-        converted_e5(path, tmp_path / "cache")
+HEADS_OFFSET = 16  # magic, version, hidden, layers, then heads (e5_parse's order)
+
+
+def test_bad_header(tiny_file: Path, tmp_path: Path) -> None:
+    data = bytearray(tiny_file.read_bytes())
+    struct.pack_into("<i", data, HEADS_OFFSET, 5)  # 32 hidden units do not split in 5 heads
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(bytes(data))
+    with pytest.raises(BuiltinModelError, match="bad header: hidden 32 / heads 5"):
+        converted_e5(odd, tmp_path / "cache")
+    assert_nothing_left(tmp_path / "cache")
 
 
 # -------------------------------------------------------------------- the real file
