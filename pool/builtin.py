@@ -42,6 +42,7 @@ Decisions (figures measured on 2 cores are in docs/builtin-models.md):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -50,7 +51,7 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -618,15 +619,17 @@ def converted_e5(source: Path, cache: Path | None = None) -> Path:
 
     Raises BuiltinModelError, with nothing left in the cache, when it cannot."""
     data, sha256 = read_e5_file(source)
+    size = len(data)
     cache = model_cache_dir() if cache is None else cache
     target = cache / f"{E5_BUILTIN}-{sha256[:16]}-c{CONVERTER_VERSION}"
-    if manifest_matches(target, sha256, len(data)):
+    if manifest_matches(target, sha256, size):
         return target
     clock = Stopwatch()
     e5 = parse_e5(data, source)
     del data  # the tensors hold their own copies
     parse_s = clock.lap()
-    with conversion_dir(cache, target) as staging:
+    complete = functools.partial(manifest_matches, sha256=sha256, size=size)
+    with conversion_dir(cache, target, complete) as staging:
         try:
             write_model_dir(e5, staging)
         except OSError as exc:
@@ -636,7 +639,7 @@ def converted_e5(source: Path, cache: Path | None = None) -> Path:
         checks = verify_model_dir(staging, e5, sha256)
         manifest = {
             "builtin": E5_BUILTIN, "source": str(source), "source_sha256": sha256,
-            "source_bytes": source.stat().st_size, "converter_version": CONVERTER_VERSION,
+            "source_bytes": size, "converter_version": CONVERTER_VERSION,
             "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": {"parse": parse_s, "write": write_s, "verify": clock.lap()},
             "verification": checks,
@@ -668,9 +671,10 @@ def manifest_matches(directory: Path, sha256: str, size: int) -> bool:
 
 
 @contextlib.contextmanager
-def conversion_dir(cache: Path, target: Path) -> Iterator[Path]:
-    """A temporary directory beside `target`, renamed into place, synced, if the body
-    returns; removed whatever else happens. Another process's finished copy wins."""
+def conversion_dir(cache: Path, target: Path, complete: Callable[[Path], bool]) -> Iterator[Path]:
+    """A temporary directory beside `target`, synced and renamed into place if the body
+    returns; removed whatever else happens. A `complete` copy already there (another
+    process converted meanwhile) is kept; an incomplete one is replaced."""
     try:
         cache.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=cache))
@@ -683,8 +687,8 @@ def conversion_dir(cache: Path, target: Path) -> Iterator[Path]:
         try:
             os.rename(staging, target)
         except OSError:
-            if not target.is_dir():  # not a concurrent converter's finished copy
-                raise
+            if not complete(target):
+                replace_dir(target, staging)
         fsync_dir(cache)
     except BuiltinModelError:
         raise
@@ -693,6 +697,14 @@ def conversion_dir(cache: Path, target: Path) -> Iterator[Path]:
                                 f"{type(exc).__name__}: {exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_dir(target: Path, replacement: Path) -> None:
+    """Swap a directory for another: two renames, then the old one deleted."""
+    old = replacement.with_name(replacement.name + ".old")
+    os.rename(target, old)
+    os.rename(replacement, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------- verification

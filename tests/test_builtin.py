@@ -5,6 +5,7 @@ on the real one; the cache; the errors."""
 from __future__ import annotations
 
 import re
+import shutil
 import struct
 import time
 from collections.abc import Iterator
@@ -177,6 +178,32 @@ def test_second_resolve_reuses_the_directory(tiny_file: Path, tmp_path: Path,
     assert converted_e5(tiny_file, tmp_path) == first
     assert (first / builtin.MANIFEST).stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_a_concurrent_conversion_that_finished_first_wins(
+        tiny_file: Path, tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / tiny_dir.name
+    real_verify = builtin.verify_model_dir
+
+    def another_process_finishes_first(*args: object) -> dict[str, object]:
+        shutil.copytree(tiny_dir, target)
+        (target / "winner").write_text("")
+        return real_verify(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtin, "verify_model_dir", another_process_finishes_first)
+    assert converted_e5(tiny_file, tmp_path) == target
+    assert (target / "winner").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temporary left
+
+
+def test_an_incomplete_directory_is_replaced(tiny_file: Path, tiny_dir: Path,
+                                             tmp_path: Path) -> None:
+    broken = tmp_path / tiny_dir.name
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # no weights, no manifest
+    assert converted_e5(tiny_file, tmp_path) == broken
+    assert (broken / builtin.MANIFEST).is_file() and (broken / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [broken.name]
 
 
 def test_a_changed_source_gets_its_own_directory(tmp_path: Path) -> None:
