@@ -377,16 +377,21 @@ def bench(
 @app.command()
 def demo(
     workers: Annotated[int, typer.Option(help="Worker processes.", min=1)] = 2,
-    path: Annotated[str | None, typer.Option(help="Model directory (default: embedded).")]
-        = None,
+    path: Annotated[str, typer.Option(help="v1's model: a directory or builtin:NAME.")]
+        = config.ENGLISH_MODEL,
+    rotate_path: Annotated[str, typer.Option(help="v2's model, rotated to under load.")]
+        = config.DEFAULT_MODEL,
     plot: Annotated[Path, typer.Option(help="Where to save the plot.")] = Path("demo.png"),
     as_json: JsonOpt = False,
 ) -> None:
-    """The whole story: a pool on the embedded model, scored pairs, 20 s of load with a
-    rotation half-way, the report and a plot, a clean stop."""
+    """The whole story: a pool on English MiniLM (v1), 25 s of load with a rotation to the
+    multilingual model (v2) and no failed request, the sample pairs as each version scored
+    them, the report and a plot, a clean stop."""
     from cli.demo import run_demo
 
-    raise typer.Exit(run_demo(workers=workers, path=path, plot=plot, as_json=as_json))
+    paths = (model_path(path, as_json), model_path(rotate_path, as_json))
+    raise typer.Exit(run_demo(workers=workers, paths=paths, names=(path, rotate_path),
+                              plot=plot, as_json=as_json))
 
 
 # -- rotation ------------------------------------------------------------------------------

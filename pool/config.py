@@ -18,6 +18,7 @@ DEFAULT_VERSION = "v1"
 # What `pool serve` and `pool demo` serve without --path (and no version in the registry):
 # the seed's job is Chinese sentence similarity (pool.builtin, docs/builtin-models.md).
 DEFAULT_MODEL = "builtin:multilingual-e5-small"
+ENGLISH_MODEL = "builtin:minilm"  # all-MiniLM-L6-v2, the default before; `pool demo`'s v1
 DEFAULT_MAX_BATCH = 64  # pairs (or embed texts) per forward pass, on CPU
 # On a GPU a pass is launch-bound far beyond 64 pairs: an H200 ran MiniLM at 14,114 pairs/s
 # at 16 pairs per request while 64-pair passes kept it ~9% busy (docs/benchmarks.md,
