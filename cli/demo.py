@@ -62,8 +62,10 @@ def run_demo(workers: int, paths: tuple[str, str], names: tuple[str, str], plot:
 def print_scores(before: Scored, after: Scored, names: tuple[str, str],
                  console: Console) -> None:
     """The pairs as each version scored them, side by side, each with its own verdicts."""
-    table = Table("text a", "text b", f"{before.version} ({names[0]})",
-                  f"{after.version} ({names[1]})", title="the sample pairs, by version")
+    table = Table("text a", "text b", before.version, after.version,
+                  title="the sample pairs, by version",
+                  caption=f"{before.version}: {names[0]}, {after.version}: {names[1]}; each "
+                          "version's verdicts by its own thresholds")
     for old, new in zip(before.rows, after.rows, strict=True):
         table.add_row(old["a"], old["b"], f"{old['score']:.4f} {old['verdict']}",
                       f"{new['score']:.4f} {new['verdict']}")

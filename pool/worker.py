@@ -15,6 +15,7 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -105,6 +106,7 @@ class WorkerLoop:
         self.sock = sock
         self.parent = parent  # the server, or the forkserver that forked us
         self.stopping = False
+        self.terminated = False  # SIGTERM arrived: stop as on STOP
         self.next_heartbeat = 0.0
         self.encoder: Any = None
         self.settings = cfg.settings
@@ -119,6 +121,11 @@ class WorkerLoop:
     def run(self) -> None:
         info = self._load()
         freeze_heap()
+        # From here SIGTERM is a STOP: a process group signalled as a whole (systemd's
+        # KillMode=control-group, `kill -TERM -PGID`) has its workers finish what they hold
+        # and exit 0 while the server drains, instead of dying with it unanswered. Loading
+        # is simply ended by it (the default).
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         self.sock.send_multipart([protocol.W_READY, info.encode()])
         log.info("ready: version %s on %s (%s, %s) in %.2fs", self.cfg.version, info.device,
                  info.dtype, info.graph, info.load_seconds)
@@ -149,6 +156,16 @@ class WorkerLoop:
             thread.join(DEVICE_JOIN_S)
             pair.close(linger=0)
         log.info("stopped")
+
+    def _on_sigterm(self, _signum: int, _frame: object) -> None:
+        self.terminated = True  # the loop acts on it (a signal handler must not touch sockets)
+
+    def _stop_on_sigterm(self) -> None:
+        if self.terminated and not self.stopping:
+            log.info("SIGTERM: answering the %d requests queued here, then exiting",
+                     len(self.queue))
+            self.stopping = True
+            self.queue.close()
 
     def _load(self) -> ReadyInfo:
         start = time.perf_counter()
@@ -203,7 +220,11 @@ class WorkerLoop:
         self.next_heartbeat = time.monotonic() + self.cfg.heartbeat_s
         while True:
             ready = dict(poller.poll(int(self.cfg.heartbeat_s * 1000)))
+            self._stop_on_sigterm()
             if pair is not None and pair in ready and self._forward_replies(pair):
+                return
+            if pair is None and self.stopping:
+                self._serve_queued_here()
                 return
             if self.sock in ready and not self.stopping:
                 self._intake()
