@@ -21,7 +21,7 @@ import pandas as pd
 import streamlit as st
 import zmq
 
-from cli.ops import version_troubles
+from cli.ops import thresholds_cell, version_troubles
 from pool.config import default_state_dir
 from pool.control import ControlError, PoolNotRunning, control_request
 from router.client import Client, NoReply, ZeroPoolError
@@ -151,6 +151,8 @@ def pool_summary(status: dict[str, Any] | None, registered: list[dict[str, Any]]
                if canary else ""))
     st.caption(f"Loaded: {', '.join(sorted(status.get('versions') or {})) or '—'}")
     st.caption(f"Registered: {', '.join(v['version'] for v in registered) or '—'}")
+    for v in registered:  # each version's verdict thresholds, and where they come from
+        st.caption(f"{v['version']}: verdict thresholds {thresholds_cell(v)}")
 
 
 def add_version_form(state_dir: Path) -> None:
