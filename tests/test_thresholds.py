@@ -231,7 +231,7 @@ def test_versions_add_and_list_show_thresholds_and_their_source(tmp_path: Path) 
     assert "0.92 / 0.86 (version)" in table
 
     bad = runner.invoke(app, ["versions", "add", "v2", "--path", str(model_dir(tmp_path, "x")),
-                              "--thresholds", "0.9,1.5", *state])
+                              "--thresholds", "1.5,0.9", *state])
     assert bad.exit_code == 2 and "outside [-1, 1]" in bad.output
 
 
