@@ -648,7 +648,7 @@ def calibrate(
         labelled = read_pairs(pairs) if pairs is not None else load_default_pairs()
     except PairsFileError as exc:
         fail(str(exc), as_json, "bad_pairs_file", exit_code=2)
-    source = str(pairs) if pairs is not None else "the packaged set (pool/data/zh_pairs.tsv)"
+    source = str(pairs) if pairs is not None else "the packaged pool/data/zh_pairs.tsv"
     keys = client_keys(server_key, client_key, as_json)
     show_progress = not as_json and len(labelled) >= PROGRESS_MIN_PAIRS
     with calibration_progress(len(labelled), show_progress) as progress:

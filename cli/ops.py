@@ -63,7 +63,7 @@ def thresholds_cell(row: dict[str, Any]) -> str:
     cuts = row.get("thresholds")
     if not isinstance(cuts, list) or len(cuts) != 2:
         return "-"
-    return f"{cuts[0]:g} / {cuts[1]:g} ({row.get('thresholds_source', '?')})"
+    return f"{cuts_text(cuts)} ({row.get('thresholds_source', '?')})"
 
 
 def version_threshold_lines(st: dict[str, Any]) -> list[str]:
