@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from router.client import Client
-from tests.support import SENTENCES, RunningPool, run_cli, start_pool, stop_pool
+from tests.support import SENTENCES, RunningPool, run_cli, start_pool, stop_pool, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +92,21 @@ def test_calibrate_reports_the_figures_and_save_stores_the_fitted_thresholds(
     refused = run_cli("calibrate", "v1", "--pairs", str(bad), env=pool.env)
     assert refused.returncode == 2 and "line 3" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_a_version_registered_with_thresholds_answers_pinned_requests_with_them(
+        pool: RunningPool, models: dict[str, Path]) -> None:
+    added = run_cli("versions", "add", "v3", "--path", str(models["v2"]), "--thresholds",
+                    "0.7,0.4", "--json", env=pool.env)  # through the running pool
+    assert added.returncode == 0, added.stdout + added.stderr
+    assert run_cli("load", "v3", "--workers", "1", env=pool.env).returncode == 0
+    with Client(pool.endpoint) as client:
+        wait_for(lambda: client.ping(version="v3").workers == 1, what="v3 ready")
+        result = client.similarity([(SENTENCES[0], SENTENCES[1])], version="v3")
+    assert result.version == "v3" and list(result.thresholds) == [0.7, 0.4]
+    status = json.loads(run_cli("status", "--json", env=pool.env).stdout)
+    assert status["versions"]["v3"]["thresholds_source"] == "version"
+    assert run_cli("unload", "v3", env=pool.env).returncode == 0
 
 
 def test_a_rotation_to_a_version_with_thresholds_answers_with_them(
