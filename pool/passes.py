@@ -166,11 +166,10 @@ class DeviceThread:
         return jobs
 
     def _serve(self, jobs: list[Job]) -> None:
-        if self.embed is None:  # the echo model
+        if self.embed is None:  # the echo model: transport only, its scores judge nothing
             for job in jobs:
                 self._reply(job.seq, {"scores": [0.0] * (len(job.texts) // 2),
-                                      "version": self.version,
-                                      "thresholds": self.thresholds})
+                                      "version": self.version})
             return
         first_ids: dict[str, list[int]] = {}
         for job in jobs:
