@@ -1,7 +1,8 @@
-"""`pool demo`: the whole story on the embedded model in under two minutes.
+"""`pool demo`: the whole story in about a minute.
 
-Start a pool, score sample pairs with the seed's verdicts, bench it for DEMO_SECONDS with a
-rotation to a second version at ROTATE_AT_S, print the report and its headline, save the
+Start a pool on English MiniLM (v1), score Chinese and English sample pairs, bench it for
+DEMO_SECONDS with a rotation to the multilingual model (v2) at ROTATE_AT_S, score the pairs
+again, print both versions' scores side by side, the report and its headline, save the
 plot, stop cleanly. The steps are tooling.demo's; this module shows them.
 """
 
@@ -27,25 +28,29 @@ from tooling.demo import (
 )
 
 
-def run_demo(workers: int, path: str | None, plot: Path, as_json: bool) -> int:
+def run_demo(workers: int, paths: tuple[str, str], names: tuple[str, str], plot: Path,
+             as_json: bool) -> int:
+    """`paths`: v1's and v2's model directories; `names`: how to call them."""
     console = Console(stderr=as_json)
-    demo = Demo(workers, path)
+    demo = Demo(workers, paths[0])
     report: dict[str, Any] = {}
     try:
-        with console.status(f"starting a pool of {workers} workers on the embedded model..."):
+        with console.status(f"starting a pool of {workers} workers on {names[0]} (v1)..."):
             report["ready_seconds"] = demo.wait_ready()
         console.print(f"pool ready in {report['ready_seconds']}s at {demo.endpoint}")
-        report["pairs"] = print_scores(demo.score(), console)
-        model_path = demo.active_model_path()
+        before = demo.score()
         console.print(f"\n{DEMO_SECONDS:.0f}s of load ({DEMO_IN_FLIGHT} requests in flight from "
-                      f"2 producer processes), rotating v1 -> {ROTATE_TO} at "
+                      f"2 producer processes), rotating v1 -> {ROTATE_TO} ({names[1]}) at "
                       f"{ROTATE_AT_S:.0f}s:")
         report["bench"] = run_bench(
             demo.bench_spec(), spawn=False, path=None, workers=workers,
             state_dir=demo.pool.state_dir, rotate_at=ROTATE_AT_S, rotate_to=ROTATE_TO,
-            rotate_path=model_path, json_file=None, plot_file=plot, as_json=as_json,
+            rotate_path=paths[1], json_file=None, plot_file=plot, as_json=as_json,
             console=console)
         console.print(headline(report["bench"]))
+        after = demo.score()
+        report["pairs"] = {scored.version: scored.rows for scored in (before, after)}
+        print_scores(before, after, names, console)
     finally:
         report["exit_code"] = demo.close()
     console.print(f"pool stopped (exit code {report['exit_code']})")
@@ -54,13 +59,15 @@ def run_demo(workers: int, path: str | None, plot: Path, as_json: bool) -> int:
     return exit_code(report)
 
 
-def print_scores(scored: Scored, console: Console) -> list[dict[str, Any]]:
-    """The scored pairs as a table; the rows, for the JSON report."""
-    table = Table("text a", "text b", "score", "verdict", title=f"version {scored.version}")
-    for row in scored.rows:
-        table.add_row(row["a"], row["b"], f"{row['score']:.4f}", row["verdict"])
+def print_scores(before: Scored, after: Scored, names: tuple[str, str],
+                 console: Console) -> None:
+    """The pairs as each version scored them, side by side, each with its own verdicts."""
+    table = Table("text a", "text b", f"{before.version} ({names[0]})",
+                  f"{after.version} ({names[1]})", title="the sample pairs, by version")
+    for old, new in zip(before.rows, after.rows, strict=True):
+        table.add_row(old["a"], old["b"], f"{old['score']:.4f} {old['verdict']}",
+                      f"{new['score']:.4f} {new['verdict']}")
     console.print(table)
-    return scored.rows
 
 
 def headline(bench: dict[str, Any]) -> str:

@@ -55,6 +55,24 @@ def emit_json(data: Any) -> None:
     sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
+def model_path(spec: str, as_json: bool = False) -> str:
+    """A --path as given, or a built-in model's directory for `builtin:NAME`: converted into
+    the model cache on first use (seconds), which the terminal shows while it runs."""
+    from pool.builtin import BUILTIN_PREFIX, BuiltinModelError, resolve_model_path
+
+    if not spec.startswith(BUILTIN_PREFIX):
+        return spec
+    try:
+        with err.status(f"preparing {spec} (converted once, on first use)"):
+            return resolve_model_path(spec)
+    except (ValueError, BuiltinModelError) as exc:
+        fail(str(exc), as_json, "usage", exit_code=2)
+
+
+def optional_model_path(spec: str | None, as_json: bool = False) -> str | None:
+    return None if spec is None else model_path(spec, as_json)
+
+
 def fail(message: str, as_json: bool, code: str = "error", exit_code: int = 1) -> NoReturn:
     if as_json:
         emit_json({"ok": False, "error": {"code": code, "message": message}})
@@ -73,7 +91,7 @@ def serve(**options: Any) -> None:
     from pool.server import serve as run_server
 
     try:
-        settings = config.resolve_settings(options)
+        settings = config.resolve_settings(options, model_path=model_path)
     except ValueError as exc:
         fail(str(exc), False, exit_code=2)
     setup_logging(settings.log_json, Path(settings.state_dir) / config.LOG_FILE)
@@ -278,8 +296,8 @@ def bench(
     endpoint: EndpointOpt = config.DEFAULT_BIND,
     spawn: Annotated[bool, typer.Option("--spawn", help="Start a pool of its own (stopped "
                      "after).")] = False,
-    path: Annotated[str | None, typer.Option(help="With --spawn: model directory "
-                    "(default: embedded).")] = None,
+    path: Annotated[str | None, typer.Option(help="With --spawn: model directory or "
+                    f"builtin:NAME (default: {config.DEFAULT_MODEL}).")] = None,
     workers: Annotated[int, typer.Option(help="With --spawn: worker processes.", min=1)] = 2,
     concurrency: Annotated[int, typer.Option(help="Requests in flight in total.", min=1)] = 64,
     duration: Annotated[float, typer.Option(help="Seconds to run.", min=0.1)] = 20.0,
@@ -294,8 +312,8 @@ def bench(
                          "in.")] = None,
     rotate_to: Annotated[str | None, typer.Option(help="Version to rotate to (with --spawn: "
                          "the same model under this name unless --rotate-path).")] = None,
-    rotate_path: Annotated[str | None, typer.Option(help="Model directory for --rotate-to.")]
-        = None,
+    rotate_path: Annotated[str | None, typer.Option(help="Model directory or builtin:NAME for "
+                           "--rotate-to.")] = None,
     rotate_strategy: Annotated[str, typer.Option(help="surge | rolling | auto")] = "auto",
     rotate_every: Annotated[float | None, typer.Option(help="Soak: rotate back and forth "
                             "between the active version and --rotate-to (default v2) every "
@@ -345,8 +363,10 @@ def bench(
                     curve=client_keys(server_key, client_key, as_json))
     console = Console(stderr=as_json)
     try:
-        report = run_bench(spec, spawn=spawn, path=path, workers=workers, state_dir=state_dir,
-                           rotate_at=rotate_at, rotate_to=rotate_to, rotate_path=rotate_path,
+        report = run_bench(spec, spawn=spawn, path=optional_model_path(path, as_json),
+                           workers=workers, state_dir=state_dir, rotate_at=rotate_at,
+                           rotate_to=rotate_to,
+                           rotate_path=optional_model_path(rotate_path, as_json),
                            json_file=json_file, plot_file=plot, as_json=as_json,
                            console=console, baseline_s=baseline_seconds if baseline else None,
                            threads=threads,
@@ -364,16 +384,21 @@ def bench(
 @app.command()
 def demo(
     workers: Annotated[int, typer.Option(help="Worker processes.", min=1)] = 2,
-    path: Annotated[str | None, typer.Option(help="Model directory (default: embedded).")]
-        = None,
+    path: Annotated[str, typer.Option(help="v1's model: a directory or builtin:NAME.")]
+        = config.ENGLISH_MODEL,
+    rotate_path: Annotated[str, typer.Option(help="v2's model, rotated to under load.")]
+        = config.DEFAULT_MODEL,
     plot: Annotated[Path, typer.Option(help="Where to save the plot.")] = Path("demo.png"),
     as_json: JsonOpt = False,
 ) -> None:
-    """The whole story: a pool on the embedded model, scored pairs, 20 s of load with a
-    rotation half-way, the report and a plot, a clean stop."""
+    """The whole story: a pool on English MiniLM (v1), 25 s of load with a rotation to the
+    multilingual model (v2) and no failed request, the sample pairs as each version scored
+    them, the report and a plot, a clean stop."""
     from cli.demo import run_demo
 
-    raise typer.Exit(run_demo(workers=workers, path=path, plot=plot, as_json=as_json))
+    paths = (model_path(path, as_json), model_path(rotate_path, as_json))
+    raise typer.Exit(run_demo(workers=workers, paths=paths, names=(path, rotate_path),
+                              plot=plot, as_json=as_json))
 
 
 # -- rotation ------------------------------------------------------------------------------
@@ -389,8 +414,8 @@ PHASE_LABELS = {
 @app.command()
 def rotate(
     version: Annotated[str, typer.Option("--version", "-v", help="Version to rotate to.")],
-    path: Annotated[str | None, typer.Option(help="Model directory (registers the version)."
-                                             )] = None,
+    path: Annotated[str | None, typer.Option(help="Model directory or builtin:NAME "
+                                             "(registers the version).")] = None,
     strategy: Annotated[str, typer.Option(help="surge | rolling | auto")] = "auto",
     workers: Annotated[int | None, typer.Option(help="Workers of the new version "
                        "(default: as many as now).", min=1)] = None,
@@ -406,7 +431,8 @@ def rotate(
     as_json: JsonOpt = False,
 ) -> None:
     """Replace the serving version without failing a request: spawn, check, switch, drain."""
-    started = control(state_dir, "rotate", as_json, version=version, path=path,
+    started = control(state_dir, "rotate", as_json, version=version,
+                      path=optional_model_path(path, as_json),
                       strategy=strategy, workers=workers, drain_timeout=drain_timeout,
                       canary=canary, thresholds=thresholds_option(thresholds, as_json))
     follow_rotation(state_dir, started["rotation"], wait, timeout, as_json)
@@ -570,7 +596,8 @@ def versions_list(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt =
 @versions_app.command("add")
 def versions_add(
     version: Annotated[str, typer.Argument(help="Version name, e.g. v2.")],
-    path: Annotated[str, typer.Option(help="Local transformers model directory.")],
+    path: Annotated[str, typer.Option(help="Local transformers model directory, or "
+                    "builtin:multilingual-e5-small | builtin:minilm.")],
     auto_load: Annotated[bool, typer.Option("--auto-load", help="Load it whenever the pool "
                          "starts (serves pinned requests).")] = False,
     expect: Annotated[Path | None, typer.Option(help="golden.json: {\"pairs\": \\[\\[a, b], ...],"
@@ -583,6 +610,7 @@ def versions_add(
     """Register a version (checked to be a model directory)."""
     golden = read_json_file(expect, as_json) if expect else None
     cuts = thresholds_option(thresholds, as_json)
+    path = model_path(path, as_json)
     reply = registry_command(
         state_dir, "versions_add", as_json,
         lambda r: r.add(version, path, auto_load=auto_load, expect=golden, thresholds=cuts),

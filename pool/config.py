@@ -16,6 +16,10 @@ from router.protocol import DEFAULT_ENDPOINT
 
 DEFAULT_BIND = DEFAULT_ENDPOINT
 DEFAULT_VERSION = "v1"
+# What `pool serve` and `pool demo` serve without --path (and no version in the registry):
+# the seed's job is Chinese sentence similarity (pool.builtin, docs/builtin-models.md).
+DEFAULT_MODEL = "builtin:multilingual-e5-small"
+ENGLISH_MODEL = "builtin:minilm"  # all-MiniLM-L6-v2, the default before; `pool demo`'s v1
 DEFAULT_MAX_BATCH = 64  # pairs (or embed texts) per forward pass, on CPU
 # On a GPU a pass is launch-bound far beyond 64 pairs: an H200 ran MiniLM at 14,114 pairs/s
 # at 16 pairs per request while 64-pair passes kept it ~9% busy (docs/benchmarks.md,
@@ -171,8 +175,9 @@ class PoolSettings:
     """The settings of one `pool serve`: each declared once, with its flag."""
 
     path: str = setting(
-        "", "Local transformers model directory. Default: the registry's active version, "
-        "else the embedded MiniLM.", flag_type=str | None)
+        "", "Local transformers model directory, or builtin:multilingual-e5-small | "
+        "builtin:minilm (converted on first use). Default: the registry's active version, "
+        f"else {DEFAULT_MODEL}.", flag_type=str | None)
     version: str = setting(
         DEFAULT_VERSION, f"Version name (default {DEFAULT_VERSION}).",
         names=("--version", "-v"), flag_type=str | None)
@@ -306,10 +311,13 @@ def _label(label: str, value: Any) -> str:
     return label.format(value=value, mib=mib)
 
 
-def resolve_settings(values: dict[str, Any]) -> PoolSettings:
-    """PoolSettings from the flags' values: the registry's version or the embedded model for
-    a missing --path, devices from --device, workers and threads from the devices. Raises
-    ValueError saying what is wrong."""
+def resolve_settings(values: dict[str, Any],
+                     model_path: Callable[[str], str] | None = None) -> PoolSettings:
+    """PoolSettings from the flags' values: the registry's version or the default model for
+    a missing --path, a built-in model's directory for `builtin:NAME` (`model_path`, by
+    default pool.builtin.resolve_model_path: converted on first use), devices from --device,
+    workers and threads from the devices. Raises ValueError saying what is wrong."""
+    from pool.builtin import BuiltinModelError, resolve_model_path
     from pool.registry import Registry
 
     path, version, state_dir = values["path"], values["version"], Path(values["state_dir"])
@@ -319,8 +327,13 @@ def resolve_settings(values: dict[str, Any]) -> PoolSettings:
         if restored is not None:
             version, path = version or registry.active, restored["path"]
         else:
-            path = str(embedded_model_path())
+            path = DEFAULT_MODEL
     model = values["model"]
+    if model == "transformer":
+        try:
+            path = (model_path or resolve_model_path)(path)
+        except BuiltinModelError as exc:
+            raise ValueError(str(exc)) from exc
     if model == "transformer" and not (Path(path) / "config.json").is_file():
         raise ValueError(f"--path {path} is not a transformers model directory (no config.json)")
     if model not in ("transformer", "echo"):
@@ -332,8 +345,9 @@ def resolve_settings(values: dict[str, Any]) -> PoolSettings:
     devices = parse_devices(values["devices"])
     workers = values["workers"] or default_workers(devices)
     return PoolSettings(**{
-        **values, "path": str(Path(path).resolve()), "version": version or DEFAULT_VERSION,
-        "state_dir": state_dir, "devices": devices, "workers": workers,
+        **values, "path": path if model == "echo" else str(Path(path).resolve()),
+        "version": version or DEFAULT_VERSION, "state_dir": state_dir, "devices": devices,
+        "workers": workers,
         "threads": values["threads"] or default_threads(devices, workers),
         "max_batch": _given(values["max_batch"], default_max_batch(devices)),
         "max_batch_tokens": _given(values["max_batch_tokens"],

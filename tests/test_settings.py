@@ -8,6 +8,8 @@ import dataclasses
 import inspect
 import pickle
 
+import pytest
+
 from cli.main import serve
 from pool import config
 from pool.worker import WorkerConfig
@@ -75,3 +77,27 @@ def test_batch_bounds_default_by_device_and_a_given_value_wins(tmp_path) -> None
     assert resolved(devices="cuda:0") == (config.GPU_MAX_BATCH, config.GPU_MAX_BATCH_TOKENS)
     # 0 is a value (no token budget), not "not given".
     assert resolved(devices="cuda:0", max_batch=32, max_batch_tokens=0) == (32, 0)
+
+
+def test_without_a_path_the_default_model_is_the_multilingual_builtin(tmp_path, models) -> None:
+    values = {name: config.flag_default(spec, name) for name, _, spec in config.flags()}
+    asked: list[str] = []
+
+    def model_path(spec: str) -> str:
+        asked.append(spec)
+        return str(models["v1"])
+
+    settings = config.resolve_settings({**values, "devices": "cpu",
+                                        "state_dir": tmp_path / "state"}, model_path=model_path)
+    assert asked == ["builtin:multilingual-e5-small"] == [config.DEFAULT_MODEL]
+    assert settings.path == str(models["v1"].resolve())
+
+
+def test_a_builtin_path_is_resolved_and_an_unknown_one_is_a_clear_error(tmp_path) -> None:
+    values = {name: config.flag_default(spec, name) for name, _, spec in config.flags()}
+    values |= {"devices": "cpu", "state_dir": tmp_path / "state"}
+    settings = config.resolve_settings({**values, "path": "builtin:minilm"})
+    assert settings.path == str(config.embedded_model_path().resolve())
+    with pytest.raises(ValueError, match="unknown built-in model 'builtin:nope'; known: "
+                                         "builtin:minilm, builtin:multilingual-e5-small"):
+        config.resolve_settings({**values, "path": "builtin:nope"})

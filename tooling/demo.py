@@ -1,6 +1,6 @@
-"""`pool demo`'s engine: a private pool on the embedded model, sample pairs scored with the
-seed's verdicts, the bench plan with a rotation to a second version, a clean stop. Nothing
-here prints: cli/demo.py shows each step as it comes.
+"""`pool demo`'s engine: a private pool serving English MiniLM as v1, sample pairs scored,
+load with a rotation to the multilingual model as v2, the same pairs scored again by v2, a
+clean stop. Nothing here prints: cli/demo.py shows each step as it comes.
 """
 
 from __future__ import annotations
@@ -9,15 +9,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pool.control import control_request
+from pool import config
 from router.client import Client, verdict
 from tooling.launch import PrivatePool
 from tooling.loadgen import LoadSpec
 
+# The story: the seed's Chinese job served by an English model, then the multilingual one
+# rotated in under load without a failed request.
+FIRST_MODEL = config.ENGLISH_MODEL
+SECOND_MODEL = config.DEFAULT_MODEL
 SAMPLE_PAIRS = [
     ("今天天气真好", "今日阳光明媚"),
     ("我想订一张去北京的机票", "帮我买一张到北京的飞机票"),
     ("这家餐厅的菜很好吃", "股票市场今天大跌"),
+    ("今天天气真好", "股票市场今天大跌"),
     ("The weather is lovely today", "It is sunny and warm outside"),
     ("How do I reset my password?", "I forgot my login credentials"),
     ("The cat sat on the mat", "Quarterly revenue grew by 8%"),
@@ -53,7 +58,7 @@ class Demo:
     """The demo's pool and its steps, in order: start, score, (the bench), close."""
 
     workers: int
-    path: str | None = None
+    path: str  # v1's model directory
     pool: PrivatePool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,11 +81,6 @@ class Demo:
     def bench_spec(self) -> LoadSpec:
         return LoadSpec(endpoint=self.endpoint, concurrency=DEMO_IN_FLIGHT,
                         duration_s=DEMO_SECONDS)
-
-    def active_model_path(self) -> str:
-        """The rotation's target: the same weights under another version name."""
-        status = control_request(self.pool.state_dir, "status")
-        return status["versions"][status["active"]]["path"]
 
     def close(self) -> int:
         """Stop the pool; its exit code (0: a clean stop)."""
