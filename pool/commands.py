@@ -15,6 +15,7 @@ from pool.health import Expectation
 from pool.registry import Registry, check_model_dir
 from pool.rotation import DEFAULT_DRAIN_TIMEOUT_S, RotationController, RotationError
 from pool.status import PoolSnapshot, health_document, status_document
+from pool.thresholds import VersionThresholds
 
 
 class PoolHandle(Protocol):
@@ -41,6 +42,9 @@ class PoolHandle(Protocol):
 
     def unload_version(self, version: str) -> None: ...
 
+    def thresholds_in_use(self, version: str) -> VersionThresholds | None:
+        """What the loaded workers of `version` answer with (None: not loaded)."""
+
 
 class Commands:
     def __init__(self, pool: PoolHandle, rotations: RotationController,
@@ -64,6 +68,7 @@ class Commands:
             "versions_add": self.versions_add,
             "versions_remove": self.versions_remove,
             "versions_import": self.versions_import,
+            "versions_thresholds": self.versions_thresholds,
         }
 
     # -- seeing ------------------------------------------------------------------------------
@@ -94,24 +99,29 @@ class Commands:
             workers=int(req.get("workers") or self.pool.default_workers),
             strategy=req.get("strategy") or "auto",
             drain_timeout_s=float(req.get("drain_timeout") or DEFAULT_DRAIN_TIMEOUT_S),
-            canary=req.get("canary"))
+            canary=req.get("canary"), thresholds=req.get("thresholds"))
 
     def _rotate_to(self, target: str, path: str | None, *, workers: int, strategy: str,
-                   drain_timeout_s: float, canary: float | None) -> dict:
+                   drain_timeout_s: float, canary: float | None,
+                   thresholds: list[float] | None = None) -> dict:
         if self.pool.stopping:
             raise ControlError("the pool is stopping")
         try:
             if path:
-                self.registry.add(target, path, auto_load=False)  # checks the directory
+                # Checks the directory; thresholds given are stored on the version.
+                self.registry.add(target, path, auto_load=False, thresholds=thresholds)
             entry = self.registry.version(target)
             if entry is None:
                 raise ControlError(f"unknown version {target!r}: give --path or add it with "
                                    "`pool versions add`")
             if not path:
                 check_model_dir(entry["path"])  # registered earlier: it may have gone since
+                if thresholds is not None:
+                    self.registry.set_thresholds(target, thresholds)
             self.rotations.start(target, entry["path"], workers=workers, strategy=strategy,
                                  drain_timeout_s=drain_timeout_s, canary=canary,
-                                 expect=Expectation.from_dict(entry.get("expect")))
+                                 expect=Expectation.from_dict(entry.get("expect")),
+                                 thresholds=self.registry.thresholds_of(target, entry["path"]))
         except (RotationError, ValueError, KeyError) as exc:
             raise ControlError(str(exc)) from None
         self.registry.save()
@@ -175,7 +185,17 @@ class Commands:
     def versions_add(self, req: dict) -> dict:
         return self._edit_registry(lambda r: r.add(
             req["version"], req["path"], auto_load=bool(req.get("auto_load")),
-            expect=req.get("expect")))
+            expect=req.get("expect"), thresholds=req.get("thresholds")))
+
+    def versions_thresholds(self, req: dict) -> dict:
+        """Store thresholds on a registered version (`[high, low]`, or null for the default).
+        Workers already running keep theirs: a version's workers never disagree, and the new
+        ones apply when the version is next loaded (a rotation to it, a restart)."""
+        version = str(req.get("version") or "")
+        reply = self._edit_registry(lambda r: r.set_thresholds(version, req.get("thresholds")))
+        plan_thresholds = self.pool.thresholds_in_use(version)
+        return {**reply, "in_use": None if plan_thresholds is None
+                else plan_thresholds.as_dict()}
 
     def versions_remove(self, req: dict) -> dict:
         if self.pool.loaded(str(req.get("version"))):

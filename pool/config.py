@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from pool.health import PROBE_MIN_PAIRS, PROBE_MIN_TEXT_CHARS
+from pool.quality import Thresholds, parse_thresholds
 from router.bodies import DEFAULT_MAX_PAIRS, DEFAULT_MAX_TEXT_CHARS
 from router.protocol import DEFAULT_ENDPOINT
 
@@ -153,6 +154,8 @@ class Flag:
     # How the status line prints it: a format with {value} (and {mib} for bytes), with the
     # separator that leads it on the line.
     label: str = ""
+    # Turns the option's text into the setting's type (a ValueError is a usage error).
+    parser: Callable[[str], Any] | None = None
 
 
 def setting(default: Any, help: str, *, factory: Callable[[], Any] | None = None,
@@ -256,6 +259,11 @@ class PoolSettings:
         DEFAULT_SHUTDOWN_DRAIN_S, "Seconds in-flight and queued work gets to finish when the "
         "pool stops; what is still queued then gets shutting_down.",
         names=("--shutdown-drain",), min=0, shown=True, label="; stop drains {value:g}s")
+    thresholds: Thresholds | None = setting(
+        None, "Verdict thresholds HIGH,LOW of the version served (e.g. 0.92,0.86: above HIGH "
+        "\"very similar\", above LOW \"related\"), stored on it in the registry. Default: "
+        "the version's own, else its built-in model's, else 0.85,0.5.",
+        parser=parse_thresholds)
 
     @property
     def control_endpoint(self) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 import zmq
 
+from pool.quality import SEED_THRESHOLDS, Thresholds
 from pool.reports import BatchStats
 from router import protocol
 
@@ -106,13 +107,15 @@ class DeviceThread:
     def __init__(self, queue: JobQueue, version: str, max_batch: int, max_wait_ms: float,
                  embed: Callable[[list[list[int]]], Any] | None, stats: BatchStats,
                  on_failure: Callable[[], None] = lambda: None, max_batch_tokens: int = 0,
-                 ) -> None:
+                 thresholds: Thresholds = SEED_THRESHOLDS) -> None:
         self.queue = queue
         self.version = version
         self.max_batch = max_batch
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000
         self.embed = embed
+        # The optional "thresholds" key of every similarity reply (docs/protocol.md).
+        self.thresholds = [thresholds.high, thresholds.low]
         self.stats = stats  # the main thread reads it for heartbeats
         self.on_failure = on_failure  # after a failed pass (frees device memory)
         self.pass_started = 0.0  # monotonic start of the pass running now; 0 between passes
@@ -163,7 +166,7 @@ class DeviceThread:
         return jobs
 
     def _serve(self, jobs: list[Job]) -> None:
-        if self.embed is None:  # the echo model
+        if self.embed is None:  # the echo model: transport only, its scores judge nothing
             for job in jobs:
                 self._reply(job.seq, {"scores": [0.0] * (len(job.texts) // 2),
                                       "version": self.version})
@@ -197,7 +200,8 @@ class DeviceThread:
             at = 0
             for job in pairs:
                 self._reply(job.seq, {"scores": scores[at:at + job.size],
-                                      "version": self.version})
+                                      "version": self.version,
+                                      "thresholds": self.thresholds})
                 at += job.size
         for job in jobs:
             if job.op == protocol.OP_EMBED:

@@ -3,7 +3,7 @@
 Shape (a superset of the seed's model_versions.json):
 {"format": 1, "active": "v1", "previous": null,
  "versions": {"v1": {"path": "...", "auto_load": true, "added_at": 1700000000.0,
-                     "expect": null}},
+                     "expect": null, "thresholds": [0.92, 0.86]}},
  "history": [{"t": ..., "event": "serve", ...}]}
 """
 
@@ -18,6 +18,15 @@ from typing import Any
 import orjson
 
 from pool.health import Expectation
+from pool.quality import Thresholds
+from pool.thresholds import (
+    VersionThresholds,
+    entry_thresholds,
+    resolve_entry,
+    resolve_thresholds,
+    thresholds_from_json,
+    thresholds_to_json,
+)
 
 REGISTRY_FILE = "versions.json"
 HISTORY_LIMIT = 500
@@ -48,22 +57,51 @@ class Registry:
         return self.data["versions"].get(name)
 
     def put_version(self, name: str, path: str, *, auto_load: bool = False,
-                    expect: list[float] | None = None) -> None:
+                    expect: list[float] | None = None,
+                    thresholds: Thresholds | None = None) -> None:
+        """Record a version; `expect` and `thresholds` replace the stored ones when given
+        (None keeps them)."""
         entry = self.data["versions"].setdefault(name, {"added_at": time.time()})
         entry.update(path=path, auto_load=auto_load)
         if expect is not None:
             entry["expect"] = expect
         entry.setdefault("expect", None)
+        if thresholds is not None:
+            entry["thresholds"] = thresholds_to_json(thresholds)
+        entry.setdefault("thresholds", None)
 
     def add(self, name: str, path: str, *, auto_load: bool = False,
-            expect: dict | None = None) -> dict[str, Any]:
-        """Register (or update) a version after checking its path holds a model."""
+            expect: dict | None = None, thresholds: Any = None) -> dict[str, Any]:
+        """Register (or update) a version after checking its path holds a model.
+        `thresholds`: Thresholds or `[high, low]` (ValueError if out of order or range)."""
         check_version_name(name)
         if expect is not None:
             Expectation.from_dict(expect)  # raises ValueError on a malformed file
-        self.put_version(name, check_model_dir(path), auto_load=auto_load, expect=expect)
-        self.log("version_added", version=name, path=path, auto_load=auto_load)
+        own = thresholds_from_json(thresholds)
+        self.put_version(name, check_model_dir(path), auto_load=auto_load, expect=expect,
+                         thresholds=own)
+        self.log("version_added", version=name, path=path, auto_load=auto_load,
+                 thresholds=None if own is None else thresholds_to_json(own))
         return self.data["versions"][name]
+
+    def set_thresholds(self, name: str, thresholds: Any) -> Thresholds | None:
+        """Give a registered version thresholds of its own (Thresholds or `[high, low]`), or
+        None to fall back to its built-in's or the seed's. Returns what was stored."""
+        entry = self.version(name)
+        if entry is None:
+            raise ValueError(f"unknown version {name!r}")
+        own = thresholds_from_json(thresholds)
+        entry["thresholds"] = None if own is None else thresholds_to_json(own)
+        self.log("thresholds_set", version=name, thresholds=entry["thresholds"])
+        return own
+
+    def own_thresholds(self, name: str) -> Thresholds | None:
+        """The thresholds stored on a version (None: none of its own, or not registered)."""
+        return entry_thresholds(self.version(name))
+
+    def thresholds_of(self, name: str, path: str) -> VersionThresholds:
+        """What version `name` at `path` answers with: its own, its built-in's, the seed's."""
+        return resolve_thresholds(self.own_thresholds(name), path)
 
     def remove(self, name: str) -> None:
         if name not in self.data["versions"]:
@@ -93,8 +131,10 @@ class Registry:
         return added
 
     def listing(self) -> list[dict[str, Any]]:
-        return [{"version": name, **entry, "active": name == self.active,
-                 "previous": name == self.data["previous"]}
+        """Each version's entry, with the thresholds it answers with (`thresholds`, its own
+        or else derived) and where they come from (`thresholds_source`)."""
+        return [{"version": name, **entry, **_shown_thresholds(entry),
+                 "active": name == self.active, "previous": name == self.data["previous"]}
                 for name, entry in sorted(self.data["versions"].items())]
 
     def set_active(self, name: str) -> None:
@@ -126,6 +166,13 @@ class Registry:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _shown_thresholds(entry: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return resolve_entry(entry).as_dict()
+    except ValueError as exc:  # a registry file edited by hand: say so, list the rest
+        return {"thresholds": entry.get("thresholds"), "thresholds_source": f"invalid: {exc}"}
 
 
 def check_model_dir(path: str) -> str:

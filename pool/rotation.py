@@ -34,6 +34,7 @@ from pool.health import Expectation
 from pool.registry import Registry
 from pool.supervisor import CHECKING, DRAINING, LIVE, READY, STOPPING, Routing, Supervisor
 from pool.system import gpu_stats
+from pool.thresholds import VersionThresholds
 from router.broker import Broker
 
 log = logging.getLogger("zeropool.rotation")
@@ -132,7 +133,8 @@ class RotationController:
 
     def start(self, target: str, path: str, *, workers: int, strategy: str = "auto",
               drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, canary: float | None = None,
-              expect: Expectation | None = None) -> Rotation:
+              expect: Expectation | None = None,
+              thresholds: VersionThresholds | None = None) -> Rotation:
         if self.current is not None and not self.current.finished:
             raise RotationError(f"rotation {self.current.id} to {self.current.target} is still "
                                 f"{self.current.phase.value}; wait for it or roll it back")
@@ -169,7 +171,8 @@ class RotationController:
         self._enter(rot, Phase.SPAWNING)
         if not loaded:
             # The steps below add workers; its lane opens at the switch.
-            self.supervisor.want(target, path, 0, expect, routing=Routing.HIDDEN)
+            self.supervisor.want(target, path, 0, expect, routing=Routing.HIDDEN,
+                                 thresholds=thresholds)
         return rot
 
     def promote(self) -> Rotation:

@@ -29,6 +29,7 @@ from pool.startmethod import ForkserverError
 from pool.status import PoolSnapshot
 from pool.supervisor import Supervisor
 from pool.system import system_stats
+from pool.thresholds import VersionThresholds, resolve_thresholds
 from pool.worker import freeze_heap
 from router import protocol
 from router.auth import CurveServer, KeyFileError, is_loopback
@@ -146,7 +147,8 @@ class PoolServer:
     def _start_active_version(self) -> None:
         """Serve the configured version, plus the registry's auto-load versions (pinned)."""
         s = self.settings
-        self.registry.put_version(s.version, s.path, auto_load=True)
+        # `pool serve --thresholds` gives the version served thresholds of its own.
+        self.registry.put_version(s.version, s.path, auto_load=True, thresholds=s.thresholds)
         self.registry.set_active(s.version)
         self.registry.log("serve", version=s.version, path=s.path, workers=s.workers)
         self.registry.save()
@@ -180,10 +182,22 @@ class PoolServer:
         """Workers of `version` start; requests for it queue while they load."""
         entry = self.registry.version(version) or {}
         self.supervisor.want(version, path, workers or self.settings.workers,
-                             Expectation.from_dict(entry.get("expect")))
+                             Expectation.from_dict(entry.get("expect")),
+                             thresholds=self._thresholds_of(version, path))
+
+    def _thresholds_of(self, version: str, path: str) -> VersionThresholds:
+        try:
+            return self.registry.thresholds_of(version, path)
+        except ValueError as exc:  # only a registry file edited by hand gets here
+            log.error("version %s: %s; its verdicts use the default thresholds", version, exc)
+            return resolve_thresholds(None, path)
 
     def unload_version(self, version: str) -> None:
         self.supervisor.retire_version(version)
+
+    def thresholds_in_use(self, version: str) -> VersionThresholds | None:
+        plan = self.supervisor.plans.get(version)
+        return None if plan is None or plan.retired else plan.thresholds
 
     def snapshot(self) -> PoolSnapshot:
         return PoolSnapshot(

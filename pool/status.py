@@ -76,7 +76,8 @@ def _version_row(view: VersionView, broker: BrokerSnapshot) -> dict[str, Any]:
             "crash_loop": view.crash_loop, "next_try_s": view.next_try_s,
             "restarts": view.restarts, "serving": lane is not None,
             "served": lane.served if lane is not None else None,
-            "errors": lane.errors if lane is not None else None}
+            "errors": lane.errors if lane is not None else None,
+            **view.thresholds.as_dict()}
 
 
 def worker_row(worker: WorkerView) -> dict[str, Any]:

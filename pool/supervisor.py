@@ -30,6 +30,7 @@ from pool import config
 from pool.health import Expectation, GoldenCheck, judge_probe, probe_body
 from pool.processes import Launcher, Spawner, SpawnFailed, SpawnPending, WorkerProcess
 from pool.reports import BatchStats, ReadyInfo
+from pool.thresholds import SEED_VERSION_THRESHOLDS, VersionThresholds, resolve_thresholds
 from pool.worker import WorkerConfig
 from router import protocol
 from router.broker import (
@@ -68,6 +69,9 @@ class VersionPlan:
     workers: int  # wanted
     expect: Expectation = field(default_factory=Expectation)
     routing: Routing = Routing.OPEN
+    # The verdict thresholds its workers answer with, fixed for the plan's life: workers of
+    # one version never disagree on a verdict (new ones apply when the version next loads).
+    thresholds: VersionThresholds = SEED_VERSION_THRESHOLDS
     crashes: deque[float] = field(default_factory=deque)
     restarts: int = 0
     backoff_until: float = 0.0
@@ -167,6 +171,7 @@ class VersionView:
     ever_ready: bool
     crash_times: tuple[float, ...]  # the clock at each crash in the crash-loop window
     golden: GoldenCheck | None
+    thresholds: VersionThresholds
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,11 +202,15 @@ class Supervisor:
     # -- what is wanted ----------------------------------------------------------------------
 
     def want(self, version: str, path: str, workers: int, expect: Expectation | None = None,
-             routing: Routing = Routing.OPEN) -> VersionPlan:
-        """Run `workers` workers of `version` (spawned on the next tick)."""
+             routing: Routing = Routing.OPEN,
+             thresholds: VersionThresholds | None = None) -> VersionPlan:
+        """Run `workers` workers of `version` (spawned on the next tick). `thresholds`: what
+        its verdicts use (default: its built-in model's, else the seed's); a plan kept keeps
+        its own."""
         plan = self.plans.get(version)
         if plan is None or plan.path != path or plan.failed or plan.retired:
-            plan = VersionPlan(version, path, workers, expect or Expectation(), routing)
+            plan = VersionPlan(version, path, workers, expect or Expectation(), routing,
+                               thresholds=thresholds or resolve_thresholds(None, path))
             self.plans[version] = plan
         plan.workers = workers
         self.sync_lanes()
@@ -457,7 +466,8 @@ class Supervisor:
         name = f"{plan.version}-{slot}-{self._counter + 1}"
         device = s.devices[slot % len(s.devices)]
         try:
-            process = self._spawner(WorkerConfig(name, plan.version, plan.path, device, s))
+            process = self._spawner(WorkerConfig(name, plan.version, plan.path, device, s,
+                                                 thresholds=plan.thresholds.thresholds))
         except SpawnPending:
             return None
         except SpawnFailed as exc:
@@ -578,7 +588,7 @@ class Supervisor:
             workers_ready=self.count(name, READY), failed=self.failure(name),
             crash_loop=plan.crash_loop, next_try_s=self.next_try_s(name),
             restarts=plan.restarts, retired=plan.retired, ever_ready=plan.ever_ready,
-            crash_times=tuple(plan.crashes), golden=plan.golden)
+            crash_times=tuple(plan.crashes), golden=plan.golden, thresholds=plan.thresholds)
             for name, plan in self.plans.items()}
 
     def snapshot(self) -> SupervisorSnapshot:

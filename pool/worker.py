@@ -26,6 +26,7 @@ import zmq
 
 from pool import config
 from pool.passes import PASSES_CRASHED, PASSES_DONE, DeviceThread, Job, JobQueue
+from pool.quality import SEED_THRESHOLDS, Thresholds
 from pool.reports import BatchStats, ReadyInfo
 from router import protocol
 from router.bodies import BadBody, Limits, decode_body
@@ -46,6 +47,9 @@ class WorkerConfig:
     path: str
     device: str  # "cpu" or "cuda:N" with N the physical GPU index
     settings: config.PoolSettings
+    # Its version's verdict thresholds, resolved once by the serve process (VersionPlan):
+    # every similarity reply carries them, so whoever reads a score can judge it.
+    thresholds: Thresholds = SEED_THRESHOLDS
     heartbeat_s: float = config.HEARTBEAT_S
 
     @property
@@ -137,7 +141,7 @@ class WorkerLoop:
             self.queue, self.cfg.version, self.cfg.max_batch, self.settings.max_wait_ms,
             embed=None if encoder is None else lambda ids: encoder.embed_tokens(ids).numpy(),
             stats=self.stats, on_failure=_release_cuda_cache,
-            max_batch_tokens=self.settings.max_batch_tokens)
+            max_batch_tokens=self.settings.max_batch_tokens, thresholds=self.cfg.thresholds)
         if encoder is None:
             # The echo model has no device to overlap with: its "passes" run right here,
             # without two thread hops per request.

@@ -16,6 +16,7 @@ from router.client import (
     Similarity,
     TooLarge,
     UnknownVersion,
+    VerdictThresholds,
     WorkerFailed,
     ZeroPoolError,
     verdict,
@@ -24,5 +25,5 @@ from router.client import (
 __all__ = [
     "AsyncClient", "BadRequest", "Client", "Embeddings", "InternalError", "NoReply",
     "Overloaded", "Ping", "RequestTimeout", "ShuttingDown", "Similarity", "TooLarge",
-    "UnknownVersion", "WorkerFailed", "ZeroPoolError", "verdict",
+    "UnknownVersion", "VerdictThresholds", "WorkerFailed", "ZeroPoolError", "verdict",
 ]

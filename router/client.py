@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import zmq
@@ -87,10 +87,58 @@ ERRORS: dict[str, type[ZeroPoolError]] = {
 }
 
 
+class VerdictThresholds(NamedTuple):
+    """Cut points on a score: above `high` "very similar", above `low` "related"."""
+
+    high: float
+    low: float
+
+
+# The seed's verdicts: above VERY_SIMILAR "very similar", above RELATED "related". They suit
+# one model only; a pool says its version's own in each similarity reply (Similarity).
+VERY_SIMILAR = 0.85
+RELATED = 0.5
+SEED_THRESHOLDS = VerdictThresholds(VERY_SIMILAR, RELATED)
+VERDICT_VERY_SIMILAR, VERDICT_RELATED, VERDICT_UNRELATED = "very similar", "related", "unrelated"
+
+
+def verdict(score: float, thresholds: Any = SEED_THRESHOLDS) -> str:
+    """A score's verdict by `thresholds` (anything with .high and .low: VerdictThresholds,
+    pool.quality.Thresholds); the seed's by default."""
+    if score > thresholds.high:
+        return VERDICT_VERY_SIMILAR
+    if score > thresholds.low:
+        return VERDICT_RELATED
+    return VERDICT_UNRELATED
+
+
+def reply_thresholds(body: dict[str, Any]) -> VerdictThresholds:
+    """The optional "thresholds" of a similarity reply: the answering version's; the seed's
+    when absent (an older pool) or not two ordered numbers in [-1, 1]."""
+    value = body.get("thresholds")
+    if not isinstance(value, list) or len(value) != 2:
+        return SEED_THRESHOLDS
+    high, low = value
+    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in value)
+    if not numbers or not -1.0 <= low < high <= 1.0:
+        return SEED_THRESHOLDS
+    return VerdictThresholds(float(high), float(low))
+
+
 @dataclass(frozen=True)
 class Similarity:
     scores: list[float]
     version: str
+    # The answering version's verdict thresholds (the seed's when the pool sent none).
+    thresholds: VerdictThresholds = SEED_THRESHOLDS
+
+    @property
+    def verdicts(self) -> list[str]:
+        """Each score's verdict, by the answering version's thresholds."""
+        return [verdict(score, self.thresholds) for score in self.scores]
+
+    def verdict(self, index: int = 0) -> str:
+        return verdict(self.scores[index], self.thresholds)
 
 
 @dataclass(frozen=True)
@@ -108,18 +156,6 @@ class Ping:
 
 Result = Similarity | Embeddings | Ping
 
-# The seed's verdicts: above VERY_SIMILAR "very similar", above RELATED "related".
-VERY_SIMILAR = 0.85
-RELATED = 0.5
-
-
-def verdict(score: float) -> str:
-    if score > VERY_SIMILAR:
-        return "very similar"
-    if score > RELATED:
-        return "related"
-    return "unrelated"
-
 
 def encode_request(request_id: bytes, op: bytes, version: str | None, body: dict) -> list[bytes]:
     return [protocol.PROTOCOL, request_id, op, (version or "").encode(), orjson.dumps(body)]
@@ -134,7 +170,7 @@ def decode_reply(op: bytes, frames: list[bytes]) -> Result | ZeroPoolError:
         code = body.get("code", protocol.INTERNAL)
         return ERRORS.get(code, ZeroPoolError)(body.get("message", ""), code)
     if op == protocol.OP_SIMILARITY:
-        return Similarity(body["scores"], body["version"])
+        return Similarity(body["scores"], body["version"], reply_thresholds(body))
     if op == protocol.OP_EMBED:
         return Embeddings(body["embeddings"], body["dim"], body["version"])
     return Ping(body["version"], body["workers"])
