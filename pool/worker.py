@@ -128,8 +128,10 @@ class WorkerLoop:
         # From here SIGTERM is a STOP: a process group signalled as a whole (systemd's
         # KillMode=control-group, `kill -TERM -PGID`) has its workers finish what they hold
         # and exit 0 while the server drains, instead of dying with it unanswered. Loading
-        # is simply ended by it (the default).
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        # is simply ended by it (the default). (Only a process's main thread can take
+        # signals: a loop run on another thread, as in tests, is stopped by STOP alone.)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         self.sock.send_multipart([protocol.W_READY, info.encode()])
         log.info("ready: version %s on %s (%s, %s) in %.2fs", self.cfg.version, info.device,
                  info.dtype, info.graph, info.load_seconds)
