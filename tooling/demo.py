@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pool import config
-from router.client import Client, verdict
+from router.client import Client
 from tooling.launch import PrivatePool
 from tooling.loadgen import LoadSpec
 
@@ -45,8 +45,9 @@ class Scored:
 
 def score_samples(client: Client) -> Scored:
     result = client.similarity(SAMPLE_PAIRS)
-    rows = [{"a": a, "b": b, "score": score, "verdict": verdict(score)}
-            for (a, b), score in zip(SAMPLE_PAIRS, result.scores, strict=True)]
+    rows = [{"a": a, "b": b, "score": score, "verdict": said}
+            for (a, b), score, said in zip(SAMPLE_PAIRS, result.scores, result.verdicts,
+                                           strict=True)]
     return Scored(result.version, rows)
 
 
