@@ -28,6 +28,7 @@ def worker_main(cfg: WorkerConfig) -> None:
     parent = os.getppid()
     _pin_device(cfg)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the forkserver ignores it (pool.preload)
     _release_forkserver_pipe()
     _die_with_parent()
     if os.getppid() != parent:

@@ -8,6 +8,7 @@ torch thread pool or CUDA: all three break across fork.
 import atexit
 import gc
 import os
+import signal
 
 import transformers.modeling_utils
 import transformers.models.bert.modeling_bert  # noqa: F401
@@ -16,6 +17,11 @@ import pool.bootstrap
 import pool.runtime  # noqa: F401
 
 _FORKSERVER_PID = os.getpid()
+# A process group signalled as a whole (systemd's KillMode=control-group) must not take the
+# forkserver down while the pool drains: a forked worker's exit status reaches the pool
+# through it, and without it a clean exit reads as 255, a crash. It still ends with the pool
+# (its alive pipe closes). Workers take SIGTERM back (pool.bootstrap).
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 # What every worker inherits is never garbage: out of the collector's sight, a worker's
 # collections neither scan it nor write to its pages (which would un-share them).
 gc.freeze()

@@ -275,15 +275,20 @@ class PoolServer:
             log.info("stopping: new requests get shutting_down, in-flight work finishes")
             self.stopping_since = time.monotonic()
             self.broker.accepting = False
+            self.supervisor.begin_shutdown()
 
     def _shutdown_step(self, now: float) -> bool:
         """Drain, then stop workers; True once every worker is reaped."""
         busy = self.broker.inflight + self.broker.queued
         drain_s = self.settings.shutdown_drain_s
-        if self.supervisor.plans and (busy == 0 or now - self.stopping_since > drain_s):
+        stranded = busy and not self.supervisor.can_serve()
+        if self.supervisor.plans and (busy == 0 or stranded
+                                      or now - self.stopping_since > drain_s):
             if busy:
-                log.warning("%d requests still pending after %.0fs; stopping anyway", busy,
-                            drain_s)
+                # Past the drain, or every worker gone already (they were signalled with us)
+                # with nothing to start in their place: waiting would change nothing.
+                log.warning("%d requests still pending %s; stopping anyway", busy,
+                            "with no worker left" if stranded else f"after {drain_s:.0f}s")
                 self.broker.fail_all_queued(protocol.SHUTTING_DOWN,
                                             "pool stopped before it could run")
             self.supervisor.stop_all()

@@ -198,6 +198,7 @@ class Supervisor:
         self._launcher = Launcher(self.start_method, settings.threads) if spawn is None else None
         self._spawner: Spawner = spawn or self._launcher  # type: ignore[assignment]
         self._counter = 0
+        self.stopping = False  # the pool is stopping: no worker is started any more
 
     # -- what is wanted ----------------------------------------------------------------------
 
@@ -231,6 +232,15 @@ class Supervisor:
             plan.workers = 0
             plan.retired = True
         self.sync_lanes()
+
+    def begin_shutdown(self) -> None:
+        """The pool is stopping: workers that exit are not replaced (a process group
+        signalled as a whole has its workers finish and exit on their own meanwhile)."""
+        self.stopping = True
+
+    def can_serve(self) -> bool:
+        """Some worker is serving, or will be: not everything has stopped or is stopping."""
+        return any(w.live for w in self.workers.values())
 
     def stop_all(self) -> None:
         for version in list(self.plans):
@@ -380,6 +390,12 @@ class Supervisor:
             if planned:
                 log.info("worker %s exited (code %s)", worker.name, code)
                 continue
+            if code == 0:
+                # Told to stop by someone else (SIGTERM): not a crash. Replaced unless the
+                # pool is stopping too.
+                log.warning("worker %s (pid %s) stopped on its own (SIGTERM?)%s", worker.name,
+                            worker.pid, "" if self.stopping else "; starting another")
+                continue
             log.warning("worker %s (pid %s) died unexpectedly: exit code %s", worker.name,
                         worker.pid, code)
             plan = self.plans.get(worker.version)
@@ -418,7 +434,7 @@ class Supervisor:
         for version, plan in list(self.plans.items()):
             live = [w for w in self.workers.values() if w.version == version and w.live]
             wanted = 0 if plan.failed else plan.workers
-            if len(live) < wanted and now >= plan.backoff_until:
+            if len(live) < wanted and now >= plan.backoff_until and not self.stopping:
                 used = {w.slot for w in live}
                 free = (s for s in range(wanted + len(live)) if s not in used)
                 for _, slot in zip(range(wanted - len(live)), free, strict=False):

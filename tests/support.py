@@ -127,7 +127,8 @@ class RunningPool:
 
 
 def start_pool(path: Path | None, *extra: str, workers: int = 2, version: str | None = None,
-               state_dir: Path | None = None, wait: bool = True) -> RunningPool:
+               state_dir: Path | None = None, wait: bool = True,
+               own_group: bool = False) -> RunningPool:
     """`pool serve` on ipc sockets; no path means "restore from the registry".
 
     float32 unless `extra` says otherwise: the tests hold the pool to the seed's scores
@@ -142,7 +143,7 @@ def start_pool(path: Path | None, *extra: str, workers: int = 2, version: str | 
         args += ["--path", str(path)]
     if version is not None:
         args += ["--version", version]
-    process = PoolProcess(args, state_dir / "console.log")
+    process = PoolProcess(args, state_dir / "console.log", own_group=own_group)
     pool = RunningPool(process, state_dir, endpoint)
     if wait:
         process.wait_ready(endpoint, workers=workers, timeout=120)

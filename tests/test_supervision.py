@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -12,7 +13,7 @@ import pytest
 
 from pool import config
 from router.client import Client, WorkerFailed
-from tests.support import Load, run_cli, wait_for
+from tests.support import Load, run_cli, start_pool, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -151,3 +152,24 @@ def test_an_unknown_start_method_is_refused_before_anything_starts(
                    "--state-dir", str(tmp_path), env=dict(os.environ), timeout=60)
     assert done.returncode == 2
     assert "--start-method must be one of auto, spawn, forkserver, not 'fork'" in done.stderr
+
+
+def test_sigterm_to_the_whole_process_group_answers_everything_without_a_respawn(
+        models: dict[str, Path]) -> None:
+    # systemd's KillMode=control-group, `kill -TERM -PGID`: the server and every worker get
+    # SIGTERM at once. Each worker answers what it holds and exits 0; nothing is respawned.
+    pool = start_pool(models["v1"], own_group=True)
+    load = Load(pool.endpoint, in_flight=64, max_rate=None)
+    load.start()
+    wait_for(lambda: len(load.replies) > 500, 60, "500 replies")
+    workers = pool.children()
+    os.killpg(pool.process.pid, signal.SIGTERM)
+    load.stop()  # nothing is sent after this, and all that was sent is answered
+    assert pool.process.proc.wait(60) == 0
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers outlived the pool: {[p.pid for p in alive]}"
+    codes = Counter(reply.code for reply in load.replies)
+    assert load.lost == 0 and set(codes) <= {"ok", "shutting_down"}, codes
+    log = (pool.state_dir / "console.log").read_text()
+    assert log.count("stopped on its own") == 2, log[-3000:]
+    assert log.count("spawned worker") == 2, "a worker was started after the SIGTERM"
