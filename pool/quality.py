@@ -57,6 +57,8 @@ BYTE_ORDER_MARK = "\ufeff"
 # The packaged default set, inside the `pool` package so that it ships in the wheel.
 DEFAULT_PAIRS_PACKAGE = "pool"
 DEFAULT_PAIRS_RESOURCE = "data/zh_pairs.tsv"
+# Its diagnostic companion: minimal pairs, reported beside it, never used to fit thresholds.
+HARD_PAIRS_RESOURCE = "data/zh_pairs_hard.tsv"
 
 ScoreArray = npt.NDArray[np.float64]
 
@@ -137,8 +139,21 @@ def read_pairs(path: str | os.PathLike[str]) -> list[LabelledPair]:
 
 def load_default_pairs() -> list[LabelledPair]:
     """The packaged Chinese set, pool/data/zh_pairs.tsv (docs/quality-data.md)."""
-    resource = resources.files(DEFAULT_PAIRS_PACKAGE).joinpath(DEFAULT_PAIRS_RESOURCE)
-    return parse_pairs(resource.read_bytes(), f"{DEFAULT_PAIRS_PACKAGE}/{DEFAULT_PAIRS_RESOURCE}")
+    return load_packaged_pairs(DEFAULT_PAIRS_RESOURCE)
+
+
+def load_hard_pairs() -> list[LabelledPair]:
+    """The packaged Chinese minimal pairs, pool/data/zh_pairs_hard.tsv (docs/quality-data.md).
+
+    A diagnostic of what cosine similarity cannot see (swapped roles, antonyms, negation, one
+    changed word), to report beside the default set; not for fitting thresholds or a gate.
+    """
+    return load_packaged_pairs(HARD_PAIRS_RESOURCE)
+
+
+def load_packaged_pairs(resource_name: str) -> list[LabelledPair]:
+    resource = resources.files(DEFAULT_PAIRS_PACKAGE).joinpath(resource_name)
+    return parse_pairs(resource.read_bytes(), f"{DEFAULT_PAIRS_PACKAGE}/{resource_name}")
 
 
 # ---------------------------------------------------------------------------- figures

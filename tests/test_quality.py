@@ -26,6 +26,7 @@ from pool.quality import (
     evaluate,
     fit_thresholds,
     load_default_pairs,
+    load_hard_pairs,
     parse_pairs,
     parse_thresholds,
     passes_spearman_gate,
@@ -38,6 +39,7 @@ from tooling import pairs_stats
 
 REPO = Path(__file__).resolve().parent.parent
 MIN_DEFAULT_PAIRS = 180
+MIN_HARD_PAIRS = 30
 MIN_LABEL_SHARE = 0.25
 MIN_TOPICS = 10
 SHORT_TEXT = 4  # characters
@@ -390,22 +392,31 @@ def test_default_set_is_big_and_balanced(default_pairs: list[LabelledPair]) -> N
         assert counts[label] >= MIN_LABEL_SHARE * len(default_pairs), counts
 
 
-def test_default_set_has_no_duplicate_or_trivial_pairs(default_pairs: list[LabelledPair]
-                                                      ) -> None:
+def pair_lines(pairs: list[LabelledPair]) -> dict[frozenset[str], int]:
+    """Each pair's line, keyed so that (a, b) and (b, a) are one pair; no repeats, no pair of
+    identical texts."""
     seen: dict[frozenset[str], int] = {}
-    for pair in default_pairs:
+    for pair in pairs:
         assert pair.text_a != pair.text_b, f"line {pair.line}: the two texts are identical"
-        key = frozenset((pair.text_a, pair.text_b))  # (a, b) and (b, a) are one pair
+        key = frozenset((pair.text_a, pair.text_b))
         assert key not in seen, f"line {pair.line} repeats line {seen[key]}"
         seen[key] = pair.line
+    return seen
 
 
-def test_default_set_is_package_data() -> None:
+def test_default_set_has_no_duplicate_or_trivial_pairs(default_pairs: list[LabelledPair]
+                                                      ) -> None:
+    pair_lines(default_pairs)
+
+
+@pytest.mark.parametrize("resource", [quality.DEFAULT_PAIRS_RESOURCE,
+                                      quality.HARD_PAIRS_RESOURCE])
+def test_packaged_sets_are_package_data(resource: str) -> None:
     tomllib = pytest.importorskip("tomllib")  # Python 3.11; the project allows 3.10
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     patterns = pyproject["tool"]["setuptools"]["package-data"][quality.DEFAULT_PAIRS_PACKAGE]
-    assert any(fnmatch(quality.DEFAULT_PAIRS_RESOURCE, pattern) for pattern in patterns)
-    assert (REPO / "pool" / quality.DEFAULT_PAIRS_RESOURCE).is_file()
+    assert any(fnmatch(resource, pattern) for pattern in patterns)
+    assert (REPO / "pool" / resource).is_file()
 
 
 def test_default_set_spreads_over_topics_and_lengths() -> None:
@@ -416,8 +427,52 @@ def test_default_set_spreads_over_topics_and_lengths() -> None:
     assert "(none)" not in per_topic and len(per_topic) >= MIN_TOPICS, per_topic
     lengths = [len(t) for pair in pairs for t in (pair.text_a, pair.text_b)]
     assert min(lengths) <= SHORT_TEXT and max(lengths) >= LONG_TEXT
-    # The hard cases: same-topic pairs share more characters than paraphrases do.
     assert "Spearman" in pairs_stats.report(text, "zh_pairs.tsv")
-    overlap = {label: np.mean([pairs_stats.character_overlap(p.text_a, p.text_b)
-                               for p in pairs if p.label == label]) for label in quality.LABELS}
-    assert overlap[quality.RELATED] > overlap[quality.SAME_MEANING] > overlap[quality.UNRELATED]
+    # Same-subject pairs share a subject's words, unrelated ones next to nothing.
+    overlap = mean_overlap(pairs)
+    assert overlap[quality.SAME_MEANING] > overlap[quality.UNRELATED]
+    assert overlap[quality.RELATED] > overlap[quality.UNRELATED]
+
+
+def mean_overlap(pairs: list[LabelledPair]) -> dict[int, float]:
+    return {label: float(np.mean([pairs_stats.character_overlap(p.text_a, p.text_b)
+                                  for p in pairs if p.label == label]))
+            for label in quality.LABELS if any(p.label == label for p in pairs)}
+
+
+# ---------------------------------------------------------------------------- the hard set
+
+
+@pytest.fixture(scope="module")
+def hard_pairs() -> list[LabelledPair]:
+    return load_hard_pairs()
+
+
+def test_hard_set_loads_minimal_pairs(hard_pairs: list[LabelledPair]) -> None:
+    assert len(hard_pairs) >= MIN_HARD_PAIRS
+    counts = Counter(pair.label for pair in hard_pairs)
+    # Minimal edits: mostly ones that change the meaning, a few that keep it; none unrelated.
+    assert set(counts) == {quality.RELATED, quality.SAME_MEANING}, counts
+    assert counts[quality.RELATED] > counts[quality.SAME_MEANING]
+    pair_lines(hard_pairs)
+
+
+def test_hard_set_shares_no_pair_with_the_default_set(default_pairs: list[LabelledPair],
+                                                      hard_pairs: list[LabelledPair]) -> None:
+    default_lines = pair_lines(default_pairs)
+    for key, line in pair_lines(hard_pairs).items():
+        assert key not in default_lines, (
+            f"zh_pairs_hard.tsv line {line} is zh_pairs.tsv line {default_lines[key]}")
+
+
+def test_hard_set_is_made_of_edits_and_reports_without_an_auc(default_pairs: list[LabelledPair],
+                                                              ) -> None:
+    text = (REPO / "pool" / quality.HARD_PAIRS_RESOURCE).read_text(encoding="utf-8")
+    pairs = quality.parse_pairs(text)
+    topics = pairs_stats.topics_by_line(text)
+    assert "(none)" not in {topics[pair.line] for pair in pairs}
+    # One sentence edited into the other shares more characters than a paraphrase does.
+    hard_overlap = mean_overlap(pairs)
+    assert hard_overlap[quality.RELATED] > mean_overlap(default_pairs)[quality.SAME_MEANING]
+    # No unrelated pairs, so no AUC: the report says null instead of failing.
+    assert "AUC null" in pairs_stats.report(text, "zh_pairs_hard.tsv")

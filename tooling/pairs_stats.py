@@ -1,6 +1,9 @@
 """The figures in docs/quality-data.md, computed from a labelled pairs file:
 
-    python -m tooling.pairs_stats [FILE]      (default: the packaged pool/data/zh_pairs.tsv)
+    python -m tooling.pairs_stats [FILE]
+
+(default: the packaged pool/data/zh_pairs.tsv, then the packaged diagnostic
+pool/data/zh_pairs_hard.tsv)
 
 Pairs per topic and label (topics from the file's `# topic: NAME` comments, which start
 the pairs whose text_a is about NAME), text lengths, what the texts contain, and a
@@ -99,23 +102,32 @@ def report(text: str, source: str) -> str:
                               [[label, f"{mean_overlap[label]:.2f}"] for label in labels]))
     out.append("")
     baseline = quality.evaluate(overlaps, [pair.label for pair in pairs])
-    out.append(f"character-overlap baseline: Spearman {baseline.spearman:.3f}, "
-               f"AUC {baseline.auc:.3f}, accuracy at the seed's thresholds "
+    out.append(f"character-overlap baseline: Spearman {figure(baseline.spearman)}, "
+               f"AUC {figure(baseline.auc)}, accuracy at the seed's thresholds "
                f"{baseline.accuracy:.3f}, fitted {baseline.fitted_thresholds} -> "
                f"{baseline.fitted_accuracy:.3f}")
     return "\n".join(out)
 
 
+def figure(value: float | None) -> str:
+    """A figure to three places; "null" where it is undefined (a set without label 0 has no
+    AUC), as the JSON report writes it."""
+    return "null" if value is None else f"{value:.3f}"
+
+
+def packaged(resource_name: str) -> tuple[str, str]:
+    resource = resources.files(quality.DEFAULT_PAIRS_PACKAGE).joinpath(resource_name)
+    return resource.read_text(encoding="utf-8"), f"{quality.DEFAULT_PAIRS_PACKAGE}/{resource_name}"
+
+
 def main(argv: Sequence[str]) -> None:
     if argv:
         path = Path(argv[0])
-        text, source = path.read_text(encoding="utf-8"), str(path)
-    else:
-        resource = resources.files(quality.DEFAULT_PAIRS_PACKAGE).joinpath(
-            quality.DEFAULT_PAIRS_RESOURCE)
-        text = resource.read_text(encoding="utf-8")
-        source = f"{quality.DEFAULT_PAIRS_PACKAGE}/{quality.DEFAULT_PAIRS_RESOURCE}"
-    print(report(text, source))
+        print(report(path.read_text(encoding="utf-8"), str(path)))
+        return
+    print(report(*packaged(quality.DEFAULT_PAIRS_RESOURCE)))
+    print()
+    print(report(*packaged(quality.HARD_PAIRS_RESOURCE)))
 
 
 if __name__ == "__main__":
