@@ -48,6 +48,11 @@ ThresholdsOpt = Annotated[str | None, typer.Option(
     "--thresholds", help="Verdict thresholds HIGH,LOW of the version, e.g. 0.92,0.86: above "
     "HIGH \"very similar\", above LOW \"related\" (default: its built-in model's, else "
     "0.85,0.5).")]
+EvalOpt = Annotated[str | None, typer.Option(
+    "--eval", help="The version's quality gate: a labelled TSV (label<TAB>text_a<TAB>text_b; 2 "
+    "same meaning, 1 same topic, 0 unrelated), or builtin:zh-pairs, scored through its new "
+    "workers before it takes traffic (floor: the pool's --min-spearman; drop: "
+    "--max-spearman-drop against the active version).")]
 VERDICT_STYLE = {"very similar": "green", "related": "yellow", "unrelated": "red"}
 
 
@@ -424,6 +429,7 @@ def rotate(
     canary: Annotated[float | None, typer.Option(help="Route this % of unpinned traffic to "
                       "the new version and wait for `pool promote`.")] = None,
     thresholds: ThresholdsOpt = None,
+    eval_set: EvalOpt = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the rotation to its "
                     "end.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to follow before giving up.")] = 900,
@@ -434,7 +440,8 @@ def rotate(
     started = control(state_dir, "rotate", as_json, version=version,
                       path=optional_model_path(path, as_json),
                       strategy=strategy, workers=workers, drain_timeout=drain_timeout,
-                      canary=canary, thresholds=thresholds_option(thresholds, as_json))
+                      canary=canary, thresholds=thresholds_option(thresholds, as_json),
+                      eval=eval_option(eval_set))
     follow_rotation(state_dir, started["rotation"], wait, timeout, as_json)
 
 
@@ -518,7 +525,12 @@ def follow_rotation(state_dir: Path, rot: dict, wait: bool, timeout: float, as_j
         expect_rollback and rot["outcome"] == "rolled_back")
     if as_json:
         emit_json({"ok": ok, "rotation": rot})
-    elif rot["phase"] == "canary":
+        if not ok:
+            raise typer.Exit(1)
+        return
+    if rot.get("quality"):
+        out.print(quality_line(rot["quality"]))
+    if rot["phase"] == "canary":
         out.print(f"canary: {rot['canary']:.0%} of unpinned traffic to {rot['target']}; "
                   "`pool promote` to finish, `pool rollback` to end it")
     elif rot["outcome"] == "done":
@@ -531,6 +543,20 @@ def follow_rotation(state_dir: Path, rot: dict, wait: bool, timeout: float, as_j
         out.print(f"[red]still {rot['phase']} after {timeout:.0f}s[/]; see `pool status`")
     if not ok:
         raise typer.Exit(1)
+
+
+def quality_line(quality: dict) -> str:
+    """The quality gate's figures as one line."""
+    verdict_word = "[green]passed[/]" if quality["passed"] else "[red]failed[/]"
+
+    def figure(value: float | None) -> str:
+        return "undefined" if value is None else f"{value:.3f}"
+
+    active = ("" if quality["active_spearman"] is None
+              else f", active version {figure(quality['active_spearman'])}")
+    return (f"  quality gate {verdict_word}: Spearman {figure(quality['spearman'])}{active} "
+            f"on {quality['eval']} ({quality['pairs']} pairs; floor "
+            f"{quality['min_spearman']:g}, drop {quality['max_spearman_drop']:g})")
 
 
 # -- the version registry -------------------------------------------------------------------
@@ -558,6 +584,16 @@ def registry_command(state_dir: Path, cmd: str, as_json: bool, offline: Any,
         fail(str(exc), as_json, "bad_request", exit_code=2)
     registry.save()
     return {"versions": registry.listing()}
+
+
+def eval_option(spec: str | None) -> str | None:
+    """--eval as the pool reads it: a packaged set's name, or a file's absolute path (the
+    pool runs elsewhere in the filesystem); the pool checks that it parses."""
+    from pool.gate import PACKAGED_SETS
+
+    if spec is None or spec in PACKAGED_SETS:
+        return spec
+    return str(Path(spec).expanduser().resolve())
 
 
 def thresholds_option(flag: str | None, as_json: bool) -> list[float] | None:
@@ -604,6 +640,7 @@ def versions_add(
                       " \"scores\": [...], \"tolerance\": 0.01} checked before it serves.")]
         = None,
     thresholds: ThresholdsOpt = None,
+    eval_set: EvalOpt = None,
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     as_json: JsonOpt = False,
 ) -> None:
@@ -611,10 +648,13 @@ def versions_add(
     golden = read_json_file(expect, as_json) if expect else None
     cuts = thresholds_option(thresholds, as_json)
     path = model_path(path, as_json)
+    gate_set = eval_option(eval_set)
     reply = registry_command(
         state_dir, "versions_add", as_json,
-        lambda r: r.add(version, path, auto_load=auto_load, expect=golden, thresholds=cuts),
-        version=version, path=path, auto_load=auto_load, expect=golden, thresholds=cuts)
+        lambda r: r.add(version, path, auto_load=auto_load, expect=golden, thresholds=cuts,
+                        eval_set=gate_set),
+        version=version, path=path, auto_load=auto_load, expect=golden, thresholds=cuts,
+        eval=gate_set)
     print_versions(reply, as_json)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from pool.control import ControlError, Handler
+from pool.gate import QualityGate
 from pool.health import Expectation
 from pool.registry import Registry, check_model_dir
 from pool.rotation import DEFAULT_DRAIN_TIMEOUT_S, RotationController, RotationError
@@ -44,6 +45,10 @@ class PoolHandle(Protocol):
 
     def thresholds_in_use(self, version: str) -> VersionThresholds | None:
         """What the loaded workers of `version` answer with (None: not loaded)."""
+
+    def quality_gate(self, version: str) -> QualityGate | None:
+        """The gate a rotation to `version` passes first: its own eval set, else the pool's
+        (`--eval`); None: no gate. ValueError if the set does not parse or is too big."""
 
 
 class Commands:
@@ -99,17 +104,20 @@ class Commands:
             workers=int(req.get("workers") or self.pool.default_workers),
             strategy=req.get("strategy") or "auto",
             drain_timeout_s=float(req.get("drain_timeout") or DEFAULT_DRAIN_TIMEOUT_S),
-            canary=req.get("canary"), thresholds=req.get("thresholds"))
+            canary=req.get("canary"), thresholds=req.get("thresholds"),
+            eval_set=req.get("eval"))
 
     def _rotate_to(self, target: str, path: str | None, *, workers: int, strategy: str,
                    drain_timeout_s: float, canary: float | None,
-                   thresholds: list[float] | None = None) -> dict:
+                   thresholds: list[float] | None = None, eval_set: str | None = None,
+                   ) -> dict:
         if self.pool.stopping:
             raise ControlError("the pool is stopping")
         try:
             if path:
-                # Checks the directory; thresholds given are stored on the version.
-                self.registry.add(target, path, auto_load=False, thresholds=thresholds)
+                # Checks the directory; thresholds and an eval set given are stored on it.
+                self.registry.add(target, path, auto_load=False, thresholds=thresholds,
+                                  eval_set=eval_set)
             entry = self.registry.version(target)
             if entry is None:
                 raise ControlError(f"unknown version {target!r}: give --path or add it with "
@@ -118,10 +126,13 @@ class Commands:
                 check_model_dir(entry["path"])  # registered earlier: it may have gone since
                 if thresholds is not None:
                     self.registry.set_thresholds(target, thresholds)
+                if eval_set is not None:
+                    self.registry.set_eval_set(target, eval_set)
             self.rotations.start(target, entry["path"], workers=workers, strategy=strategy,
                                  drain_timeout_s=drain_timeout_s, canary=canary,
                                  expect=Expectation.from_dict(entry.get("expect")),
-                                 thresholds=self.registry.thresholds_of(target, entry["path"]))
+                                 thresholds=self.registry.thresholds_of(target, entry["path"]),
+                                 gate=self.pool.quality_gate(target))
         except (RotationError, ValueError, KeyError) as exc:
             raise ControlError(str(exc)) from None
         self.registry.save()
@@ -185,7 +196,8 @@ class Commands:
     def versions_add(self, req: dict) -> dict:
         return self._edit_registry(lambda r: r.add(
             req["version"], req["path"], auto_load=bool(req.get("auto_load")),
-            expect=req.get("expect"), thresholds=req.get("thresholds")))
+            expect=req.get("expect"), thresholds=req.get("thresholds"),
+            eval_set=req.get("eval")))
 
     def versions_thresholds(self, req: dict) -> dict:
         """Store thresholds on a registered version (`[high, low]`, or null for the default).

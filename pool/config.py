@@ -9,6 +9,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from pool.gate import DEFAULT_MAX_SPEARMAN_DROP, DEFAULT_MIN_SPEARMAN
 from pool.health import PROBE_MIN_PAIRS, PROBE_MIN_TEXT_CHARS
 from pool.quality import Thresholds, parse_thresholds
 from router.bodies import DEFAULT_MAX_PAIRS, DEFAULT_MAX_TEXT_CHARS
@@ -264,6 +265,17 @@ class PoolSettings:
         "\"very similar\", above LOW \"related\"), stored on it in the registry. Default: "
         "the version's own, else its built-in model's, else 0.85,0.5.",
         parser=parse_thresholds)
+    eval_pairs: str | None = setting(
+        None, "Quality gate of every rotation: a labelled TSV (label<TAB>text_a<TAB>text_b; 2 "
+        "same meaning, 1 same topic, 0 unrelated) the new version must score before it takes "
+        "traffic, or builtin:zh-pairs (the packaged Chinese set). A version's own --eval "
+        "(versions add, rotate) wins.", names=("--eval",), shown=True)
+    min_spearman: float = setting(
+        DEFAULT_MIN_SPEARMAN, "Quality gate: the lowest Spearman (scores against labels) a "
+        "new version may have.", min=-1.0, max=1.0, shown=True)
+    max_spearman_drop: float = setting(
+        DEFAULT_MAX_SPEARMAN_DROP, "Quality gate: how far below the active version's Spearman "
+        "on the same set a new version may be.", min=0.0, max=2.0, shown=True)
 
     @property
     def control_endpoint(self) -> str:
@@ -318,7 +330,7 @@ def resolve_settings(values: dict[str, Any],
     default pool.builtin.resolve_model_path: converted on first use), devices from --device,
     workers and threads from the devices. Raises ValueError saying what is wrong."""
     from pool.builtin import BuiltinModelError, resolve_model_path
-    from pool.registry import Registry
+    from pool.registry import Registry, check_eval_set
 
     path, version, state_dir = values["path"], values["version"], Path(values["state_dir"])
     if path is None:
@@ -342,6 +354,8 @@ def resolve_settings(values: dict[str, Any],
         if spec.choices and values[name] not in spec.choices:
             raise ValueError(f"{option_name(name, spec)} must be one of "
                              f"{', '.join(spec.choices)}, not {values[name]!r}")
+    if values["eval_pairs"]:
+        values = {**values, "eval_pairs": check_eval_set(values["eval_pairs"])}
     devices = parse_devices(values["devices"])
     workers = values["workers"] or default_workers(devices)
     return PoolSettings(**{

@@ -3,7 +3,8 @@
 Shape (a superset of the seed's model_versions.json):
 {"format": 1, "active": "v1", "previous": null,
  "versions": {"v1": {"path": "...", "auto_load": true, "added_at": 1700000000.0,
-                     "expect": null, "thresholds": [0.92, 0.86]}},
+                     "expect": null, "thresholds": [0.92, 0.86],
+                     "eval": "/data/golden.tsv"}},
  "history": [{"t": ..., "event": "serve", ...}]}
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from pool.gate import PACKAGED_SETS, read_eval_set
 from pool.health import Expectation
 from pool.quality import Thresholds
 from pool.thresholds import (
@@ -58,9 +60,10 @@ class Registry:
 
     def put_version(self, name: str, path: str, *, auto_load: bool = False,
                     expect: list[float] | None = None,
-                    thresholds: Thresholds | None = None) -> None:
-        """Record a version; `expect` and `thresholds` replace the stored ones when given
-        (None keeps them)."""
+                    thresholds: Thresholds | None = None,
+                    eval_set: str | None = None) -> None:
+        """Record a version; `expect`, `thresholds` and `eval_set` replace the stored ones
+        when given (None keeps them)."""
         entry = self.data["versions"].setdefault(name, {"added_at": time.time()})
         entry.update(path=path, auto_load=auto_load)
         if expect is not None:
@@ -69,19 +72,25 @@ class Registry:
         if thresholds is not None:
             entry["thresholds"] = thresholds_to_json(thresholds)
         entry.setdefault("thresholds", None)
+        if eval_set is not None:
+            entry["eval"] = eval_set
+        entry.setdefault("eval", None)
 
     def add(self, name: str, path: str, *, auto_load: bool = False,
-            expect: dict | None = None, thresholds: Any = None) -> dict[str, Any]:
+            expect: dict | None = None, thresholds: Any = None,
+            eval_set: str | None = None) -> dict[str, Any]:
         """Register (or update) a version after checking its path holds a model.
-        `thresholds`: Thresholds or `[high, low]` (ValueError if out of order or range)."""
+        `thresholds`: Thresholds or `[high, low]` (ValueError if out of order or range).
+        `eval_set`: its quality gate's labelled set (checked to parse; pool.gate)."""
         check_version_name(name)
         if expect is not None:
             Expectation.from_dict(expect)  # raises ValueError on a malformed file
         own = thresholds_from_json(thresholds)
+        gate_set = None if eval_set is None else check_eval_set(eval_set)
         self.put_version(name, check_model_dir(path), auto_load=auto_load, expect=expect,
-                         thresholds=own)
+                         thresholds=own, eval_set=gate_set)
         self.log("version_added", version=name, path=path, auto_load=auto_load,
-                 thresholds=None if own is None else thresholds_to_json(own))
+                 thresholds=None if own is None else thresholds_to_json(own), eval=gate_set)
         return self.data["versions"][name]
 
     def set_thresholds(self, name: str, thresholds: Any) -> Thresholds | None:
@@ -94,6 +103,16 @@ class Registry:
         entry["thresholds"] = None if own is None else thresholds_to_json(own)
         self.log("thresholds_set", version=name, thresholds=entry["thresholds"])
         return own
+
+    def set_eval_set(self, name: str, spec: str | None) -> str | None:
+        """Give a registered version its quality gate's set (checked), or None for the
+        pool's. Returns what was stored."""
+        entry = self.version(name)
+        if entry is None:
+            raise ValueError(f"unknown version {name!r}")
+        entry["eval"] = None if spec is None else check_eval_set(spec)
+        self.log("eval_set", version=name, eval=entry["eval"])
+        return entry["eval"]
 
     def own_thresholds(self, name: str) -> Thresholds | None:
         """The thresholds stored on a version (None: none of its own, or not registered)."""
@@ -173,6 +192,14 @@ def _shown_thresholds(entry: dict[str, Any]) -> dict[str, Any]:
         return resolve_entry(entry).as_dict()
     except ValueError as exc:  # a registry file edited by hand: say so, list the rest
         return {"thresholds": entry.get("thresholds"), "thresholds_source": f"invalid: {exc}"}
+
+
+def check_eval_set(spec: str) -> str:
+    """A quality gate's labelled set as the registry keeps it (a file's absolute path, or a
+    packaged set's name), after checking it parses; PairsFileError (a ValueError with the
+    line number) if not."""
+    read_eval_set(spec)
+    return spec if spec in PACKAGED_SETS else str(Path(spec).expanduser().resolve())
 
 
 def check_model_dir(path: str) -> str:

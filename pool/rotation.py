@@ -14,6 +14,9 @@ Strategies:
            starts; routing switches as soon as the first new worker passes its check.
   auto     surge if measured free memory holds a second set of workers, else rolling.
 
+With a quality gate (pool.gate), `health_check` also scores a labelled set through one new
+worker and one of the active version, and rolls back when the new version scores too low.
+
 `RotationController.step` runs on every supervisor tick; each transition is logged with the
 time spent in the phase it leaves.
 """
@@ -30,16 +33,21 @@ from typing import Any
 import psutil
 
 from pool import config
+from pool.gate import GateResult, QualityGate, scores_of
 from pool.health import Expectation
 from pool.registry import Registry
 from pool.supervisor import CHECKING, DRAINING, LIVE, READY, STOPPING, Routing, Supervisor
 from pool.system import gpu_stats
 from pool.thresholds import VersionThresholds
-from router.broker import Broker
+from router import protocol
+from router.broker import Broker, BrokerEvent, ProbeAnswered
 
 log = logging.getLogger("zeropool.rotation")
 
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+QUALITY_PROBE = "quality"  # the purpose of the gate's probes (router.broker.ProbeAnswered)
+QUALITY_TIMEOUT_S = 120.0  # a thousand pairs through a 12-layer model on a busy CPU, with room
+NEW, ACTIVE = "new", "active"  # whose answer a gate probe brings
 MEMORY_HEADROOM = 1.2  # surge only if free memory exceeds 1.2x a second set of workers
 
 
@@ -83,6 +91,11 @@ class Rotation:
     switched: bool = False
     source_closed_at: float | None = None  # drain: source stopped taking pinned requests
     source_retired: bool = False
+    gate: QualityGate | None = None
+    quality: GateResult | None = None  # the gate's verdict, once judged
+    gate_sent_at: float | None = None
+    gate_probes: dict[bytes, str] = field(default_factory=dict)  # worker -> NEW / ACTIVE
+    gate_answers: dict[str, list[float] | str] = field(default_factory=dict)  # scores or why
 
     @property
     def finished(self) -> bool:
@@ -106,6 +119,7 @@ class Rotation:
             "started_at": self.started_at, "phase_elapsed_s": round(now - self.phase_since, 3),
             "timings": self.timings, "total_s": round(sum(self.timings.values()), 3)
             if self.finished else None,
+            "quality": None if self.quality is None else self.quality.as_dict(),
         }
 
 
@@ -134,7 +148,8 @@ class RotationController:
     def start(self, target: str, path: str, *, workers: int, strategy: str = "auto",
               drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, canary: float | None = None,
               expect: Expectation | None = None,
-              thresholds: VersionThresholds | None = None) -> Rotation:
+              thresholds: VersionThresholds | None = None,
+              gate: QualityGate | None = None) -> Rotation:
         if self.current is not None and not self.current.finished:
             raise RotationError(f"rotation {self.current.id} to {self.current.target} is still "
                                 f"{self.current.phase.value}; wait for it or roll it back")
@@ -161,10 +176,11 @@ class RotationController:
         self._ids += 1
         rot = Rotation(self._ids, target, path, source, workers, strategy, drain_timeout_s,
                        canary / 100 if canary is not None else None,
-                       strategy_reason=strategy_reason, phase_since=self.clock())
+                       strategy_reason=strategy_reason, phase_since=self.clock(), gate=gate)
         self.current = rot
         self.registry.log("rotation_started", rotation=rot.id, target=target, source=source,
-                          strategy=strategy, canary=rot.canary)
+                          strategy=strategy, canary=rot.canary,
+                          eval=None if gate is None else gate.source)
         self.registry.save()
         log.info("rotation %d: %s -> %s (%s, %d workers%s)", rot.id, source, target, strategy,
                  workers, f", canary {canary}%" if canary is not None else "")
@@ -229,9 +245,66 @@ class RotationController:
             self._enter(rot, Phase.HEALTH_CHECK)
 
     def _step_health_check(self, rot: Rotation, now: float) -> None:
-        if self.supervisor.count(rot.target, READY) >= self._first_round(rot):
-            self._enter(rot, Phase.SWITCHING)
-            self._switch(rot)
+        if self.supervisor.count(rot.target, READY) < self._first_round(rot):
+            return
+        if rot.gate is not None and rot.quality is None:
+            rot.quality = self._run_gate(rot, rot.gate, now)
+            if rot.quality is None:
+                return  # its answers are on their way
+            self._record_gate(rot, rot.quality)
+            if not rot.quality.passed:
+                self._begin_rollback(rot, rot.quality.reason or "quality gate failed")
+                return
+        self._enter(rot, Phase.SWITCHING)
+        self._switch(rot)
+
+    # -- the quality gate --------------------------------------------------------------------
+
+    def handle(self, event: BrokerEvent) -> None:
+        """An answer to one of the gate's probes (the serve loop hands over those only)."""
+        rot = self.current
+        if rot is None or not isinstance(event, ProbeAnswered):
+            return
+        role = rot.gate_probes.get(event.worker)
+        if role is None or role in rot.gate_answers or rot.gate is None:
+            return
+        try:
+            rot.gate_answers[role] = scores_of(event.status, event.body, len(rot.gate.pairs))
+        except ValueError as exc:
+            rot.gate_answers[role] = str(exc)
+
+    def _run_gate(self, rot: Rotation, gate: QualityGate, now: float) -> GateResult | None:
+        """The gate's verdict once its probes are answered or overdue; None meanwhile."""
+        if rot.gate_sent_at is None:
+            self._send_gate_probes(rot, gate)
+            rot.gate_sent_at = now
+            return None
+        waiting = set(rot.gate_probes.values()) - set(rot.gate_answers)
+        if waiting and now - rot.gate_sent_at < QUALITY_TIMEOUT_S:
+            return None
+        new = rot.gate_answers.get(NEW, f"unanswered in {QUALITY_TIMEOUT_S:.0f}s")
+        if isinstance(new, str):
+            return gate.unscored(f"the new version could not score {gate.source}: {new}")
+        active = rot.gate_answers.get(ACTIVE)
+        if isinstance(active, str):
+            log.warning("rotation %d: the active version could not score %s (%s); the gate "
+                        "judges by the floor alone", rot.id, gate.source, active)
+        return gate.judge(new, active if isinstance(active, list) else None)
+
+    def _send_gate_probes(self, rot: Rotation, gate: QualityGate) -> None:
+        body = gate.probe_body()
+        for role, version in ((NEW, rot.target), (ACTIVE, rot.source)):
+            worker = self.supervisor.any_ready(version) if version else None
+            if worker is not None:
+                rot.gate_probes[worker.id] = role
+                self.broker.probe(worker.id, QUALITY_PROBE, protocol.OP_SIMILARITY, body)
+
+    def _record_gate(self, rot: Rotation, result: GateResult) -> None:
+        log.info("rotation %d: quality gate %s: Spearman %s (active %s) on %s", rot.id,
+                 "passed" if result.passed else "failed", result.spearman,
+                 result.active_spearman, result.source)
+        self.registry.log("quality_gate", rotation=rot.id, target=rot.target, **result.as_dict())
+        self.registry.save()
 
     def _step_draining(self, rot: Rotation, now: float) -> None:
         if rot.strategy == "rolling" and rot.source is not None and not self._rolling_step(rot):
@@ -307,7 +380,8 @@ class RotationController:
         self._enter(rot, phase)
         self.registry.log("rotation_finished", rotation=rot.id, target=rot.target,
                           source=rot.source, outcome=rot.outcome, reason=rot.reason,
-                          strategy=rot.strategy, timings=rot.timings)
+                          strategy=rot.strategy, timings=rot.timings,
+                          quality=None if rot.quality is None else rot.quality.as_dict())
         self.registry.save()
         if self.on_finish is not None:
             self.on_finish(rot)
@@ -372,6 +446,17 @@ class RotationController:
     def status(self) -> dict[str, Any] | None:
         rot = self.current
         return rot.as_dict(self.clock()) if rot is not None else None
+
+
+def hand_over(events: list[BrokerEvent], supervisor: Supervisor,
+              rotations: RotationController) -> None:
+    """The broker's events to whoever acts on them: answers to the quality gate's probes to
+    the rotation, everything else to the supervisor (how `pool serve` wires them)."""
+    for event in events:
+        if isinstance(event, ProbeAnswered) and event.purpose == QUALITY_PROBE:
+            rotations.handle(event)
+        else:
+            supervisor.handle(event)
 
 
 def _free_gpu_memory() -> int:

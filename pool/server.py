@@ -21,10 +21,11 @@ import zmq
 from pool import config
 from pool.commands import Commands
 from pool.control import ControlServer
+from pool.gate import QualityGate, read_eval_set
 from pool.health import Expectation
 from pool.metrics import REFRESH_S, PoolMetrics
 from pool.registry import Registry
-from pool.rotation import RotationController
+from pool.rotation import RotationController, hand_over
 from pool.startmethod import ForkserverError
 from pool.status import PoolSnapshot
 from pool.supervisor import Supervisor
@@ -195,6 +196,19 @@ class PoolServer:
     def unload_version(self, version: str) -> None:
         self.supervisor.retire_version(version)
 
+    def quality_gate(self, version: str) -> QualityGate | None:
+        entry = self.registry.version(version) or {}
+        spec = entry.get("eval") or self.settings.eval_pairs
+        if not spec:
+            return None
+        pairs = read_eval_set(spec)
+        if len(pairs) > self.settings.max_pairs:
+            raise ValueError(f"the eval set {spec} has {len(pairs)} pairs: at most "
+                             f"--max-pairs {self.settings.max_pairs} (it is scored as one "
+                             "request)")
+        return QualityGate(spec, pairs, self.settings.min_spearman,
+                           self.settings.max_spearman_drop)
+
     def thresholds_in_use(self, version: str) -> VersionThresholds | None:
         plan = self.supervisor.plans.get(version)
         return None if plan is None or plan.retired else plan.thresholds
@@ -239,9 +253,9 @@ class PoolServer:
                 _drain_pipe(wake_r)
                 self._handle_signals()
             # What the broker saw (READY, probe replies, heartbeats; also probes its last
-            # tick's reaping or a failed send answered) goes to the supervisor.
-            for event in self.broker.take_events():
-                self.supervisor.handle(event)
+            # tick's reaping or a failed send answered) goes to the supervisor, or to the
+            # rotation for its quality gate.
+            hand_over(self.broker.take_events(), self.supervisor, self.rotations)
             self.broker.dispatch()
             now = time.monotonic()
             if now >= next_tick:

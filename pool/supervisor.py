@@ -342,11 +342,9 @@ class Supervisor:
         for plan in self.plans.values():
             if plan.golden_probe is not None or now < plan.golden_due:
                 continue
-            ready = [w for w in self.workers.values() if w.version == plan.version
-                     and w.state == READY]
-            if not ready:
+            worker = self.any_ready(plan.version)
+            if worker is None:
                 continue
-            worker = min(ready, key=lambda w: w.checked_at)
             worker.checked_at = now
             plan.golden_probe = worker.id
             self.broker.probe(worker.id, GOLDEN_PROBE, protocol.OP_SIMILARITY,
@@ -547,6 +545,11 @@ class Supervisor:
 
     def count(self, version: str, *states: str) -> int:
         return sum(1 for w in self.workers.values() if w.version == version and w.state in states)
+
+    def any_ready(self, version: str) -> Worker | None:
+        """One ready worker of `version` (the one checked longest ago), if any."""
+        ready = [w for w in self.workers.values() if w.version == version and w.state == READY]
+        return min(ready, key=lambda w: w.checked_at, default=None)
 
     def has_workers(self, version: str) -> bool:
         return any(w.version == version for w in self.workers.values())

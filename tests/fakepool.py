@@ -17,7 +17,7 @@ import zmq
 from pool.config import PoolSettings
 from pool.registry import Registry
 from pool.reports import BatchStats, ReadyInfo
-from pool.rotation import RotationController
+from pool.rotation import RotationController, hand_over
 from pool.supervisor import Supervisor
 from pool.worker import WorkerConfig
 from router import protocol
@@ -207,9 +207,9 @@ class FakePool:
             if self.broker.backend.poll(0):
                 self.broker.handle_backend()
                 moved = True
-            for event in self.broker.take_events():
-                self.supervisor.handle(event)
-                moved = True
+            events = self.broker.take_events()
+            hand_over(events, self.supervisor, self.rotations)
+            moved = moved or bool(events)
             if self.broker.frontend.poll(0):
                 self.broker.handle_frontend()
                 moved = True

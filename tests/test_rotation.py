@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import pytest
 
 from pool import config
 from router.client import Client, UnknownVersion
-from tests.support import Load, Reference, RunningPool, run_cli
+from tests.support import SENTENCES, Load, Reference, RunningPool, run_cli
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-4
@@ -335,3 +336,51 @@ def test_load_beside_then_rotate_only_switches(pool_factory, models: dict[str, P
     assert rot["timings"]["loading"] < 1.0 and rot["timings"]["health_check"] < 1.0
     assert load.errors() == [] and load.lost == 0
     assert {w["version"] for w in pool.status()["workers"]} == {"v2"}
+
+
+def labelled_file(path: Path, identical_label: int, distinct_label: int) -> Path:
+    """A labelled set of the test sentences: each with itself (score 1) and with the next."""
+    rows = [f"{identical_label}\t{s}\t{s}" for s in SENTENCES[:4]]
+    rows += [f"{distinct_label}\t{a}\t{b}" for a, b in itertools.pairwise(SENTENCES)]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_the_quality_gate_rolls_back_a_version_that_scores_badly_under_load(
+    pool_factory, models: dict[str, Path], tmp_path: Path
+) -> None:
+    # Labels upside down: the new version's Spearman on them is negative, under the floor.
+    inverted = labelled_file(tmp_path / "inverted.tsv", identical_label=0, distinct_label=2)
+    fair = labelled_file(tmp_path / "fair.tsv", identical_label=2, distinct_label=0)
+    pool = pool_factory(models["v1"])
+    load = Load(pool.endpoint, in_flight=32).start()
+    code, reply = rotate(pool, "--version", "v2", "--path", str(models["v2"]),
+                         "--eval", str(inverted))
+    assert code != 0, reply
+    rot = reply["rotation"]
+    assert rot["outcome"] == "rolled_back", rot
+    quality = rot["quality"]
+    assert not quality["passed"] and quality["spearman"] < 0 and quality["active_spearman"] < 0
+    assert "quality gate: Spearman" in rot["reason"] and "below the floor 0.5" in rot["reason"]
+    assert pool.status()["active"] == "v1"
+    code, reply = rotate(pool, "--version", "v2", "--eval", str(fair))  # v2 is registered
+    load.stop()
+    assert code == 0, reply
+    quality = reply["rotation"]["quality"]
+    assert quality["passed"] and quality["spearman"] == quality["active_spearman"] > 0.5
+    assert quality["eval"] == str(fair) and quality["pairs"] == 11
+    assert load.lost == 0 and not load.errors()
+    history = json.loads((pool.state_dir / "versions.json").read_text())["history"]
+    assert [e["passed"] for e in history if e["event"] == "quality_gate"] == [False, True]
+
+
+def test_an_eval_set_with_a_bad_line_is_refused_with_its_line_number(
+    pool_factory, models: dict[str, Path], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("2\ta\ta\n7\tb\tc\n", encoding="utf-8")
+    pool = pool_factory(models["v1"], workers=1)
+    code, reply = rotate(pool, "--version", "v2", "--path", str(models["v2"]), "--eval",
+                         str(bad))
+    assert code != 0
+    assert "line 2" in json.dumps(reply) and pool.status()["active"] == "v1"

@@ -18,7 +18,7 @@ STATUS_KEYS = {"workers", "devices", "dtype", "graph", "max_batch", "max_batch_t
                "max_wait_ms", "threads",
                "start_method", "load_niceness", "crash_retry_s", "max_queue", "queue_timeout_s",
                "max_pairs", "max_text_chars", "max_message_bytes", "metrics_port",
-               "shutdown_drain_s"}
+               "shutdown_drain_s", "eval_pairs", "min_spearman", "max_spearman_drop"}
 
 
 def test_every_declared_setting_is_an_option_of_serve() -> None:

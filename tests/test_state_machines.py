@@ -17,9 +17,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pool import config
+from pool.gate import QualityGate
 from pool.processes import SpawnFailed, SpawnPending
+from pool.quality import LabelledPair
 from pool.reports import BatchStats
-from pool.rotation import Phase
+from pool.rotation import Phase, Rotation
 from pool.supervisor import CHECKING, DRAINING, LOADING, READY, STOPPING
 from router import protocol
 from router.broker import MAX_ATTEMPTS, even_shares
@@ -688,3 +690,97 @@ def test_an_old_worker_dying_during_the_drain_loses_none_of_its_requests(
         fake.tick()
     assert producer.codes() == {str(i).encode(): "ok" for i in range(2 * capacity)}
     assert fake.rotations.current.outcome == "done"
+
+
+# -- the quality gate --------------------------------------------------------------------------
+
+GATE_LABELS = [2, 2, 1, 1, 0, 0]
+GOOD_SCORES = [0.95, 0.9, 0.7, 0.6, 0.3, 0.1]  # Spearman 0.956 against GATE_LABELS
+
+
+def a_gate(min_spearman: float = 0.5, max_drop: float = 0.05) -> QualityGate:
+    pairs = tuple(LabelledPair(label, f"a{i}", f"b{i}", i + 1)
+                  for i, label in enumerate(GATE_LABELS))
+    return QualityGate("gate.tsv", pairs, min_spearman, max_drop)
+
+
+def answer_gate(fake: FakePool, version: str, scores: list[float] | None) -> int:
+    """Ready workers of `version` answer the gate's probe with `scores` (None: they never
+    do); anything else they hold as usual. How many gate probes there were."""
+    probes = 0
+    for worker in fake.workers_of(version, READY):
+        for request in worker.received():
+            is_gate = len(request.body.get("pairs", [])) == len(GATE_LABELS)
+            probes += is_gate
+            if not is_gate:
+                worker.answer(request)
+            elif scores is not None:
+                worker.answer(request, scores)
+    fake.pump()
+    return probes
+
+
+def gated_rotation(fake: FakePool, new_scores: list[float], **gate: float) -> Rotation:
+    """v1 serving, a rotation to v2 behind a gate, v2 up; both answer the gate's probe."""
+    serving(fake)
+    rotate(fake, gate=a_gate(**gate))
+    for _ in range(20):
+        fake.bring_up("v2")
+        fake.tick()
+        if fake.rotations.current.gate_sent_at is not None:
+            break
+    assert answer_gate(fake, "v2", new_scores) == 1
+    assert answer_gate(fake, "v1", GOOD_SCORES) == 1
+    fake.tick()
+    return fake.rotations.current
+
+
+def test_a_rotation_whose_new_version_passes_the_quality_gate_switches(fake: FakePool) -> None:
+    rot = gated_rotation(fake, GOOD_SCORES)
+    assert rot.quality is not None and rot.quality.passed
+    assert rot.quality.spearman == rot.quality.active_spearman == pytest.approx(0.9562, abs=1e-3)
+    run_rotation(fake)
+    assert rot.outcome == "done"
+    history = [e for e in fake.registry.data["history"] if e["event"] == "quality_gate"]
+    assert history[-1]["passed"] and history[-1]["eval"] == "gate.tsv"
+    assert rot.as_dict(0)["quality"]["spearman"] == rot.quality.spearman
+
+
+@pytest.mark.parametrize(("new_scores", "gate", "why"), [
+    (GOOD_SCORES[::-1], {}, "is below the floor 0.5"),
+    ([0.95, 0.6, 0.7, 0.9, 0.3, 0.1], {"min_spearman": 0.0, "max_drop": 0.05},
+     "more than 0.05 below the active version's 0.956"),
+])
+def test_a_new_version_that_scores_too_low_is_rolled_back_with_the_figures(
+        fake: FakePool, new_scores: list[float], gate: dict, why: str) -> None:
+    rot = gated_rotation(fake, new_scores, **gate)
+    assert rot.quality is not None and not rot.quality.passed
+    assert rot.phase == Phase.ROLLING_BACK and why in (rot.reason or "")
+    assert "gate.tsv" in rot.reason
+    for _ in range(50):
+        fake.finish_stops()
+        fake.tick()
+    assert rot.outcome == "rolled_back" and fake.broker.active == "v1"
+    assert fake.registry.data["history"][-1]["quality"]["passed"] is False
+
+
+def test_a_gate_probe_the_new_version_cannot_answer_rolls_back(fake: FakePool) -> None:
+    serving(fake)
+    rotate(fake, gate=a_gate())
+    for _ in range(20):
+        fake.bring_up("v2")
+        fake.tick()
+        if fake.rotations.current.gate_sent_at is not None:
+            break
+    answer_gate(fake, "v1", GOOD_SCORES)
+    prober = next(w for w in fake.workers_of("v2", READY)
+                  if w.name.encode() in fake.rotations.current.gate_probes)
+    prober.exit(1)  # dies holding the probe: the broker answers it worker_failed
+    rot = fake.rotations.current
+    for _ in range(20):  # judged once a replacement is up: a crash on the set is a verdict
+        fake.bring_up("v2")
+        fake.tick()
+        if rot.quality is not None:
+            break
+    assert rot.quality is not None and rot.quality.spearman is None
+    assert "the new version could not score gate.tsv: worker_failed" in (rot.reason or "")
