@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.bench import run_bench
+from cli.ops import quality_line
 from tooling.demo import (
     DEMO_IN_FLIGHT,
     DEMO_SECONDS,
@@ -62,14 +63,20 @@ def run_demo(workers: int, paths: tuple[str, str], names: tuple[str, str], plot:
 def print_scores(before: Scored, after: Scored, names: tuple[str, str],
                  console: Console) -> None:
     """The pairs as each version scored them, side by side, each with its own verdicts."""
-    table = Table("text a", "text b", before.version, after.version,
-                  title="the sample pairs, by version",
+    table = Table("text a", "text b", "expected", before.version, after.version,
+                  title="Chinese pairs, by version",
                   caption=f"{before.version}: {names[0]}, {after.version}: {names[1]}; each "
                           "version's verdicts by its own thresholds")
     for old, new in zip(before.rows, after.rows, strict=True):
-        table.add_row(old["a"], old["b"], f"{old['score']:.4f} {old['verdict']}",
-                      f"{new['score']:.4f} {new['verdict']}")
+        table.add_row(old["a"], old["b"], old["expected"], verdict_cell(old),
+                      verdict_cell(new))
     console.print(table)
+
+
+def verdict_cell(row: dict[str, Any]) -> str:
+    """Score and verdict, green where the verdict is the one expected."""
+    style = "green" if row["verdict"] == row["expected"] else "red"
+    return f"{row['score']:.3f} [{style}]{row['verdict']}[/]"
 
 
 def headline(bench: dict[str, Any]) -> str:
@@ -83,4 +90,6 @@ def headline(bench: dict[str, Any]) -> str:
         line += ("; p99 " + " / ".join(f"{k} {v:.0f} ms" for k, v in p99.items() if v)
                  + f"; rotation {rotation['record'].get('outcome')} in "
                  f"{rotation['finished_s'] - rotation['started_s']:.1f}s")
+        if rotation["record"].get("quality"):
+            line += "\n" + quality_line(rotation["record"]["quality"])
     return line

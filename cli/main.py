@@ -529,6 +529,8 @@ def follow_rotation(state_dir: Path, rot: dict, wait: bool, timeout: float, as_j
             raise typer.Exit(1)
         return
     if rot.get("quality"):
+        from cli.ops import quality_line
+
         out.print(quality_line(rot["quality"]))
     if rot["phase"] == "canary":
         out.print(f"canary: {rot['canary']:.0%} of unpinned traffic to {rot['target']}; "
@@ -543,20 +545,6 @@ def follow_rotation(state_dir: Path, rot: dict, wait: bool, timeout: float, as_j
         out.print(f"[red]still {rot['phase']} after {timeout:.0f}s[/]; see `pool status`")
     if not ok:
         raise typer.Exit(1)
-
-
-def quality_line(quality: dict) -> str:
-    """The quality gate's figures as one line."""
-    verdict_word = "[green]passed[/]" if quality["passed"] else "[red]failed[/]"
-
-    def figure(value: float | None) -> str:
-        return "undefined" if value is None else f"{value:.3f}"
-
-    active = ("" if quality["active_spearman"] is None
-              else f", active version {figure(quality['active_spearman'])}")
-    return (f"  quality gate {verdict_word}: Spearman {figure(quality['spearman'])}{active} "
-            f"on {quality['eval']} ({quality['pairs']} pairs; floor "
-            f"{quality['min_spearman']:g}, drop {quality['max_spearman_drop']:g})")
 
 
 # -- the version registry -------------------------------------------------------------------

@@ -168,3 +168,17 @@ def duration(seconds: float) -> str:
     if hours:
         return f"{hours}h {minutes}m"
     return f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
+def quality_line(quality: dict) -> str:
+    """The quality gate's figures as one line."""
+    verdict_word = "[green]passed[/]" if quality["passed"] else "[red]failed[/]"
+
+    def figure(value: float | None) -> str:
+        return "undefined" if value is None else f"{value:.3f}"
+
+    active = ("" if quality["active_spearman"] is None
+              else f", active version {figure(quality['active_spearman'])}")
+    return (f"  quality gate {verdict_word}: Spearman {figure(quality['spearman'])}{active} "
+            f"on {quality['eval']} ({quality['pairs']} pairs; floor "
+            f"{quality['min_spearman']:g}, drop {quality['max_spearman_drop']:g})")

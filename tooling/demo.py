@@ -18,21 +18,20 @@ from tooling.loadgen import LoadSpec
 # rotated in under load without a failed request.
 FIRST_MODEL = config.ENGLISH_MODEL
 SECOND_MODEL = config.DEFAULT_MODEL
+# Chinese pairs, two of each kind, with the verdict a reader expects (the seed's job).
 SAMPLE_PAIRS = [
-    ("今天天气真好", "今日阳光明媚"),
-    ("我想订一张去北京的机票", "帮我买一张到北京的飞机票"),
-    ("这家餐厅的菜很好吃", "股票市场今天大跌"),
-    ("今天天气真好", "股票市场今天大跌"),
-    ("The weather is lovely today", "It is sunny and warm outside"),
-    ("How do I reset my password?", "I forgot my login credentials"),
-    ("The cat sat on the mat", "Quarterly revenue grew by 8%"),
+    ("今天天气真好", "今日阳光明媚", "very similar"),
+    ("我想订一张去北京的机票", "帮我买一张到北京的飞机票", "very similar"),
+    ("今天天气真好", "明天可能会下雨", "related"),
+    ("这家餐厅的菜很好吃", "这家餐厅周末要排队很久", "related"),
+    ("这家餐厅的菜很好吃", "股票市场今天大跌", "unrelated"),
+    ("我的手机屏幕摔碎了", "今天天气真好", "unrelated"),
 ]
-DEMO_SECONDS = 45.0
-# The multilingual model loads (and is traced) in 12-25 s on 2 busy cores: the rotation is
-# over by ~35 s, leaving time to see the after.
+DEMO_SECONDS = 40.0
 ROTATE_AT_S = 8.0
 DEMO_IN_FLIGHT = 64
 ROTATE_TO = "v2"
+DEMO_EVAL = "builtin:zh-pairs"
 
 
 @dataclass(frozen=True)
@@ -40,14 +39,14 @@ class Scored:
     """The sample pairs as one version scored them."""
 
     version: str
-    rows: list[dict[str, Any]]  # {"a", "b", "score", "verdict"} per pair
+    rows: list[dict[str, Any]]  # {"a", "b", "expected", "score", "verdict"} per pair
 
 
 def score_samples(client: Client) -> Scored:
-    result = client.similarity(SAMPLE_PAIRS)
-    rows = [{"a": a, "b": b, "score": score, "verdict": said}
-            for (a, b), score, said in zip(SAMPLE_PAIRS, result.scores, result.verdicts,
-                                           strict=True)]
+    result = client.similarity([(a, b) for a, b, _ in SAMPLE_PAIRS])
+    rows = [{"a": a, "b": b, "expected": expected, "score": score, "verdict": said}
+            for (a, b, expected), score, said in zip(SAMPLE_PAIRS, result.scores,
+                                                     result.verdicts, strict=True)]
     return Scored(result.version, rows)
 
 
@@ -65,7 +64,13 @@ class Demo:
     pool: PrivatePool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.pool = PrivatePool(self.workers, self.path, prefix="zp-demo-")
+        # The rotation passes the quality gate on the packaged Chinese set first. The load
+        # is a closed loop, which leaves no CPU over: a new version loading at the default
+        # nice +10 would wait on it for most of a minute, so it loads at the serving
+        # priority (3 s of CPU for the multilingual model).
+        self.pool = PrivatePool(self.workers, self.path,
+                                extra=("--eval", DEMO_EVAL, "--load-niceness", "0"),
+                                prefix="zp-demo-")
 
     @property
     def endpoint(self) -> str:
