@@ -680,9 +680,9 @@ PROGRESS_MIN_PAIRS = 200  # a set this long shows a progress bar while it is sco
 @app.command()
 def calibrate(
     version: Annotated[str, typer.Argument(help="A version the pool serves (pinned to it).")],
-    pairs: Annotated[Path | None, typer.Option(help="Labelled pairs, label<TAB>text_a<TAB>"
-                     "text_b per line (2 same meaning, 1 same topic, 0 unrelated). Default: "
-                     "the packaged Chinese set.")] = None,
+    pairs: Annotated[str | None, typer.Option(help="Labelled pairs, label<TAB>text_a<TAB>"
+                     "text_b per line (2 same meaning, 1 same topic, 0 unrelated), or "
+                     "builtin:zh-pairs. Default: the packaged Chinese set.")] = None,
     save: Annotated[bool, typer.Option("--save", help="Store the fitted thresholds on the "
                     "version in the registry.")] = False,
     batch_pairs: Annotated[int, typer.Option(help="Pairs per request.", min=1)] = 32,
@@ -696,15 +696,16 @@ def calibrate(
     """Score a labelled set through the pool: Spearman, AUC, verdict accuracy at the version's
     thresholds and at the best ones for the set; --save stores those on the version."""
     from cli.ops import print_calibration
-    from pool.quality import PairsFileError, load_default_pairs, read_pairs
+    from pool.gate import read_eval_set
+    from pool.quality import PairsFileError, load_default_pairs
     from tooling.calibrate import calibrate as run_calibration
     from tooling.calibrate import calibration_document
 
     try:
-        labelled = read_pairs(pairs) if pairs is not None else load_default_pairs()
+        labelled = list(read_eval_set(pairs)) if pairs is not None else load_default_pairs()
     except PairsFileError as exc:
         fail(str(exc), as_json, "bad_pairs_file", exit_code=2)
-    source = str(pairs) if pairs is not None else "the packaged pool/data/zh_pairs.tsv"
+    source = pairs if pairs is not None else "the packaged pool/data/zh_pairs.tsv"
     keys = client_keys(server_key, client_key, as_json)
     show_progress = not as_json and len(labelled) >= PROGRESS_MIN_PAIRS
     with calibration_progress(len(labelled), show_progress) as progress:
