@@ -430,6 +430,9 @@ def rotate(
                       "the new version and wait for `pool promote`.")] = None,
     thresholds: ThresholdsOpt = None,
     eval_set: EvalOpt = None,
+    allow_dim_change: Annotated[bool, typer.Option(
+        "--allow-dim-change", help="Rotate to a model whose embeddings have another size than "
+        "the active version's (refused otherwise: stored embeddings would not mix).")] = False,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the rotation to its "
                     "end.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to follow before giving up.")] = 900,
@@ -441,7 +444,7 @@ def rotate(
                       path=optional_model_path(path, as_json),
                       strategy=strategy, workers=workers, drain_timeout=drain_timeout,
                       canary=canary, thresholds=thresholds_option(thresholds, as_json),
-                      eval=eval_option(eval_set))
+                      eval=eval_option(eval_set), allow_dim_change=allow_dim_change)
     follow_rotation(state_dir, started["rotation"], wait, timeout, as_json)
 
 

@@ -105,12 +105,12 @@ class Commands:
             strategy=req.get("strategy") or "auto",
             drain_timeout_s=float(req.get("drain_timeout") or DEFAULT_DRAIN_TIMEOUT_S),
             canary=req.get("canary"), thresholds=req.get("thresholds"),
-            eval_set=req.get("eval"))
+            eval_set=req.get("eval"), allow_dim_change=bool(req.get("allow_dim_change")))
 
     def _rotate_to(self, target: str, path: str | None, *, workers: int, strategy: str,
                    drain_timeout_s: float, canary: float | None,
                    thresholds: list[float] | None = None, eval_set: str | None = None,
-                   ) -> dict:
+                   allow_dim_change: bool = False, gated: bool = True) -> dict:
         if self.pool.stopping:
             raise ControlError("the pool is stopping")
         try:
@@ -132,7 +132,8 @@ class Commands:
                                  drain_timeout_s=drain_timeout_s, canary=canary,
                                  expect=Expectation.from_dict(entry.get("expect")),
                                  thresholds=self.registry.thresholds_of(target, entry["path"]),
-                                 gate=self.pool.quality_gate(target))
+                                 gate=self.pool.quality_gate(target) if gated else None,
+                                 allow_dim_change=allow_dim_change)
         except (RotationError, ValueError, KeyError) as exc:
             raise ControlError(str(exc)) from None
         self.registry.save()
@@ -155,9 +156,11 @@ class Commands:
         previous = self.registry.data["previous"]
         if not previous or self.registry.version(previous) is None:
             raise ControlError("there is no previous version to roll back to")
+        # Back to what served before: its embeddings are what producers had, and it passed
+        # its own checks then; only the health probe stands between it and traffic.
         reply = self._rotate_to(previous, None, workers=self.pool.default_workers,
                                 strategy="auto", drain_timeout_s=DEFAULT_DRAIN_TIMEOUT_S,
-                                canary=None)
+                                canary=None, allow_dim_change=True, gated=False)
         return {**reply, "kind": "rotate"}
 
     def load(self, req: dict) -> dict:

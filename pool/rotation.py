@@ -91,6 +91,7 @@ class Rotation:
     switched: bool = False
     source_closed_at: float | None = None  # drain: source stopped taking pinned requests
     source_retired: bool = False
+    allow_dim_change: bool = False  # the operator knows its embeddings change dimension
     gate: QualityGate | None = None
     quality: GateResult | None = None  # the gate's verdict, once judged
     gate_sent_at: float | None = None
@@ -149,7 +150,7 @@ class RotationController:
               drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, canary: float | None = None,
               expect: Expectation | None = None,
               thresholds: VersionThresholds | None = None,
-              gate: QualityGate | None = None) -> Rotation:
+              gate: QualityGate | None = None, allow_dim_change: bool = False) -> Rotation:
         if self.current is not None and not self.current.finished:
             raise RotationError(f"rotation {self.current.id} to {self.current.target} is still "
                                 f"{self.current.phase.value}; wait for it or roll it back")
@@ -176,7 +177,8 @@ class RotationController:
         self._ids += 1
         rot = Rotation(self._ids, target, path, source, workers, strategy, drain_timeout_s,
                        canary / 100 if canary is not None else None,
-                       strategy_reason=strategy_reason, phase_since=self.clock(), gate=gate)
+                       strategy_reason=strategy_reason, phase_since=self.clock(), gate=gate,
+                       allow_dim_change=allow_dim_change)
         self.current = rot
         self.registry.log("rotation_started", rotation=rot.id, target=target, source=source,
                           strategy=strategy, canary=rot.canary,
@@ -247,6 +249,10 @@ class RotationController:
     def _step_health_check(self, rot: Rotation, now: float) -> None:
         if self.supervisor.count(rot.target, READY) < self._first_round(rot):
             return
+        changed = self._dimension_change(rot)
+        if changed is not None and not rot.allow_dim_change:
+            self._begin_rollback(rot, changed)
+            return
         if rot.gate is not None and rot.quality is None:
             rot.quality = self._run_gate(rot, rot.gate, now)
             if rot.quality is None:
@@ -257,6 +263,16 @@ class RotationController:
                 return
         self._enter(rot, Phase.SWITCHING)
         self._switch(rot)
+
+    def _dimension_change(self, rot: Rotation) -> str | None:
+        """Why the new version's embeddings do not fit where the active version's went."""
+        new = self.supervisor.dimension(rot.target)
+        old = self.supervisor.dimension(rot.source) if rot.source else None
+        if not new or not old or new == old:
+            return None
+        return (f"{rot.target} answers {new}-dimensional embeddings where {rot.source} "
+                f"answers {old}-dimensional ones: a consumer mixing the two (an index of "
+                "stored embeddings) would be wrong; --allow-dim-change rotates anyway")
 
     # -- the quality gate --------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from router.broker import (
     Broker,
     BrokerEvent,
     HeartbeatReceived,
+    LoadFailed,
     Pending,
     ProbeAnswered,
     WorkerAnnounced,
@@ -47,6 +48,7 @@ log = logging.getLogger("zeropool.supervisor")
 LOADING, CHECKING, READY = "loading", "checking", "ready"
 DRAINING, STOPPING = "draining", "stopping"
 LIVE = (LOADING, CHECKING, READY)  # counts toward its version's wanted workers
+LOAD_REASON_WAIT_S = 0.5  # how long a worker dead while loading waits for its W_FAILED
 PROBE_TIMEOUT_S = 60.0
 HEALTH_PROBE, GOLDEN_PROBE = "health", "golden"  # what a probe is for
 REAP_TIMEOUT_S = 5.0
@@ -107,6 +109,8 @@ class Worker:
     term_at: float | None = None  # when SIGTERM was sent
     checked_at: float = 0.0  # last golden re-check
     batching: BatchStats | None = None  # from its latest heartbeat
+    load_error: str | None = None  # why its model did not load (W_FAILED), one line
+    exit_seen: float | None = None  # when its exit was first seen, its reason not yet in
     # Routing: read and written by the broker (router.broker.RoutedWorker).
     inflight: dict[int, Pending] = field(default_factory=dict)
     served: int = 0
@@ -270,7 +274,11 @@ class Supervisor:
     # -- events from the broker --------------------------------------------------------------
 
     def handle(self, event: BrokerEvent) -> None:
-        if isinstance(event, HeartbeatReceived):
+        if isinstance(event, LoadFailed):
+            worker = self.workers.get(event.worker)
+            if worker is not None:
+                worker.load_error = event.reason
+        elif isinstance(event, HeartbeatReceived):
             worker = self.workers.get(event.worker)
             if worker is not None:
                 worker.batching = BatchStats.decode(event.body)
@@ -378,7 +386,7 @@ class Supervisor:
     def _reap(self, now: float) -> None:
         for worker in list(self.workers.values()):
             code = worker.process.exitcode
-            if code is None:
+            if code is None or self._reason_on_its_way(worker, code, now):
                 continue
             del self.workers[worker.id]
             worker.process.reap(0)
@@ -400,7 +408,18 @@ class Supervisor:
             if plan is not None:
                 when = {LOADING: "while loading", CHECKING: "during its health check"}.get(
                     worker.state, "while serving")
-                self._note_crash(plan, f"worker exited with code {code} {when}")
+                why = f": {worker.load_error}" if worker.load_error else ""
+                self._note_crash(plan, f"worker exited with code {code} {when}{why}")
+
+    def _reason_on_its_way(self, worker: Worker, code: int, now: float) -> bool:
+        """A worker that failed to load sends why (W_FAILED) before it exits, but its exit
+        can be seen before the message is read: its reaping waits a moment for it."""
+        if worker.state != LOADING or code == 0 or worker.load_error is not None \
+                or worker.stop_at is not None:
+            return False
+        if worker.exit_seen is None:
+            worker.exit_seen = now
+        return now - worker.exit_seen < LOAD_REASON_WAIT_S
 
     def _murder_hung(self, now: float) -> None:
         silent_limit = config.HEARTBEAT_S * config.HEARTBEAT_LIVENESS
@@ -550,6 +569,12 @@ class Supervisor:
         """One ready worker of `version` (the one checked longest ago), if any."""
         ready = [w for w in self.workers.values() if w.version == version and w.state == READY]
         return min(ready, key=lambda w: w.checked_at, default=None)
+
+    def dimension(self, version: str) -> int | None:
+        """The embedding size a version's ready workers said they answer (None: unknown;
+        0: no embeddings, the echo model)."""
+        worker = self.any_ready(version)
+        return None if worker is None or worker.info is None else worker.info.dim
 
     def has_workers(self, version: str) -> bool:
         return any(w.version == version for w in self.workers.values())

@@ -123,7 +123,15 @@ class WorkerLoop:
         self.last_busy = 0.0  # seconds then: the busy % of the next one
 
     def run(self) -> None:
-        info = self._load()
+        try:
+            info = self._load()
+        except Exception as exc:
+            # The pool learns why in one line (rotations, status and history say it), not
+            # only "exited with code 1"; the traceback goes to the log.
+            reason = load_failure(exc, self.cfg.path)
+            log.error("loading %s failed: %s", self.cfg.path, reason)
+            self.sock.send_multipart([protocol.W_FAILED, reason.encode()])
+            raise
         freeze_heap()
         # From here SIGTERM is a STOP: a process group signalled as a whole (systemd's
         # KillMode=control-group, `kill -TERM -PGID`) has its workers finish what they hold
@@ -348,6 +356,18 @@ class WorkerLoop:
     def _reply_error(self, seq: bytes, code: str, message: str) -> None:
         self.outbox.append(protocol.reply_entry(seq, protocol.STATUS_ERROR,
                                                 protocol.error_body(code, message)))
+
+
+LOAD_FAILURE_CHARS = 300
+
+
+def load_failure(exc: BaseException, path: str) -> str:
+    """An exception of a model load as one line: its type and the first line of its message,
+    the file where the exception names one, else the model directory."""
+    message = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    where = getattr(exc, "filename", None) or path
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return f"{text[:LOAD_FAILURE_CHARS]} ({where})"
 
 
 def _release_cuda_cache() -> None:

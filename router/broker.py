@@ -85,6 +85,14 @@ class WorkerAnnounced:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadFailed:
+    """A worker could not load its model, and says why before it exits."""
+
+    worker: bytes
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ProbeAnswered:
     """The reply to one of the router's own requests (or worker_failed if it got none)."""
 
@@ -100,7 +108,7 @@ class HeartbeatReceived:
     body: bytes
 
 
-BrokerEvent = WorkerAnnounced | ProbeAnswered | HeartbeatReceived
+BrokerEvent = WorkerAnnounced | ProbeAnswered | HeartbeatReceived | LoadFailed
 
 
 @dataclass(slots=True)
@@ -358,6 +366,8 @@ class Broker:
                 self._events.append(WorkerAnnounced(wid, frames[2]))
             elif kind == protocol.W_HEARTBEAT and len(frames) > 2:
                 self._events.append(HeartbeatReceived(wid, frames[2]))
+            elif kind == protocol.W_FAILED and len(frames) > 2:
+                self._events.append(LoadFailed(wid, frames[2].decode(errors="replace")))
 
     def _complete(self, worker: RoutedWorker, frames: list[bytes]) -> None:
         """Every reply of one W_REPLY message: [wid, W_REPLY, reply entries]."""

@@ -63,6 +63,7 @@ W_HEARTBEAT = b"H"  # worker -> router: [W_HEARTBEAT, json counters]
 W_REPLY = b"P"  # worker -> router: [W_REPLY, reply entries]
 W_REQUEST = b"Q"  # router -> worker: [W_REQUEST, request entries]
 W_STOP = b"S"  # router -> worker: [W_STOP]
+W_FAILED = b"F"  # worker -> router: [W_FAILED, why its model did not load, one line], then exit
 SEQ_BYTES = 8  # a request's sequence number on the backend, little-endian
 # A request entry: seq, when the router took it (monotonic ns), len(op), len(body); then the
 # op and the producer's body. A reply entry: the seq as received, len(status), len(body);

@@ -58,6 +58,7 @@ class FakeWorker:
         self.stop_received = False
         self.inbox: list[Request] = []
         self.messages = 0  # request messages received (each may carry several requests)
+        self.dim = 8  # the embedding size its READY says
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, cfg.worker_id.encode())
@@ -86,7 +87,7 @@ class FakeWorker:
     def announce(self) -> None:
         info = ReadyInfo(version=self.cfg.version, worker_id=self.name, pid=self.pid,
                          capacity=self.cfg.capacity, max_batch=self.cfg.max_batch,
-                         device=self.cfg.device, dtype="float32", dim=8)
+                         device=self.cfg.device, dtype="float32", dim=self.dim)
         self.sock.send_multipart([protocol.W_READY, info.encode()])
 
     def heartbeat(self, stats: BatchStats) -> None:

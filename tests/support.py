@@ -43,7 +43,8 @@ def _vocab() -> list[str]:
     return SPECIAL + sorted(chars) + words + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
 
 
-def make_tiny_bert(directory: Path, seed: int, unknown_to_model: Sequence[str] = ()) -> Path:
+def make_tiny_bert(directory: Path, seed: int, unknown_to_model: Sequence[str] = (),
+                   hidden_size: int = 32) -> Path:
     """A 2-layer BERT with random weights and a vocab covering Chinese characters.
 
     Tokens in `unknown_to_model` are in the tokenizer's vocab but beyond the model's
@@ -59,7 +60,7 @@ def make_tiny_bert(directory: Path, seed: int, unknown_to_model: Sequence[str] =
     tokenizer.save_pretrained(directory)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size - len(unknown_to_model), hidden_size=32,
+        vocab_size=tokenizer.vocab_size - len(unknown_to_model), hidden_size=hidden_size,
         num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=TINY_MAX_LENGTH,
         # Wide initial weights spread the scores, so versions and sentences differ clearly.

@@ -16,7 +16,7 @@ import pytest
 
 from pool import config
 from router.client import Client, UnknownVersion
-from tests.support import SENTENCES, Load, Reference, RunningPool, run_cli
+from tests.support import SENTENCES, Load, Reference, RunningPool, make_tiny_bert, run_cli
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-4
@@ -384,3 +384,31 @@ def test_an_eval_set_with_a_bad_line_is_refused_with_its_line_number(
                          str(bad))
     assert code != 0
     assert "line 2" in json.dumps(reply) and pool.status()["active"] == "v1"
+
+
+def test_a_rotation_to_a_broken_or_resized_model_says_why_and_fails_nothing(
+    pool_factory, models: dict[str, Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(models["v2"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated in the middle of its header
+    wider = make_tiny_bert(tmp_path / "wider", seed=7, hidden_size=48)
+    pool = pool_factory(models["v1"])
+    load = Load(pool.endpoint, in_flight=32).start()
+    code, reply = rotate(pool, "--version", "v3", "--path", str(broken))
+    assert code != 0 and reply["rotation"]["outcome"] == "rolled_back", reply
+    reason = reply["rotation"]["reason"]
+    assert "while loading: SafetensorError:" in reason and str(broken) in reason, reason
+    code, reply = rotate(pool, "--version", "v4", "--path", str(wider))
+    assert code != 0 and reply["rotation"]["outcome"] == "rolled_back", reply
+    assert "v4 answers 48-dimensional embeddings where v1 answers 32-dimensional" in \
+        reply["rotation"]["reason"]
+    load.stop()
+    assert load.lost == 0 and not load.errors()
+    status = pool.status()
+    assert status["active"] == "v1"
+    assert "48-dimensional" in status["rotation"]["reason"]  # the last rotation's
+    history = json.loads((pool.state_dir / "versions.json").read_text())["history"]
+    reasons = [e["reason"] for e in history if e["event"] == "rotation_finished"]
+    assert "SafetensorError" in reasons[0] and "48-dimensional" in reasons[1]

@@ -22,7 +22,14 @@ from pool.processes import SpawnFailed, SpawnPending
 from pool.quality import LabelledPair
 from pool.reports import BatchStats
 from pool.rotation import Phase, Rotation
-from pool.supervisor import CHECKING, DRAINING, LOADING, READY, STOPPING
+from pool.supervisor import (
+    CHECKING,
+    DRAINING,
+    LOAD_REASON_WAIT_S,
+    LOADING,
+    READY,
+    STOPPING,
+)
 from router import protocol
 from router.broker import MAX_ATTEMPTS, even_shares
 from tests.fakepool import FakePool
@@ -361,6 +368,7 @@ def test_a_crash_loop_is_reported_fails_fast_and_is_retried_until_it_serves(
             for worker in fake.workers_of("v1"):
                 worker.exit(1)
             fake.tick()
+            fake.tick(LOAD_REASON_WAIT_S)  # a worker dead while loading: its reason's wait
             if plan.crash_loop is None:
                 fake.tick(plan.backoff_until - fake.clock())
                 fake.tick()  # spawned; dies before it is ready
@@ -784,3 +792,50 @@ def test_a_gate_probe_the_new_version_cannot_answer_rolls_back(fake: FakePool) -
             break
     assert rot.quality is not None and rot.quality.spearman is None
     assert "the new version could not score gate.tsv: worker_failed" in (rot.reason or "")
+
+
+# -- why a rotation failed ---------------------------------------------------------------------
+
+
+def test_a_worker_that_cannot_load_its_model_says_why_and_the_rotation_says_it_too(
+        fake: FakePool) -> None:
+    serving(fake)
+    rotate(fake)
+    fake.tick()
+    fake.tick()  # v2 workers spawned, loading
+    why = "SafetensorError: Error while deserializing header: invalid header length (/models/v2)"
+    worker = fake.workers_of("v2", LOADING)[0]
+    worker.exit(1)  # its exit is seen before its reason (sent first, read later): the
+    fake.tick()     # reaping waits for it
+    assert fake.supervisor.workers.get(worker.name.encode()) is not None
+    worker.sock.send_multipart([protocol.W_FAILED, why.encode()])
+    fake.pump()
+    fake.tick()
+    rot = fake.rotations.current
+    assert rot.phase in (Phase.ROLLING_BACK, Phase.FAILED)
+    assert rot.reason == f"worker exited with code 1 while loading: {why}"
+    assert fake.supervisor.failure("v2") == rot.reason
+
+
+def test_a_version_whose_embeddings_change_size_is_refused_unless_allowed(
+        fake: FakePool) -> None:
+    serving(fake)
+    rotate(fake)
+    for _ in range(5):
+        fake.tick()
+        for worker in fake.workers_of("v2", LOADING):
+            worker.dim = 16  # v1's workers answer 8-dimensional embeddings
+            worker.announce()
+        fake.pump()
+        for worker in fake.workers_of("v2", CHECKING):
+            for request in worker.received():
+                worker.answer(request)
+        fake.pump()
+    fake.tick()
+    rot = fake.rotations.current
+    assert rot.phase == Phase.ROLLING_BACK and "16-dimensional embeddings where v1" in rot.reason
+    for _ in range(30):
+        fake.finish_stops()
+        fake.tick()
+    rotate(fake, allow_dim_change=True)
+    assert run_rotation(fake)[-1] == Phase.DONE
