@@ -17,7 +17,7 @@ from rich.table import Table
 
 from pool import config
 from pool.control import ControlError, PoolNotRunning, control_request
-from router.client import Client, ZeroPoolError
+from router.client import AuthenticationFailed, Client, ZeroPoolError
 from router.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, ClientKeys, KeyFileError
 from router.protocol import ENDPOINT_ENV
 
@@ -147,7 +147,16 @@ def call_pool(endpoint: str, timeout: float, as_json: bool, call: Any,
         try:
             return call(client)
         except ZeroPoolError as exc:
-            fail(exc.message, as_json, exc.code)
+            fail_with(exc, as_json)
+
+
+AUTH_EXIT_CODE = 3  # the pool refused this client's Curve handshake: a script can tell
+
+
+def fail_with(exc: ZeroPoolError, as_json: bool) -> NoReturn:
+    """A protocol error or a refused handshake, as the command's error and exit code."""
+    auth = isinstance(exc, AuthenticationFailed)
+    fail(exc.message, as_json, exc.code, exit_code=AUTH_EXIT_CODE if auth else 1)
 
 
 @app.command()
@@ -378,6 +387,8 @@ def bench(
                            rotate_strategy=rotate_strategy, model=model, dtype=dtype,
                            graph=graph,
                            rotate_every=rotate_every)
+    except ZeroPoolError as exc:
+        fail_with(exc, as_json)
     except (RuntimeError, TimeoutError, ControlError) as exc:
         fail(str(exc), as_json)
     if as_json:

@@ -204,13 +204,23 @@ class PoolMetrics:
             self.rotation_phase.labels(phase).observe(seconds)
 
     def refresh(self, broker: BrokerSnapshot, supervisor: SupervisorSnapshot,
-                system: dict) -> None:
+                curve_refused: int | None, system: dict) -> None:
         self.batches.update(supervisor.workers)
         self.recent.record(time.monotonic(), self.replies.by_version_code(),
                            self.replies.all_buckets())
         self.state.families = [*self._reply_families(),
                                *self._pool_families(broker, supervisor),
+                               *self._curve_families(curve_refused),
                                *self._system_families(system)]
+
+    @staticmethod
+    def _curve_families(refused: int | None) -> list[Metric]:
+        if refused is None:
+            return []  # Curve is off
+        family = CounterMetricFamily("zeropool_curve_refused_handshakes",
+                                     "CurveZMQ handshakes refused: a client key not allowed.")
+        family.add_metric([], refused)
+        return [family]
 
     # -- the exporter ------------------------------------------------------------------------
 

@@ -225,7 +225,8 @@ class PoolServer:
             metrics_url=self.metrics_url, log_file=str(self.state_dir / config.LOG_FILE),
             system=self.system, settings=config.shown_settings(self.settings),
             broker=self.broker.snapshot(), supervisor=self.supervisor.snapshot(),
-            rotation=self.rotations.status())
+            rotation=self.rotations.status(),
+            curve=None if self.curve is None else self.curve.refusals.as_dict())
 
     def _loop(self, wake_r: socket.socket) -> None:
         poller = zmq.Poller()
@@ -271,6 +272,7 @@ class PoolServer:
                 next_refresh = now + REFRESH_S
                 self.system = system_stats()
                 self.metrics.refresh(self.broker.snapshot(), self.supervisor.snapshot(),
+                                     None if curve is None else curve.refusals.count,
                                      self.system)
                 if curve is not None:
                     curve.reload_if_changed()

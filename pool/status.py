@@ -37,6 +37,7 @@ class PoolSnapshot:
     broker: BrokerSnapshot
     supervisor: SupervisorSnapshot
     rotation: dict | None
+    curve: dict | None = None  # CurveZMQ on the frontend: refused handshakes (None: off)
 
 
 def status_document(snap: PoolSnapshot) -> dict[str, Any]:
@@ -61,6 +62,7 @@ def status_document(snap: PoolSnapshot) -> dict[str, Any]:
                      for name, view in snap.supervisor.versions.items()},
         "workers": [worker_row(w) for w in snap.supervisor.workers],
         "rotation": snap.rotation,
+        "curve": snap.curve,
         "requests": {"received": broker.stats.received, "ok": broker.stats.replied_ok,
                      "errors": broker.stats.replied_error, "dropped": broker.stats.dropped,
                      "errors_by_code": broker.stats.errors_by_code},

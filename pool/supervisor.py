@@ -322,6 +322,9 @@ class Supervisor:
             log.warning("version %s serves again after its crash loop (%s)", plan.version,
                         plan.crash_loop)
             plan.crash_loop = None
+            # Its lane fails requests fast until told otherwise: told now, not at the next
+            # tick, or a request arriving meanwhile is refused by a version that serves.
+            self.sync_lanes()
         self._record("ready", worker, check_seconds=round(
             self.clock() - (worker.checking_since or 0), 3))
         info = worker.info

@@ -12,6 +12,8 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,55 @@ def is_loopback(endpoint: str) -> bool:
     return bool(_LOOPBACK.match(endpoint))
 
 
+REFUSAL_LOG_EVERY_S = 60.0  # a producer retrying with a bad key is logged once a minute
+
+
+@dataclass(slots=True)
+class Refusals:
+    """The handshakes ZAP refused: how many, and the latest (a client key not allowed)."""
+
+    count: int = 0
+    last_address: str | None = None
+    last_reason: str | None = None
+    last_at: float | None = None  # wall clock
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"refused_handshakes": self.count, "last_refused_from": self.last_address,
+                "last_refused_reason": self.last_reason, "last_refused_at": self.last_at}
+
+
+class CountingAuthenticator(Authenticator):
+    """pyzmq's ZAP handler, counting and logging (with the peer's address) what it refuses."""
+
+    def __init__(self, ctx: zmq.Context, log: logging.Logger) -> None:
+        super().__init__(ctx, log=log)
+        self.refusals = Refusals()
+        self._address = ""
+        self._logged: dict[str, float] = {}  # address -> when its refusal was last logged
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        # The ZAP request's fourth frame is the peer's address (ZMQ RFC 27).
+        self._address = msg[3].decode(errors="replace") if len(msg) > 3 else "unknown"
+        step = super().handle_zap_message(msg)
+        if inspect.iscoroutine(step):
+            await step
+
+    def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
+                        user_id: str = "anonymous") -> None:
+        if status_code != b"200":
+            self._count_refusal(status_text.decode(errors="replace"))
+        super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+    def _count_refusal(self, reason: str) -> None:
+        refusals, address, now = self.refusals, self._address, time.time()
+        refusals.count += 1
+        refusals.last_address, refusals.last_reason, refusals.last_at = address, reason, now
+        if now - self._logged.get(address, 0.0) >= REFUSAL_LOG_EVERY_S:
+            self._logged[address] = now
+            log.warning("refused a CurveZMQ handshake from %s: %s (%d refused so far)",
+                        address, reason, refusals.count)
+
+
 class CurveServer:
     """The frontend's Curve keys and the ZAP handler deciding which clients get in."""
 
@@ -52,12 +103,16 @@ class CurveServer:
         self.allow_dir = allow_dir
         if allow_dir is not None and not allow_dir.is_dir():
             raise KeyFileError(f"--curve-allow {allow_dir} is not a directory of client keys")
-        self.authenticator = Authenticator(ctx, log=logging.getLogger("zeropool.auth.zap"))
+        self.authenticator = CountingAuthenticator(ctx, log=logging.getLogger("zeropool.auth.zap"))
         self.authenticator.start()
         self._allow_stamp: object = None
         self.reload_if_changed()
         if self._allow_stamp is None:
             raise KeyFileError(f"cannot load the client keys in --curve-allow {allow_dir}")
+
+    @property
+    def refusals(self) -> Refusals:
+        return self.authenticator.refusals
 
     @property
     def zap_socket(self) -> zmq.Socket:

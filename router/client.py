@@ -80,6 +80,14 @@ class NoReply(ZeroPoolError):
     code = "no_reply"
 
 
+class AuthenticationFailed(ZeroPoolError):
+    """The pool refused the handshake: this client's Curve key is not allowed, the pool needs
+    one and none was given, or --server-key is not the pool's. Known at once (the socket's
+    monitor), not after a timeout."""
+
+    code = "auth_failed"
+
+
 ERRORS: dict[str, type[ZeroPoolError]] = {
     cls.code: cls
     for cls in (BadRequest, TooLarge, UnknownVersion, Overloaded, RequestTimeout, WorkerFailed,
@@ -225,6 +233,63 @@ def connect_dealer(sock: zmq.Socket, endpoint: Endpoints, curve: ClientKeys | No
     return ",".join(endpoints)
 
 
+# What the socket monitor reports of a handshake.
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+HANDSHAKE_EVENTS = HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+
+
+class HandshakeWatch:
+    """A DEALER's handshakes with its pools, read from its socket monitor: refused while
+    every pool it has tried refused it, and none let it in."""
+
+    def __init__(self, sock: zmq.Socket, endpoints: int, curve: ClientKeys | None) -> None:
+        self.monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        self.endpoints = endpoints
+        self.curve = curve
+        self.last: dict[bytes, tuple[int, int]] = {}  # endpoint -> its latest (event, value)
+
+    def take(self, event: int, value: int, endpoint: bytes) -> None:
+        self.last[endpoint] = (event, value)
+
+    def drain(self) -> None:
+        """Every event waiting on the monitor (blocking client)."""
+        while True:
+            try:
+                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.take_frames(frames)
+
+    def take_frames(self, frames: list[bytes]) -> None:
+        event, value = int.from_bytes(frames[0][:2], "little"), \
+            int.from_bytes(frames[0][2:6], "little")
+        self.take(event, value, frames[1] if len(frames) > 1 else b"")
+
+    def refused(self) -> AuthenticationFailed | None:
+        failed = [(e, v, where) for where, (e, v) in self.last.items() if e & HANDSHAKE_FAILED]
+        if len(failed) < self.endpoints or len(failed) < len(self.last):
+            return None  # a pool not tried yet, or one that let it in
+        event, value, where = failed[0]
+        return AuthenticationFailed(self._why(event, value, where.decode(errors="replace")))
+
+    def _why(self, event: int, value: int, where: str) -> str:
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (f"{where} refused this client's Curve key (ZAP {value}): it is not among "
+                    "the pool's allowed keys (--curve-allow)")
+        if self.curve is None:
+            return (f"the handshake with {where} failed: the pool requires CurveZMQ; give "
+                    "--server-key (its public key) and --client-key (an allowed secret key)")
+        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            return (f"the handshake with {where} failed (protocol error {value:#x}): does the "
+                    "pool use CurveZMQ?")
+        return (f"the CurveZMQ handshake with {where} failed: is --server-key the pool's "
+                "public key?")
+
+    def close(self) -> None:
+        self.monitor.close(linger=0)
+
+
 class Client:
     """Blocking client. Not thread-safe (one socket); use one per thread or `AsyncClient`.
 
@@ -238,8 +303,13 @@ class Client:
         self.timeout = timeout
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
+        # Watched before connecting, so that the first handshake is seen.
+        self._handshakes = HandshakeWatch(self._sock, len(split_endpoints(endpoint)), curve)
         self.endpoint = connect_dealer(self._sock, endpoint, curve)
         self._ids = itertools.count(1)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._handshakes.monitor, zmq.POLLIN)
 
     def similarity(self, pairs: Iterable[Sequence[str]], version: str | None = None,
                    timeout: float | None = None, timeout_ms: int | None = None) -> Similarity:
@@ -272,20 +342,30 @@ class Client:
             while sent < len(bodies) and len(waiting) < in_flight:
                 # Writable once a pool is connected (with several pools and none up, never).
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1, zmq.POLLOUT):
+                if remaining <= 0 or self._refused() or \
+                        not self._sock.poll(int(remaining * 1000) + 1, zmq.POLLOUT):
                     break
                 rid = next(self._ids).to_bytes(8, "big")
                 self._sock.send_multipart(encode_request(rid, op, version, bodies[sent]),
                                           zmq.NOBLOCK)
                 waiting[rid] = sent
                 sent += 1
+            unanswered = [*waiting.values(), *range(sent, len(bodies))]
+            refused = self._refused()
+            if refused is not None:
+                for index in unanswered:
+                    results[index] = refused
+                break
             if sent < len(bodies) and not waiting:
-                for index in range(sent, len(bodies)):
+                for index in unanswered:
                     results[index] = NoReply(f"no pool reachable at {self.endpoint}")
                 break
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._sock.poll(int(remaining * 1000) + 1):
-                for index in [*waiting.values(), *range(sent, len(bodies))]:
+            ready = dict(self._poller.poll(int(remaining * 1000) + 1)) if remaining > 0 else {}
+            if self._sock not in ready:
+                if self._handshakes.monitor in ready:
+                    continue  # a handshake's news: judged at the top
+                for index in unanswered:
                     results[index] = NoReply(f"no reply from {self.endpoint} in time")
                 break
             frames = self._sock.recv_multipart()
@@ -294,7 +374,12 @@ class Client:
                 results[index] = decode_reply(op, frames)
         return results
 
+    def _refused(self) -> AuthenticationFailed | None:
+        self._handshakes.drain()
+        return self._handshakes.refused()
+
     def close(self) -> None:
+        self._handshakes.close()
         self._sock.close(linger=0)
 
     def __enter__(self) -> Client:
@@ -314,10 +399,12 @@ class AsyncClient:
         self.timeout = timeout
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
+        self._handshakes = HandshakeWatch(self._sock, len(split_endpoints(endpoint)), curve)
         self.endpoint = connect_dealer(self._sock, endpoint, curve)
         self._ids = itertools.count(1)
         self._pending: dict[bytes, tuple[bytes, asyncio.Future]] = {}
         self._reader: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
 
     async def similarity(self, pairs: Iterable[Sequence[str]], version: str | None = None,
                          timeout: float | None = None,
@@ -336,7 +423,12 @@ class AsyncClient:
     async def _call(self, op: bytes, version: str | None, body: dict,
                     timeout: float | None) -> Any:
         if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+            loop = asyncio.get_running_loop()
+            self._reader = loop.create_task(self._read_replies())
+            self._watcher = loop.create_task(self._watch_handshakes())
+        refused = self._handshakes.refused()
+        if refused is not None:
+            raise refused
         rid = next(self._ids).to_bytes(8, "big")
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[rid] = (op, future)
@@ -362,11 +454,24 @@ class AsyncClient:
             if entry is not None and not entry[1].done():
                 entry[1].set_result(decode_reply(entry[0], frames))
 
+    async def _watch_handshakes(self) -> None:
+        """A refused handshake fails every call waiting, at once."""
+        while True:
+            self._handshakes.take_frames(await self._handshakes.monitor.recv_multipart())
+            refused = self._handshakes.refused()
+            if refused is None:
+                continue
+            for _, future in list(self._pending.values()):
+                if not future.done():
+                    future.set_result(refused)
+
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._handshakes.close()
         self._sock.close(linger=0)
 
     async def __aenter__(self) -> AsyncClient:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import shutil
 import socket
 import stat
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from router.auth import is_loopback
-from router.client import Client, NoReply
+from router.client import AsyncClient, AuthenticationFailed, Client
 from router.keys import ClientKeys, create_keys
 from tests.support import run_cli, start_pool, stop_pool
 
@@ -49,10 +51,30 @@ def test_curve_lets_in_allowed_keys_only_and_rereads_the_allow_dir(
         mallory = ClientKeys.from_files(keys / "server.key", keys / "mallory.key_secret")
         with Client(pool.endpoint, timeout=30, curve=alice) as client:
             assert -1 <= client.similarity([PAIR]).scores[0] <= 1
-        for curve in (mallory, None):
-            with Client(pool.endpoint, timeout=2, curve=curve) as client, \
-                    pytest.raises(NoReply):
+        # Refused at the handshake, and said so at once: not a NoReply after the timeout.
+        for curve, why in ((mallory, "refused this client's Curve key (ZAP 400)"),
+                           (None, "the pool requires CurveZMQ")):
+            with Client(pool.endpoint, timeout=60, curve=curve) as client, \
+                    pytest.raises(AuthenticationFailed, match=re.escape(why)):
                 client.similarity([PAIR])
+
+            async def async_call(keys: ClientKeys | None = curve) -> None:
+                async with AsyncClient(pool.endpoint, timeout=60, curve=keys) as client:
+                    await client.ping()
+
+            with pytest.raises(AuthenticationFailed, match=re.escape(why)):
+                asyncio.run(async_call())
+        done = run_cli("ping", "--json", "--server-key", str(keys / "server.key"),
+                       "--client-key", str(keys / "mallory.key_secret"), env=pool.env)
+        assert done.returncode == 3, done.stdout + done.stderr
+        assert json.loads(done.stdout)["error"]["code"] == "auth_failed"
+        done = run_cli("bench", "--duration", "2", "--server-key", str(keys / "server.key"),
+                       "--client-key", str(keys / "mallory.key_secret"), env=pool.env)
+        assert done.returncode == 3 and "refused this client's Curve key" in done.stderr
+        curve_status = json.loads(run_cli("status", "--json", env=pool.env).stdout)["curve"]
+        assert curve_status["refused_handshakes"] >= 3
+        assert curve_status["last_refused_from"]  # the peer's address, as ZAP saw it
+        assert "refused a CurveZMQ handshake from" in (pool.state_dir / "console.log").read_text()
 
         done = run_cli("similarity", *PAIR, "--json", "--server-key", str(keys / "server.key"),
                        "--client-key", str(keys / "alice.key_secret"), env=pool.env)

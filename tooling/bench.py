@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 
 from pool.control import ControlError, control_request
+from router.client import Client
 from router.protocol import OK_CODE
 from tooling.launch import PrivatePool
 from tooling.loadgen import (
@@ -454,6 +455,7 @@ def run_bench(spec: LoadSpec, plan: BenchPlan,
             if plan.rotate_to and not plan.rotate_path:
                 # Rotate to the same weights under another name: a rotation all the same.
                 plan = replace(plan, rotate_path=active_model_path(pool.state_dir))
+        check_reachable(spec)
         watch = make_watch(plan, state_dir)
         usage = UsageMeter.start(state_dir)
         samples, started = _run_watched(spec, watch, display(watch), usage)
@@ -476,6 +478,17 @@ def run_bench(spec: LoadSpec, plan: BenchPlan,
     finally:
         if pool is not None:
             pool.close()
+
+
+PREFLIGHT_TIMEOUT_S = 10.0
+
+
+def check_reachable(spec: LoadSpec) -> None:
+    """One ping with the load's keys before the producers start: a pool that refuses them
+    (AuthenticationFailed) or is not there (NoReply) is said at once, not as a run of lost
+    requests."""
+    with Client(spec.endpoint, timeout=PREFLIGHT_TIMEOUT_S, curve=spec.curve) as client:
+        client.ping(version=spec.version or None)
 
 
 def _run_watched(spec: LoadSpec, watch: Watch | None, display: LoadDisplay,
