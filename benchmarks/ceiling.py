@@ -14,7 +14,7 @@ import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pool.config import embedded_model_path
+from pool.builtin import embedded_model_path
 from tooling.loadgen import make_texts
 
 

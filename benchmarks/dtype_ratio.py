@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from pool.config import embedded_model_path
+from pool.builtin import embedded_model_path
 from pool.runtime import Encoder
 from tooling.loadgen import make_texts
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel
 
-from pool.config import embedded_model_path
+from pool.builtin import embedded_model_path
 
 source, target = embedded_model_path(), Path(".gpu/model")
 shutil.rmtree(target, ignore_errors=True)

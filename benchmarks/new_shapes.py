@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from pool.config import embedded_model_path
+from pool.builtin import embedded_model_path
 from pool.runtime import Encoder
 
 CJK = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]

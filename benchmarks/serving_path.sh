@@ -30,7 +30,7 @@ export HF_HUB_OFFLINE=1
 TINY=$WORK/tiny
 PYTHONPATH=$ROOT $PY -c "from pathlib import Path; from tests.support import make_tiny_bert; \
 make_tiny_bert(Path('$TINY'), seed=1)" 2>/dev/null
-MINILM=$(PYTHONPATH=$ROOT $PY -c "from pool.config import embedded_model_path as p; print(p())")
+MINILM=$(PYTHONPATH=$ROOT $PY -c "from pool.builtin import embedded_model_path as p; print(p())")
 
 # run TREE LABEL BENCH_ARGS -- SERVE_ARGS: one pool, one bench against it, one JSON line.
 run() {

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from transformers import AutoTokenizer
 
-from pool.config import embedded_model_path
+from pool.builtin import embedded_model_path
 from pool.runtime import token_id_encoder
 from tooling.loadgen import make_texts
 

@@ -94,9 +94,10 @@ def serve(**options: Any) -> None:
     from pool.logs import setup_logging
     from pool.server import StartupError
     from pool.server import serve as run_server
+    from pool.settings import resolve_settings
 
     try:
-        settings = config.resolve_settings(options, model_path=model_path)
+        settings = resolve_settings(options, model_path=model_path)
     except ValueError as exc:
         fail(str(exc), False, exit_code=2)
     setup_logging(settings.log_json, Path(settings.state_dir) / config.LOG_FILE)

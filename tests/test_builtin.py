@@ -224,7 +224,7 @@ def test_resolve_model_path(tiny_file: Path, tmp_path: Path,
 
 
 def builtin_minilm() -> Path:
-    from pool.config import embedded_model_path
+    from pool.builtin import embedded_model_path
 
     return embedded_model_path()
 

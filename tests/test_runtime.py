@@ -11,7 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from pool.config import embedded_model_path
+from pool.builtin import embedded_model_path
 from pool.health import TOLERANCE_HALF
 from pool.runtime import (
     Encoder,

@@ -12,6 +12,8 @@ import pytest
 
 from cli.main import serve
 from pool import config
+from pool.builtin import embedded_model_path
+from pool.settings import resolve_settings
 from pool.worker import WorkerConfig
 
 STATUS_KEYS = {"workers", "devices", "dtype", "graph", "max_batch", "max_batch_tokens",
@@ -55,7 +57,7 @@ def test_resolving_fills_what_depends_on_the_machine(tmp_path) -> None:
     model.mkdir()
     (model / "config.json").write_text("{}")
     values = {name: config.flag_default(spec, name) for name, _, spec in config.flags()}
-    settings = config.resolve_settings({**values, "path": str(model), "devices": "cpu",
+    settings = resolve_settings({**values, "path": str(model), "devices": "cpu",
                                         "state_dir": tmp_path / "state", "workers": 2})
     assert settings.devices == ["cpu"] and settings.workers == 2
     assert settings.threads == config.default_threads(["cpu"], 2)
@@ -70,7 +72,7 @@ def test_batch_bounds_default_by_device_and_a_given_value_wins(tmp_path) -> None
     values |= {"path": str(model), "state_dir": tmp_path / "state"}
 
     def resolved(**given):
-        settings = config.resolve_settings({**values, **given})
+        settings = resolve_settings({**values, **given})
         return settings.max_batch, settings.max_batch_tokens
 
     assert resolved(devices="cpu") == (config.DEFAULT_MAX_BATCH, 0)
@@ -87,7 +89,7 @@ def test_without_a_path_the_default_model_is_the_multilingual_builtin(tmp_path, 
         asked.append(spec)
         return str(models["v1"])
 
-    settings = config.resolve_settings({**values, "devices": "cpu",
+    settings = resolve_settings({**values, "devices": "cpu",
                                         "state_dir": tmp_path / "state"}, model_path=model_path)
     assert asked == ["builtin:multilingual-e5-small"] == [config.DEFAULT_MODEL]
     assert settings.path == str(models["v1"].resolve())
@@ -96,8 +98,8 @@ def test_without_a_path_the_default_model_is_the_multilingual_builtin(tmp_path, 
 def test_a_builtin_path_is_resolved_and_an_unknown_one_is_a_clear_error(tmp_path) -> None:
     values = {name: config.flag_default(spec, name) for name, _, spec in config.flags()}
     values |= {"devices": "cpu", "state_dir": tmp_path / "state"}
-    settings = config.resolve_settings({**values, "path": "builtin:minilm"})
-    assert settings.path == str(config.embedded_model_path().resolve())
+    settings = resolve_settings({**values, "path": "builtin:minilm"})
+    assert settings.path == str(embedded_model_path().resolve())
     with pytest.raises(ValueError, match="unknown built-in model 'builtin:nope'; known: "
                                          "builtin:minilm, builtin:multilingual-e5-small"):
-        config.resolve_settings({**values, "path": "builtin:nope"})
+        resolve_settings({**values, "path": "builtin:nope"})

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from cli.main import app, serve
 from pool import builtin, config
+from pool.builtin import embedded_model_path
 from pool.passes import DeviceThread, Job, JobQueue
 from pool.quality import SEED_THRESHOLDS, Thresholds
 from pool.registry import REGISTRY_FILE, Registry
@@ -106,7 +107,7 @@ def test_a_hand_edited_invalid_entry_is_listed_as_invalid(tmp_path: Path) -> Non
 
 
 def test_builtin_thresholds_recognise_the_embedded_minilm(tmp_path: Path) -> None:
-    embedded = config.embedded_model_path()
+    embedded = embedded_model_path()
     assert builtin.builtin_thresholds(embedded) == builtin.MINILM_THRESHOLDS
     assert builtin.builtin_thresholds(str(embedded) + "/.") == builtin.MINILM_THRESHOLDS
     assert builtin.builtin_thresholds(model_dir(tmp_path)) is None
@@ -134,7 +135,7 @@ def test_calibrated_builtin_thresholds_are_valid_and_their_own() -> None:
 
 def test_resolution_prefers_the_versions_own_then_the_builtin_then_the_seed(
         tmp_path: Path) -> None:
-    embedded = str(config.embedded_model_path())
+    embedded = str(embedded_model_path())
     assert resolve_thresholds(E5_LIKE, embedded).source == SOURCE_VERSION
     assert resolve_thresholds(None, embedded).source == SOURCE_BUILTIN
     seed = resolve_thresholds(None, str(model_dir(tmp_path)))
@@ -221,7 +222,7 @@ def test_versions_add_and_list_show_thresholds_and_their_source(tmp_path: Path) 
                                 "--thresholds", "0.92,0.86", "--json", *state])
     assert added.exit_code == 0, added.output
     runner.invoke(app, ["versions", "add", "mini", "--path",
-                        str(config.embedded_model_path()), *state])
+                        str(embedded_model_path()), *state])
     listed = json.loads(runner.invoke(app, ["versions", "list", "--json", *state]).output)
     rows = {row["version"]: row for row in listed["versions"]}
     assert (rows["v1"]["thresholds"], rows["v1"]["thresholds_source"]) == (
