@@ -309,6 +309,11 @@ def rotation_line(rot: dict[str, Any] | None) -> None:
         return
     text = (f"Rotation {rot.get('id')}: {rot.get('source')} → {rot.get('target')} "
             f"({rot.get('strategy')}), phase **{rot.get('phase')}**")
+    quality = rot.get("quality")
+    if quality:
+        text += ("; quality gate " + ("passed" if quality["passed"] else "failed")
+                 + f": Spearman {quality['spearman']} (active {quality['active_spearman']}) "
+                 f"on {quality['eval']}")
     if rot.get("outcome") == "done":
         st.success(text)
     elif rot.get("outcome") is not None:
