@@ -207,15 +207,15 @@ def test_every_protocol_code_has_its_status() -> None:
 
 
 def test_overload_is_429_with_retry_after(pool_factory, models: dict[str, Path]) -> None:
-    # One worker, a queue of one: a burst of concurrent requests overflows it.
-    small = pool_factory(models["v1"], "--max-queue", "1", workers=1)
+    # One worker taking one item per pass, a queue of one: a concurrent burst overflows it.
+    small = pool_factory(models["v1"], "--max-queue", "1", "--max-batch", "1", workers=1)
     door = Door(small.endpoint, token=None)
     try:
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=door.url, timeout=60) as http:
-                body = {"input": SENTENCES * 8}
+                bodies = [{"input": [f"{s} {i}" for s in SENTENCES]} for i in range(48)]
                 return await asyncio.gather(*(http.post("/v1/embeddings", json=body)
-                                              for _ in range(48)))
+                                              for body in bodies))
 
         responses = asyncio.run(burst())
         refused = [r for r in responses if r.status_code == 429]
