@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from router.client import Client
+from router.client import Client, Embeddings, decode_reply
 from router.http import STATUS_BY_CODE, status_for
 from tests.support import SENTENCES, RunningPool, run_cli, short_tmpdir, wait_for
 
@@ -197,6 +197,19 @@ def test_oversized_body_is_413_and_unknown_pinned_version_404(door: Door) -> Non
         assert_error(httpx.post(f"{door.url}{path}", headers=pinned, json=body), 404,
                      "unknown_version")
     assert_error(httpx.get(f"{door.url}/nowhere"), 404, "not_found")
+
+
+def test_embed_reply_tokens_are_optional() -> None:
+    def reply(body: bytes) -> Embeddings:
+        result = decode_reply(b"embed", [b"ZP1", b"r", b"ok", body])
+        assert isinstance(result, Embeddings)
+        return result
+
+    assert reply(b'{"embeddings": [[1.0]], "dim": 1, "version": "v1"}').tokens is None
+    assert reply(b'{"embeddings": [[1.0]], "dim": 1, "version": "v1", "tokens": [4]}'
+                 ).tokens == [4]
+    assert reply(b'{"embeddings": [[1.0]], "dim": 1, "version": "v1", "tokens": [4, 5]}'
+                 ).tokens is None  # not one count per text: ignored
 
 
 def test_every_protocol_code_has_its_status() -> None:
