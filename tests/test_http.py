@@ -19,7 +19,7 @@ import pytest
 
 from router.client import Client, Embeddings, decode_reply
 from router.http import STATUS_BY_CODE, status_for
-from tests.support import SENTENCES, RunningPool, run_cli, short_tmpdir, wait_for
+from tests.support import SENTENCES, Reference, RunningPool, run_cli, short_tmpdir, wait_for
 
 pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"
@@ -79,8 +79,9 @@ def assert_close(got: list[list[float]], want: list[list[float]]) -> None:
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < TOLERANCE
 
 
-def test_openai_sdk_gets_the_pools_vectors_float_and_base64(door: Door,
-                                                            pool: RunningPool) -> None:
+def test_openai_sdk_gets_the_pools_vectors_float_and_base64(
+    door: Door, pool: RunningPool, reference: dict[str, Reference]
+) -> None:
     from openai import OpenAI
 
     texts = SENTENCES[:4]
@@ -96,7 +97,9 @@ def test_openai_sdk_gets_the_pools_vectors_float_and_base64(door: Door,
         assert_close([d.embedding for d in got.data], want.embeddings)
         assert got.usage.prompt_tokens == got.usage.total_tokens == sum(want.tokens)
     pinned = sdk.embeddings.create(model="v1", input="hello world")
-    assert pinned.model == "v1" and pinned.usage.prompt_tokens > 0
+    # usage counts what the model read: special tokens included.
+    expected = len(reference["v1"].tokenizer("hello world")["input_ids"])
+    assert pinned.model == "v1" and pinned.usage.prompt_tokens == expected
     # A name that is not a version (a tool's hard-coded default) means "whatever serves now".
     other = sdk.embeddings.create(model="text-embedding-3-small", input="hello world")
     assert_close([other.data[0].embedding], [pinned.data[0].embedding])
