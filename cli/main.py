@@ -759,6 +759,9 @@ def save_thresholds(state_dir: Path, version: str, thresholds: list[float],
 
 # -- the HTTP door -----------------------------------------------------------------------------
 
+# router.http's defaults, restated: importing it here would load Starlette for every command.
+HTTP_MAX_BODY_BYTES = 4 * 1024 * 1024
+HTTP_POOL_TIMEOUT_S = 30.0
 INSECURE_WARNING = ("WARNING: pool http listens on {host} WITHOUT AUTHENTICATION (--insecure): "
                     "anyone who reaches {url} can use the pool. Give --token-file.")
 
@@ -774,9 +777,11 @@ def http_door(
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="Serve without --token-file on a non-loopback address.")] = False,
     max_body_bytes: Annotated[int, typer.Option(
-        "--max-body-bytes", min=1, help="Largest request body; beyond: 413.")] = 4 * 1024 * 1024,
+        "--max-body-bytes", min=1,
+        help="Largest request body; beyond: 413.")] = HTTP_MAX_BODY_BYTES,
     timeout: Annotated[float, typer.Option(
-        "--timeout", min=0.01, help="Seconds to wait for the pool's reply; beyond: 503.")] = 30.0,
+        "--timeout", min=0.01,
+        help="Seconds to wait for the pool's reply; beyond: 503.")] = HTTP_POOL_TIMEOUT_S,
     server_key: ServerKeyOpt = None,
     client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
