@@ -757,6 +757,61 @@ def save_thresholds(state_dir: Path, version: str, thresholds: list[float],
     return {"thresholds": thresholds, "in_use": reply.get("in_use")}
 
 
+# -- the HTTP door -----------------------------------------------------------------------------
+
+# router.http's defaults, restated: importing it here would load Starlette for every command.
+HTTP_MAX_BODY_BYTES = 4 * 1024 * 1024
+HTTP_POOL_TIMEOUT_S = 30.0
+INSECURE_WARNING = ("WARNING: pool http listens on {host} WITHOUT AUTHENTICATION (--insecure): "
+                    "anyone who reaches {url} can use the pool. Give --token-file.")
+
+
+@app.command("http")
+def http_door(
+    endpoint: EndpointOpt = config.DEFAULT_BIND,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.", min=1, max=65535)] = 8080,
+    token_file: Annotated[Path | None, typer.Option(
+        "--token-file", help="Bearer tokens, one per line; without it, no authentication "
+        "(refused off loopback unless --insecure).")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Serve without --token-file on a non-loopback address.")] = False,
+    max_body_bytes: Annotated[int, typer.Option(
+        "--max-body-bytes", min=1,
+        help="Largest request body; beyond: 413.")] = HTTP_MAX_BODY_BYTES,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", min=0.01,
+        help="Seconds to wait for the pool's reply; beyond: 503.")] = HTTP_POOL_TIMEOUT_S,
+    server_key: ServerKeyOpt = None,
+    client_key: ClientKeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """OpenAI- and TEI-compatible HTTP API in front of the pool (docs/http.md)."""
+    from router.http import HttpSettings, is_loopback, load_tokens, run
+
+    tokens: frozenset[str] = frozenset()
+    if token_file is not None:
+        try:
+            tokens = load_tokens(token_file)
+        except (OSError, ValueError) as exc:
+            fail(f"--token-file: {exc}", as_json, "usage", exit_code=2)
+    url = f"http://{host}:{port}"
+    if not tokens and not is_loopback(host):
+        if not insecure:
+            fail(f"{host} is not a loopback address: give --token-file, or --insecure to "
+                 "serve without authentication", as_json, "usage", exit_code=2)
+        err.print(f"[bold red]{INSECURE_WARNING.format(host=host, url=url)}[/]")
+    settings = HttpSettings(endpoint, tokens, max_body_bytes, timeout,
+                            client_keys(server_key, client_key, as_json))
+    if as_json:
+        emit_json({"url": url, "endpoint": endpoint, "auth": bool(tokens)})
+    else:
+        out.print(f"zeropool HTTP on {url} (pool {endpoint}, "
+                  f"{'bearer tokens' if tokens else 'no authentication'}); Ctrl-C stops it")
+    sys.stdout.flush()
+    run(settings, host, port)
+
+
 # -- the web console ---------------------------------------------------------------------------
 
 UI_SCRIPT = Path(__file__).with_name("web.py")

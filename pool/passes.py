@@ -206,8 +206,11 @@ class DeviceThread:
         for job in jobs:
             if job.op == protocol.OP_EMBED:
                 rows = vectors[[index[t] for t in job.texts]]
+                # "tokens": the optional key of docs/protocol.md, special tokens included,
+                # so that an HTTP door can report real usage.
                 self._reply(job.seq, {"embeddings": rows, "dim": int(rows.shape[1]),
-                                      "version": self.version})
+                                      "version": self.version,
+                                      "tokens": [len(ids) for ids in job.ids or ()]})
 
     def _count_times(self, jobs: list[Job], idle_since: int, started: int, done: int) -> None:
         self.stats.count_times(

@@ -133,6 +133,17 @@ def reply_thresholds(body: dict[str, Any]) -> VerdictThresholds:
     return VerdictThresholds(float(high), float(low))
 
 
+def reply_tokens(body: dict[str, Any], texts: int) -> list[int] | None:
+    """The optional "tokens" of an embed reply: one count per text; None when absent (an
+    older pool) or not that many non-negative integers."""
+    value = body.get("tokens")
+    if not isinstance(value, list) or len(value) != texts:
+        return None
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value):
+        return None
+    return value
+
+
 @dataclass(frozen=True)
 class Similarity:
     scores: list[float]
@@ -154,6 +165,9 @@ class Embeddings:
     embeddings: list[list[float]]
     dim: int
     version: str
+    # Tokens per text, special tokens included: the reply's optional "tokens" key (None from
+    # a pool older than that key).
+    tokens: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -180,7 +194,8 @@ def decode_reply(op: bytes, frames: list[bytes]) -> Result | ZeroPoolError:
     if op == protocol.OP_SIMILARITY:
         return Similarity(body["scores"], body["version"], reply_thresholds(body))
     if op == protocol.OP_EMBED:
-        return Embeddings(body["embeddings"], body["dim"], body["version"])
+        return Embeddings(body["embeddings"], body["dim"], body["version"],
+                          reply_tokens(body, len(body["embeddings"])))
     return Ping(body["version"], body["workers"])
 
 

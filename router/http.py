@@ -1,0 +1,376 @@
+"""The HTTP door: OpenAI's and text-embeddings-inference's HTTP shapes in front of a pool.
+
+A separate process (`pool http`), so that HTTP parsing never slows the router's loop: it speaks
+protocol v1 to the pool through one shared `AsyncClient` (many requests in flight on one DEALER
+socket). Starlette on uvicorn. Every failure answers in OpenAI's error shape
+`{"error": {"message", "type", "code"}}`; never a traceback. Usage: docs/http.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hmac
+import logging
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from router import protocol
+from router.client import AsyncClient, Embeddings, ZeroPoolError
+from router.keys import ClientKeys
+
+log = logging.getLogger("zeropool.http")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # well above max-pairs x typical texts, far below RAM
+DEFAULT_TIMEOUT_S = 30.0  # per request to the pool; past it: 503 no_reply
+HEALTH_TIMEOUT_S = 2.0  # a probe must answer fast, whatever the pool does
+# `model` values that mean "whatever the pool serves now" without asking the pool.
+DEFAULT_MODEL_NAMES = frozenset({"", "default"})
+# A `model` the pool said is not a version is remembered this long, so that a tool with a
+# hard-coded name ("text-embedding-3-small") costs one round trip, not two, per request.
+NOT_A_VERSION_TTL_S = 5.0
+# Strict pinning: a request with this header is served by that version or gets 404.
+VERSION_HEADER = "x-zeropool-version"
+RETRY_AFTER_S = "1"
+NO_REPLY = "no_reply"
+AUTH_FAILED = "auth_failed"
+JSON = "application/json"
+
+# Protocol error code (and the client's own) -> HTTP status.
+STATUS_BY_CODE: dict[str, int] = {
+    protocol.BAD_REQUEST: 400,
+    protocol.TOO_LARGE: 413,
+    protocol.UNKNOWN_VERSION: 404,
+    protocol.OVERLOADED: 429,
+    protocol.TIMEOUT: 504,
+    protocol.SHUTTING_DOWN: 503,
+    protocol.WORKER_FAILED: 503,
+    NO_REPLY: 503,
+    AUTH_FAILED: 503,  # the pool refused this door's Curve key: the door is misconfigured
+    protocol.INTERNAL: 500,
+}
+# HTTP status -> OpenAI's error "type".
+TYPE_BY_STATUS: dict[int, str] = {
+    400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+    413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+    503: "server_error", 504: "timeout_error",
+}
+
+
+class HttpError(Exception):
+    """A request refused before or after the pool: answered as OpenAI's error shape."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def status_for(code: str) -> int:
+    """The HTTP status of a protocol error code; 500 for a code this door does not know."""
+    return STATUS_BY_CODE.get(code, 500)
+
+
+def error_response(status: int, code: str, message: str) -> Response:
+    body = {"error": {"message": message, "type": TYPE_BY_STATUS.get(status, "server_error"),
+                      "code": code}}
+    headers = {"retry-after": RETRY_AFTER_S} if status == 429 else {}
+    if status == 401:
+        headers["www-authenticate"] = "Bearer"
+    return Response(orjson.dumps(body), status, headers, media_type=JSON)
+
+
+def pool_error(exc: ZeroPoolError) -> HttpError:
+    return HttpError(status_for(exc.code), exc.code, exc.message)
+
+
+def json_response(data: Any, version: str | None = None) -> Response:
+    headers = {VERSION_HEADER: version} if version else None
+    return Response(orjson.dumps(data), 200, headers, media_type=JSON)
+
+
+def load_tokens(path: Path) -> frozenset[str]:
+    """Bearer tokens, one per line; blank lines and `#` comments skipped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    tokens = frozenset(t.strip() for t in lines if t.strip() and not t.startswith("#"))
+    if not tokens:
+        raise ValueError(f"{path} holds no token (one per line)")
+    return tokens
+
+
+@dataclass
+class HttpSettings:
+    endpoint: str
+    tokens: frozenset[str] = frozenset()  # empty: no authentication
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    curve: ClientKeys | None = None
+
+
+@dataclass
+class Door:
+    """What the handlers share: the settings, the one client, names known not to be versions."""
+
+    settings: HttpSettings
+    client: AsyncClient | None = None
+    not_versions: dict[str, float] = field(default_factory=dict)  # name -> forget after
+
+    @property
+    def pool(self) -> AsyncClient:
+        assert self.client is not None, "used outside the app's lifespan"
+        return self.client
+
+    def check_auth(self, request: Request) -> None:
+        tokens = self.settings.tokens
+        if not tokens:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # compare_digest against each: a wrong token's timing tells nothing of the right one.
+        ok = scheme.lower() == "bearer" and any(
+            hmac.compare_digest(given.strip().encode(), t.encode()) for t in tokens)
+        if not ok:
+            raise HttpError(401, "invalid_api_key", "missing or wrong bearer token "
+                            "(Authorization: Bearer TOKEN)")
+
+    async def read_json(self, request: Request) -> Any:
+        """The body as JSON, refused with 413 past --max-body-bytes before it is all read."""
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big(int(declared), limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big(size, limit)
+            chunks.append(chunk)
+        try:
+            return orjson.loads(b"".join(chunks))
+        except orjson.JSONDecodeError as exc:
+            raise HttpError(400, protocol.BAD_REQUEST, f"the body is not valid JSON: {exc}"
+                            ) from None
+
+    async def embed(self, texts: list[str], model: str | None,
+                    strict: str | None) -> Embeddings:
+        """Pinned to `strict` (header), else to `model` when it names a version, else whatever
+        serves now."""
+        if strict:
+            return await self.pool.embed(texts, version=strict)
+        name = model or ""
+        if name in DEFAULT_MODEL_NAMES or self._known_not_version(name):
+            return await self.pool.embed(texts)
+        try:
+            return await self.pool.embed(texts, version=name)
+        except ZeroPoolError as exc:
+            if exc.code != protocol.UNKNOWN_VERSION:
+                raise
+        self.not_versions[name] = time.monotonic() + NOT_A_VERSION_TTL_S
+        return await self.pool.embed(texts)
+
+    def _known_not_version(self, name: str) -> bool:
+        until = self.not_versions.get(name)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self.not_versions[name]
+            return False
+        return True
+
+
+def too_big(size: int, limit: int) -> HttpError:
+    return HttpError(413, protocol.TOO_LARGE, f"the body has {size} bytes or more, over the "
+                     f"limit of {limit}: split it, or raise pool http --max-body-bytes")
+
+
+# -- request parsing ----------------------------------------------------------------------
+
+
+def need_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise HttpError(400, protocol.BAD_REQUEST, "the body must be a JSON object")
+    return body
+
+
+def text_list(value: Any, name: str) -> list[str]:
+    """A string or a non-empty list of strings, as a list."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(t, str) for t in value):
+        return value
+    if isinstance(value, list) and value and all(isinstance(t, int | list) for t in value):
+        raise HttpError(400, protocol.BAD_REQUEST, f"{name}: token-id arrays are not "
+                        "supported, send text (a string or a list of strings)")
+    raise HttpError(400, protocol.BAD_REQUEST,
+                    f"{name} must be a string or a non-empty list of strings")
+
+
+def float32_base64(vector: list[float]) -> str:
+    """As OpenAI's encoding_format "base64": little-endian float32, base64."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+def openai_embedding_reply(result: Embeddings, encoding: str) -> dict[str, Any]:
+    encode = float32_base64 if encoding == "base64" else list
+    data = [{"object": "embedding", "embedding": encode(vector), "index": i}
+            for i, vector in enumerate(result.embeddings)]
+    used = sum(result.tokens) if result.tokens is not None else 0
+    return {"object": "list", "data": data, "model": result.version,
+            "usage": {"prompt_tokens": used, "total_tokens": used}}
+
+
+# -- handlers -----------------------------------------------------------------------------
+
+Handler = Callable[[Door, Request], Awaitable[Response]]
+
+
+async def openai_embeddings(door: Door, request: Request) -> Response:
+    body = need_object(await door.read_json(request))
+    texts = text_list(body.get("input"), "input")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise HttpError(400, protocol.BAD_REQUEST,
+                        'encoding_format must be "float" or "base64"')
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise HttpError(400, protocol.BAD_REQUEST, "model must be a string")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (not isinstance(dimensions, int) or dimensions < 1):
+        raise HttpError(400, protocol.BAD_REQUEST, "dimensions must be a positive integer")
+    result = await door.embed(texts, model, request.headers.get(VERSION_HEADER))
+    # Checked after the pool answered: only then is the answering version's size known.
+    if dimensions is not None and dimensions != result.dim:
+        raise HttpError(400, protocol.BAD_REQUEST, f"dimensions {dimensions} is not supported: "
+                        f"version {result.version} has {result.dim} and cannot shorten them")
+    return json_response(openai_embedding_reply(result, encoding), result.version)
+
+
+async def tei_embed(door: Door, request: Request) -> Response:
+    body = need_object(await door.read_json(request))
+    texts = text_list(body.get("inputs"), "inputs")
+    if body.get("normalize", True) is not True:
+        raise HttpError(400, protocol.BAD_REQUEST,
+                        "normalize must be true: this pool returns L2-normalised embeddings")
+    result = await door.embed(texts, None, request.headers.get(VERSION_HEADER))
+    return json_response(result.embeddings, result.version)
+
+
+async def tei_similarity(door: Door, request: Request) -> Response:
+    body = need_object(await door.read_json(request))
+    inputs = body.get("inputs")
+    if not isinstance(inputs, dict) or not isinstance(inputs.get("source_sentence"), str):
+        raise HttpError(400, protocol.BAD_REQUEST, 'inputs must be {"source_sentence": "...", '
+                        '"sentences": ["...", ...]}')
+    source = inputs["source_sentence"]
+    sentences = text_list(inputs.get("sentences"), "inputs.sentences")
+    version = request.headers.get(VERSION_HEADER)
+    result = await door.pool.similarity([(source, s) for s in sentences], version=version)
+    return json_response(result.scores, result.version)
+
+
+def model_entry(version: str) -> dict[str, Any]:
+    return {"id": version, "object": "model", "created": 0, "owned_by": "zeropool"}
+
+
+async def list_models(door: Door, request: Request) -> Response:
+    """The version serving now: what a ping learns (the pool names no other)."""
+    ping = await door.pool.ping(timeout=HEALTH_TIMEOUT_S)
+    return json_response({"object": "list", "data": [model_entry(ping.version)]}, ping.version)
+
+
+async def health(door: Door, request: Request) -> Response:
+    """200 while the pool answers a ping with ready workers; 503 with the reason else."""
+    try:
+        ping = await door.pool.ping(timeout=HEALTH_TIMEOUT_S)
+    except ZeroPoolError as exc:
+        return error_response(503, exc.code, f"the pool does not answer: {exc.message}")
+    if ping.workers < 1:
+        return error_response(503, "no_workers", f"version {ping.version} has no ready worker")
+    return json_response({"status": "ok", "version": ping.version, "workers": ping.workers},
+                         ping.version)
+
+
+def guarded(door: Door, handler: Handler, auth: bool = True
+            ) -> Callable[[Request], Awaitable[Response]]:
+    """`handler` behind the token check, every failure answered in OpenAI's error shape."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            if auth:
+                door.check_auth(request)
+            return await handler(door, request)
+        except HttpError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+        except ZeroPoolError as exc:
+            err = pool_error(exc)
+            return error_response(err.status, err.code, err.message)
+        except Exception:  # a bug here must not show a traceback to the caller
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(500, protocol.INTERNAL, "internal error in the HTTP door")
+
+    return endpoint
+
+
+def build_app(settings: HttpSettings) -> Starlette:
+    door = Door(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        # Created inside the server's loop: the client's reader task belongs to it.
+        door.client = AsyncClient(settings.endpoint, timeout=settings.timeout_s,
+                                  curve=settings.curve)
+        try:
+            yield
+        finally:
+            await door.client.close()
+
+    routes = [
+        Route("/v1/embeddings", guarded(door, openai_embeddings), methods=["POST"]),
+        Route("/embeddings", guarded(door, openai_embeddings), methods=["POST"]),
+        Route("/embed", guarded(door, tei_embed), methods=["POST"]),
+        Route("/similarity", guarded(door, tei_similarity), methods=["POST"]),
+        Route("/v1/models", guarded(door, list_models), methods=["GET"]),
+        # Open: load balancers and orchestrators probe without a token.
+        Route("/health", guarded(door, health, auth=False), methods=["GET"]),
+    ]
+    async def not_routed(_request: Request, exc: Exception) -> Response:
+        # 404 / 405 from the router: the same error shape as everything else.
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        return error_response(status, "not_found" if status == 404 else "bad_request",
+                              str(getattr(exc, "detail", "")) or "not found")
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: not_routed})
+    app.state.door = door
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(settings: HttpSettings, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn handles both)."""
+    import uvicorn
+
+    config = uvicorn.Config(build_app(settings), host=host, port=port, access_log=False,
+                            log_level="warning", lifespan="on", timeout_keep_alive=30)
+    uvicorn.Server(config).run()

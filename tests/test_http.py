@@ -1,0 +1,307 @@
+"""`pool http` end to end: a real pool, a real `pool http` process, real HTTP clients (the
+official openai package, LangChain, httpx)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from router.client import Client, Embeddings, decode_reply
+from router.http import STATUS_BY_CODE, status_for
+from tests.support import SENTENCES, Reference, RunningPool, run_cli, short_tmpdir, wait_for
+
+pytestmark = pytest.mark.slow
+TOKEN = "s3cret-token"
+TOLERANCE = 1e-5
+SMALL_BODY_LIMIT = 4096  # the door under test refuses bodies past this, cheaply provoked
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Door:
+    """A `pool http` subprocess on a free loopback port."""
+
+    def __init__(self, endpoint: str, *extra: str, token: str | None = TOKEN) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = ["--endpoint", endpoint, "--port", str(self.port), *extra]
+        if token is not None:
+            token_file = short_tmpdir() / "tokens"
+            token_file.write_text(f"# tokens\nother-token\n{token}\n")
+            args += ["--token-file", str(token_file)]
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", "http", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(self._up, timeout=60, what="pool http to listen")
+
+    def _up(self) -> bool:
+        assert self.proc.poll() is None, self.proc.communicate()
+        try:
+            return httpx.get(f"{self.url}/health", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        _out, errors = self.proc.communicate(timeout=30)
+        assert "Traceback" not in errors, errors
+
+
+@pytest.fixture(scope="module")
+def door(pool: RunningPool) -> Iterator[Door]:
+    running = Door(pool.endpoint, "--max-body-bytes", str(SMALL_BODY_LIMIT))
+    yield running
+    running.stop()
+
+
+def auth() -> dict[str, str]:
+    return {"authorization": f"Bearer {TOKEN}"}
+
+
+def assert_close(got: list[list[float]], want: list[list[float]]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert len(a) == len(b)
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < TOLERANCE
+
+
+def test_openai_sdk_gets_the_pools_vectors_float_and_base64(
+    door: Door, pool: RunningPool, reference: dict[str, Reference]
+) -> None:
+    from openai import OpenAI
+
+    texts = SENTENCES[:4]
+    with Client(pool.endpoint) as client:
+        want = client.embed(texts)
+    assert want.tokens is not None and all(n > 2 for n in want.tokens)  # [CLS] x [SEP]
+    sdk = OpenAI(base_url=f"{door.url}/v1", api_key=TOKEN)
+    # Without encoding_format the SDK asks for base64 and decodes it itself.
+    for options in ({}, {"encoding_format": "float"}):
+        got = sdk.embeddings.create(model="default", input=texts, **options)
+        assert got.model == "v1"
+        assert [d.index for d in got.data] == [0, 1, 2, 3]
+        assert_close([d.embedding for d in got.data], want.embeddings)
+        assert got.usage.prompt_tokens == got.usage.total_tokens == sum(want.tokens)
+    pinned = sdk.embeddings.create(model="v1", input="hello world")
+    # usage counts what the model read: special tokens included.
+    expected = len(reference["v1"].tokenizer("hello world")["input_ids"])
+    assert pinned.model == "v1" and pinned.usage.prompt_tokens == expected
+    # A name that is not a version (a tool's hard-coded default) means "whatever serves now".
+    other = sdk.embeddings.create(model="text-embedding-3-small", input="hello world")
+    assert_close([other.data[0].embedding], [pinned.data[0].embedding])
+
+
+def test_base64_is_little_endian_float32(door: Door, pool: RunningPool) -> None:
+    reply = httpx.post(f"{door.url}/v1/embeddings", headers=auth(), json={
+        "input": "hello world", "encoding_format": "base64"}).json()
+    raw = base64.b64decode(reply["data"][0]["embedding"])
+    vector = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    with Client(pool.endpoint) as client:
+        assert_close([vector], client.embed(["hello world"]).embeddings)
+
+
+def test_langchain_openai_embeddings(door: Door, pool: RunningPool) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    embedder = langchain_openai.OpenAIEmbeddings(
+        base_url=f"{door.url}/v1", api_key=TOKEN, model="default",
+        check_embedding_ctx_length=False)
+    texts = SENTENCES[:3]
+    with Client(pool.endpoint) as client:
+        want = client.embed(texts).embeddings
+    assert_close(embedder.embed_documents(texts), want)
+    assert_close([embedder.embed_query(texts[0])], want[:1])
+
+
+def test_tei_embed_similarity_models_and_health_shapes(door: Door, pool: RunningPool) -> None:
+    with Client(pool.endpoint) as client:
+        want = client.embed(SENTENCES[:2]).embeddings
+        scores = client.similarity([(SENTENCES[0], s) for s in SENTENCES[1:3]]).scores
+    embedded = httpx.post(f"{door.url}/embed", headers=auth(),
+                          json={"inputs": SENTENCES[:2], "normalize": True})
+    assert embedded.status_code == 200 and embedded.headers["x-zeropool-version"] == "v1"
+    assert_close(embedded.json(), want)
+    one = httpx.post(f"{door.url}/embed", headers=auth(), json={"inputs": SENTENCES[0]})
+    assert_close(one.json(), want[:1])  # a single string still gets a list of vectors
+    similar = httpx.post(f"{door.url}/similarity", headers=auth(), json={"inputs": {
+        "source_sentence": SENTENCES[0], "sentences": SENTENCES[1:3]}})
+    assert similar.status_code == 200 and similar.headers["x-zeropool-version"] == "v1"
+    assert max(abs(a - b) for a, b in zip(similar.json(), scores, strict=True)) < TOLERANCE
+    models = httpx.get(f"{door.url}/v1/models", headers=auth()).json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["v1"]
+    health = httpx.get(f"{door.url}/health")  # no token: probes carry none
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "version": "v1", "workers": 2}
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+    assert "Traceback" not in response.text
+    return error
+
+
+@pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer wrong"},
+                                     {"authorization": f"Basic {TOKEN}"}])
+def test_missing_or_wrong_token_is_401(door: Door, headers: dict[str, str]) -> None:
+    for path in ("/v1/embeddings", "/embed", "/similarity"):
+        response = httpx.post(f"{door.url}{path}", headers=headers, json={"input": "x"})
+        assert_error(response, 401, "invalid_api_key")
+    assert_error(httpx.get(f"{door.url}/v1/models", headers=headers), 401, "invalid_api_key")
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json", b"[1, 2]", b'{"input": []}', b'{"input": [1, 2, 3]}', b'{"input": [[1, 2]]}',
+    b'{"input": "x", "encoding_format": "int8"}', b'{"input": "x", "dimensions": 7}',
+    b'{"input": "x", "model": 3}',
+])
+def test_bad_requests_are_400(door: Door, body: bytes) -> None:
+    response = httpx.post(f"{door.url}/v1/embeddings", headers=auth(), content=body)
+    assert_error(response, 400, "bad_request")
+
+
+def test_tei_bad_requests_are_400(door: Door) -> None:
+    for path, body in [("/embed", {"inputs": 3}), ("/embed", {"inputs": "x", "normalize": False}),
+                       ("/similarity", {"inputs": ["a", "b"]}),
+                       ("/similarity", {"inputs": {"source_sentence": "a", "sentences": []}})]:
+        assert_error(httpx.post(f"{door.url}{path}", headers=auth(), json=body), 400,
+                     "bad_request")
+
+
+def test_oversized_body_is_413_and_unknown_pinned_version_404(door: Door) -> None:
+    big = {"input": ["今天天气真好" * 100] * 10}
+    assert_error(httpx.post(f"{door.url}/v1/embeddings", headers=auth(), json=big), 413,
+                 "too_large")
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted while read
+        yield b'{"input": ["'
+        for _ in range(SMALL_BODY_LIMIT // 100 + 1):
+            yield b"a" * 100
+        yield b'"]}'
+
+    assert_error(httpx.post(f"{door.url}/v1/embeddings", headers=auth(), content=chunked()),
+                 413, "too_large")
+    pinned = {**auth(), "x-zeropool-version": "v9"}
+    for path, body in [("/v1/embeddings", {"input": "x"}), ("/embed", {"inputs": "x"})]:
+        assert_error(httpx.post(f"{door.url}{path}", headers=pinned, json=body), 404,
+                     "unknown_version")
+    assert_error(httpx.get(f"{door.url}/nowhere"), 404, "not_found")
+
+
+def test_embed_reply_tokens_are_optional() -> None:
+    def reply(body: bytes) -> Embeddings:
+        result = decode_reply(b"embed", [b"ZP1", b"r", b"ok", body])
+        assert isinstance(result, Embeddings)
+        return result
+
+    assert reply(b'{"embeddings": [[1.0]], "dim": 1, "version": "v1"}').tokens is None
+    assert reply(b'{"embeddings": [[1.0]], "dim": 1, "version": "v1", "tokens": [4]}'
+                 ).tokens == [4]
+    assert reply(b'{"embeddings": [[1.0]], "dim": 1, "version": "v1", "tokens": [4, 5]}'
+                 ).tokens is None  # not one count per text: ignored
+
+
+def test_every_protocol_code_has_its_status() -> None:
+    assert status_for("overloaded") == 429 and status_for("timeout") == 504
+    assert {status_for(c) for c in ("shutting_down", "worker_failed", "no_reply")} == {503}
+    assert status_for("something new") == 500
+    assert set(STATUS_BY_CODE) >= {"bad_request", "too_large", "unknown_version", "internal"}
+
+
+def test_overload_is_429_with_retry_after(pool_factory, models: dict[str, Path]) -> None:
+    # One worker taking one item per pass, a queue of one: a concurrent burst overflows it.
+    small = pool_factory(models["v1"], "--max-queue", "1", "--max-batch", "1", workers=1)
+    door = Door(small.endpoint, token=None)
+    try:
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=door.url, timeout=60) as http:
+                bodies = [{"input": [f"{s} {i}" for s in SENTENCES]} for i in range(48)]
+                return await asyncio.gather(*(http.post("/v1/embeddings", json=body)
+                                              for body in bodies))
+
+        responses = asyncio.run(burst())
+        refused = [r for r in responses if r.status_code == 429]
+        assert refused, [r.status_code for r in responses]
+        assert {r.status_code for r in responses} <= {200, 429}
+        assert all(r.headers["retry-after"] == "1" for r in refused)
+        assert_error(refused[0], 429, "overloaded")
+    finally:
+        door.stop()
+
+
+def test_health_is_503_when_the_pool_is_gone() -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "http", "--endpoint",
+                             f"ipc://{short_tmpdir()}/nobody.sock", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def probe() -> httpx.Response | None:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+            except httpx.TransportError:
+                return None
+
+        response = wait_for(probe, timeout=60, what="pool http to listen")
+        assert_error(response, 503, "no_reply")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def test_refuses_a_public_host_without_tokens() -> None:
+    done = run_cli("http", "--host", "0.0.0.0", "--endpoint", "ipc:///tmp/none", "--json",
+                   env=dict(os.environ))
+    assert done.returncode == 2 and "--token-file" in done.stdout
+
+
+def test_rotation_under_http_load_fails_nothing(pool_factory, models: dict[str, Path]) -> None:
+    pool = pool_factory(models["v1"], version="v1")
+    door = Door(pool.endpoint)
+    stop = threading.Event()
+    seen: dict[str, int] = {}
+    failures: list[str] = []
+
+    async def one_client(index: int) -> None:
+        # Keep-alive: one connection per client for the whole run.
+        async with httpx.AsyncClient(base_url=door.url, headers=auth(), timeout=60) as http:
+            while not stop.is_set():
+                response = await http.post("/v1/embeddings", json={
+                    "input": [SENTENCES[index % 8], SENTENCES[(index + 3) % 8]]})
+                if response.status_code != 200:
+                    failures.append(response.text)
+                    continue
+                model = response.json()["model"]
+                seen[model] = seen.get(model, 0) + 1
+                await asyncio.sleep(0.01)  # paced: the rotation's workers need the cores
+
+    async def load() -> None:
+        await asyncio.gather(*(one_client(i) for i in range(8)))
+
+    runner = threading.Thread(target=asyncio.run, args=(load(),))
+    runner.start()
+    try:
+        wait_for(lambda: seen.get("v1", 0) > 20, timeout=60, what="load on v1")
+        done = run_cli("rotate", "--version", "v2", "--path", str(models["v2"]), "--json",
+                       env=pool.env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_for(lambda: seen.get("v2", 0) > 20, timeout=60, what="load on v2")
+    finally:
+        stop.set()
+        runner.join(timeout=120)
+        door.stop()
+    assert not failures, failures[:3]
+    assert set(seen) == {"v1", "v2"}, seen
