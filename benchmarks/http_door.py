@@ -1,7 +1,7 @@
 """Requests/s through `pool http` against protocol v1 on the same pool, and uvicorn against
 granian as the door's server. Closed loop, CONCURRENCY requests in flight, one short text per
 embed request (so the transport, not the model, is what is measured), SECONDS each, runs
-interleaved. Usage: python benchmarks/http_door.py [SECONDS] [ROUNDS]
+interleaved. Usage: [CONCURRENCY=N] python benchmarks/http_door.py [SECONDS] [ROUNDS]
 
 The load generator is this process (aiohttp for HTTP: faster than httpx); on a small machine it
 shares the cores with the pool and the door, so compare the figures with each other only.
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CONCURRENCY = 32
+CONCURRENCY = int(os.environ.get("CONCURRENCY", "32"))  # 1: the added latency per request
 TEXT = "hello world"
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -339,7 +339,11 @@ class Broker:
         self._queued += 1
 
     def _answer_ping(self, req: protocol.Request, version: str) -> None:
-        body = orjson.dumps({"version": version, "workers": self.routable_workers(version)})
+        # "versions": every version taking requests now (pinned ones too), with its routable
+        # workers: an optional key, for a door that lists models (docs/protocol.md).
+        body = orjson.dumps({"version": version, "workers": self.routable_workers(version),
+                             "versions": {name: self.routable_workers(name)
+                                          for name, lane in self.lanes.items() if lane.open}})
         self._send_front(protocol.reply_frames(req.envelope, req.request_id,
                                                protocol.STATUS_OK, body))
         self._tally(version, req.op, protocol.OK_CODE, None)

@@ -12,7 +12,7 @@ import itertools
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import orjson
@@ -174,6 +174,8 @@ class Embeddings:
 class Ping:
     version: str
     workers: int
+    # Every version taking requests, with its ready workers ({} from an older pool).
+    versions: dict[str, int] = field(default_factory=dict)
 
 
 Result = Similarity | Embeddings | Ping
@@ -196,7 +198,9 @@ def decode_reply(op: bytes, frames: list[bytes]) -> Result | ZeroPoolError:
     if op == protocol.OP_EMBED:
         return Embeddings(body["embeddings"], body["dim"], body["version"],
                           reply_tokens(body, len(body["embeddings"])))
-    return Ping(body["version"], body["workers"])
+    versions = body.get("versions")
+    return Ping(body["version"], body["workers"],
+                dict(versions) if isinstance(versions, dict) else {})
 
 
 def similarity_body(pairs: Iterable[Sequence[str]], timeout_ms: int | None) -> dict:

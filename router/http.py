@@ -20,6 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -48,6 +55,7 @@ RETRY_AFTER_S = "1"
 NO_REPLY = "no_reply"
 AUTH_FAILED = "auth_failed"
 JSON = "application/json"
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 # Protocol error code (and the client's own) -> HTTP status.
 STATUS_BY_CODE: dict[str, int] = {
@@ -119,6 +127,26 @@ class HttpSettings:
     curve: ClientKeys | None = None
 
 
+class DoorMetrics:
+    """The door's own Prometheus families, at GET /metrics (the pool's are on its metrics
+    port): answers by route and status, and how long they took."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("zeropool_http_requests", "HTTP answers by route and status.",
+                                ["route", "status"], registry=self.registry)
+        self.seconds = Histogram("zeropool_http_request_seconds",
+                                 "Time from an HTTP request to its answer.", ["route"],
+                                 buckets=LATENCY_BUCKETS_S, registry=self.registry)
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.seconds.labels(route).observe(seconds)
+
+    async def endpoint(self, _request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
 @dataclass
 class Door:
     """What the handlers share: the settings, the one client, names known not to be versions."""
@@ -126,6 +154,7 @@ class Door:
     settings: HttpSettings
     client: AsyncClient | None = None
     not_versions: dict[str, float] = field(default_factory=dict)  # name -> forget after
+    metrics: DoorMetrics = field(default_factory=DoorMetrics)
 
     @property
     def pool(self) -> AsyncClient:
@@ -284,9 +313,12 @@ def model_entry(version: str) -> dict[str, Any]:
 
 
 async def list_models(door: Door, request: Request) -> Response:
-    """The version serving now: what a ping learns (the pool names no other)."""
+    """The version serving now first, then every other version taking pinned requests (a
+    ping names them; an older pool names only the first)."""
     ping = await door.pool.ping(timeout=HEALTH_TIMEOUT_S)
-    return json_response({"object": "list", "data": [model_entry(ping.version)]}, ping.version)
+    names = [ping.version, *sorted(set(ping.versions) - {ping.version})]
+    return json_response({"object": "list", "data": [model_entry(name) for name in names]},
+                         ping.version)
 
 
 async def health(door: Door, request: Request) -> Response:
@@ -303,9 +335,17 @@ async def health(door: Door, request: Request) -> Response:
 
 def guarded(door: Door, handler: Handler, auth: bool = True
             ) -> Callable[[Request], Awaitable[Response]]:
-    """`handler` behind the token check, every failure answered in OpenAI's error shape."""
+    """`handler` behind the token check, every failure answered in OpenAI's error shape,
+    every answer counted in the door's metrics."""
 
     async def endpoint(request: Request) -> Response:
+        started = time.monotonic()
+        response = await answer(request)
+        door.metrics.observe(request.url.path, response.status_code,
+                             time.monotonic() - started)
+        return response
+
+    async def answer(request: Request) -> Response:
         try:
             if auth:
                 door.check_auth(request)
@@ -320,6 +360,7 @@ def guarded(door: Door, handler: Handler, auth: bool = True
             return error_response(500, protocol.INTERNAL, "internal error in the HTTP door")
 
     return endpoint
+
 
 
 def build_app(settings: HttpSettings) -> Starlette:
@@ -341,8 +382,9 @@ def build_app(settings: HttpSettings) -> Starlette:
         Route("/embed", guarded(door, tei_embed), methods=["POST"]),
         Route("/similarity", guarded(door, tei_similarity), methods=["POST"]),
         Route("/v1/models", guarded(door, list_models), methods=["GET"]),
-        # Open: load balancers and orchestrators probe without a token.
+        # Open: load balancers and orchestrators probe without a token, and so do scrapers.
         Route("/health", guarded(door, health, auth=False), methods=["GET"]),
+        Route("/metrics", door.metrics.endpoint, methods=["GET"]),
     ]
     async def not_routed(_request: Request, exc: Exception) -> Response:
         # 404 / 405 from the router: the same error shape as everything else.

@@ -305,3 +305,14 @@ def test_rotation_under_http_load_fails_nothing(pool_factory, models: dict[str, 
         door.stop()
     assert not failures, failures[:3]
     assert set(seen) == {"v1", "v2"}, seen
+
+
+def test_the_door_counts_its_answers_for_prometheus(door: Door) -> None:
+    httpx.post(f"{door.url}/v1/embeddings", headers=auth(), json={"input": "hello world"})
+    httpx.get(f"{door.url}/v1/models")  # no token: 401, counted too
+    scraped = httpx.get(f"{door.url}/metrics")
+    assert scraped.status_code == 200
+    text = scraped.text
+    assert 'zeropool_http_requests_total{route="/v1/embeddings",status="200"}' in text
+    assert 'zeropool_http_requests_total{route="/v1/models",status="401"}' in text
+    assert 'zeropool_http_request_seconds_count{route="/v1/embeddings"}' in text

@@ -839,3 +839,16 @@ def test_a_version_whose_embeddings_change_size_is_refused_unless_allowed(
         fake.tick()
     rotate(fake, allow_dim_change=True)
     assert run_rotation(fake)[-1] == Phase.DONE
+
+
+def test_a_ping_names_every_version_taking_requests_with_its_ready_workers(
+        fake: FakePool) -> None:
+    serving(fake)
+    fake.load("v2", path="/models/v2", workers=1)  # loaded beside v1: pinned traffic only
+    fake.bring_up("v2")
+    producer = fake.producer()
+    producer.sock.send_multipart([protocol.PROTOCOL, b"p", protocol.OP_PING, b"", b"{}"])
+    fake.pump()
+    status, body = producer.collect()[b"p"]
+    assert status == protocol.STATUS_OK
+    assert body == {"version": "v1", "workers": 2, "versions": {"v1": 2, "v2": 1}}
