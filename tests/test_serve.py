@@ -126,7 +126,7 @@ def test_req_socket_works(pool: RunningPool) -> None:
     assert sock.poll(10_000)
     tag, rid, status, body = sock.recv_multipart()
     assert (tag, rid, status) == (PROTOCOL, b"q", b"ok")
-    assert orjson.loads(body) == {"version": "v1", "workers": 2}
+    assert orjson.loads(body) == {"version": "v1", "workers": 2, "versions": {"v1": 2}}
     sock.close()
 
 
