@@ -17,7 +17,14 @@ from rich.table import Table
 
 from pool import config
 from pool.control import ControlError, PoolNotRunning, control_request
-from router.client import AuthenticationFailed, Client, ZeroPoolError
+from router.client import (
+    VERDICT_RELATED,
+    VERDICT_UNRELATED,
+    VERDICT_VERY_SIMILAR,
+    AuthenticationFailed,
+    Client,
+    ZeroPoolError,
+)
 from router.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, ClientKeys, KeyFileError
 from router.protocol import ENDPOINT_ENV
 
@@ -53,7 +60,8 @@ EvalOpt = Annotated[str | None, typer.Option(
     "same meaning, 1 same topic, 0 unrelated), or builtin:zh-pairs, scored through its new "
     "workers before it takes traffic (floor: the pool's --min-spearman; drop: "
     "--max-spearman-drop against the active version).")]
-VERDICT_STYLE = {"very similar": "green", "related": "yellow", "unrelated": "red"}
+VERDICT_STYLE = {VERDICT_VERY_SIMILAR: "green", VERDICT_RELATED: "yellow",
+                 VERDICT_UNRELATED: "red"}
 
 
 def emit_json(data: Any) -> None:

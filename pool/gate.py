@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from pool.quality import (
+    DEFAULT_PAIRS_RESOURCE,
     LabelledPair,
     load_packaged_pairs,
     passes_spearman_gate,
@@ -31,7 +32,7 @@ from pool.quality import (
 DEFAULT_MIN_SPEARMAN = 0.5
 DEFAULT_MAX_SPEARMAN_DROP = 0.05
 # Sets shipped with zeropool, by name (an --eval FILE may name one instead of a path).
-PACKAGED_SETS = {"builtin:zh-pairs": "data/zh_pairs.tsv"}
+PACKAGED_SETS = {"builtin:zh-pairs": DEFAULT_PAIRS_RESOURCE}
 FIGURE_DIGITS = 4
 
 

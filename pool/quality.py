@@ -31,19 +31,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from router import client
+
 UNRELATED = 0
 RELATED = 1
 SAME_MEANING = 2
 LABELS = (UNRELATED, RELATED, SAME_MEANING)
 
-# The seed's words, which `pool similarity` prints (router.client.verdict).
-VERDICT_VERY_SIMILAR = "very similar"
-VERDICT_RELATED = "related"
-VERDICT_UNRELATED = "unrelated"
+# The seed's words (declared with router.client.verdict, which `pool similarity` uses).
 VERDICT_OF_LABEL = {
-    SAME_MEANING: VERDICT_VERY_SIMILAR,
-    RELATED: VERDICT_RELATED,
-    UNRELATED: VERDICT_UNRELATED,
+    SAME_MEANING: client.VERDICT_VERY_SIMILAR,
+    RELATED: client.VERDICT_RELATED,
+    UNRELATED: client.VERDICT_UNRELATED,
 }
 
 # Scores are cosine similarities; thresholds outside this range could never be crossed.
@@ -265,8 +264,7 @@ class Thresholds:
         return f"{self.high!r},{self.low!r}"
 
 
-# The seed's thresholds (router.client.VERY_SIMILAR, router.client.RELATED).
-SEED_THRESHOLDS = Thresholds(high=0.85, low=0.5)
+SEED_THRESHOLDS = Thresholds(high=client.VERY_SIMILAR, low=client.RELATED)
 
 
 def parse_thresholds(flag: str) -> Thresholds:

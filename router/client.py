@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import orjson
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from router import protocol
 from router.keys import ClientKeys
@@ -268,9 +269,6 @@ class HandshakeWatch:
         self.curve = curve
         self.last: dict[bytes, tuple[int, int]] = {}  # endpoint -> its latest (event, value)
 
-    def take(self, event: int, value: int, endpoint: bytes) -> None:
-        self.last[endpoint] = (event, value)
-
     def drain(self) -> None:
         """Every event waiting on the monitor (blocking client)."""
         while True:
@@ -281,9 +279,8 @@ class HandshakeWatch:
             self.take_frames(frames)
 
     def take_frames(self, frames: list[bytes]) -> None:
-        event, value = int.from_bytes(frames[0][:2], "little"), \
-            int.from_bytes(frames[0][2:6], "little")
-        self.take(event, value, frames[1] if len(frames) > 1 else b"")
+        event = parse_monitor_message(frames)
+        self.last[event["endpoint"]] = (event["event"], event["value"])
 
     def refused(self) -> AuthenticationFailed | None:
         failed = [(e, v, where) for where, (e, v) in self.last.items() if e & HANDSHAKE_FAILED]
