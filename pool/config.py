@@ -45,7 +45,7 @@ MIB = 1024 * 1024
 LOG_FILE = "pool.log"  # in the state directory
 LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
 LOG_FILE_BACKUPS = 5
-GRAPH_NAMES = ("auto", "traced", "eager")
+GRAPH_NAMES = ("auto", "traced", "cudagraphs", "eager")
 DTYPE_NAMES = ("auto", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32")
 CAPACITY_BATCHES = 2  # a worker holds this many batches: one computing, one waiting
 HEARTBEAT_S = 1.0
@@ -189,8 +189,9 @@ class PoolSettings:
         "else fp32) | float16 | bfloat16 | float32 (scores within 1e-4 of the seed's)",
         shown=True, choices=DTYPE_NAMES)
     graph: str = setting(
-        "auto", "How forward passes run: auto (a TorchScript graph on CPU, checked against the "
-        "model at load, eager if it cannot be traced; eager on CUDA) | traced | eager.",
+        "auto", "How forward passes run: auto (on CPU a TorchScript graph, on CUDA a CUDA graph "
+        "per shape bucket; each checked against the model at load, eager if it cannot be "
+        "built) | traced | cudagraphs | eager.",
         shown=True, choices=GRAPH_NAMES)
     max_batch: int = setting(
         DEFAULT_MAX_BATCH, f"Pairs per forward pass (default {DEFAULT_MAX_BATCH} on CPU, "

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModel, AutoTokenizer
 
 from pool import config
+from pool.cudagraphs import CudaGraphs
 from pool.health import GOLDEN_PAIRS
 
 # Texts per forward pass after sorting by length; bounds activation memory on long inputs.
@@ -98,8 +99,10 @@ class Encoder:
     a TorchScript graph of it (traced on a padded batch of the golden texts, frozen, then
     checked against the module on another batch: identical embeddings, or load fails),
     which skips the module's Python on every pass: 1.5-2.3x the passes per second of a
-    small BERT on CPU, 1.3-1.7x for MiniLM (docs/benchmarks.md). "auto": traced on CPU, and
-    eager there if the model cannot be traced; eager on CUDA (not measured there yet).
+    small BERT on CPU, 1.3-1.7x for MiniLM (docs/benchmarks.md). "cudagraphs" (CUDA only)
+    replays a captured CUDA graph per shape bucket (pool.cudagraphs), checked against the
+    module at load the same way. "auto": traced on CPU, cudagraphs on CUDA, and eager where
+    that cannot be built (the reason is kept in `graph_note`).
     """
 
     def __init__(
@@ -129,17 +132,28 @@ class Encoder:
         self.graph = "eager"
         self.graph_note = ""  # why auto stayed eager
         self._traced: torch.jit.ScriptModule | None = None
-        if graph == "traced" or (graph == "auto" and self.device.type == "cpu"):
-            try:
-                self._traced = self._trace()
-                self.graph = "traced"
-            except Exception as exc:  # any model tracing cannot follow: eager still serves
-                if graph == "traced":
-                    raise
-                self.graph_note = f"{type(exc).__name__}: {exc}"[:300]
-        elif graph not in ("auto", "eager"):
+        self._graphs: CudaGraphs | None = None
+        if graph not in config.GRAPH_NAMES:
             raise ValueError(f"graph must be one of {', '.join(config.GRAPH_NAMES)}, "
                              f"not {graph!r}")
+        if graph == "cudagraphs" and self.device.type != "cuda":
+            raise ValueError("--graph cudagraphs needs a CUDA device")
+        wanted = {"cpu": "traced", "cuda": "cudagraphs"}.get(self.device.type, "eager") \
+            if graph == "auto" else graph
+        builders = {"traced": self._trace, "cudagraphs": self._capture_graphs}
+        if wanted in builders:
+            try:
+                built = builders[wanted]()
+            except Exception as exc:  # any model a graph cannot follow: eager still serves
+                if graph != "auto":
+                    raise
+                self.graph_note = f"{wanted}: {type(exc).__name__}: {exc}"[:300]
+            else:
+                self.graph = wanted
+                if wanted == "traced":
+                    self._traced = built
+                else:
+                    self._graphs = built
 
     def _trace(self) -> torch.jit.ScriptModule:
         texts = [t for pair in GOLDEN_PAIRS for t in pair]
@@ -159,6 +173,31 @@ class Encoder:
             raise GraphCheckFailed(f"its embeddings differ from the model's by more than "
                                    f"{tolerance}")
         return graph
+
+    def _capture_graphs(self) -> CudaGraphs:
+        pad = self.tokenizer.pad_token_id or 0
+        graphs = CudaGraphs(self._graph_forward, self.device, pad, self.chunk_texts,
+                            self.max_length, lambda ids, width: padded(ids, pad, width=width))
+        ids = self.token_ids([t for pair in GOLDEN_PAIRS for t in pair])
+        rows, width = graphs.shape_of(ids)
+        matrix, mask = padded(ids + [[pad]] * (rows - len(ids)), pad, width=width)
+        with torch.inference_mode():
+            got = graphs.run(ids)
+            want = self._graph_forward(torch.from_numpy(matrix).to(self.device),
+                                       torch.from_numpy(mask).to(self.device))[:len(ids)].cpu()
+        tolerance = GRAPH_TOLERANCE.get(self.dtype, GRAPH_TOLERANCE[torch.float16])
+        if (got - want).abs().max().item() > tolerance:
+            raise GraphCheckFailed(f"its embeddings differ from the model's by more than "
+                                   f"{tolerance}")
+        return graphs
+
+    def _graph_forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A pass with no host synchronisation in it, as a CUDA graph needs: the attention
+        mask goes in already 4-D, so transformers takes it as it is instead of asking the
+        device whether any token is masked."""
+        hidden = self.model(input_ids=input_ids,
+                            attention_mask=mask.bool()[:, None, None, :]).last_hidden_state
+        return normalize(mean_pool(hidden.float(), mask))
 
     def _batch(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         """Token ids padded to the longest (on CUDA, up to the next multiple of
@@ -191,6 +230,8 @@ class Encoder:
         return out
 
     def _forward(self, ids: list[list[int]]) -> torch.Tensor:
+        if self._graphs is not None:
+            return self._graphs.run(ids)
         batch = self._batch(ids)
         return sentence_vectors(self._hidden(batch), batch).cpu()
 
@@ -216,6 +257,8 @@ class Encoder:
     def warm_up(self) -> float:
         """Run the golden pairs once (first-call allocations, kernel selection); seconds."""
         start = time.perf_counter()
+        if self._graphs is not None:
+            self._graphs.warm()
         self.similarity(list(GOLDEN_PAIRS))
         return time.perf_counter() - start
 
@@ -239,12 +282,13 @@ def token_id_encoder(tokenizer: Any, max_length: int) -> Callable[[list[str]], l
 
 
 def padded(ids: Sequence[Sequence[int]], pad: int, width_multiple: int = 1,
-           ) -> tuple[np.ndarray, np.ndarray]:
+           width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Token ids as one int64 matrix padded to the longest row (rounded up to a multiple of
-    `width_multiple`), and its attention mask. Filled through a boolean mask in one
-    operation: 15x faster than padding Python lists for 64 texts, ~30 us a pass."""
+    `width_multiple`) or to `width`, and its attention mask. Filled through a boolean mask
+    in one operation: 15x faster than padding Python lists for 64 texts, ~30 us a pass."""
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    width = -(-int(lengths.max()) // width_multiple) * width_multiple
+    if width is None:
+        width = -(-int(lengths.max()) // width_multiple) * width_multiple
     mask = np.arange(width) < lengths[:, None]
     matrix = np.full((len(ids), width), pad, dtype=np.int64)
     matrix[mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,

@@ -101,3 +101,36 @@ def test_a_cuda_encoder_serves_new_shapes_without_cudnn_attention_plans(
         vectors = encoder.embed(texts).float().cpu()
         want = reference["v1"].embed(texts)
         assert torch.allclose(vectors, want, atol=FP16_TOLERANCE), rows
+
+
+def test_cuda_graphs_compute_what_the_eager_model_does_at_every_bucket_and_beyond(
+    models: dict[str, Path]
+) -> None:
+    graphs = Encoder(str(models["v1"]), device="cuda")
+    eager = Encoder(str(models["v1"]), device="cuda", graph="eager")
+    assert graphs.graph == "cudagraphs", graphs.graph_note
+    assert eager.graph == "eager"
+    graphs.warm_up()
+    warmed = len(graphs._graphs)
+    assert warmed >= len(graphs._graphs.rows)
+    # Row counts on and between buckets, widths past the warmed ones (captured on first use),
+    # and duplicates: the same embeddings as eager passes, in order.
+    for rows in (1, 2, 3, 17, 64, 65, 300):
+        texts = [SENTENCES[(i * 7 + rows) % len(SENTENCES)] * (1 + (i + rows) % 9)
+                 for i in range(rows)]
+        got, want = graphs.embed(texts), eager.embed(texts)
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=FP16_TOLERANCE), rows
+    assert len(graphs._graphs) > warmed
+
+
+def test_a_pool_on_cuda_runs_cuda_graphs_and_says_so(
+    pool_factory, models: dict[str, Path], reference: dict[str, Reference]
+) -> None:
+    pool = pool_factory(models["v1"], "--device", "cuda")
+    assert {w["graph"] for w in pool.status()["workers"]} == {"cudagraphs"}
+    pairs = list(itertools.combinations(SENTENCES, 2))
+    with Client(pool.endpoint, timeout=30) as client:
+        scores = client.similarity(pairs).scores
+    for (a, b), score in zip(pairs, scores, strict=True):
+        assert abs(score - reference["v1"].similarity(a, b)) < FP16_TOLERANCE, (a, b)

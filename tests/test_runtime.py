@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from pool.builtin import embedded_model_path
+from pool.cudagraphs import ROW_BUCKETS, WIDTH_BUCKETS, bucket, buckets_up_to
 from pool.health import TOLERANCE_HALF
 from pool.runtime import (
     Encoder,
@@ -273,3 +274,33 @@ def test_token_ids_are_what_the_transformers_tokenizer_gives(
     tokenizer, max_length = tokenizers_under_test[which]
     want = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]  # type: ignore[operator]
     assert token_id_encoder(tokenizer, max_length)(texts) == want
+
+
+@given(st.integers(min_value=1, max_value=4096),
+       st.lists(st.integers(min_value=1, max_value=600), min_size=1, max_size=12, unique=True))
+def test_a_bucket_is_the_smallest_that_holds_the_value_and_the_last_holds_all(
+    value: int, sizes: list[int]
+) -> None:
+    buckets = tuple(sorted(sizes))
+    chosen = bucket(value, buckets)
+    assert chosen in buckets
+    assert chosen >= value or chosen == buckets[-1]
+    assert all(b < value for b in buckets if b < chosen)
+
+
+def test_cuda_graph_buckets_end_at_the_models_limits() -> None:
+    assert buckets_up_to(1024, ROW_BUCKETS)[-1] == 1024
+    assert buckets_up_to(100, ROW_BUCKETS) == (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 100)
+    assert buckets_up_to(512, WIDTH_BUCKETS) == WIDTH_BUCKETS
+    assert buckets_up_to(128, WIDTH_BUCKETS) == (16, 32, 48, 64, 96, 128)
+
+
+def test_padding_to_a_given_width_masks_the_extra_columns() -> None:
+    matrix, mask = padded([[5, 6], [7]], pad=0, width=4)
+    assert matrix.tolist() == [[5, 6, 0, 0], [7, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+
+
+def test_cudagraphs_on_a_cpu_is_refused(models: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Encoder(str(models["v1"]), device="cpu", graph="cudagraphs")

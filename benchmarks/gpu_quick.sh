@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Run ON THE GPU MACHINE when little device time is left (about 200 s): the CUDA graph tests,
+# issue #15's throughput runs, a rotation under 256 in flight, and a py-spy profile of a pool
+# at 256 in flight. After benchmarks/gpu_prepare.sh here (it brings py-spy's wheel too):
+#   command: bash benchmarks/gpu_quick.sh   carry: [".gpu"]   timeout_s: 260
+set -uo pipefail
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .gpu/whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 COLUMNS=110
+MODEL=.gpu/model
+BENCH="python3 -m cli.main bench --spawn --path $MODEL"
+REPORTS=/tmp/zeropool-reports
+mkdir -p "$REPORTS"
+step() {
+  tar -cf "$OUT/reports.tar" -C "$REPORTS" .
+  echo "=== $* ($(date +%T))" | tee -a "$LOG"
+}
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 \
+  > "$OUT/gpu-util.csv" 2>&1 &
+SMI=$!
+trap 'kill $SMI 2>/dev/null' EXIT
+
+step "tests: CUDA graphs"
+timeout 70 python3 -m pytest -q -x -p no:cacheprovider --durations=5 tests/test_gpu.py \
+  -k "cuda_graphs or new_shapes" 2>&1 | tail -15 | tee -a "$LOG"
+for workers in 1 2; do
+  step "throughput: $workers worker(s), 1 pair/request, 256 in flight, 8 producers"
+  timeout 35 $BENCH --workers $workers --duration 10 --concurrency 256 --producers 8 \
+    --json-file "$REPORTS/tp-${workers}w-1p-256.json" 2>&1 | tail -9 | tee -a "$LOG"
+done
+for workers in 1 2; do
+  step "throughput: $workers worker(s), 16 pairs/request, 64 in flight"
+  timeout 35 $BENCH --workers $workers --duration 10 --pairs-per-request 16 --producers 4 \
+    --json-file "$REPORTS/tp-${workers}w-16p.json" 2>&1 | tail -9 | tee -a "$LOG"
+done
+step "rotation: 256 in flight, surge"
+timeout 40 $BENCH --workers 1 --duration 15 --concurrency 256 --producers 8 --rotate-at 4 \
+  --rotate-to v2 --rotate-strategy surge --json-file "$REPORTS/rot-256.json" 2>&1 \
+  | tail -14 | tee -a "$LOG"
+step "profile: 1 worker, 1 pair/request, 256 in flight (py-spy, every process)"
+timeout 40 /tmp/site/bin/py-spy record --subprocesses --nonblocking --idle -r 50 -f raw \
+  -o "$OUT/profile.txt" -- $BENCH --workers 1 --duration 12 --concurrency 256 --producers 8 \
+  2>&1 | tail -4 | tee -a "$LOG"
+step done
