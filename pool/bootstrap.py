@@ -59,6 +59,11 @@ def _pin_device(cfg: WorkerConfig) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cfg.device.split(":", 1)[1]
     for key, value in worker_env(cfg.settings.threads).items():
         os.environ.setdefault(key, value)
+    # Set, not defaulted: the forkserver's environment says false for every worker. The Rust
+    # tokenizer reads these at its first parallel call, which no parent ever made.
+    tokenizer_threads = cfg.settings.tokenizer_threads
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if tokenizer_threads > 1 else "false"
+    os.environ["RAYON_NUM_THREADS"] = str(tokenizer_threads)
 
 
 def worker_env(threads: int) -> dict[str, str]:

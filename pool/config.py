@@ -27,6 +27,10 @@ DEFAULT_MAX_BATCH = 64  # pairs (or embed texts) per forward pass, on CPU
 # session 5). There, a pass takes up to this many pairs and stops short of the token budget
 # (text-embeddings-inference's default --max-batch-tokens), which bounds its memory.
 GPU_MAX_BATCH = 512
+# A GPU worker's tokenizer threads: an H200 worker tokenised 412 texts in ~15 ms on one core
+# while the graph of their pass ran in ~2 ms (docs/benchmarks.md, session 11); beyond 8
+# threads a batch of short texts is too small to share out.
+MAX_TOKENIZER_THREADS = 8
 GPU_MAX_BATCH_TOKENS = 16_384
 # How long a worker waits to fill a batch. None by default: a worker's next batch is
 # whatever queued while its device computed the last one (continuous batching, as
@@ -120,6 +124,12 @@ def default_max_batch_tokens(devices: list[str]) -> int:
     return GPU_MAX_BATCH_TOKENS if devices[0].startswith("cuda") else 0
 
 
+def default_tokenizer_threads(devices: list[str], workers: int) -> int:
+    if not devices[0].startswith("cuda"):
+        return 1
+    return max(1, min(MAX_TOKENIZER_THREADS, (os.cpu_count() or 1) // workers - 1))
+
+
 def default_threads(devices: list[str], workers: int) -> int:
     if devices[0].startswith("cuda"):
         return 1
@@ -207,6 +217,11 @@ class PoolSettings:
     threads: int = setting(
         1, "Torch threads per worker (default: cores / workers).", min=1,
         flag_type=int | None, shown=True)
+    tokenizer_threads: int = setting(
+        1, "Threads tokenising each worker's requests (default: 1 on CPU, whose cores compute "
+        f"the passes; on GPUs cores / workers - 1, at most {MAX_TOKENIZER_THREADS}: a GPU pass "
+        "is faster than one core tokenises its texts).", min=1, flag_type=int | None,
+        shown=True)
     model: str = setting("transformer", "transformer | echo (no model: transport only).")
     max_pairs: int = setting(
         DEFAULT_MAX_PAIRS, "Pairs (or embed texts) per request; beyond: too_large. At least "

@@ -17,6 +17,7 @@ from pool.config import (
     default_max_batch,
     default_max_batch_tokens,
     default_threads,
+    default_tokenizer_threads,
     default_workers,
     flags,
     option_name,
@@ -62,6 +63,8 @@ def resolve_settings(values: dict[str, Any],
         "version": version or DEFAULT_VERSION, "state_dir": state_dir, "devices": devices,
         "workers": workers,
         "threads": values["threads"] or default_threads(devices, workers),
+        "tokenizer_threads": values["tokenizer_threads"]
+        or default_tokenizer_threads(devices, workers),
         "max_batch": _given(values["max_batch"], default_max_batch(devices)),
         "max_batch_tokens": _given(values["max_batch_tokens"],
                                    default_max_batch_tokens(devices))})

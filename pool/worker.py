@@ -34,6 +34,10 @@ from router.bodies import BadBody, Limits, decode_body
 log = logging.getLogger("zeropool.worker")
 
 INTAKE_MESSAGES = 256  # backend messages taken per turn before replies get forwarded again
+# Texts tokenised and queued at a time: the device thread starts on the first part of a large
+# intake while this thread tokenises the rest (a GPU worker at 256 in flight took ~200
+# requests per turn, and their pass waited for all of them: docs/benchmarks.md, session 11).
+TOKENIZE_CHUNK_TEXTS = 256
 DEVICE_JOIN_S = 5.0  # how long an exiting worker waits for a pass still running
 
 
@@ -303,8 +307,8 @@ class WorkerLoop:
                 break
             if frames[0] == protocol.W_REQUEST and len(frames) == 2:
                 self._decode(frames[1], jobs, now_ns)
-        if jobs:
-            self.queue.put(self._tokenized(jobs))
+        for part in chunks_of_texts(jobs, TOKENIZE_CHUNK_TEXTS):
+            self.queue.put(self._tokenized(part))
         if self.stopping:
             self.queue.close()
         if self.outbox:
@@ -378,3 +382,16 @@ def _release_cuda_cache() -> None:
             torch.cuda.empty_cache()
     except Exception:  # best effort after a failure; never mask the original error
         pass
+
+
+def chunks_of_texts(jobs: list[Job], max_texts: int) -> list[list[Job]]:
+    """`jobs` in order, cut into runs of at most `max_texts` texts (a job over it alone)."""
+    parts: list[list[Job]] = []
+    texts = max_texts
+    for job in jobs:
+        if texts + len(job.texts) > max_texts:
+            parts.append([])
+            texts = 0
+        parts[-1].append(job)
+        texts += len(job.texts)
+    return parts

@@ -3,6 +3,7 @@ max_batch pairs, the --max-batch-tokens budget, the wait to fill a batch, the st
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -10,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pool.passes import Job, JobQueue
+from pool.worker import chunks_of_texts
 
 
 def job(n: int, size: int = 1, tokens: int = 10) -> Job:
@@ -94,3 +96,20 @@ def test_passes_cover_the_queue_in_order_and_each_is_as_full_as_the_rules_allow(
         if i + 1 < len(passes):  # the next request would have broken a rule
             nxt = passes[i + 1][0]
             assert size >= max_size or (max_tokens and tokens + nxt.tokens > max_tokens)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=40), max_size=60),
+       st.integers(min_value=1, max_value=64))
+def test_an_intake_is_tokenised_in_runs_of_at_most_max_texts_in_order(
+    sizes: list[int], max_texts: int
+) -> None:
+    jobs = [Job(seq=bytes([i % 256]), op=b"s", texts=["t"] * n, size=n)
+            for i, n in enumerate(sizes)]
+    parts = chunks_of_texts(jobs, max_texts)
+    assert [job for part in parts for job in part] == jobs
+    assert all(part for part in parts)
+    for part in parts:
+        assert len(part) == 1 or sum(len(job.texts) for job in part) <= max_texts
+    # Each run is as long as the bound allows: the next job would not have fitted.
+    for part, following in itertools.pairwise(parts):
+        assert sum(len(job.texts) for job in part) + len(following[0].texts) > max_texts

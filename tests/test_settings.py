@@ -17,7 +17,7 @@ from pool.settings import resolve_settings
 from pool.worker import WorkerConfig
 
 STATUS_KEYS = {"workers", "devices", "dtype", "graph", "max_batch", "max_batch_tokens",
-               "max_wait_ms", "threads",
+               "max_wait_ms", "threads", "tokenizer_threads",
                "start_method", "load_niceness", "crash_retry_s", "max_queue", "queue_timeout_s",
                "max_pairs", "max_text_chars", "max_message_bytes", "metrics_port",
                "shutdown_drain_s", "eval_pairs", "min_spearman", "max_spearman_drop"}
@@ -61,7 +61,17 @@ def test_resolving_fills_what_depends_on_the_machine(tmp_path) -> None:
                                         "state_dir": tmp_path / "state", "workers": 2})
     assert settings.devices == ["cpu"] and settings.workers == 2
     assert settings.threads == config.default_threads(["cpu"], 2)
+    assert settings.tokenizer_threads == 1  # a CPU's cores compute the passes
     assert settings.version == config.DEFAULT_VERSION
+
+
+def test_a_gpu_worker_tokenises_on_the_cores_its_share_of_the_machine_leaves(
+        monkeypatch) -> None:
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 16)
+    assert config.default_tokenizer_threads(["cuda:0"], 1) == config.MAX_TOKENIZER_THREADS
+    assert config.default_tokenizer_threads(["cuda:0"], 4) == 3
+    assert config.default_tokenizer_threads(["cuda:0", "cuda:1"], 16) == 1
+    assert config.default_tokenizer_threads(["cpu"], 1) == 1
 
 
 def test_batch_bounds_default_by_device_and_a_given_value_wins(tmp_path) -> None:
