@@ -32,7 +32,8 @@ SMI=$!
 trap 'kill $SMI 2>/dev/null' EXIT
 
 step tests
-timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_runtime.py \
+# -v: a test that hangs is named (session 11: the step ran out of its 100 s after 3 tests).
+timeout 150 python3 -m pytest -v -x -p no:cacheprovider --durations=8 tests/test_gpu.py tests/test_runtime.py \
   2>&1 | tail -30 | tee -a "$LOG"
 # The router and producers alone on this machine (no model): the ceiling any model run meets.
 step "echo: 1 worker, 256 in flight, 8 producers"
