@@ -17,6 +17,7 @@ from rich.table import Table
 
 from pool import config
 from pool.control import ControlError, PoolNotRunning, control_request
+from pool.judge import DEFAULT_MAX_ERROR_RATE, DEFAULT_MAX_P99_RATIO
 from router.client import (
     VERDICT_RELATED,
     VERDICT_UNRELATED,
@@ -431,7 +432,8 @@ def demo(
 PHASE_LABELS = {
     "spawning": "spawning new workers", "loading": "loading the model",
     "health_check": "health check", "switching": "switching routing",
-    "canary": "canary running", "draining": "draining the old version",
+    "canary": "canary running", "baking": "baking (old version loaded)",
+    "draining": "draining the old version",
     "done": "done", "rolling_back": "rolling back", "failed": "failed",
 }
 
@@ -453,18 +455,30 @@ def rotate(
     allow_dim_change: Annotated[bool, typer.Option(
         "--allow-dim-change", help="Rotate to a model whose embeddings have another size than "
         "the active version's (refused otherwise: stored embeddings would not mix).")] = False,
+    bake: Annotated[float | None, typer.Option(
+        help="After the switch, keep the old version loaded this many seconds and switch back "
+        "at once if the new one's errors or p99 regress against the old one's.",
+        min=0.1)] = None,
+    max_error_rate: Annotated[float, typer.Option(
+        help="With --bake: the share of requests the new version may fail beyond the old "
+        "one's.", min=0, max=1)] = DEFAULT_MAX_ERROR_RATE,
+    max_p99_ratio: Annotated[float, typer.Option(
+        help="With --bake: the new version's p99 against the old one's, at most.",
+        min=1)] = DEFAULT_MAX_P99_RATIO,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the rotation to its "
                     "end.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to follow before giving up.")] = 900,
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     as_json: JsonOpt = False,
 ) -> None:
-    """Replace the serving version without failing a request: spawn, check, switch, drain."""
+    """Replace the serving version without failing a request: spawn, check, switch, (bake,)
+    drain."""
     started = control(state_dir, "rotate", as_json, version=version,
                       path=optional_model_path(path, as_json),
                       strategy=strategy, workers=workers, drain_timeout=drain_timeout,
                       canary=canary, thresholds=thresholds_option(thresholds, as_json),
-                      eval=eval_option(eval_set), allow_dim_change=allow_dim_change)
+                      eval=eval_option(eval_set), allow_dim_change=allow_dim_change,
+                      bake=bake, max_error_rate=max_error_rate, max_p99_ratio=max_p99_ratio)
     follow_rotation(state_dir, started["rotation"], wait, timeout, as_json)
 
 

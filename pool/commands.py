@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from pool.control import ControlError, Handler
 from pool.gate import QualityGate
 from pool.health import Expectation
+from pool.judge import DEFAULT_MAX_ERROR_RATE, DEFAULT_MAX_P99_RATIO, BakeLimits
 from pool.registry import Registry, check_model_dir
 from pool.rotation import DEFAULT_DRAIN_TIMEOUT_S, RotationController, RotationError
 from pool.status import PoolSnapshot, health_document, status_document
@@ -99,18 +100,24 @@ class Commands:
         return {"stopping": True}
 
     def rotate(self, req: dict) -> dict:
+        try:
+            bake_limits = bake_limits_of(req)
+        except (TypeError, ValueError) as exc:
+            raise ControlError(str(exc)) from None
         return self._rotate_to(
             str(req.get("version") or ""), req.get("path"),
             workers=int(req.get("workers") or self.pool.default_workers),
             strategy=req.get("strategy") or "auto",
             drain_timeout_s=float(req.get("drain_timeout") or DEFAULT_DRAIN_TIMEOUT_S),
             canary=req.get("canary"), thresholds=req.get("thresholds"),
-            eval_set=req.get("eval"), allow_dim_change=bool(req.get("allow_dim_change")))
+            eval_set=req.get("eval"), allow_dim_change=bool(req.get("allow_dim_change")),
+            bake_s=req.get("bake"), bake_limits=bake_limits)
 
     def _rotate_to(self, target: str, path: str | None, *, workers: int, strategy: str,
                    drain_timeout_s: float, canary: float | None,
                    thresholds: list[float] | None = None, eval_set: str | None = None,
-                   allow_dim_change: bool = False, gated: bool = True) -> dict:
+                   allow_dim_change: bool = False, gated: bool = True,
+                   bake_s: float | None = None, bake_limits: BakeLimits | None = None) -> dict:
         if self.pool.stopping:
             raise ControlError("the pool is stopping")
         try:
@@ -133,7 +140,8 @@ class Commands:
                                  expect=Expectation.from_dict(entry.get("expect")),
                                  thresholds=self.registry.thresholds_of(target, entry["path"]),
                                  gate=self.pool.quality_gate(target) if gated else None,
-                                 allow_dim_change=allow_dim_change)
+                                 allow_dim_change=allow_dim_change, bake_s=bake_s,
+                                 bake_limits=bake_limits)
         except (RotationError, ValueError, KeyError) as exc:
             raise ControlError(str(exc)) from None
         self.registry.save()
@@ -227,3 +235,10 @@ class Commands:
             raise ControlError(str(exc)) from None
         self.registry.save()
         return {"versions": self.registry.listing()}
+
+
+def bake_limits_of(req: dict) -> BakeLimits:
+    """The bake's limits a rotate request names (ValueError if out of range)."""
+    return BakeLimits(
+        max_error_rate=float(req.get("max_error_rate", DEFAULT_MAX_ERROR_RATE)),
+        max_p99_ratio=float(req.get("max_p99_ratio", DEFAULT_MAX_P99_RATIO)))

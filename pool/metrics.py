@@ -29,6 +29,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from pool.judge import Traffic
 from pool.reports import BATCH_SIZE_BUCKETS, BatchStats
 from router import protocol
 
@@ -83,6 +84,15 @@ class ReplyTally:
             out[(version, code)] = out.get((version, code), 0) + n
         return out
 
+    def buckets_by_version(self) -> dict[str, list[int]]:
+        """Latency bucket counts per version, summed over ops."""
+        out: dict[str, list[int]] = {}
+        for (version, _op), counts in self.buckets.items():
+            have = out.get(version)
+            out[version] = list(counts) if have is None else \
+                [a + b for a, b in zip(have, counts, strict=True)]
+        return out
+
     def all_buckets(self) -> list[int]:
         """Latency bucket counts summed over versions and ops."""
         return [sum(column) for column in zip(*self.buckets.values(), strict=True)] or \
@@ -93,12 +103,35 @@ class RecentReplies:
     """Windows over once-a-second snapshots of the cumulative reply counts and latencies."""
 
     def __init__(self) -> None:
-        self._snapshots: deque[tuple[float, dict[tuple[str, str], int], list[int]]] = deque(
-            maxlen=RECENT_WINDOW_S + 1)
+        self._snapshots: deque[tuple[float, dict[tuple[str, str], int], list[int],
+                                     dict[str, list[int]]]] = deque(maxlen=RECENT_WINDOW_S + 1)
 
     def record(self, now: float, counts: dict[tuple[str, str], int],
-               buckets: list[int]) -> None:
-        self._snapshots.append((now, counts, buckets))
+               buckets: list[int], by_version: dict[str, list[int]] | None = None) -> None:
+        self._snapshots.append((now, counts, buckets, by_version or {}))
+
+    def traffic(self, version: str, window_s: float) -> Traffic:
+        """`version`'s replies over (about) the last `window_s` seconds, at most
+        RECENT_WINDOW_S: what the bake judges (pool.judge)."""
+        old, new = self._span(min(window_s, RECENT_WINDOW_S))
+        if new is None:
+            return Traffic()
+        before = old if old is not None and old is not new else None
+
+        def count(codes: dict[tuple[str, str], int], faults: bool) -> int:
+            return sum(n for (v, code), n in codes.items()
+                       if v == version and (not faults or code in POOL_FAULTS))
+
+        requests, errors = count(new[1], False), count(new[1], True)
+        buckets = new[3].get(version, [])
+        if before is not None:
+            requests -= count(before[1], False)
+            errors -= count(before[1], True)
+            buckets = [b - a for a, b in
+                       zip(before[3].get(version, [0] * len(buckets)), buckets, strict=True)]
+        p99 = round(bucket_quantile(0.99, LATENCY_BUCKETS, buckets) * 1000, 2) \
+            if sum(buckets) else None
+        return Traffic(requests, errors, p99)
 
     def latency_ms(self, window_s: float = RATE_WINDOW_S) -> dict[str, float] | None:
         """p50 and p99 over (about) the last `window_s` seconds, estimated from the histogram
@@ -207,7 +240,7 @@ class PoolMetrics:
                 curve_refused: int | None, system: dict) -> None:
         self.batches.update(supervisor.workers)
         self.recent.record(time.monotonic(), self.replies.by_version_code(),
-                           self.replies.all_buckets())
+                           self.replies.all_buckets(), self.replies.buckets_by_version())
         self.state.families = [*self._reply_families(),
                                *self._pool_families(broker, supervisor),
                                *self._curve_families(curve_refused),

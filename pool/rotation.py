@@ -1,12 +1,17 @@
 """The rotation state machine: replacing the serving version without failing a request.
 
-    idle -> spawning -> loading -> health_check -> switching -> draining -> done
-                 \\          \\            \\
-                  +----------+------------+--> rolling_back -> failed
+    idle -> spawning -> loading -> health_check -> switching -> [baking ->] draining -> done
+                 \\          \\            \\                     |
+                  +----------+------------+---------------------+--> rolling_back -> failed
 
 With a canary, `switching` routes a share of unpinned traffic to the new version and the
 rotation waits in `canary` until `promote` (-> switching -> draining -> done) or
 `rollback` (-> rolling_back -> failed).
+
+With a bake (`--bake SECONDS`), the old version's workers stay loaded after the switch while
+pool.judge compares the new version's replies with the old version's before the switch; a
+regression, or `rollback`, switches back at once (-> rolling_back -> failed, outcome
+rolled_back), and a clean bake goes on to draining.
 
 Strategies:
   surge    new workers start beside the old ones (blue-green); the switch is one step.
@@ -35,6 +40,7 @@ import psutil
 from pool import config
 from pool.gate import GateResult, QualityGate, scores_of
 from pool.health import Expectation
+from pool.judge import BakeLimits, Traffic, Verdict, judge
 from pool.registry import Registry
 from pool.supervisor import CHECKING, DRAINING, LIVE, READY, STOPPING, Routing, Supervisor
 from pool.system import gpu_stats
@@ -49,6 +55,7 @@ QUALITY_PROBE = "quality"  # the purpose of the gate's probes (router.broker.Pro
 QUALITY_TIMEOUT_S = 120.0  # a thousand pairs through a 12-layer model on a busy CPU, with room
 NEW, ACTIVE = "new", "active"  # whose answer a gate probe brings
 MEMORY_HEADROOM = 1.2  # surge only if free memory exceeds 1.2x a second set of workers
+BAKE_BASELINE_S = 60.0  # a bake compares with the old version's last minute before the switch
 
 
 class Phase(str, Enum):
@@ -58,6 +65,7 @@ class Phase(str, Enum):
     HEALTH_CHECK = "health_check"
     SWITCHING = "switching"
     CANARY = "canary"
+    BAKING = "baking"
     DRAINING = "draining"
     DONE = "done"
     ROLLING_BACK = "rolling_back"
@@ -97,6 +105,11 @@ class Rotation:
     gate_sent_at: float | None = None
     gate_probes: dict[bytes, str] = field(default_factory=dict)  # worker -> NEW / ACTIVE
     gate_answers: dict[str, list[float] | str] = field(default_factory=dict)  # scores or why
+    bake_s: float | None = None  # keep the old version loaded this long after the switch
+    bake_limits: BakeLimits = field(default_factory=BakeLimits)
+    bake_baseline: Traffic | None = None  # the old version's replies before the switch
+    bake_verdict: Verdict | None = None  # the latest judgement of the bake
+    switched_back: bool = False  # the bake (or the operator during it) returned to source
 
     @property
     def finished(self) -> bool:
@@ -108,7 +121,8 @@ class Rotation:
             return "done"
         if self.phase == Phase.FAILED:
             # Ending a canary is a rollback too: the old version kept all unpinned traffic.
-            return "rolled_back" if not self.switched or self.canary else "failed"
+            rolled_back = not self.switched or self.canary or self.switched_back
+            return "rolled_back" if rolled_back else "failed"
         return None
 
     def as_dict(self, now: float) -> dict[str, Any]:
@@ -121,16 +135,27 @@ class Rotation:
             "timings": self.timings, "total_s": round(sum(self.timings.values()), 3)
             if self.finished else None,
             "quality": None if self.quality is None else self.quality.as_dict(),
+            "bake": self._bake_dict(),
         }
+
+    def _bake_dict(self) -> dict[str, Any] | None:
+        if self.bake_s is None:
+            return None
+        return {"seconds": self.bake_s, "max_error_rate": self.bake_limits.max_error_rate,
+                "max_p99_ratio": self.bake_limits.max_p99_ratio,
+                "verdict": None if self.bake_verdict is None else self.bake_verdict.as_dict()}
 
 
 class RotationController:
     def __init__(self, supervisor: Supervisor, broker: Broker, registry: Registry, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 traffic: Callable[[str, float], Traffic] = lambda version, window_s: Traffic(),
+                 ) -> None:
         self.supervisor = supervisor
         self.broker = broker
         self.registry = registry
         self.clock = clock
+        self.traffic = traffic  # a version's replies over the last seconds (a bake judges them)
         self.current: Rotation | None = None
         self.on_finish: Callable[[Rotation], None] | None = None  # metrics
         self._ids = 0
@@ -140,6 +165,7 @@ class RotationController:
             Phase.SPAWNING: self._step_spawning,
             Phase.LOADING: self._step_loading,
             Phase.HEALTH_CHECK: self._step_health_check,
+            Phase.BAKING: self._step_baking,
             Phase.DRAINING: self._step_draining,
             Phase.ROLLING_BACK: self._step_rolling_back,
         }
@@ -150,7 +176,8 @@ class RotationController:
               drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, canary: float | None = None,
               expect: Expectation | None = None,
               thresholds: VersionThresholds | None = None,
-              gate: QualityGate | None = None, allow_dim_change: bool = False) -> Rotation:
+              gate: QualityGate | None = None, allow_dim_change: bool = False,
+              bake_s: float | None = None, bake_limits: BakeLimits | None = None) -> Rotation:
         if self.current is not None and not self.current.finished:
             raise RotationError(f"rotation {self.current.id} to {self.current.target} is still "
                                 f"{self.current.phase.value}; wait for it or roll it back")
@@ -174,15 +201,22 @@ class RotationController:
             strategy, strategy_reason = self._choose_strategy(source, workers)
         if canary is not None and strategy == "rolling":
             raise RotationError("a canary runs both versions side by side: use --strategy surge")
+        if bake_s is not None and bake_s <= 0:
+            raise RotationError("--bake is a number of seconds above 0")
+        if bake_s is not None and strategy == "rolling":
+            raise RotationError(f"a bake keeps the old version loaded beside the new one, and "
+                                f"this rotation would be rolling ({strategy_reason}): use "
+                                "--strategy surge where the device holds both")
         self._ids += 1
         rot = Rotation(self._ids, target, path, source, workers, strategy, drain_timeout_s,
                        canary / 100 if canary is not None else None,
                        strategy_reason=strategy_reason, phase_since=self.clock(), gate=gate,
-                       allow_dim_change=allow_dim_change)
+                       allow_dim_change=allow_dim_change, bake_s=bake_s,
+                       bake_limits=bake_limits or BakeLimits())
         self.current = rot
         self.registry.log("rotation_started", rotation=rot.id, target=target, source=source,
                           strategy=strategy, canary=rot.canary,
-                          eval=None if gate is None else gate.source)
+                          eval=None if gate is None else gate.source, bake_s=bake_s)
         self.registry.save()
         log.info("rotation %d: %s -> %s (%s, %d workers%s)", rot.id, source, target, strategy,
                  workers, f", canary {canary}%" if canary is not None else "")
@@ -203,10 +237,14 @@ class RotationController:
         return rot
 
     def rollback(self, reason: str = "rolled back by operator") -> Rotation | None:
-        """End a rotation that has not switched, or a canary; None if nothing to roll back."""
+        """End a rotation that has not switched, a canary or a bake; None if nothing to roll
+        back."""
         rot = self.current
         if rot is None or rot.finished:
             return None
+        if rot.phase == Phase.BAKING:
+            self._switch_back(rot, reason)
+            return rot
         if rot.switched and rot.phase != Phase.CANARY:
             raise RotationError(f"rotation {rot.id} already switched to {rot.target}; "
                                 "roll back with a new rotation (`pool rollback` does this)")
@@ -222,6 +260,9 @@ class RotationController:
         failure = self.supervisor.failure(rot.target)
         if rot.phase in BEFORE_SWITCH and failure:
             self._begin_rollback(rot, failure)
+        elif rot.phase == Phase.BAKING and failure:
+            self._switch_back(rot, f"{rot.target} failed after the switch: {failure}")
+            return
         elif rot.phase == Phase.DRAINING and failure:
             # It passed its check, took traffic, then crash-looped: nothing to wait for.
             rot.reason = f"{rot.target} failed after the switch: {failure}"
@@ -322,6 +363,38 @@ class RotationController:
         self.registry.log("quality_gate", rotation=rot.id, target=rot.target, **result.as_dict())
         self.registry.save()
 
+    # -- the bake ----------------------------------------------------------------------------
+
+    def _step_baking(self, rot: Rotation, now: float) -> None:
+        """Judge the new version's replies since the switch against the old version's before
+        it; switch back at the first regression, go on to draining once the bake is over."""
+        assert rot.bake_baseline is not None and rot.bake_s is not None
+        since = now - rot.phase_since
+        verdict = judge(rot.bake_baseline, self.traffic(rot.target, since), rot.bake_limits,
+                        (rot.target, rot.source or "the old version"))
+        rot.bake_verdict = verdict
+        if verdict.regressed:
+            self._switch_back(rot, f"bake: {verdict.reason}")
+        elif since >= rot.bake_s:
+            log.info("rotation %d: %s baked %.0fs: %d requests, %d errors, p99 %s ms", rot.id,
+                     rot.target, since, verdict.candidate.requests, verdict.candidate.errors,
+                     verdict.candidate.p99_ms)
+            self.registry.log("baked", rotation=rot.id, target=rot.target, **verdict.as_dict())
+            self.registry.save()
+            self._enter(rot, Phase.DRAINING)
+
+    def _switch_back(self, rot: Rotation, reason: str) -> None:
+        """The old version's workers are still loaded: routing goes back to them at once."""
+        assert rot.source is not None
+        self.broker.set_active(rot.source)
+        self.supervisor.set_routing(rot.target, Routing.CLOSED)
+        self._record_active(rot.source, rot.target)
+        rot.switched_back = True
+        self.registry.log("switched_back", rotation=rot.id, target=rot.target,
+                          source=rot.source, reason=reason)
+        self.registry.save()
+        self._begin_rollback(rot, reason)
+
     def _step_draining(self, rot: Rotation, now: float) -> None:
         if rot.strategy == "rolling" and rot.source is not None and not self._rolling_step(rot):
             return
@@ -376,13 +449,24 @@ class RotationController:
         self.broker.set_active(rot.target)
         rot.switched = True
         self.registry.put_version(rot.target, rot.path, auto_load=True)
-        source_entry = self.registry.version(rot.source or "")
-        if source_entry is not None:
-            source_entry["auto_load"] = False  # a restart brings back what serves now
-        self.registry.set_active(rot.target)
+        self._record_active(rot.target, rot.source)
         self.registry.log("switched", rotation=rot.id, target=rot.target, source=rot.source)
         self.registry.save()
+        if rot.bake_s is not None and rot.source is not None:
+            rot.bake_baseline = self.traffic(rot.source, BAKE_BASELINE_S)
+            self._enter(rot, Phase.BAKING)
+            return
         self._enter(rot, Phase.DRAINING)
+
+    def _record_active(self, active: str, previous: str | None) -> None:
+        """The registry's active version, loaded again by a restart; the other one is not."""
+        entry = self.registry.version(previous or "")
+        if entry is not None:
+            entry["auto_load"] = False
+        entry = self.registry.version(active)
+        if entry is not None:
+            entry["auto_load"] = True
+        self.registry.set_active(active)
 
     def _begin_rollback(self, rot: Rotation, reason: str) -> None:
         rot.reason = reason

@@ -71,7 +71,8 @@ class PoolServer:
             self.broker.close()
             self._abandon_start()
             raise StartupError(str(exc)) from None
-        self.rotations = RotationController(self.supervisor, self.broker, self.registry)
+        self.rotations = RotationController(self.supervisor, self.broker, self.registry,
+                                            traffic=self.metrics.recent.traffic)
         self.rotations.on_finish = self.metrics.on_rotation_finished
         self.system = system_stats()
         commands = Commands(self, self.rotations, self.registry)

@@ -15,6 +15,7 @@ import orjson
 import zmq
 
 from pool.config import PoolSettings
+from pool.metrics import RecentReplies, ReplyTally
 from pool.registry import Registry
 from pool.reports import BatchStats, ReadyInfo
 from pool.rotation import RotationController, hand_over
@@ -183,8 +184,14 @@ class FakePool:
 
         self.supervisor = Supervisor(settings, self.broker, spawn=spawn, clock=self.clock)
         self.registry = Registry(state_dir)
+        # The pool's own reply counts, snapshotted once a (fake) second as the serve loop
+        # does: what a bake judges.
+        self.replies = ReplyTally()
+        self.recent = RecentReplies()
+        self._recorded_at = START
+        self.broker.observer = self.replies.add
         self.rotations = RotationController(self.supervisor, self.broker, self.registry,
-                                            clock=self.clock)
+                                            clock=self.clock, traffic=self.recent.traffic)
         self._frontend = f"inproc://frontend-{n}"
 
     def close(self) -> None:
@@ -223,6 +230,10 @@ class FakePool:
         self.clock.now += seconds
         self.pump()
         now = self.clock()
+        if now - self._recorded_at >= 1.0:
+            self.recent.record(now, self.replies.by_version_code(), self.replies.all_buckets(),
+                               self.replies.buckets_by_version())
+            self._recorded_at = now
         self.supervisor.tick(now)
         self.rotations.step(now)
         self.broker.expire_queued(now)

@@ -16,7 +16,16 @@ import pytest
 
 from pool import config
 from router.client import Client, UnknownVersion
-from tests.support import SENTENCES, Load, Reference, RunningPool, make_tiny_bert, run_cli
+from tests.support import (
+    LOAD_RATE,
+    SENTENCES,
+    Load,
+    Reference,
+    RunningPool,
+    make_tiny_bert,
+    run_cli,
+)
+from tooling.loadgen import ThreadLoad
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-4
@@ -412,3 +421,43 @@ def test_a_rotation_to_a_broken_or_resized_model_says_why_and_fails_nothing(
     history = json.loads((pool.state_dir / "versions.json").read_text())["history"]
     reasons = [e["reason"] for e in history if e["event"] == "rotation_finished"]
     assert "SafetensorError" in reasons[0] and "48-dimensional" in reasons[1]
+
+
+def test_a_bake_switches_back_to_the_loaded_v1_when_v2_fails_some_inputs_under_load(
+    pool_factory, models: dict[str, Path], tmp_path: Path
+) -> None:
+    # v2's tokenizer knows a character its model has no embedding for: requests with it fail
+    # (an internal error), everything else (the health check's pairs too) works.
+    poison = "毒"
+    broken = make_tiny_bert(tmp_path / "v2-poisoned", seed=5, unknown_to_model=[poison])
+    pool = pool_factory(models["v1"])
+    old_pids = pool.worker_pids()
+    texts = [*SENTENCES, f"今天{poison}天气真好"]
+    load = ThreadLoad(pool.endpoint, texts, in_flight=32, max_rate=LOAD_RATE).start()
+    time.sleep(2.0)  # the old version's baseline
+    started = time.time()
+    code, reply = rotate(pool, "--version", "v2", "--path", str(broken), "--strategy", "surge",
+                         "--bake", "60")
+    time.sleep(1.0)
+    load.stop()
+    assert code == 1, reply
+    rot = reply["rotation"]
+    assert rot["outcome"] == "rolled_back" and rot["reason"].startswith("bake: v2 failed")
+    assert rot["bake"]["verdict"]["regressed"] and rot["timings"]["baking"] < 30
+    assert pool.worker_pids() == old_pids, "v1's workers stayed loaded and serve again"
+    assert pool.status()["active"] == "v1"
+    registry = orjson.loads((pool.state_dir / "versions.json").read_bytes())
+    assert registry["active"] == "v1"
+    switched = [h["t"] for h in registry["history"] if h["event"] in ("switched",
+                                                                      "switched_back")]
+    assert len(switched) == 2
+    # What reached producers: only errors of poisoned requests, only while v2 served.
+    failed = [r for r in load.replies if r.code != "ok"]
+    assert failed and load.lost == 0
+    assert all(r.code == "internal" and poison in r.pairs[0][0] + r.pairs[0][1]
+               for r in failed)
+    assert all(switched[0] - 1 <= r.received <= switched[1] + 1 for r in failed)
+    assert started < switched[0]
+    after = [r for r in load.replies if r.received > switched[1] + 1]
+    assert after and {r.body["version"] for r in after if r.code == "ok"} == {"v1"}
+    assert all(r.code == "ok" for r in after)

@@ -18,10 +18,11 @@ from hypothesis import strategies as st
 
 from pool import config
 from pool.gate import QualityGate
+from pool.judge import BakeLimits, Traffic, judge
 from pool.processes import SpawnFailed, SpawnPending
 from pool.quality import LabelledPair
 from pool.reports import BatchStats
-from pool.rotation import Phase, Rotation
+from pool.rotation import Phase, Rotation, RotationError
 from pool.supervisor import (
     CHECKING,
     DRAINING,
@@ -852,3 +853,144 @@ def test_a_ping_names_every_version_taking_requests_with_its_ready_workers(
     status, body = producer.collect()[b"p"]
     assert status == protocol.STATUS_OK
     assert body == {"version": "v1", "workers": 2, "versions": {"v1": 2, "v2": 1}}
+
+
+# -- the bake: the old version stays loaded while the new one is judged -----------------------
+
+
+def traffic_for(fake: FakePool, producer, seconds: float, prefix: str,
+                fail_every: int = 0) -> None:
+    """`seconds` of traffic, ten requests a (fake) second, every one answered by whoever holds
+    it; with `fail_every`, v2 fails every n-th request it answers (an internal error)."""
+    for sent in range(int(seconds * 10)):
+        producer.send(f"{prefix}-{sent}".encode())
+        fake.pump()
+        for worker in [w for w in fake.processes if w.exitcode is None]:
+            for request in worker.received():
+                failing = fail_every and worker.cfg.version == "v2" and \
+                    int(request.seq.hex(), 16) % fail_every == 0
+                worker.answer(request, error=protocol.INTERNAL if failing else None)
+        fake.pump()
+        fake.finish_stops()
+        fake.tick()
+
+
+def baked_rotation(fake: FakePool, bake_s: float = 5.0, **limits: float) -> Rotation:
+    serving(fake)
+    producer = fake.producer()
+    traffic_for(fake, producer, 10, "before")  # the old version's baseline
+    rotate(fake, bake_s=bake_s, bake_limits=BakeLimits(**limits))
+    for _ in range(50):
+        fake.bring_up("v2")
+        fake.tick()
+        if fake.rotations.current.phase == Phase.BAKING:
+            return fake.rotations.current
+    raise AssertionError(f"still {fake.rotations.current.phase}")
+
+
+def test_a_clean_bake_keeps_v1_loaded_then_drains_it(fake: FakePool) -> None:
+    rot = baked_rotation(fake, bake_s=5.0)
+    v1_workers = fake.workers_of("v1", READY)
+    producer = fake.producer()
+    traffic_for(fake, producer, 3, "baking")
+    assert rot.phase == Phase.BAKING
+    assert fake.workers_of("v1", READY) == v1_workers  # still loaded, nothing stopped
+    assert {body["version"] for _, body in producer.collect().values()} == {"v2"}
+    traffic_for(fake, producer, 4, "late")
+    while not rot.finished:
+        fake.serve_all()
+        fake.finish_stops()
+        fake.tick()
+    assert rot.outcome == "done", rot.reason
+    assert list(rot.timings) == ["spawning", "loading", "health_check", "switching", "baking",
+                                 "draining"]
+    assert rot.timings["baking"] >= 5.0
+    assert not rot.bake_verdict.regressed and rot.bake_verdict.candidate.requests >= 40
+    assert rot.bake_verdict.baseline.requests >= 90
+    assert set(producer.codes().values()) == {"ok"}
+    assert "baked" in [event["event"] for event in fake.registry.data["history"]]
+
+
+def test_a_bake_switches_back_at_once_when_v2_fails_requests(fake: FakePool) -> None:
+    rot = baked_rotation(fake, bake_s=60.0, max_error_rate=0.01)
+    v1_workers = fake.workers_of("v1", READY)
+    producer = fake.producer()
+    traffic_for(fake, producer, 10, "baking", fail_every=10)
+    assert rot.phase in (Phase.ROLLING_BACK, Phase.FAILED)
+    assert rot.outcome in (None, "rolled_back") and "bake:" in rot.reason
+    assert "v2 failed" in rot.reason
+    assert fake.broker.active == "v1" and fake.registry.active == "v1"
+    assert fake.workers_of("v1", READY) == v1_workers  # the same processes serve again
+    assert rot.timings["baking"] < 10  # judged as soon as the errors were enough
+    codes = producer.codes()
+    failed = [rid for rid, code in codes.items() if code != "ok"]
+    # Only the bake window's requests failed, about one in ten of those v2 answered.
+    assert 0 < len(failed) <= len(codes) // 5
+    after = fake.producer()
+    traffic_for(fake, after, 3, "after")
+    while not rot.finished:
+        fake.serve_all()
+        fake.finish_stops()
+        fake.tick()
+    assert rot.outcome == "rolled_back"
+    assert set(after.codes().values()) == {"ok"}
+    assert {body["version"] for _, body in after.collect().values()} == {"v1"}
+    assert "v2" not in fake.supervisor.plans or fake.supervisor.plans["v2"].retired
+
+
+def test_a_bake_judges_latency_against_v1s(fake: FakePool) -> None:
+    # v1 answers at once; v2 holds every request for 0.3 s (three ticks) before answering.
+    rot = baked_rotation(fake, bake_s=60.0, max_p99_ratio=1.5)
+    producer = fake.producer()
+    held: list = []
+    for i in range(100):
+        producer.send(f"slow-{i}".encode())
+        fake.pump()
+        for worker in fake.workers_of("v2"):
+            held += [(worker, request, i + 3) for request in worker.received()]
+        for worker, request, _ in [h for h in held if h[2] <= i]:
+            worker.answer(request)
+        held = [h for h in held if h[2] > i]
+        fake.pump()
+        fake.tick()
+        if rot.phase != Phase.BAKING:
+            break
+    assert rot.switched_back, rot.phase
+    assert "p99" in rot.reason and fake.broker.active == "v1"
+
+
+def test_an_operator_ends_a_bake_by_switching_back(fake: FakePool) -> None:
+    rot = baked_rotation(fake)
+    fake.rotations.rollback()
+    assert rot.switched_back and fake.broker.active == "v1"
+    while not rot.finished:
+        fake.serve_all()
+        fake.finish_stops()
+        fake.tick()
+    assert rot.outcome == "rolled_back" and rot.reason == "rolled back by operator"
+
+
+def test_a_bake_needs_both_versions_loaded(fake: FakePool) -> None:
+    serving(fake)
+    with pytest.raises(RotationError, match="bake keeps the old version loaded"):
+        rotate(fake, strategy="rolling", bake_s=10.0)
+    with pytest.raises(RotationError, match="above 0"):
+        rotate(fake, bake_s=0.0)
+    assert fake.rotations.current is None
+
+
+def test_the_judge_lets_a_single_early_error_pass_and_says_why_it_fails() -> None:
+    limits = BakeLimits(max_error_rate=0.01, max_p99_ratio=1.5)
+    before = Traffic(requests=1000, errors=0, p99_ms=10.0)
+    assert not judge(before, Traffic(requests=5, errors=0), limits).regressed
+    assert not judge(before, Traffic(requests=3, errors=1, p99_ms=9.0), limits).regressed
+    failing = judge(before, Traffic(requests=60, errors=6, p99_ms=9.0), limits)
+    assert failing.regressed and "failed 6 of 60 requests (10.0%)" in failing.reason
+    # Latency within the bucket slack is never a regression; beyond the ratio it is.
+    assert not judge(Traffic(1000, 0, 2.0), Traffic(100, 0, 6.5), limits).regressed
+    slow = judge(before, Traffic(requests=100, errors=0, p99_ms=25.0), limits)
+    assert slow.regressed and "2.50x" in slow.reason
+    # A version that was failing before is judged against its own rate.
+    assert not judge(Traffic(1000, 50, 10.0), Traffic(100, 5, 10.0), limits).regressed
+    with pytest.raises(ValueError):
+        BakeLimits(max_p99_ratio=0.5)

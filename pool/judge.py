@@ -1,0 +1,99 @@
+"""Is a new version worse than the old one at serving? The one judge of a bake.
+
+`pool rotate --bake` compares the new version's replies since the switch with the old
+version's before it; a fleet rollout compares its canary pool with the rest of the fleet the
+same way. Only what the pool itself fell short on counts as an error (internal faults,
+failed workers, timeouts, overload: pool.metrics.POOL_FAULTS): a producer's bad request says
+nothing about a version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+DEFAULT_MAX_ERROR_RATE = 0.01  # the new version may fail 1% more of its requests, no more
+DEFAULT_MAX_P99_RATIO = 1.5  # ... and its p99 may be 1.5x the old one's, no more
+# Below this many replies a p99 is a handful of samples: latency is not judged on them, and
+# errors only once they alone exceed the limit on this many requests.
+MIN_REQUESTS = 50
+MIN_ERRORS = 2  # one failed request can be one odd input: it alone never ends a bake
+# Latency is estimated from histogram buckets (1, 2.5, 5, 10 ms ...): a p99 within this of the
+# old one is never a regression, whatever the ratio.
+P99_SLACK_MS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    """One version's (or one pool's) replies over some span."""
+
+    requests: int = 0
+    errors: int = 0  # pool faults only
+    p99_ms: float | None = None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "error_rate": round(self.error_rate, 5)}
+
+
+@dataclass(frozen=True, slots=True)
+class BakeLimits:
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    max_p99_ratio: float = DEFAULT_MAX_P99_RATIO
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_error_rate <= 1:
+            raise ValueError("--max-error-rate is a share of requests between 0 and 1")
+        if self.max_p99_ratio < 1:
+            raise ValueError("--max-p99-ratio is at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    regressed: bool
+    reason: str | None
+    baseline: Traffic
+    candidate: Traffic
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"regressed": self.regressed, "reason": self.reason,
+                "baseline": self.baseline.as_dict(), "candidate": self.candidate.as_dict()}
+
+
+def judge(baseline: Traffic, candidate: Traffic, limits: BakeLimits,
+          names: tuple[str, str] = ("the new version", "the old version")) -> Verdict:
+    """Whether `candidate` regressed against `baseline` beyond `limits`; the reason says by
+    how much, in words an operator reads in `pool status`."""
+    new, old = names
+    reason = _error_regression(baseline, candidate, limits, new, old) or \
+        _latency_regression(baseline, candidate, limits, new, old)
+    return Verdict(reason is not None, reason, baseline, candidate)
+
+
+def _error_regression(baseline: Traffic, candidate: Traffic, limits: BakeLimits,
+                      new: str, old: str) -> str | None:
+    allowed = baseline.error_rate + limits.max_error_rate
+    # Too few requests for a rate: judged as if MIN_REQUESTS had come, the rest all fine, so a
+    # single early error does not end a bake, and enough errors end it before many more come.
+    rate = candidate.errors / max(candidate.requests, MIN_REQUESTS)
+    if rate <= allowed or candidate.errors < MIN_ERRORS:
+        return None
+    return (f"{new} failed {candidate.errors} of {candidate.requests} requests "
+            f"({candidate.error_rate:.1%}) where {old} failed {baseline.error_rate:.1%}: over "
+            f"the allowed {limits.max_error_rate:.1%} more")
+
+
+def _latency_regression(baseline: Traffic, candidate: Traffic, limits: BakeLimits,
+                        new: str, old: str) -> str | None:
+    if candidate.p99_ms is None or baseline.p99_ms is None or \
+            min(candidate.requests, baseline.requests) < MIN_REQUESTS:
+        return None
+    if candidate.p99_ms <= max(baseline.p99_ms * limits.max_p99_ratio,
+                               baseline.p99_ms + P99_SLACK_MS):
+        return None
+    return (f"{new}'s p99 is {candidate.p99_ms:.1f} ms against {old}'s {baseline.p99_ms:.1f} "
+            f"ms ({candidate.p99_ms / max(baseline.p99_ms, 1e-9):.2f}x, over the allowed "
+            f"{limits.max_p99_ratio}x)")
