@@ -7,7 +7,9 @@ supervisor. The JSON is made in pool/status.py from typed snapshots.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pool.control import ControlError, Handler
@@ -52,12 +54,25 @@ class PoolHandle(Protocol):
         (`--eval`); None: no gate. ValueError if the set does not parse or is too big."""
 
 
+MAX_LEASE_S = 3600.0
+
+
+@dataclass
+class Lease:
+    """A fleet rotation's hold on this pool: other owners may not rotate it meanwhile."""
+
+    owner: str
+    expires: float  # monotonic
+
+
 class Commands:
     def __init__(self, pool: PoolHandle, rotations: RotationController,
-                 registry: Registry) -> None:
+                 registry: Registry, clock: Callable[[], float] = time.monotonic) -> None:
         self.pool = pool
         self.rotations = rotations
         self.registry = registry
+        self.clock = clock
+        self._lease: Lease | None = None
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -68,6 +83,7 @@ class Commands:
             "rotation": self.rotation,
             "promote": self.promote,
             "rollback": self.rollback,
+            "lease": self.lease,
             "load": self.load,
             "unload": self.unload,
             "versions": self.versions,
@@ -80,7 +96,7 @@ class Commands:
     # -- seeing ------------------------------------------------------------------------------
 
     def status(self, _req: dict) -> dict:
-        return status_document(self.pool.snapshot())
+        return {**status_document(self.pool.snapshot()), "lease": self._lease_view()}
 
     def health(self, req: dict) -> dict:
         try:
@@ -100,6 +116,7 @@ class Commands:
         return {"stopping": True}
 
     def rotate(self, req: dict) -> dict:
+        self._check_lease(req)
         try:
             bake_limits = bake_limits_of(req)
         except (TypeError, ValueError) as exc:
@@ -147,7 +164,8 @@ class Commands:
         self.registry.save()
         return {"rotation": self.rotations.status()}
 
-    def promote(self, _req: dict) -> dict:
+    def promote(self, req: dict) -> dict:
+        self._check_lease(req)
         try:
             self.rotations.promote()
         except RotationError as exc:
@@ -156,6 +174,7 @@ class Commands:
 
     def rollback(self, req: dict) -> dict:
         """Abort a rotation or canary in progress, else rotate back to the previous version."""
+        self._check_lease(req)
         try:
             if self.rotations.rollback() is not None:
                 return {"rotation": self.rotations.status(), "kind": "abort"}
@@ -170,6 +189,38 @@ class Commands:
                                 strategy="auto", drain_timeout_s=DEFAULT_DRAIN_TIMEOUT_S,
                                 canary=None, allow_dim_change=True, gated=False)
         return {**reply, "kind": "rotate"}
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def lease(self, req: dict) -> dict:
+        """Take, renew (`ttl_s`) or `release` this pool's lease for `owner`."""
+        owner = str(req.get("owner") or "")
+        if not owner:
+            raise ControlError("a lease needs an owner")
+        self._check_lease({"lease": owner})
+        if req.get("release"):
+            self._lease = None
+            return {"lease": None}
+        ttl = float(req.get("ttl_s") or 60.0)
+        if not 0 < ttl <= MAX_LEASE_S:
+            raise ControlError(f"a lease lasts between 0 and {MAX_LEASE_S:.0f} seconds")
+        self._lease = Lease(owner, self.clock() + ttl)
+        return {"lease": self._lease_view()}
+
+    def _held(self) -> Lease | None:
+        lease = self._lease
+        return lease if lease is not None and lease.expires > self.clock() else None
+
+    def _check_lease(self, req: dict) -> None:
+        held = self._held()
+        if held is not None and held.owner != req.get("lease"):
+            raise ControlError(f"this pool is leased to {held.owner} (a fleet rotation) for "
+                               f"{held.expires - self.clock():.0f}s more; wait for it to end")
+
+    def _lease_view(self) -> dict[str, Any] | None:
+        held = self._held()
+        return None if held is None else {
+            "owner": held.owner, "expires_in_s": round(held.expires - self.clock(), 1)}
 
     def load(self, req: dict) -> dict:
         """Start workers of a registered version beside the active one (pinned traffic)."""

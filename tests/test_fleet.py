@@ -1,0 +1,229 @@
+"""The fleet rollout's decisions on a fake clock: simulated pools that rotate as a pool's
+control commands say (tests/test_fleet_pools.py runs it on real pools)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pool.control import ControlError
+from pool.fleet import FleetError, FleetRollout, PoolLink
+from pool.judge import BakeLimits
+
+SWITCH_AFTER_S = 2.0  # a simulated rotation: spawn, load, check
+DRAIN_S = 1.0
+REQUESTS_PER_S = 100
+
+
+class Clock:
+    def __init__(self, pools: list[SimPool]) -> None:
+        self.now = 0.0
+        self.pools = pools
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        for _ in range(round(seconds * 10)):
+            self.now += 0.1
+            for pool in self.pools:
+                pool.advance(0.1)
+
+
+class SimPool:
+    """A pool as its control commands show it: a rotation that switches after 2 s, bakes,
+    drains; its replies counted; optionally broken."""
+
+    def __init__(self, name: str, active: str = "v1", *, fails_health: bool = False,
+                 errors_on: str | None = None, unreachable: bool = False) -> None:
+        self.name = name
+        self.active = active
+        self.previous: str | None = None
+        self.fails_health = fails_health
+        self.errors_on = errors_on  # a version that fails a fifth of its requests here
+        self.unreachable = unreachable
+        self.rotation: dict[str, Any] | None = None
+        self.lease: tuple[str, float] | None = None
+        self.ok = self.errors = 0
+        self.t = 0.0
+        self.rotations: list[str] = []  # targets asked for, in order
+        self.started_at: list[float] = []
+
+    def link(self, clock: Clock) -> PoolLink:
+        self.clock = clock
+        return PoolLink(self.name, self.request)
+
+    # -- the control commands ------------------------------------------------------------------
+
+    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        if self.unreachable:
+            raise ControlError(f"the pool did not answer {cmd!r} within 5.0s")
+        if cmd in ("rotate", "rollback", "lease"):
+            self._check_lease(args.get("lease") or args.get("owner"))
+        return getattr(self, f"_{cmd}")(**args)
+
+    def _check_lease(self, owner: str | None) -> None:
+        if self.lease and self.lease[1] > self.t and self.lease[0] != owner:
+            raise ControlError(f"this pool is leased to {self.lease[0]}")
+
+    def _status(self) -> dict[str, Any]:
+        return {"active": self.active, "rotation": self.rotation, "state": "serving",
+                "requests": {"ok": self.ok, "errors": self.errors,
+                             "errors_by_code": {"internal": self.errors}},
+                "latency_ms": {"p50": 5.0, "p99": 9.0}, "workers": [1, 2]}
+
+    def _rotation(self) -> dict[str, Any]:
+        return {"rotation": self.rotation}
+
+    def _lease(self, owner: str, ttl_s: float = 60.0, release: bool = False) -> dict:
+        self.lease = None if release else (owner, self.t + ttl_s)
+        return {"lease": None}
+
+    def _rotate(self, version: str, lease: str | None = None, bake: float | None = None,
+                **_: Any) -> dict[str, Any]:
+        if self.rotation and self.rotation["outcome"] is None:
+            raise ControlError("a rotation is running")
+        self.rotations.append(version)
+        self.started_at.append(self.clock.now)
+        self.rotation = {"id": len(self.rotations), "source": self.active, "target": version,
+                         "phase": "loading", "outcome": None, "reason": None,
+                         "since": self.t, "bake": bake}
+        return {"rotation": self.rotation}
+
+    def _rollback(self, lease: str | None = None) -> dict[str, Any]:
+        rot = self.rotation
+        if rot and rot["outcome"] is None and rot["phase"] in ("loading", "baking"):
+            if rot["phase"] == "baking":
+                self.active = rot["source"]
+            rot.update(phase="rolling_back", outcome="rolled_back", reason="rolled back")
+            return {"rotation": rot}
+        raise ControlError("nothing to roll back")
+
+    # -- time passing -------------------------------------------------------------------------
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+        failing = self.errors_on is not None and self.active == self.errors_on
+        per_tick = int(REQUESTS_PER_S * dt)
+        bad = per_tick // 5 if failing else 0
+        self.ok += per_tick - bad
+        self.errors += bad
+        rot = self.rotation
+        if rot is None or rot["outcome"] is not None:
+            return
+        elapsed = self.t - rot["since"]
+        if rot["phase"] == "loading" and elapsed >= SWITCH_AFTER_S:
+            if self.fails_health:
+                rot.update(outcome="rolled_back", phase="failed",
+                           reason="health check: scores off")
+                return
+            self.previous, self.active = self.active, rot["target"]
+            rot["phase"], rot["since"] = ("baking" if rot["bake"] else "draining"), self.t
+        elif rot["phase"] == "baking" and elapsed >= rot["bake"]:
+            rot["phase"], rot["since"] = "draining", self.t
+        elif rot["phase"] == "draining" and elapsed >= DRAIN_S:
+            rot.update(phase="done", outcome="done")
+
+
+def rollout(pools: list[SimPool], **options: Any) -> tuple[FleetRollout, Clock]:
+    clock = Clock(pools)
+    links = [pool.link(clock) for pool in pools]
+    return FleetRollout(links, "v2", "/models/v2", clock=clock, sleep=clock.sleep,
+                        **options), clock
+
+
+def test_a_fleet_rotates_a_canary_first_then_one_pool_at_a_time() -> None:
+    pools = [SimPool("a"), SimPool("b"), SimPool("c")]
+    fleet, _ = rollout(pools, bake_s=5.0)
+    report = fleet.run()
+    assert report.outcome == "done", report.reason
+    assert [p.active for p in pools] == ["v2"] * 3
+    assert [p.phase for p in report.pools] == ["done"] * 3
+    starts = [p.started_at[0] for p in pools]
+    assert starts == sorted(starts)
+    # The canary baked before the next pool started; the others rotated one after another.
+    assert starts[1] - starts[0] >= SWITCH_AFTER_S + 5.0
+    assert starts[2] - starts[1] >= SWITCH_AFTER_S + DRAIN_S
+    assert pools[0].rotation["bake"] == 5.0 and pools[1].rotation["bake"] is None
+    assert report.canary is not None and not report.canary["regressed"]
+    assert report.traffic and report.traffic[-1].versions == {"a": "v2", "b": "v2", "c": "v2"}
+    assert all(point.errors == 0 for point in report.traffic)
+    assert all(p.lease is None for p in pools), "leases are released"
+
+
+def test_max_parallel_rotates_the_rest_together() -> None:
+    pools = [SimPool(name) for name in "abcde"]
+    fleet, _ = rollout(pools, max_parallel=2)
+    assert fleet.run().outcome == "done"
+    starts = [p.started_at[0] for p in pools]
+    assert starts[1] == starts[2] and starts[3] == starts[4] and starts[3] > starts[2]
+
+
+def test_a_version_failing_on_the_second_pool_ends_with_v1_everywhere() -> None:
+    pools = [SimPool("a"), SimPool("b", fails_health=True), SimPool("c")]
+    fleet, _ = rollout(pools)
+    report = fleet.run()
+    assert report.outcome == "rolled_back"
+    assert "b: rotation to v2 rolled_back: health check: scores off" in report.reason
+    assert [p.active for p in pools] == ["v1"] * 3
+    assert pools[0].rotations == ["v2", "v1"], "the canary rotated back"
+    assert pools[2].rotations == [], "the rollout stopped before c"
+    assert [p.phase for p in report.pools] == ["rolled_back", "rolled_back", "waiting"]
+
+
+def test_a_canary_that_fails_more_than_the_rest_of_the_fleet_is_switched_back() -> None:
+    pools = [SimPool("a", errors_on="v2"), SimPool("b"), SimPool("c")]
+    fleet, _ = rollout(pools, bake_s=30.0, limits=BakeLimits(max_error_rate=0.01))
+    report = fleet.run()
+    assert report.outcome == "rolled_back"
+    assert report.reason.startswith("canary a regressed against the rest of the fleet")
+    assert report.canary["regressed"] and report.canary["candidate"]["errors"] > 0
+    assert [p.active for p in pools] == ["v1"] * 3
+    assert pools[1].rotations == [] and pools[2].rotations == []
+    # Switched back during its bake, well before the bake's end.
+    assert pools[0].rotation["outcome"] == "rolled_back"
+    assert report.seconds < SWITCH_AFTER_S + 30.0
+
+
+def test_running_it_again_after_an_interruption_continues_without_a_second_canary() -> None:
+    pools = [SimPool("a", active="v2"), SimPool("b"), SimPool("c")]
+    fleet, _ = rollout(pools, bake_s=5.0)
+    report = fleet.run()
+    assert report.outcome == "done"
+    assert report.source == "v1"
+    assert pools[0].rotations == [] and report.pools[0].phase == "on_target"
+    assert pools[1].rotation["bake"] is None, "a pool already serves v2: no canary again"
+    assert [p.active for p in pools] == ["v2"] * 3
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unreachable", "cannot reach every pool, nothing was changed: b: the pool did not"),
+    ("mixed", "the pools serve different versions (a on v1, b on v3)"),
+    ("rotating", "b is rotating (rotation 1 to v9, loading)"),
+    ("leased", "b: this pool is leased to fleet-other"),
+])
+def test_bad_fleets_are_refused_and_nothing_changes(case: str, message: str) -> None:
+    pools = [SimPool("a"), SimPool("b", unreachable=case == "unreachable",
+                                   active="v3" if case == "mixed" else "v1")]
+    fleet, _ = rollout(pools)
+    if case == "rotating":
+        pools[1]._rotate("v9")
+    if case == "leased":
+        pools[1].lease = ("fleet-other", 60.0)
+    with pytest.raises(FleetError) as raised:
+        fleet.run()
+    assert message in str(raised.value)
+    assert pools[0].rotations == [] and pools[0].active == "v1"
+    assert pools[0].lease is None, "a lease taken before the refusal is given back"
+
+
+def test_a_fleet_needs_distinct_pools_and_a_parallelism() -> None:
+    pool = SimPool("a")
+    clock = Clock([pool])
+    with pytest.raises(FleetError, match="named twice"):
+        FleetRollout([pool.link(clock), pool.link(clock)], "v2", None)
+    with pytest.raises(FleetError, match="no pools"):
+        FleetRollout([], "v2", None)
+    with pytest.raises(FleetError, match="max-parallel"):
+        FleetRollout([pool.link(clock)], "v2", None, max_parallel=0)
