@@ -584,6 +584,108 @@ def follow_rotation(state_dir: Path, rot: dict, wait: bool, timeout: float, as_j
         raise typer.Exit(1)
 
 
+# -- fleets ------------------------------------------------------------------------------------
+
+fleet_app = typer.Typer(help="Several pools as one service: status, rotate, rollback.",
+                        no_args_is_help=True)
+app.add_typer(fleet_app, name="fleet")
+PoolsOpt = Annotated[str, typer.Option(
+    "--pools", envvar="ZEROPOOL_POOLS", help="Comma-separated pools: control endpoints "
+    "(tcp://HOST:PORT, with --server-key/--client-key), dns://NAME:PORT (every address of "
+    "the name), or local state directories.")]
+MaxParallelOpt = Annotated[int, typer.Option(help="Pools rotating at once after the canary.",
+                                             min=1)]
+
+
+def fleet_links(pools: str, as_json: bool) -> list:
+    from cli.fleet import pool_entries, pool_links
+    from pool.fleet import FleetError
+
+    try:
+        return pool_links(pool_entries(pools), None)
+    except FleetError as exc:
+        fail(str(exc), as_json, "usage", exit_code=2)
+
+
+@fleet_app.command("status")
+def fleet_status_command(pools: PoolsOpt, as_json: JsonOpt = False) -> None:
+    """One row per pool: version, state, traffic, rotation; exit 1 if one is unreachable."""
+    from cli.fleet import print_fleet_status
+    from pool.fleet import fleet_status
+
+    rows = fleet_status(fleet_links(pools, as_json))
+    ok = all(row["reachable"] for row in rows)
+    if as_json:
+        emit_json({"ok": ok, "pools": rows})
+    else:
+        print_fleet_status(out, rows)
+    if not ok:
+        raise typer.Exit(1)
+
+
+@fleet_app.command("rotate")
+def fleet_rotate(
+    pools: PoolsOpt,
+    version: Annotated[str, typer.Option("--version", "-v", help="Version to rotate to.")],
+    path: Annotated[str | None, typer.Option(help="Model directory (the same on every pool), "
+                                             "registering the version.")] = None,
+    bake: Annotated[float | None, typer.Option(
+        help="Bake the canary pool this many seconds, judged against its old version and "
+        "the rest of the fleet.", min=0.1)] = None,
+    max_parallel: MaxParallelOpt = 1,
+    strategy: Annotated[str, typer.Option(help="surge | rolling | auto")] = "auto",
+    max_error_rate: Annotated[float, typer.Option(min=0, max=1, help="With --bake: errors "
+                              "the canary may have beyond the others'.")] = DEFAULT_MAX_ERROR_RATE,
+    max_p99_ratio: Annotated[float, typer.Option(min=1, help="With --bake: the canary's p99 "
+                             "against the others', at most.")] = DEFAULT_MAX_P99_RATIO,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rotate every pool: one canary first (baked), then the rest --max-parallel at a time;
+    any failure rotates every rotated pool back. Run it again to continue an interrupted one."""
+    from pool.fleet import FleetRollout
+    from pool.judge import BakeLimits
+
+    run_fleet(lambda links, progress: FleetRollout(
+        links, version, path, bake_s=bake, max_parallel=max_parallel, strategy=strategy,
+        limits=BakeLimits(max_error_rate, max_p99_ratio), on_progress=progress),
+        pools, as_json)
+
+
+@fleet_app.command("rollback")
+def fleet_rollback(
+    pools: PoolsOpt,
+    to: Annotated[str | None, typer.Option(help="Version every pool returns to (default: "
+                                           "the pools' previous version).")] = None,
+    max_parallel: MaxParallelOpt = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Return every pool to one version, one pool (or --max-parallel) at a time."""
+    from pool.fleet import FleetRollout, previous_version
+
+    def make(links: list, progress: Any) -> FleetRollout:
+        return FleetRollout(links, to or previous_version(links), None,
+                            max_parallel=max_parallel, on_progress=progress)
+
+    run_fleet(make, pools, as_json)
+
+
+def run_fleet(make: Any, pools: str, as_json: bool) -> None:
+    from cli.fleet import print_report, progress_printer
+    from pool.fleet import FleetError
+
+    links = fleet_links(pools, as_json)
+    try:
+        report = make(links, None if as_json else progress_printer(out)).run()
+    except FleetError as exc:
+        fail(str(exc), as_json, "fleet")
+    if as_json:
+        emit_json({"ok": report.outcome == "done", "report": report.as_dict()})
+    else:
+        print_report(out, report)
+    if report.outcome != "done":
+        raise typer.Exit(1)
+
+
 # -- the version registry -------------------------------------------------------------------
 
 versions_app = typer.Typer(help="The version registry (versions.json in the state directory).",

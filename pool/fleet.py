@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -320,6 +321,11 @@ class FleetRollout:
             raise FleetError("cannot reach every pool, nothing was changed: " +
                              "; ".join(problems))
         for link in self.pools:
+            lease = statuses[link.name].get("lease") or {}
+            if lease and lease.get("owner") != self.owner:
+                raise FleetError(f"{link.name} is leased to {lease.get('owner')} (another fleet "
+                                 f"rotation) for {lease.get('expires_in_s')}s more: wait for "
+                                 "it to end; nothing was changed")
             rotation = statuses[link.name].get("rotation") or {}
             if rotation and rotation.get("outcome") is None:
                 raise FleetError(f"{link.name} is rotating (rotation {rotation.get('id')} to "
@@ -399,6 +405,27 @@ class FleetRollout:
     def _progress(self) -> None:
         if self.on_progress is not None:
             self.on_progress(self.report)
+
+
+def previous_version(pools: Sequence[PoolLink]) -> str:
+    """What a fleet rollback returns to: the previous version of the pools on the fleet's
+    newest version (the one most pools serve). FleetError if that is not one version."""
+    statuses = []
+    for link in pools:
+        try:
+            statuses.append(link.request("status"))
+        except Exception as exc:
+            raise FleetError(f"cannot reach {link.name}: {exc}") from None
+    actives = Counter(s.get("active") for s in statuses).most_common()
+    if len(actives) > 1 and actives[0][1] == actives[1][1]:
+        raise FleetError("as many pools serve one version as another: name the version to "
+                         "return to with --to")
+    newest = actives[0][0]
+    previous = {s.get("previous") for s in statuses if s.get("active") == newest} - {None}
+    if len(previous) != 1:
+        raise FleetError(f"the pools on {newest} have no one previous version "
+                         f"({', '.join(sorted(previous)) or 'none'}): name it with --to")
+    return previous.pop()
 
 
 def fleet_status(pools: Sequence[PoolLink]) -> list[dict[str, Any]]:

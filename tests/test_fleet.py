@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
+from cli.fleet import pool_entries, pool_links
 from pool.control import ControlError
-from pool.fleet import FleetError, FleetRollout, PoolLink
+from pool.fleet import FleetError, FleetRollout, PoolLink, previous_version
 from pool.judge import BakeLimits
 
 SWITCH_AFTER_S = 2.0  # a simulated rotation: spawn, load, check
@@ -68,7 +69,10 @@ class SimPool:
             raise ControlError(f"this pool is leased to {self.lease[0]}")
 
     def _status(self) -> dict[str, Any]:
-        return {"active": self.active, "rotation": self.rotation, "state": "serving",
+        return {"active": self.active, "previous": self.previous, "rotation": self.rotation,
+                "state": "serving",
+                "lease": self.lease and {"owner": self.lease[0],
+                                         "expires_in_s": self.lease[1] - self.t},
                 "requests": {"ok": self.ok, "errors": self.errors,
                              "errors_by_code": {"internal": self.errors}},
                 "latency_ms": {"p50": 5.0, "p99": 9.0}, "workers": [1, 2]}
@@ -201,7 +205,7 @@ def test_running_it_again_after_an_interruption_continues_without_a_second_canar
     ("unreachable", "cannot reach every pool, nothing was changed: b: the pool did not"),
     ("mixed", "the pools serve different versions (a on v1, b on v3)"),
     ("rotating", "b is rotating (rotation 1 to v9, loading)"),
-    ("leased", "b: this pool is leased to fleet-other"),
+    ("leased", "b is leased to fleet-other (another fleet rotation)"),
 ])
 def test_bad_fleets_are_refused_and_nothing_changes(case: str, message: str) -> None:
     pools = [SimPool("a"), SimPool("b", unreachable=case == "unreachable",
@@ -227,3 +231,28 @@ def test_a_fleet_needs_distinct_pools_and_a_parallelism() -> None:
         FleetRollout([], "v2", None)
     with pytest.raises(FleetError, match="max-parallel"):
         FleetRollout([pool.link(clock)], "v2", None, max_parallel=0)
+
+
+def test_a_fleet_rollback_returns_every_pool_to_the_previous_version() -> None:
+    pools = [SimPool(name) for name in "abc"]
+    fleet, _ = rollout(pools)
+    assert fleet.run().outcome == "done"
+    back, _ = rollout(pools)
+    back.target = previous_version([pool.link(back.clock) for pool in pools])
+    assert back.target == "v1"
+    report = back.run()
+    assert report.outcome == "done" and [p.active for p in pools] == ["v1"] * 3
+
+
+def test_pools_are_named_by_endpoint_state_directory_or_dns_name() -> None:
+    resolve = {("pools.zp.svc", 5560): ["10.0.0.7", "10.0.0.5"]}
+    entries = pool_entries("tcp://10.0.0.9:5560, /srv/zp/a,dns://pools.zp.svc:5560",
+                           resolve=lambda name, port: resolve[(name, port)])
+    assert entries == ["tcp://10.0.0.9:5560", "/srv/zp/a", "tcp://10.0.0.5:5560",
+                       "tcp://10.0.0.7:5560"]
+    with pytest.raises(FleetError, match="no pool"):
+        pool_entries(" , ")
+    with pytest.raises(FleetError, match="expected dns://NAME:PORT"):
+        pool_entries("dns://pools")
+    with pytest.raises(FleetError, match="operator's keys"):
+        pool_links(["tcp://10.0.0.9:5560"], None)

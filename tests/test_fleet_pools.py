@@ -1,0 +1,130 @@
+"""`pool fleet` on real pools: three `pool serve` processes under load, each pool named by its
+state directory (remote pools by endpoint are tests/test_remote_control.py's)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import Load, RunningPool, run_cli, wait_for
+
+pytestmark = pytest.mark.slow
+LOAD_RATE = 100.0  # per pool: three pools and their loads share the CI's two cores
+
+
+def fleet(pools: list[RunningPool], *args: str, timeout: float = 240) -> tuple[int, dict]:
+    names = ",".join(str(pool.state_dir) for pool in pools)
+    done = run_cli("fleet", *args, "--pools", names, "--json", env=pools[0].env,
+                   timeout=timeout)
+    return done.returncode, json.loads(done.stdout) if done.stdout else {"err": done.stderr}
+
+
+def three_pools(pool_factory, models: dict[str, Path]) -> list[RunningPool]:
+    return [pool_factory(models["v1"], workers=1) for _ in range(3)]
+
+
+def loads_on(pools: list[RunningPool]) -> list[Load]:
+    return [Load(pool.endpoint, in_flight=8, max_rate=LOAD_RATE).start() for pool in pools]
+
+
+def test_a_fleet_rotation_under_load_fails_nothing_and_reports_each_pool(
+    pool_factory, models: dict[str, Path]
+) -> None:
+    pools = three_pools(pool_factory, models)
+    loads = loads_on(pools)
+    time.sleep(1.5)
+    code, reply = fleet(pools, "rotate", "--version", "v2", "--path", str(models["v2"]),
+                        "--bake", "2")
+    time.sleep(0.5)
+    for load in loads:
+        load.stop()
+    assert code == 0, reply
+    report = reply["report"]
+    assert report["outcome"] == "done" and report["source"] == "v1"
+    assert [p["phase"] for p in report["pools"]] == ["done"] * 3
+    canary = report["pools"][0]["rotation"]
+    assert canary["bake"]["seconds"] == 2 and "baking" in canary["timings"]
+    assert report["pools"][1]["started_s"] >= report["pools"][0]["finished_s"]
+    assert report["traffic"] and not report["canary"]["regressed"]
+    for load in loads:
+        assert load.errors() == [] and load.lost == 0
+        assert load.versions() == {"v1", "v2"}
+    assert {pool.status()["active"] for pool in pools} == {"v2"}
+    code, status = fleet(pools, "status")
+    assert code == 0 and {row["active"] for row in status["pools"]} == {"v2"}
+    assert all(row["lease"] is None for row in status["pools"]), "leases released"
+
+
+def test_a_version_failing_its_check_on_the_second_pool_leaves_the_fleet_on_v1(
+    pool_factory, models: dict[str, Path], tmp_path: Path
+) -> None:
+    pools = three_pools(pool_factory, models)
+    # The second pool expects v2 to score a pair as it never does: its health check fails.
+    golden = tmp_path / "golden.json"
+    golden.write_text(json.dumps({"pairs": [["今天天气真好", "今日阳光明媚"]],
+                                  "scores": [-0.5], "tolerance": 0.01}))
+    for i, pool in enumerate(pools):
+        expect = ["--expect", str(golden)] if i == 1 else []
+        added = run_cli("versions", "add", "v2", "--path", str(models["v2"]), *expect,
+                        env=pool.env)
+        assert added.returncode == 0, added.stderr
+    loads = loads_on(pools)
+    time.sleep(1.0)
+    code, reply = fleet(pools, "rotate", "--version", "v2")
+    for load in loads:
+        load.stop()
+    assert code == 1, reply
+    report = reply["report"]
+    assert report["outcome"] == "rolled_back"
+    assert str(pools[1].state_dir) in report["reason"] and "expected -0.5000" in report["reason"]
+    assert [p["phase"] for p in report["pools"]] == ["rolled_back", "rolled_back", "waiting"]
+    assert [pool.status()["active"] for pool in pools] == ["v1", "v1", "v1"]
+    for load in loads:
+        assert load.errors() == [] and load.lost == 0
+
+
+def test_a_second_fleet_rotation_or_a_plain_rotate_is_refused_while_one_runs(
+    pool_factory, models: dict[str, Path]
+) -> None:
+    pools = [pool_factory(models["v1"], workers=1) for _ in range(2)]
+    names = ",".join(str(pool.state_dir) for pool in pools)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "fleet", "rotate", "--pools", names, "--version",
+         "v2", "--path", str(models["v2"]), "--bake", "3", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=pools[0].env)
+    try:
+        wait_for(lambda: all(pool.status()["lease"] for pool in pools), 60,
+                 "the first rollout did not lease its pools")
+        code, reply = fleet(pools, "rotate", "--version", "v3", "--path", str(models["v2"]))
+        assert code == 1 and "leased to fleet-" in reply["error"]["message"], reply
+        assert "nothing was changed" in reply["error"]["message"]
+        plain = run_cli("rotate", "--version", "v3", "--path", str(models["v2"]), "--json",
+                        env=pools[1].env)
+        assert plain.returncode == 1 and "leased to fleet-" in plain.stdout
+        out, _ = first.communicate(timeout=240)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, out
+    assert json.loads(out)["report"]["outcome"] == "done"
+    assert [pool.status()["active"] for pool in pools] == ["v2", "v2"]
+    assert all(pool.status()["lease"] is None for pool in pools)
+
+
+def test_a_fleet_with_a_pool_mid_rotation_is_refused_untouched(
+    pool_factory, models: dict[str, Path]
+) -> None:
+    pools = [pool_factory(models["v1"], workers=1) for _ in range(2)]
+    held = run_cli("rotate", "--version", "v2", "--path", str(models["v2"]), "--no-wait",
+                   "--json", env=pools[1].env)
+    assert held.returncode == 0, held.stderr
+    code, reply = fleet(pools, "rotate", "--version", "v2", "--path", str(models["v2"]))
+    assert code == 1 and "is rotating" in reply["error"]["message"]
+    assert "nothing was changed" in reply["error"]["message"]
+    assert pools[0].status()["active"] == "v1"
