@@ -906,12 +906,26 @@ def http_door(
     timeout: Annotated[float, typer.Option(
         "--timeout", min=0.01,
         help="Seconds to wait for the pool's reply; beyond: 503.")] = HTTP_POOL_TIMEOUT_S,
+    tls_cert: Annotated[Path | None, typer.Option(
+        "--tls-cert", help="HTTPS: the certificate (PEM, chain first) the door presents.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        "--tls-key", help="HTTPS: the certificate's private key (PEM).")] = None,
     server_key: ServerKeyOpt = None,
     client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """OpenAI- and TEI-compatible HTTP API in front of the pool (docs/http.md)."""
-    from router.http import HttpSettings, is_loopback, load_tokens, run
+    from router.http import HttpSettings, Tls, is_loopback, load_tokens, run
+
+    tls = None
+    if (tls_cert is None) != (tls_key is None):
+        fail("HTTPS needs both --tls-cert and --tls-key", as_json, "usage", exit_code=2)
+    if tls_cert is not None and tls_key is not None:
+        tls = Tls(tls_cert, tls_key)
+        try:
+            tls.check()
+        except ValueError as exc:
+            fail(f"--tls-cert/--tls-key: {exc}", as_json, "usage", exit_code=2)
 
     tokens: frozenset[str] = frozenset()
     if token_file is not None:
@@ -919,12 +933,15 @@ def http_door(
             tokens = load_tokens(token_file)
         except (OSError, ValueError) as exc:
             fail(f"--token-file: {exc}", as_json, "usage", exit_code=2)
-    url = f"http://{host}:{port}"
+    url = f"{'https' if tls else 'http'}://{host}:{port}"
     if not tokens and not is_loopback(host):
         if not insecure:
             fail(f"{host} is not a loopback address: give --token-file, or --insecure to "
                  "serve without authentication", as_json, "usage", exit_code=2)
         err.print(f"[bold red]{INSECURE_WARNING.format(host=host, url=url)}[/]")
+    elif tokens and tls is None and not is_loopback(host):
+        err.print(f"[bold yellow]warning: bearer tokens cross the network in clear text on "
+                  f"{url}: give --tls-cert and --tls-key (or put a TLS proxy in front)[/]")
     settings = HttpSettings(endpoint, tokens, max_body_bytes, timeout,
                             client_keys(server_key, client_key, as_json))
     if as_json:
@@ -933,7 +950,7 @@ def http_door(
         out.print(f"zeropool HTTP on {url} (pool {endpoint}, "
                   f"{'bearer tokens' if tokens else 'no authentication'}); Ctrl-C stops it")
     sys.stdout.flush()
-    run(settings, host, port)
+    run(settings, host, port, tls)
 
 
 # -- the web console ---------------------------------------------------------------------------

@@ -52,6 +52,9 @@ NOT_A_VERSION_TTL_S = 5.0
 # Strict pinning: a request with this header is served by that version or gets 404.
 VERSION_HEADER = "x-zeropool-version"
 RETRY_AFTER_S = "1"
+# On SIGTERM, requests in progress get this long; idle keep-alive connections do not hold
+# the stop (uvicorn would otherwise wait on a client that never closes).
+SHUTDOWN_GRACE_S = 10
 NO_REPLY = "no_reply"
 AUTH_FAILED = "auth_failed"
 JSON = "application/json"
@@ -409,10 +412,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def run(settings: HttpSettings, host: str, port: int) -> None:
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """HTTPS: a PEM certificate (chain) and its private key."""
+
+    cert: Path
+    key: Path
+
+    def check(self) -> None:
+        """ValueError unless both files load as a certificate and its key."""
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert,
+                                                                                self.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"{self.cert} / {self.key}: {exc}") from None
+
+
+def run(settings: HttpSettings, host: str, port: int, tls: Tls | None = None) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn handles both)."""
     import uvicorn
 
     config = uvicorn.Config(build_app(settings), host=host, port=port, access_log=False,
-                            log_level="warning", lifespan="on", timeout_keep_alive=30)
+                            log_level="warning", lifespan="on", timeout_keep_alive=30,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                            ssl_certfile=None if tls is None else str(tls.cert),
+                            ssl_keyfile=None if tls is None else str(tls.key))
     uvicorn.Server(config).run()

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -36,9 +38,12 @@ def free_port() -> int:
 class Door:
     """A `pool http` subprocess on a free loopback port."""
 
-    def __init__(self, endpoint: str, *extra: str, token: str | None = TOKEN) -> None:
+    def __init__(self, endpoint: str, *extra: str, token: str | None = TOKEN,
+                 verify: Path | bool = False, healthy: bool = True) -> None:
+        self.healthy = healthy  # wait for /health to say so, else for any answer
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.verify = verify  # with --tls-cert: the certificate to trust
+        self.url = f"{'https' if verify else 'http'}://127.0.0.1:{self.port}"
         args = ["--endpoint", endpoint, "--port", str(self.port), *extra]
         if token is not None:
             token_file = short_tmpdir() / "tokens"
@@ -51,9 +56,16 @@ class Door:
     def _up(self) -> bool:
         assert self.proc.poll() is None, self.proc.communicate()
         try:
-            return httpx.get(f"{self.url}/health", timeout=5).status_code == 200
+            status = httpx.get(f"{self.url}/health", timeout=5,
+                               verify=self._ssl_context()).status_code
+            return status == 200 or not self.healthy
         except httpx.TransportError:
             return False
+
+    def _ssl_context(self) -> ssl.SSLContext | bool:
+        if not self.verify:
+            return True
+        return ssl.create_default_context(cafile=str(self.verify))
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -316,3 +328,79 @@ def test_the_door_counts_its_answers_for_prometheus(door: Door) -> None:
     assert 'zeropool_http_requests_total{route="/v1/embeddings",status="200"}' in text
     assert 'zeropool_http_requests_total{route="/v1/models",status="401"}' in text
     assert 'zeropool_http_request_seconds_count{route="/v1/embeddings"}' in text
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "door.crt", directory / "door.key"
+    done = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_the_door_serves_https_with_the_given_certificate(pool: RunningPool) -> None:
+    from openai import DefaultHttpxClient, OpenAI
+
+    cert, key = self_signed(short_tmpdir())
+    door = Door(pool.endpoint, "--tls-cert", str(cert), "--tls-key", str(key), verify=cert)
+    try:
+        client = OpenAI(base_url=f"{door.url}/v1", api_key=TOKEN,
+                        http_client=DefaultHttpxClient(verify=door._ssl_context()))
+        got = client.embeddings.create(model="default", input=SENTENCES[:2])
+        with Client(pool.endpoint) as zmq_client:
+            want = zmq_client.embed(SENTENCES[:2]).embeddings
+        client.close()
+        for row, vector in zip(got.data, want, strict=True):
+            assert max(abs(a - b) for a, b in zip(row.embedding, vector, strict=True)) < 1e-6
+        # Plain HTTP on the TLS port is refused; so is a client that does not trust the cert.
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{door.port}/health", timeout=5)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{door.url}/health", timeout=5)
+    finally:
+        door.stop()
+    done = run_cli("http", "--tls-cert", str(cert), "--endpoint", pool.endpoint, "--json",
+                   env=pool.env)
+    assert done.returncode == 2 and "both --tls-cert and --tls-key" in done.stdout
+    done = run_cli("http", "--tls-cert", str(key), "--tls-key", str(key), "--endpoint",
+                   pool.endpoint, "--json", env=pool.env)
+    assert done.returncode == 2 and "--tls-cert/--tls-key" in done.stdout
+
+
+def test_the_door_reaches_a_curve_pool_with_its_keys_and_says_when_refused(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    from router.keys import create_keys
+    from tests.support import start_pool, stop_pool
+
+    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    allow.mkdir()
+    for name in ("server", "door", "stranger"):
+        create_keys(keys, name)
+    shutil.copy(keys / "door.key", allow)
+    pool = start_pool(models["v1"], "--curve-secret-key", str(keys / "server.key_secret"),
+                      "--curve-allow", str(allow), workers=1, wait=False)
+    doors = []
+    try:
+        wait_for(lambda: run_cli("health", "--json", env=pool.env).returncode == 0, 120,
+                 "the Curve pool to serve")
+        for name in ("door", "stranger"):
+            doors.append(Door(pool.endpoint, "--server-key", str(keys / "server.key"),
+                              "--client-key", str(keys / f"{name}.key_secret"),
+                              healthy=name == "door"))
+        allowed, refused = (httpx.Client(base_url=door.url, headers=auth(), timeout=60)
+                            for door in doors)
+        body = {"model": "default", "input": SENTENCES[0]}
+        response = allowed.post("/v1/embeddings", json=body)
+        assert response.status_code == 200, response.text
+        assert len(response.json()["data"][0]["embedding"]) > 0
+        response = refused.post("/v1/embeddings", json=body)
+        assert response.status_code == 503
+        assert "Curve" in response.json()["error"]["message"]
+    finally:
+        for door in doors:
+            door.stop()
+        assert stop_pool(pool) == 0
