@@ -294,10 +294,10 @@ class _ConnectionWatch:
         elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.handshake_ok = True
         elif kind == zmq.EVENT_CONNECT_RETRIED and not self.connected:
-            # Connection refused: nothing listens there (a pool answers at once when up).
-            raise PoolUnreachable(f"no pool control socket at {self.endpoint}: the connection "
-                                  "was refused (is the pool running with --control-bind, "
-                                  "on that port?)")
+            # Refused or unreachable: nothing to wait for (a pool that is up accepts at once).
+            raise PoolUnreachable(f"cannot connect to {self.endpoint}: connection refused or "
+                                  "host unreachable (is the pool running with --control-bind "
+                                  "on that address and port?)")
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             raise ControlAuthFailed(
                 f"{self.endpoint} refused this operator key (ZAP {value}): it is not among the "
@@ -318,4 +318,5 @@ class _ConnectionWatch:
             return (f"{self.endpoint} accepted the connection but the CurveZMQ handshake did "
                     f"not complete within {timeout_s}s: is --server-key the pool's control "
                     "public key, and the endpoint its --control-bind?")
-        return f"the pool at {self.endpoint} did not answer {cmd!r} within {timeout_s}s"
+        return (f"{self.endpoint} did not answer {cmd!r} within {timeout_s}s: is it the "
+                "pool's --control-bind (not its frontend), and is the pool stuck?")
