@@ -936,7 +936,9 @@ UI_STOP_GRACE_S = 10.0  # after SIGINT/SIGTERM, how long Streamlit may take befo
 
 
 @app.command()
+@operator_command
 def ui(
+    pool: ControlTarget,
     endpoint: EndpointOpt = config.DEFAULT_BIND,
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     port: Annotated[int, typer.Option(help="HTTP port of the page.", min=1, max=65535)] = 8501,
@@ -945,7 +947,9 @@ def ui(
     client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The web console (Streamlit): similarity form, version operations and live status."""
+    """The web console (Streamlit): similarity form, version operations and live status
+    (through --state-dir's pool, or --pool's: the keys are then the frontend's and the
+    control's)."""
     import importlib.util
 
     if importlib.util.find_spec("streamlit") is None:
@@ -953,6 +957,9 @@ def ui(
     env = {**os.environ, ENDPOINT_ENV: endpoint, config.STATE_ENV: str(state_dir)}
     if client_keys(server_key, client_key, as_json) is not None:  # checked here, used there
         env |= {SERVER_KEY_ENV: str(server_key), CLIENT_KEY_ENV: str(client_key)}
+    env.pop(POOL_ENV, None)
+    if pool.is_remote:
+        env[POOL_ENV] = str(pool.endpoint)
     url = f"http://{host}:{port}"
     if as_json:
         emit_json({"url": url})
