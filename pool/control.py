@@ -33,6 +33,9 @@ log = logging.getLogger("zeropool.control")
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 DEFAULT_CONTROL_TIMEOUT_S = 10.0
 POOL_ENV = "ZEROPOOL_POOL"  # a remote pool's control endpoint, for operator commands
+# The largest frame the TCP control socket reads: commands are small JSON (a registry import,
+# a golden file), and a bigger frame from afar only costs the pool memory.
+REMOTE_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # Commands that only read: a remote operator's others are logged with their key.
 READ_ONLY_COMMANDS = frozenset({"status", "health", "rotation", "versions"})
 
@@ -137,6 +140,7 @@ class RemoteControl(ControlServer):
             raise
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, REMOTE_MAX_MESSAGE_BYTES)
         self.curve.apply(sock)
         try:
             sock.bind(endpoint)
