@@ -16,7 +16,15 @@ from rich.console import Console
 from rich.table import Table
 
 from pool import config
-from pool.control import ControlError, PoolNotRunning, control_request
+from pool.control import (
+    POOL_ENV,
+    ControlAuthFailed,
+    ControlError,
+    ControlTarget,
+    PoolNotRunning,
+    PoolUnreachable,
+    control_request,
+)
 from pool.judge import DEFAULT_MAX_ERROR_RATE, DEFAULT_MAX_P99_RATIO
 from router.client import (
     VERDICT_RELATED,
@@ -239,20 +247,103 @@ def ping(
 
 # -- operator commands -------------------------------------------------------------------
 
+PoolOpt = Annotated[str | None, typer.Option(
+    "--pool", envvar=POOL_ENV, help="A remote pool's control endpoint (its --control-bind, "
+    "tcp://HOST:PORT), instead of the local pool of --state-dir: CurveZMQ, with --server-key "
+    "(the pool's control public key) and --client-key (your operator .key_secret).")]
+# Where an operator command's control connection goes, declared once: `operator_command`
+# gives each command these options (those it does not declare itself) and one ControlTarget.
+CONTROL_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
+    ("state_dir", StateDirOpt, DEFAULT_STATE_DIR),
+    ("pool_endpoint", PoolOpt, None),
+    ("server_key", Annotated[Path | None, typer.Option(
+        "--server-key", envvar=SERVER_KEY_ENV, help="With --pool: the pool's control public "
+        "key file (the .key of its --control-secret-key, by default its server.key).")], None),
+    ("client_key", Annotated[Path | None, typer.Option(
+        "--client-key", envvar=CLIENT_KEY_ENV, help="With --pool: your operator .key_secret "
+        "(its .key is in the pool's --operator-keys).")], None),
+)
 
-def control(state_dir: Path, cmd: str, as_json: bool, **args: Any) -> dict:
+
+def operator_command(command: Any) -> Any:
+    """A command that talks to a pool's control socket. `command` takes `pool: ControlTarget`
+    instead of the options of CONTROL_OPTIONS, which the CLI shows on it (as `pool serve`'s
+    signature is generated from its settings); one it declares itself (calibrate's keys, also
+    used on the frontend) is given to it as well."""
+    signature = inspect.signature(command, eval_str=True)
+    own = signature.parameters
+    params = [p for name, p in own.items() if name != "pool"]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                 annotation=kind)
+               for name, kind, default in CONTROL_OPTIONS if name not in own]
+
+    def run(**options: Any) -> Any:
+        where = {name: options[name] if name in own else options.pop(name)
+                 for name, _, _ in CONTROL_OPTIONS}
+        options["pool"] = control_target(**where, as_json=options.get("as_json", False))
+        return command(**options)
+
+    run.__name__, run.__qualname__ = command.__name__, command.__qualname__
+    run.__doc__, run.__module__ = command.__doc__, command.__module__
+    run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    return run
+
+
+def control_target(state_dir: Path, pool_endpoint: str | None, server_key: Path | None,
+                   client_key: Path | None, as_json: bool) -> ControlTarget:
+    """The local pool of --state-dir, or with --pool a remote one over CurveZMQ."""
+    if not pool_endpoint:
+        return ControlTarget.local(state_dir)
+    if server_key is None or client_key is None:
+        fail(f"--pool {pool_endpoint}: remote control is CurveZMQ only; give --server-key (the "
+             "pool's control public key) and --client-key (your operator .key_secret), or "
+             f"{SERVER_KEY_ENV} and {CLIENT_KEY_ENV}", as_json, "usage", exit_code=2)
+    keys = client_keys(server_key, client_key, as_json)
+    assert keys is not None
     try:
-        return control_request(state_dir, cmd, **args)
+        return ControlTarget.remote(pool_endpoint, keys)
+    except ValueError as exc:
+        fail(str(exc), as_json, "usage", exit_code=2)
+
+
+def control(pool: ControlTarget, cmd: str, as_json: bool, **args: Any) -> dict:
+    try:
+        return control_request(pool, cmd, **args)
     except ControlError as exc:
-        fail(str(exc), as_json, "control")
+        fail_control(exc, as_json)
+
+
+def fail_control(exc: ControlError, as_json: bool, exit_code: int = 1) -> NoReturn:
+    """A control error as the command's error: a refused operator key exits 3 (as a refused
+    producer key does), the rest `exit_code`."""
+    if isinstance(exc, ControlAuthFailed):
+        fail(str(exc), as_json, "auth_failed", exit_code=AUTH_EXIT_CODE)
+    code = ("not_running" if isinstance(exc, PoolNotRunning)
+            else "unreachable" if isinstance(exc, PoolUnreachable) else "control")
+    fail(str(exc), as_json, code, exit_code=exit_code)
+
+
+def pool_model_path(pool: ControlTarget, spec: str | None, as_json: bool) -> str | None:
+    """--path as the pool reads it. A remote pool reads its own filesystem: the path goes as
+    given, and a built-in model is prepared on that machine, not on the operator's."""
+    if spec is None or not pool.is_remote:
+        return optional_model_path(spec, as_json)
+    from pool.builtin import BUILTIN_PREFIX
+
+    if spec.startswith(BUILTIN_PREFIX):
+        fail(f"--path {spec} with --pool: a built-in model is converted where the pool runs; "
+             "give its model directory on the pool's machine (there, `pool versions add "
+             "NAME --path builtin:...` prepares it)", as_json, "usage", exit_code=2)
+    return spec
 
 
 @app.command()
-def status(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
+@operator_command
+def status(pool: ControlTarget, as_json: JsonOpt = False) -> None:
     """The running pool: versions, workers, queue, requests/s, last rotation, the machine."""
     from cli.ops import print_status
 
-    st = control(state_dir, "status", as_json)
+    st = control(pool, "status", as_json)
     if as_json:
         emit_json(st)
     else:
@@ -260,22 +351,22 @@ def status(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False)
 
 
 @app.command()
+@operator_command
 def health(
+    pool: ControlTarget,
     version: Annotated[str | None, typer.Option("--version", "-v", help="Judge this version "
                        "alone (default: the pool).")] = None,
-    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     timeout: TimeoutOpt = 5.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Health per version with reasons, and the machine. Exit 0 healthy, 1 degraded, 2 failed
-    (or not running): usable as a liveness / readiness probe."""
+    (or not running), 3 operator key refused: usable as a liveness / readiness probe."""
     from cli.ops import print_health
 
     try:
-        report = control_request(state_dir, "health", timeout_s=timeout, version=version)
+        report = control_request(pool, "health", timeout_s=timeout, version=version)
     except ControlError as exc:
-        fail(str(exc), as_json, "not_running" if isinstance(exc, PoolNotRunning) else "control",
-             exit_code=2)
+        fail_control(exc, as_json, exit_code=2)
     if as_json:
         emit_json(report)
     else:
@@ -284,9 +375,10 @@ def health(
 
 
 @app.command()
-def stop(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
+@operator_command
+def stop(pool: ControlTarget, as_json: JsonOpt = False) -> None:
     """Stop the pool gracefully: in-flight work finishes, workers exit, registry is flushed."""
-    control(state_dir, "stop", as_json)
+    control(pool, "stop", as_json)
     if as_json:
         emit_json({"ok": True, "stopping": True})
     else:
@@ -439,7 +531,9 @@ PHASE_LABELS = {
 
 
 @app.command()
+@operator_command
 def rotate(
+    pool: ControlTarget,
     version: Annotated[str, typer.Option("--version", "-v", help="Version to rotate to.")],
     path: Annotated[str | None, typer.Option(help="Model directory or builtin:NAME "
                                              "(registers the version).")] = None,
@@ -468,52 +562,55 @@ def rotate(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the rotation to its "
                     "end.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to follow before giving up.")] = 900,
-    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     as_json: JsonOpt = False,
 ) -> None:
     """Replace the serving version without failing a request: spawn, check, switch, (bake,)
     drain."""
-    started = control(state_dir, "rotate", as_json, version=version,
-                      path=optional_model_path(path, as_json),
+    started = control(pool, "rotate", as_json, version=version,
+                      path=pool_model_path(pool, path, as_json),
                       strategy=strategy, workers=workers, drain_timeout=drain_timeout,
                       canary=canary, thresholds=thresholds_option(thresholds, as_json),
-                      eval=eval_option(eval_set), allow_dim_change=allow_dim_change,
+                      eval=eval_option(eval_set, pool), allow_dim_change=allow_dim_change,
                       bake=bake, max_error_rate=max_error_rate, max_p99_ratio=max_p99_ratio)
-    follow_rotation(state_dir, started["rotation"], wait, timeout, as_json)
+    follow_rotation(pool, started["rotation"], wait, timeout, as_json)
 
 
 @app.command()
+@operator_command
 def rollback(
+    pool: ControlTarget,
     wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to follow before giving up.")] = 900,
-    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     as_json: JsonOpt = False,
 ) -> None:
     """Abort the rotation or canary in progress, else rotate back to the previous version."""
-    reply = control(state_dir, "rollback", as_json)
+    reply = control(pool, "rollback", as_json)
     if not as_json and reply["kind"] == "abort":
         out.print(f"aborting rotation {reply['rotation']['id']} to {reply['rotation']['target']}")
-    follow_rotation(state_dir, reply["rotation"], wait, timeout, as_json,
+    follow_rotation(pool, reply["rotation"], wait, timeout, as_json,
                     expect_rollback=reply["kind"] == "abort")
 
 
 @app.command()
-def promote(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False,
+@operator_command
+def promote(pool: ControlTarget, as_json: JsonOpt = False,
             wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
             timeout: Annotated[float, typer.Option(help="Seconds to follow.")] = 900) -> None:
     """Finish a canary rotation: all unpinned traffic to the new version, drain the old."""
-    reply = control(state_dir, "promote", as_json)
-    follow_rotation(state_dir, reply["rotation"], wait, timeout, as_json)
+    reply = control(pool, "promote", as_json)
+    follow_rotation(pool, reply["rotation"], wait, timeout, as_json)
 
 
 @app.command()
-def load(version: Annotated[str, typer.Argument(help="A registered version.")],
+@operator_command
+def load(pool: ControlTarget,
+         version: Annotated[str, typer.Argument(help="A registered version.")],
          workers: Annotated[int | None, typer.Option(help="Workers (default: as many as the "
                             "active version).", min=1)] = None,
-         state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
+         as_json: JsonOpt = False) -> None:
     """Start a registered version beside the active one: it serves requests pinned to it, and
     a later `pool rotate --version` to it only switches."""
-    control(state_dir, "load", as_json, version=version, workers=workers)
+    control(pool, "load", as_json, version=version, workers=workers)
     if as_json:
         emit_json({"ok": True, "loading": version})
     else:
@@ -521,17 +618,19 @@ def load(version: Annotated[str, typer.Argument(help="A registered version.")],
 
 
 @app.command()
-def unload(version: Annotated[str, typer.Argument(help="A loaded, non-active version.")],
-           state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
+@operator_command
+def unload(pool: ControlTarget,
+           version: Annotated[str, typer.Argument(help="A loaded, non-active version.")],
+           as_json: JsonOpt = False) -> None:
     """Stop a non-active version's workers (they drain first)."""
-    control(state_dir, "unload", as_json, version=version)
+    control(pool, "unload", as_json, version=version)
     if as_json:
         emit_json({"ok": True, "unloading": version})
     else:
         out.print(f"unloading {version}")
 
 
-def follow_rotation(state_dir: Path, rot: dict, wait: bool, timeout: float, as_json: bool,
+def follow_rotation(pool: ControlTarget, rot: dict, wait: bool, timeout: float, as_json: bool,
                     expect_rollback: bool = False) -> None:
     """Print each phase as it is reached; exit 0 when done, 1 when it rolled back."""
     if not wait:
@@ -547,7 +646,7 @@ def follow_rotation(state_dir: Path, rot: dict, wait: bool, timeout: float, as_j
     deadline = time.monotonic() + timeout
     with contextlib.nullcontext() if as_json else out.status("") as spinner:
         while True:
-            rot = control(state_dir, "rotation", as_json)["rotation"]
+            rot = control(pool, "rotation", as_json)["rotation"]
             if spinner is not None:
                 for phase, seconds in list(rot["timings"].items())[printed:]:
                     out.print(f"  {PHASE_LABELS.get(phase, phase):<28} {seconds:7.2f}s")
@@ -597,23 +696,43 @@ MaxParallelOpt = Annotated[int, typer.Option(help="Pools rotating at once after 
                                              min=1)]
 
 
-def fleet_links(pools: str, as_json: bool) -> list:
+FleetServerKeyOpt = Annotated[Path | None, typer.Option(
+    "--server-key", envvar=SERVER_KEY_ENV, help="For tcp:// and dns:// pools: the pools' "
+    "control public key file.")]
+FleetClientKeyOpt = Annotated[Path | None, typer.Option(
+    "--client-key", envvar=CLIENT_KEY_ENV, help="For tcp:// and dns:// pools: your operator "
+    ".key_secret.")]
+
+
+def fleet_links(pools: str, server_key: Path | None, client_key: Path | None,
+                as_json: bool) -> list:
+    """A link per pool of --pools: remote ones over CurveZMQ with the operator's keys."""
+    from functools import partial
+
     from cli.fleet import pool_entries, pool_links
-    from pool.fleet import FleetError
+    from pool.fleet import FleetError, PoolLink
+
+    keys = client_keys(server_key, client_key, as_json)
+
+    def remote(endpoint: str) -> PoolLink:
+        assert keys is not None
+        return PoolLink(endpoint, partial(control_request, ControlTarget.remote(endpoint, keys)))
 
     try:
-        return pool_links(pool_entries(pools), None)
-    except FleetError as exc:
+        return pool_links(pool_entries(pools), None if keys is None else remote)
+    except (FleetError, ValueError) as exc:
         fail(str(exc), as_json, "usage", exit_code=2)
 
 
 @fleet_app.command("status")
-def fleet_status_command(pools: PoolsOpt, as_json: JsonOpt = False) -> None:
+def fleet_status_command(pools: PoolsOpt, server_key: FleetServerKeyOpt = None,
+                         client_key: FleetClientKeyOpt = None, as_json: JsonOpt = False
+                         ) -> None:
     """One row per pool: version, state, traffic, rotation; exit 1 if one is unreachable."""
     from cli.fleet import print_fleet_status
     from pool.fleet import fleet_status
 
-    rows = fleet_status(fleet_links(pools, as_json))
+    rows = fleet_status(fleet_links(pools, server_key, client_key, as_json))
     ok = all(row["reachable"] for row in rows)
     if as_json:
         emit_json({"ok": ok, "pools": rows})
@@ -638,6 +757,8 @@ def fleet_rotate(
                               "the canary may have beyond the others'.")] = DEFAULT_MAX_ERROR_RATE,
     max_p99_ratio: Annotated[float, typer.Option(min=1, help="With --bake: the canary's p99 "
                              "against the others', at most.")] = DEFAULT_MAX_P99_RATIO,
+    server_key: FleetServerKeyOpt = None,
+    client_key: FleetClientKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Rotate every pool: one canary first (baked), then the rest --max-parallel at a time;
@@ -648,7 +769,7 @@ def fleet_rotate(
     run_fleet(lambda links, progress: FleetRollout(
         links, version, path, bake_s=bake, max_parallel=max_parallel, strategy=strategy,
         limits=BakeLimits(max_error_rate, max_p99_ratio), on_progress=progress),
-        pools, as_json)
+        fleet_links(pools, server_key, client_key, as_json), as_json)
 
 
 @fleet_app.command("rollback")
@@ -657,6 +778,8 @@ def fleet_rollback(
     to: Annotated[str | None, typer.Option(help="Version every pool returns to (default: "
                                            "the pools' previous version).")] = None,
     max_parallel: MaxParallelOpt = 1,
+    server_key: FleetServerKeyOpt = None,
+    client_key: FleetClientKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Return every pool to one version, one pool (or --max-parallel) at a time."""
@@ -666,14 +789,13 @@ def fleet_rollback(
         return FleetRollout(links, to or previous_version(links), None,
                             max_parallel=max_parallel, on_progress=progress)
 
-    run_fleet(make, pools, as_json)
+    run_fleet(make, fleet_links(pools, server_key, client_key, as_json), as_json)
 
 
-def run_fleet(make: Any, pools: str, as_json: bool) -> None:
+def run_fleet(make: Any, links: list, as_json: bool) -> None:
     from cli.fleet import print_report, progress_printer
     from pool.fleet import FleetError
 
-    links = fleet_links(pools, as_json)
     try:
         report = make(links, None if as_json else progress_printer(out)).run()
     except FleetError as exc:
@@ -693,18 +815,19 @@ versions_app = typer.Typer(help="The version registry (versions.json in the stat
 app.add_typer(versions_app, name="versions")
 
 
-def registry_command(state_dir: Path, cmd: str, as_json: bool, offline: Any,
+def registry_command(pool: ControlTarget, cmd: str, as_json: bool, offline: Any,
                      **args: Any) -> dict:
-    """Through the running pool if there is one, else on the registry file directly."""
+    """Through the running pool if there is one, else (a local pool only) on the registry
+    file directly."""
     try:
-        return control_request(state_dir, cmd, **args)
+        return control_request(pool, cmd, **args)
     except PoolNotRunning:
         pass
     except ControlError as exc:
-        fail(str(exc), as_json, "control")
+        fail_control(exc, as_json)
     from pool.registry import Registry
 
-    registry = Registry(state_dir)
+    registry = Registry(pool.state_dir or DEFAULT_STATE_DIR)
     try:
         offline(registry)
     except (ValueError, KeyError) as exc:
@@ -713,12 +836,13 @@ def registry_command(state_dir: Path, cmd: str, as_json: bool, offline: Any,
     return {"versions": registry.listing()}
 
 
-def eval_option(spec: str | None) -> str | None:
+def eval_option(spec: str | None, pool: ControlTarget) -> str | None:
     """--eval as the pool reads it: a packaged set's name, or a file's absolute path (the
-    pool runs elsewhere in the filesystem); the pool checks that it parses."""
+    pool runs elsewhere in the filesystem; a remote pool on its own machine, so there the
+    path goes as given); the pool checks that it parses."""
     from pool.gate import PACKAGED_SETS
 
-    if spec is None or spec in PACKAGED_SETS:
+    if spec is None or spec in PACKAGED_SETS or pool.is_remote:
         return spec
     return str(Path(spec).expanduser().resolve())
 
@@ -751,13 +875,16 @@ def print_versions(reply: dict, as_json: bool) -> None:
 
 
 @versions_app.command("list")
-def versions_list(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
+@operator_command
+def versions_list(pool: ControlTarget, as_json: JsonOpt = False) -> None:
     """Registered versions, the active and the previous one."""
-    print_versions(registry_command(state_dir, "versions", as_json, lambda r: None), as_json)
+    print_versions(registry_command(pool, "versions", as_json, lambda r: None), as_json)
 
 
 @versions_app.command("add")
+@operator_command
 def versions_add(
+    pool: ControlTarget,
     version: Annotated[str, typer.Argument(help="Version name, e.g. v2.")],
     path: Annotated[str, typer.Option(help="Local transformers model directory, or "
                     "builtin:multilingual-e5-small | builtin:minilm.")],
@@ -768,16 +895,15 @@ def versions_add(
         = None,
     thresholds: ThresholdsOpt = None,
     eval_set: EvalOpt = None,
-    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     as_json: JsonOpt = False,
 ) -> None:
     """Register a version (checked to be a model directory)."""
     golden = read_json_file(expect, as_json) if expect else None
     cuts = thresholds_option(thresholds, as_json)
-    path = model_path(path, as_json)
-    gate_set = eval_option(eval_set)
+    path = pool_model_path(pool, path, as_json) or path
+    gate_set = eval_option(eval_set, pool)
     reply = registry_command(
-        state_dir, "versions_add", as_json,
+        pool, "versions_add", as_json,
         lambda r: r.add(version, path, auto_load=auto_load, expect=golden, thresholds=cuts,
                         eval_set=gate_set),
         version=version, path=path, auto_load=auto_load, expect=golden, thresholds=cuts,
@@ -786,20 +912,23 @@ def versions_add(
 
 
 @versions_app.command("remove")
-def versions_remove(version: Annotated[str, typer.Argument()],
-                    state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
+@operator_command
+def versions_remove(pool: ControlTarget, version: Annotated[str, typer.Argument()],
+                    as_json: JsonOpt = False) -> None:
     """Forget a version (refused for the active one)."""
-    reply = registry_command(state_dir, "versions_remove", as_json, lambda r: r.remove(version),
+    reply = registry_command(pool, "versions_remove", as_json, lambda r: r.remove(version),
                              version=version)
     print_versions(reply, as_json)
 
 
 @versions_app.command("import")
-def versions_import(file: Annotated[Path, typer.Argument(help="The seed's model_versions.json.")],
-                    state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
+@operator_command
+def versions_import(pool: ControlTarget,
+                    file: Annotated[Path, typer.Argument(help="The seed's model_versions.json.")],
+                    as_json: JsonOpt = False) -> None:
     """Import the seed app's model_versions.json (current_version, versions: {v: {path}})."""
     doc = read_json_file(file, as_json)
-    reply = registry_command(state_dir, "versions_import", as_json, lambda r: r.import_seed(doc),
+    reply = registry_command(pool, "versions_import", as_json, lambda r: r.import_seed(doc),
                              doc=doc)
     print_versions(reply, as_json)
 
@@ -817,7 +946,9 @@ PROGRESS_MIN_PAIRS = 200  # a set this long shows a progress bar while it is sco
 
 
 @app.command()
+@operator_command
 def calibrate(
+    pool: ControlTarget,
     version: Annotated[str, typer.Argument(help="A version the pool serves (pinned to it).")],
     pairs: Annotated[str | None, typer.Option(help="Labelled pairs, label<TAB>text_a<TAB>"
                      "text_b per line (2 same meaning, 1 same topic, 0 unrelated), or "
@@ -826,14 +957,14 @@ def calibrate(
                     "version in the registry.")] = False,
     batch_pairs: Annotated[int, typer.Option(help="Pairs per request.", min=1)] = 32,
     endpoint: EndpointOpt = config.DEFAULT_BIND,
-    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     timeout: TimeoutOpt = 60.0,
     server_key: ServerKeyOpt = None,
     client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score a labelled set through the pool: Spearman, AUC, verdict accuracy at the version's
-    thresholds and at the best ones for the set; --save stores those on the version."""
+    thresholds and at the best ones for the set; --save stores those on the version (through
+    --state-dir's pool, or --pool's: the keys are then the frontend's and the control's)."""
     from cli.ops import print_calibration
     from pool.gate import read_eval_set
     from pool.quality import PairsFileError, load_default_pairs
@@ -852,7 +983,7 @@ def calibrate(
             client, version, labelled, source, batch_pairs, progress), keys)
     doc = calibration_document(cal)
     if save:
-        doc["saved"] = save_thresholds(state_dir, version, doc["fitted_thresholds"], as_json)
+        doc["saved"] = save_thresholds(pool, version, doc["fitted_thresholds"], as_json)
     if as_json:
         emit_json({"ok": True, **doc})
     else:
@@ -872,10 +1003,10 @@ def calibration_progress(total: int, shown: bool) -> Any:
         yield lambda done: bar.update(task, completed=done)
 
 
-def save_thresholds(state_dir: Path, version: str, thresholds: list[float],
+def save_thresholds(pool: ControlTarget, version: str, thresholds: list[float],
                     as_json: bool) -> dict:
     """Store thresholds on a version, through the pool or on the registry file."""
-    reply = registry_command(state_dir, "versions_thresholds", as_json,
+    reply = registry_command(pool, "versions_thresholds", as_json,
                              lambda r: r.set_thresholds(version, thresholds),
                              version=version, thresholds=thresholds)
     return {"thresholds": thresholds, "in_use": reply.get("in_use")}
@@ -961,7 +1092,9 @@ UI_STOP_GRACE_S = 10.0  # after SIGINT/SIGTERM, how long Streamlit may take befo
 
 
 @app.command()
+@operator_command
 def ui(
+    pool: ControlTarget,
     endpoint: EndpointOpt = config.DEFAULT_BIND,
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
     port: Annotated[int, typer.Option(help="HTTP port of the page.", min=1, max=65535)] = 8501,
@@ -970,7 +1103,9 @@ def ui(
     client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The web console (Streamlit): similarity form, version operations and live status."""
+    """The web console (Streamlit): similarity form, version operations and live status
+    (through --state-dir's pool, or --pool's: the keys are then the frontend's and the
+    control's)."""
     import importlib.util
 
     if importlib.util.find_spec("streamlit") is None:
@@ -978,6 +1113,9 @@ def ui(
     env = {**os.environ, ENDPOINT_ENV: endpoint, config.STATE_ENV: str(state_dir)}
     if client_keys(server_key, client_key, as_json) is not None:  # checked here, used there
         env |= {SERVER_KEY_ENV: str(server_key), CLIENT_KEY_ENV: str(client_key)}
+    env.pop(POOL_ENV, None)
+    if pool.is_remote:
+        env[POOL_ENV] = str(pool.endpoint)
     url = f"http://{host}:{port}"
     if as_json:
         emit_json({"url": url})

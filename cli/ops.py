@@ -36,6 +36,12 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
         out.print(system_line(st["system"]))
     if st.get("settings"):
         out.print(f"limits: {settings_line(st['settings'])}")
+    remote = st.get("remote_control")
+    if remote:
+        out.print(f"remote control {remote['endpoint']} (CurveZMQ, operator keys): "
+                  f"{remote['refused_handshakes']} handshake(s) refused"
+                  + (f", last from {remote['last_refused_from']}"
+                     if remote["last_refused_from"] else ""))
     if st.get("metrics_url"):
         out.print(f"metrics {st['metrics_url']}; log {st.get('log_file')}")
     for line in version_threshold_lines(st):

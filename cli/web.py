@@ -2,7 +2,8 @@
 
 The page is a client of a running pool and nothing more: similarity goes through
 router.client.Client (the frontend endpoint, $ZEROPOOL_ENDPOINT), operations and status through
-the control socket (pool.control.control_request, $ZEROPOOL_STATE_DIR). It never loads a model.
+the control socket (pool.control.control_request: $ZEROPOOL_STATE_DIR's pool, or $ZEROPOOL_POOL's
+over CurveZMQ with $ZEROPOOL_SERVER_KEY / $ZEROPOOL_CLIENT_KEY). It never loads a model.
 A pool that is down or refuses a command shows as an error on the page, never as a traceback.
 
 Run it with `pool ui` (or `streamlit run cli/web.py`).
@@ -23,7 +24,7 @@ import zmq
 
 from cli.ops import thresholds_cell, version_troubles
 from pool.config import default_state_dir
-from pool.control import ControlError, PoolNotRunning, control_request
+from pool.control import POOL_ENV, ControlError, ControlTarget, PoolNotRunning, control_request
 from router.client import Client, NoReply, ZeroPoolError
 from router.keys import ClientKeys, KeyFileError
 from router.protocol import DEFAULT_ENDPOINT, ENDPOINT_ENV
@@ -43,15 +44,23 @@ MIB = 1024 * 1024
 # -- talking to the pool --------------------------------------------------------------------
 
 
-def pool_address() -> tuple[str, Path]:
-    """The frontend endpoint and the state directory `pool ui` passed in the environment."""
-    return os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT, default_state_dir()
+def pool_address() -> tuple[str, ControlTarget]:
+    """The frontend endpoint and where operations go, as `pool ui` passed them in the
+    environment. KeyFileError or ValueError if the remote pool's keys are missing or bad."""
+    endpoint = os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
+    remote = os.environ.get(POOL_ENV)
+    if not remote:
+        return endpoint, ControlTarget.local(default_state_dir())
+    keys = ClientKeys.from_env()
+    if keys is None:
+        raise KeyFileError(f"{POOL_ENV} needs ZEROPOOL_SERVER_KEY and ZEROPOOL_CLIENT_KEY")
+    return endpoint, ControlTarget.remote(remote, keys)
 
 
-def call_control(state_dir: Path, cmd: str, **args: Any) -> tuple[dict[str, Any] | None, str]:
+def call_control(target: ControlTarget, cmd: str, **args: Any) -> tuple[dict[str, Any] | None, str]:
     """One control command: (reply, "") or (None, a message for the page)."""
     try:
-        return control_request(state_dir, cmd, timeout_s=CONTROL_TIMEOUT_S, **args), ""
+        return control_request(target, cmd, timeout_s=CONTROL_TIMEOUT_S, **args), ""
     except PoolNotRunning as exc:
         return None, f"The pool is not running: {exc}"
     except (ControlError, zmq.ZMQError, OSError) as exc:
@@ -109,9 +118,10 @@ def append_sample(key: str, sample: tuple[Any, ...]) -> None:
 # -- the sidebar: versions and operations ---------------------------------------------------
 
 
-def act(state_dir: Path, cmd: str, done: Callable[[dict[str, Any]], str], **args: Any) -> None:
+def act(target: ControlTarget, cmd: str, done: Callable[[dict[str, Any]], str],
+        **args: Any) -> None:
     """Run an operator command, keep its outcome for the next run, and rerun the page."""
-    reply, error = call_control(state_dir, cmd, **args)
+    reply, error = call_control(target, cmd, **args)
     flash(*(("error", error) if reply is None else ("success", done(reply))))
     st.rerun()
 
@@ -155,7 +165,7 @@ def pool_summary(status: dict[str, Any] | None, registered: list[dict[str, Any]]
         st.caption(f"{v['version']}: verdict thresholds {thresholds_cell(v)}")
 
 
-def add_version_form(state_dir: Path) -> None:
+def add_version_form(target: ControlTarget) -> None:
     with st.form("add_version", clear_on_submit=False):
         st.markdown("**Add a version**")
         path = st.text_input("Model path", key="add_path",
@@ -165,7 +175,7 @@ def add_version_form(state_dir: Path) -> None:
             if not path.strip() or not tag.strip():
                 flash("error", "Give a model path and a version tag.")
                 st.rerun()
-            act(state_dir, "versions_add", lambda _: f"registered {tag.strip()}",
+            act(target, "versions_add", lambda _: f"registered {tag.strip()}",
                 version=tag.strip(), path=path.strip())
 
 
@@ -177,7 +187,8 @@ def choose(label: str, options: list[str], key: str, **kwargs: Any) -> str | Non
     return st.selectbox(label, options, key=key, **kwargs)
 
 
-def rotate_form(state_dir: Path, registered: list[str], status: dict[str, Any] | None) -> None:
+def rotate_form(target: ControlTarget, registered: list[str],
+                status: dict[str, Any] | None) -> None:
     active = (status or {}).get("active")
     with st.form("rotate_form"):
         st.markdown("**Rotate**")
@@ -187,49 +198,50 @@ def rotate_form(state_dir: Path, registered: list[str], status: dict[str, Any] |
         canary = st.number_input("Canary % (0: switch all traffic)", 0.0, 100.0, 0.0,
                                  step=5.0, format="%.0f", key="rotate_canary")
         if st.form_submit_button("Rotate") and version:
-            act(state_dir, "rotate", rotation_started, version=version, strategy=strategy,
+            act(target, "rotate", rotation_started, version=version, strategy=strategy,
                 canary=canary or None)
 
 
-def canary_buttons(state_dir: Path, status: dict[str, Any] | None) -> None:
+def canary_buttons(target: ControlTarget, status: dict[str, Any] | None) -> None:
     left, right = st.columns(2)
     if left.button("Promote", key="promote", disabled=not (status or {}).get("canary"),
                    help="Finish the canary: all unpinned traffic to the new version"):
-        act(state_dir, "promote", lambda r: f"promoting {r['rotation']['target']}")
+        act(target, "promote", lambda r: f"promoting {r['rotation']['target']}")
     if right.button("Roll back", key="rollback",
                     help="Abort the rotation or canary, else rotate back to the previous one"):
-        act(state_dir, "rollback", rotation_started)
+        act(target, "rollback", rotation_started)
 
 
-def load_unload(state_dir: Path, registered: list[str], status: dict[str, Any] | None) -> None:
+def load_unload(target: ControlTarget, registered: list[str],
+                status: dict[str, Any] | None) -> None:
     loaded = sorted((status or {}).get("versions") or {})
     active = (status or {}).get("active")
     st.markdown("**Load / unload**")
     to_load = choose("Load", [v for v in registered if v not in loaded], "load_version")
     if st.button("Load", key="load", disabled=to_load is None):
-        act(state_dir, "load", lambda _: f"loading {to_load}; its workers show below when "
+        act(target, "load", lambda _: f"loading {to_load}; its workers show below when "
                                          "ready", version=to_load)
     to_unload = choose("Unload", [v for v in loaded if v != active], "unload_version")
     if st.button("Unload", key="unload", disabled=to_unload is None):
-        act(state_dir, "unload", lambda _: f"unloading {to_unload}", version=to_unload)
+        act(target, "unload", lambda _: f"unloading {to_unload}", version=to_unload)
 
 
-def sidebar(state_dir: Path) -> dict[str, Any] | None:
+def sidebar(target: ControlTarget) -> dict[str, Any] | None:
     """Operations on the pool; returns its status (None when it cannot be reached)."""
     st.header("Pool")
     show_flash()
-    status, error = call_control(state_dir, "status")
+    status, error = call_control(target, "status")
     st.session_state.shape = shape(status)
-    listing, _ = call_control(state_dir, "versions") if status else (None, "")
+    listing, _ = call_control(target, "versions") if status else (None, "")
     if error:
         st.error(error)
     registered = (listing or {}).get("versions") or []
     pool_summary(status, registered)
     names = [v["version"] for v in registered]
-    add_version_form(state_dir)
-    rotate_form(state_dir, names, status)
-    canary_buttons(state_dir, status)
-    load_unload(state_dir, names, status)
+    add_version_form(target)
+    rotate_form(target, names, status)
+    canary_buttons(target, status)
+    load_unload(target, names, status)
     return status
 
 
@@ -267,8 +279,8 @@ def show_result(result: dict[str, Any] | None) -> None:
 # -- the live panel -------------------------------------------------------------------------
 
 
-def status_panel(state_dir: Path) -> None:
-    status, error = call_control(state_dir, "status")
+def status_panel(target: ControlTarget) -> None:
+    status, error = call_control(target, "status")
     if status is not None and shape(status) != st.session_state.get("shape"):
         st.rerun()  # versions changed, or the pool came up: refresh the sidebar
     if status is None:
@@ -378,10 +390,10 @@ def series(samples: list[tuple[Any, ...]], names: list[str]) -> None:
     st.line_chart(frame, height=200)
 
 
-def live_panel(state_dir: Path) -> None:
+def live_panel(target: ControlTarget) -> None:
     st.subheader("Live status")
     live = st.toggle(f"Refresh every {REFRESH_S:.0f} s", value=True, key="live")
-    st.fragment(status_panel, run_every=REFRESH_S if live else None)(state_dir)
+    st.fragment(status_panel, run_every=REFRESH_S if live else None)(target)
 
 
 # -- the page -------------------------------------------------------------------------------
@@ -390,13 +402,17 @@ def live_panel(state_dir: Path) -> None:
 def main() -> None:
     st.set_page_config(page_title="zeropool", layout="wide")
     init_state()
-    endpoint, state_dir = pool_address()
+    try:
+        endpoint, target = pool_address()
+    except (KeyFileError, ValueError) as exc:
+        st.error(f"Cannot reach the pool's control socket: {exc}")
+        return
     with st.sidebar:
-        status = sidebar(state_dir)
+        status = sidebar(target)
     st.title("zeropool · sentence similarity")
-    st.caption(f"pool {endpoint} · state directory {state_dir}")
+    st.caption(f"pool {endpoint} · operations through the {target}")
     similarity_form(endpoint, sorted((status or {}).get("versions") or {}))
-    live_panel(state_dir)
+    live_panel(target)
 
 
 main()

@@ -249,6 +249,17 @@ class PoolSettings:
     curve_allow: Path | None = setting(
         None, "Curve: directory of allowed client public keys (*.key), re-read when it "
         "changes.")
+    control_bind: str | None = setting(
+        None, "Also serve the operator commands (status, rotate, ...) on this tcp://HOST:PORT, "
+        "for `pool ... --pool`: CurveZMQ only, for the keys of --operator-keys alone. The "
+        "local control socket in the state directory stays.")
+    control_secret_key: Path | None = setting(
+        None, "--control-bind's Curve key: a .key_secret file (`pool keygen`), whose public "
+        "half operators give as --server-key. Default: --curve-secret-key.")
+    operator_keys: Path | None = setting(
+        None, "--control-bind: directory of the operators' public keys (*.key), re-read when "
+        "it changes. Its own list: a producer's key on --curve-allow cannot run operator "
+        "commands.")
     log_json: bool = setting(
         False, "Log JSON lines (stderr and the log file).", names=("--log-json", "--json"))
     start_method: str = setting(

@@ -237,23 +237,32 @@ class PoolMetrics:
             self.rotation_phase.labels(phase).observe(seconds)
 
     def refresh(self, broker: BrokerSnapshot, supervisor: SupervisorSnapshot,
-                curve_refused: int | None, system: dict) -> None:
+                curve_refused: int | None, system: dict,
+                control_refused: int | None = None) -> None:
         self.batches.update(supervisor.workers)
         self.recent.record(time.monotonic(), self.replies.by_version_code(),
                            self.replies.all_buckets(), self.replies.buckets_by_version())
         self.state.families = [*self._reply_families(),
                                *self._pool_families(broker, supervisor),
-                               *self._curve_families(curve_refused),
+                               *self._curve_families(curve_refused, control_refused),
                                *self._system_families(system)]
 
     @staticmethod
-    def _curve_families(refused: int | None) -> list[Metric]:
-        if refused is None:
-            return []  # Curve is off
-        family = CounterMetricFamily("zeropool_curve_refused_handshakes",
-                                     "CurveZMQ handshakes refused: a client key not allowed.")
-        family.add_metric([], refused)
-        return [family]
+    def _curve_families(refused: int | None, control_refused: int | None) -> list[Metric]:
+        families = []
+        if refused is not None:  # Curve on the frontend
+            family = CounterMetricFamily("zeropool_curve_refused_handshakes",
+                                         "CurveZMQ handshakes refused: a client key not "
+                                         "allowed.")
+            family.add_metric([], refused)
+            families.append(family)
+        if control_refused is not None:  # --control-bind
+            family = CounterMetricFamily("zeropool_control_refused_handshakes",
+                                         "CurveZMQ handshakes the remote control socket "
+                                         "refused: a key not on --operator-keys.")
+            family.add_metric([], control_refused)
+            families.append(family)
+        return families
 
     # -- the exporter ------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import zmq
 
 from pool import config
 from pool.commands import Commands
-from pool.control import ControlServer
+from pool.control import ControlError, ControlServer, RemoteControl
 from pool.gate import QualityGate, read_eval_set
 from pool.health import Expectation
 from pool.metrics import REFRESH_S, PoolMetrics
@@ -51,7 +51,11 @@ class PoolServer:
         self.state_dir = prepare_state_dir(settings.state_dir)
         self.registry = Registry(self.state_dir)
         self.ctx = zmq.Context()
+        self.curve: CurveServer | None = None
+        self.remote_control: RemoteControl | None = None
         self.curve = self._start_curve()
+        # Before the broker and the workers: a refused --control-bind leaves little to undo.
+        self.remote_control = self._start_remote_control()
         try:
             self.broker = Broker(
                 self.ctx, settings.bind, settings.backend_endpoint,
@@ -75,8 +79,10 @@ class PoolServer:
                                             traffic=self.metrics.recent.traffic)
         self.rotations.on_finish = self.metrics.on_rotation_finished
         self.system = system_stats()
-        commands = Commands(self, self.rotations, self.registry)
-        self.control = ControlServer(self.ctx, self.state_dir, commands.handlers())
+        handlers = Commands(self, self.rotations, self.registry).handlers()
+        self.control = ControlServer.local(self.ctx, self.state_dir, handlers)
+        if self.remote_control is not None:
+            self.remote_control.handlers = handlers  # the same commands, operators elsewhere
         self.started = time.time()
         self.stopping_since: float | None = None
         self.exit_code = 0
@@ -96,6 +102,23 @@ class PoolServer:
             self._abandon_start()
             raise StartupError(str(exc)) from None
 
+    def _start_remote_control(self) -> RemoteControl | None:
+        s = self.settings
+        if not s.control_bind:
+            return None
+        key = s.control_secret_key or s.curve_secret_key
+        if key is None or s.operator_keys is None:  # pool.settings checked; a caller may not
+            self._abandon_start()
+            raise StartupError("--control-bind needs a Curve server key and --operator-keys")
+        try:
+            remote = RemoteControl(s.control_bind, key, s.operator_keys)
+        except (KeyFileError, ControlError) as exc:
+            self._abandon_start()
+            raise StartupError(str(exc)) from None
+        log.info("remote control on %s: CurveZMQ, operator keys from %s", s.control_bind,
+                 s.operator_keys)
+        return remote
+
     def _serve_metrics(self) -> str | None:
         s = self.settings
         if s.metrics_port is None:
@@ -112,6 +135,10 @@ class PoolServer:
         return url
 
     def _abandon_start(self) -> None:
+        if self.curve is not None:
+            self.curve.close()
+        if self.remote_control is not None:
+            self.remote_control.close()
         self.ctx.destroy(linger=0)
         (self.state_dir / PID_FILE).unlink(missing_ok=True)
 
@@ -134,6 +161,8 @@ class PoolServer:
             self.registry.save()
             self.metrics.close()
             self.control.close()
+            if self.remote_control is not None:
+                self.remote_control.close()
             self.broker.close()
             if self.curve is not None:
                 self.curve.close()
@@ -227,7 +256,9 @@ class PoolServer:
             system=self.system, settings=config.shown_settings(self.settings),
             broker=self.broker.snapshot(), supervisor=self.supervisor.snapshot(),
             rotation=self.rotations.status(),
-            curve=None if self.curve is None else self.curve.refusals.as_dict())
+            curve=None if self.curve is None else self.curve.refusals.as_dict(),
+            remote_control=None if self.remote_control is None
+            else self.remote_control.status())
 
     def _loop(self, wake_r: socket.socket) -> None:
         poller = zmq.Poller()
@@ -235,9 +266,12 @@ class PoolServer:
         poller.register(self.broker.frontend, zmq.POLLIN)
         poller.register(self.control.sock, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
-        curve = self.curve
+        curve, remote = self.curve, self.remote_control
         if curve is not None:
             poller.register(curve.zap_socket, zmq.POLLIN)
+        if remote is not None:
+            poller.register(remote.sock, zmq.POLLIN)
+            poller.register(remote.curve.zap_socket, zmq.POLLIN)
         backend, frontend, control = self.broker.backend, self.broker.frontend, self.control.sock
         tick_ms = int(config.TICK_S * 1000)
         next_tick = next_refresh = 0.0
@@ -251,6 +285,11 @@ class PoolServer:
                 self.control.handle()
             if curve is not None and curve.zap_socket in events:
                 curve.handle_zap()
+            if remote is not None:
+                if remote.curve.zap_socket in events:
+                    remote.curve.handle_zap()
+                if remote.sock in events:
+                    remote.handle()
             if wake_r.fileno() in events:
                 _drain_pipe(wake_r)
                 self._handle_signals()
@@ -274,9 +313,12 @@ class PoolServer:
                 self.system = system_stats()
                 self.metrics.refresh(self.broker.snapshot(), self.supervisor.snapshot(),
                                      None if curve is None else curve.refusals.count,
-                                     self.system)
+                                     self.system,
+                                     None if remote is None else remote.curve.refusals.count)
                 if curve is not None:
                     curve.reload_if_changed()
+                if remote is not None:
+                    remote.curve.reload_if_changed()
 
     def _queue_signal(self, signum: int, _frame: Any) -> None:
         self._signals.append(signum)

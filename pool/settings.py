@@ -32,6 +32,7 @@ def resolve_settings(values: dict[str, Any],
     a missing --path, a built-in model's directory for `builtin:NAME` (`model_path`, by
     default resolve_model_path: converted on first use), devices from --device,
     workers and threads from the devices. Raises ValueError saying what is wrong."""
+    check_remote_control(values)  # before a built-in model's conversion (seconds)
     path, version, state_dir = values["path"], values["version"], Path(values["state_dir"])
     if path is None:
         registry = Registry(state_dir)
@@ -68,6 +69,32 @@ def resolve_settings(values: dict[str, Any],
         "max_batch": _given(values["max_batch"], default_max_batch(devices)),
         "max_batch_tokens": _given(values["max_batch_tokens"],
                                    default_max_batch_tokens(devices))})
+
+
+def check_remote_control(values: dict[str, Any]) -> None:
+    """--control-bind exposes rotate and stop to the network: only over CurveZMQ, only for an
+    operator allow-list of its own. ValueError saying what is missing."""
+    bind = values.get("control_bind")
+    if not bind:
+        if values.get("operator_keys") or values.get("control_secret_key"):
+            raise ValueError("--operator-keys and --control-secret-key go with --control-bind")
+        return
+    if not bind.startswith("tcp://"):
+        raise ValueError(f"--control-bind {bind}: expected tcp://HOST:PORT (the local control "
+                         "socket is always in the state directory)")
+    if not (values.get("control_secret_key") or values.get("curve_secret_key")):
+        raise ValueError("--control-bind needs CurveZMQ: give the pool's server key "
+                         "(--control-secret-key, or --curve-secret-key; `pool keygen` makes "
+                         "one) and --operator-keys (the operators' public keys)")
+    operators = values.get("operator_keys")
+    if not operators:
+        raise ValueError("--control-bind needs --operator-keys: a directory of the operators' "
+                         "public keys (*.key); without it anyone with a key could rotate or "
+                         "stop the pool")
+    producers = values.get("curve_allow")
+    if producers and Path(producers).resolve() == Path(operators).resolve():
+        raise ValueError("--operator-keys must not be the producers' --curve-allow directory: "
+                         "every producer could then rotate or stop the pool")
 
 
 def _given(value: Any, default: Any) -> Any:

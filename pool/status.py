@@ -38,6 +38,8 @@ class PoolSnapshot:
     supervisor: SupervisorSnapshot
     rotation: dict | None
     curve: dict | None = None  # CurveZMQ on the frontend: refused handshakes (None: off)
+    # --control-bind: its endpoint and the operator handshakes it refused (None: off)
+    remote_control: dict | None = None
 
 
 def status_document(snap: PoolSnapshot) -> dict[str, Any]:
@@ -63,6 +65,7 @@ def status_document(snap: PoolSnapshot) -> dict[str, Any]:
         "workers": [worker_row(w) for w in snap.supervisor.workers],
         "rotation": snap.rotation,
         "curve": snap.curve,
+        "remote_control": snap.remote_control,
         "requests": {"received": broker.stats.received, "ok": broker.stats.replied_ok,
                      "errors": broker.stats.replied_error, "dropped": broker.stats.dropped,
                      "errors_by_code": broker.stats.errors_by_code},

@@ -66,8 +66,10 @@ class Refusals:
 class CountingAuthenticator(Authenticator):
     """pyzmq's ZAP handler, counting and logging (with the peer's address) what it refuses."""
 
-    def __init__(self, ctx: zmq.Context, log: logging.Logger) -> None:
+    def __init__(self, ctx: zmq.Context, log: logging.Logger, socket_name: str = "frontend"
+                 ) -> None:
         super().__init__(ctx, log=log)
+        self.socket_name = socket_name  # which socket's handshakes, in the log line
         self.refusals = Refusals()
         self._address = ""
         self._logged: dict[str, float] = {}  # address -> when its refusal was last logged
@@ -91,24 +93,32 @@ class CountingAuthenticator(Authenticator):
         refusals.last_address, refusals.last_reason, refusals.last_at = address, reason, now
         if now - self._logged.get(address, 0.0) >= REFUSAL_LOG_EVERY_S:
             self._logged[address] = now
-            log.warning("refused a CurveZMQ handshake from %s: %s (%d refused so far)",
-                        address, reason, refusals.count)
+            log.warning("refused a CurveZMQ handshake from %s on the %s: %s (%d refused so "
+                        "far)", address, self.socket_name, reason, refusals.count)
 
 
 class CurveServer:
-    """The frontend's Curve keys and the ZAP handler deciding which clients get in."""
+    """A socket's Curve keys and the ZAP handler deciding which clients get in: the
+    frontend's (producers, --curve-allow) or the remote control socket's (operators,
+    --operator-keys).
 
-    def __init__(self, ctx: zmq.Context, secret_key_file: Path, allow_dir: Path | None) -> None:
+    ZAP is one handler per zmq.Context, and pyzmq's "allow any key" is not per domain: two
+    allow-lists need two contexts, one CurveServer each."""
+
+    def __init__(self, ctx: zmq.Context, secret_key_file: Path, allow_dir: Path | None,
+                 allow_option: str = "--curve-allow", socket_name: str = "frontend") -> None:
         self.public, self._secret = load_key_pair(secret_key_file)
         self.allow_dir = allow_dir
+        self.allow_option = allow_option  # what the messages call the allow-list
         if allow_dir is not None and not allow_dir.is_dir():
-            raise KeyFileError(f"--curve-allow {allow_dir} is not a directory of client keys")
-        self.authenticator = CountingAuthenticator(ctx, log=logging.getLogger("zeropool.auth.zap"))
+            raise KeyFileError(f"{allow_option} {allow_dir} is not a directory of client keys")
+        self.authenticator = CountingAuthenticator(
+            ctx, log=logging.getLogger("zeropool.auth.zap"), socket_name=socket_name)
         self.authenticator.start()
         self._allow_stamp: object = None
         self.reload_if_changed()
         if self._allow_stamp is None:
-            raise KeyFileError(f"cannot load the client keys in --curve-allow {allow_dir}")
+            raise KeyFileError(f"cannot load the client keys in {allow_option} {allow_dir}")
 
     @property
     def refusals(self) -> Refusals:
@@ -137,8 +147,8 @@ class CurveServer:
         """Re-read the allowed keys when the directory changed: add a producer, no restart."""
         if self.allow_dir is None:
             if self._allow_stamp is None:
-                log.warning("Curve without --curve-allow: traffic is encrypted, but any client "
-                            "key is let in")
+                log.warning("Curve without %s: traffic is encrypted, but any client key is "
+                            "let in", self.allow_option)
                 self.authenticator.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
                 self._allow_stamp = "any"
             return
@@ -152,11 +162,12 @@ class CurveServer:
             self.authenticator.configure_curve(domain="*", location=str(self.allow_dir))
         except (OSError, ValueError) as exc:
             # Gone, unreadable or a malformed key: the pool keeps serving with the keys it had.
-            log.error("cannot read --curve-allow %s (%s); keeping the keys loaded before",
-                      self.allow_dir, exc)
+            log.error("cannot read %s %s (%s); keeping the keys loaded before",
+                      self.allow_option, self.allow_dir, exc)
             return
         self._allow_stamp = stamp
-        log.info("Curve: %d client key(s) allowed from %s", len(stamp), self.allow_dir)
+        log.info("Curve: %d client key(s) allowed from %s %s", len(stamp), self.allow_option,
+                 self.allow_dir)
 
     def close(self) -> None:
         self.authenticator.stop()

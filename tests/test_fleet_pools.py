@@ -4,6 +4,8 @@ state directory (remote pools by endpoint are tests/test_remote_control.py's).""
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from router.keys import create_keys
 from tests.support import Load, RunningPool, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
@@ -128,3 +131,53 @@ def test_a_fleet_with_a_pool_mid_rotation_is_refused_untouched(
     assert code == 1 and "is rotating" in reply["error"]["message"]
     assert "nothing was changed" in reply["error"]["message"]
     assert pools[0].status()["active"] == "v1"
+
+
+def test_a_fleet_of_remote_pools_on_their_own_addresses_rotates_over_curve(
+    pool_factory, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two pools as two machines: each on its own loopback address, control over TCP for
+    the operator's key only; the fleet commands reach them by endpoint."""
+    keys, operators = tmp_path / "keys", tmp_path / "operators"
+    operators.mkdir()
+    for name in ("server", "operator", "stranger"):
+        create_keys(keys, name)
+    shutil.copy(keys / "operator.key", operators)
+    controls = []
+    pools = []
+    for host in ("127.0.0.2", "127.0.0.3"):
+        control = f"tcp://{host}:{free_port(host)}"
+        controls.append(control)
+        pools.append(pool_factory(models["v1"], "--control-bind", control,
+                                  "--control-secret-key", str(keys / "server.key_secret"),
+                                  "--operator-keys", str(operators), workers=1))
+    loads = loads_on(pools)
+    as_operator = ["--server-key", str(keys / "server.key"),
+                   "--client-key", str(keys / "operator.key_secret")]
+    names = ",".join(controls)
+    done = run_cli("fleet", "rotate", "--pools", names, "--version", "v2", "--path",
+                   str(models["v2"]), *as_operator, "--json", env=pools[0].env, timeout=240)
+    for load in loads:
+        load.stop()
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)["report"]
+    assert [p["name"] for p in report["pools"]] == controls
+    assert [p["phase"] for p in report["pools"]] == ["done", "done"]
+    assert [pool.status()["active"] for pool in pools] == ["v2", "v2"]
+    for load in loads:
+        assert load.errors() == [] and load.lost == 0
+    # A key that is not an operator's reaches no pool: a clear error, nothing changed.
+    done = run_cli("fleet", "status", "--pools", names, "--server-key",
+                   str(keys / "server.key"), "--client-key", str(keys / "stranger.key_secret"),
+                   "--json", env=pools[0].env)
+    rows = json.loads(done.stdout)["pools"]
+    assert done.returncode == 1 and not any(row["reachable"] for row in rows)
+    assert all("refused" in row["error"] for row in rows), rows
+    done = run_cli("fleet", "status", "--pools", names, "--json", env=pools[0].env)
+    assert done.returncode == 2 and "operator's keys" in done.stdout
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
