@@ -150,7 +150,8 @@ class FleetRollout:
         self.on_progress = on_progress
         self.report = FleetReport(target, None)
         self._started = clock()
-        self._counters: dict[str, Counters] = {}
+        self._counters: dict[str, Counters] = {}  # each pool's, as of the last poll
+        self._canary_since: dict[str, Counters] | None = None  # every pool's at its switch
         self._leased: list[PoolLink] = []
 
     # -- the rollout ---------------------------------------------------------------------------
@@ -207,20 +208,18 @@ class FleetRollout:
                 raise RolloutFailed(f"{link.name}: rotation to {self.target} refused: "
                                     f"{exc}") from None
             pool.rotation = reply.get("rotation")
-        baked_from: dict[str, dict[str, Counters]] = {}
         deadline = self.clock() + ROTATION_TIMEOUT_S
         running = list(group)
         while running:
             self._sleep_and_sample()
             for link in list(running):
-                if self._follow(link, canary, baked_from):
+                if self._follow(link, canary):
                     running.remove(link)
             if running and self.clock() > deadline:
                 raise RolloutFailed(f"{', '.join(p.name for p in running)}: rotation still "
                                     f"running after {ROTATION_TIMEOUT_S:.0f}s")
 
-    def _follow(self, link: PoolLink, canary: bool,
-                baked_from: dict[str, dict[str, Counters]]) -> bool:
+    def _follow(self, link: PoolLink, canary: bool) -> bool:
         """One look at one pool's rotation; True once it is done."""
         pool = self._pool(link)
         rotation = self._rotation_of(link)
@@ -229,7 +228,7 @@ class FleetRollout:
         if phase == "baking":
             pool.phase = "baking"
             if canary:
-                self._judge_canary(link, baked_from)
+                self._judge_canary(link)
             return False
         if rotation.get("outcome") == "done":
             pool.phase, pool.finished_s = "done", self._elapsed()
@@ -241,13 +240,12 @@ class FleetRollout:
                                 f"{rotation.get('outcome')}: {pool.reason}")
         return False
 
-    def _judge_canary(self, canary: PoolLink, baked_from: dict[str, dict[str, Counters]]
-                      ) -> None:
+    def _judge_canary(self, canary: PoolLink) -> None:
         """The canary pool's replies since its switch against the rest of the fleet's."""
-        if not baked_from:
-            baked_from["start"] = dict(self._counters)
+        if self._canary_since is None:
+            self._canary_since = dict(self._counters)
             return
-        start = baked_from["start"]
+        start = self._canary_since
         rest = [self._counters[p.name].since(start[p.name]) for p in self.pools
                 if p is not canary and p.name in start and p.name in self._counters]
         if not rest or canary.name not in start:
