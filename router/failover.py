@@ -252,9 +252,10 @@ class Dispatcher:
         result = self.decode(call.op, frames)
         code = getattr(result, "code", None)
         if self.failover and code in RETRYABLE_CODES:
-            self._mark_failed(pool, f"answered {code}", now)
+            why = f"answered {code}"
+            self._mark_failed(pool, why, now)
             call.rid = call.pool = None
-            self._retry_or_finish(call, endpoint, code, result, now)
+            self._retry_or_finish(call, endpoint, why, result, now)
             return
         pool.failures, pool.why = 0, ""
         call.tried.append((endpoint, "answered"))
