@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -43,6 +42,7 @@ from router.failover import (
     parse_dns_target,
 )
 from tests.support import SENTENCES, RunningPool, start_pool, wait_for
+from tooling.netns import PORT, Machine, namespaces_unavailable
 
 A, B, C = "tcp://10.0.0.1:5555", "tcp://10.0.0.2:5555", "tcp://10.0.0.3:5555"
 POLICY = FailoverPolicy(max_attempts=3, backoff_s=0.5, max_backoff_s=4.0)
@@ -279,67 +279,14 @@ TEST_POLICY = FailoverPolicy(heartbeat_ivl_ms=250, heartbeat_timeout_ms=1000,
                              heartbeat_ttl_ms=5000, connect_timeout_ms=1000, backoff_s=0.2,
                              max_backoff_s=1.0, resolve_every_s=0.3)
 CALL_TIMEOUT_S = 15.0
-PORT = 5555
 # Each run takes its own 10.77.N.0/24 subnets, so that concurrent runs do not collide.
 SUBNET_BASE = 10 + (os.getpid() % 60) * 4
 
 
 def needs_namespaces() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root (ip netns); run the suite as root")
-    if shutil.which("ip") is None:
-        pytest.skip("network namespaces need iproute2's `ip` command")
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-@dataclass
-class Machine:
-    """A network namespace joined to this one by a veth pair: a machine of its own, whose
-    link can be cut without either side seeing a reset."""
-
-    name: str
-    subnet: int
-    host_if: str = ""
-    inner_if: str = ""
-
-    def __post_init__(self) -> None:
-        tag = f"{os.getpid() % 100000}{self.name[-1]}"
-        self.host_if, self.inner_if = f"zfh{tag}", f"zfi{tag}"
-        self.netns = f"zpfail-{os.getpid()}-{self.name}"
-
-    @property
-    def address(self) -> str:
-        return f"10.77.{self.subnet}.2"
-
-    @property
-    def endpoint(self) -> str:
-        return f"tcp://{self.address}:{PORT}"
-
-    def create(self) -> None:
-        ip("netns", "add", self.netns)
-        ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.inner_if,
-           "netns", self.netns)
-        ip("addr", "add", f"10.77.{self.subnet}.1/24", "dev", self.host_if)
-        ip("link", "set", self.host_if, "up")
-        inside = ("netns", "exec", self.netns, "ip")
-        ip(*inside, "addr", "add", f"{self.address}/24", "dev", self.inner_if)
-        ip(*inside, "link", "set", self.inner_if, "up")
-        ip(*inside, "link", "set", "lo", "up")
-
-    def cut(self) -> None:
-        """Its link goes down inside the namespace: packets vanish, nobody sends a reset."""
-        ip("netns", "exec", self.netns, "ip", "link", "set", self.inner_if, "down")
-
-    def heal(self) -> None:
-        ip("netns", "exec", self.netns, "ip", "link", "set", self.inner_if, "up")
-
-    def delete(self) -> None:
-        for args in (("link", "del", self.host_if), ("netns", "del", self.netns)):
-            with contextlib.suppress(subprocess.CalledProcessError):
-                ip(*args)
+    why = namespaces_unavailable()
+    if why is not None:
+        pytest.skip(f"{why}; run the suite as root")
 
 
 @dataclass
@@ -352,10 +299,8 @@ class Fleet:
     pools: dict[str, RunningPool] = field(default_factory=dict)
 
     def add_machine(self, name: str, index: int) -> Machine:
-        machine = Machine(name, SUBNET_BASE + index)
-        machine.create()
-        self.machines[name] = machine
-        return machine
+        self.machines[name] = Machine(name, SUBNET_BASE + index).create()
+        return self.machines[name]
 
     def start(self, *names: str) -> None:
         """Start a pool on each machine named (all at once), and wait for every one."""
@@ -364,7 +309,7 @@ class Fleet:
             self.pools[name] = start_pool(
                 self.models["v1"], "--bind", machine.endpoint, workers=1, version=name,
                 wait=False, own_group=True, endpoint=machine.endpoint,
-                prefix=("ip", "netns", "exec", machine.netns))
+                prefix=machine.prefix)
         for name in names:
             self.pools[name].process.wait_ready(self.pools[name].endpoint, workers=1,
                                                 timeout=120)
