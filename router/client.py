@@ -250,12 +250,17 @@ def split_endpoints(endpoint: Endpoints) -> list[str]:
 
 
 def connect_dealer(sock: zmq.Socket, endpoint: Endpoints, curve: ClientKeys | None) -> str:
-    """Connect to one pool, or to several: the DEALER then spreads requests round-robin.
+    """Connect to one pool, or to several: the DEALER then spreads requests round-robin
+    (the load generator's producers; `Client` fails over instead).
 
     With several pools, ZMQ_IMMEDIATE keeps requests off pools that are not connected (down
     or restarting): they go to the others instead of waiting for a reconnect.
     """
-    endpoints = split_endpoints(endpoint)
+    # dns:// names as their addresses now (looked up once: this socket does not fail over).
+    expanded = expand_targets(split_endpoints(endpoint), resolve_addresses, {})
+    endpoints = [e for targets in expanded.values() for e in targets]
+    if not endpoints:
+        raise ValueError(f"{endpoint!r} resolves to no address")
     sock.setsockopt(zmq.LINGER, 0)
     if curve is not None:
         curve.apply(sock)
@@ -669,7 +674,7 @@ class AsyncClient:
             future = self._futures.get(call)
             if future is not None and not future.done():
                 future.set_result(call.result)
-        if any(p.retiring for p in core.pools.values()):
+        if self._pools.dns:  # only dns:// targets retire pools
             self._close_pools(self._pools.close_retired())
         wake = core.next_wake(now)
         if wake is not None and (self._timer_at is None or wake < self._timer_at):
@@ -691,9 +696,17 @@ class AsyncClient:
             self._pump()
 
     async def _read_replies(self, pool: PoolSocket) -> None:
+        core = self._pools.core
         while True:
             frames = await pool.sock.recv_multipart()
-            self._pools.core.on_reply(pool.endpoint, frames, time.monotonic())
+            now = time.monotonic()
+            core.on_reply(pool.endpoint, frames, now)
+            # The replies already waiting are taken too, then one pump for them all.
+            for _ in range(REPLIES_PER_PUMP):
+                ready = pool.sock.recv_multipart(zmq.NOBLOCK)  # a finished future
+                if ready.exception() is not None:
+                    break  # zmq.Again: none left
+                core.on_reply(pool.endpoint, ready.result(), now)
             self._pump()
 
     async def _read_events(self, pool: PoolSocket) -> None:
@@ -741,3 +754,4 @@ class AsyncClient:
 
 
 BACKSTOP_S = 1.0  # past its deadline, how long a call waits for the timer task to end it
+REPLIES_PER_PUMP = 64  # replies a reader takes at once before sending what can go
