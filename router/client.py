@@ -638,11 +638,8 @@ class AsyncClient:
         self._pools.core.submit(call)
         self._pump()
         try:
-            # The timer task ends the call at its deadline; this bound is a backstop.
-            result = await asyncio.wait_for(future, limit + BACKSTOP_S)
-        except asyncio.TimeoutError:
-            self._pools.core.give_up(call, time.monotonic())
-            result = call.result
+            # The timer task ends the call at its deadline (NoReply), the one bound needed.
+            result = await future
         finally:
             self._futures.pop(call, None)
             if not call.done:  # the caller was cancelled: forget its request
@@ -669,17 +666,23 @@ class AsyncClient:
         """After any news: expire, send what can go, hand results to their callers."""
         core, now = self._pools.core, time.monotonic()
         core.expire(now)
-        self._pools.send(core.place(now), now)
-        for call in core.take_finished():
-            future = self._futures.get(call)
-            if future is not None and not future.done():
-                future.set_result(call.result)
+        if core.waiting:
+            self._pools.send(core.place(now), now)
+        if core.finished:
+            for call in core.take_finished():
+                future = self._futures.get(call)
+                if future is not None and not future.done():
+                    future.set_result(call.result)
         if self._pools.dns:  # only dns:// targets retire pools
             self._close_pools(self._pools.close_retired())
-        wake = core.next_wake(now)
-        if wake is not None and (self._timer_at is None or wake < self._timer_at):
-            assert self._wake is not None
-            self._wake.set()  # the timer sleeps until something later: wake it to re-plan
+        # The timer sleeps until its own plan; wake it when something is due sooner (a call
+        # with an earlier deadline, calls waiting for a pool's rest to end).
+        timer_at = self._timer_at
+        if timer_at is None or core.waiting or core.next_deadline < timer_at:
+            wake = core.next_wake(now)
+            if wake is not None and (timer_at is None or wake < timer_at):
+                assert self._wake is not None
+                self._wake.set()
 
     async def _run_timer(self) -> None:
         """Deadlines and pool rests: what is due without a socket event."""
@@ -703,9 +706,11 @@ class AsyncClient:
             core.on_reply(pool.endpoint, frames, now)
             # The replies already waiting are taken too, then one pump for them all.
             for _ in range(REPLIES_PER_PUMP):
+                if not pool.sock.get(zmq.EVENTS) & zmq.POLLIN:
+                    break
                 ready = pool.sock.recv_multipart(zmq.NOBLOCK)  # a finished future
                 if ready.exception() is not None:
-                    break  # zmq.Again: none left
+                    break
                 core.on_reply(pool.endpoint, ready.result(), now)
             self._pump()
 
@@ -753,5 +758,4 @@ class AsyncClient:
         await self.close()
 
 
-BACKSTOP_S = 1.0  # past its deadline, how long a call waits for the timer task to end it
 REPLIES_PER_PUMP = 64  # replies a reader takes at once before sending what can go

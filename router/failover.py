@@ -86,7 +86,7 @@ class PoolState:
         return f"{self.endpoint} ({self.why})"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Call:
     """One caller's request, across however many sends it takes."""
 
@@ -203,16 +203,22 @@ class Dispatcher:
 
     def choose(self, call: Call, now: float) -> PoolState | None:
         """The least loaded usable pool, preferring those this call has not tried; ties are
-        taken in turn, so that one request at a time still spreads."""
-        usable = [p for p in self.pools.values() if p.usable(now)]
-        tried = {endpoint for endpoint, _ in call.tried}
-        fresh = [p for p in usable if p.endpoint not in tried]
-        candidates = fresh or usable
-        if not candidates:
+        taken in turn, so that one request at a time still spreads. (One pass, no lists:
+        this runs for every request.)"""
+        pools = list(self.pools.values())
+        if not pools:
             return None
-        least = min(p.in_flight for p in candidates)
-        ties = [p for p in candidates if p.in_flight == least]
-        return ties[next(self._turn) % len(ties)]
+        tried = {endpoint for endpoint, _ in call.tried} if call.tried else ()
+        start = next(self._turn) % len(pools)
+        best: PoolState | None = None
+        best_key = (True, 0)
+        for pool in itertools.chain(pools[start:], pools[:start]):
+            if not pool.usable(now):
+                continue
+            key = (pool.endpoint in tried, pool.in_flight)
+            if best is None or key < best_key:
+                best, best_key = pool, key
+        return best
 
     def place(self, now: float) -> list[tuple[str, list[bytes]]]:
         """Give waiting calls to pools; the sends to make, as (endpoint, frames)."""
@@ -341,6 +347,11 @@ class Dispatcher:
             self._finish(call, error)
         self.waiting.clear()
         self.sent.clear()
+
+    @property
+    def next_deadline(self) -> float:
+        """No open call's deadline is earlier (inf when none is open)."""
+        return self._next_deadline
 
     def next_wake(self, now: float) -> float | None:
         """When something is due without any socket event: a deadline, or a rested pool
