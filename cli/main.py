@@ -48,8 +48,10 @@ ROTATION_POLL_S = 0.2
 # Errors are never wrapped: a script greps them, and a long path must not split a sentence.
 err = Console(stderr=True, soft_wrap=True)
 
-EndpointOpt = Annotated[str, typer.Option("--endpoint", "-e", envvar=ENDPOINT_ENV,
-                                          help="Pool frontend to connect to.")]
+EndpointOpt = Annotated[str, typer.Option(
+    "--endpoint", "-e", envvar=ENDPOINT_ENV,
+    help="Pool frontend to connect to; several (comma-separated) or dns://NAME:PORT: the "
+         "client fails over between them.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 StateDirOpt = Annotated[Path, typer.Option("--state-dir", envvar=config.STATE_ENV,
                                            help="State directory of the pool.")]

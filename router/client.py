@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -21,6 +23,17 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from router import protocol
+from router.failover import (
+    DNS_SCHEME,
+    Call,
+    Dispatcher,
+    FailoverPolicy,
+    PoolState,
+    Resolver,
+    expand_targets,
+    needs_failover,
+    resolve_addresses,
+)
 from router.keys import ClientKeys
 
 DEFAULT_ENDPOINT = os.environ.get(protocol.ENDPOINT_ENV, protocol.DEFAULT_ENDPOINT)
@@ -237,12 +250,17 @@ def split_endpoints(endpoint: Endpoints) -> list[str]:
 
 
 def connect_dealer(sock: zmq.Socket, endpoint: Endpoints, curve: ClientKeys | None) -> str:
-    """Connect to one pool, or to several: the DEALER then spreads requests round-robin.
+    """Connect to one pool, or to several: the DEALER then spreads requests round-robin
+    (the load generator's producers; `Client` fails over instead).
 
     With several pools, ZMQ_IMMEDIATE keeps requests off pools that are not connected (down
     or restarting): they go to the others instead of waiting for a reconnect.
     """
-    endpoints = split_endpoints(endpoint)
+    # dns:// names as their addresses now (looked up once: this socket does not fail over).
+    expanded = expand_targets(split_endpoints(endpoint), resolve_addresses, {})
+    endpoints = [e for targets in expanded.values() for e in targets]
+    if not endpoints:
+        raise ValueError(f"{endpoint!r} resolves to no address")
     sock.setsockopt(zmq.LINGER, 0)
     if curve is not None:
         curve.apply(sock)
@@ -257,14 +275,18 @@ def connect_dealer(sock: zmq.Socket, endpoint: Endpoints, curve: ClientKeys | No
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 HANDSHAKE_EVENTS = HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+# And of a connection: gone (crash, reset, heartbeats unanswered), or not reachable yet.
+CONNECTION_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+MONITOR_EVENTS = HANDSHAKE_EVENTS | CONNECTION_EVENTS
 
 
 class HandshakeWatch:
     """A DEALER's handshakes with its pools, read from its socket monitor: refused while
     every pool it has tried refused it, and none let it in."""
 
-    def __init__(self, sock: zmq.Socket, endpoints: int, curve: ClientKeys | None) -> None:
-        self.monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+    def __init__(self, sock: zmq.Socket, endpoints: int, curve: ClientKeys | None,
+                 events: int = HANDSHAKE_EVENTS) -> None:
+        self.monitor = sock.get_monitor_socket(events)
         self.endpoints = endpoints
         self.curve = curve
         self.last: dict[bytes, tuple[int, int]] = {}  # endpoint -> its latest (event, value)
@@ -278,9 +300,12 @@ class HandshakeWatch:
                 return
             self.take_frames(frames)
 
-    def take_frames(self, frames: list[bytes]) -> None:
+    def take_frames(self, frames: list[bytes]) -> dict[str, Any]:
+        """Record a handshake's outcome; the event, whatever it is."""
         event = parse_monitor_message(frames)
-        self.last[event["endpoint"]] = (event["event"], event["value"])
+        if event["event"] & HANDSHAKE_EVENTS:
+            self.last[event["endpoint"]] = (event["event"], event["value"])
+        return event
 
     def refused(self) -> AuthenticationFailed | None:
         failed = [(e, v, where) for where, (e, v) in self.last.items() if e & HANDSHAKE_FAILED]
@@ -306,26 +331,156 @@ class HandshakeWatch:
         self.monitor.close(linger=0)
 
 
-class Client:
-    """Blocking client. Not thread-safe (one socket); use one per thread or `AsyncClient`.
+def configure_failover_socket(sock: zmq.Socket, policy: FailoverPolicy) -> None:
+    """A failover client's DEALER: requests only onto a live connection, and a silent one
+    (a partition, no reset) dropped after the heartbeat timeout."""
+    sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a pool that is not connected
+    sock.setsockopt(zmq.HEARTBEAT_IVL, policy.heartbeat_ivl_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, policy.heartbeat_timeout_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, policy.heartbeat_ttl_ms)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, policy.connect_timeout_ms)
 
-    `endpoint` may name several pools (a list, or "tcp://a:5555,tcp://b:5555"): requests are
-    spread over the connected ones.
+
+class PoolSocket:
+    """One pool's DEALER (owned by one client, used by its one thread or loop) and the
+    monitor on it."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, curve: ClientKeys | None,
+                 policy: FailoverPolicy, failover: bool) -> None:
+        self.endpoint = endpoint
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self.sock)
+        if failover:
+            configure_failover_socket(self.sock, policy)
+        # Watched before connecting, so that the first handshake is seen.
+        self.watch = HandshakeWatch(self.sock, 1, curve, MONITOR_EVENTS)
+        self.sock.connect(endpoint)
+
+    def close(self) -> None:
+        self.watch.close()
+        self.sock.close(linger=0)
+
+
+def apply_monitor_event(core: Dispatcher, pool: PoolSocket, frames: list[bytes],
+                        now: float) -> None:
+    """A monitor event as the dispatcher's news of that pool."""
+    kind = pool.watch.take_frames(frames)["event"]
+    if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        core.on_connected(pool.endpoint)
+    elif kind & HANDSHAKE_FAILED:
+        refused = pool.watch.refused()
+        core.on_refused(pool.endpoint, refused.message if refused else "handshake failed", now)
+    elif kind == zmq.EVENT_DISCONNECTED:
+        core.on_disconnected(pool.endpoint, "disconnected", now)
+    elif kind == zmq.EVENT_CONNECT_RETRIED:
+        core.on_connect_retried(pool.endpoint, "unreachable (connect retried)")
+
+
+class PoolSet:
+    """The pools a client's endpoints name, kept in step with DNS; the sockets are created
+    and closed here, on the client's own thread or loop."""
+
+    def __init__(self, endpoint: Endpoints, ctx: zmq.Context, curve: ClientKeys | None,
+                 policy: FailoverPolicy | None, resolver: Resolver) -> None:
+        self.targets = split_endpoints(endpoint)
+        self.failover = needs_failover(self.targets)
+        self.policy = policy or FailoverPolicy()
+        self.core = Dispatcher(self.policy, self.failover, decode_reply, NoReply)
+        self.resolver = resolver
+        self.sockets: dict[str, PoolSocket] = {}
+        self.expanded: dict[str, list[str]] = {}
+        self.dns = any(t.startswith(DNS_SCHEME) for t in self.targets)
+        self.next_resolve = 0.0
+        self.resolved = False
+        self._ctx = ctx
+        self._curve = curve
+
+    def resolve_due(self, now: float) -> bool:
+        return not self.resolved or (self.dns and now >= self.next_resolve)
+
+    def resolve(self) -> dict[str, list[str]]:
+        """Each target's endpoints now (blocking: DNS)."""
+        return expand_targets(self.targets, self.resolver, self.expanded)
+
+    def apply(self, expanded: dict[str, list[str]], now: float
+              ) -> tuple[list[PoolSocket], list[PoolSocket]]:
+        """Open sockets for new endpoints, retire vanished ones; (opened, closed)."""
+        self.expanded, self.resolved = expanded, True
+        self.next_resolve = now + self.policy.resolve_every_s
+        wanted = list(dict.fromkeys(e for endpoints in expanded.values() for e in endpoints))
+        opened = []
+        for endpoint in wanted:
+            if endpoint not in self.sockets:
+                self.sockets[endpoint] = PoolSocket(self._ctx, endpoint, self._curve,
+                                                    self.policy, self.failover)
+                opened.append(self.sockets[endpoint])
+            self.core.add_pool(endpoint)
+        for endpoint in set(self.sockets) - set(wanted):
+            self.core.retire_pool(endpoint)
+        return opened, self.close_retired()
+
+    def close_retired(self) -> list[PoolSocket]:
+        """Retired pools whose in-flight requests have all ended: closed now."""
+        closed = [self.sockets.pop(e) for e in self.core.closable() if e in self.sockets]
+        for pool in closed:
+            pool.close()
+        return closed
+
+    def send(self, sends: list[tuple[str, list[bytes]]], now: float) -> None:
+        """The dispatcher's sends; one a socket refuses goes back to it."""
+        for endpoint, frames in sends:
+            try:
+                result = self.sockets[endpoint].sock.send_multipart(frames, zmq.NOBLOCK)
+                # An asyncio socket answers a non-blocking send with a finished future.
+                if isinstance(result, asyncio.Future) and result.done() and \
+                        result.exception() is not None:
+                    raise result.exception()  # type: ignore[misc]
+            except zmq.Again:
+                self.core.unsent(endpoint, frames[1], now)
+
+    def refusal(self) -> AuthenticationFailed | None:
+        """AuthenticationFailed when every pool refused this client's handshake."""
+        if not self.core.all_refused():
+            return None
+        for pool in self.sockets.values():
+            refused = pool.watch.refused()
+            if refused is not None:
+                return refused
+        return AuthenticationFailed("every pool refused the handshake")
+
+    def close(self) -> None:
+        for pool in self.sockets.values():
+            pool.close()
+        self.sockets.clear()
+
+
+class Client:
+    """Blocking client. Not thread-safe (its sockets); use one per thread or `AsyncClient`.
+
+    `endpoint` may name several pools (a list, "tcp://a:5555,tcp://b:5555", or
+    "dns://NAME:PORT" for every address of a name, looked up again every 5 s): one DEALER per
+    pool, each request to the least loaded live one, sent again elsewhere when its pool is
+    lost or answers shutting_down / overloaded (`policy`: attempts, backoff, heartbeats).
     """
 
     def __init__(self, endpoint: Endpoints = DEFAULT_ENDPOINT,
                  timeout: float = DEFAULT_TIMEOUT_S, context: zmq.Context | None = None,
-                 curve: ClientKeys | None = None) -> None:
+                 curve: ClientKeys | None = None, policy: FailoverPolicy | None = None,
+                 resolver: Resolver = resolve_addresses) -> None:
         self.timeout = timeout
         self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        # Watched before connecting, so that the first handshake is seen.
-        self._handshakes = HandshakeWatch(self._sock, len(split_endpoints(endpoint)), curve)
-        self.endpoint = connect_dealer(self._sock, endpoint, curve)
-        self._ids = itertools.count(1)
+        self._pools = PoolSet(endpoint, self._ctx, curve, policy, resolver)
+        self.endpoint = ",".join(self._pools.targets)
         self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
-        self._poller.register(self._handshakes.monitor, zmq.POLLIN)
+        self._owner: dict[zmq.Socket, PoolSocket] = {}
+        self._refresh(time.monotonic())
+
+    def pools(self) -> dict[str, PoolState]:
+        """What the client knows of each pool now (copies)."""
+        self._take_events(time.monotonic())
+        return {e: dataclasses.replace(p) for e, p in self._pools.core.pools.items()}
 
     def similarity(self, pairs: Iterable[Sequence[str]], version: str | None = None,
                    timeout: float | None = None, timeout_ms: int | None = None) -> Similarity:
@@ -350,53 +505,78 @@ class Client:
     def _call(self, op: bytes, version: str | None, bodies: list[dict],
               timeout: float | None, in_flight: int = 1) -> list[Any]:
         """Send `bodies` keeping at most `in_flight` outstanding; results in input order."""
+        core = self._pools.core
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        pinned = (version or "").encode()
         results: list[Any] = [None] * len(bodies)
-        waiting: dict[bytes, int] = {}
-        sent = 0
-        while sent < len(bodies) or waiting:
-            while sent < len(bodies) and len(waiting) < in_flight:
-                # Writable once a pool is connected (with several pools and none up, never).
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._refused() or \
-                        not self._sock.poll(int(remaining * 1000) + 1, zmq.POLLOUT):
-                    break
-                rid = next(self._ids).to_bytes(8, "big")
-                self._sock.send_multipart(encode_request(rid, op, version, bodies[sent]),
-                                          zmq.NOBLOCK)
-                waiting[rid] = sent
-                sent += 1
-            unanswered = [*waiting.values(), *range(sent, len(bodies))]
-            refused = self._refused()
-            if refused is not None:
-                for index in unanswered:
-                    results[index] = refused
-                break
-            if sent < len(bodies) and not waiting:
-                for index in unanswered:
-                    results[index] = NoReply(f"no pool reachable at {self.endpoint}")
-                break
-            remaining = deadline - time.monotonic()
-            ready = dict(self._poller.poll(int(remaining * 1000) + 1)) if remaining > 0 else {}
-            if self._sock not in ready:
-                if self._handshakes.monitor in ready:
-                    continue  # a handshake's news: judged at the top
-                for index in unanswered:
-                    results[index] = NoReply(f"no reply from {self.endpoint} in time")
-                break
-            frames = self._sock.recv_multipart()
-            index = waiting.pop(frames[1], None) if len(frames) > 1 else None
-            if index is not None:  # a stray reply to an earlier, timed-out call is dropped
-                results[index] = decode_reply(op, frames)
-        return results
+        submitted = open_calls = 0
+        while True:
+            while submitted < len(bodies) and open_calls < in_flight:
+                core.submit(Call(op, pinned, orjson.dumps(bodies[submitted]), deadline,
+                                 index=submitted))
+                submitted += 1
+                open_calls += 1
+            now = time.monotonic()
+            self._take_events(now)
+            self._refresh(now)
+            core.expire(now)
+            self._pools.send(core.place(now), now)
+            for call in core.take_finished():
+                results[call.index] = call.result
+                open_calls -= 1
+            if open_calls == 0 and submitted == len(bodies):
+                return results
+            if open_calls:
+                self._wait(core.next_wake(now), now)
 
-    def _refused(self) -> AuthenticationFailed | None:
-        self._handshakes.drain()
-        return self._handshakes.refused()
+    def _wait(self, wake: float | None, now: float) -> None:
+        """Until a socket has news or something is due; then take the news."""
+        if self._pools.dns:
+            wake = min(wake or self._pools.next_resolve, self._pools.next_resolve)
+        timeout_ms = 1000 if wake is None else max(0, math.ceil((wake - now) * 1000))
+        for sock, _ in self._poller.poll(timeout_ms):
+            pool = self._owner.get(sock)
+            if pool is not None and sock is pool.sock:
+                self._take_replies(pool, time.monotonic())
+
+    def _take_replies(self, pool: PoolSocket, now: float) -> None:
+        while True:
+            try:
+                frames = pool.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._pools.core.on_reply(pool.endpoint, frames, now)
+
+    def _take_events(self, now: float) -> None:
+        """Every monitor event waiting: connections made, lost, refused."""
+        for pool in list(self._pools.sockets.values()):
+            while True:
+                try:
+                    frames = pool.watch.monitor.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                apply_monitor_event(self._pools.core, pool, frames, now)
+        refused = self._pools.refusal()
+        if refused is not None:
+            self._pools.core.fail_all(refused)
+
+    def _refresh(self, now: float) -> None:
+        """DNS looked up again when due; sockets opened and closed to match."""
+        if self._pools.resolve_due(now):
+            opened, closed = self._pools.apply(self._pools.resolve(), now)
+        else:
+            opened, closed = [], self._pools.close_retired()
+        for pool in opened:
+            for sock in (pool.sock, pool.watch.monitor):
+                self._poller.register(sock, zmq.POLLIN)
+                self._owner[sock] = pool
+        for pool in closed:
+            for sock in (pool.sock, pool.watch.monitor):
+                self._poller.unregister(sock)
+                self._owner.pop(sock, None)
 
     def close(self) -> None:
-        self._handshakes.close()
-        self._sock.close(linger=0)
+        self._pools.close()
 
     def __enter__(self) -> Client:
         return self
@@ -406,21 +586,29 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client: any number of concurrent calls share one DEALER socket."""
+    """asyncio client: any number of concurrent calls share its sockets (one per pool), on
+    the loop that runs them. Several pools as for `Client`."""
 
     def __init__(self, endpoint: Endpoints = DEFAULT_ENDPOINT,
                  timeout: float = DEFAULT_TIMEOUT_S,
                  context: zmq.asyncio.Context | None = None,
-                 curve: ClientKeys | None = None) -> None:
+                 curve: ClientKeys | None = None, policy: FailoverPolicy | None = None,
+                 resolver: Resolver = resolve_addresses) -> None:
         self.timeout = timeout
         self._ctx = context or zmq.asyncio.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._handshakes = HandshakeWatch(self._sock, len(split_endpoints(endpoint)), curve)
-        self.endpoint = connect_dealer(self._sock, endpoint, curve)
-        self._ids = itertools.count(1)
-        self._pending: dict[bytes, tuple[bytes, asyncio.Future]] = {}
-        self._reader: asyncio.Task | None = None
-        self._watcher: asyncio.Task | None = None
+        self._pools = PoolSet(endpoint, self._ctx, curve, policy, resolver)
+        self.endpoint = ",".join(self._pools.targets)
+        self._pools.apply(self._pools.resolve(), time.monotonic())
+        self._futures: dict[Call, asyncio.Future] = {}
+        self._tasks: dict[str, list[asyncio.Task]] = {}  # per pool: its reader and watcher
+        self._timer: asyncio.Task | None = None
+        self._resolver: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._timer_at: float | None = None  # when the timer task wakes next
+
+    def pools(self) -> dict[str, PoolState]:
+        """What the client knows of each pool now (copies)."""
+        return {e: dataclasses.replace(p) for e, p in self._pools.core.pools.items()}
 
     async def similarity(self, pairs: Iterable[Sequence[str]], version: str | None = None,
                          timeout: float | None = None,
@@ -438,60 +626,136 @@ class AsyncClient:
 
     async def _call(self, op: bytes, version: str | None, body: dict,
                     timeout: float | None) -> Any:
-        if self._reader is None:
-            loop = asyncio.get_running_loop()
-            self._reader = loop.create_task(self._read_replies())
-            self._watcher = loop.create_task(self._watch_handshakes())
-        refused = self._handshakes.refused()
+        self._start()
+        refused = self._pools.refusal()
         if refused is not None:
             raise refused
-        rid = next(self._ids).to_bytes(8, "big")
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending[rid] = (op, future)
         limit = timeout if timeout is not None else self.timeout
-
-        async def send_and_wait() -> Any:
-            await self._sock.send_multipart(encode_request(rid, op, version, body))
-            return await future
-
+        now = time.monotonic()
+        call = Call(op, (version or "").encode(), orjson.dumps(body), now + limit)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._futures[call] = future
+        self._pools.core.submit(call)
+        self._pump()
         try:
-            # The send waits while no pool is connected (several pools, all down): bounded too.
-            result = await asyncio.wait_for(send_and_wait(), limit)
-        except asyncio.TimeoutError:
-            raise NoReply(f"no reply from {self.endpoint} in time") from None
+            # The timer task ends the call at its deadline (NoReply), the one bound needed.
+            result = await future
         finally:
-            self._pending.pop(rid, None)
+            self._futures.pop(call, None)
+            if not call.done:  # the caller was cancelled: forget its request
+                self._pools.core.give_up(call, time.monotonic())
         return _raise_or_return(result)
 
-    async def _read_replies(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart()
-            entry = self._pending.get(frames[1]) if len(frames) > 1 else None
-            if entry is not None and not entry[1].done():
-                entry[1].set_result(decode_reply(entry[0], frames))
+    def _start(self) -> None:
+        if self._wake is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._timer = loop.create_task(self._run_timer())
+        if self._pools.dns:
+            self._resolver = loop.create_task(self._resolve_periodically())
+        for pool in self._pools.sockets.values():
+            self._watch_pool(pool)
 
-    async def _watch_handshakes(self) -> None:
-        """A refused handshake fails every call waiting, at once."""
+    def _watch_pool(self, pool: PoolSocket) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks[pool.endpoint] = [loop.create_task(self._read_replies(pool)),
+                                      loop.create_task(self._read_events(pool))]
+
+    def _pump(self) -> None:
+        """After any news: expire, send what can go, hand results to their callers."""
+        core, now = self._pools.core, time.monotonic()
+        core.expire(now)
+        if core.waiting:
+            self._pools.send(core.place(now), now)
+        if core.finished:
+            for call in core.take_finished():
+                future = self._futures.get(call)
+                if future is not None and not future.done():
+                    future.set_result(call.result)
+        if self._pools.dns:  # only dns:// targets retire pools
+            self._close_pools(self._pools.close_retired())
+        # The timer sleeps until its own plan; wake it when something is due sooner (a call
+        # with an earlier deadline, calls waiting for a pool's rest to end).
+        timer_at = self._timer_at
+        if timer_at is None or core.waiting or core.next_deadline < timer_at:
+            wake = core.next_wake(now)
+            if wake is not None and (timer_at is None or wake < timer_at):
+                assert self._wake is not None
+                self._wake.set()
+
+    async def _run_timer(self) -> None:
+        """Deadlines and pool rests: what is due without a socket event."""
+        assert self._wake is not None
         while True:
-            self._handshakes.take_frames(await self._handshakes.monitor.recv_multipart())
-            refused = self._handshakes.refused()
-            if refused is None:
-                continue
-            for _, future in list(self._pending.values()):
-                if not future.done():
-                    future.set_result(refused)
+            now = time.monotonic()
+            wake = self._pools.core.next_wake(now)
+            self._timer_at = wake
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(),
+                                       None if wake is None else max(0.0, wake - now))
+            self._timer_at = None
+            self._pump()
+
+    async def _read_replies(self, pool: PoolSocket) -> None:
+        core = self._pools.core
+        while True:
+            frames = await pool.sock.recv_multipart()
+            now = time.monotonic()
+            core.on_reply(pool.endpoint, frames, now)
+            # The replies already waiting are taken too, then one pump for them all.
+            for _ in range(REPLIES_PER_PUMP):
+                if not pool.sock.get(zmq.EVENTS) & zmq.POLLIN:
+                    break
+                ready = pool.sock.recv_multipart(zmq.NOBLOCK)  # a finished future
+                if ready.exception() is not None:
+                    break
+                core.on_reply(pool.endpoint, ready.result(), now)
+            self._pump()
+
+    async def _read_events(self, pool: PoolSocket) -> None:
+        """Connections made, lost, refused; a refusal by every pool fails every call."""
+        while True:
+            frames = await pool.watch.monitor.recv_multipart()
+            apply_monitor_event(self._pools.core, pool, frames, time.monotonic())
+            refused = self._pools.refusal()
+            if refused is not None:
+                self._pools.core.fail_all(refused)
+            self._pump()
+
+    async def _resolve_periodically(self) -> None:
+        """dns:// names looked up again (in an executor thread: DNS only, no socket)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._pools.policy.resolve_every_s)
+            expanded = await loop.run_in_executor(None, self._pools.resolve)
+            opened, closed = self._pools.apply(expanded, time.monotonic())
+            for pool in opened:
+                self._watch_pool(pool)
+            self._close_pools(closed)
+            self._pump()
+
+    def _close_pools(self, closed: list[PoolSocket]) -> None:
+        for pool in closed:
+            for task in self._tasks.pop(pool.endpoint, []):
+                task.cancel()
 
     async def close(self) -> None:
-        for task in (self._reader, self._watcher):
+        tasks = [self._timer, self._resolver, *itertools.chain(*self._tasks.values())]
+        for task in tasks:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._handshakes.close()
-        self._sock.close(linger=0)
+        self._tasks.clear()
+        self._pools.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+REPLIES_PER_PUMP = 64  # replies a reader takes at once before sending what can go

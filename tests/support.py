@@ -129,13 +129,15 @@ class RunningPool:
 
 def start_pool(path: Path | None, *extra: str, workers: int = 2, version: str | None = None,
                state_dir: Path | None = None, wait: bool = True,
-               own_group: bool = False) -> RunningPool:
-    """`pool serve` on ipc sockets; no path means "restore from the registry".
+               own_group: bool = False, endpoint: str | None = None,
+               prefix: tuple[str, ...] = ()) -> RunningPool:
+    """`pool serve` on ipc sockets (or `endpoint`); no path means "restore from the
+    registry"; `prefix` runs it through a command that execs it (`ip netns exec NS`).
 
     float32 unless `extra` says otherwise: the tests hold the pool to the seed's scores
     within 1e-4, and `--dtype auto` runs bf16 on CPUs that have it."""
     state_dir = state_dir or short_tmpdir()
-    endpoint = f"ipc://{state_dir}/front.sock"
+    endpoint = endpoint or f"ipc://{state_dir}/front.sock"
     args = ["--workers", str(workers), "--threads", "1", "--bind", endpoint,
             "--state-dir", str(state_dir), *extra]
     if "--dtype" not in extra:
@@ -144,7 +146,7 @@ def start_pool(path: Path | None, *extra: str, workers: int = 2, version: str | 
         args += ["--path", str(path)]
     if version is not None:
         args += ["--version", version]
-    process = PoolProcess(args, state_dir / "console.log", own_group=own_group)
+    process = PoolProcess(args, state_dir / "console.log", own_group=own_group, prefix=prefix)
     pool = RunningPool(process, state_dir, endpoint)
     if wait:
         process.wait_ready(endpoint, workers=workers, timeout=120)

@@ -20,14 +20,15 @@ class PoolProcess:
     """A `pool serve` subprocess whose stderr goes to `log_path`."""
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 own_group: bool = False) -> None:
+                 own_group: bool = False, prefix: tuple[str, ...] = ()) -> None:
         """`own_group`: the pool leads a process group of its own, its workers in it (as
-        under systemd), so that the whole group can be signalled."""
+        under systemd), so that the whole group can be signalled. `prefix`: a command that
+        execs the pool, e.g. `ip netns exec NS` (the tests' machines in network namespaces)."""
         self.args = args
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", *args],
+            [*prefix, sys.executable, "-m", "cli.main", "serve", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
             process_group=0 if own_group else None,
         )
