@@ -7,7 +7,7 @@
 2. With root: pool a on a machine of its own (a network namespace); its link is cut under
    load (no reset), then healed; then the whole pool is SIGKILLed. Reported: how long the
    requests a held were delayed (the slowest call sent around the cut / kill), failed calls,
-   and how soon a took traffic again. The client's default heartbeats (1 s, timeout 3 s).
+   and how soon a took traffic again. The client's default heartbeats (0.5 s, timeout 3 s).
 
 Usage: [CONCURRENCY=N] python benchmarks/failover.py [SECONDS] [ROUNDS]
 The load runs in this process and shares the cores with both pools: compare the figures with

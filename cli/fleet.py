@@ -2,58 +2,41 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from rich.console import Console
 from rich.table import Table
 
 from pool.control import control_request
 from pool.fleet import FleetError, FleetReport, PoolLink
-
-DNS_PREFIX = "dns://"
+from router.failover import DNS_SCHEME, Resolver, parse_dns_target, resolve_addresses
 
 RemoteLink = Callable[[str], PoolLink]  # a pool's control endpoint -> its link
 
 
-def pool_entries(spec: str, resolve: Callable[[str, int], list[str]] | None = None
-                 ) -> list[str]:
+def pool_entries(spec: str, resolve: Resolver = resolve_addresses) -> list[str]:
     """`--pools`: comma-separated control endpoints (tcp://HOST:PORT), local state
     directories, or dns://NAME:PORT (every address the name has, e.g. a Kubernetes headless
     Service's ready pods), in the order given, each once."""
     entries: list[str] = []
     for part in (p.strip() for p in spec.split(",")):
-        if not part:
+        if not part.startswith(DNS_SCHEME):
+            entries += [part] if part else []
             continue
-        if part.startswith(DNS_PREFIX):
-            entries += dns_endpoints(part, resolve or addresses_of)
-        else:
-            entries.append(part)
+        host, port = parse_dns_target(part)
+        try:
+            found = sorted(resolve(host, port))
+        except OSError as exc:
+            raise FleetError(f"{part}: {exc}") from None
+        if not found:
+            raise FleetError(f"{part}: the name has no addresses")
+        entries += [f"tcp://{address}:{port}" for address in found]
     if not entries:
         raise FleetError("--pools names no pool")
     return list(dict.fromkeys(entries))
-
-
-def dns_endpoints(spec: str, resolve: Callable[[str, int], list[str]]) -> list[str]:
-    where = urlsplit(spec)
-    if not where.hostname or not where.port:
-        raise FleetError(f"{spec}: expected dns://NAME:PORT")
-    found = resolve(where.hostname, where.port)
-    if not found:
-        raise FleetError(f"{spec}: the name has no addresses")
-    return [f"tcp://{address}:{where.port}" for address in sorted(found)]
-
-
-def addresses_of(name: str, port: int) -> list[str]:
-    try:
-        infos = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise FleetError(f"dns://{name}:{port}: {exc.strerror}") from None
-    return list({str(info[4][0]) for info in infos})
 
 
 def pool_links(entries: list[str], remote: RemoteLink | None) -> list[PoolLink]:

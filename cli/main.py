@@ -51,7 +51,7 @@ err = Console(stderr=True, soft_wrap=True)
 EndpointOpt = Annotated[str, typer.Option(
     "--endpoint", "-e", envvar=ENDPOINT_ENV,
     help="Pool frontend to connect to; several (comma-separated) or dns://NAME:PORT: the "
-         "client fails over between them.")]
+         "client fails over between them (pool bench spreads round-robin instead).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 StateDirOpt = Annotated[Path, typer.Option("--state-dir", envvar=config.STATE_ENV,
                                            help="State directory of the pool.")]

@@ -5,6 +5,7 @@ batch bounds from the machine."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,10 @@ from pool.config import (
     option_name,
     parse_devices,
 )
+from pool.join import fleet_version, own_keys, peer_endpoints, pinger
 from pool.registry import Registry, check_eval_set
+
+log = logging.getLogger("zeropool.settings")
 
 
 def resolve_settings(values: dict[str, Any],
@@ -34,6 +38,8 @@ def resolve_settings(values: dict[str, Any],
     workers and threads from the devices. Raises ValueError saying what is wrong."""
     check_remote_control(values)  # before a built-in model's conversion (seconds)
     path, version, state_dir = values["path"], values["version"], Path(values["state_dir"])
+    if path is None and values.get("join"):
+        version = joined_version(values, Registry(state_dir)) or version
     if path is None:
         registry = Registry(state_dir)
         restored = registry.version(version or registry.active or "")
@@ -100,3 +106,17 @@ def check_remote_control(values: dict[str, Any]) -> None:
 def _given(value: Any, default: Any) -> Any:
     """A flag's value where one was given (0 included), else the device's default."""
     return default if value is None else value
+
+
+def joined_version(values: dict[str, Any], registry: Registry) -> str | None:
+    """--join: the version the peers serve, if this pool has it registered."""
+    seen = fleet_version(peer_endpoints(values["join"]),
+                         pinger(own_keys(values.get("curve_secret_key"))))
+    if seen is None:
+        return None
+    if registry.version(seen) is None:
+        log.warning("join: the fleet serves %s, which is not registered here (pool versions "
+                    "add / import it): starting on %s", seen, registry.active or "the default")
+        return None
+    log.warning("join: the fleet serves %s; starting on it", seen)
+    return seen

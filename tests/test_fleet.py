@@ -252,7 +252,7 @@ def test_pools_are_named_by_endpoint_state_directory_or_dns_name() -> None:
                        "tcp://10.0.0.7:5560"]
     with pytest.raises(FleetError, match="no pool"):
         pool_entries(" , ")
-    with pytest.raises(FleetError, match="expected dns://NAME:PORT"):
+    with pytest.raises(ValueError, match="dns://NAME:PORT"):
         pool_entries("dns://pools")
     with pytest.raises(FleetError, match="operator's keys"):
         pool_links(["tcp://10.0.0.9:5560"], None)

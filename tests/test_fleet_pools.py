@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from pool.join import fleet_version
+from router.client import NoReply
 from router.keys import create_keys
-from tests.support import Load, RunningPool, run_cli, wait_for
+from tests.support import Load, RunningPool, run_cli, short_tmpdir, wait_for
 
 pytestmark = pytest.mark.slow
 LOAD_RATE = 100.0  # per pool: three pools and their loads share the CI's two cores
@@ -181,3 +183,36 @@ def free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def test_a_pool_that_joins_later_starts_on_the_fleets_version(
+    pool_factory, models: dict[str, Path], tmp_path: Path
+) -> None:
+    running = pool_factory(models["v1"], workers=1)
+    code, reply = fleet([running], "rotate", "--version", "v2", "--path", str(models["v2"]))
+    assert code == 0, reply
+    # A new pod: its registry made from the model volume's model_versions.json says v1.
+    state = short_tmpdir()
+    seed = tmp_path / "model_versions.json"
+    seed.write_text(json.dumps({"current_version": "v1", "versions": {
+        "v1": {"path": str(models["v1"])}, "v2": {"path": str(models["v2"])}}}))
+    done = run_cli("versions", "import", str(seed),
+                   env={**running.env, "ZEROPOOL_STATE_DIR": str(state)})
+    assert done.returncode == 0, done.stderr
+    joined = pool_factory(None, "--join", f"{running.endpoint},ipc:///tmp/zp-nobody.sock",
+                          workers=1, state_dir=state)
+    assert joined.status()["active"] == "v2"
+    assert "join: the fleet serves v2; starting on it" in joined.process.log_tail()
+
+
+def test_the_fleets_version_is_what_most_answering_peers_serve() -> None:
+    answers = {"a": "v2", "b": "v2", "c": "v1"}
+
+    def ping(endpoint: str) -> str:
+        if endpoint not in answers:
+            raise NoReply(f"no reply from {endpoint}")
+        return answers[endpoint]
+
+    assert fleet_version(["a", "b", "c", "gone"], ping) == "v2"
+    assert fleet_version(["a", "c"], ping) is None  # a tie decides nothing
+    assert fleet_version(["gone"], ping) is None  # the first pod of a fleet
