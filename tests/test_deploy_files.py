@@ -166,6 +166,21 @@ def k8s_exec_commands() -> dict[str, list[str]]:
     return out
 
 
+def k8s_job_commands() -> list[list[str]]:
+    """What the Jobs' containers run (the fleet rollout)."""
+    return [container_argv(container) for doc in k8s_documents() if doc["kind"] == "Job"
+            for container in doc["spec"]["template"]["spec"]["containers"]]
+
+
+def test_the_fleet_job_rotates_every_pod_over_the_control_port() -> None:
+    (job,) = k8s_job_commands()
+    args = exec_invocations(job)[0]
+    assert args[:2] == ["fleet", "rotate"]
+    assert args[args.index("--pools") + 1] == "dns://zeropool-pods:5556"
+    serve = serve_args(container_argv(main_container()))
+    assert serve[serve.index("--join") + 1] == "dns://zeropool-pods:5555"
+
+
 def doc_commands() -> list[list[str]]:
     text = DOCS.read_text()
     found = []
@@ -181,7 +196,8 @@ def all_invocations() -> dict[str, list[list[str]]]:
             for inv in shell_invocations(value.lstrip("-+@:!"))]
     docker = [exec_invocations([*entrypoint(), *json.loads(dockerfile_instruction("CMD"))])[0],
               *exec_invocations(dockerfile_healthcheck())]
-    k8s = [inv for argv in k8s_exec_commands().values() for inv in exec_invocations(argv)]
+    k8s = [inv for argv in [*k8s_exec_commands().values(), *k8s_job_commands()]
+           for inv in exec_invocations(argv)]
     return {"systemd": unit, "docker": docker, "k8s": k8s, "docs": doc_commands()}
 
 
