@@ -51,7 +51,12 @@ class Door:
             args += ["--token-file", str(token_file)]
         self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", "http", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(self._up, timeout=60, what="pool http to listen")
+        try:
+            wait_for(self._up, timeout=60, what="pool http to listen")
+        except BaseException:
+            self.proc.kill()  # a door that never came up must not outlive the test
+            self.proc.wait()
+            raise
 
     def _up(self) -> bool:
         assert self.proc.poll() is None, self.proc.communicate()

@@ -1,0 +1,135 @@
+"""A fleet rotation's length and the fleet's latency during it (issue #17's targets).
+
+POOLS pools (tiny BERTs the tests' fixtures make, 1 worker each) on one machine, producers on
+one failover AsyncClient over all of them at RATE requests/s. Measured, interleaved ROUNDS
+times: one pool's own `pool rotate` (the unit), then `pool fleet rotate --bake BAKE` of all
+of them; reported: the fleet rotation's seconds against POOLS x one rotation + BAKE, and the
+producers' p50/p99 during the rollout against the steady seconds before it.
+
+Usage: python benchmarks/fleet_rotation.py [POOLS] [BAKE] [ROUNDS]   (RATE=... in the env)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from router.client import AsyncClient, ZeroPoolError  # noqa: E402
+from tests.support import SENTENCES, make_tiny_bert, start_pool, stop_pool  # noqa: E402
+
+RATE = float(os.environ.get("RATE", "300"))  # requests/s over the whole fleet
+IN_FLIGHT = 16
+STEADY_S = 5.0
+
+
+class Producers:
+    def __init__(self, endpoints: list[str]) -> None:
+        self.endpoints = endpoints
+        self.samples: list[tuple[float, float, bool]] = []  # (sent, latency s, ok)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()))
+
+    def start(self) -> Producers:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    async def _run(self) -> None:
+        async with AsyncClient(self.endpoints, timeout=30) as client:
+            await asyncio.gather(*(self._one(client, k) for k in range(IN_FLIGHT)))
+
+    async def _one(self, client: AsyncClient, k: int) -> None:
+        while not self._stop.is_set():
+            sent = time.monotonic()
+            try:
+                await client.similarity([(SENTENCES[k % len(SENTENCES)], SENTENCES[0])])
+                ok = True
+            except ZeroPoolError:
+                ok = False
+            self.samples.append((sent, time.monotonic() - sent, ok))
+            await asyncio.sleep(max(0.0, IN_FLIGHT / RATE - (time.monotonic() - sent)))
+
+    def window(self, start: float, end: float) -> dict[str, float]:
+        got = sorted(lat for sent, lat, _ in self.samples if start <= sent < end)
+        errors = sum(1 for sent, _, ok in self.samples if start <= sent < end and not ok)
+        if not got:
+            return {"requests": 0, "errors": errors}
+        return {"requests": len(got), "errors": errors,
+                "p50_ms": round(1000 * got[len(got) // 2], 2),
+                "p99_ms": round(1000 * got[min(len(got) - 1, int(len(got) * 0.99))], 2)}
+
+
+def cli(*args: str, env: dict[str, str]) -> dict:
+    done = subprocess.run([sys.executable, "-m", "cli.main", *args, "--json"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(done.stdout + done.stderr)
+    return json.loads(done.stdout)
+
+
+def main() -> None:
+    pools_n = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    bake = float(sys.argv[2]) if len(sys.argv) > 2 else 5.0
+    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    models = Path(tempfile.mkdtemp(prefix="zp-fleet-models-"))
+    versions = {f"v{i}": make_tiny_bert(models / f"v{i}", seed=i) for i in range(1, 4)}
+    pools = [start_pool(versions["v1"], workers=1) for _ in range(pools_n)]
+    producers = Producers([p.endpoint for p in pools]).start()
+    names = ",".join(str(p.state_dir) for p in pools)
+    results = []
+    try:
+        current = "v1"
+        for round_ in range(rounds):
+            # The unit: one pool's own rotation, there and back (the fleet stays on `current`).
+            other = "v3" if current != "v3" else "v2"
+            env = pools[0].env
+            one = cli("rotate", "--version", other, "--path", str(versions[other]), env=env)
+            cli("rotate", "--version", current, env=env)
+            unit = one["rotation"]["total_s"]
+            target = "v2" if current != "v2" else "v1"
+            time.sleep(STEADY_S)
+            started = time.monotonic()
+            report = cli("fleet", "rotate", "--pools", names, "--version", target, "--path",
+                         str(versions[target]), "--bake", str(bake), env=env)["report"]
+            ended = time.monotonic()
+            current = target
+            results.append({
+                "round": round_ + 1, "one_rotation_s": unit,
+                "fleet_s": round(ended - started, 2),
+                "expected_s": round(pools_n * unit + bake, 2),
+                "steady": producers.window(started - STEADY_S, started),
+                "during": producers.window(started, ended),
+                "outcome": report["outcome"]})
+            r = results[-1]
+            print(f"round {r['round']}: fleet {r['fleet_s']} s vs {pools_n} x {unit} s + "
+                  f"{bake} s = {r['expected_s']} s; p99 steady {r['steady'].get('p99_ms')} "
+                  f"ms, during {r['during'].get('p99_ms')} ms; errors "
+                  f"{r['during']['errors']}; {r['outcome']}", flush=True)
+    finally:
+        producers.stop()
+        for pool in pools:
+            stop_pool(pool)
+    ratios = [r["during"]["p99_ms"] / r["steady"]["p99_ms"] for r in results
+              if r["steady"].get("p99_ms") and r["during"].get("p99_ms")]
+    print(json.dumps({"pools": pools_n, "bake_s": bake, "rate": RATE, "rounds": results,
+                      "p99_during_over_steady": [round(x, 2) for x in ratios],
+                      "median_ratio": round(statistics.median(ratios), 2) if ratios else None},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
