@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,13 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 300
     """`pool ARGS...` as a user runs it."""
     return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
                           text=True, env=env, timeout=timeout)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at `host` now."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def short_tmpdir() -> Path:

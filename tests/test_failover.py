@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -41,7 +40,7 @@ from router.failover import (
     needs_failover,
     parse_dns_target,
 )
-from tests.support import SENTENCES, RunningPool, start_pool, wait_for
+from tests.support import SENTENCES, RunningPool, free_port, start_pool, wait_for
 from tooling.netns import PORT, Machine, namespaces_unavailable
 
 A, B, C = "tcp://10.0.0.1:5555", "tcp://10.0.0.2:5555", "tcp://10.0.0.3:5555"
@@ -527,11 +526,6 @@ def test_sigterm_one_pool_then_sigkill_another_and_an_unreachable_one_is_skipped
         load.stop()
     load.check_every_call_answered_once()
 
-
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def test_every_pool_unreachable_is_noreply_naming_each_and_why() -> None:

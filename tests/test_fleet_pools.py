@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import pytest
 from pool.join import fleet_version
 from router.client import AsyncClient, NoReply, ZeroPoolError
 from router.keys import create_keys
-from tests.support import SENTENCES, Load, RunningPool, run_cli, short_tmpdir, wait_for
+from tests.support import SENTENCES, Load, RunningPool, free_port, run_cli, short_tmpdir, wait_for
 
 pytestmark = pytest.mark.slow
 LOAD_RATE = 100.0  # per pool: three pools and their loads share the CI's two cores
@@ -219,11 +218,6 @@ def test_a_fleet_of_remote_pools_on_their_own_addresses_rotates_over_curve(
     done = run_cli("fleet", "status", "--pools", names, "--json", env=pools[0].env)
     assert done.returncode == 2 and "operator's keys" in done.stdout
 
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def test_a_pool_that_joins_later_starts_on_the_fleets_version(

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import os
 import shutil
-import socket
 import ssl
 import struct
 import subprocess
@@ -21,18 +20,21 @@ import pytest
 
 from router.client import Client, Embeddings, decode_reply
 from router.http import STATUS_BY_CODE, status_for
-from tests.support import SENTENCES, Reference, RunningPool, run_cli, short_tmpdir, wait_for
+from tests.support import (
+    SENTENCES,
+    Reference,
+    RunningPool,
+    free_port,
+    run_cli,
+    short_tmpdir,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"
 TOLERANCE = 1e-5
 SMALL_BODY_LIMIT = 4096  # the door under test refuses bodies past this, cheaply provoked
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Door:

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,16 +19,19 @@ import pytest
 from pool.control import ControlTarget, PoolUnreachable, control_request
 from router.client import AuthenticationFailed, Client
 from router.keys import ClientKeys, create_keys
-from tests.support import RunningPool, run_cli, short_tmpdir, start_pool, stop_pool, wait_for
+from tests.support import (
+    RunningPool,
+    free_port,
+    run_cli,
+    short_tmpdir,
+    start_pool,
+    stop_pool,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 PAIR = ("今天天气真好", "今日阳光明媚")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

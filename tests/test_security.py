@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import shutil
-import socket
 import stat
 import time
 from pathlib import Path
@@ -16,16 +15,11 @@ import pytest
 from router.auth import is_loopback
 from router.client import AsyncClient, AuthenticationFailed, Client
 from router.keys import ClientKeys, create_keys
-from tests.support import run_cli, start_pool, stop_pool
+from tests.support import free_port, run_cli, start_pool, stop_pool
 
 pytestmark = pytest.mark.slow
 PAIR = ("今天天气真好", "今日阳光明媚")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_curve_lets_in_allowed_keys_only_and_rereads_the_allow_dir(

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from typer.testing import CliRunner
 from cli.main import UI_EXTRA_MISSING, app
 from pool.control import control_request
 from router.client import Client, verdict
-from tests.support import RunningPool, short_tmpdir
+from tests.support import RunningPool, free_port, short_tmpdir
 
 pytestmark = pytest.mark.slow
 
@@ -98,11 +97,6 @@ def test_pool_ui_without_streamlit_says_which_extra(monkeypatch: pytest.MonkeyPa
     assert result.exit_code == 2
     assert json.loads(result.stdout)["error"]["message"] == UI_EXTRA_MISSING
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_http(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
