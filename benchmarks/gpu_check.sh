@@ -1,35 +1,11 @@
 #!/usr/bin/env bash
 # Run ON THE GPU MACHINE, after benchmarks/gpu_prepare.sh here, as one device call:
 #   command: bash benchmarks/gpu_check.sh   carry: [".gpu"]   timeout_s: 540 (about 400 s on an H200)
-# GPU tests first, then the benchmarks docs/benchmarks.md asks for on a GPU; every report
-# lands in $OUT (log.txt, gpu-util.csv and reports.tar of the JSON reports). Each step
-# is bounded, so one that hangs leaves time for the rest.
-set -uo pipefail
-OUT=${OUT:-gpu-results}
-mkdir -p "$OUT"
-LOG="$OUT/log.txt"
-if ! python3 -c 'import zmq, orjson' 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .gpu/whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 COLUMNS=110
-MODEL=.gpu/model
+# GPU tests first, then the benchmarks docs/benchmarks.md asks for on a GPU (reports in $OUT:
+# benchmarks/gpu_env.sh). Each step is bounded, so one that hangs leaves time for the rest.
+source benchmarks/gpu_env.sh
 # Four producer processes: this machine has 16 cores, and the load must not be the bottleneck.
 BENCH="python3 -m cli.main bench --spawn --path $MODEL --producers 4"
-# A call brings back at most 8 files: the JSON reports travel in one tar, refreshed each step.
-REPORTS=/tmp/zeropool-reports
-mkdir -p "$REPORTS"
-step() {
-  tar -cf "$OUT/reports.tar" -C "$REPORTS" .
-  echo "=== $* ($(date +%T))" | tee -a "$LOG"
-}
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; python3 -c \
-  'import torch, transformers; print(torch.__version__, transformers.__version__)'; } \
-  2>&1 | tee -a "$LOG"
-nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 \
-  > "$OUT/gpu-util.csv" 2>&1 &
-SMI=$!
-trap 'kill $SMI 2>/dev/null' EXIT
 
 step tests
 # -v: a test that hangs is named (session 11: the step ran out of its 100 s after 3 tests).

@@ -3,25 +3,8 @@
 # issue #15's throughput runs, a rotation under 256 in flight, and a py-spy profile of a pool
 # at 256 in flight. After benchmarks/gpu_prepare.sh here (it brings py-spy's wheel too):
 #   command: bash benchmarks/gpu_quick.sh   carry: [".gpu"]   timeout_s: 260
-set -uo pipefail
-OUT=${OUT:-gpu-results}
-mkdir -p "$OUT"
-LOG="$OUT/log.txt"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .gpu/whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 COLUMNS=110
-MODEL=.gpu/model
+source benchmarks/gpu_env.sh
 BENCH="python3 -m cli.main bench --spawn --path $MODEL"
-REPORTS=/tmp/zeropool-reports
-mkdir -p "$REPORTS"
-step() {
-  tar -cf "$OUT/reports.tar" -C "$REPORTS" .
-  echo "=== $* ($(date +%T))" | tee -a "$LOG"
-}
-nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 \
-  > "$OUT/gpu-util.csv" 2>&1 &
-SMI=$!
-trap 'kill $SMI 2>/dev/null' EXIT
 
 step "tests: CUDA graphs"
 timeout 70 python3 -m pytest -q -x -p no:cacheprovider --durations=5 tests/test_gpu.py \
