@@ -34,7 +34,8 @@ from router import protocol
 
 log = logging.getLogger("zeropool.fleet")
 
-POLL_S = 1.0  # how often the rollout reads every pool's status
+POLL_S = 0.25  # how often a rotating pool's rotation is read (a rotation takes ~1 s on CPU)
+SAMPLE_S = 1.0  # how often every pool's status is read: the traffic points, lease renewals
 LEASE_TTL_S = 60.0  # renewed every poll: a rollout that dies frees its pools within this
 ROTATION_TIMEOUT_S = 1800.0  # one pool's rotation (a large model loading on a busy GPU)
 ROTATIONS_BACK = 2  # tries at rotating a pool back before the rollback reports it failed
@@ -152,6 +153,7 @@ class FleetRollout:
         self._started = clock()
         self._counters: dict[str, Counters] = {}  # each pool's, as of the last poll
         self._canary_since: dict[str, Counters] | None = None  # every pool's at its switch
+        self._sampled_at = self._started
         self._leased: list[PoolLink] = []
 
     # -- the rollout ---------------------------------------------------------------------------
@@ -363,9 +365,13 @@ class FleetRollout:
     # -- polling -----------------------------------------------------------------------------------
 
     def _sleep_and_sample(self) -> None:
-        """Wait a poll interval, then read every pool's status: the fleet's traffic point,
-        and every lease renewed."""
+        """Wait a poll interval; once a SAMPLE_S, read every pool's status: the fleet's
+        traffic point, and every lease renewed."""
         self.sleep(POLL_S)
+        if self.clock() - self._sampled_at < SAMPLE_S:
+            return
+        interval = self.clock() - self._sampled_at
+        self._sampled_at = self.clock()
         before, versions = dict(self._counters), {}
         p99s: list[float] = []
         for link in self.pools:
@@ -383,7 +389,7 @@ class FleetRollout:
                 p99s.append(counters.p99_ms)
         span = [self._counters[n].since(before[n]) for n in self._counters if n in before]
         self.report.traffic.append(TrafficPoint(
-            round(self._elapsed(), 2), round(sum(t.requests for t in span) / POLL_S, 1),
+            round(self._elapsed(), 2), round(sum(t.requests for t in span) / interval, 1),
             sum(t.errors for t in span), max(p99s) if p99s else None, versions))
         self._progress()
 

@@ -18,8 +18,8 @@ DEFAULT_MAX_P99_RATIO = 1.5  # ... and its p99 may be 1.5x the old one's, no mor
 # errors only once they alone exceed the limit on this many requests.
 MIN_REQUESTS = 50
 MIN_ERRORS = 2  # one failed request can be one odd input: it alone never ends a bake
-# Latency is estimated from histogram buckets (1, 2.5, 5, 10 ms ...): a p99 within this of the
-# old one is never a regression, whatever the ratio.
+# Latency is estimated from histogram buckets (steps of 1.5x, pool.metrics): a p99 within this
+# of the old one is never a regression, whatever the ratio.
 P99_SLACK_MS = 5.0
 
 

@@ -45,8 +45,10 @@ log = logging.getLogger("zeropool.metrics")
 REFRESH_S = 1.0
 RECENT_WINDOW_S = 60  # what health's error rate looks at
 RATE_WINDOW_S = 10  # what status' requests/s looks at
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                   10.0, 30.0)
+# Steps of at most 1.5x from 1 ms to 1 s: status' p50/p99 and a bake's p99 judgement are
+# interpolated inside one bucket, and a coarse bucket (10-25 ms) once made 12 ms read as 21.
+LATENCY_BUCKETS = (0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+                   0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 PHASE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 WORKER_STATES = ("loading", "checking", "ready", "draining", "stopping")
 # Replies that say the pool, not the producer, fell short: these count against health.
