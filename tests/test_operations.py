@@ -23,6 +23,7 @@ from pool.health import (
     assess_pool,
     assess_version,
 )
+from pool.judge import Traffic
 from pool.metrics import (
     POOL_FAULTS,
     BatchTotals,
@@ -272,8 +273,29 @@ def test_reply_tally_and_recent_windows() -> None:
     assert recent.per_second() == 3.1  # 30 ok and the one error in the last 10 s
     assert recent.by_code("v1") == {"ok": 180, "internal": 1}
     assert recent.by_code("v2") == {}
-    latency = recent.latency_ms()  # every reply took 3 ms: in the (2.5 ms, 5 ms] bucket
-    assert latency is not None and 2.5 < latency["p50"] < latency["p99"] <= 5.0
+    latency = recent.latency_ms()  # every reply took 3 ms: in the (2 ms, 3 ms] bucket
+    assert latency is not None and 2.0 < latency["p50"] < latency["p99"] <= 3.0
+
+
+def test_a_versions_traffic_over_a_window_is_what_a_bake_judges() -> None:
+    tally, recent = ReplyTally(), RecentReplies()
+    for second in range(20):
+        for _ in range(3):
+            tally.add("v1", b"similarity", "ok", 0.003)
+        if second >= 10:  # v2 from second 10: two fine replies, one pool fault, slower
+            tally.add("v2", b"similarity", "ok", 0.018)
+            tally.add("v2", b"similarity", "ok", 0.018)
+            tally.add("v2", b"similarity", "internal", 0.018)
+            tally.add("v2", b"similarity", "bad_request", None)  # the producer's fault
+        recent.record(float(second), tally.by_version_code(), tally.all_buckets(),
+                      tally.buckets_by_version())
+    v2 = recent.traffic("v2", 5.0)
+    assert (v2.requests, v2.errors) == (20, 5)  # five seconds of 4 replies, 1 pool fault each
+    assert v2.p99_ms is not None and 15.0 < v2.p99_ms <= 20.0
+    v1 = recent.traffic("v1", 5.0)
+    assert (v1.requests, v1.errors) == (15, 0) and v1.p99_ms <= 3.0
+    assert recent.traffic("v3", 5.0) == Traffic()
+    assert RecentReplies().traffic("v1", 5.0) == Traffic()
 
 
 def test_bucket_quantile_interpolates_like_prometheus() -> None:

@@ -176,7 +176,8 @@ def test_importing_the_client_loads_no_server_code() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, cwd=root, timeout=120, check=True)
     loaded = ast.literal_eval(done.stdout.strip())
-    assert loaded == ["router", "router.client", "router.keys", "router.protocol"], loaded
+    assert loaded == ["router", "router.client", "router.failover", "router.keys",
+                      "router.protocol"], loaded
 
 
 OPS = st.sampled_from([protocol.OP_SIMILARITY, protocol.OP_EMBED, protocol.OP_PING])
