@@ -6,7 +6,8 @@ times: one pool's own `pool rotate` (the unit), then `pool fleet rotate --bake B
 of them; reported: the fleet rotation's seconds against POOLS x one rotation + BAKE, and the
 producers' p50/p99 during the rollout against the steady seconds before it.
 
-Usage: python benchmarks/fleet_rotation.py [POOLS] [BAKE] [ROUNDS]   (RATE=... in the env)
+Usage: python benchmarks/fleet_rotation.py [POOLS] [BAKE] [ROUNDS]   (RATE=..., NICENESS=... in
+the env: requests/s over the fleet, the pools' --load-niceness)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from router.client import AsyncClient, ZeroPoolError  # noqa: E402
 from tests.support import SENTENCES, make_tiny_bert, start_pool, stop_pool  # noqa: E402
 
 RATE = float(os.environ.get("RATE", "300"))  # requests/s over the whole fleet
+NICENESS = os.environ.get("NICENESS")  # the pools' --load-niceness (default: the pool's)
 IN_FLIGHT = 16
 STEADY_S = 5.0
 
@@ -87,7 +89,8 @@ def main() -> None:
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 2
     models = Path(tempfile.mkdtemp(prefix="zp-fleet-models-"))
     versions = {f"v{i}": make_tiny_bert(models / f"v{i}", seed=i) for i in range(1, 4)}
-    pools = [start_pool(versions["v1"], workers=1) for _ in range(pools_n)]
+    extra = ("--load-niceness", NICENESS) if NICENESS else ()
+    pools = [start_pool(versions["v1"], *extra, workers=1) for _ in range(pools_n)]
     producers = Producers([p.endpoint for p in pools]).start()
     names = ",".join(str(p.state_dir) for p in pools)
     results = []

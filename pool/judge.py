@@ -14,9 +14,12 @@ from typing import Any
 
 DEFAULT_MAX_ERROR_RATE = 0.01  # the new version may fail 1% more of its requests, no more
 DEFAULT_MAX_P99_RATIO = 1.5  # ... and its p99 may be 1.5x the old one's, no more
-# Below this many replies a p99 is a handful of samples: latency is not judged on them, and
-# errors only once they alone exceed the limit on this many requests.
+# Errors are judged as a rate over at least this many requests: one failure among the first
+# few is not a failure rate.
 MIN_REQUESTS = 50
+# A p99 is judged only over this many replies on both sides: over fewer it is the slowest one
+# or two, which a busy moment right after the switch decides (seen on a 2-core machine).
+MIN_LATENCY_REQUESTS = 200
 MIN_ERRORS = 2  # one failed request can be one odd input: it alone never ends a bake
 # Latency is estimated from histogram buckets (steps of 1.5x, pool.metrics): a p99 within this
 # of the old one is never a regression, whatever the ratio.
@@ -89,7 +92,7 @@ def _error_regression(baseline: Traffic, candidate: Traffic, limits: BakeLimits,
 def _latency_regression(baseline: Traffic, candidate: Traffic, limits: BakeLimits,
                         new: str, old: str) -> str | None:
     if candidate.p99_ms is None or baseline.p99_ms is None or \
-            min(candidate.requests, baseline.requests) < MIN_REQUESTS:
+            min(candidate.requests, baseline.requests) < MIN_LATENCY_REQUESTS:
         return None
     if candidate.p99_ms <= max(baseline.p99_ms * limits.max_p99_ratio,
                                baseline.p99_ms + P99_SLACK_MS):

@@ -875,10 +875,11 @@ def traffic_for(fake: FakePool, producer, seconds: float, prefix: str,
         fake.tick()
 
 
-def baked_rotation(fake: FakePool, bake_s: float = 5.0, **limits: float) -> Rotation:
+def baked_rotation(fake: FakePool, bake_s: float = 5.0, baseline_s: float = 10.0,
+                   **limits: float) -> Rotation:
     serving(fake)
     producer = fake.producer()
-    traffic_for(fake, producer, 10, "before")  # the old version's baseline
+    traffic_for(fake, producer, baseline_s, "before")  # the old version's baseline
     rotate(fake, bake_s=bake_s, bake_limits=BakeLimits(**limits))
     for _ in range(50):
         fake.bring_up("v2")
@@ -940,11 +941,12 @@ def test_a_bake_switches_back_at_once_when_v2_fails_requests(fake: FakePool) -> 
 
 def test_a_bake_judges_latency_against_v1s(fake: FakePool) -> None:
     # v1 answers at once; v2 holds every request for 0.3 s (three ticks) before answering.
-    rot = baked_rotation(fake, bake_s=60.0, max_p99_ratio=1.5)
+    rot = baked_rotation(fake, bake_s=60.0, baseline_s=25.0, max_p99_ratio=1.5)
     producer = fake.producer()
     held: list = []
-    for i in range(100):
-        producer.send(f"slow-{i}".encode())
+    for i in range(150):
+        for k in range(3):  # 30 requests a second: p99 is judged over 200 replies
+            producer.send(f"slow-{i}-{k}".encode())
         fake.pump()
         for worker in fake.workers_of("v2"):
             held += [(worker, request, i + 3) for request in worker.received()]
@@ -988,8 +990,10 @@ def test_the_judge_lets_a_single_early_error_pass_and_says_why_it_fails() -> Non
     assert failing.regressed and "failed 6 of 60 requests (10.0%)" in failing.reason
     # Latency within the bucket slack is never a regression; beyond the ratio it is.
     assert not judge(Traffic(1000, 0, 2.0), Traffic(100, 0, 6.5), limits).regressed
-    slow = judge(before, Traffic(requests=100, errors=0, p99_ms=25.0), limits)
+    slow = judge(before, Traffic(requests=300, errors=0, p99_ms=25.0), limits)
     assert slow.regressed and "2.50x" in slow.reason
+    # Over too few replies a p99 is the slowest one or two: not judged.
+    assert not judge(before, Traffic(requests=100, errors=0, p99_ms=25.0), limits).regressed
     # A version that was failing before is judged against its own rate.
     assert not judge(Traffic(1000, 50, 10.0), Traffic(100, 5, 10.0), limits).regressed
     with pytest.raises(ValueError):
