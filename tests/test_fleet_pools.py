@@ -208,6 +208,13 @@ def test_a_fleet_of_remote_pools_on_their_own_addresses_rotates_over_curve(
     assert [pool.status()["active"] for pool in pools] == ["v2", "v2"]
     for load in loads:
         assert load.errors() == [] and load.lost == 0
+    # And back: every pool returns to the version the fleet served before.
+    done = run_cli("fleet", "rollback", "--pools", names, *as_operator, "--json",
+                   env=pools[0].env, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)["report"]
+    assert (report["source"], report["target"]) == ("v2", "v1")
+    assert [pool.status()["active"] for pool in pools] == ["v1", "v1"]
     # A key that is not an operator's reaches no pool: a clear error, nothing changed.
     done = run_cli("fleet", "status", "--pools", names, "--server-key",
                    str(keys / "server.key"), "--client-key", str(keys / "stranger.key_secret"),
