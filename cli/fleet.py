@@ -63,8 +63,7 @@ def print_fleet_status(out: Console, rows: list[dict[str, Any]]) -> None:
         table.add_column(column)
     for row in rows:
         if not row["reachable"]:
-            table.add_row(row["pool"], "-", f"[red]unreachable[/]: {row['error']}", "", "", "",
-                          "")
+            table.add_row(row["pool"], "-", "[red]unreachable[/]", "", "", "", "")
             continue
         rotation = row["rotation"]
         rot = "-" if not rotation else (
@@ -76,6 +75,9 @@ def print_fleet_status(out: Console, rows: list[dict[str, Any]]) -> None:
                       f"{row['requests_per_s'] or 0:,.1f}", "-" if p99 is None else f"{p99:.1f}",
                       str(row["workers"]), rot)
     out.print(table)
+    for row in rows:
+        if not row["reachable"]:
+            out.print(f"[red]{row['pool']}[/]: {row['error']}", soft_wrap=True)
     versions = {row["active"] for row in rows if row["reachable"]}
     if len(versions) > 1:
         out.print(f"[yellow]the pools serve {len(versions)} versions: "

@@ -210,6 +210,7 @@ class FleetRollout:
                 raise RolloutFailed(f"{link.name}: rotation to {self.target} refused: "
                                     f"{exc}") from None
             pool.rotation = reply.get("rotation")
+        self._progress()
         deadline = self.clock() + ROTATION_TIMEOUT_S
         running = list(group)
         while running:
@@ -228,12 +229,15 @@ class FleetRollout:
         pool.rotation = rotation
         phase = rotation.get("phase")
         if phase == "baking":
-            pool.phase = "baking"
+            if pool.phase != "baking":
+                pool.phase = "baking"
+                self._progress()
             if canary:
                 self._judge_canary(link)
             return False
         if rotation.get("outcome") == "done":
             pool.phase, pool.finished_s = "done", self._elapsed()
+            self._progress()
             return True
         if rotation.get("outcome") is not None:
             pool.phase, pool.finished_s = "failed", self._elapsed()
