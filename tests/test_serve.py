@@ -486,3 +486,21 @@ def test_one_client_spreads_over_two_pools_and_skips_one_that_stops(
         for pool in (pool_a, pool_b):
             if pool.process.proc.poll() is None:
                 stop_pool(pool)
+
+
+def test_tokenizer_threads_are_the_workers_own_rayon_pool(
+    pool_factory, models: dict[str, Path]
+) -> None:
+    """--tokenizer-threads N: the Rust tokenizer of each worker tokenises on N threads of its
+    own (a GPU worker's default); 1 (a CPU worker's default) starts none."""
+    threads = {}
+    for count in (1, 3):
+        pool = pool_factory(models["v1"], "--tokenizer-threads", str(count), workers=1)
+        with Client(pool.endpoint, timeout=30) as client:
+            for _ in range(3):  # batches of many texts: the tokenizer goes parallel
+                assert len(client.embed(SENTENCES * 4).embeddings) == len(SENTENCES) * 4
+        (pid,) = pool.worker_pids()
+        threads[count] = psutil.Process(pid).num_threads()
+        assert pool.status()["settings"]["tokenizer_threads"] == count
+        stop_pool(pool)
+    assert threads[3] >= threads[1] + 3, threads
