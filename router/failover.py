@@ -12,7 +12,9 @@ The rules (docs/protocol.md, "Failover over several pools"):
 - each send has its own request_id, so a late reply to an earlier send is unknown and dropped:
   a caller gets exactly one result;
 - a pool that failed is down for a backoff, then takes one request at a time until one is
-  answered.
+  answered;
+- a send unanswered for `attempt_timeout_s` (a pool that is up, answers heartbeats, and
+  computes nothing: stuck) counts as that pool failing: the call goes to another pool.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class FailoverPolicy:
     # kernel's SYN retries would keep one attempt hanging for minutes).
     connect_timeout_ms: int = 2000
     resolve_every_s: float = 5.0  # dns:// names are looked up again this often
+    # A stuck pool answers heartbeats but no requests; its own limits answer `timeout` after
+    # its queue timeout (30 s), too late for most callers. Long enough that only a pool far
+    # behind is left (with the 30 s default deadline, a call is sent at most twice for it):
+    # shorter would multiply the load of a fleet that is merely slow. None: the deadline.
+    attempt_timeout_s: float | None = 15.0
 
     def backoff(self, failures: int) -> float:
         """The rest after `failures` failures in a row (≥ 1)."""
@@ -100,6 +107,7 @@ class Call:
     tried: list[tuple[str, str]] = field(default_factory=list)  # (endpoint, what happened)
     rid: bytes | None = None  # the request_id of the send in flight
     pool: str | None = None  # where that send went
+    sent_at: float = 0.0  # when (monotonic)
     result: Any = None  # a Result, or the ZeroPoolError to raise
     done: bool = False
 
@@ -232,8 +240,10 @@ class Dispatcher:
                 break  # nothing usable now: they wait for a pool, or their deadline
             self.waiting.popleft()
             call.rid, call.pool = next(self._ids).to_bytes(8, "big"), pool.endpoint
+            call.sent_at = now
             pool.in_flight += 1
             self.sent[call.rid] = call
+            self._next_deadline = min(self._next_deadline, self._due(call))
             sends.append((pool.endpoint, call.frames()))
         return sends
 
@@ -292,13 +302,29 @@ class Dispatcher:
                 f"no pool answered after {len(call.tried)} attempts: {self._tried_text(call)}"))
 
     def expire(self, now: float) -> None:
-        """Calls past their deadline get NoReply, naming every pool and why it failed."""
+        """Calls past their deadline get NoReply, naming every pool and why it failed; sends
+        unanswered past the attempt timeout go to another pool."""
         if now < self._next_deadline:
             return
         late = [c for c in self._open_calls() if c.deadline <= now]
         for call in late:
             self.give_up(call, now)
-        self._next_deadline = min((c.deadline for c in self._open_calls()), default=math.inf)
+        timeout = self.policy.attempt_timeout_s
+        if self.failover and timeout is not None:
+            for call in [c for c in self.sent.values() if now - c.sent_at >= timeout]:
+                pool = self.pools[call.pool or ""]
+                why = f"no answer in {timeout:g}s"
+                self._mark_failed(pool, why, now)
+                self._take_back(call, why, now)
+        self._next_deadline = min((self._due(c) for c in self._open_calls()),
+                                  default=math.inf)
+
+    def _due(self, call: Call) -> float:
+        """When `call` next needs a look: its deadline, or its send's attempt timeout."""
+        timeout = self.policy.attempt_timeout_s
+        if call.rid is None or not self.failover or timeout is None:
+            return call.deadline
+        return min(call.deadline, call.sent_at + timeout)
 
     def _open_calls(self) -> Iterable[Call]:
         return itertools.chain(self.waiting, self.sent.values())

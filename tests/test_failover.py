@@ -574,3 +574,35 @@ def test_dns_names_follow_the_pods_as_they_come_and_go(fleet: Fleet) -> None:
     with Client(f"dns://localhost:{free_port('127.0.0.1')}", timeout=1.0,
                 policy=TEST_POLICY) as client, pytest.raises(NoReply, match=r"127\.0\.0\.1"):
         client.ping()
+
+
+def test_a_send_unanswered_past_the_attempt_timeout_goes_elsewhere_and_the_pool_rests() -> None:
+    # A stuck pool: connected, answering heartbeats, computing nothing.
+    policy = FailoverPolicy(max_attempts=3, backoff_s=0.5, attempt_timeout_s=2.0)
+    core = dispatcher(A, B, policy=policy)
+    core.pools[B].down_until = 0.5  # so that the first send goes to A
+    core.submit(call(deadline=30.0))
+    ((endpoint, frames),) = core.place(0.0)
+    assert endpoint == A
+    assert core.next_wake(0.0) == 2.0  # the attempt timeout, well before the deadline
+    core.expire(1.9)
+    assert core.place(1.9) == []  # not yet
+    core.expire(2.0)
+    ((again, frames_again),) = core.place(2.0)
+    assert again == B and frames_again[1] != frames[1]
+    assert not core.pools[A].usable(2.1) and core.pools[A].why == "no answer in 2s"
+    core.on_reply(A, ok(frames[1]), 2.5)  # the stuck pool answers at last: dropped
+    assert core.take_finished() == []
+    core.on_reply(B, ok(frames_again[1]), 2.6)
+    (done,) = core.take_finished()
+    assert isinstance(done.result, Similarity) and done.tried[0] == (A, "no answer in 2s")
+    assert core.pools[A].in_flight == 0 and core.pools[B].in_flight == 0
+
+
+def test_a_lone_pool_is_never_given_up_before_the_deadline() -> None:
+    core = dispatcher(A, failover=False,
+                      policy=FailoverPolicy(attempt_timeout_s=2.0))
+    core.submit(call(deadline=30.0))
+    core.place(0.0)
+    core.expire(20.0)
+    assert core.take_finished() == [] and core.place(20.0) == []
