@@ -606,3 +606,35 @@ def test_a_lone_pool_is_never_given_up_before_the_deadline() -> None:
     core.place(0.0)
     core.expire(20.0)
     assert core.take_finished() == [] and core.place(20.0) == []
+
+
+def test_a_stuck_pool_is_left_after_the_attempt_timeout(
+    pool_factory, models: dict[str, Path]
+) -> None:
+    """A pool whose worker is frozen (SIGSTOP): its router still answers heartbeats, so only
+    the attempt timeout moves its requests to the other pool."""
+    stuck, fine = (pool_factory(models["v1"], workers=1, version=name) for name in "ab")
+    (worker,) = stuck.worker_pids()
+    policy = FailoverPolicy(attempt_timeout_s=2.0)
+
+    async def calls() -> list[tuple[str, float]]:
+        async with AsyncClient([stuck.endpoint, fine.endpoint], timeout=20,
+                               policy=policy) as client:
+            await client.ping()  # both connected
+
+            async def one(k: int) -> tuple[str, float]:
+                sent = time.monotonic()
+                pair = (SENTENCES[k % len(SENTENCES)], SENTENCES[0])
+                return (await client.similarity([pair])).version, time.monotonic() - sent
+            return await asyncio.gather(*(one(k) for k in range(8)))
+
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        results = asyncio.run(calls())
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert {version for version, _ in results} == {"b"}, results
+    # Those first sent to the stuck pool (ties take turns: some were) waited about the
+    # attempt timeout, no more.
+    assert any(seconds >= 2.0 for _, seconds in results), results
+    assert max(seconds for _, seconds in results) < 2.0 + 3.0, results
