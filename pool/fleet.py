@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pool.judge import BakeLimits, Traffic, Verdict, judge
-from router import protocol
+from pool.metrics import POOL_FAULTS
 
 log = logging.getLogger("zeropool.fleet")
 
@@ -39,9 +39,6 @@ SAMPLE_S = 1.0  # how often every pool's status is read: the traffic points, lea
 LEASE_TTL_S = 60.0  # renewed every poll: a rollout that dies frees its pools within this
 ROTATION_TIMEOUT_S = 1800.0  # one pool's rotation (a large model loading on a busy GPU)
 ROTATIONS_BACK = 2  # tries at rotating a pool back before the rollback reports it failed
-# Replies that say the pool, not the producer, fell short (pool.metrics.POOL_FAULTS).
-POOL_FAULT_CODES = frozenset({protocol.INTERNAL, protocol.WORKER_FAILED, protocol.TIMEOUT,
-                              protocol.OVERLOADED})
 
 
 class FleetError(RuntimeError):
@@ -109,7 +106,7 @@ class Counters:
         requests = status.get("requests") or {}
         by_code = requests.get("errors_by_code") or {}
         return cls(int(requests.get("ok", 0)) + int(requests.get("errors", 0)),
-                   sum(int(n) for code, n in by_code.items() if code in POOL_FAULT_CODES),
+                   sum(int(n) for code, n in by_code.items() if code in POOL_FAULTS),
                    (status.get("latency_ms") or {}).get("p99"))
 
     def since(self, earlier: Counters) -> Traffic:
