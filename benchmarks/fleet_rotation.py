@@ -12,67 +12,25 @@ the env: requests/s over the fleet, the pools' --load-niceness)
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router.client import AsyncClient, ZeroPoolError  # noqa: E402
 from tests.support import SENTENCES, make_tiny_bert, start_pool, stop_pool  # noqa: E402
+from tooling.loadgen import FailoverProducers  # noqa: E402
 
 RATE = float(os.environ.get("RATE", "300"))  # requests/s over the whole fleet
 NICENESS = os.environ.get("NICENESS")  # the pools' --load-niceness (default: the pool's)
 IN_FLIGHT = 16
 STEADY_S = 5.0
-
-
-class Producers:
-    def __init__(self, endpoints: list[str]) -> None:
-        self.endpoints = endpoints
-        self.samples: list[tuple[float, float, bool]] = []  # (sent, latency s, ok)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()))
-
-    def start(self) -> Producers:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(60)
-
-    async def _run(self) -> None:
-        async with AsyncClient(self.endpoints, timeout=30) as client:
-            await asyncio.gather(*(self._one(client, k) for k in range(IN_FLIGHT)))
-
-    async def _one(self, client: AsyncClient, k: int) -> None:
-        while not self._stop.is_set():
-            sent = time.monotonic()
-            try:
-                await client.similarity([(SENTENCES[k % len(SENTENCES)], SENTENCES[0])])
-                ok = True
-            except ZeroPoolError:
-                ok = False
-            self.samples.append((sent, time.monotonic() - sent, ok))
-            await asyncio.sleep(max(0.0, IN_FLIGHT / RATE - (time.monotonic() - sent)))
-
-    def window(self, start: float, end: float) -> dict[str, float]:
-        got = sorted(lat for sent, lat, _ in self.samples if start <= sent < end)
-        errors = sum(1 for sent, _, ok in self.samples if start <= sent < end and not ok)
-        if not got:
-            return {"requests": 0, "errors": errors}
-        return {"requests": len(got), "errors": errors,
-                "p50_ms": round(1000 * got[len(got) // 2], 2),
-                "p99_ms": round(1000 * got[min(len(got) - 1, int(len(got) * 0.99))], 2)}
 
 
 def cli(*args: str, env: dict[str, str]) -> dict:
@@ -91,7 +49,8 @@ def main() -> None:
     versions = {f"v{i}": make_tiny_bert(models / f"v{i}", seed=i) for i in range(1, 4)}
     extra = ("--load-niceness", NICENESS) if NICENESS else ()
     pools = [start_pool(versions["v1"], *extra, workers=1) for _ in range(pools_n)]
-    producers = Producers([p.endpoint for p in pools]).start()
+    producers = FailoverProducers([p.endpoint for p in pools], SENTENCES, IN_FLIGHT,
+                                  RATE).start()
     names = ",".join(str(p.state_dir) for p in pools)
     results = []
     try:

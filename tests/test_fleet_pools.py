@@ -3,21 +3,20 @@ state directory (remote pools by endpoint are tests/test_remote_control.py's).""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from pool.join import fleet_version
-from router.client import AsyncClient, NoReply, ZeroPoolError
+from router.client import NoReply
 from router.keys import create_keys
 from tests.support import SENTENCES, Load, RunningPool, free_port, run_cli, short_tmpdir, wait_for
+from tooling.loadgen import FailoverProducers
 
 pytestmark = pytest.mark.slow
 LOAD_RATE = 100.0  # per pool: three pools and their loads share the CI's two cores
@@ -38,50 +37,12 @@ def loads_on(pools: list[RunningPool]) -> list[Load]:
     return [Load(pool.endpoint, in_flight=8, max_rate=LOAD_RATE).start() for pool in pools]
 
 
-class FailoverProducers:
-    """Producers as a fleet's users run them: one AsyncClient over every pool (least loaded,
-    failover), `in_flight` calls at a time in a thread of its own; every call's result kept."""
-
-    def __init__(self, endpoints: list[str], in_flight: int = 16) -> None:
-        self.endpoints, self.in_flight = endpoints, in_flight
-        self.results: list[tuple[float, str]] = []  # (sent, version or error code)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()))
-
-    def start(self) -> FailoverProducers:
-        self._thread.start()
-        return self
-
-    def stop(self) -> FailoverProducers:
-        self._stop.set()
-        self._thread.join(60)
-        assert not self._thread.is_alive()
-        return self
-
-    async def _run(self) -> None:
-        async with AsyncClient(self.endpoints, timeout=30) as client:
-            await asyncio.gather(*(self._producer(client, k) for k in range(self.in_flight)))
-
-    async def _producer(self, client: AsyncClient, k: int) -> None:
-        while not self._stop.is_set():
-            sent = time.monotonic()
-            pair = (SENTENCES[k % len(SENTENCES)], SENTENCES[(k + 3) % len(SENTENCES)])
-            try:
-                answer = (await client.similarity([pair])).version
-            except ZeroPoolError as exc:
-                answer = f"error:{exc.code}"
-            self.results.append((sent, answer))
-            await asyncio.sleep(1 / LOAD_RATE)
-
-    def errors(self) -> list[str]:
-        return [answer for _, answer in self.results if answer.startswith("error:")]
-
-
 def test_a_fleet_rotation_under_load_fails_nothing_and_reports_each_pool(
     pool_factory, models: dict[str, Path]
 ) -> None:
     pools = three_pools(pool_factory, models)
-    producers = FailoverProducers([pool.endpoint for pool in pools]).start()
+    producers = FailoverProducers([pool.endpoint for pool in pools], SENTENCES,
+                                  in_flight=16, rate=3 * LOAD_RATE).start()
     time.sleep(1.5)
     code, reply = fleet(pools, "rotate", "--version", "v2", "--path", str(models["v2"]),
                         "--bake", "2")
@@ -96,9 +57,9 @@ def test_a_fleet_rotation_under_load_fails_nothing_and_reports_each_pool(
     assert canary["bake"]["seconds"] == 2 and "baking" in canary["timings"]
     assert report["pools"][1]["started_s"] >= report["pools"][0]["finished_s"]
     assert report["traffic"] and not report["canary"]["regressed"]
-    assert producers.errors() == [] and len(producers.results) > 300
-    assert {answer for _, answer in producers.results} == {"v1", "v2"}
-    assert {answer for sent, answer in producers.results if sent > finished} == {"v2"}
+    assert producers.errors() == [] and len(producers.answers) > 300
+    assert producers.versions() == {"v1", "v2"}
+    assert producers.versions(since=finished) == {"v2"}
     assert {pool.status()["active"] for pool in pools} == {"v2"}
     code, status = fleet(pools, "status")
     assert code == 0 and {row["active"] for row in status["pools"]} == {"v2"}

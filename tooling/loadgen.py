@@ -12,6 +12,7 @@ flight) or open loop (a rate), recording every reply whole.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import multiprocessing
@@ -26,7 +27,7 @@ import numpy as np
 import orjson
 import zmq
 
-from router.client import connect_dealer
+from router.client import AsyncClient, ZeroPoolError, connect_dealer
 from router.keys import ClientKeys
 from router.protocol import INTERNAL, OK_CODE, OP_SIMILARITY, PROTOCOL, STATUS_OK
 
@@ -450,3 +451,75 @@ class ThreadLoad:
             reply = Reply(rid, sent, time.time(), self.pinned, status, orjson.loads(body), pairs)
             (self.replies if request is not None else self.repeats).append(reply)
             wait = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One call of FailoverProducers, answered or failed."""
+
+    sent: float  # monotonic
+    latency: float  # seconds
+    version: str | None  # the version that answered; None: the call failed
+    code: str  # OK_CODE, or the error's code
+
+
+class FailoverProducers:
+    """Producers as a fleet's users run them: one AsyncClient over every pool (least loaded,
+    failover), `in_flight` calls at a time, paced to `rate` requests/s in all (None: as fast
+    as answers come), in a thread of their own until stop(); every call's one answer kept."""
+
+    def __init__(self, endpoints: list[str], texts: list[str], in_flight: int = 16,
+                 rate: float | None = None) -> None:
+        self.endpoints, self.texts = endpoints, texts
+        self.in_flight, self.rate = in_flight, rate
+        self.answers: list[Answer] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()),
+                                        name="failover-producers")
+
+    def start(self) -> FailoverProducers:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 60) -> FailoverProducers:
+        self._stop.set()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the producers did not finish"
+        return self
+
+    async def _run(self) -> None:
+        async with AsyncClient(self.endpoints, timeout=30) as client:
+            await asyncio.gather(*(self._producer(client, k) for k in range(self.in_flight)))
+
+    async def _producer(self, client: AsyncClient, k: int) -> None:
+        n = len(self.texts)
+        pace = self.in_flight / self.rate if self.rate else 0.0  # seconds per call, each
+        while not self._stop.is_set():
+            sent = time.monotonic()
+            try:
+                result = await client.similarity([(self.texts[k % n], self.texts[(k + 3) % n])])
+                version, code = result.version, OK_CODE
+            except ZeroPoolError as exc:
+                version, code = None, exc.code
+            latency = time.monotonic() - sent
+            self.answers.append(Answer(sent, latency, version, code))
+            await asyncio.sleep(max(0.0, pace - latency))
+
+    def errors(self) -> list[Answer]:
+        return [a for a in self.answers if a.code != OK_CODE]
+
+    def versions(self, since: float = 0.0) -> set[str]:
+        """Versions that answered calls sent at or after `since` (monotonic)."""
+        return {a.version for a in self.answers if a.version and a.sent >= since}
+
+    def window(self, start: float, end: float) -> dict[str, float]:
+        """Calls sent in [start, end): how many, how many failed, p50 and p99 (ms)."""
+        sent = [a for a in self.answers if start <= a.sent < end]
+        latencies = sorted(a.latency for a in sent)
+        out: dict[str, float] = {"requests": len(sent),
+                                 "errors": sum(a.code != OK_CODE for a in sent)}
+        if latencies:
+            out["p50_ms"] = round(1000 * latencies[len(latencies) // 2], 2)
+            out["p99_ms"] = round(1000 * latencies[min(len(latencies) - 1,
+                                                       int(len(latencies) * 0.99))], 2)
+        return out
