@@ -68,22 +68,10 @@ async def http_load(url: str, seconds: float) -> float:
     return done / seconds
 
 
-def wait_http(url: str) -> None:
-    import httpx
-
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url} never came up")
-
-
 def main() -> None:
     sys.path.insert(0, str(ROOT))
     from tests.support import make_tiny_bert, start_pool, stop_pool
+    from tooling.launch import wait_http
 
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 10.0
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2
@@ -101,7 +89,7 @@ def main() -> None:
              for name, cmd in doors.items()}
     try:
         for url in urls.values():
-            wait_http(url)
+            wait_http(url, timeout=30.0)
         results: dict[str, list[float]] = {"zmq": [], **{name: [] for name in doors}}
         for _ in range(rounds):
             results["zmq"].append(asyncio.run(zmq_load(pool.endpoint, seconds)))

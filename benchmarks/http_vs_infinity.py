@@ -85,20 +85,6 @@ def own_cpu() -> float:
     return t.user + t.system
 
 
-def wait_http(url: str, path: str, timeout: float = 300.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url}{path} never answered 200")
-
-
 def wait_quiet(max_load: float, wait_s: float) -> list[float]:
     """Until the 1-minute load average is under max_load (at most wait_s); the load then."""
     deadline = time.monotonic() + wait_s
@@ -116,7 +102,7 @@ def wait_quiet(max_load: float, wait_s: float) -> list[float]:
 
 
 def start_zeropool(model: str, threads: int, port: int, log_dir: Path) -> Server:
-    from tooling.launch import PoolProcess
+    from tooling.launch import PoolProcess, wait_http
 
     state = Path(tempfile.mkdtemp(prefix="zpvi-", dir="/tmp"))  # short: ipc path limit
     endpoint = f"ipc://{state}/front.sock"
@@ -139,12 +125,14 @@ def start_zeropool(model: str, threads: int, port: int, log_dir: Path) -> Server
         shutil.rmtree(state, ignore_errors=True)
 
     server = Server("zeropool", url, "default", [pool.pid, door.pid], [stop_pool, stop_door])
-    wait_http(url, "/health")
+    wait_http(url, "/health", timeout=300.0)
     return server
 
 
 def start_infinity(binary: str, model: str, threads: int, batch_size: int, port: int,
                    log_dir: Path) -> Server:
+    from tooling.launch import wait_http
+
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update({
         "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -171,8 +159,8 @@ def start_infinity(binary: str, model: str, threads: int, batch_size: int, port:
 
     server = Server("infinity", f"http://127.0.0.1:{port}", "minilm", [proc.pid], [stop])
     try:
-        wait_http(server.url, "/health")
-        wait_http(server.url, "/v1/models")
+        wait_http(server.url, "/health", timeout=300.0)
+        wait_http(server.url, "/v1/models", timeout=300.0)
     except BaseException:
         stop()
         raise

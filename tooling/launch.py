@@ -100,3 +100,19 @@ class PrivatePool:
             return self.process.stop()
         finally:
             shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def wait_http(url: str, path: str = "/health", timeout: float = 30.0) -> None:
+    """Until GET url+path answers 200 (an HTTP door or server starting); SystemExit after
+    `timeout` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(READY_POLL_S)
+    raise SystemExit(f"{url}{path} never answered 200")
