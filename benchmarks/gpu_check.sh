@@ -19,19 +19,9 @@ timeout 40 $BENCH --model echo --workers 1 --duration 10 --concurrency 256 --pro
 step "throughput: 1 worker, 1 pair/request, with baselines"
 timeout 70 $BENCH --workers 1 --duration 12 --baseline --baseline-seconds 6 \
   --json-file "$REPORTS/tp-1w-1p.json" 2>&1 | tail -14 | tee -a "$LOG"
-# Issue #15's GPU targets: 256 in flight at one pair per request (one worker, then two on the
-# one GPU: the second overlaps its intake with the first's); 16 pairs per request; the
-# device's own limit on the same passes (pre-tokenised, no server).
-for workers in 1 2; do
-  step "throughput: $workers worker(s), 1 pair/request, 256 in flight, 8 producers"
-  timeout 40 $BENCH --workers $workers --duration 12 --concurrency 256 --producers 8 \
-    --json-file "$REPORTS/tp-${workers}w-1p-256.json" 2>&1 | tail -10 | tee -a "$LOG"
-done
-for workers in 1 2; do
-  step "throughput: $workers worker(s), 16 pairs/request, 64 in flight"
-  timeout 40 $BENCH --workers $workers --duration 12 --pairs-per-request 16 \
-    --json-file "$REPORTS/tp-${workers}w-16p.json" 2>&1 | tail -10 | tee -a "$LOG"
-done
+# Issue #15's GPU targets (benchmarks/gpu_env.sh), then the device's own limit on the same
+# passes (pre-tokenised, no server).
+throughput_runs 12 40 10
 for batch in 32 64; do
   step "device only: $batch requests x 16 pairs per pass"
   timeout 35 python3 benchmarks/device_only.py --path $MODEL --pairs 16 --batch $batch \

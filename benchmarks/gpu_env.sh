@@ -23,3 +23,22 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 5
   > "$OUT/gpu-util.csv" 2>&1 &
 SMI=$!
 trap 'kill $SMI 2>/dev/null' EXIT
+
+# Issue #15's GPU throughput runs: 1 and 2 workers (the second overlaps its intake with the
+# first's pass) at one pair per request and 256 in flight, then at 16 pairs per request and
+# 64 in flight. $1: seconds a run, $2: its time limit, $3: lines of each report kept.
+throughput_runs() {
+  local seconds=$1 limit=$2 lines=$3 workers
+  for workers in 1 2; do
+    step "throughput: $workers worker(s), 1 pair/request, 256 in flight, 8 producers"
+    timeout "$limit" $BENCH --workers $workers --duration "$seconds" --concurrency 256 \
+      --producers 8 --json-file "$REPORTS/tp-${workers}w-1p-256.json" 2>&1 | tail -"$lines" \
+      | tee -a "$LOG"
+  done
+  for workers in 1 2; do
+    step "throughput: $workers worker(s), 16 pairs/request, 64 in flight"
+    timeout "$limit" $BENCH --workers $workers --duration "$seconds" --pairs-per-request 16 \
+      --producers 4 --json-file "$REPORTS/tp-${workers}w-16p.json" 2>&1 | tail -"$lines" \
+      | tee -a "$LOG"
+  done
+}

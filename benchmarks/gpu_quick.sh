@@ -9,16 +9,7 @@ BENCH="python3 -m cli.main bench --spawn --path $MODEL"
 step "tests: CUDA graphs"
 timeout 70 python3 -m pytest -q -x -p no:cacheprovider --durations=5 tests/test_gpu.py \
   -k "cuda_graphs or new_shapes" 2>&1 | tail -15 | tee -a "$LOG"
-for workers in 1 2; do
-  step "throughput: $workers worker(s), 1 pair/request, 256 in flight, 8 producers"
-  timeout 35 $BENCH --workers $workers --duration 10 --concurrency 256 --producers 8 \
-    --json-file "$REPORTS/tp-${workers}w-1p-256.json" 2>&1 | tail -9 | tee -a "$LOG"
-done
-for workers in 1 2; do
-  step "throughput: $workers worker(s), 16 pairs/request, 64 in flight"
-  timeout 35 $BENCH --workers $workers --duration 10 --pairs-per-request 16 --producers 4 \
-    --json-file "$REPORTS/tp-${workers}w-16p.json" 2>&1 | tail -9 | tee -a "$LOG"
-done
+throughput_runs 10 35 9
 step "rotation: 256 in flight, surge"
 timeout 40 $BENCH --workers 1 --duration 15 --concurrency 256 --producers 8 --rotate-at 4 \
   --rotate-to v2 --rotate-strategy surge --json-file "$REPORTS/rot-256.json" 2>&1 \
