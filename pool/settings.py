@@ -38,10 +38,10 @@ def resolve_settings(values: dict[str, Any],
     workers and threads from the devices. Raises ValueError saying what is wrong."""
     check_remote_control(values)  # before a built-in model's conversion (seconds)
     path, version, state_dir = values["path"], values["version"], Path(values["state_dir"])
-    if path is None and values.get("join"):
-        version = joined_version(values, Registry(state_dir)) or version
     if path is None:
         registry = Registry(state_dir)
+        if values.get("join"):
+            version = joined_version(values, registry) or version
         restored = registry.version(version or registry.active or "")
         if restored is not None:
             version, path = version or registry.active, restored["path"]
