@@ -74,15 +74,18 @@ class CudaGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def shape_of(self, ids: Sequence[Sequence[int]]) -> tuple[int, int]:
-        return bucket(len(ids), self.rows), bucket(max(map(len, ids)), self.widths)
+    def padded(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """`ids` and their mask padded to their bucket: extra rows of one pad token each."""
+        rows = bucket(len(ids), self.rows)
+        width = bucket(max(map(len, ids)), self.widths)
+        return self._padder(ids + [[self.pad_id]] * (rows - len(ids)), width)
 
     @torch.inference_mode()
     def run(self, ids: list[list[int]]) -> torch.Tensor:
         """Normalised vectors (float32, on the CPU) of `ids`, at most the largest row bucket."""
-        rows, width = self.shape_of(ids)
+        matrix, mask = self.padded(ids)
+        rows, width = (int(n) for n in matrix.shape)
         captured = self._graphs.get((rows, width)) or self.capture(rows, width)
-        matrix, mask = self._padder(ids + [[self.pad_id]] * (rows - len(ids)), width)
         captured.ids.copy_(torch.from_numpy(matrix).pin_memory(), non_blocking=True)
         captured.mask.copy_(torch.from_numpy(mask).pin_memory(), non_blocking=True)
         captured.graph.replay()

@@ -179,8 +179,7 @@ class Encoder:
         graphs = CudaGraphs(self._graph_forward, self.device, pad, self.chunk_texts,
                             self.max_length, lambda ids, width: padded(ids, pad, width=width))
         ids = self.token_ids([t for pair in GOLDEN_PAIRS for t in pair])
-        rows, width = graphs.shape_of(ids)
-        matrix, mask = padded(ids + [[pad]] * (rows - len(ids)), pad, width=width)
+        matrix, mask = graphs.padded(ids)  # the same padded batch the graph replays
         with torch.inference_mode():
             got = graphs.run(ids)
             want = self._graph_forward(torch.from_numpy(matrix).to(self.device),
