@@ -24,12 +24,13 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 5
 SMI=$!
 trap 'kill $SMI 2>/dev/null' EXIT
 
-# Issue #15's GPU throughput runs: 1 and 2 workers (the second overlaps its intake with the
-# first's pass) at one pair per request and 256 in flight, then at 16 pairs per request and
-# 64 in flight. $1: seconds a run, $2: its time limit, $3: lines of each report kept.
+# Issue #15's GPU throughput runs: 1, 2 and 4 workers at one pair per request and 256 in
+# flight (session 11: 6.6k / 12.6k pairs/s, the GPU 6-18% busy, each worker bound by its own
+# CPU work: do 4 share the GPU as well?), then 1 and 2 at 16 pairs per request and 64 in
+# flight. $1: seconds a run, $2: its time limit, $3: lines of each report kept.
 throughput_runs() {
   local seconds=$1 limit=$2 lines=$3 workers
-  for workers in 1 2; do
+  for workers in 1 2 4; do
     step "throughput: $workers worker(s), 1 pair/request, 256 in flight, 8 producers"
     timeout "$limit" $BENCH --workers $workers --duration "$seconds" --concurrency 256 \
       --producers 8 --json-file "$REPORTS/tp-${workers}w-1p-256.json" 2>&1 | tail -"$lines" \

@@ -60,6 +60,8 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
     head = Table(title="zeropool bench", show_header=False)
     head.add_row("requests", f"{report['requests']:,} sent, {report['ok']:,} ok, "
                  f"{errors:,} errors, {report['lost']:,} lost")
+    head.add_row("producers", f"{report['producers']} processes, "
+                 + ("failover client" if report["client"] == "failover" else "raw DEALER"))
     if report["errors"]:
         head.add_row("errors by code", ", ".join(f"{k} {v}" for k, v in report["errors"].items()))
     head.add_row("throughput", f"{report['requests_per_s']:,} req/s, "

@@ -33,7 +33,9 @@ from router.client import (
     AuthenticationFailed,
     Client,
     ZeroPoolError,
+    split_endpoints,
 )
+from router.failover import DNS_SCHEME
 from router.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, ClientKeys, KeyFileError
 from router.protocol import ENDPOINT_ENV
 
@@ -51,7 +53,7 @@ err = Console(stderr=True, soft_wrap=True)
 EndpointOpt = Annotated[str, typer.Option(
     "--endpoint", "-e", envvar=ENDPOINT_ENV,
     help="Pool frontend to connect to; several (comma-separated) or dns://NAME:PORT: the "
-         "client fails over between them (pool bench spreads round-robin instead).")]
+         "client fails over between them.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 StateDirOpt = Annotated[Path, typer.Option("--state-dir", envvar=config.STATE_ENV,
                                            help="State directory of the pool.")]
@@ -409,6 +411,12 @@ def keygen(
         out.print(f"public key {public} (give it out)\nsecret key {secret} (mode 0600; keep it)")
 
 
+def several_pools(endpoint: str) -> bool:
+    """Several endpoints, or a DNS name that may list several: a fleet, not one pool."""
+    targets = split_endpoints(endpoint)
+    return len(targets) > 1 or targets[0].startswith(DNS_SCHEME)
+
+
 @app.command()
 def bench(
     endpoint: EndpointOpt = config.DEFAULT_BIND,
@@ -426,6 +434,12 @@ def bench(
                           "N: synthetic texts of N characters.", min=0)] = 0,
     version: VersionOpt = None,
     producers: Annotated[int, typer.Option(help="Producer processes.", min=1)] = 2,
+    failover: Annotated[bool | None, typer.Option(
+        "--failover/--round-robin", help="Producers through the failover client (least "
+        "loaded pool; a request whose pool dies or refuses it is sent again to another), or "
+        "on raw DEALER sockets round-robin over the pools (the transport's own cost; a dead "
+        "pool's requests are lost). Default: failover with several endpoints or dns://, raw "
+        "with one.")] = None,
     rotate_at: Annotated[float | None, typer.Option(help="Start a rotation this many seconds "
                          "in.")] = None,
     rotate_to: Annotated[str | None, typer.Option(help="Version to rotate to (with --spawn: "
@@ -478,7 +492,8 @@ def bench(
                     duration_s=None if requests else duration, requests=requests,
                     pairs_per_request=pairs_per_request, text_chars=text_chars,
                     version=version or "", seed=seed, producers=producers,
-                    curve=client_keys(server_key, client_key, as_json))
+                    curve=client_keys(server_key, client_key, as_json),
+                    failover=several_pools(endpoint) if failover is None else failover)
     console = Console(stderr=as_json)
     try:
         report = run_bench(spec, spawn=spawn, path=optional_model_path(path, as_json),

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -526,6 +529,33 @@ def test_sigterm_one_pool_then_sigkill_another_and_an_unreachable_one_is_skipped
         load.stop()
     load.check_every_call_answered_once()
 
+
+
+def test_pool_bench_over_several_pools_fails_over_when_one_is_killed(fleet: Fleet,
+                                                                    tmp_path: Path) -> None:
+    """`pool bench -e A,B,C` runs its producers on the failover client: a pool killed mid-run
+    costs no request (with --round-robin its requests in flight would be lost)."""
+    fleet.ensure("a", "b", "c")
+    report_file = tmp_path / "bench.json"
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "bench", "-e", ",".join(fleet.endpoints("a", "b", "c")),
+         "--duration", "8", "--concurrency", "24", "--producers", "2", "--json",
+         "--json-file", str(report_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fleet.pools["a"].env)
+    try:
+        time.sleep(4)  # the producers start in ~1-2 s: the kill lands with requests in flight
+        fleet.kill("b")
+        stdout, stderr = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert bench.returncode == 0, stderr
+    report = json.loads(stdout)
+    assert report["client"] == "failover"
+    assert (report["errors"], report["lost"]) == ({}, 0)
+    assert report["ok"] == report["requests"] > 0
+    assert set(report["versions"]) == {"a", "b", "c"}  # b answered until it died
 
 
 def test_every_pool_unreachable_is_noreply_naming_each_and_why() -> None:

@@ -243,7 +243,8 @@ def build_report(spec: LoadSpec, samples: Samples, watch: RotationWatch | None,
     codes, counts = np.unique(outcomes[(outcomes != OK_CODE) & answered], return_counts=True)
     report: dict[str, Any] = {
         "endpoint": spec.endpoint, "concurrency": spec.concurrency,
-        "producers": spec.producers, "pairs_per_request": spec.pairs_per_request,
+        "producers": spec.producers, "client": "failover" if spec.failover else "dealer",
+        "pairs_per_request": spec.pairs_per_request,
         "text_chars": spec.text_chars, "version": spec.version or None,
         "requests": len(outcomes), "ok": ok,
         "errors": {str(c): int(n) for c, n in zip(codes, counts, strict=True)},

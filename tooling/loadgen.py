@@ -1,8 +1,9 @@
 """The load generator: producers speaking protocol v1 directly on raw DEALER sockets (no
-zeropool client code on the request path).
+zeropool client code on the request path), or through the failover client across pools.
 
 `run_load` drives `pool bench`. Each of its producers is its own process (the GIL must not
-be the bottleneck) with one DEALER socket and its share of the requests in flight. Producers
+be the bottleneck) with one DEALER socket (or one AsyncClient, `LoadSpec.failover`) and its
+share of the requests in flight. Producers
 stream progress to the parent every PROGRESS_S and hand back every request's (sent time,
 latency, outcome, version) at the end.
 
@@ -83,6 +84,7 @@ class LoadSpec:
     producers: int = 2
     timeout_ms: int | None = None
     curve: ClientKeys | None = None
+    failover: bool = False  # AsyncClient per producer, not a raw DEALER
 
 
 @dataclass
@@ -110,81 +112,151 @@ class Progress:
     recent: list[float] = field(default_factory=list)  # latencies since the last report
 
 
+class Recorder:
+    """One producer's record: a row per request sent (time, latency, outcome, version), and
+    the progress it streams to the parent every PROGRESS_S."""
+
+    def __init__(self, index: int, progress: multiprocessing.Queue) -> None:
+        self.index, self.progress = index, progress
+        self.sent: list[float] = []
+        self.latency: list[float] = []
+        self.outcome: list[str] = []
+        self.version: list[str] = []
+        self.report = Progress()
+        self.next_report = time.monotonic() + PROGRESS_S
+        self.cpu_start = time.process_time()
+
+    def open(self) -> int:
+        """A request sent now: its row, "lost" until it is answered."""
+        self.sent.append(time.monotonic())
+        self.latency.append(float("nan"))
+        self.outcome.append("lost")
+        self.version.append("")
+        return len(self.sent) - 1
+
+    def close(self, row: int, outcome: str, version: str) -> None:
+        self.latency[row] = time.monotonic() - self.sent[row]
+        self.outcome[row], self.version[row] = outcome, version
+        self.report.errors += outcome != OK_CODE
+        self.report.done += 1
+        self.report.recent.append(self.latency[row])
+
+    def tick(self, now: float) -> None:
+        if now >= self.next_report:
+            self.flush()
+            self.next_report = now + PROGRESS_S
+
+    def flush(self) -> None:
+        self.progress.put((self.index, self.report.done, self.report.errors,
+                           self.report.recent))
+        self.report = Progress(self.report.done, self.report.errors)
+
+    def samples(self) -> Samples:
+        return Samples(np.array(self.sent), np.array(self.latency), self.outcome,
+                       self.version, time.process_time() - self.cpu_start)
+
+
+def request_pairs(texts: list[str], n: int, per_request: int) -> list[list[str]]:
+    """Request n's pairs: consecutive texts, so every producer's requests differ."""
+    return [[texts[(n * 2 + k) % len(texts)], texts[(n * 2 + k + 1) % len(texts)]]
+            for k in range(per_request)]
+
+
 def _producer(index: int, spec: LoadSpec, share: int, quota: int | None, deadline: float,
               progress: multiprocessing.Queue, results: multiprocessing.Queue) -> None:
-    rng = random.Random(spec.seed * 1000 + index)
-    texts = make_texts(4096, spec.text_chars, rng)
+    texts = make_texts(4096, spec.text_chars, random.Random(spec.seed * 1000 + index))
+
+    def more(sent: int) -> bool:
+        return sent < quota if quota is not None else time.monotonic() < deadline
+
+    gc.freeze()  # a collection walking the imports would show up as the pool's latency
+    load = _failover_load if spec.failover else _dealer_load
+    results.put((index, load(spec, share, more, texts, Recorder(index, progress))))
+
+
+def _dealer_load(spec: LoadSpec, share: int, more: Callable[[int], bool],
+                 texts: list[str], record: Recorder) -> Samples:
+    """`share` requests in flight on one raw DEALER (round-robin over several pools): a
+    request whose pool dies stays "lost"."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     connect_dealer(sock, spec.endpoint, spec.curve)
-    sent_at: dict[bytes, int] = {}
-    sent: list[float] = []
-    latency: list[float] = []
-    outcome: list[str] = []
-    version: list[str] = []
+    rows: dict[bytes, int] = {}
     n = 0
-    report = Progress()
-    next_report = time.monotonic() + PROGRESS_S
 
     def send() -> None:
         nonlocal n
-        pairs = [[texts[(n * 2 + k) % len(texts)], texts[(n * 2 + k + 1) % len(texts)]]
-                 for k in range(spec.pairs_per_request)]
-        body: dict = {"pairs": pairs}
+        body: dict = {"pairs": request_pairs(texts, n, spec.pairs_per_request)}
         if spec.timeout_ms:
             body["timeout_ms"] = spec.timeout_ms
         rid = n.to_bytes(8, "little")
-        sent_at[rid] = len(sent)
-        sent.append(time.monotonic())
-        latency.append(float("nan"))
-        outcome.append("lost")
-        version.append("")
+        rows[rid] = record.open()
         sock.send_multipart([PROTOCOL, rid, OP_SIMILARITY, spec.version.encode(),
                              orjson.dumps(body)])
         n += 1
 
-    def more() -> bool:
-        if quota is not None:
-            return n < quota
-        return time.monotonic() < deadline
-
-    gc.freeze()  # a collection walking the imports would show up as the pool's latency
-    cpu_start = time.process_time()
-    while len(sent_at) < share and more():
+    while len(rows) < share and more(n):
         send()
     tail_deadline: float | None = None
-    while sent_at:
+    while rows:
         now = time.monotonic()
-        if now >= next_report:
-            progress.put((index, report.done, report.errors, report.recent))
-            report = Progress(report.done, report.errors)
-            next_report = now + PROGRESS_S
-        if not more():
+        record.tick(now)
+        if not more(n):
             tail_deadline = tail_deadline or now + TAIL_TIMEOUT_S
             if now > tail_deadline:
                 break  # what is still outstanding stays "lost"
         if not sock.poll(100):
             continue
         _, rid, status, body = sock.recv_multipart()
-        i = sent_at.pop(rid, None)
-        if i is None:
+        row = rows.pop(rid, None)
+        if row is None:
             continue
-        latency[i] = time.monotonic() - sent[i]
         doc = orjson.loads(body)
         if status == STATUS_OK:
-            outcome[i], version[i] = OK_CODE, doc.get("version", "")
+            record.close(row, OK_CODE, doc.get("version", ""))
         else:
-            outcome[i] = doc.get("code", INTERNAL)
-            report.errors += 1
-        report.done += 1
-        report.recent.append(latency[i])
-        if more():
+            record.close(row, doc.get("code", INTERNAL), "")
+        if more(n):
             send()
-    progress.put((index, report.done, report.errors, report.recent))
-    results.put((index, Samples(np.array(sent), np.array(latency), outcome, version,
-                                time.process_time() - cpu_start)))
-    sock.close()
+    record.flush()
+    sock.close(linger=0)
     ctx.term()
+    return record.samples()
+
+
+def _failover_load(spec: LoadSpec, share: int, more: Callable[[int], bool],
+                   texts: list[str], record: Recorder) -> Samples:
+    """`share` calls in flight through one AsyncClient, as a fleet's producers run: the
+    least loaded pool first, a call whose pool dies or refuses it sent again elsewhere; a
+    call counts as failed only with the client's exception, after TAIL_TIMEOUT_S at most."""
+    n = 0
+
+    async def caller(client: AsyncClient) -> None:
+        nonlocal n
+        while more(n):
+            pairs, row = request_pairs(texts, n, spec.pairs_per_request), record.open()
+            n += 1
+            try:
+                result = await client.similarity(pairs, version=spec.version or None,
+                                                 timeout_ms=spec.timeout_ms)
+                record.close(row, OK_CODE, result.version)
+            except ZeroPoolError as exc:
+                record.close(row, exc.code, "")
+
+    async def report() -> None:
+        while True:
+            record.tick(time.monotonic())
+            await asyncio.sleep(PROGRESS_S / 2)
+
+    async def run() -> None:
+        async with AsyncClient(spec.endpoint, timeout=TAIL_TIMEOUT_S, curve=spec.curve) as client:
+            ticker = asyncio.create_task(report())
+            await asyncio.gather(*(caller(client) for _ in range(share)))
+            ticker.cancel()
+
+    asyncio.run(run())
+    record.flush()
+    return record.samples()
 
 
 def run_load(spec: LoadSpec, on_progress: Callable[[int, int, list[float]], None],
