@@ -38,6 +38,13 @@ CUDA_WIDTH_MULTIPLE = 8
 FORWARD_OVERHEAD_TOKENS = {"cpu": 48, "cuda": 1024}
 
 
+# CPU passes at most this many tokens wide run a graph traced with the plain ("eager")
+# attention, wider ones one traced with SDPA's flash kernel: on short sentences the kernel's
+# blocking costs more than it saves. MiniLM bf16, one thread, interleaved in one process
+# (session 12): plain 1.08x SDPA at ~13 tokens, 1.02x at ~40, 0.99x at ~100, 0.94x at ~250;
+# fp32 1.00x. Both graphs share the model's weights (a second trace adds ~11 MB).
+SHORT_PASS_TOKENS = 32
+
 # CPU flags of native bf16 arithmetic (/proc/cpuinfo): where one is present, bf16 runs a
 # BERT ~3x faster than fp32 (docs/benchmarks.md); elsewhere torch emulates it, slower.
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -97,7 +104,8 @@ class Encoder:
 
     `graph`: how the forward pass runs. "eager" calls the transformers module. "traced" runs
     a TorchScript graph of it (traced on a padded batch of the golden texts, frozen, then
-    checked against the module on another batch: identical embeddings, or load fails),
+    checked against the module on another batch: identical embeddings, or load fails; two
+    graphs on CPU, the narrow passes' with plain attention, SHORT_PASS_TOKENS),
     which skips the module's Python on every pass: 1.5-2.3x the passes per second of a
     small BERT on CPU, 1.3-1.7x for MiniLM (docs/benchmarks.md). "cudagraphs" (CUDA only)
     replays a captured CUDA graph per shape bucket (pool.cudagraphs), checked against the
@@ -132,6 +140,7 @@ class Encoder:
         self.graph = "eager"
         self.graph_note = ""  # why auto stayed eager
         self._traced: torch.jit.ScriptModule | None = None
+        self._traced_short: torch.jit.ScriptModule | None = None  # SHORT_PASS_TOKENS
         self._graphs: CudaGraphs | None = None
         if graph not in config.GRAPH_NAMES:
             raise ValueError(f"graph must be one of {', '.join(config.GRAPH_NAMES)}, "
@@ -151,11 +160,24 @@ class Encoder:
             else:
                 self.graph = wanted
                 if wanted == "traced":
-                    self._traced = built
+                    self._traced, self._traced_short = built
                 else:
                     self._graphs = built
 
-    def _trace(self) -> torch.jit.ScriptModule:
+    def _trace(self) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
+        """The graph for wide passes (the model's own attention) and the one for passes up
+        to SHORT_PASS_TOKENS (plain attention); the module keeps its own."""
+        own = self.model.config._attn_implementation
+        wide = self._trace_with(own)
+        if own == "eager" or self.device.type != "cpu":  # a GPU's fused kernels win at any width
+            return wide, wide
+        try:
+            self.model.set_attn_implementation("eager")
+            return wide, self._trace_with("eager")
+        finally:
+            self.model.set_attn_implementation(own)
+
+    def _trace_with(self, attention: str) -> torch.jit.ScriptModule:
         texts = [t for pair in GOLDEN_PAIRS for t in pair]
         example = self._batch(self.token_ids(texts[:3]))
         with warnings.catch_warnings(), torch.no_grad():
@@ -170,8 +192,8 @@ class Encoder:
                 got = sentence_vectors(graph(**check)["last_hidden_state"], check)
         tolerance = GRAPH_TOLERANCE.get(self.dtype, GRAPH_TOLERANCE[torch.float16])
         if got.shape != want.shape or (got - want).abs().max().item() > tolerance:
-            raise GraphCheckFailed(f"its embeddings differ from the model's by more than "
-                                   f"{tolerance}")
+            raise GraphCheckFailed(f"its embeddings ({attention} attention) differ from the "
+                                   f"model's by more than {tolerance}")
         return graph
 
     def _capture_graphs(self) -> CudaGraphs:
@@ -236,8 +258,10 @@ class Encoder:
 
     def _hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._traced is not None:
+            short = batch["input_ids"].shape[1] <= SHORT_PASS_TOKENS
+            graph = self._traced_short if short else self._traced
             try:
-                return self._traced(**batch)["last_hidden_state"]
+                return graph(**batch)["last_hidden_state"]
             except Exception:
                 # A graph's error is the TorchScript interpreter's traceback. The module then
                 # raises the real error in its own words (an id beyond the vocabulary), or

@@ -15,6 +15,7 @@ from pool.builtin import embedded_model_path
 from pool.cudagraphs import ROW_BUCKETS, WIDTH_BUCKETS, bucket, buckets_up_to
 from pool.health import TOLERANCE_HALF
 from pool.runtime import (
+    SHORT_PASS_TOKENS,
     Encoder,
     GraphCheckFailed,
     cpu_flags,
@@ -59,6 +60,10 @@ def test_cpu_runs_a_traced_graph_that_computes_what_the_eager_model_does(
     assert eager.graph == "eager"
     texts = [*SENTENCES, "今天天气真好今天天气真好今天天气真好", "a"]  # several widths
     assert torch.allclose(encoder.embed(texts), eager.embed(texts), atol=1e-6)
+    # Passes wider than SHORT_PASS_TOKENS run the other graph (the model's own attention).
+    wide = ["今天天气真好，我们去公园散步吧" * 4, "the weather is fine today " * 8]
+    assert min(len(ids) for ids in encoder.token_ids(wide)) > SHORT_PASS_TOKENS
+    assert torch.allclose(encoder.embed(wide), eager.embed(wide), atol=1e-6)
 
 
 def test_a_model_that_cannot_be_traced_runs_eager_under_auto_and_fails_under_traced(
