@@ -7,7 +7,8 @@ of them; reported: the fleet rotation's seconds against POOLS x one rotation + B
 producers' p50/p99 during the rollout against the steady seconds before it.
 
 Usage: python benchmarks/fleet_rotation.py [POOLS] [BAKE] [ROUNDS]   (RATE=..., NICENESS=... in
-the env: requests/s over the fleet, the pools' --load-niceness)
+the env: requests/s over the fleet, the pools' --load-niceness; PIN=1: pool i and every process
+it starts on core i mod cores, a machine per pool as far as this machine's cores go)
 """
 
 from __future__ import annotations
@@ -24,11 +25,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support import SENTENCES, make_tiny_bert, start_pool, stop_pool  # noqa: E402
+from tests.support import (  # noqa: E402
+    SENTENCES,
+    RunningPool,
+    make_tiny_bert,
+    start_pool,
+    stop_pool,
+)
 from tooling.loadgen import FailoverProducers  # noqa: E402
 
 RATE = float(os.environ.get("RATE", "300"))  # requests/s over the whole fleet
 NICENESS = os.environ.get("NICENESS")  # the pools' --load-niceness (default: the pool's)
+PIN = os.environ.get("PIN") == "1"
 IN_FLIGHT = 16
 STEADY_S = 5.0
 
@@ -41,6 +49,18 @@ def cli(*args: str, env: dict[str, str]) -> dict:
     return json.loads(done.stdout)
 
 
+def start_pinned(index: int, path: Path, *extra: str) -> RunningPool:
+    """A pool of one worker; with PIN, it (and what it forks: workers, a rotation's new
+    ones) inherits this process's affinity to one core while it starts."""
+    cores = sorted(os.sched_getaffinity(0))
+    if PIN:
+        os.sched_setaffinity(0, {cores[index % len(cores)]})
+    try:
+        return start_pool(path, *extra, workers=1)
+    finally:
+        os.sched_setaffinity(0, cores)
+
+
 def main() -> None:
     pools_n = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     bake = float(sys.argv[2]) if len(sys.argv) > 2 else 5.0
@@ -48,7 +68,7 @@ def main() -> None:
     models = Path(tempfile.mkdtemp(prefix="zp-fleet-models-"))
     versions = {f"v{i}": make_tiny_bert(models / f"v{i}", seed=i) for i in range(1, 4)}
     extra = ("--load-niceness", NICENESS) if NICENESS else ()
-    pools = [start_pool(versions["v1"], *extra, workers=1) for _ in range(pools_n)]
+    pools = [start_pinned(index, versions["v1"], *extra) for index in range(pools_n)]
     producers = FailoverProducers([p.endpoint for p in pools], SENTENCES, IN_FLIGHT,
                                   RATE).start()
     names = ",".join(str(p.state_dir) for p in pools)
@@ -87,7 +107,8 @@ def main() -> None:
             stop_pool(pool)
     ratios = [r["during"]["p99_ms"] / r["steady"]["p99_ms"] for r in results
               if r["steady"].get("p99_ms") and r["during"].get("p99_ms")]
-    print(json.dumps({"pools": pools_n, "bake_s": bake, "rate": RATE, "rounds": results,
+    print(json.dumps({"pools": pools_n, "bake_s": bake, "rate": RATE, "pinned": PIN,
+                      "rounds": results,
                       "p99_during_over_steady": [round(x, 2) for x in ratios],
                       "median_ratio": round(statistics.median(ratios), 2) if ratios else None},
                      indent=2))
