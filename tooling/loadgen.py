@@ -3,9 +3,8 @@ zeropool client code on the request path), or through the failover client across
 
 `run_load` drives `pool bench`. Each of its producers is its own process (the GIL must not
 be the bottleneck) with one DEALER socket (or one AsyncClient, `LoadSpec.failover`) and its
-share of the requests in flight. Producers
-stream progress to the parent every PROGRESS_S and hand back every request's (sent time,
-latency, outcome, version) at the end.
+share of the requests in flight. Producers stream progress to the parent every PROGRESS_S
+and hand back every request's (sent time, latency, outcome, version) at the end.
 
 `ThreadLoad` is the tests' load: one producer in a thread beside them, closed loop (N in
 flight) or open loop (a rate), recording every reply whole.
