@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 
 from pool.quality import (
@@ -34,6 +35,10 @@ DEFAULT_MAX_SPEARMAN_DROP = 0.05
 # Sets shipped with zeropool, by name (an --eval FILE may name one instead of a path).
 PACKAGED_SETS = {"builtin:zh-pairs": DEFAULT_PAIRS_RESOURCE}
 FIGURE_DIGITS = 4
+# Scores are ranked at this many decimals: two passes of one model differ by float noise
+# (~1e-7, with the pass's width and kernels), and noise must not make or break the ties that
+# identical texts (scores of 1.0) form, which move a Spearman by ~2e-3 on a small set.
+RANK_DECIMALS = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +59,9 @@ class QualityGate:
         """Pass or fail, with the figures: the new version's Spearman, and the active
         version's on the same pairs where it answered."""
         labels = [p.label for p in self.pairs]
-        new = spearman(new_scores, labels)
-        active = None if active_scores is None else spearman(active_scores, labels)
+        new = spearman(np.round(new_scores, RANK_DECIMALS), labels)
+        active = None if active_scores is None else \
+            spearman(np.round(active_scores, RANK_DECIMALS), labels)
         reason = None
         if not passes_spearman_gate(new, self.min_spearman):
             reason = (f"quality gate: Spearman {_shown(new)} on {self.source} "

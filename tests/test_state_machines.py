@@ -773,6 +773,16 @@ def test_a_new_version_that_scores_too_low_is_rolled_back_with_the_figures(
     assert fake.registry.data["history"][-1]["quality"]["passed"] is False
 
 
+def test_the_gate_ranks_scores_above_float_noise() -> None:
+    """One model's scores from two passes of other widths differ by ~1e-7: identical texts
+    score 1.0 give or take, and whether two of them tie must not move the Spearman."""
+    gate = a_gate()
+    one_pass = [1.0, 1.0, 0.7, 0.6, 0.3, 0.1]
+    other_pass = [0.99999994, 1.00000012, 0.70000003, 0.6, 0.29999998, 0.1]
+    result = gate.judge(other_pass, one_pass)
+    assert result.spearman == result.active_spearman and result.passed
+
+
 def test_a_gate_probe_the_new_version_cannot_answer_rolls_back(fake: FakePool) -> None:
     serving(fake)
     rotate(fake, gate=a_gate())
