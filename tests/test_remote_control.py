@@ -249,3 +249,53 @@ def test_control_bind_without_curve_refuses_to_start(keys: Keys, extra: list[str
         assert says in done.stderr
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_the_web_console_runs_a_remote_pool_with_the_operator_s_keys(
+        remote: RemotePool, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pool ui --pool`: the page (Streamlit's AppTest, as `pool ui` sets its environment)
+    reads and operates the pool over the Curve control socket; its similarity form goes to
+    the frontend with the same key, so until the operator's key is on the frontend's list it
+    shows the refusal, not a traceback."""
+    from streamlit.testing.v1 import AppTest
+
+    for name, value in {"ZEROPOOL_POOL": remote.control, "ZEROPOOL_ENDPOINT": remote.frontend,
+                        "ZEROPOOL_SERVER_KEY": str(keys.public("server")),
+                        "ZEROPOOL_CLIENT_KEY": str(keys.secret("operator")),
+                        "ZEROPOOL_STATE_DIR": remote.elsewhere["ZEROPOOL_STATE_DIR"]}.items():
+        monkeypatch.setenv(name, value)
+    page = str(Path(__file__).resolve().parents[1] / "cli" / "web.py")
+    at = AppTest.from_file(page, default_timeout=90).run()
+    assert not at.exception and not [e.value for e in at.error]
+    active = remote.pool.status()["active"]
+    assert [m.value for m in at.metric if m.label == "Active"] == [active]
+    assert set(at.dataframe[0].value["version"]) == {active}
+    assert any(remote.control in c.value for c in at.caption)
+
+    [score] = [b for b in at.button if b.label == "Compute similarity"]
+    at = score.click().run()
+    assert not at.exception
+    assert any("refused" in e.value.lower() for e in at.error), [e.value for e in at.error]
+
+    operator = ClientKeys.from_files(keys.public("server"), keys.secret("operator"))
+    shutil.copy(keys.public("operator"), keys.producers)  # the frontend rereads its list
+    try:
+        wait_for(lambda: frontend_lets_in(remote.frontend, operator), timeout=15,
+                 what="the operator's key let in at the frontend")
+        at = score.click().run()
+        assert not at.exception and not [e.value for e in at.error]
+        [metric] = [m for m in at.metric if m.label == "Similarity"]
+        assert -1 <= float(metric.value) <= 1
+    finally:
+        (keys.producers / keys.public("operator").name).unlink()
+        wait_for(lambda: not frontend_lets_in(remote.frontend, operator), timeout=15,
+                 what="the operator's key refused at the frontend again")
+
+
+def frontend_lets_in(frontend: str, keys: ClientKeys) -> bool:
+    with Client(frontend, timeout=5, curve=keys) as client:
+        try:
+            client.ping()
+        except AuthenticationFailed:
+            return False
+    return True
