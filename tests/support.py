@@ -5,6 +5,7 @@ for a condition."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import shutil
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -96,6 +97,21 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 300
     """`pool ARGS...` as a user runs it."""
     return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
                           text=True, env=env, timeout=timeout)
+
+
+@contextlib.contextmanager
+def cli_in_background(*args: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """`pool ARGS...` running beside the test (stdout and stderr piped, text); killed and
+    reaped on the way out if it is still running."""
+    process = subprocess.Popen([sys.executable, "-m", "cli.main", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

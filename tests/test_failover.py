@@ -13,8 +13,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -43,7 +41,14 @@ from router.failover import (
     needs_failover,
     parse_dns_target,
 )
-from tests.support import SENTENCES, RunningPool, free_port, start_pool, wait_for
+from tests.support import (
+    SENTENCES,
+    RunningPool,
+    cli_in_background,
+    free_port,
+    start_pool,
+    wait_for,
+)
 from tooling.netns import PORT, Machine, namespaces_unavailable
 
 A, B, C = "tcp://10.0.0.1:5555", "tcp://10.0.0.2:5555", "tcp://10.0.0.3:5555"
@@ -537,19 +542,13 @@ def test_pool_bench_over_several_pools_fails_over_when_one_is_killed(fleet: Flee
     costs no request (with --round-robin its requests in flight would be lost)."""
     fleet.ensure("a", "b", "c")
     report_file = tmp_path / "bench.json"
-    bench = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "bench", "-e", ",".join(fleet.endpoints("a", "b", "c")),
-         "--duration", "8", "--concurrency", "24", "--producers", "2", "--json",
-         "--json-file", str(report_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fleet.pools["a"].env)
-    try:
+    with cli_in_background("bench", "-e", ",".join(fleet.endpoints("a", "b", "c")),
+                           "--duration", "8", "--concurrency", "24", "--producers", "2",
+                           "--json", "--json-file", str(report_file),
+                           env=fleet.pools["a"].env) as bench:
         time.sleep(4)  # the producers start in ~1-2 s: the kill lands with requests in flight
         fleet.kill("b")
         stdout, stderr = bench.communicate(timeout=120)
-    finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait()
     assert bench.returncode == 0, stderr
     report = json.loads(stdout)
     assert report["client"] == "failover"

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,16 @@ import pytest
 from pool.join import fleet_version
 from router.client import NoReply
 from router.keys import create_keys
-from tests.support import SENTENCES, Load, RunningPool, free_port, run_cli, short_tmpdir, wait_for
+from tests.support import (
+    SENTENCES,
+    Load,
+    RunningPool,
+    cli_in_background,
+    free_port,
+    run_cli,
+    short_tmpdir,
+    wait_for,
+)
 from tooling.loadgen import FailoverProducers
 
 pytestmark = pytest.mark.slow
@@ -99,11 +106,9 @@ def test_a_second_fleet_rotation_or_a_plain_rotate_is_refused_while_one_runs(
 ) -> None:
     pools = [pool_factory(models["v1"], workers=1) for _ in range(2)]
     names = ",".join(str(pool.state_dir) for pool in pools)
-    first = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "fleet", "rotate", "--pools", names, "--version",
-         "v2", "--path", str(models["v2"]), "--bake", "3", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=pools[0].env)
-    try:
+    with cli_in_background("fleet", "rotate", "--pools", names, "--version", "v2", "--path",
+                           str(models["v2"]), "--bake", "3", "--json",
+                           env=pools[0].env) as first:
         wait_for(lambda: all(pool.status()["lease"] for pool in pools), 60,
                  "the first rollout did not lease its pools")
         code, reply = fleet(pools, "rotate", "--version", "v3", "--path", str(models["v2"]))
@@ -113,10 +118,6 @@ def test_a_second_fleet_rotation_or_a_plain_rotate_is_refused_while_one_runs(
                         env=pools[1].env)
         assert plain.returncode == 1 and "leased to fleet-" in plain.stdout
         out, _ = first.communicate(timeout=240)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
     assert first.returncode == 0, out
     assert json.loads(out)["report"]["outcome"] == "done"
     assert [pool.status()["active"] for pool in pools] == ["v2", "v2"]
