@@ -23,7 +23,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,16 +34,20 @@ sys.path.insert(0, str(ROOT))
 
 from router.client import (  # noqa: E402
     AsyncClient,
-    ZeroPoolError,
     connect_dealer,
     decode_reply,
     encode_request,
 )
 from router.protocol import OP_SIMILARITY  # noqa: E402
-from tests.support import RunningPool, make_tiny_bert, start_pool  # noqa: E402
+from tests.support import SENTENCES, RunningPool, make_tiny_bert, start_pool  # noqa: E402
+from tooling.loadgen import FailoverProducers  # noqa: E402
 from tooling.netns import Machine, namespaces_unavailable  # noqa: E402
 
 CONCURRENCY = int(os.environ.get("CONCURRENCY", "32"))
+# The partition / kill load: paced so that the pools keep a core free (each call ~8 ms apart
+# per producer, as its 5 ms pause after a ~3 ms call gave before).
+LOSS_IN_FLIGHT = 16
+LOSS_RATE = 2000.0
 PAIR = ("今天天气真好", "今日阳光明媚")
 
 
@@ -131,39 +134,8 @@ def throughput(endpoints: list[str], seconds: float, rounds: int) -> None:
     print(f"failover cost: {cost * 100:+.1f}% of round-robin's requests/s")
 
 
-class Recorder:
-    """A failover load in a thread: (sent, latency, answer) of every call."""
-
-    def __init__(self, endpoints: list[str]) -> None:
-        self.endpoints = endpoints
-        self.calls: list[tuple[float, float, str]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.run()))
-
-    async def run(self) -> None:
-        async with AsyncClient(self.endpoints, timeout=30) as client:
-            async def one_loop() -> None:
-                while not self.stop.is_set():
-                    sent = time.monotonic()
-                    try:
-                        answer = (await client.similarity([PAIR])).version
-                    except ZeroPoolError as exc:
-                        answer = exc.code
-                    self.calls.append((sent, time.monotonic() - sent, answer))
-                    await asyncio.sleep(0.005)  # paced: the pools keep a core free
-
-            await asyncio.gather(*(one_loop() for _ in range(16)))
-
-    def slowest(self, since: float) -> float:
-        return max((lat for sent, lat, _ in self.calls if sent >= since), default=0.0)
-
-    def failed(self) -> int:
-        return sum(1 for _, _, answer in self.calls if answer not in ("a", "b"))
-
-
 def losses(machine: Machine, pool_a: RunningPool, endpoints: list[str]) -> None:
-    load = Recorder(endpoints)
-    load.thread.start()
+    load = FailoverProducers(endpoints, SENTENCES, LOSS_IN_FLIGHT, LOSS_RATE).start()
     time.sleep(2)
     machine.cut()
     cut = time.monotonic()
@@ -172,10 +144,10 @@ def losses(machine: Machine, pool_a: RunningPool, endpoints: list[str]) -> None:
           f"{load.slowest(cut - 0.2):.2f} s (heartbeat timeout 3 s)")
     machine.heal()
     healed = time.monotonic()
-    while time.monotonic() - healed < 15 and not any(
-            a == "a" and s >= healed for s, _, a in load.calls):
+    while time.monotonic() - healed < 15 and "a" not in load.versions(since=healed):
         time.sleep(0.05)
-    back = min((s + lat for s, lat, a in load.calls if a == "a" and s >= healed), default=None)
+    back = min((a.sent + a.latency for a in load.answers
+                if a.version == "a" and a.sent >= healed), default=None)
     print("healed: a answered again after " +
           (f"{back - healed:.2f} s" if back is not None else "more than 15 s"))
     time.sleep(1)
@@ -183,9 +155,8 @@ def losses(machine: Machine, pool_a: RunningPool, endpoints: list[str]) -> None:
     killed = time.monotonic()
     time.sleep(2)
     print(f"SIGKILL: calls in flight waited at most {load.slowest(killed - 0.2):.2f} s")
-    load.stop.set()
-    load.thread.join(40)
-    print(f"{len(load.calls)} calls, {load.failed()} failed")
+    load.stop(40)
+    print(f"{len(load.answers)} calls, {len(load.errors())} failed")
 
 
 def main() -> None:

@@ -583,6 +583,10 @@ class FailoverProducers:
         """Versions that answered calls sent at or after `since` (monotonic)."""
         return {a.version for a in self.answers if a.version and a.sent >= since}
 
+    def slowest(self, since: float) -> float:
+        """The longest call (seconds) among those sent at or after `since` (monotonic)."""
+        return max((a.latency for a in self.answers if a.sent >= since), default=0.0)
+
     def window(self, start: float, end: float) -> dict[str, float]:
         """Calls sent in [start, end): how many, how many failed, p50 and p99 (ms)."""
         sent = [a for a in self.answers if start <= a.sent < end]
