@@ -260,21 +260,25 @@ def _remote_exchange(target: ControlTarget, request: bytes, cmd: str, timeout_s:
     sock.setsockopt(zmq.LINGER, 0)
     target.curve.apply(sock)
     monitor = sock.get_monitor_socket(_WATCHED)
+    watch = _ConnectionWatch(target.endpoint)
+    deadline = time.monotonic() + timeout_s
     try:
         sock.connect(target.endpoint)
-        # Queued until the handshake completes (a DEALER keeps a pipe from connect()).
-        sock.send_multipart([b"", request])
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
-        watch = _ConnectionWatch(target.endpoint)
-        deadline = time.monotonic() + timeout_s
+        try:
+            # Queued until the handshake completes (a DEALER keeps a pipe from connect()); a
+            # pipe already gone (the handshake failed first) leaves the monitor to say why.
+            sock.send_multipart([b"", request], flags=zmq.NOBLOCK)
+            poller.register(sock, zmq.POLLIN)
+        except zmq.Again:
+            pass
         while (remaining := deadline - time.monotonic()) > 0:
             ready = dict(poller.poll(int(remaining * 1000) + 1))
             if sock in ready:
-                return sock.recv_multipart()[-1]
+                return sock.recv_multipart(zmq.NOBLOCK)[-1]
             if monitor in ready:
-                watch.take(monitor.recv_multipart())
+                watch.take(monitor.recv_multipart(zmq.NOBLOCK))
         raise PoolUnreachable(watch.silence(cmd, timeout_s))
     finally:
         sock.disable_monitor()

@@ -9,6 +9,7 @@ import contextlib
 import inspect
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from tooling.loadgen import ThreadLoad
 
 T = TypeVar("T")
 TINY_MAX_LENGTH = 48
+HANG_REPORT_S = 10.0  # for a hung CLI to print its stacks after SIGABRT
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Sentences the tests use; every character of them is in the vocabulary.
 SENTENCES = [
@@ -94,9 +96,20 @@ class Reference:
 
 def run_cli(*args: str, env: dict[str, str], timeout: float = 300
             ) -> subprocess.CompletedProcess:
-    """`pool ARGS...` as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    """`pool ARGS...` as a user runs it. One still running after `timeout` fails the test with
+    where it was: faulthandler (on in the child) prints every thread's stack on SIGABRT."""
+    argv = [sys.executable, "-m", "cli.main", *args]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**env, "PYTHONFAULTHANDLER": "1"}) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            stdout, stderr = proc.communicate(timeout=HANG_REPORT_S)
+            raise AssertionError(f"`pool {' '.join(args)}` still running after {timeout}s; "
+                                 f"its stacks:\n{stderr[-6000:]}\nits stdout:\n{stdout[-2000:]}"
+                                 ) from None
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
 
 @contextlib.contextmanager
