@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,13 @@ log = logging.getLogger("zeropool.worker")
 PASSES_DONE = b"\x00passes-done"
 PASSES_CRASHED = b"\x00passes-crashed"
 QUEUE_POLL_S = 1.0  # how often a wait on the queue looks up from it (bounds every wait)
+# Passes that keep a pipeline. Producers that send their next request when one is answered
+# keep L requests in flight; a pass of all L leaves the device idle while its replies travel
+# and the next requests are decoded and tokenised. A pass of at most half of what the worker
+# held lately lets the other half be prepared meanwhile (a 2-layer BERT at 64 in flight:
+# 10.7k -> 11.6k pairs/s; at 256, and MiniLM, no change: docs/benchmarks.md, session 13).
+PIPELINE_WINDOW_PASSES = 8  # "lately": a tokenising lag at one pass must not halve the next
+PIPELINE_MIN_SIZE = 16  # held work below this is one pass: no split at light load
 
 
 @dataclass(slots=True)
@@ -68,6 +75,11 @@ class JobQueue:
     def __len__(self) -> int:
         return len(self._jobs)
 
+    def queued_size(self) -> int:
+        """Pairs (or embed texts) waiting: what counts against max_batch."""
+        with self._ready:
+            return sum(job.size for job in self._jobs)
+
     def take(self, max_size: int, wait_s: float, max_tokens: int = 0) -> list[Job] | None:
         """Jobs up to max_size (pairs or texts; the last job may go over) and, if max_tokens,
         short of max_tokens (a job over it alone is taken alone); waiting for the first job,
@@ -100,6 +112,16 @@ class JobQueue:
                 self._ready.wait(remaining)
 
 
+def pipelined_limit(max_batch: int, recent_held: Iterable[int]) -> int:
+    """The size limit of the next pass: half of the most work the worker held over the
+    last passes (queued, plus the pass before whose replies are out), within max_batch; all
+    of it when that is under PIPELINE_MIN_SIZE. A deep queue still makes full passes."""
+    peak = max(recent_held, default=0)
+    if peak < PIPELINE_MIN_SIZE:
+        return max_batch
+    return min(max_batch, -(-peak // 2))
+
+
 class DeviceThread:
     """Runs the forward passes: `embed` (token ids of distinct texts -> their normalised
     vectors, a numpy array, one row per text) or, on the echo model, none."""
@@ -120,6 +142,8 @@ class DeviceThread:
         self.on_failure = on_failure  # after a failed pass (frees device memory)
         self.pass_started = 0.0  # monotonic start of the pass running now; 0 between passes
         self.last_batch = 0  # requests in the previous batch: is there concurrent load?
+        self.last_size = 0  # its pairs: out for a round trip while the next pass is chosen
+        self.recent_held: deque[int] = deque(maxlen=PIPELINE_WINDOW_PASSES)
         self.outbox: list[bytes] = []
 
     def run(self, pair: zmq.Socket) -> None:
@@ -161,8 +185,11 @@ class DeviceThread:
         # The wait only pays off under concurrent load: after a batch of one request, the
         # next request is served at once instead of idling max_wait_ms for company.
         wait_s = self.max_wait_s if self.last_batch > 1 else 0.0
-        jobs = self.queue.take(self.max_batch, wait_s, self.max_batch_tokens)
+        self.recent_held.append(self.queue.queued_size() + self.last_size)
+        limit = pipelined_limit(self.max_batch, self.recent_held)
+        jobs = self.queue.take(limit, wait_s, self.max_batch_tokens)
         self.last_batch = len(jobs) if jobs else 0
+        self.last_size = sum(job.size for job in jobs) if jobs else 0
         return jobs
 
     def _serve(self, jobs: list[Job]) -> None:

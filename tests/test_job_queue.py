@@ -1,5 +1,6 @@
 """How a worker's device thread takes its next pass out of the job queue (pool.passes):
-max_batch pairs, the --max-batch-tokens budget, the wait to fill a batch, the stop."""
+max_batch pairs, the --max-batch-tokens budget, the wait to fill a batch, the pipeline's
+half passes, the stop."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pool.passes import Job, JobQueue
+from pool.passes import (
+    PIPELINE_MIN_SIZE,
+    PIPELINE_WINDOW_PASSES,
+    DeviceThread,
+    Job,
+    JobQueue,
+    pipelined_limit,
+)
+from pool.reports import BatchStats
 from pool.worker import chunks_of_texts
 
 
@@ -113,3 +122,36 @@ def test_an_intake_is_tokenised_in_runs_of_at_most_max_texts_in_order(
     # Each run is as long as the bound allows: the next job would not have fitted.
     for part, following in itertools.pairwise(parts):
         assert sum(len(job.texts) for job in part) + len(following[0].texts) > max_texts
+
+
+def test_a_pass_takes_half_of_what_the_worker_held_lately_so_the_rest_is_prepared_meanwhile(
+        ) -> None:
+    assert pipelined_limit(64, [64]) == 32  # 64 in flight: two halves take turns
+    assert pipelined_limit(64, [33]) == 17
+    assert pipelined_limit(64, [300, 10]) == 64  # a deep queue: full passes
+    assert pipelined_limit(64, [PIPELINE_MIN_SIZE - 1]) == 64  # light load: all of it at once
+    assert pipelined_limit(64, []) == 64
+    # The peak of the window: one pass that found the next half still being tokenised does
+    # not halve the one after.
+    assert pipelined_limit(64, [64, 32, 40]) == 32
+
+
+def test_the_device_thread_splits_a_closed_loop_in_two_and_keeps_the_split() -> None:
+    queue = JobQueue()
+    device = DeviceThread(queue, "v1", max_batch=64, max_wait_ms=0, embed=None,
+                          stats=BatchStats())
+    queue.put([job(n) for n in range(64)])  # 64 in flight, all at the worker
+    assert numbers(device._next_batch()) == list(range(32))
+    assert numbers(device._next_batch()) == list(range(32, 64))  # the first half is out
+    # The first half is back, but the intake has tokenised only 16 of it so far.
+    queue.put([job(n) for n in range(64, 80)])
+    assert numbers(device._next_batch()) == list(range(64, 80))
+    # 48 held now (32 queued, 16 out) would make passes of 24: the window keeps 32.
+    queue.put([job(n) for n in range(80, 112)])
+    assert numbers(device._next_batch()) == list(range(80, 112))
+    # Light load for a whole window: the split is forgotten; a burst is halved afresh.
+    for n in range(200, 200 + PIPELINE_WINDOW_PASSES + 1):
+        queue.put([job(n)])
+        assert numbers(device._next_batch()) == [n]
+    queue.put([job(n) for n in range(300, 324)])
+    assert len(device._next_batch() or []) == 13  # (24 queued + 1 out) / 2
