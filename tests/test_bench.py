@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import RunningPool, run_cli
+from tooling.baseline import PARALLELISM_ENV, tokenizer_threads
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +80,7 @@ def test_bench_baseline_measures_the_seed_and_the_batched_loop_on_the_pools_devi
     assert stages["queued_in_worker"] >= 0
     assert base["seed_pairs_per_s"] > 0 and base["batched_pairs_per_s"] > 0
     assert base["pool_pairs_per_s"] == report["pairs_per_s"]
+    assert base["tokenizer_threads"] == 1  # a CPU worker's: the baselines tokenise alike
     # The report rounds its ratios to two decimals, the throughputs to one.
     assert base["pool_vs_seed"] == pytest.approx(
         report["pairs_per_s"] / base["seed_pairs_per_s"], rel=0.01, abs=0.005)
@@ -109,3 +111,17 @@ def test_bench_soak_rotates_back_and_forth_and_reports_drift(models: dict[str, P
         assert soak[window]["latency_ms"]["p50"] > 0
     assert soak["first_tenth"]["rss_mib"] > 0 and soak["rss_drift"] > 0
     assert soak["first_tenth"]["gpu_mib"] is None and "gpu_drift" not in soak  # no GPU here
+
+
+def test_a_baseline_tokenises_on_as_many_threads_as_a_worker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PARALLELISM_ENV, raising=False)
+    with tokenizer_threads(1):
+        assert os.environ[PARALLELISM_ENV] == "false"  # what pool.bootstrap gives a worker
+    assert PARALLELISM_ENV not in os.environ
+    monkeypatch.setenv(PARALLELISM_ENV, "true")
+    with tokenizer_threads(1):
+        assert os.environ[PARALLELISM_ENV] == "false"
+    with tokenizer_threads(4):  # the library's own pool
+        assert os.environ[PARALLELISM_ENV] == "true"
+    assert os.environ[PARALLELISM_ENV] == "true"

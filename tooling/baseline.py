@@ -13,10 +13,30 @@ about first-call costs or kernel choice, and a warm baseline is the harder one t
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 WARM_UP_S = 1.0
+PARALLELISM_ENV = "TOKENIZERS_PARALLELISM"  # read by the Rust tokenizer at every batch
+
+
+@contextlib.contextmanager
+def tokenizer_threads(threads: int) -> Iterator[None]:
+    """Tokenise on one thread inside, as a worker with `--tokenizer-threads 1` does (the
+    default on CPU); the library's thread pool (every core) for more, or 0 (unknown).
+    Otherwise a baseline tokenises on every core of the machine against a worker's one."""
+    before = os.environ.get(PARALLELISM_ENV)
+    if threads == 1:
+        os.environ[PARALLELISM_ENV] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PARALLELISM_ENV, None)
+        else:
+            os.environ[PARALLELISM_ENV] = before
 
 
 def seed_pairs_per_s(path: str, threads: int, seconds: float,

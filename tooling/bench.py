@@ -312,24 +312,28 @@ def plot_report(samples: Samples, report: dict[str, Any], started: float, file: 
 
 
 def run_baseline(spec: LoadSpec, report: dict[str, Any], path: str, threads: int,
-                 seconds: float, device: str = "cpu", dtype: str = "auto",
+                 seconds: float, runtime: PoolRuntime | None = None,
                  stage: Stage = no_stage) -> dict[str, Any]:
     """The seed's loop (its own dtype) and an in-process batched loop (the pool's), same
-    model, device and threads."""
+    model, device, torch threads and tokenizer threads."""
     # Imported here: the baselines bring torch and transformers, which a run without them
     # (or an echo pool) need not load.
-    from tooling.baseline import batched_pairs_per_s, seed_pairs_per_s
+    from tooling.baseline import batched_pairs_per_s, seed_pairs_per_s, tokenizer_threads
 
+    runtime = runtime or PoolRuntime()
+    device, dtype = runtime.device, runtime.dtype
     texts = make_texts(8192, spec.text_chars, random.Random(spec.seed + 7))
     pairs = list(zip(texts[0::2], texts[1::2], strict=True))
     where = f"{threads} threads, {device}"
-    with stage(f"baseline: the seed's one-pair loop, {where}, {seconds}s"):
-        seed = seed_pairs_per_s(path, threads, seconds, pairs, device)
-    with stage(f"baseline: an in-process batched loop, {where}, {seconds}s"):
-        batched = batched_pairs_per_s(path, threads, seconds, pairs, device=device,
-                                      dtype=dtype)
+    with tokenizer_threads(runtime.tokenizer_threads):
+        with stage(f"baseline: the seed's one-pair loop, {where}, {seconds}s"):
+            seed = seed_pairs_per_s(path, threads, seconds, pairs, device)
+        with stage(f"baseline: an in-process batched loop, {where}, {seconds}s"):
+            batched = batched_pairs_per_s(path, threads, seconds, pairs, device=device,
+                                          dtype=dtype)
     pool = report["pairs_per_s"]
-    return {"threads": threads, "device": device, "dtype": dtype, "seconds": seconds,
+    return {"threads": threads, "tokenizer_threads": runtime.tokenizer_threads,
+            "device": device, "dtype": dtype, "seconds": seconds,
             "seed_pairs_per_s": round(seed, 1),
             "batched_pairs_per_s": round(batched, 1), "pool_pairs_per_s": pool,
             "pool_vs_seed": round(pool / seed, 2), "pool_vs_batched": round(pool / batched, 2)}
@@ -367,16 +371,25 @@ def active_model_path(state_dir: Path) -> str:
     return status["versions"][status["active"]]["path"]
 
 
-def pool_runtime(state_dir: Path | None) -> tuple[str, str]:
-    """Where and in what the active version's workers compute ("cuda:N" or "cpu", and their
-    dtype): the batched baseline's too."""
+@dataclass(frozen=True)
+class PoolRuntime:
+    """Where and in what the active version's workers compute, and the threads tokenising
+    for each: the baselines run the same."""
+
+    device: str = "cpu"  # or "cuda:N"
+    dtype: str = "auto"
+    tokenizer_threads: int = 0  # 0: unknown, the tokenizer library's own default
+
+
+def pool_runtime(state_dir: Path | None) -> PoolRuntime:
     if state_dir is None:
-        return "cpu", "auto"
+        return PoolRuntime()
     status = control_request(state_dir, "status")
     workers = [w for w in status["workers"] if w["version"] == status["active"]]
+    threads = int(status["settings"].get("tokenizer_threads") or 0)
     if not workers:
-        return "cpu", "auto"
-    return workers[0]["device"], workers[0]["dtype"] or "auto"
+        return PoolRuntime(tokenizer_threads=threads)
+    return PoolRuntime(workers[0]["device"], workers[0]["dtype"] or "auto", threads)
 
 
 @dataclass(frozen=True)
@@ -473,7 +486,7 @@ def run_bench(spec: LoadSpec, plan: BenchPlan,
             model_path = plan.path or active_model_path(Path(state_dir or ""))
             threads = plan.threads or os.cpu_count() or 1
             report["baseline"] = run_baseline(spec, report, model_path, threads,
-                                              plan.baseline_s, *pool_runtime(state_dir),
+                                              plan.baseline_s, pool_runtime(state_dir),
                                               stage=stage)
         return BenchResult(report, samples, started)
     finally:
