@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run ON THE GPU MACHINE, after benchmarks/gpu_prepare.sh here, as one device call:
-#   command: bash benchmarks/gpu_check.sh   carry: [".gpu"]   timeout_s: 560 (about 440 s on an H200)
+#   command: bash benchmarks/gpu_check.sh   carry: [".gpu"]   timeout_s: 560 (about 470 s on an H200)
 # GPU tests first, then the benchmarks docs/benchmarks.md asks for on a GPU (reports in $OUT:
 # benchmarks/gpu_env.sh). Each step is bounded, so one that hangs leaves time for the rest.
 source benchmarks/gpu_env.sh

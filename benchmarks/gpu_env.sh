@@ -36,6 +36,12 @@ throughput_runs() {
       --producers 8 --json-file "$REPORTS/tp-${workers}w-1p-256.json" 2>&1 | tail -"$lines" \
       | tee -a "$LOG"
   done
+  # The same 1-worker run with every pass up to --max-batch (session 13's pipelined passes,
+  # the default, measured on CPU only: on a GPU they cut 256 into two passes of 128).
+  step "throughput: 1 worker, 1 pair/request, 256 in flight, --passes full"
+  ZEROPOOL_PASSES=full timeout "$limit" $BENCH --workers 1 --duration "$seconds" \
+    --concurrency 256 --producers 8 --json-file "$REPORTS/tp-1w-1p-256-full.json" 2>&1 \
+    | tail -"$lines" | tee -a "$LOG"
   for workers in 1 2; do
     step "throughput: $workers worker(s), 16 pairs/request, 64 in flight"
     timeout "$limit" $BENCH --workers $workers --duration "$seconds" --pairs-per-request 16 \

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Run ON THE GPU MACHINE when little device time is left (about 230 s): the CUDA graph tests,
+# Run ON THE GPU MACHINE when little device time is left (about 260 s): the CUDA graph tests,
 # issue #15's throughput runs, a rotation under 256 in flight, and a py-spy profile of a pool
 # at 256 in flight. After benchmarks/gpu_prepare.sh here (it brings py-spy's wheel too):
-#   command: bash benchmarks/gpu_quick.sh   carry: [".gpu"]   timeout_s: 290
+#   command: bash benchmarks/gpu_quick.sh   carry: [".gpu"]   timeout_s: 320
 source benchmarks/gpu_env.sh
 BENCH="python3 -m cli.main bench --spawn --path $MODEL"
 

@@ -66,6 +66,7 @@ STOP_GRACE_S = 10.0  # STOP -> SIGTERM
 TERM_GRACE_S = 5.0  # SIGTERM -> SIGKILL
 FORKSERVER_START_TIMEOUT_S = 180.0  # importing torch + transformers once, on a busy machine
 START_METHODS = ("auto", "spawn", "forkserver")
+PASS_POLICIES = ("pipelined", "full")  # pool.passes.pipelined_limit, or --max-batch alone
 DEFAULT_START_METHOD = "auto"  # pool.startmethod: forkserver (spawn for the echo model)
 RESPAWN_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 CRASH_LOOP_WINDOW_S = 60.0
@@ -211,6 +212,11 @@ class PoolSettings:
         "inference counts): a pass stops before going over; a request over it alone runs "
         f"alone. 0: none, --max-batch alone bounds a pass (default on CPU; {GPU_MAX_BATCH_TOKENS}"
         " on GPUs).", min=0, flag_type=int | None, shown=True)
+    passes: str = setting(
+        "pipelined", "How much a forward pass takes: pipelined (at most half of what its "
+        "worker held over its last passes, so that the other half is decoded and tokenised "
+        "meanwhile; a deep queue still fills --max-batch) | full (up to --max-batch every "
+        "time).", env="ZEROPOOL_PASSES", shown=True, choices=PASS_POLICIES)
     max_wait_ms: float = setting(
         DEFAULT_MAX_WAIT_MS, "How long a worker waits to fill a batch (default 0: the next batch "
         "is what queued during the last one).", min=0, shown=True)

@@ -129,11 +129,12 @@ class DeviceThread:
     def __init__(self, queue: JobQueue, version: str, max_batch: int, max_wait_ms: float,
                  embed: Callable[[list[list[int]]], Any] | None, stats: BatchStats,
                  on_failure: Callable[[], None] = lambda: None, max_batch_tokens: int = 0,
-                 thresholds: Thresholds = SEED_THRESHOLDS) -> None:
+                 thresholds: Thresholds = SEED_THRESHOLDS, pipelined: bool = True) -> None:
         self.queue = queue
         self.version = version
         self.max_batch = max_batch
         self.max_batch_tokens = max_batch_tokens
+        self.pipelined = pipelined  # --passes: pipelined_limit, or max_batch every time
         self.max_wait_s = max_wait_ms / 1000
         self.embed = embed
         # The optional "thresholds" key of every similarity reply (docs/protocol.md).
@@ -186,7 +187,8 @@ class DeviceThread:
         # next request is served at once instead of idling max_wait_ms for company.
         wait_s = self.max_wait_s if self.last_batch > 1 else 0.0
         self.recent_held.append(self.queue.queued_size() + self.last_size)
-        limit = pipelined_limit(self.max_batch, self.recent_held)
+        limit = (pipelined_limit(self.max_batch, self.recent_held) if self.pipelined
+                 else self.max_batch)
         jobs = self.queue.take(limit, wait_s, self.max_batch_tokens)
         self.last_batch = len(jobs) if jobs else 0
         self.last_size = sum(job.size for job in jobs) if jobs else 0

@@ -155,7 +155,8 @@ class WorkerLoop:
             self.queue, self.cfg.version, self.cfg.max_batch, self.settings.max_wait_ms,
             embed=None if encoder is None else lambda ids: encoder.embed_tokens(ids).numpy(),
             stats=self.stats, on_failure=_release_cuda_cache,
-            max_batch_tokens=self.settings.max_batch_tokens, thresholds=self.cfg.thresholds)
+            max_batch_tokens=self.settings.max_batch_tokens, thresholds=self.cfg.thresholds,
+            pipelined=self.settings.passes == "pipelined")
         if encoder is None:
             # The echo model has no device to overlap with: its "passes" run right here,
             # without two thread hops per request.

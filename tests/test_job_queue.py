@@ -155,3 +155,12 @@ def test_the_device_thread_splits_a_closed_loop_in_two_and_keeps_the_split() -> 
         assert numbers(device._next_batch()) == [n]
     queue.put([job(n) for n in range(300, 324)])
     assert len(device._next_batch() or []) == 13  # (24 queued + 1 out) / 2
+
+
+def test_full_passes_take_up_to_max_batch_every_time() -> None:
+    queue = JobQueue()
+    device = DeviceThread(queue, "v1", max_batch=64, max_wait_ms=0, embed=None,
+                          stats=BatchStats(), pipelined=False)  # --passes full
+    queue.put([job(n) for n in range(100)])
+    assert numbers(device._next_batch()) == list(range(64))
+    assert numbers(device._next_batch()) == list(range(64, 100))
