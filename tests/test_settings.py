@@ -17,7 +17,7 @@ from pool.settings import resolve_settings
 from pool.worker import WorkerConfig
 
 STATUS_KEYS = {"workers", "devices", "dtype", "graph", "max_batch", "max_batch_tokens",
-               "max_wait_ms", "threads", "tokenizer_threads",
+               "passes", "max_wait_ms", "threads", "tokenizer_threads",
                "start_method", "load_niceness", "crash_retry_s", "max_queue", "queue_timeout_s",
                "max_pairs", "max_text_chars", "max_message_bytes", "metrics_port",
                "shutdown_drain_s", "eval_pairs", "min_spearman", "max_spearman_drop"}
