@@ -186,13 +186,16 @@ class DeviceThread:
         # The wait only pays off under concurrent load: after a batch of one request, the
         # next request is served at once instead of idling max_wait_ms for company.
         wait_s = self.max_wait_s if self.last_batch > 1 else 0.0
-        self.recent_held.append(self.queue.queued_size() + self.last_size)
-        limit = (pipelined_limit(self.max_batch, self.recent_held) if self.pipelined
-                 else self.max_batch)
-        jobs = self.queue.take(limit, wait_s, self.max_batch_tokens)
+        jobs = self.queue.take(self._pass_limit(), wait_s, self.max_batch_tokens)
         self.last_batch = len(jobs) if jobs else 0
         self.last_size = sum(job.size for job in jobs) if jobs else 0
         return jobs
+
+    def _pass_limit(self) -> int:
+        if not self.pipelined:
+            return self.max_batch
+        self.recent_held.append(self.queue.queued_size() + self.last_size)
+        return pipelined_limit(self.max_batch, self.recent_held)
 
     def _serve(self, jobs: list[Job]) -> None:
         if self.embed is None:  # the echo model: transport only, its scores judge nothing

@@ -24,9 +24,9 @@ PARALLELISM_ENV = "TOKENIZERS_PARALLELISM"  # read by the Rust tokenizer at ever
 
 @contextlib.contextmanager
 def tokenizer_threads(threads: int) -> Iterator[None]:
-    """Tokenise on one thread inside, as a worker with `--tokenizer-threads 1` does (the
-    default on CPU); the library's thread pool (every core) for more, or 0 (unknown).
-    Otherwise a baseline tokenises on every core of the machine against a worker's one."""
+    """Inside, the Rust tokenizer runs on one thread when `threads` is 1, as a worker with
+    `--tokenizer-threads 1` does (the default on CPU); else (more, or 0: unknown) on its own
+    pool of every core. Without it a baseline tokenised on every core against a worker's one."""
     before = os.environ.get(PARALLELISM_ENV)
     if threads == 1:
         os.environ[PARALLELISM_ENV] = "false"
