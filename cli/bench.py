@@ -116,7 +116,10 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
                       f"{low['proxy']:.3f} ms (adds {low['added']:.3f} ms)")
     base = report.get("baseline")
     if base:
-        console.print(f"baseline ({base['threads']} threads, {base['device']}, "
+        threads = plural(base["threads"], "torch thread")
+        if base.get("tokenizer_threads"):
+            threads += ", " + plural(base["tokenizer_threads"], "tokenizer thread")
+        console.print(f"baseline ({threads}, {base['device']}, "
                       f"{base['dtype']}): seed {base['seed_pairs_per_s']} "
                       f"pairs/s, batched {base['batched_pairs_per_s']} pairs/s; the pool is "
                       f"[bold]{base['pool_vs_seed']}x[/] the seed, "
@@ -165,3 +168,7 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
     if plot_file is not None and not as_json:
         console.print(f"plot saved to {plot_file}")
     return result.report
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
