@@ -213,10 +213,11 @@ class PoolSettings:
         f"alone. 0: none, --max-batch alone bounds a pass (default on CPU; {GPU_MAX_BATCH_TOKENS}"
         " on GPUs).", min=0, flag_type=int | None, shown=True)
     passes: str = setting(
-        "pipelined", "How much a forward pass takes: pipelined (at most half of what its "
-        "worker held over its last passes, so that the other half is decoded and tokenised "
-        "meanwhile; a deep queue still fills --max-batch) | full (up to --max-batch every "
-        "time).", env="ZEROPOOL_PASSES", shown=True, choices=PASS_POLICIES)
+        "pipelined", "How much a forward pass takes: pipelined (where tokenising costs a "
+        "real share of a pass, at most half of what its worker held over its last passes, so "
+        "that the other half is decoded and tokenised meanwhile; a deep queue still fills "
+        "--max-batch) | full (up to --max-batch every time).", env="ZEROPOOL_PASSES",
+        shown=True, choices=PASS_POLICIES)
     max_wait_ms: float = setting(
         DEFAULT_MAX_WAIT_MS, "How long a worker waits to fill a batch (default 0: the next batch "
         "is what queued during the last one).", min=0, shown=True)

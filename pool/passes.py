@@ -40,6 +40,12 @@ QUEUE_POLL_S = 1.0  # how often a wait on the queue looks up from it (bounds eve
 # 10.7k -> 11.6k pairs/s; at 256, and MiniLM, no change: docs/benchmarks.md, session 13).
 PIPELINE_WINDOW_PASSES = 8  # "lately": a tokenising lag at one pass must not halve the next
 PIPELINE_MIN_SIZE = 16  # held work below this is one pass: no split at light load
+# Half passes only where preparing a text costs at least this share of computing it: there is
+# something to hide. A model whose passes dwarf their tokenising loses by halving (smaller
+# passes compute less efficiently): MiniLM bf16, 1 worker, 32 in flight, 378-389 pairs/s
+# halved against 394-415 whole, where tokenising is ~1% of a pass; a 2-layer BERT's is ~35%.
+PIPELINE_MIN_PREP_SHARE = 0.1
+COST_SMOOTHING = 0.2  # weight of the newest measure in a per-text cost (exponential average)
 
 
 @dataclass(slots=True)
@@ -112,6 +118,18 @@ class JobQueue:
                 self._ready.wait(remaining)
 
 
+def worth_pipelining(prep_s_per_text: float | None, pass_s_per_text: float | None) -> bool:
+    """Whether half passes hide enough preparation to pay for their smaller passes (unknown
+    costs: not yet)."""
+    if prep_s_per_text is None or not pass_s_per_text:
+        return False
+    return prep_s_per_text >= PIPELINE_MIN_PREP_SHARE * pass_s_per_text
+
+
+def smoothed(average: float | None, sample: float) -> float:
+    return sample if average is None else average + COST_SMOOTHING * (sample - average)
+
+
 def pipelined_limit(max_batch: int, recent_held: Iterable[int]) -> int:
     """The size limit of the next pass: half of the most work the worker held over the
     last passes (queued, plus the pass before whose replies are out), within max_batch; all
@@ -145,6 +163,10 @@ class DeviceThread:
         self.last_batch = 0  # requests in the previous batch: is there concurrent load?
         self.last_size = 0  # its pairs: out for a round trip while the next pass is chosen
         self.recent_held: deque[int] = deque(maxlen=PIPELINE_WINDOW_PASSES)
+        # Seconds per text, smoothed: decoding and tokenising (the main thread notes it) and
+        # computing. Whether half passes pay (worth_pipelining).
+        self.prep_s_per_text: float | None = None
+        self.pass_s_per_text: float | None = None
         self.outbox: list[bytes] = []
 
     def run(self, pair: zmq.Socket) -> None:
@@ -160,6 +182,7 @@ class DeviceThread:
                 self.pass_started = 0.0
                 # Counted before the replies go, so that a heartbeat sent after them has it.
                 self._count_times(jobs, idle_since, started, done)
+                self._note_pass((done - started) / 1e9, jobs)
                 pair.send_multipart([protocol.W_REPLY, b"".join(self.outbox)])
                 self.outbox = []
                 idle_since = done
@@ -195,7 +218,19 @@ class DeviceThread:
         if not self.pipelined:
             return self.max_batch
         self.recent_held.append(self.queue.queued_size() + self.last_size)
+        if not worth_pipelining(self.prep_s_per_text, self.pass_s_per_text):
+            return self.max_batch
         return pipelined_limit(self.max_batch, self.recent_held)
+
+    def note_preparation(self, seconds: float, texts: int) -> None:
+        """The main thread decoded and tokenised `texts` texts in `seconds`."""
+        if texts:
+            self.prep_s_per_text = smoothed(self.prep_s_per_text, seconds / texts)
+
+    def _note_pass(self, seconds: float, jobs: list[Job]) -> None:
+        texts = sum(len(job.texts) for job in jobs)
+        if texts:
+            self.pass_s_per_text = smoothed(self.pass_s_per_text, seconds / texts)
 
     def _serve(self, jobs: list[Job]) -> None:
         if self.embed is None:  # the echo model: transport only, its scores judge nothing

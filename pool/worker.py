@@ -298,6 +298,7 @@ class WorkerLoop:
         tokenised into the queue; bad bodies are answered at once."""
         jobs: list[Job] = []
         now_ns = time.monotonic_ns()
+        started = time.perf_counter()
         for _ in range(INTAKE_MESSAGES):
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -310,6 +311,9 @@ class WorkerLoop:
                 self._decode(frames[1], jobs, now_ns)
         for part in chunks_of_texts(jobs, TOKENIZE_CHUNK_TEXTS):
             self.queue.put(self._tokenized(part))
+        if jobs and self.device is not None:
+            self.device.note_preparation(time.perf_counter() - started,
+                                         sum(len(job.texts) for job in jobs))
         if self.stopping:
             self.queue.close()
         if self.outbox:

@@ -18,6 +18,7 @@ from pool.passes import (
     Job,
     JobQueue,
     pipelined_limit,
+    worth_pipelining,
 )
 from pool.reports import BatchStats
 from pool.worker import chunks_of_texts
@@ -140,6 +141,7 @@ def test_the_device_thread_splits_a_closed_loop_in_two_and_keeps_the_split() -> 
     queue = JobQueue()
     device = DeviceThread(queue, "v1", max_batch=64, max_wait_ms=0, embed=None,
                           stats=BatchStats())
+    costs(device, prep_s=0.35e-3, pass_s=1e-3)  # a tiny model: tokenising is a third of it
     queue.put([job(n) for n in range(64)])  # 64 in flight, all at the worker
     assert numbers(device._next_batch()) == list(range(32))
     assert numbers(device._next_batch()) == list(range(32, 64))  # the first half is out
@@ -155,6 +157,29 @@ def test_the_device_thread_splits_a_closed_loop_in_two_and_keeps_the_split() -> 
         assert numbers(device._next_batch()) == [n]
     queue.put([job(n) for n in range(300, 324)])
     assert len(device._next_batch() or []) == 13  # (24 queued + 1 out) / 2
+
+
+def costs(device: DeviceThread, prep_s: float, pass_s: float) -> None:
+    """What the worker measured per text: decoding and tokenising, and computing."""
+    device.note_preparation(prep_s * 10, 10)
+    device._note_pass(pass_s * 2, [job(0)])  # one pair: two texts
+
+
+def test_halving_pays_only_where_preparing_is_a_real_share_of_computing() -> None:
+    assert worth_pipelining(0.35e-3, 1e-3)  # a 2-layer BERT
+    assert not worth_pipelining(0.012e-3, 0.9e-3)  # MiniLM on a CPU: tokenising is ~1%
+    assert not worth_pipelining(None, 1e-3) and not worth_pipelining(1e-3, None)  # unknown
+    queue = JobQueue()
+    device = DeviceThread(queue, "v1", max_batch=64, max_wait_ms=0, embed=None,
+                          stats=BatchStats())
+    queue.put([job(n) for n in range(64)])
+    assert len(device._next_batch() or []) == 64  # nothing measured yet: whole passes
+    costs(device, prep_s=0.012e-3, pass_s=0.9e-3)
+    queue.put([job(n) for n in range(64)])
+    assert len(device._next_batch() or []) == 64
+    # The costs are smoothed: one odd measure does not flip the choice.
+    device.note_preparation(0.2e-3, 1)  # a slow intake, 17x the usual
+    assert not worth_pipelining(device.prep_s_per_text, device.pass_s_per_text)
 
 
 def test_full_passes_take_up_to_max_batch_every_time() -> None:
