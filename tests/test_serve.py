@@ -34,6 +34,7 @@ from tests.support import (
     short_tmpdir,
     start_pool,
     stop_pool,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -472,9 +473,10 @@ def test_one_client_spreads_over_two_pools_and_skips_one_that_stops(
     pool_b = start_pool(models["v2"], workers=1, version="b")
     try:
         with Client([pool_a.endpoint, pool_b.endpoint], timeout=30) as client:
-            served = {client.similarity([("今天天气真好", "今日阳光明媚")]).version
-                      for _ in range(20)}
-            assert served == {"a", "b"}
+            # Both serve, once both are connected (the second may connect a moment later).
+            wait_for(lambda: {client.similarity([("今天天气真好", "今日阳光明媚")]).version
+                              for _ in range(4)} == {"a", "b"},
+                     timeout=10, what="both pools serving", poll=0.05)
             assert stop_pool(pool_b) == 0
             after = [client.similarity([("今天天气真好", "今日阳光明媚")]).version
                      for _ in range(20)]
