@@ -7,8 +7,8 @@
 Each pool rotates itself (pool/rotation.py: a surge rotation never fails a request); this
 module only decides the order, judges the canary and undoes what it did. The canary bakes in
 its pool (the pool's own judge compares v2 with v1 there) while this module compares the
-canary pool's replies with the rest of the fleet's over the same seconds, with the same
-judge (pool.judge). Every pool is leased for the rollout's length (the `lease` control
+canary's v2 replies, as that bake counts them, with the rest of the fleet's over the same
+seconds, with the same judge (pool.judge). Every pool is leased for the rollout's length (the `lease` control
 command), so a second fleet rotation, or a plain `pool rotate`, is refused while one runs.
 
 A pool already on the target version when the rollout starts counts as rotated: running the
@@ -230,7 +230,7 @@ class FleetRollout:
                 pool.phase = "baking"
                 self._progress()
             if canary:
-                self._judge_canary(link)
+                self._judge_canary(link, rotation)
             return False
         if rotation.get("outcome") == "done":
             pool.phase, pool.finished_s = "done", self._elapsed()
@@ -243,19 +243,21 @@ class FleetRollout:
                                 f"{rotation.get('outcome')}: {pool.reason}")
         return False
 
-    def _judge_canary(self, canary: PoolLink) -> None:
-        """The canary pool's replies since its switch against the rest of the fleet's."""
+    def _judge_canary(self, canary: PoolLink, rotation: dict[str, Any]) -> None:
+        """The canary's new version since its switch (as its own bake counts it: the pool's
+        whole p99 would still hold the rotation's loading) against the rest of the fleet's
+        replies since then."""
         if self._canary_since is None:
             self._canary_since = dict(self._counters)
             return
         start = self._canary_since
         rest = [self._counters[p.name].since(start[p.name]) for p in self.pools
                 if p is not canary and p.name in start and p.name in self._counters]
-        if not rest or canary.name not in start:
-            return  # one pool alone: its own bake is the judge
-        verdict: Verdict = judge(sum_traffic(rest),
-                                 self._counters[canary.name].since(start[canary.name]),
-                                 self.limits, (f"canary {canary.name}", "the rest of the fleet"))
+        baked = ((rotation.get("bake") or {}).get("verdict") or {}).get("candidate")
+        if not rest or baked is None:
+            return  # one pool alone: its own bake is the judge; or not judged there yet
+        verdict: Verdict = judge(sum_traffic(rest), Traffic.of(baked), self.limits,
+                                 (f"canary {canary.name}", "the rest of the fleet"))
         self.report.canary = verdict.as_dict()
         if verdict.regressed:
             try:

@@ -33,13 +33,25 @@ class Traffic:
     requests: int = 0
     errors: int = 0  # pool faults only
     p99_ms: float | None = None
+    # The replies p99_ms is over when not all of them (a bake leaves out its first moments).
+    p99_over: int | None = None
 
     @property
     def error_rate(self) -> float:
         return self.errors / self.requests if self.requests else 0.0
 
+    @property
+    def latency_requests(self) -> int:
+        return self.requests if self.p99_over is None else self.p99_over
+
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "error_rate": round(self.error_rate, 5)}
+
+    @classmethod
+    def of(cls, fields: dict[str, Any]) -> Traffic:
+        """The inverse of as_dict (a verdict read back from a pool's status)."""
+        return cls(int(fields.get("requests") or 0), int(fields.get("errors") or 0),
+                   fields.get("p99_ms"), fields.get("p99_over"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +104,7 @@ def _error_regression(baseline: Traffic, candidate: Traffic, limits: BakeLimits,
 def _latency_regression(baseline: Traffic, candidate: Traffic, limits: BakeLimits,
                         new: str, old: str) -> str | None:
     if candidate.p99_ms is None or baseline.p99_ms is None or \
-            min(candidate.requests, baseline.requests) < MIN_LATENCY_REQUESTS:
+            min(candidate.latency_requests, baseline.latency_requests) < MIN_LATENCY_REQUESTS:
         return None
     if candidate.p99_ms <= max(baseline.p99_ms * limits.max_p99_ratio,
                                baseline.p99_ms + P99_SLACK_MS):

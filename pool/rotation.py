@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -56,6 +56,10 @@ QUALITY_TIMEOUT_S = 120.0  # a thousand pairs through a 12-layer model on a busy
 NEW, ACTIVE = "new", "active"  # whose answer a gate probe brings
 MEMORY_HEADROOM = 1.2  # surge only if free memory exceeds 1.2x a second set of workers
 BAKE_BASELINE_S = 60.0  # a bake compares with the old version's last minute before the switch
+# A bake's p99 leaves out its first seconds (at most a quarter of the bake): the new workers'
+# first passes of each new shape (kernel and plan selection, cold caches) are a start-up cost
+# every version pays, not a regression. Its errors count from the switch on.
+BAKE_SETTLE_S = 2.0
 
 
 class Phase(str, Enum):
@@ -370,7 +374,7 @@ class RotationController:
         it; switch back at the first regression, go on to draining once the bake is over."""
         assert rot.bake_baseline is not None and rot.bake_s is not None
         since = now - rot.phase_since
-        verdict = judge(rot.bake_baseline, self.traffic(rot.target, since), rot.bake_limits,
+        verdict = judge(rot.bake_baseline, self._baked_traffic(rot, since), rot.bake_limits,
                         (rot.target, rot.source or "the old version"))
         rot.bake_verdict = verdict
         if verdict.regressed:
@@ -382,6 +386,14 @@ class RotationController:
             self.registry.log("baked", rotation=rot.id, target=rot.target, **verdict.as_dict())
             self.registry.save()
             self._enter(rot, Phase.DRAINING)
+
+    def _baked_traffic(self, rot: Rotation, since: float) -> Traffic:
+        """The new version's replies since the switch, its p99 over those after the settle."""
+        assert rot.bake_s is not None
+        replies = self.traffic(rot.target, since)
+        settled_s = since - min(BAKE_SETTLE_S, rot.bake_s / 4)
+        settled = self.traffic(rot.target, settled_s) if settled_s > 0 else Traffic()
+        return replace(replies, p99_ms=settled.p99_ms, p99_over=settled.requests)
 
     def _switch_back(self, rot: Rotation, reason: str) -> None:
         """The old version's workers are still loaded: routing goes back to them at once."""

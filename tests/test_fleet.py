@@ -37,19 +37,24 @@ class SimPool:
     drains; its replies counted; optionally broken."""
 
     def __init__(self, name: str, active: str = "v1", *, fails_health: bool = False,
-                 errors_on: str | None = None, unreachable: bool = False) -> None:
+                 errors_on: str | None = None, unreachable: bool = False,
+                 slow_while_rotating: bool = False) -> None:
         self.name = name
         self.active = active
         self.previous: str | None = None
         self.fails_health = fails_health
         self.errors_on = errors_on  # a version that fails a fifth of its requests here
         self.unreachable = unreachable
+        # Its whole p99 rises while a rotation loads beside the serving workers (the new
+        # version's own replies are as fast as the old one's).
+        self.slow_while_rotating = slow_while_rotating
         self.rotation: dict[str, Any] | None = None
         self.lease: tuple[str, float] | None = None
         self.ok = self.errors = 0
         self.t = 0.0
         self.rotations: list[str] = []  # targets asked for, in order
         self.started_at: list[float] = []
+        self.at_switch = (0, 0)  # (ok, errors) when its rotation switched
 
     def link(self, clock: Clock) -> PoolLink:
         self.clock = clock
@@ -75,7 +80,12 @@ class SimPool:
                                          "expires_in_s": self.lease[1] - self.t},
                 "requests": {"ok": self.ok, "errors": self.errors,
                              "errors_by_code": {"internal": self.errors}},
-                "latency_ms": {"p50": 5.0, "p99": 9.0}, "workers": [1, 2]}
+                "latency_ms": {"p50": 5.0, "p99": 40.0 if self._rotating() else 9.0},
+                "workers": [1, 2]}
+
+    def _rotating(self) -> bool:
+        return self.slow_while_rotating and self.rotation is not None and \
+            self.rotation["outcome"] is None
 
     def _rotation(self) -> dict[str, Any]:
         return {"rotation": self.rotation}
@@ -92,7 +102,8 @@ class SimPool:
         self.started_at.append(self.clock.now)
         self.rotation = {"id": len(self.rotations), "source": self.active, "target": version,
                          "phase": "loading", "outcome": None, "reason": None,
-                         "since": self.t, "bake": bake}
+                         "since": self.t,
+                         "bake": bake and {"seconds": bake, "verdict": None}}
         return {"rotation": self.rotation}
 
     def _rollback(self, lease: str | None = None) -> dict[str, Any]:
@@ -124,8 +135,15 @@ class SimPool:
                 return
             self.previous, self.active = self.active, rot["target"]
             rot["phase"], rot["since"] = ("baking" if rot["bake"] else "draining"), self.t
-        elif rot["phase"] == "baking" and elapsed >= rot["bake"]:
-            rot["phase"], rot["since"] = "draining", self.t
+            self.at_switch = (self.ok, self.errors)
+        elif rot["phase"] == "baking":
+            # The pool's own count of the new version's replies since the switch, as a real
+            # pool's bake verdict carries it (its own judge is left out here).
+            ok, errors = self.ok - self.at_switch[0], self.errors - self.at_switch[1]
+            rot["bake"]["verdict"] = {"candidate": {"requests": ok + errors, "errors": errors,
+                                                    "p99_ms": 9.0}}
+            if elapsed >= rot["bake"]["seconds"]:
+                rot["phase"], rot["since"] = "draining", self.t
         elif rot["phase"] == "draining" and elapsed >= DRAIN_S:
             rot.update(phase="done", outcome="done")
 
@@ -149,7 +167,7 @@ def test_a_fleet_rotates_a_canary_first_then_one_pool_at_a_time() -> None:
     # The canary baked before the next pool started; the others rotated one after another.
     assert starts[1] - starts[0] >= SWITCH_AFTER_S + 5.0
     assert starts[2] - starts[1] >= SWITCH_AFTER_S + DRAIN_S
-    assert pools[0].rotation["bake"] == 5.0 and pools[1].rotation["bake"] is None
+    assert pools[0].rotation["bake"]["seconds"] == 5.0 and pools[1].rotation["bake"] is None
     assert report.canary is not None and not report.canary["regressed"]
     assert report.traffic and report.traffic[-1].versions == {"a": "v2", "b": "v2", "c": "v2"}
     assert all(point.errors == 0 for point in report.traffic)
@@ -188,6 +206,17 @@ def test_a_canary_that_fails_more_than_the_rest_of_the_fleet_is_switched_back() 
     # Switched back during its bake, well before the bake's end.
     assert pools[0].rotation["outcome"] == "rolled_back"
     assert report.seconds < SWITCH_AFTER_S + 30.0
+
+
+def test_a_canary_is_judged_on_its_new_versions_replies_not_its_rotations_load() -> None:
+    """The canary pool's whole p99 holds the rotation's loading; the fleet judges the new
+    version's replies since the switch, as the pool's own bake counts them."""
+    pools = [SimPool("a", slow_while_rotating=True), SimPool("b"), SimPool("c")]
+    fleet, _ = rollout(pools, bake_s=30.0)
+    report = fleet.run()
+    assert report.outcome == "done", report.reason
+    assert report.canary["candidate"]["p99_ms"] == 9.0 and not report.canary["regressed"]
+    assert [p.active for p in pools] == ["v2"] * 3
 
 
 def test_running_it_again_after_an_interruption_continues_without_a_second_canary() -> None:
