@@ -8,8 +8,9 @@ Each pool rotates itself (pool/rotation.py: a surge rotation never fails a reque
 module only decides the order, judges the canary and undoes what it did. The canary bakes in
 its pool (the pool's own judge compares v2 with v1 there) while this module compares the
 canary's v2 replies, as that bake counts them, with the rest of the fleet's over the same
-seconds, with the same judge (pool.judge). Every pool is leased for the rollout's length (the `lease` control
-command), so a second fleet rotation, or a plain `pool rotate`, is refused while one runs.
+seconds, with the same judge (pool.judge). Every pool is leased for the rollout's length
+(the `lease` control command), so a second fleet rotation, or a plain `pool rotate`, is
+refused while one runs.
 
 A pool already on the target version when the rollout starts counts as rotated: running the
 same `pool fleet rotate` again after an interruption continues where it stopped (and no

@@ -95,22 +95,18 @@ class ReplyTally:
                 [a + b for a, b in zip(have, counts, strict=True)]
         return out
 
-    def all_buckets(self) -> list[int]:
-        """Latency bucket counts summed over versions and ops."""
-        return [sum(column) for column in zip(*self.buckets.values(), strict=True)] or \
-            [0] * (len(LATENCY_BUCKETS) + 1)
 
 
 class RecentReplies:
     """Windows over once-a-second snapshots of the cumulative reply counts and latencies."""
 
     def __init__(self) -> None:
-        self._snapshots: deque[tuple[float, dict[tuple[str, str], int], list[int],
+        # (when, replies by (version, code), latency buckets by version)
+        self._snapshots: deque[tuple[float, dict[tuple[str, str], int],
                                      dict[str, list[int]]]] = deque(maxlen=RECENT_WINDOW_S + 1)
 
-    def record(self, now: float, counts: dict[tuple[str, str], int],
-               buckets: list[int], by_version: dict[str, list[int]] | None = None) -> None:
-        self._snapshots.append((now, counts, buckets, by_version or {}))
+    def record(self, now: float, tally: ReplyTally) -> None:
+        self._snapshots.append((now, tally.by_version_code(), tally.buckets_by_version()))
 
     def traffic(self, version: str, window_s: float) -> Traffic:
         """`version`'s replies over (about) the last `window_s` seconds, at most
@@ -125,12 +121,12 @@ class RecentReplies:
                        if v == version and (not faults or code in POOL_FAULTS))
 
         requests, errors = count(new[1], False), count(new[1], True)
-        buckets = new[3].get(version, [])
+        buckets = new[2].get(version, [])
         if before is not None:
             requests -= count(before[1], False)
             errors -= count(before[1], True)
             buckets = [b - a for a, b in
-                       zip(before[3].get(version, [0] * len(buckets)), buckets, strict=True)]
+                       zip(before[2].get(version, [0] * len(buckets)), buckets, strict=True)]
         p99 = round(bucket_quantile(0.99, LATENCY_BUCKETS, buckets) * 1000, 2) \
             if sum(buckets) else None
         return Traffic(requests, errors, p99)
@@ -141,8 +137,10 @@ class RecentReplies:
         old, new = self._span(window_s)
         if new is None:
             return None
-        before = old[2] if old is not None and old is not new else [0] * len(new[2])
-        counts = [b - a for a, b in zip(before, new[2], strict=True)]
+        after = _summed(new[2].values())
+        before = _summed(old[2].values()) if old is not None and old is not new else \
+            [0] * len(after)
+        counts = [b - a for a, b in zip(before, after, strict=True)]
         if not sum(counts):
             return None
         return {name: round(bucket_quantile(q, LATENCY_BUCKETS, counts) * 1000, 2)
@@ -174,6 +172,12 @@ class RecentReplies:
             if newest[0] - snap[0] <= window_s + 0.5:
                 return snap, newest
         return None, newest
+
+
+def _summed(buckets: Iterable[list[int]]) -> list[int]:
+    """Latency bucket counts of several versions as one."""
+    return [sum(column) for column in zip(*buckets, strict=True)] or \
+        [0] * (len(LATENCY_BUCKETS) + 1)
 
 
 class StateCollector(Collector):
@@ -242,8 +246,7 @@ class PoolMetrics:
                 curve_refused: int | None, system: dict,
                 control_refused: int | None = None) -> None:
         self.batches.update(supervisor.workers)
-        self.recent.record(time.monotonic(), self.replies.by_version_code(),
-                           self.replies.all_buckets(), self.replies.buckets_by_version())
+        self.recent.record(time.monotonic(), self.replies)
         self.state.families = [*self._reply_families(),
                                *self._pool_families(broker, supervisor),
                                *self._curve_families(curve_refused, control_refused),

@@ -231,8 +231,7 @@ class FakePool:
         self.pump()
         now = self.clock()
         if now - self._recorded_at >= 1.0:
-            self.recent.record(now, self.replies.by_version_code(), self.replies.all_buckets(),
-                               self.replies.buckets_by_version())
+            self.recent.record(now, self.replies)
             self._recorded_at = now
         self.supervisor.tick(now)
         self.rotations.step(now)

@@ -267,7 +267,7 @@ def test_reply_tally_and_recent_windows() -> None:
             tally.add("v1", b"similarity", "ok", 0.003)
         if second == 95:
             tally.add("v1", b"similarity", "internal", None)
-        recent.record(float(second), tally.by_version_code(), tally.all_buckets())
+        recent.record(float(second), tally)
     assert tally.counts[("v1", b"similarity", "ok")] == 300
     assert sum(tally.buckets[("v1", b"similarity")]) == 300  # the error had no duration
     assert recent.per_second() == 3.1  # 30 ok and the one error in the last 10 s
@@ -287,8 +287,7 @@ def test_a_versions_traffic_over_a_window_is_what_a_bake_judges() -> None:
             tally.add("v2", b"similarity", "ok", 0.018)
             tally.add("v2", b"similarity", "internal", 0.018)
             tally.add("v2", b"similarity", "bad_request", None)  # the producer's fault
-        recent.record(float(second), tally.by_version_code(), tally.all_buckets(),
-                      tally.buckets_by_version())
+        recent.record(float(second), tally)
     v2 = recent.traffic("v2", 5.0)
     assert (v2.requests, v2.errors) == (20, 5)  # five seconds of 4 replies, 1 pool fault each
     assert v2.p99_ms is not None and 15.0 < v2.p99_ms <= 20.0
