@@ -56,9 +56,10 @@ QUALITY_TIMEOUT_S = 120.0  # a thousand pairs through a 12-layer model on a busy
 NEW, ACTIVE = "new", "active"  # whose answer a gate probe brings
 MEMORY_HEADROOM = 1.2  # surge only if free memory exceeds 1.2x a second set of workers
 BAKE_BASELINE_S = 60.0  # a bake compares with the old version's last minute before the switch
-# A bake's p99 leaves out its first seconds (at most a quarter of the bake): the new workers'
-# first passes of each new shape (kernel and plan selection, cold caches) are a start-up cost
-# every version pays, not a regression. Its errors count from the switch on.
+# A bake's p99 leaves out its first seconds (at most a quarter of the bake): a new worker's
+# first passes of each new shape can pay plan selection (on a GPU, 960 ms once in attention
+# right after a start: docs/benchmarks.md, session 5), a start-up cost every version pays, not
+# a regression. Its errors count from the switch on.
 BAKE_SETTLE_S = 2.0
 
 
