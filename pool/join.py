@@ -4,9 +4,9 @@ A Kubernetes pod that starts mid-rollout, or long after one, would otherwise ser
 its registry (or the model volume's model_versions.json) said when it was first made. With
 `--join PEERS` (the other pools' front ends: endpoints, or dns://NAME:PORT of the headless
 Service), `pool serve` pings each peer before it loads anything, and serves the version most
-of them route to when that version is registered here. Peers that do not answer in time are
-left out; none answering (the first pod) leaves the choice to the registry, as without
---join.
+of them route to; one not registered here stops the start (pool.settings.joined_version).
+Peers that do not answer in time are left out; none answering (the first pod) leaves the
+choice to the registry, as without --join.
 """
 
 from __future__ import annotations

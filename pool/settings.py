@@ -109,14 +109,18 @@ def _given(value: Any, default: Any) -> Any:
 
 
 def joined_version(values: dict[str, Any], registry: Registry) -> str | None:
-    """--join: the version the peers serve, if this pool has it registered."""
+    """--join: the version the peers serve (None when none answers, or a tie). One that is
+    not registered here is refused: serving another version would mix both in the fleet's
+    replies, which no consumer of its embeddings can tell apart."""
     seen = fleet_version(peer_endpoints(values["join"]),
                          pinger(own_keys(values.get("curve_secret_key"))))
     if seen is None:
         return None
     if registry.version(seen) is None:
-        log.warning("join: the fleet serves %s, which is not registered here (pool versions "
-                    "add / import it): starting on %s", seen, registry.active or "the default")
-        return None
+        raise ValueError(
+            f"--join: the fleet serves {seen}, which is not registered here; starting on "
+            f"{registry.active or 'the default model'} would mix two versions in the fleet. "
+            f"Register {seen} (`pool versions add {seen} --path DIR`, or list it in the "
+            f"model_versions.json this pool imports) and start again")
     log.warning("join: the fleet serves %s; starting on it", seen)
     return seen

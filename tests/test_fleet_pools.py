@@ -199,9 +199,18 @@ def test_a_pool_that_joins_later_starts_on_the_fleets_version(
     state = short_tmpdir()
     seed = tmp_path / "model_versions.json"
     seed.write_text(json.dumps({"current_version": "v1", "versions": {
+        "v1": {"path": str(models["v1"])}}}))
+    env = {**running.env, "ZEROPOOL_STATE_DIR": str(state)}
+    assert run_cli("versions", "import", str(seed), env=env).returncode == 0
+    # v2 unknown here: the pod refuses rather than serve v1 beside the fleet's v2.
+    done = run_cli("serve", "--join", running.endpoint, "--workers", "1", env=env, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "the fleet serves v2, which is not registered here" in done.stderr
+    assert "Traceback" not in done.stderr
+    # The volume's file lists v2 too (as docs/deploy.md says to): it starts on v2.
+    seed.write_text(json.dumps({"current_version": "v1", "versions": {
         "v1": {"path": str(models["v1"])}, "v2": {"path": str(models["v2"])}}}))
-    done = run_cli("versions", "import", str(seed),
-                   env={**running.env, "ZEROPOOL_STATE_DIR": str(state)})
+    done = run_cli("versions", "import", str(seed), env=env)
     assert done.returncode == 0, done.stderr
     joined = pool_factory(None, "--join", f"{running.endpoint},ipc:///tmp/zp-nobody.sock",
                           workers=1, state_dir=state)
