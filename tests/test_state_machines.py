@@ -9,7 +9,7 @@ loops and their retry, credit, the queue bound and deadlines.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,7 @@ from pool.supervisor import (
 )
 from router import protocol
 from router.broker import MAX_ATTEMPTS, even_shares
-from tests.fakepool import FakePool
+from tests.fakepool import FakePool, Producer
 
 
 @pytest.fixture
@@ -949,54 +949,52 @@ def test_a_bake_switches_back_at_once_when_v2_fails_requests(fake: FakePool) -> 
     assert "v2" not in fake.supervisor.plans or fake.supervisor.plans["v2"].retired
 
 
-def test_a_bake_judges_latency_against_v1s(fake: FakePool) -> None:
-    # v1 answers at once; v2 holds every request for 0.2 s (two ticks) before answering.
-    rot = baked_rotation(fake, bake_s=60.0, baseline_s=25.0, max_p99_ratio=1.5)
+def bake_with_slow_v2(fake: FakePool, rot: Rotation, per_tick: int, ticks: int,
+                      held_ticks: Callable[[int], int],
+                      until: Callable[[], bool] = lambda: False) -> Producer:
+    """`per_tick` requests every 0.1 s; v2 holds each request that reaches it at tick i for
+    held_ticks(i) ticks before answering; until the bake ends, `until()` or `ticks`."""
     producer = fake.producer()
     held: list = []
-    for i in range(150):
-        for k in range(3):  # 30 requests a second: p99 is judged over 200 replies, after
-            # the bake's first 2 s (the settle)
-            producer.send(f"slow-{i}-{k}".encode())
+    for i in range(ticks):
+        for k in range(per_tick):
+            producer.send(f"r-{i}-{k}".encode())
         fake.pump()
         for worker in fake.workers_of("v2"):
-            held += [(worker, request, i + 2) for request in worker.received()]
+            held += [(worker, request, i + held_ticks(i)) for request in worker.received()]
         for worker, request, _ in [h for h in held if h[2] <= i]:
             worker.answer(request)
         held = [h for h in held if h[2] > i]
         fake.pump()
         fake.tick()
-        if rot.phase != Phase.BAKING:
+        if rot.phase != Phase.BAKING or until():
             break
+    return producer
+
+
+def test_a_bake_judges_latency_against_v1s(fake: FakePool) -> None:
+    # v1 answers at once; v2 holds every request for 0.2 s (two ticks) before answering;
+    # 30 requests a second: p99 is judged over 200 replies after the bake's first 2 s.
+    rot = baked_rotation(fake, bake_s=60.0, baseline_s=25.0, max_p99_ratio=1.5)
+    bake_with_slow_v2(fake, rot, per_tick=3, ticks=150, held_ticks=lambda i: 2)
     assert rot.switched_back, rot.phase
     assert "p99" in rot.reason and fake.broker.active == "v1"
 
 
 def test_a_bake_leaves_its_first_seconds_out_of_the_p99(fake: FakePool) -> None:
-    """v2's first passes are slow (new shapes, cold caches), then it is as fast as v1: the
-    settle keeps them out of the p99, so the bake ends clean; its errors would count."""
+    """v2's first passes are slow (on a GPU: plans for new shapes), then it is as fast as
+    v1: the settle keeps them out of the p99, so the bake goes on; its errors would count."""
     rot = baked_rotation(fake, bake_s=12.0, baseline_s=25.0, max_p99_ratio=1.5)
-    producer = fake.producer()
-    held: list = []
-    for i in range(200):
-        for k in range(4):  # 40 requests a second
-            producer.send(f"cold-{i}-{k}".encode())
-        fake.pump()
-        hold = 3 if i < 5 else 0  # 0.3 s each in the bake's first half second, then none
-        for worker in fake.workers_of("v2"):
-            held += [(worker, request, i + hold) for request in worker.received()]
-        for worker, request, _ in [h for h in held if h[2] <= i]:
-            worker.answer(request)
-        held = [h for h in held if h[2] > i]
-        fake.pump()
-        fake.tick()
-        if rot.phase != Phase.BAKING:
-            break
-        whole = fake.recent.traffic("v2", fake.clock() - rot.phase_since)
-        if whole.requests >= 400:
-            break
-    # Judged over all its replies, the cold first second alone would have been a regression.
-    assert judge(rot.bake_baseline, whole, rot.bake_limits).regressed
+
+    def whole() -> Traffic:  # every v2 reply since the switch
+        return fake.recent.traffic("v2", fake.clock() - rot.phase_since)
+
+    # 0.3 s each in the bake's first half second, then none; 40 requests a second.
+    producer = bake_with_slow_v2(fake, rot, per_tick=4, ticks=200,
+                                 held_ticks=lambda i: 3 if i < 5 else 0,
+                                 until=lambda: whole().requests >= 400)
+    # Judged over all its replies, the slow first half second alone is a regression.
+    assert judge(rot.bake_baseline, whole(), rot.bake_limits).regressed
     assert rot.phase == Phase.BAKING and not rot.bake_verdict.regressed, rot.reason
     assert rot.bake_verdict.candidate.p99_over < rot.bake_verdict.candidate.requests
     assert set(producer.codes().values()) == {"ok"}
