@@ -258,9 +258,9 @@ class PoolSettings:
         "changes.")
     join: str | None = setting(
         None, "Peers' front ends (endpoints, comma-separated, or dns://NAME:PORT): started "
-        "without --path, serve the version most of them serve now when it is registered here "
-        "(a pod joining a fleet mid-rollout). With Curve, they are pinged with this pool's "
-        "own key pair.")
+        "without --path, serve the version most of them serve now (a pod joining a fleet "
+        "mid-rollout); one not registered here stops the start. With Curve, they are pinged "
+        "with this pool's own key pair.")
     control_bind: str | None = setting(
         None, "Also serve the operator commands (status, rotate, ...) on this tcp://HOST:PORT, "
         "for `pool ... --pool`: CurveZMQ only, for the keys of --operator-keys alone. The "
