@@ -96,7 +96,6 @@ class ReplyTally:
         return out
 
 
-
 class RecentReplies:
     """Windows over once-a-second snapshots of the cumulative reply counts and latencies."""
 
