@@ -126,9 +126,11 @@ class RecentReplies:
             errors -= count(before[1], True)
             buckets = [b - a for a, b in
                        zip(before[2].get(version, [0] * len(buckets)), buckets, strict=True)]
-        p99 = round(bucket_quantile(0.99, LATENCY_BUCKETS, buckets) * 1000, 2) \
-            if sum(buckets) else None
-        return Traffic(requests, errors, p99)
+        if not sum(buckets):
+            return Traffic(requests, errors)
+        p99, p90 = (round(bucket_quantile(q, LATENCY_BUCKETS, buckets) * 1000, 2)
+                    for q in (0.99, 0.9))
+        return Traffic(requests, errors, p99, p90_ms=p90)
 
     def latency_ms(self, window_s: float = RATE_WINDOW_S) -> dict[str, float] | None:
         """p50 and p99 over (about) the last `window_s` seconds, estimated from the histogram

@@ -389,12 +389,14 @@ class RotationController:
             self._enter(rot, Phase.DRAINING)
 
     def _baked_traffic(self, rot: Rotation, since: float) -> Traffic:
-        """The new version's replies since the switch, its p99 over those after the settle."""
+        """The new version's replies since the switch, its latencies over those after the
+        settle."""
         assert rot.bake_s is not None
         replies = self.traffic(rot.target, since)
         settled_s = since - min(BAKE_SETTLE_S, rot.bake_s / 4)
         settled = self.traffic(rot.target, settled_s) if settled_s > 0 else Traffic()
-        return replace(replies, p99_ms=settled.p99_ms, p99_over=settled.requests)
+        return replace(replies, p99_ms=settled.p99_ms, p90_ms=settled.p90_ms,
+                       p99_over=settled.requests)
 
     def _switch_back(self, rot: Rotation, reason: str) -> None:
         """The old version's workers are still loaded: routing goes back to them at once."""

@@ -291,6 +291,7 @@ def test_a_versions_traffic_over_a_window_is_what_a_bake_judges() -> None:
     v2 = recent.traffic("v2", 5.0)
     assert (v2.requests, v2.errors) == (20, 5)  # five seconds of 4 replies, 1 pool fault each
     assert v2.p99_ms is not None and 15.0 < v2.p99_ms <= 20.0
+    assert v2.p90_ms is not None and 15.0 < v2.p90_ms <= v2.p99_ms
     v1 = recent.traffic("v1", 5.0)
     assert (v1.requests, v1.errors) == (15, 0) and v1.p99_ms <= 3.0
     assert recent.traffic("v3", 5.0) == Traffic()

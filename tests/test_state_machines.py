@@ -984,15 +984,19 @@ def test_a_bake_judges_latency_against_v1s(fake: FakePool) -> None:
 def test_a_bake_leaves_its_first_seconds_out_of_the_p99(fake: FakePool) -> None:
     """v2's first passes are slow (on a GPU: plans for new shapes), then it is as fast as
     v1: the settle keeps them out of the p99, so the bake goes on; its errors would count."""
-    rot = baked_rotation(fake, bake_s=12.0, baseline_s=25.0, max_p99_ratio=1.5)
+    rot = baked_rotation(fake, bake_s=60.0, baseline_s=25.0, max_p99_ratio=1.5)
 
     def whole() -> Traffic:  # every v2 reply since the switch
         return fake.recent.traffic("v2", fake.clock() - rot.phase_since)
 
+    def judged_p99() -> bool:  # the settled replies are enough for a p99
+        verdict = rot.bake_verdict
+        return verdict is not None and verdict.candidate.latency_requests >= 1000
+
     # 0.3 s each in the bake's first half second, then none; 40 requests a second.
-    producer = bake_with_slow_v2(fake, rot, per_tick=4, ticks=200,
-                                 held_ticks=lambda i: 3 if i < 5 else 0,
-                                 until=lambda: whole().requests >= 400)
+    producer = bake_with_slow_v2(fake, rot, per_tick=4, ticks=400,
+                                 held_ticks=lambda i: 3 if i < 5 else 0, until=judged_p99)
+    assert judged_p99()
     # Judged over all its replies, the slow first half second alone is a regression.
     assert judge(rot.bake_baseline, whole(), rot.bake_limits).regressed
     assert rot.phase == Phase.BAKING and not rot.bake_verdict.regressed, rot.reason
@@ -1028,11 +1032,16 @@ def test_the_judge_lets_a_single_early_error_pass_and_says_why_it_fails() -> Non
     failing = judge(before, Traffic(requests=60, errors=6, p99_ms=9.0), limits)
     assert failing.regressed and "failed 6 of 60 requests (10.0%)" in failing.reason
     # Latency within the bucket slack is never a regression; beyond the ratio it is.
-    assert not judge(Traffic(1000, 0, 2.0), Traffic(100, 0, 6.5), limits).regressed
-    slow = judge(before, Traffic(requests=300, errors=0, p99_ms=25.0), limits)
+    assert not judge(Traffic(1000, 0, 2.0), Traffic(1000, 0, 6.5), limits).regressed
+    slow = judge(before, Traffic(requests=1200, errors=0, p99_ms=25.0), limits)
     assert slow.regressed and "2.50x" in slow.reason
-    # Over too few replies a p99 is the slowest one or two: not judged.
-    assert not judge(before, Traffic(requests=100, errors=0, p99_ms=25.0), limits).regressed
+    # A p99 over fewer than 1,000 replies is the slowest few (one busy moment): not judged;
+    # a p90 is, and a tenth of the replies over the limit is a regression.
+    assert not judge(before, Traffic(800, 0, p99_ms=25.0, p90_ms=8.0), limits).regressed
+    gross = judge(before, Traffic(300, 0, p99_ms=60.0, p90_ms=40.0), limits)
+    assert gross.regressed and "p90 is 40.0 ms" in gross.reason, gross.reason
+    # Over too few replies even a p90 is not judged.
+    assert not judge(before, Traffic(100, 0, p99_ms=60.0, p90_ms=40.0), limits).regressed
     # A version that was failing before is judged against its own rate.
     assert not judge(Traffic(1000, 50, 10.0), Traffic(100, 5, 10.0), limits).regressed
     with pytest.raises(ValueError):
