@@ -4,7 +4,9 @@ POOLS pools (tiny BERTs the tests' fixtures make, 1 worker each) on one machine,
 one failover AsyncClient over all of them at RATE requests/s. Measured, interleaved ROUNDS
 times: one pool's own `pool rotate` (the unit), then `pool fleet rotate --bake BAKE` of all
 of them; reported: the fleet rotation's seconds against POOLS x one rotation + BAKE, and the
-producers' p50/p99 during the rollout against the steady seconds before it.
+producers' p50/p99 during the rollout against the steady seconds before it, and that p99
+split: calls sent while some pool loaded its new worker (its rotation's start to its switch)
+and the others.
 
 Usage: python benchmarks/fleet_rotation.py [POOLS] [BAKE] [ROUNDS]   (RATE=..., NICENESS=... in
 the env: requests/s over the fleet, the pools' --load-niceness; PIN=1: pool i and every process
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +42,7 @@ NICENESS = os.environ.get("NICENESS")  # the pools' --load-niceness (default: th
 PIN = os.environ.get("PIN") == "1"
 IN_FLIGHT = 16
 STEADY_S = 5.0
+PRE_SWITCH = ("spawning", "loading", "health_check")  # a new worker loads beside the old
 
 
 def cli(*args: str, env: dict[str, str]) -> dict:
@@ -59,6 +63,37 @@ def start_pinned(index: int, path: Path, *extra: str) -> RunningPool:
         return start_pool(path, *extra, workers=1)
     finally:
         os.sched_setaffinity(0, cores)
+
+
+def pre_switch_spans(report: dict, rollout_start: float) -> list[tuple[float, float]]:
+    """Each pool's seconds from its rotation's start to its switch (monotonic), when a new
+    worker loads and is checked on the pool's machine."""
+    spans = []
+    for pool in report["pools"]:
+        if pool.get("started_s") is None:
+            continue
+        timings = (pool.get("rotation") or {}).get("timings") or {}
+        start = rollout_start + pool["started_s"]
+        spans.append((start, start + sum(timings.get(p, 0.0) for p in PRE_SWITCH)))
+    return spans
+
+
+def p99_where(producers: FailoverProducers, keep: Callable[[float], bool]) -> float | None:
+    """p99 (ms) of the calls whose send time `keep` accepts."""
+    latencies = sorted(a.latency for a in producers.answers if keep(a.sent))
+    return round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2) \
+        if latencies else None
+
+
+def p99_split(producers: FailoverProducers, started: float, ended: float,
+              spans: list[tuple[float, float]]) -> dict[str, float | None]:
+    """The rollout's p99 while some pool loaded its new worker (`spans`), and the rest."""
+    def loading(sent: float) -> bool:
+        return any(a <= sent < b for a, b in spans)
+
+    return {"loading": p99_where(producers, loading),
+            "else": p99_where(producers,
+                              lambda sent: started <= sent < ended and not loading(sent))}
 
 
 def main() -> None:
@@ -95,11 +130,15 @@ def main() -> None:
                 "expected_s": round(pools_n * unit + bake, 2),
                 "steady": producers.window(started - STEADY_S, started),
                 "during": producers.window(started, ended),
+                # Where the slow calls were: while some pool loaded its new worker, or not.
+                "during_p99_ms": p99_split(producers, started, ended, pre_switch_spans(
+                    report, ended - report["seconds"])),
                 "outcome": report["outcome"]})
             r = results[-1]
             print(f"round {r['round']}: fleet {r['fleet_s']} s vs {pools_n} x {unit} s + "
                   f"{bake} s = {r['expected_s']} s; p99 steady {r['steady'].get('p99_ms')} "
-                  f"ms, during {r['during'].get('p99_ms')} ms; errors "
+                  f"ms, during {r['during'].get('p99_ms')} ms (a pool loading "
+                  f"{r['during_p99_ms']['loading']}, else {r['during_p99_ms']['else']}); errors "
                   f"{r['during']['errors']}; {r['outcome']}", flush=True)
     finally:
         producers.stop()

@@ -71,6 +71,21 @@ def decode_job(seq: bytes, op: bytes, body: bytes, enqueued_ns: int, limits: Lim
     return Job(seq, op, asked.texts, asked.size)
 
 
+def start_tokenizer_threads(count: int) -> None:
+    """Start the Rust tokenizer's thread pool (rayon's, one per process) from this thread.
+
+    It starts at the first parallel call and its threads take the priority of the thread that
+    made it: left to the warm-up on the niced loader thread, a worker would tokenise at the
+    load niceness for the rest of its life (and no unprivileged process can lower it back)."""
+    if count <= 1:
+        return  # no pool: the tokenizer runs on the calling thread
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    any_tokenizer = Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    any_tokenizer.encode_batch(["[UNK]"] * count)
+
+
 def load_encoder(cfg: WorkerConfig, device: str) -> tuple[Any, float]:
     """Import, load and warm up the model at a lower CPU priority than the workers serving.
 
@@ -194,6 +209,7 @@ class WorkerLoop:
         if self.settings.model == "echo":
             return ReadyInfo(**me)
         device = "cuda:0" if self.cfg.device.startswith("cuda") else self.cfg.device
+        start_tokenizer_threads(self.settings.tokenizer_threads)
         with ThreadPoolExecutor(1, thread_name_prefix="zeropool-load") as loader:
             self.encoder, warm_up_seconds = loader.submit(load_encoder, self.cfg,
                                                           device).result()

@@ -494,7 +494,8 @@ def test_tokenizer_threads_are_the_workers_own_rayon_pool(
     pool_factory, models: dict[str, Path]
 ) -> None:
     """--tokenizer-threads N: the Rust tokenizer of each worker tokenises on N threads of its
-    own (a GPU worker's default); 1 (a CPU worker's default) starts none."""
+    own (a GPU worker's default); 1 (a CPU worker's default) starts none. They serve at the
+    normal priority: not the load niceness of the thread that loaded the model."""
     threads = {}
     for count in (1, 3):
         pool = pool_factory(models["v1"], "--tokenizer-threads", str(count), workers=1)
@@ -502,7 +503,10 @@ def test_tokenizer_threads_are_the_workers_own_rayon_pool(
             for _ in range(3):  # batches of many texts: the tokenizer goes parallel
                 assert len(client.embed(SENTENCES * 4).embeddings) == len(SENTENCES) * 4
         (pid,) = pool.worker_pids()
-        threads[count] = psutil.Process(pid).num_threads()
+        worker = psutil.Process(pid)
+        threads[count] = worker.num_threads()
+        niceness = {t.id: os.getpriority(os.PRIO_PROCESS, t.id) for t in worker.threads()}
+        assert set(niceness.values()) == {0}, niceness
         assert pool.status()["settings"]["tokenizer_threads"] == count
         stop_pool(pool)
     assert threads[3] >= threads[1] + 3, threads
