@@ -36,18 +36,18 @@ class Traffic:
     requests: int = 0
     errors: int = 0  # pool faults only
     p99_ms: float | None = None
+    p90_ms: float | None = None
     # The replies the latencies are over when not all of them (a bake leaves out its first
     # moments).
-    p99_over: int | None = None
-    p90_ms: float | None = None
+    latency_over: int | None = None
 
     @property
     def error_rate(self) -> float:
         return self.errors / self.requests if self.requests else 0.0
 
     @property
-    def latency_requests(self) -> int:
-        return self.requests if self.p99_over is None else self.p99_over
+    def latency_replies(self) -> int:
+        return self.requests if self.latency_over is None else self.latency_over
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "error_rate": round(self.error_rate, 5)}
@@ -56,7 +56,7 @@ class Traffic:
     def of(cls, fields: dict[str, Any]) -> Traffic:
         """The inverse of as_dict (a verdict read back from a pool's status)."""
         return cls(int(fields.get("requests") or 0), int(fields.get("errors") or 0),
-                   fields.get("p99_ms"), fields.get("p99_over"), fields.get("p90_ms"))
+                   fields.get("p99_ms"), fields.get("p90_ms"), fields.get("latency_over"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +108,10 @@ def _error_regression(baseline: Traffic, candidate: Traffic, limits: BakeLimits,
 
 def _latency_regression(baseline: Traffic, candidate: Traffic, limits: BakeLimits,
                         new: str, old: str) -> str | None:
-    if baseline.p99_ms is None or baseline.latency_requests < MIN_LATENCY_REQUESTS:
+    if baseline.p99_ms is None or baseline.latency_replies < MIN_LATENCY_REQUESTS:
         return None
     allowed = max(baseline.p99_ms * limits.max_p99_ratio, baseline.p99_ms + P99_SLACK_MS)
-    replies = candidate.latency_requests
+    replies = candidate.latency_replies
     if candidate.p99_ms is not None and replies >= P99_REQUESTS and candidate.p99_ms > allowed:
         return (f"{new}'s p99 is {candidate.p99_ms:.1f} ms against {old}'s "
                 f"{baseline.p99_ms:.1f} ms ({candidate.p99_ms / max(baseline.p99_ms, 1e-9):.2f}x, "

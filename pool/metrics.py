@@ -130,7 +130,7 @@ class RecentReplies:
             return Traffic(requests, errors)
         p99, p90 = (round(bucket_quantile(q, LATENCY_BUCKETS, buckets) * 1000, 2)
                     for q in (0.99, 0.9))
-        return Traffic(requests, errors, p99, p90_ms=p90)
+        return Traffic(requests, errors, p99, p90)
 
     def latency_ms(self, window_s: float = RATE_WINDOW_S) -> dict[str, float] | None:
         """p50 and p99 over (about) the last `window_s` seconds, estimated from the histogram

@@ -396,7 +396,7 @@ class RotationController:
         settled_s = since - min(BAKE_SETTLE_S, rot.bake_s / 4)
         settled = self.traffic(rot.target, settled_s) if settled_s > 0 else Traffic()
         return replace(replies, p99_ms=settled.p99_ms, p90_ms=settled.p90_ms,
-                       p99_over=settled.requests)
+                       latency_over=settled.requests)
 
     def _switch_back(self, rot: Rotation, reason: str) -> None:
         """The old version's workers are still loaded: routing goes back to them at once."""

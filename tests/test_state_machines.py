@@ -991,7 +991,7 @@ def test_a_bake_leaves_its_first_seconds_out_of_the_p99(fake: FakePool) -> None:
 
     def judged_p99() -> bool:  # the settled replies are enough for a p99
         verdict = rot.bake_verdict
-        return verdict is not None and verdict.candidate.latency_requests >= 1000
+        return verdict is not None and verdict.candidate.latency_replies >= 1000
 
     # 0.3 s each in the bake's first half second, then none; 40 requests a second.
     producer = bake_with_slow_v2(fake, rot, per_tick=4, ticks=400,
@@ -1000,7 +1000,7 @@ def test_a_bake_leaves_its_first_seconds_out_of_the_p99(fake: FakePool) -> None:
     # Judged over all its replies, the slow first half second alone is a regression.
     assert judge(rot.bake_baseline, whole(), rot.bake_limits).regressed
     assert rot.phase == Phase.BAKING and not rot.bake_verdict.regressed, rot.reason
-    assert rot.bake_verdict.candidate.p99_over < rot.bake_verdict.candidate.requests
+    assert rot.bake_verdict.candidate.latency_over < rot.bake_verdict.candidate.requests
     assert set(producer.codes().values()) == {"ok"}
 
 
