@@ -278,6 +278,26 @@ HANDSHAKE_EVENTS = HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 # And of a connection: gone (crash, reset, heartbeats unanswered), or not reachable yet.
 CONNECTION_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 MONITOR_EVENTS = HANDSHAKE_EVENTS | CONNECTION_EVENTS
+# A blocking client reads its monitor only during calls. Left out: CONNECT_RETRIED, ten a
+# second while a pool is down, which an idle client would pile up without end.
+BLOCKING_MONITOR_EVENTS = HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
+_monitor_ids = itertools.count()
+
+
+def open_monitor(sock: zmq.Socket, events: int) -> zmq.Socket:
+    """A PAIR that receives `sock`'s monitor events, its pipe without a high-water mark.
+
+    libzmq sends monitor events from the context's I/O thread with a blocking send: a full
+    pipe (events nobody reads: a client idle while a pool is down) would stop that thread,
+    and with it every socket of the context, for good. So the pipe never fills; what is
+    watched must be rare where it is read only now and then (BLOCKING_MONITOR_EVENTS)."""
+    address = f"inproc://zeropool-monitor-{os.getpid()}-{next(_monitor_ids)}"
+    sock.monitor(address, events)
+    pair = sock.context.socket(zmq.PAIR)
+    pair.setsockopt(zmq.LINGER, 0)
+    pair.setsockopt(zmq.RCVHWM, 0)  # with the sender's, sets the inproc pipe's: 0 is none
+    pair.connect(address)
+    return pair
 
 
 class HandshakeWatch:
@@ -286,7 +306,8 @@ class HandshakeWatch:
 
     def __init__(self, sock: zmq.Socket, endpoints: int, curve: ClientKeys | None,
                  events: int = HANDSHAKE_EVENTS) -> None:
-        self.monitor = sock.get_monitor_socket(events)
+        self.sock = sock
+        self.monitor = open_monitor(sock, events)
         self.endpoints = endpoints
         self.curve = curve
         self.last: dict[bytes, tuple[int, int]] = {}  # endpoint -> its latest (event, value)
@@ -328,7 +349,16 @@ class HandshakeWatch:
                 "public key?")
 
     def close(self) -> None:
+        # Monitoring stops before its PAIR closes: libzmq would otherwise block its I/O
+        # thread on the socket's next event, sent to a PAIR nobody reads (libzmq #3575). Seen
+        # in this project's CI: one pytest process whose every later client stayed
+        # unconnected, its I/O thread (gdb) inside zmq_msg_send from the monitor.
+        if not self.sock.closed and not self.monitor.closed:
+            self.sock.monitor(None, 0)
         self.monitor.close(linger=0)
+
+    def __del__(self) -> None:  # a client dropped without close(): the same order
+        self.close()
 
 
 def configure_failover_socket(sock: zmq.Socket, policy: FailoverPolicy) -> None:
@@ -346,7 +376,7 @@ class PoolSocket:
     monitor on it."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, curve: ClientKeys | None,
-                 policy: FailoverPolicy, failover: bool) -> None:
+                 policy: FailoverPolicy, failover: bool, events: int) -> None:
         self.endpoint = endpoint
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -355,7 +385,7 @@ class PoolSocket:
         if failover:
             configure_failover_socket(self.sock, policy)
         # Watched before connecting, so that the first handshake is seen.
-        self.watch = HandshakeWatch(self.sock, 1, curve, MONITOR_EVENTS)
+        self.watch = HandshakeWatch(self.sock, 1, curve, events)
         self.sock.connect(endpoint)
 
     def close(self) -> None:
@@ -383,7 +413,7 @@ class PoolSet:
     and closed here, on the client's own thread or loop."""
 
     def __init__(self, endpoint: Endpoints, ctx: zmq.Context, curve: ClientKeys | None,
-                 policy: FailoverPolicy | None, resolver: Resolver) -> None:
+                 policy: FailoverPolicy | None, resolver: Resolver, events: int) -> None:
         self.targets = split_endpoints(endpoint)
         self.failover = needs_failover(self.targets)
         self.policy = policy or FailoverPolicy()
@@ -396,6 +426,7 @@ class PoolSet:
         self.resolved = False
         self._ctx = ctx
         self._curve = curve
+        self._events = events  # what each pool's monitor watches
 
     def resolve_due(self, now: float) -> bool:
         return not self.resolved or (self.dns and now >= self.next_resolve)
@@ -414,7 +445,7 @@ class PoolSet:
         for endpoint in wanted:
             if endpoint not in self.sockets:
                 self.sockets[endpoint] = PoolSocket(self._ctx, endpoint, self._curve,
-                                                    self.policy, self.failover)
+                                                    self.policy, self.failover, self._events)
                 opened.append(self.sockets[endpoint])
             self.core.add_pool(endpoint)
         for endpoint in set(self.sockets) - set(wanted):
@@ -471,7 +502,8 @@ class Client:
                  resolver: Resolver = resolve_addresses) -> None:
         self.timeout = timeout
         self._ctx = context or zmq.Context.instance()
-        self._pools = PoolSet(endpoint, self._ctx, curve, policy, resolver)
+        self._pools = PoolSet(endpoint, self._ctx, curve, policy, resolver,
+                              BLOCKING_MONITOR_EVENTS)
         self.endpoint = ",".join(self._pools.targets)
         self._poller = zmq.Poller()
         self._owner: dict[zmq.Socket, PoolSocket] = {}
@@ -596,7 +628,7 @@ class AsyncClient:
                  resolver: Resolver = resolve_addresses) -> None:
         self.timeout = timeout
         self._ctx = context or zmq.asyncio.Context.instance()
-        self._pools = PoolSet(endpoint, self._ctx, curve, policy, resolver)
+        self._pools = PoolSet(endpoint, self._ctx, curve, policy, resolver, MONITOR_EVENTS)
         self.endpoint = ",".join(self._pools.targets)
         self._pools.apply(self._pools.resolve(), time.monotonic())
         self._futures: dict[Call, asyncio.Future] = {}
