@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -679,3 +681,34 @@ def test_a_stuck_pool_is_left_after_the_attempt_timeout(
     # attempt timeout, no more.
     assert any(seconds >= 2.0 for _, seconds in results), results
     assert max(seconds for _, seconds in results) < 2.0 + 3.0, results
+
+
+# A client's monitor closed, its socket still alive and failing to connect: the context must
+# still connect other sockets. Run apart: a stuck I/O thread would hang the process for good.
+CLOSED_MONITOR_CHECK = """
+import time, zmq
+from router.client import MONITOR_EVENTS, HandshakeWatch
+ctx = zmq.Context()
+dealer = ctx.socket(zmq.DEALER)
+dealer.linger = 0
+HandshakeWatch(dealer, 1, None, MONITOR_EVENTS).close()
+dealer.connect("tcp://127.0.0.1:%d")  # refused: an event every 100 ms
+time.sleep(0.5)
+router = ctx.socket(zmq.ROUTER)
+port = router.bind_to_random_port("tcp://127.0.0.1")
+other = ctx.socket(zmq.DEALER)
+other.connect(f"tcp://127.0.0.1:{port}")
+other.send(b"still connecting")
+assert router.poll(5000), "the context's I/O thread is stuck"
+ctx.destroy(linger=0)
+"""
+
+
+def test_a_closed_monitor_never_stalls_the_clients_context() -> None:
+    """libzmq sends monitor events from its I/O thread with a blocking send: a monitor PAIR
+    closed while its socket is still monitored stopped that thread at the next event (libzmq
+    #3575), and every socket of the context with it (a CI run's every later client)."""
+    code = CLOSED_MONITOR_CHECK % free_port("127.0.0.1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
