@@ -26,6 +26,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from pool.config import control_endpoint_for
 from router.auth import CurveServer, KeyFileError
+from router.client import open_monitor
 from router.keys import ClientKeys
 
 log = logging.getLogger("zeropool.control")
@@ -259,7 +260,7 @@ def _remote_exchange(target: ControlTarget, request: bytes, cmd: str, timeout_s:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     target.curve.apply(sock)
-    monitor = sock.get_monitor_socket(_WATCHED)
+    monitor = open_monitor(sock, _WATCHED)  # a pipe that never fills (router.client)
     watch = _ConnectionWatch(target.endpoint)
     deadline = time.monotonic() + timeout_s
     try:
@@ -281,7 +282,7 @@ def _remote_exchange(target: ControlTarget, request: bytes, cmd: str, timeout_s:
                 watch.take(monitor.recv_multipart(zmq.NOBLOCK))
         raise PoolUnreachable(watch.silence(cmd, timeout_s))
     finally:
-        sock.disable_monitor()
+        sock.monitor(None, 0)  # before its PAIR closes (router.client.HandshakeWatch.close)
         monitor.close(linger=0)
         sock.close()
 
