@@ -26,7 +26,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from pool.config import control_endpoint_for
 from router.auth import CurveServer, KeyFileError
-from router.client import open_monitor
+from router.client import close_monitor, open_monitor
 from router.keys import ClientKeys
 
 log = logging.getLogger("zeropool.control")
@@ -282,8 +282,7 @@ def _remote_exchange(target: ControlTarget, request: bytes, cmd: str, timeout_s:
                 watch.take(monitor.recv_multipart(zmq.NOBLOCK))
         raise PoolUnreachable(watch.silence(cmd, timeout_s))
     finally:
-        sock.monitor(None, 0)  # before its PAIR closes (router.client.HandshakeWatch.close)
-        monitor.close(linger=0)
+        close_monitor(sock, monitor)
         sock.close()
 
 

@@ -300,6 +300,16 @@ def open_monitor(sock: zmq.Socket, events: int) -> zmq.Socket:
     return pair
 
 
+def close_monitor(sock: zmq.Socket, pair: zmq.Socket) -> None:
+    """Stop monitoring `sock`, then close the PAIR, in that order: a PAIR closed first would
+    block libzmq's I/O thread on the socket's next event, sent to nobody (libzmq #3575). Seen
+    in this project's CI: one pytest process whose every later client stayed unconnected,
+    its I/O thread (gdb) inside zmq_msg_send from the monitor."""
+    if not sock.closed and not pair.closed:
+        sock.monitor(None, 0)
+    pair.close(linger=0)
+
+
 class HandshakeWatch:
     """A DEALER's handshakes with its pools, read from its socket monitor: refused while
     every pool it has tried refused it, and none let it in."""
@@ -349,13 +359,7 @@ class HandshakeWatch:
                 "public key?")
 
     def close(self) -> None:
-        # Monitoring stops before its PAIR closes: libzmq would otherwise block its I/O
-        # thread on the socket's next event, sent to a PAIR nobody reads (libzmq #3575). Seen
-        # in this project's CI: one pytest process whose every later client stayed
-        # unconnected, its I/O thread (gdb) inside zmq_msg_send from the monitor.
-        if not self.sock.closed and not self.monitor.closed:
-            self.sock.monitor(None, 0)
-        self.monitor.close(linger=0)
+        close_monitor(self.sock, self.monitor)
 
     def __del__(self) -> None:  # a client dropped without close(): the same order
         self.close()
