@@ -65,12 +65,15 @@ class JobQueue:
 
     def __init__(self) -> None:
         self._jobs: deque[Job] = deque()
+        self._size = 0  # the jobs' sizes summed (kept: read before every pass)
         self._ready = threading.Condition()
         self.closed = False  # no more jobs: the device thread stops once this is empty
 
     def put(self, jobs: list[Job]) -> None:
+        added = sum(job.size for job in jobs)
         with self._ready:
             self._jobs.extend(jobs)
+            self._size += added
             self._ready.notify()
 
     def close(self) -> None:
@@ -84,7 +87,7 @@ class JobQueue:
     def queued_size(self) -> int:
         """Pairs (or embed texts) waiting: what counts against max_batch."""
         with self._ready:
-            return sum(job.size for job in self._jobs)
+            return self._size
 
     def take(self, max_size: int, wait_s: float, max_tokens: int = 0) -> list[Job] | None:
         """Jobs up to max_size (pairs or texts; the last job may go over) and, if max_tokens,
@@ -102,6 +105,7 @@ class JobQueue:
                     taken.append(job)
                     size += job.size
                     tokens += job.tokens
+                    self._size -= job.size
                 full = size >= max_size or bool(max_tokens and jobs and taken)
                 if full or (taken and self.closed):
                     return taken

@@ -96,6 +96,8 @@ def test_passes_cover_the_queue_in_order_and_each_is_as_full_as_the_rules_allow(
     passes = []
     while (taken := queue.take(max_size, 0, max_tokens)) is not None:
         passes.append(taken)
+        left = sum(size for size, _ in specs) - sum(j.size for p in passes for j in p)
+        assert queue.queued_size() == left  # the kept total is what is still queued
     assert [n for p in passes for n in numbers(p)] == list(range(len(specs)))
     for i, taken in enumerate(passes):
         size = sum(j.size for j in taken)
