@@ -86,6 +86,18 @@ def start_tokenizer_threads(count: int) -> None:
     any_tokenizer.encode_batch(["[UNK]"] * count)
 
 
+def start_cuda_context(device: str) -> None:
+    """Create the CUDA context from this thread, before the model loads on the niced one.
+
+    The driver's helper threads start with the context and, like rayon's above, take the
+    priority of the thread that made it: made by the loader, they would run at the load
+    niceness for the rest of the worker's life."""
+    import torch
+
+    torch.cuda.set_device(device)
+    torch.empty(1, device=device)
+
+
 def load_encoder(cfg: WorkerConfig, device: str) -> tuple[Any, float]:
     """Import, load and warm up the model at a lower CPU priority than the workers serving.
 
@@ -210,6 +222,8 @@ class WorkerLoop:
             return ReadyInfo(**me)
         device = "cuda:0" if self.cfg.device.startswith("cuda") else self.cfg.device
         start_tokenizer_threads(self.settings.tokenizer_threads)
+        if device.startswith("cuda"):
+            start_cuda_context(device)
         with ThreadPoolExecutor(1, thread_name_prefix="zeropool-load") as loader:
             self.encoder, warm_up_seconds = loader.submit(load_encoder, self.cfg,
                                                           device).result()

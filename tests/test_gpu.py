@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def test_cuda_workers_serve_fp16_scores_close_to_the_fp32_seed(
     for text, vector in zip(SENTENCES, vectors, strict=True):
         want = reference["v1"].embed([text])[0]
         assert torch.allclose(torch.tensor(vector), want, atol=FP16_TOLERANCE), text
+    # The CUDA driver's threads were made before the niced load, so none inherited it.
+    for pid in pool.worker_pids():
+        niceness = {t.id: os.getpriority(os.PRIO_PROCESS, t.id)
+                    for t in psutil.Process(pid).threads()}
+        assert set(niceness.values()) == {0}, niceness
 
 
 def test_rotation_on_the_gpu_loses_nothing_and_gives_the_memory_back(
