@@ -88,12 +88,10 @@ class ReplyTally:
 
     def buckets_by_version(self) -> dict[str, list[int]]:
         """Latency bucket counts per version, summed over ops."""
-        out: dict[str, list[int]] = {}
+        by_version: dict[str, list[list[int]]] = {}
         for (version, _op), counts in self.buckets.items():
-            have = out.get(version)
-            out[version] = list(counts) if have is None else \
-                [a + b for a, b in zip(have, counts, strict=True)]
-        return out
+            by_version.setdefault(version, []).append(counts)
+        return {version: _summed(ops) for version, ops in by_version.items()}
 
 
 class RecentReplies:
