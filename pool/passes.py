@@ -247,7 +247,6 @@ class DeviceThread:
             for text, ids in zip(job.texts, job.ids or (), strict=True):
                 first_ids.setdefault(text, ids)
         unique = list(first_ids)
-        self._count_batch(jobs, len(unique))
         try:
             vectors = self.embed(list(first_ids.values()))
         except Exception as exc:  # OOM, a model that cannot take some input: the worker lives
@@ -263,6 +262,9 @@ class DeviceThread:
             log.exception("forward pass failed for request %s", jobs[0].seq.hex())
             self.reply_error(jobs[0].seq, protocol.INTERNAL, f"{type(exc).__name__}: {exc}"[:500])
             return
+        # Counted once it has computed: a failed pass's requests are counted by the passes
+        # that rerun them, one by one (failed_batches counts the failures).
+        self._count_batch(jobs, len(unique))
         index = {t: i for i, t in enumerate(unique)}
         pairs = [job for job in jobs if job.op != protocol.OP_EMBED]
         if pairs:  # every similarity request's scores in one vector operation

@@ -245,6 +245,10 @@ def test_a_failing_pass_is_rerun_request_by_request_and_only_the_bad_one_fails(
     assert [replies[int.from_bytes(s, "little")][0] for s in (seqs[0], seqs[2])] == [
         protocol.STATUS_OK] * 2
     assert model.passes == [2, 6, 2, 2, 2]  # the batch, then each request alone
+    # Each request that was computed counts once: the failed batch is not counted besides
+    # the passes that reran it.
+    stats = router.loop.stats
+    assert (stats.batches, stats.requests, stats.failed_batches) == (3, 3, 2)
 
 
 def test_heartbeats_pause_while_a_pass_runs_past_the_interval_and_report_busy_time(
