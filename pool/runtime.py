@@ -182,14 +182,15 @@ class Encoder:
         example = self._batch(self.token_ids(texts[:3]))
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings about Python values in the model
-            traced = torch.jit.trace(self.model, example_kwarg_inputs=example, strict=False,
-                                     check_trace=False)  # _trace checks it, once
+            traced = torch.jit.trace(SentenceVectors(self.model).eval(),
+                                     (example["input_ids"], example["attention_mask"]),
+                                     strict=False, check_trace=False)  # checked below, once
             graph = torch.jit.freeze(traced.eval())
         check = self._batch(self.token_ids(texts))  # another batch size and width
         with torch.inference_mode():
             want = sentence_vectors(self.model(**check).last_hidden_state, check)
             for _ in range(2):  # the first run profiles the graph, the next runs it optimised
-                got = sentence_vectors(graph(**check)["last_hidden_state"], check)
+                got = graph(check["input_ids"], check["attention_mask"])
         tolerance = GRAPH_TOLERANCE.get(self.dtype, GRAPH_TOLERANCE[torch.float16])
         if got.shape != want.shape or (got - want).abs().max().item() > tolerance:
             raise GraphCheckFailed(f"its embeddings ({attention} attention) differ from the "
@@ -253,21 +254,21 @@ class Encoder:
     def _forward(self, ids: list[list[int]]) -> torch.Tensor:
         if self._graphs is not None:
             return self._graphs.run(ids)
-        batch = self._batch(ids)
-        return sentence_vectors(self._hidden(batch), batch).cpu()
+        return self._vectors(self._batch(ids)).cpu()
 
-    def _hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The pass's sentence vectors (fp32, normalised), from one graph call where traced."""
         if self._traced is not None:
             short = batch["input_ids"].shape[1] <= SHORT_PASS_TOKENS
             graph = self._traced_short if short else self._traced
             try:
-                return graph(**batch)["last_hidden_state"]
+                return graph(batch["input_ids"], batch["attention_mask"])
             except Exception:
                 # A graph's error is the TorchScript interpreter's traceback. The module then
                 # raises the real error in its own words (an id beyond the vocabulary), or
                 # computes the pass the graph could not.
                 pass
-        return self.model(**batch).last_hidden_state
+        return sentence_vectors(self.model(**batch).last_hidden_state, batch)
 
     def similarity(self, pairs: list[tuple[str, str]]) -> list[float]:
         unique = list(dict.fromkeys(t for pair in pairs for t in pair))
@@ -356,6 +357,20 @@ def plan_chunks(
         passes[:0] = [(s, min(s + max_rows, end)) for s in range(start, end, max_rows)]
         j = cut[j]
     return passes
+
+
+class SentenceVectors(torch.nn.Module):
+    """The model and the seed's pooling as one module, traced as one graph: a pass is then
+    one call that holds no GIL, where pooling op by op from Python took and released it a
+    dozen times, each a wait while the worker's other thread runs Python."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return normalize(mean_pool(hidden.float(), attention_mask))
 
 
 def sentence_vectors(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

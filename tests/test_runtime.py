@@ -93,9 +93,9 @@ def test_a_traced_graph_that_computes_something_else_is_refused(
             super().__init__()
             self.graph = graph
 
-        def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
-            hidden = self.graph(**batch)["last_hidden_state"]
-            return {"last_hidden_state": hidden + torch.linspace(0, 1, hidden.shape[-1])}
+        def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            vectors = self.graph(input_ids, mask)
+            return vectors + torch.linspace(0, 1, vectors.shape[-1])
 
     monkeypatch.setattr(torch.jit, "freeze", lambda module: Skewed(freeze(module)))
     with pytest.raises(GraphCheckFailed, match="differ"):
