@@ -822,7 +822,7 @@ def verify_model_dir(directory: Path, e5: E5File, sha256: str) -> dict[str, Any]
                                 f"{ids[wrong]} != {list(GOLDEN_IDS[wrong])}")
     batch = tokenizer(list(GOLDEN_TEXTS), padding=True, return_tensors="pt")
     with torch.inference_mode():
-        vectors = sentence_vectors(model(**batch).last_hidden_state, batch)
+        vectors = sentence_vectors(model(**batch).last_hidden_state, batch["attention_mask"])
     scores = [float(vectors[a] @ vectors[b]) for a, b in GOLDEN_PAIRS]
     worst = max(abs(s - g) for s, g in zip(scores, GOLDEN_SCORES, strict=True))
     if worst > GOLDEN_SCORE_TOLERANCE:

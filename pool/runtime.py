@@ -188,7 +188,8 @@ class Encoder:
             graph = torch.jit.freeze(traced.eval())
         check = self._batch(self.token_ids(texts))  # another batch size and width
         with torch.inference_mode():
-            want = sentence_vectors(self.model(**check).last_hidden_state, check)
+            want = sentence_vectors(self.model(**check).last_hidden_state,
+                                    check["attention_mask"])
             for _ in range(2):  # the first run profiles the graph, the next runs it optimised
                 got = graph(check["input_ids"], check["attention_mask"])
         tolerance = GRAPH_TOLERANCE.get(self.dtype, GRAPH_TOLERANCE[torch.float16])
@@ -219,7 +220,7 @@ class Encoder:
         device whether any token is masked."""
         hidden = self.model(input_ids=input_ids,
                             attention_mask=mask.bool()[:, None, None, :]).last_hidden_state
-        return normalize(mean_pool(hidden.float(), mask))
+        return sentence_vectors(hidden, mask)
 
     def _batch(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         """Token ids padded to the longest (on CUDA, up to the next multiple of
@@ -268,7 +269,7 @@ class Encoder:
                 # raises the real error in its own words (an id beyond the vocabulary), or
                 # computes the pass the graph could not.
                 pass
-        return sentence_vectors(self.model(**batch).last_hidden_state, batch)
+        return sentence_vectors(self.model(**batch).last_hidden_state, batch["attention_mask"])
 
     def similarity(self, pairs: list[tuple[str, str]]) -> list[float]:
         unique = list(dict.fromkeys(t for pair in pairs for t in pair))
@@ -370,13 +371,13 @@ class SentenceVectors(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return normalize(mean_pool(hidden.float(), attention_mask))
+        return sentence_vectors(hidden, attention_mask)
 
 
-def sentence_vectors(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def sentence_vectors(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The seed's sentence embeddings of a pass: mean over the mask, L2-normalised, in fp32
     whatever the weights ran in."""
-    return normalize(mean_pool(hidden.float(), batch["attention_mask"]))
+    return normalize(mean_pool(hidden.float(), mask))
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

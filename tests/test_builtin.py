@@ -73,7 +73,7 @@ def embeddings(directory: Path, texts: list[str]) -> tuple[list[list[int]], np.n
     model = AutoModel.from_pretrained(directory).eval()
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.inference_mode():
-        vectors = sentence_vectors(model(**batch).last_hidden_state, batch)
+        vectors = sentence_vectors(model(**batch).last_hidden_state, batch["attention_mask"])
     return tokenizer(texts)["input_ids"], vectors.numpy()
 
 
