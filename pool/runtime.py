@@ -129,6 +129,7 @@ class Encoder:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path, dtype=self.dtype)
         self.model = model.to(self.device).eval()
+        self.pooled = SentenceVectors(self.model).eval()  # what every path computes; traced on CPU
         self.max_length = _max_length(self.tokenizer, self.model.config)
         self.token_ids = token_id_encoder(self.tokenizer, self.max_length)
         self.chunk_texts = chunk_texts or CHUNK_TEXTS.get(self.device.type, CHUNK_TEXTS["cpu"])
@@ -182,14 +183,13 @@ class Encoder:
         example = self._batch(self.token_ids(texts[:3]))
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings about Python values in the model
-            traced = torch.jit.trace(SentenceVectors(self.model).eval(),
-                                     (example["input_ids"], example["attention_mask"]),
+            traced = torch.jit.trace(self.pooled, (example["input_ids"],
+                                                   example["attention_mask"]),
                                      strict=False, check_trace=False)  # checked below, once
             graph = torch.jit.freeze(traced.eval())
         check = self._batch(self.token_ids(texts))  # another batch size and width
         with torch.inference_mode():
-            want = sentence_vectors(self.model(**check).last_hidden_state,
-                                    check["attention_mask"])
+            want = self.pooled(check["input_ids"], check["attention_mask"])
             for _ in range(2):  # the first run profiles the graph, the next runs it optimised
                 got = graph(check["input_ids"], check["attention_mask"])
         tolerance = GRAPH_TOLERANCE.get(self.dtype, GRAPH_TOLERANCE[torch.float16])
@@ -269,7 +269,7 @@ class Encoder:
                 # raises the real error in its own words (an id beyond the vocabulary), or
                 # computes the pass the graph could not.
                 pass
-        return sentence_vectors(self.model(**batch).last_hidden_state, batch["attention_mask"])
+        return self.pooled(batch["input_ids"], batch["attention_mask"])
 
     def similarity(self, pairs: list[tuple[str, str]]) -> list[float]:
         unique = list(dict.fromkeys(t for pair in pairs for t in pair))
