@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,22 +77,15 @@ def pre_switch_spans(report: dict, rollout_start: float) -> list[tuple[float, fl
     return spans
 
 
-def p99_where(producers: FailoverProducers, keep: Callable[[float], bool]) -> float | None:
-    """p99 (ms) of the calls whose send time `keep` accepts."""
-    latencies = sorted(a.latency for a in producers.answers if keep(a.sent))
-    return round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2) \
-        if latencies else None
-
-
 def p99_split(producers: FailoverProducers, started: float, ended: float,
               spans: list[tuple[float, float]]) -> dict[str, float | None]:
     """The rollout's p99 while some pool loaded its new worker (`spans`), and the rest."""
     def loading(sent: float) -> bool:
         return any(a <= sent < b for a, b in spans)
 
-    return {"loading": p99_where(producers, loading),
-            "else": p99_where(producers,
-                              lambda sent: started <= sent < ended and not loading(sent))}
+    return {"loading": producers.where(loading).get("p99_ms"),
+            "else": producers.where(
+                lambda sent: started <= sent < ended and not loading(sent)).get("p99_ms")}
 
 
 def main() -> None:

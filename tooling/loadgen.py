@@ -589,7 +589,11 @@ class FailoverProducers:
 
     def window(self, start: float, end: float) -> dict[str, float]:
         """Calls sent in [start, end): how many, how many failed, p50 and p99 (ms)."""
-        sent = [a for a in self.answers if start <= a.sent < end]
+        return self.where(lambda sent: start <= sent < end)
+
+    def where(self, keep: Callable[[float], bool]) -> dict[str, float]:
+        """`window` of the calls whose send time (monotonic) `keep` accepts."""
+        sent = [a for a in self.answers if keep(a.sent)]
         latencies = sorted(a.latency for a in sent)
         out: dict[str, float] = {"requests": len(sent),
                                  "errors": sum(a.code != OK_CODE for a in sent)}
