@@ -201,6 +201,11 @@ def stop_pool(pool: RunningPool) -> int:
     return code
 
 
+def thread_niceness(pid: int) -> dict[int, int]:
+    """Each thread of process `pid`: its nice value (per thread on Linux)."""
+    return {t.id: os.getpriority(os.PRIO_PROCESS, t.id) for t in psutil.Process(pid).threads()}
+
+
 def wait_for(condition: Callable[[], T], timeout: float = 60.0, what: str = "",
              poll: float = 0.2) -> T:
     """Poll `condition` until it returns something true, and return that; AssertionError

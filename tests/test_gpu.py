@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,7 +18,15 @@ import torch
 from pool.runtime import Encoder
 from pool.system import gpu_stats
 from router.client import Client
-from tests.support import SENTENCES, Load, Reference, RunningPool, run_cli, wait_for
+from tests.support import (
+    SENTENCES,
+    Load,
+    Reference,
+    RunningPool,
+    run_cli,
+    thread_niceness,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -52,8 +59,7 @@ def test_cuda_workers_serve_fp16_scores_close_to_the_fp32_seed(
         assert torch.allclose(torch.tensor(vector), want, atol=FP16_TOLERANCE), text
     # The CUDA driver's threads were made before the niced load, so none inherited it.
     for pid in pool.worker_pids():
-        niceness = {t.id: os.getpriority(os.PRIO_PROCESS, t.id)
-                    for t in psutil.Process(pid).threads()}
+        niceness = thread_niceness(pid)
         assert set(niceness.values()) == {0}, niceness
 
 

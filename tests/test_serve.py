@@ -34,6 +34,7 @@ from tests.support import (
     short_tmpdir,
     start_pool,
     stop_pool,
+    thread_niceness,
     wait_for,
 )
 
@@ -503,9 +504,8 @@ def test_tokenizer_threads_are_the_workers_own_rayon_pool(
             for _ in range(3):  # batches of many texts: the tokenizer goes parallel
                 assert len(client.embed(SENTENCES * 4).embeddings) == len(SENTENCES) * 4
         (pid,) = pool.worker_pids()
-        worker = psutil.Process(pid)
-        threads[count] = worker.num_threads()
-        niceness = {t.id: os.getpriority(os.PRIO_PROCESS, t.id) for t in worker.threads()}
+        threads[count] = psutil.Process(pid).num_threads()
+        niceness = thread_niceness(pid)
         assert set(niceness.values()) == {0}, niceness
         assert pool.status()["settings"]["tokenizer_threads"] == count
         stop_pool(pool)
