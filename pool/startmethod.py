@@ -1,6 +1,6 @@
 """How worker processes start: a fresh `spawn` interpreter, or a fork of a preloaded server.
 
-A spawned worker spends ~4 s of CPU importing torch and transformers before it even reads
+A spawned worker spends 4-9 s of CPU importing torch and transformers before it even reads
 its model (the weights of MiniLM take 0.1 s). On a CPU-only pool whose cores are busy
 serving, that CPU comes out of serving on every rotation and every restart. A forkserver
 imports them once, single-threaded and before any torch thread pool or CUDA context exists

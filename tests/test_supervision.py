@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -178,3 +180,15 @@ def test_sigterm_to_the_whole_process_group_answers_everything_without_a_respawn
     assert log.count("stopped on its own") + log.count("exited (code 0)") == 2, log[-3000:]
     assert "died unexpectedly" not in log, log[-3000:]
     assert log.count("spawned worker") == 2, "a worker was started after the SIGTERM"
+
+
+def test_the_forkserver_preload_leaves_the_collector_on_with_its_imports_frozen() -> None:
+    # Its imports run with the collector off (pool.preload); a worker forked from it must
+    # collect its own garbage, or it would grow for the rest of its life.
+    probe = ("import gc, pool.preload, sys; sys.stdout.write("
+             "f'{gc.isenabled()} {gc.get_freeze_count()} {len(gc.get_objects())}')")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, check=True)
+    enabled, frozen, tracked = done.stdout.split()
+    assert enabled == "True"
+    assert int(frozen) > 100_000 and int(tracked) < 1_000, done.stdout
