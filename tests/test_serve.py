@@ -16,6 +16,7 @@ import psutil
 import pytest
 import zmq
 
+from pool.control import control_request
 from router.client import (
     AsyncClient,
     BadRequest,
@@ -385,19 +386,30 @@ def test_requests_in_flight_share_forward_passes_and_texts_are_deduplicated(
         return {k: sum(r.get(k, 0) for r in rows) for k in ("batches", "requests", "texts",
                                                              "unique_texts")}
 
-    time.sleep(1.2)  # a heartbeat carries the counters so far
-    before = totals()
-    sock = dealer(pool.endpoint)
-    for i in range(300):  # 8 sentences: the same texts recur across requests
-        pair = [SENTENCES[i % 8], SENTENCES[(i // 8) % 8]]
-        body = orjson.dumps({"pairs": [pair]})
-        sock.send_multipart([PROTOCOL, b"%d" % i, b"similarity", b"", body])
-    replies = recv_all(sock, 300)
-    assert {f[2] for f in replies.values()} == {b"ok"}
-    sock.close()
-    time.sleep(1.5)
-    after = totals()
-    delta = {k: after[k] - before[k] for k in after}
+    def golden_checked_at() -> float:
+        return control_request(pool.state_dir, "health")["versions"]["v1"]["golden"]["at"]
+
+    def counted_while_300_requests_run() -> dict[str, int]:
+        time.sleep(1.2)  # a heartbeat carries the counters so far
+        before = totals()
+        sock = dealer(pool.endpoint)
+        for i in range(300):  # 8 sentences: the same texts recur across requests
+            pair = [SENTENCES[i % 8], SENTENCES[(i // 8) % 8]]
+            body = orjson.dumps({"pairs": [pair]})
+            sock.send_multipart([PROTOCOL, b"%d" % i, b"similarity", b"", body])
+        replies = recv_all(sock, 300)
+        assert {f[2] for f in replies.values()} == {b"ok"}
+        sock.close()
+        time.sleep(1.5)
+        after = totals()
+        return {k: after[k] - before[k] for k in after}
+
+    # The golden re-check (a real request, every GOLDEN_RECHECK_S) is counted too: a window
+    # it fell into is measured again (the next one is a minute away).
+    checked = golden_checked_at()
+    delta = counted_while_300_requests_run()
+    if golden_checked_at() != checked:
+        delta = counted_while_300_requests_run()
     assert delta["requests"] == 300 and delta["texts"] == 600
     assert delta["batches"] < 150, f"{delta['batches']} forward passes for 300 requests"
     assert delta["unique_texts"] < delta["texts"] / 2, delta
