@@ -185,8 +185,9 @@ def test_sigterm_to_the_whole_process_group_answers_everything_without_a_respawn
 def test_the_forkserver_preload_leaves_the_collector_on_with_its_imports_frozen() -> None:
     # Its imports run with the collector off (pool.preload); a worker forked from it must
     # collect its own garbage, or it would grow for the rest of its life.
-    probe = ("import gc, pool.preload, sys; sys.stdout.write("
-             "f'{gc.isenabled()} {gc.get_freeze_count()} {len(gc.get_objects())}')")
+    # (flushed: pool.preload ends the process that imported it without a teardown)
+    probe = ("import gc, pool.preload; print(gc.isenabled(), gc.get_freeze_count(), "
+             "len(gc.get_objects()), flush=True)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           timeout=120, check=True)
     enabled, frozen, tracked = done.stdout.split()
