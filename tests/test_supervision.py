@@ -113,7 +113,7 @@ def forkserver_of(pool) -> psutil.Process:
 def test_a_killed_forkserver_is_a_crash_of_every_worker_and_nothing_is_lost(
     pool_factory, models: dict[str, Path]
 ) -> None:
-    # A new forkserver imports torch and transformers again (~9 s alone on 2 cores, 30 s and
+    # A new forkserver imports torch and transformers again (6-9 s alone on 2 cores, 30 s and
     # more with the suite beside it); the requests wait for it, past the 30 s default.
     pool = pool_factory(models["v1"], "--queue-timeout", "120")
     assert pool.status()["settings"]["start_method"] == "forkserver"  # auto on a CPU pool

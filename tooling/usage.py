@@ -137,8 +137,8 @@ class UsageMeter:
 
         busy, idle = delta("device_busy_s"), delta("device_idle_s")
         requests = sum(delta("requests").values())
-        # A worker that ran no pass over the load (the router had nobody to send it) was
-        # idle throughout: 0, not left out.
+        # A worker that ran no pass over the load (the router sent it nothing) was idle
+        # throughout: 0, not left out.
         out: dict[str, Any] = {"device_busy_percent": {
             str(pid): round(100 * busy[pid] / (busy[pid] + idle[pid]), 1)
             if busy[pid] + idle[pid] > 0 else 0.0 for pid in busy}}
