@@ -66,7 +66,7 @@ def main() -> None:
     for (rows, width), t in times.items():
         print(f"{rows:4d} x {width:3d} tokens: {t * 1000:7.2f} ms")
     print(f"fit: {fixed * 1000:.1f} ms + {slope * 1000:.3f} ms/token = a pass costs "
-          f"{fixed / slope:.0f} tokens' worth (the runtime assumes {planned})")
+          f"{fixed / slope:.0f} tokens' worth (the encoder measured {planned} at load)")
     texts = make_texts(4000, 0, random.Random(0))
     pairs = list(zip(texts[::2], texts[1::2], strict=True))
     pairs_per_s(encoder, pairs, args.batch, planned, 2)  # warm

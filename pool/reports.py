@@ -34,6 +34,8 @@ class ReadyInfo:
     warm_up_seconds: float = 0.0
     max_length: int = 0
     gpu_memory_bytes: int = 0
+    # What the pass planner weighs against padding (pool.runtime; measured at load on CPU).
+    pass_overhead_tokens: int = 0
 
     def encode(self) -> bytes:
         return orjson.dumps(asdict(self))

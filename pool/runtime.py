@@ -32,10 +32,22 @@ CHUNK_TEXTS = {"cpu": 128, "cuda": 1024}
 # attention and pooling, so embeddings do not change.
 CUDA_WIDTH_MULTIPLE = 8
 # The fixed cost of one forward pass (Python, dispatch, kernel launches), in the time it takes
-# to compute this many tokens. CPU: MiniLM at one thread, 40-80 tokens' worth, and 24-96 all
-# plan as well (benchmarks/forward_cost.py). CUDA: launches dominate small batches, so
+# to compute this many tokens: what the pass planner weighs against padding. It is the
+# model's own, so a CPU encoder measures it at load (Encoder.measure_overhead_tokens): MiniLM
+# at one thread ~25 (fp32) to ~110 (bf16) tokens' worth, a 2-layer BERT ~300, whose passes
+# are all overhead (benchmarks/forward_cost.py). CUDA: launches dominate small batches, so
 # padding is nearly free (assumed; not measured yet).
 FORWARD_OVERHEAD_TOKENS = {"cpu": 48, "cuda": 1024}
+# The measurement: the best of a few passes of one row and of OVERHEAD_ROWS rows, each
+# OVERHEAD_WIDTH tokens wide (short sentences, the case where the plan matters), clamped:
+# a machine's noise must not make every text its own pass, nor a batch one padded pass.
+# Passes are repeated up to OVERHEAD_REPEATS times within OVERHEAD_BUDGET_S a shape (at least
+# twice): ~10 ms of load for a 2-layer BERT, ~0.3 s for MiniLM in fp32.
+OVERHEAD_WIDTH = 16
+OVERHEAD_ROWS = 16
+OVERHEAD_REPEATS = 9
+OVERHEAD_BUDGET_S = 0.1
+OVERHEAD_TOKENS_RANGE = (16, 1024)
 
 
 # CPU passes at most this many tokens wide run a graph traced with the plain ("eager")
@@ -134,9 +146,7 @@ class Encoder:
         self.token_ids = token_id_encoder(self.tokenizer, self.max_length)
         self.chunk_texts = chunk_texts or CHUNK_TEXTS.get(self.device.type, CHUNK_TEXTS["cpu"])
         self.width_multiple = CUDA_WIDTH_MULTIPLE if self.device.type == "cuda" else 1
-        if overhead_tokens is None:
-            overhead_tokens = FORWARD_OVERHEAD_TOKENS.get(self.device.type, 0)
-        self.overhead_tokens = overhead_tokens
+        self.overhead_tokens = FORWARD_OVERHEAD_TOKENS.get(self.device.type, 0)
         self.dim = int(self.model.config.hidden_size)
         self.graph = "eager"
         self.graph_note = ""  # why auto stayed eager
@@ -164,6 +174,10 @@ class Encoder:
                     self._traced, self._traced_short = built
                 else:
                     self._graphs = built
+        if overhead_tokens is not None:
+            self.overhead_tokens = overhead_tokens
+        elif self.device.type == "cpu":
+            self.overhead_tokens = self.measure_overhead_tokens()
 
     def _trace(self) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
         """The graph for wide passes (the model's own attention) and the one for passes up
@@ -221,6 +235,30 @@ class Encoder:
         hidden = self.model(input_ids=input_ids,
                             attention_mask=mask.bool()[:, None, None, :]).last_hidden_state
         return sentence_vectors(hidden, mask)
+
+    def measure_overhead_tokens(self) -> int:
+        """This model's fixed cost of a pass on this machine, in tokens' worth of its
+        compute: the best pass of one row and of OVERHEAD_ROWS rows (after an untimed one,
+        which may profile a graph)."""
+        golden = self.token_ids([GOLDEN_PAIRS[0][0]])[0]
+        inner = golden[1:-1] or golden
+        row = [golden[0], *itertools.islice(itertools.cycle(inner), OVERHEAD_WIDTH - 2),
+               golden[-1]]
+
+        def best_seconds(rows: int) -> float:
+            ids = [row] * rows
+            with torch.inference_mode():
+                self._forward(ids)
+                times: list[float] = []
+                while len(times) < 2 or (len(times) < OVERHEAD_REPEATS
+                                         and sum(times) < OVERHEAD_BUDGET_S):
+                    start = time.perf_counter()
+                    self._forward(ids)
+                    times.append(time.perf_counter() - start)
+            return min(times)
+
+        return fixed_cost_tokens(best_seconds(1), best_seconds(OVERHEAD_ROWS),
+                               OVERHEAD_ROWS, OVERHEAD_WIDTH)
 
     def _batch(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         """Token ids padded to the longest (on CUDA, up to the next multiple of
@@ -319,6 +357,18 @@ def padded(ids: Sequence[Sequence[int]], pad: int, width_multiple: int = 1,
     matrix[mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
                                count=int(lengths.sum()))
     return matrix, mask.astype(np.int64)
+
+
+def fixed_cost_tokens(one_row_s: float, rows_s: float, rows: int, width: int) -> int:
+    """A pass's fixed cost in tokens' worth, from the time of a pass of one row and of `rows`
+    rows, all `width` tokens wide (a straight line through the two), in
+    OVERHEAD_TOKENS_RANGE; its top where noise made the bigger pass no dearer."""
+    low, high = OVERHEAD_TOKENS_RANGE
+    per_token = (rows_s - one_row_s) / ((rows - 1) * width)
+    if per_token <= 0:
+        return high
+    fixed = one_row_s - width * per_token
+    return min(max(round(fixed / per_token), low), high)
 
 
 def plan_chunks(

@@ -174,6 +174,9 @@ class WorkerLoop:
         self.sock.send_multipart([protocol.W_READY, info.encode()])
         log.info("ready: version %s on %s (%s, %s) in %.2fs", self.cfg.version, info.device,
                  info.dtype, info.graph, info.load_seconds)
+        if info.pass_overhead_tokens:
+            log.info("pass planning: a forward pass costs %d tokens' worth besides its own",
+                     info.pass_overhead_tokens)
         if info.graph_note:
             log.warning("forward passes run eager: the model could not be traced (%s)",
                         info.graph_note)
@@ -236,6 +239,7 @@ class WorkerLoop:
             graph=self.encoder.graph, graph_note=self.encoder.graph_note,
             dim=self.encoder.dim,
             max_length=self.encoder.max_length,
+            pass_overhead_tokens=self.encoder.overhead_tokens,
             gpu_memory_bytes=(torch.cuda.memory_reserved() if device.startswith("cuda") else 0),
         )
 

@@ -16,10 +16,14 @@ from pool.cudagraphs import ROW_BUCKETS, WIDTH_BUCKETS, bucket, buckets_up_to
 from pool.health import TOLERANCE_HALF
 from pool.runtime import (
     GRAPH_TOLERANCE,
+    OVERHEAD_ROWS,
+    OVERHEAD_TOKENS_RANGE,
+    OVERHEAD_WIDTH,
     SHORT_PASS_TOKENS,
     Encoder,
     GraphCheckFailed,
     cpu_flags,
+    fixed_cost_tokens,
     padded,
     plan_chunks,
     resolve_dtype,
@@ -228,6 +232,39 @@ def test_chunk_plan_trades_padding_against_passes() -> None:
     lengths = [6] * 40 + [18] * 40
     assert plan_chunks(lengths, overhead_tokens=48, max_rows=128) == [(0, 40), (40, 80)]
     assert plan_chunks(lengths, overhead_tokens=1024, max_rows=128) == [(0, 80)]
+
+
+def test_a_passs_fixed_cost_is_read_off_a_line_through_two_pass_sizes() -> None:
+    # 1 ms fixed + 10 us a token: a 1x16 pass 1.16 ms, a 16x16 pass 3.56 ms.
+    assert fixed_cost_tokens(1.16e-3, 3.56e-3, 16, 16) == 100
+    low, high = OVERHEAD_TOKENS_RANGE
+    assert fixed_cost_tokens(1.0e-3, 1.0e-3, 16, 16) == high  # noise: no cost per token seen
+    assert fixed_cost_tokens(1.0e-3, 0.9e-3, 16, 16) == high
+    assert fixed_cost_tokens(1e-3, 1.0, 16, 16) == low  # all compute, no fixed cost
+    assert fixed_cost_tokens(10.0, 10.001, 16, 16) == high  # all fixed cost
+
+
+def test_a_cpu_encoder_measures_its_passes_fixed_cost_unless_told(
+        models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measurement, on a clock that a pass moves by 2 ms plus 8 us a token: 250 tokens'
+    worth, whatever the machine is doing. Told a cost, an encoder measures nothing."""
+    told = Encoder(str(models["v1"]), dtype="float32", overhead_tokens=7)
+    assert told.overhead_tokens == 7
+    measured = Encoder(str(models["v1"]), dtype="float32")
+    low, high = OVERHEAD_TOKENS_RANGE
+    assert low <= measured.overhead_tokens <= high
+    now = [0.0]
+    shapes: set[tuple[int, int]] = set()
+
+    def timed_pass(ids: list[list[int]]) -> torch.Tensor:
+        shapes.add((len(ids), len(ids[0])))
+        now[0] += 2e-3 + 8e-6 * len(ids) * len(ids[0])
+        return torch.zeros((len(ids), measured.dim))
+
+    monkeypatch.setattr(measured, "_forward", timed_pass)
+    monkeypatch.setattr("pool.runtime.time.perf_counter", lambda: now[0])
+    assert measured.measure_overhead_tokens() == 250
+    assert shapes == {(1, OVERHEAD_WIDTH), (OVERHEAD_ROWS, OVERHEAD_WIDTH)}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "auto"])
