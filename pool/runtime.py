@@ -33,21 +33,24 @@ CHUNK_TEXTS = {"cpu": 128, "cuda": 1024}
 CUDA_WIDTH_MULTIPLE = 8
 # The fixed cost of one forward pass (Python, dispatch, kernel launches), in the time it takes
 # to compute this many tokens: what the pass planner weighs against padding. It is the
-# model's own, so a CPU encoder measures it at load (Encoder.measure_overhead_tokens): MiniLM
-# at one thread ~25 (fp32) to ~110 (bf16) tokens' worth, a 2-layer BERT ~300, whose passes
-# are all overhead (benchmarks/forward_cost.py). CUDA: launches dominate small batches, so
-# padding is nearly free (assumed; not measured yet).
+# model's own, so a CPU encoder measures it at load (Encoder.measure_overhead_tokens): a
+# 2-layer BERT, whose passes are mostly overhead, ~160-280 tokens' worth; MiniLM at one
+# thread 25-45 (fp32) and 27-110 (bf16) (benchmarks/forward_cost.py). CUDA: launches dominate
+# small batches, so padding is nearly free (assumed; not measured yet).
 FORWARD_OVERHEAD_TOKENS = {"cpu": 48, "cuda": 1024}
 # The measurement: the best of a few passes of one row and of OVERHEAD_ROWS rows, each
-# OVERHEAD_WIDTH tokens wide (short sentences, the case where the plan matters), clamped:
-# a machine's noise must not make every text its own pass, nor a batch one padded pass.
-# Passes are repeated up to OVERHEAD_REPEATS times within OVERHEAD_BUDGET_S a shape (at least
-# twice): ~10 ms of load for a 2-layer BERT, ~0.3 s for MiniLM in fp32.
+# OVERHEAD_WIDTH tokens wide (short sentences, the case where the plan matters). Passes are
+# repeated up to OVERHEAD_REPEATS times within OVERHEAD_BUDGET_S a shape (at least twice):
+# ~15 ms of load for a 2-layer BERT, ~0.25 s for MiniLM in fp32. The result is clamped to
+# OVERHEAD_TOKENS_RANGE: no lower than the constant CPU passes were planned with before,
+# since MiniLM planned as well at anything from 24 to 96 and a load beside busy workers
+# measures low (a preempted bigger pass looks dearer per token); no higher than one padded
+# pass for every batch of short texts.
 OVERHEAD_WIDTH = 16
 OVERHEAD_ROWS = 16
 OVERHEAD_REPEATS = 9
 OVERHEAD_BUDGET_S = 0.1
-OVERHEAD_TOKENS_RANGE = (16, 1024)
+OVERHEAD_TOKENS_RANGE = (FORWARD_OVERHEAD_TOKENS["cpu"], 1024)
 
 
 # CPU passes at most this many tokens wide run a graph traced with the plain ("eager")
