@@ -149,7 +149,6 @@ class Encoder:
         self.token_ids = token_id_encoder(self.tokenizer, self.max_length)
         self.chunk_texts = chunk_texts or CHUNK_TEXTS.get(self.device.type, CHUNK_TEXTS["cpu"])
         self.width_multiple = CUDA_WIDTH_MULTIPLE if self.device.type == "cuda" else 1
-        self.overhead_tokens = FORWARD_OVERHEAD_TOKENS.get(self.device.type, 0)
         self.dim = int(self.model.config.hidden_size)
         self.graph = "eager"
         self.graph_note = ""  # why auto stayed eager
@@ -177,10 +176,10 @@ class Encoder:
                     self._traced, self._traced_short = built
                 else:
                     self._graphs = built
-        if overhead_tokens is not None:
-            self.overhead_tokens = overhead_tokens
-        elif self.device.type == "cpu":
-            self.overhead_tokens = self.measure_overhead_tokens()
+        if overhead_tokens is None:
+            overhead_tokens = (self.measure_overhead_tokens() if self.device.type == "cpu"
+                               else FORWARD_OVERHEAD_TOKENS.get(self.device.type, 0))
+        self.overhead_tokens = overhead_tokens
 
     def _trace(self) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
         """The graph for wide passes (the model's own attention) and the one for passes up
@@ -261,7 +260,7 @@ class Encoder:
             return min(times)
 
         return fixed_cost_tokens(best_seconds(1), best_seconds(OVERHEAD_ROWS),
-                               OVERHEAD_ROWS, OVERHEAD_WIDTH)
+                                 OVERHEAD_ROWS, OVERHEAD_WIDTH)
 
     def _batch(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         """Token ids padded to the longest (on CUDA, up to the next multiple of
