@@ -41,12 +41,11 @@ FORWARD_OVERHEAD_TOKENS = {"cpu": 48, "cuda": 1024}
 # The measurement: the best of a few passes of one row and of OVERHEAD_ROWS rows, each
 # OVERHEAD_WIDTH tokens wide (short sentences, the case where the plan matters). Passes are
 # repeated up to OVERHEAD_REPEATS times within OVERHEAD_BUDGET_S a shape (at least twice):
-# ~15 ms of load for a 2-layer BERT, 0.25 s for MiniLM and 0.5 s (of 8) for multilingual-e5-small
-# in fp32. The result is clamped to
-# OVERHEAD_TOKENS_RANGE: no lower than the constant CPU passes were planned with before,
-# since MiniLM planned as well at anything from 24 to 96 and a load beside busy workers
-# measures low (a preempted bigger pass looks dearer per token); no higher than one padded
-# pass for every batch of short texts.
+# ~15 ms of load for a 2-layer BERT, 0.25 s for MiniLM, 0.5 s (of 8) for multilingual-e5-small
+# in fp32. The result is clamped to OVERHEAD_TOKENS_RANGE: no lower than the constant CPU
+# passes were planned with before, since MiniLM planned as well at anything from 24 to 96 and
+# a load beside busy workers measures low (a preempted bigger pass looks dearer per token); no
+# higher than one padded pass for every batch of short texts.
 OVERHEAD_WIDTH = 16
 OVERHEAD_ROWS = 16
 OVERHEAD_REPEATS = 9
