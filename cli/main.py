@@ -526,7 +526,7 @@ def demo(
     plot: Annotated[Path, typer.Option(help="Where to save the plot.")] = Path("demo.png"),
     as_json: JsonOpt = False,
 ) -> None:
-    """The whole story: a pool on English MiniLM (v1), 25 s of load with a rotation to the
+    """The whole story: a pool on English MiniLM (v1), 40 s of load with a rotation to the
     multilingual model (v2) and no failed request, the sample pairs as each version scored
     them, the report and a plot, a clean stop."""
     from cli.demo import run_demo
