@@ -51,7 +51,7 @@ class PoolHandle(Protocol):
 
     def quality_gate(self, version: str) -> QualityGate | None:
         """The gate a rotation to `version` passes first: its own eval set, else the pool's
-        (`--eval`); None: no gate. ValueError if the set does not parse or is too big."""
+        (`--eval`); None: no gate. ValueError if the set does not parse."""
 
 
 MAX_LEASE_S = 3600.0

@@ -15,7 +15,7 @@ and hands the answers here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,9 +29,15 @@ from pool.quality import (
     read_pairs,
     spearman,
 )
+from router.bodies import DEFAULT_MAX_PAIRS
 
 DEFAULT_MIN_SPEARMAN = 0.5
 DEFAULT_MAX_SPEARMAN_DROP = 0.05
+# A serving version scores the set a few pairs at a time, one request answered before the
+# next goes: each of its worker's passes then carries at most this much of the set besides
+# its traffic. The whole set in one request stalled every request queued behind it for one
+# long pass (219 pairs through MiniLM on 2 busy cores: 1.2-1.4 s; docs/benchmarks.md).
+ACTIVE_CHUNK_PAIRS = 16
 # Sets shipped with zeropool, by name (an --eval FILE may name one instead of a path).
 PACKAGED_SETS = {"builtin:zh-pairs": DEFAULT_PAIRS_RESOURCE}
 FIGURE_DIGITS = 4
@@ -49,10 +55,14 @@ class QualityGate:
     pairs: tuple[LabelledPair, ...]
     min_spearman: float = DEFAULT_MIN_SPEARMAN
     max_drop: float = DEFAULT_MAX_SPEARMAN_DROP
+    max_request_pairs: int = DEFAULT_MAX_PAIRS  # the pool's --max-pairs: no probe is larger
 
-    def probe_body(self) -> bytes:
-        """The similarity request that scores the whole set in one pass."""
-        return orjson.dumps({"pairs": [[p.text_a, p.text_b] for p in self.pairs]})
+    def probes(self, chunk_pairs: int) -> list[tuple[int, bytes]]:
+        """The set as similarity requests of at most `chunk_pairs` pairs (and of at most
+        max_request_pairs), in order: (pairs, body) each."""
+        size = max(1, min(chunk_pairs, self.max_request_pairs))
+        return [(len(part), orjson.dumps({"pairs": [[p.text_a, p.text_b] for p in part]}))
+                for part in (self.pairs[at:at + size] for at in range(0, len(self.pairs), size))]
 
     def judge(self, new_scores: list[float], active_scores: list[float] | None,
               ) -> GateResult:
@@ -98,6 +108,35 @@ class GateResult:
                 "active_spearman": self.active_spearman, "min_spearman": self.min_spearman,
                 "max_spearman_drop": self.max_drop, "passed": self.passed,
                 "reason": self.reason}
+
+
+@dataclass(slots=True)
+class GateRun:
+    """One version's scoring of the set: its probes, sent to one worker one at a time (the
+    next when the last is answered), the scores so far, or why it stopped."""
+
+    worker: bytes
+    probes: list[tuple[int, bytes]]  # (pairs, body), in the set's order
+    progressed_at: float  # the clock when it last sent a probe: what "overdue" counts from
+    scores: list[float] = field(default_factory=list)
+    answered: int = 0  # probes answered
+    failure: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.failure is not None or self.answered == len(self.probes)
+
+    def next_probe(self) -> bytes:
+        return self.probes[self.answered][1]
+
+    def take_answer(self, status: bytes, body: bytes) -> None:
+        """The answer to the probe in flight: its scores, or the run stops with why."""
+        try:
+            self.scores += scores_of(status, body, self.probes[self.answered][0])
+        except ValueError as exc:
+            self.failure = str(exc)
+            return
+        self.answered += 1
 
 
 def read_eval_set(spec: str) -> tuple[LabelledPair, ...]:

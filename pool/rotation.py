@@ -38,7 +38,7 @@ from typing import Any
 import psutil
 
 from pool import config
-from pool.gate import GateResult, QualityGate, scores_of
+from pool.gate import ACTIVE_CHUNK_PAIRS, GateResult, GateRun, QualityGate
 from pool.health import Expectation
 from pool.judge import BakeLimits, Traffic, Verdict, judge
 from pool.registry import Registry
@@ -52,7 +52,9 @@ log = logging.getLogger("zeropool.rotation")
 
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 QUALITY_PROBE = "quality"  # the purpose of the gate's probes (router.broker.ProbeAnswered)
-QUALITY_TIMEOUT_S = 120.0  # a thousand pairs through a 12-layer model on a busy CPU, with room
+# A gate probe unanswered this long ends the gate (a thousand pairs through a 12-layer model
+# on a busy CPU, with room); a set of many probes may take longer as a whole.
+QUALITY_TIMEOUT_S = 120.0
 NEW, ACTIVE = "new", "active"  # whose answer a gate probe brings
 MEMORY_HEADROOM = 1.2  # surge only if free memory exceeds 1.2x a second set of workers
 BAKE_BASELINE_S = 60.0  # a bake compares with the old version's last minute before the switch
@@ -108,8 +110,7 @@ class Rotation:
     gate: QualityGate | None = None
     quality: GateResult | None = None  # the gate's verdict, once judged
     gate_sent_at: float | None = None
-    gate_probes: dict[bytes, str] = field(default_factory=dict)  # worker -> NEW / ACTIVE
-    gate_answers: dict[str, list[float] | str] = field(default_factory=dict)  # scores or why
+    gate_runs: dict[str, GateRun] = field(default_factory=dict)  # NEW / ACTIVE -> its scoring
     bake_s: float | None = None  # keep the old version loaded this long after the switch
     bake_limits: BakeLimits = field(default_factory=BakeLimits)
     bake_baseline: Traffic | None = None  # the old version's replies before the switch
@@ -149,6 +150,17 @@ class Rotation:
         return {"seconds": self.bake_s, "max_error_rate": self.bake_limits.max_error_rate,
                 "max_p99_ratio": self.bake_limits.max_p99_ratio,
                 "verdict": None if self.bake_verdict is None else self.bake_verdict.as_dict()}
+
+
+def unscored_why(run: GateRun | None) -> str | None:
+    """Why a version has no scores for the whole gate set (None: it has them)."""
+    if run is None:
+        return "none of its workers was ready"
+    if run.failure is not None:
+        return run.failure
+    if not run.done:
+        return f"a probe unanswered in {QUALITY_TIMEOUT_S:.0f}s"
+    return None
 
 
 class RotationController:
@@ -327,39 +339,51 @@ class RotationController:
         rot = self.current
         if rot is None or not isinstance(event, ProbeAnswered):
             return
-        role = rot.gate_probes.get(event.worker)
-        if role is None or role in rot.gate_answers or rot.gate is None:
+        run = next((run for run in rot.gate_runs.values()
+                    if run.worker == event.worker and not run.done), None)
+        if run is None:
             return
-        try:
-            rot.gate_answers[role] = scores_of(event.status, event.body, len(rot.gate.pairs))
-        except ValueError as exc:
-            rot.gate_answers[role] = str(exc)
+        run.take_answer(event.status, event.body)
+        if not run.done:
+            self._send_gate_probe(run)
 
     def _run_gate(self, rot: Rotation, gate: QualityGate, now: float) -> GateResult | None:
-        """The gate's verdict once its probes are answered or overdue; None meanwhile."""
+        """The gate's verdict once its probes are answered or one is overdue; None meanwhile."""
         if rot.gate_sent_at is None:
-            self._send_gate_probes(rot, gate)
+            self._start_gate_runs(rot, gate)
             rot.gate_sent_at = now
             return None
-        waiting = set(rot.gate_probes.values()) - set(rot.gate_answers)
-        if waiting and now - rot.gate_sent_at < QUALITY_TIMEOUT_S:
+        runs = rot.gate_runs.values()
+        if any(not run.done and now - run.progressed_at < QUALITY_TIMEOUT_S for run in runs):
             return None
-        new = rot.gate_answers.get(NEW, f"unanswered in {QUALITY_TIMEOUT_S:.0f}s")
-        if isinstance(new, str):
-            return gate.unscored(f"the new version could not score {gate.source}: {new}")
-        active = rot.gate_answers.get(ACTIVE)
-        if isinstance(active, str):
+        new, active = rot.gate_runs.get(NEW), rot.gate_runs.get(ACTIVE)
+        why = unscored_why(new)
+        if new is None or why is not None:
+            return gate.unscored(f"the new version could not score {gate.source}: {why}")
+        why = unscored_why(active) if active is not None else None
+        if why is not None:
             log.warning("rotation %d: the active version could not score %s (%s); the gate "
-                        "judges by the floor alone", rot.id, gate.source, active)
-        return gate.judge(new, active if isinstance(active, list) else None)
+                        "judges by the floor alone", rot.id, gate.source, why)
+        scored = active is not None and why is None
+        return gate.judge(new.scores, active.scores if scored else None)
 
-    def _send_gate_probes(self, rot: Rotation, gate: QualityGate) -> None:
-        body = gate.probe_body()
-        for role, version in ((NEW, rot.target), (ACTIVE, rot.source)):
+    def _start_gate_runs(self, rot: Rotation, gate: QualityGate) -> None:
+        """One new worker scores the set in probes as large as the pool takes (it serves no
+        traffic yet); one of the active version's, serving, a few pairs at a time."""
+        for role, version, chunk in ((NEW, rot.target, gate.max_request_pairs),
+                                     (ACTIVE, rot.source, ACTIVE_CHUNK_PAIRS)):
             worker = self.supervisor.any_ready(version) if version else None
             if worker is not None:
-                rot.gate_probes[worker.id] = role
-                self.broker.probe(worker.id, QUALITY_PROBE, protocol.OP_SIMILARITY, body)
+                run = GateRun(worker.id, gate.probes(chunk), self.clock())
+                rot.gate_runs[role] = run
+                self._send_gate_probe(run)
+
+    def _send_gate_probe(self, run: GateRun) -> None:
+        run.progressed_at = self.clock()
+        if run.worker not in self.broker.workers:  # lost between two probes
+            run.failure = "its worker is gone"
+            return
+        self.broker.probe(run.worker, QUALITY_PROBE, protocol.OP_SIMILARITY, run.next_probe())
 
     def _record_gate(self, rot: Rotation, result: GateResult) -> None:
         log.info("rotation %d: quality gate %s: Spearman %s (active %s) on %s", rot.id,

@@ -231,13 +231,8 @@ class PoolServer:
         spec = entry.get("eval") or self.settings.eval_pairs
         if not spec:
             return None
-        pairs = read_eval_set(spec)
-        if len(pairs) > self.settings.max_pairs:
-            raise ValueError(f"the eval set {spec} has {len(pairs)} pairs: at most "
-                             f"--max-pairs {self.settings.max_pairs} (it is scored as one "
-                             "request)")
-        return QualityGate(spec, pairs, self.settings.min_spearman,
-                           self.settings.max_spearman_drop)
+        return QualityGate(spec, read_eval_set(spec), self.settings.min_spearman,
+                           self.settings.max_spearman_drop, self.settings.max_pairs)
 
     def thresholds_in_use(self, version: str) -> VersionThresholds | None:
         plan = self.supervisor.plans.get(version)

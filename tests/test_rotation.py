@@ -347,11 +347,13 @@ def test_load_beside_then_rotate_only_switches(pool_factory, models: dict[str, P
     assert {w["version"] for w in pool.status()["workers"]} == {"v2"}
 
 
-def labelled_file(path: Path, identical_label: int, distinct_label: int) -> Path:
-    """A labelled set of the test sentences: each with itself (score 1) and with the next."""
+def labelled_file(path: Path, identical_label: int, distinct_label: int,
+                  repeats: int = 1) -> Path:
+    """A labelled set of the test sentences: each with itself (score 1) and with the next
+    (11 pairs), `repeats` times over."""
     rows = [f"{identical_label}\t{s}\t{s}" for s in SENTENCES[:4]]
     rows += [f"{distinct_label}\t{a}\t{b}" for a, b in itertools.pairwise(SENTENCES)]
-    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    path.write_text("\n".join(rows * repeats) + "\n", encoding="utf-8")
     return path
 
 
@@ -360,8 +362,9 @@ def test_the_quality_gate_rolls_back_a_version_that_scores_badly_under_load(
 ) -> None:
     # Labels upside down: the new version's Spearman on them is negative, under the floor.
     inverted = labelled_file(tmp_path / "inverted.tsv", identical_label=0, distinct_label=2)
-    fair = labelled_file(tmp_path / "fair.tsv", identical_label=2, distinct_label=0)
-    pool = pool_factory(models["v1"])
+    # 33 pairs, over --max-pairs: each version scores it in probes of 12, 12 and 9.
+    fair = labelled_file(tmp_path / "fair.tsv", identical_label=2, distinct_label=0, repeats=3)
+    pool = pool_factory(models["v1"], "--max-pairs", "12")
     load = Load(pool.endpoint, in_flight=32).start()
     code, reply = rotate(pool, "--version", "v2", "--path", str(models["v2"]),
                          "--eval", str(inverted))
@@ -377,7 +380,7 @@ def test_the_quality_gate_rolls_back_a_version_that_scores_badly_under_load(
     assert code == 0, reply
     quality = reply["rotation"]["quality"]
     assert quality["passed"] and quality["spearman"] == quality["active_spearman"] > 0.5
-    assert quality["eval"] == str(fair) and quality["pairs"] == 11
+    assert quality["eval"] == str(fair) and quality["pairs"] == 33
     assert load.lost == 0 and not load.errors()
     history = json.loads((pool.state_dir / "versions.json").read_text())["history"]
     assert [e["passed"] for e in history if e["event"] == "quality_gate"] == [False, True]

@@ -22,7 +22,7 @@ from pool.judge import BakeLimits, Traffic, judge
 from pool.processes import SpawnFailed, SpawnPending
 from pool.quality import LabelledPair
 from pool.reports import BatchStats
-from pool.rotation import Phase, Rotation, RotationError
+from pool.rotation import QUALITY_TIMEOUT_S, Phase, Rotation, RotationError
 from pool.supervisor import (
     CHECKING,
     DRAINING,
@@ -793,7 +793,7 @@ def test_a_gate_probe_the_new_version_cannot_answer_rolls_back(fake: FakePool) -
             break
     answer_gate(fake, "v1", GOOD_SCORES)
     prober = next(w for w in fake.workers_of("v2", READY)
-                  if w.name.encode() in fake.rotations.current.gate_probes)
+                  if w.name.encode() == fake.rotations.current.gate_runs["new"].worker)
     prober.exit(1)  # dies holding the probe: the broker answers it worker_failed
     rot = fake.rotations.current
     for _ in range(20):  # judged once a replacement is up: a crash on the set is a verdict
@@ -803,6 +803,91 @@ def test_a_gate_probe_the_new_version_cannot_answer_rolls_back(fake: FakePool) -
             break
     assert rot.quality is not None and rot.quality.spearman is None
     assert "the new version could not score gate.tsv: worker_failed" in (rot.reason or "")
+
+
+def a_big_gate(pairs: int, max_request_pairs: int) -> QualityGate:
+    """`pairs` labelled pairs q{i} / r{i}, labels 0, 1, 2 in turn."""
+    labelled = tuple(LabelledPair(i % 3, f"q{i}", f"r{i}", i + 1) for i in range(pairs))
+    return QualityGate("big.tsv", labelled, max_request_pairs=max_request_pairs)
+
+
+def ranked_score(pair: list[str]) -> float:
+    """A score that ranks pair i by its label, then by i."""
+    i = int(pair[0][1:])
+    return (i % 3) / 2 + i / 1000
+
+
+def score_the_big_gate(fake: FakePool, active_fault: str = "", at: int = 0,
+                       ) -> tuple[Rotation, dict[str, list[int]]]:
+    """Bring v2 up and answer every gate probe until the gate is judged (or for 60 rounds):
+    the rotation, and the size of each probe each version got, in order. The active
+    version's probe number `at` gets `active_fault`: "error" (an error reply) or "silent"
+    (none). Asserts that a version never holds two gate probes at once."""
+    rot = fake.rotations.current
+    sizes: dict[str, list[int]] = {"v1": [], "v2": []}
+    for _ in range(60):
+        fake.bring_up("v2")
+        for version in sizes:
+            for worker in fake.workers_of(version, READY):
+                held = worker.received()
+                probes = [r for r in held if r.body["pairs"][0][0].startswith("q")]
+                assert len(probes) <= 1, f"{version} holds {len(probes)} gate probes at once"
+                for request in held:
+                    if request not in probes:
+                        worker.answer(request)
+                        continue
+                    fault = active_fault if version == "v1" and len(sizes["v1"]) == at else ""
+                    sizes[version].append(len(request.body["pairs"]))
+                    if fault == "error":
+                        worker.answer(request, error=protocol.INTERNAL)
+                    elif not fault:
+                        worker.answer(request, [ranked_score(p) for p in request.body["pairs"]])
+        fake.pump()
+        fake.tick()
+        if rot.quality is not None:
+            break
+    return rot, sizes
+
+
+def test_a_gate_set_of_any_size_is_scored_one_probe_at_a_time(fake: FakePool) -> None:
+    """Over --max-pairs is no refusal: the new version gets requests as large as the pool
+    takes; the serving one 16 pairs at a time, so that no pass of its stalls its traffic."""
+    serving(fake)
+    gate = a_big_gate(40, max_request_pairs=25)
+    rotate(fake, gate=gate)
+    rot, sizes = score_the_big_gate(fake)
+    assert sizes == {"v2": [25, 15], "v1": [16, 16, 8]}
+    whole = gate.judge([ranked_score([p.text_a]) for p in gate.pairs], None)
+    assert rot.quality is not None and rot.quality.passed
+    assert rot.quality.spearman == rot.quality.active_spearman == whole.spearman
+    assert rot.quality.pairs == 40
+
+
+def test_an_active_version_that_fails_a_gate_probe_leaves_the_floor_to_judge(
+        fake: FakePool) -> None:
+    serving(fake)
+    rotate(fake, gate=a_big_gate(40, max_request_pairs=25))
+    rot, sizes = score_the_big_gate(fake, "error", at=1)
+    assert sizes["v1"] == [16, 16]  # nothing sent after the failed one
+    assert rot.quality is not None and rot.quality.passed
+    assert rot.quality.spearman is not None and rot.quality.active_spearman is None
+
+
+def test_a_gate_probe_left_unanswered_ends_the_gate_after_its_timeout(fake: FakePool) -> None:
+    serving(fake)
+    rotate(fake, gate=a_big_gate(40, max_request_pairs=25))
+    rot, sizes = score_the_big_gate(fake, "silent", at=1)
+    assert rot.quality is None and sizes == {"v2": [25, 15], "v1": [16, 16]}
+    overdue_at = rot.gate_runs["active"].progressed_at + QUALITY_TIMEOUT_S
+    while fake.clock() < overdue_at - 1:  # workers alive all along: only the probe is late
+        for worker in fake.workers_of("v1", READY) + fake.workers_of("v2", READY):
+            worker.heartbeat(BatchStats())
+        fake.pump()
+        fake.tick(min(5.0, overdue_at - 1 - fake.clock()))
+    assert rot.quality is None  # a probe's time counts from when it was sent
+    fake.tick(2)
+    assert rot.quality is not None and rot.quality.passed
+    assert rot.quality.active_spearman is None
 
 
 # -- why a rotation failed ---------------------------------------------------------------------
