@@ -770,6 +770,11 @@ def fleet_rotate(
         "the rest of the fleet.", min=0.1)] = None,
     max_parallel: MaxParallelOpt = 1,
     strategy: Annotated[str, typer.Option(help="surge | rolling | auto")] = "auto",
+    eval_set: Annotated[str | None, typer.Option(
+        "--eval", help="Every pool's quality gate: a labelled TSV each pool reads on its own "
+        "machine (a path here is made absolute where the file exists here), or "
+        "builtin:zh-pairs; a pool whose new version scores too low rolls the fleet back.",
+    )] = None,
     max_error_rate: Annotated[float, typer.Option(min=0, max=1, help="With --bake: errors "
                               "the canary may have beyond the others'.")] = DEFAULT_MAX_ERROR_RATE,
     max_p99_ratio: Annotated[float, typer.Option(min=1, help="With --bake: the canary's p99 "
@@ -785,7 +790,8 @@ def fleet_rotate(
 
     run_fleet(lambda links, progress: FleetRollout(
         links, version, path, bake_s=bake, max_parallel=max_parallel, strategy=strategy,
-        limits=BakeLimits(max_error_rate, max_p99_ratio), on_progress=progress),
+        eval_set=fleet_eval_option(eval_set), limits=BakeLimits(max_error_rate, max_p99_ratio),
+        on_progress=progress),
         fleet_links(pools, server_key, client_key, as_json), as_json)
 
 
@@ -860,6 +866,15 @@ def eval_option(spec: str | None, pool: ControlTarget) -> str | None:
     from pool.gate import PACKAGED_SETS
 
     if spec is None or spec in PACKAGED_SETS or pool.is_remote:
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def fleet_eval_option(spec: str | None) -> str | None:
+    """A fleet's --eval: a packaged set's name as it is; a file that exists here by its
+    absolute path (pools on this machine); any other path as given, for pools that have it
+    on theirs."""
+    if spec is None or not Path(spec).expanduser().is_file():
         return spec
     return str(Path(spec).expanduser().resolve())
 

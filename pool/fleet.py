@@ -129,7 +129,8 @@ class FleetRollout:
     def __init__(self, pools: Sequence[PoolLink], target: str, path: str | None, *,
                  bake_s: float | None = None, max_parallel: int = 1,
                  limits: BakeLimits | None = None, strategy: str = "auto",
-                 owner: str | None = None, clock: Callable[[], float] = time.monotonic,
+                 eval_set: str | None = None, owner: str | None = None,
+                 clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
                  on_progress: Callable[[FleetReport], None] | None = None) -> None:
         if not pools:
@@ -144,6 +145,7 @@ class FleetRollout:
         self.bake_s, self.max_parallel = bake_s, max_parallel
         self.limits = limits or BakeLimits()
         self.strategy = strategy
+        self.eval_set = eval_set  # every pool's rotation passes this quality gate first
         self.owner = owner or f"fleet-{uuid.uuid4().hex[:8]}"
         self.clock, self.sleep = clock, sleep
         self.on_progress = on_progress
@@ -198,6 +200,8 @@ class FleetRollout:
                                     "lease": self.owner}
             if self.path:
                 args["path"] = self.path
+            if self.eval_set:
+                args["eval"] = self.eval_set
             if canary and self.bake_s:
                 args |= {"bake": self.bake_s, "max_error_rate": self.limits.max_error_rate,
                          "max_p99_ratio": self.limits.max_p99_ratio}

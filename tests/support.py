@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import os
 import shutil
 import signal
@@ -239,3 +240,13 @@ class Load(ThreadLoad):
         # A request answered twice breaks the protocol's promise whatever the test checks.
         assert not self.repeats, f"{len(self.repeats)} replies to requests already answered"
         return self
+
+
+def labelled_file(path: Path, identical_label: int, distinct_label: int,
+                  repeats: int = 1) -> Path:
+    """A labelled set of the test sentences: each with itself (score 1) and with the next
+    (11 pairs), `repeats` times over."""
+    rows = [f"{identical_label}\t{s}\t{s}" for s in SENTENCES[:4]]
+    rows += [f"{distinct_label}\t{a}\t{b}" for a, b in itertools.pairwise(SENTENCES)]
+    path.write_text("\n".join(rows * repeats) + "\n", encoding="utf-8")
+    return path

@@ -53,6 +53,7 @@ class SimPool:
         self.ok = self.errors = 0
         self.t = 0.0
         self.rotations: list[str] = []  # targets asked for, in order
+        self.evals: list[str | None] = []  # the quality gate each rotation was asked with
         self.started_at: list[float] = []
         self.at_switch = (0, 0)  # (ok, errors) when its rotation switched
 
@@ -95,10 +96,11 @@ class SimPool:
         return {"lease": None}
 
     def _rotate(self, version: str, lease: str | None = None, bake: float | None = None,
-                **_: Any) -> dict[str, Any]:
+                **extra: Any) -> dict[str, Any]:
         if self.rotation and self.rotation["outcome"] is None:
             raise ControlError("a rotation is running")
         self.rotations.append(version)
+        self.evals.append(extra.get("eval"))
         self.started_at.append(self.clock.now)
         self.rotation = {"id": len(self.rotations), "source": self.active, "target": version,
                          "phase": "loading", "outcome": None, "reason": None,
@@ -172,6 +174,13 @@ def test_a_fleet_rotates_a_canary_first_then_one_pool_at_a_time() -> None:
     assert report.traffic and report.traffic[-1].versions == {"a": "v2", "b": "v2", "c": "v2"}
     assert all(point.errors == 0 for point in report.traffic)
     assert all(p.lease is None for p in pools), "leases are released"
+
+
+def test_every_pools_rotation_passes_the_fleets_quality_gate() -> None:
+    pools = [SimPool("a"), SimPool("b"), SimPool("c")]
+    fleet, _ = rollout(pools, bake_s=5.0, eval_set="builtin:zh-pairs")
+    assert fleet.run().outcome == "done"
+    assert [p.evals for p in pools] == [["builtin:zh-pairs"]] * 3
 
 
 def test_max_parallel_rotates_the_rest_together() -> None:

@@ -19,6 +19,7 @@ from tests.support import (
     RunningPool,
     cli_in_background,
     free_port,
+    labelled_file,
     run_cli,
     short_tmpdir,
     wait_for,
@@ -99,6 +100,22 @@ def test_a_version_failing_its_check_on_the_second_pool_leaves_the_fleet_on_v1(
     assert [pool.status()["active"] for pool in pools] == ["v1", "v1", "v1"]
     for load in loads:
         assert load.errors() == [] and load.lost == 0
+
+
+def test_a_canary_below_the_fleets_quality_gate_rolls_back_and_stops_the_rollout(
+    pool_factory, models: dict[str, Path], tmp_path: Path
+) -> None:
+    # Labels upside down: v2's Spearman on them is negative, under the floor.
+    inverted = labelled_file(tmp_path / "inverted.tsv", identical_label=0, distinct_label=2)
+    pools = [pool_factory(models["v1"], workers=1) for _ in range(2)]
+    code, reply = fleet(pools, "rotate", "--version", "v2", "--path", str(models["v2"]),
+                        "--eval", str(inverted))
+    assert code == 1, reply
+    report = reply["report"]
+    assert report["outcome"] == "rolled_back"
+    assert "quality gate: Spearman" in report["reason"] and "below the floor" in report["reason"]
+    assert [p["phase"] for p in report["pools"]] == ["rolled_back", "waiting"]
+    assert [pool.status()["active"] for pool in pools] == ["v1", "v1"]
 
 
 def test_a_second_fleet_rotation_or_a_plain_rotate_is_refused_while_one_runs(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from tests.support import (
     Load,
     Reference,
     RunningPool,
+    labelled_file,
     make_tiny_bert,
     run_cli,
 )
@@ -345,16 +345,6 @@ def test_load_beside_then_rotate_only_switches(pool_factory, models: dict[str, P
     assert rot["timings"]["loading"] < 1.0 and rot["timings"]["health_check"] < 1.0
     assert load.errors() == [] and load.lost == 0
     assert {w["version"] for w in pool.status()["workers"]} == {"v2"}
-
-
-def labelled_file(path: Path, identical_label: int, distinct_label: int,
-                  repeats: int = 1) -> Path:
-    """A labelled set of the test sentences: each with itself (score 1) and with the next
-    (11 pairs), `repeats` times over."""
-    rows = [f"{identical_label}\t{s}\t{s}" for s in SENTENCES[:4]]
-    rows += [f"{distinct_label}\t{a}\t{b}" for a, b in itertools.pairwise(SENTENCES)]
-    path.write_text("\n".join(rows * repeats) + "\n", encoding="utf-8")
-    return path
 
 
 def test_the_quality_gate_rolls_back_a_version_that_scores_badly_under_load(
