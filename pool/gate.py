@@ -14,6 +14,7 @@ and hands the answers here.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,13 +65,21 @@ class QualityGate:
         return [(len(part), orjson.dumps({"pairs": [[p.text_a, p.text_b] for p in part]}))
                 for part in (self.pairs[at:at + size] for at in range(0, len(self.pairs), size))]
 
+    @property
+    def digest(self) -> str:
+        """What the set holds (labels and texts), in 16 hex digits: a file edited since is
+        another set."""
+        text = "\n".join(f"{p.label}\t{p.text_a}\t{p.text_b}" for p in self.pairs)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def judge(self, new_scores: list[float], active_scores: list[float] | None,
-              ) -> GateResult:
+              active_spearman: float | None = None) -> GateResult:
         """Pass or fail, with the figures: the new version's Spearman, and the active
-        version's on the same pairs where it answered."""
+        version's on the same pairs, from its scores where it answered, else as known from
+        an earlier gate (`active_spearman`)."""
         labels = [p.label for p in self.pairs]
         new = spearman(np.round(new_scores, RANK_DECIMALS), labels)
-        active = None if active_scores is None else \
+        active = active_spearman if active_scores is None else \
             spearman(np.round(active_scores, RANK_DECIMALS), labels)
         reason = None
         if not passes_spearman_gate(new, self.min_spearman):

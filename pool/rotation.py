@@ -111,6 +111,8 @@ class Rotation:
     quality: GateResult | None = None  # the gate's verdict, once judged
     gate_sent_at: float | None = None
     gate_runs: dict[str, GateRun] = field(default_factory=dict)  # NEW / ACTIVE -> its scoring
+    # The active version's Spearman on the set, from the gate it passed itself (no ACTIVE run)
+    gate_active_known: float | None = None
     bake_s: float | None = None  # keep the old version loaded this long after the switch
     bake_limits: BakeLimits = field(default_factory=BakeLimits)
     bake_baseline: Traffic | None = None  # the old version's replies before the switch
@@ -365,18 +367,36 @@ class RotationController:
             log.warning("rotation %d: the active version could not score %s (%s); the gate "
                         "judges by the floor alone", rot.id, gate.source, why)
         scored = active is not None and why is None
-        return gate.judge(new.scores, active.scores if scored else None)
+        return gate.judge(new.scores, active.scores if scored else None, rot.gate_active_known)
 
     def _start_gate_runs(self, rot: Rotation, gate: QualityGate) -> None:
         """One new worker scores the set in probes as large as the pool takes (it serves no
-        traffic yet); one of the active version's, serving, a few pairs at a time."""
+        traffic yet); one of the active version's, serving, a few pairs at a time, unless
+        that version scored the same set from the same model when it passed its own gate."""
+        rot.gate_active_known = self._scored_before(rot.source, gate) if rot.source else None
+        if rot.gate_active_known is not None:
+            log.info("rotation %d: %s scored %s on %s when it was rotated to: not scored "
+                     "again", rot.id, rot.source, rot.gate_active_known, gate.source)
         for role, version, chunk in ((NEW, rot.target, gate.max_request_pairs),
                                      (ACTIVE, rot.source, ACTIVE_CHUNK_PAIRS)):
+            if role == ACTIVE and rot.gate_active_known is not None:
+                continue
             worker = self.supervisor.any_ready(version) if version else None
             if worker is not None:
                 run = GateRun(worker.id, gate.probes(chunk), self.clock())
                 rot.gate_runs[role] = run
                 self._send_gate_probe(run)
+
+    def _scored_before(self, version: str, gate: QualityGate) -> float | None:
+        """`version`'s Spearman on this very set, from the registry's history of gates,
+        where it was measured on the model the version runs now."""
+        plan = self.supervisor.plans.get(version)
+        for event in reversed(self.registry.data["history"]):
+            if event["event"] == "quality_gate" and event.get("target") == version \
+                    and event.get("set_digest") == gate.digest \
+                    and plan is not None and event.get("path") == plan.path:
+                return event.get("spearman")
+        return None
 
     def _send_gate_probe(self, run: GateRun) -> None:
         run.progressed_at = self.clock()
@@ -389,7 +409,8 @@ class RotationController:
         log.info("rotation %d: quality gate %s: Spearman %s (active %s) on %s", rot.id,
                  "passed" if result.passed else "failed", result.spearman,
                  result.active_spearman, result.source)
-        self.registry.log("quality_gate", rotation=rot.id, target=rot.target, **result.as_dict())
+        self.registry.log("quality_gate", rotation=rot.id, target=rot.target, path=rot.path,
+                          set_digest=rot.gate.digest if rot.gate else None, **result.as_dict())
         self.registry.save()
 
     # -- the bake ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -803,6 +804,46 @@ def test_a_gate_probe_the_new_version_cannot_answer_rolls_back(fake: FakePool) -
             break
     assert rot.quality is not None and rot.quality.spearman is None
     assert "the new version could not score gate.tsv: worker_failed" in (rot.reason or "")
+
+
+def rotate_on_to_v3(fake: FakePool, gate: QualityGate, v2_scores: list[float]) -> int:
+    """After gated_rotation and its end: a rotation v2 -> v3 behind `gate`; v3 answers with
+    GOOD_SCORES, v2 with `v2_scores`. How many gate probes v2 got."""
+    fake.rotations.start("v3", "/models/v3", workers=2, strategy="surge", gate=gate)
+    for _ in range(20):
+        fake.bring_up("v3")
+        fake.tick()
+        if fake.rotations.current.gate_sent_at is not None:
+            break
+    assert answer_gate(fake, "v3", GOOD_SCORES) == 1
+    probes = answer_gate(fake, "v2", v2_scores)
+    fake.tick()
+    return probes
+
+
+def test_a_version_that_passed_a_gate_is_not_scored_on_the_same_set_again(
+        fake: FakePool) -> None:
+    # v2's own Spearman (0.717) differs from v1's (0.956): whose the second gate uses shows.
+    first = gated_rotation(fake, [0.95, 0.6, 0.7, 0.9, 0.3, 0.1], max_drop=1.0)
+    run_rotation(fake)
+    assert first.outcome == "done" and first.quality is not None
+    assert rotate_on_to_v3(fake, a_gate(), GOOD_SCORES) == 0
+    rot = fake.rotations.current
+    assert rot.quality is not None and rot.quality.active_spearman == first.quality.spearman
+    assert rot.gate_active_known == first.quality.spearman
+
+
+def test_an_edited_set_is_scored_by_the_active_version_again(fake: FakePool) -> None:
+    first = gated_rotation(fake, GOOD_SCORES)
+    run_rotation(fake)
+    assert first.outcome == "done"
+    pairs = a_gate().pairs
+    edited = QualityGate("gate.tsv", (*pairs[:-1], replace(pairs[-1], text_b="edited")))
+    assert edited.digest != a_gate().digest
+    assert rotate_on_to_v3(fake, edited, GOOD_SCORES) == 1
+    rot = fake.rotations.current
+    assert rot.quality is not None and rot.gate_active_known is None
+    assert rot.quality.active_spearman == pytest.approx(0.9562, abs=1e-3)
 
 
 def a_big_gate(pairs: int, max_request_pairs: int) -> QualityGate:
