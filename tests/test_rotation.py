@@ -366,14 +366,20 @@ def test_the_quality_gate_rolls_back_a_version_that_scores_badly_under_load(
     assert "quality gate: Spearman" in rot["reason"] and "below the floor 0.5" in rot["reason"]
     assert pool.status()["active"] == "v1"
     code, reply = rotate(pool, "--version", "v2", "--eval", str(fair))  # v2 is registered
-    load.stop()
     assert code == 0, reply
     quality = reply["rotation"]["quality"]
     assert quality["passed"] and quality["spearman"] == quality["active_spearman"] > 0.5
     assert quality["eval"] == str(fair) and quality["pairs"] == 33
+    # Back to v1 behind the same set: v2 scored it when it came in, and is not asked again.
+    code, reply = rotate(pool, "--version", "v1", "--eval", str(fair))
+    load.stop()
+    assert code == 0, reply
+    assert reply["rotation"]["quality"]["active_spearman"] == quality["spearman"]
+    log = pool.process.log_path.read_text()
+    assert "v2 scored" in log and "not scored again" in log
     assert load.lost == 0 and not load.errors()
     history = json.loads((pool.state_dir / "versions.json").read_text())["history"]
-    assert [e["passed"] for e in history if e["event"] == "quality_gate"] == [False, True]
+    assert [e["passed"] for e in history if e["event"] == "quality_gate"] == [False, True, True]
 
 
 def test_an_eval_set_with_a_bad_line_is_refused_with_its_line_number(
