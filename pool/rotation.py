@@ -374,13 +374,13 @@ class RotationController:
         traffic yet); one of the active version's, serving, a few pairs at a time, unless
         that version scored the same set from the same model when it passed its own gate."""
         rot.gate_active_known = self._scored_before(rot.source, gate) if rot.source else None
-        if rot.gate_active_known is not None:
+        scorers = [(NEW, rot.target, gate.max_request_pairs)]
+        if rot.gate_active_known is None:
+            scorers.append((ACTIVE, rot.source, ACTIVE_CHUNK_PAIRS))
+        else:
             log.info("rotation %d: %s scored %s on %s when it was rotated to: not scored "
                      "again", rot.id, rot.source, rot.gate_active_known, gate.source)
-        for role, version, chunk in ((NEW, rot.target, gate.max_request_pairs),
-                                     (ACTIVE, rot.source, ACTIVE_CHUNK_PAIRS)):
-            if role == ACTIVE and rot.gate_active_known is not None:
-                continue
+        for role, version, chunk in scorers:
             worker = self.supervisor.any_ready(version) if version else None
             if worker is not None:
                 run = GateRun(worker.id, gate.probes(chunk), self.clock())
@@ -391,10 +391,12 @@ class RotationController:
         """`version`'s Spearman on this very set, from the registry's history of gates,
         where it was measured on the model the version runs now."""
         plan = self.supervisor.plans.get(version)
+        if plan is None:
+            return None
+        measured = {"event": "quality_gate", "target": version, "set_digest": gate.digest,
+                    "path": plan.path}
         for event in reversed(self.registry.data["history"]):
-            if event["event"] == "quality_gate" and event.get("target") == version \
-                    and event.get("set_digest") == gate.digest \
-                    and plan is not None and event.get("path") == plan.path:
+            if all(event.get(key) == value for key, value in measured.items()):
                 return event.get("spearman")
         return None
 
