@@ -730,15 +730,21 @@ def answer_gate(fake: FakePool, version: str, scores: list[float] | None) -> int
     return probes
 
 
+def until_gate_sent(fake: FakePool, target: str) -> None:
+    """Bring the rotation's new version up until its gate probes are out."""
+    for _ in range(20):
+        fake.bring_up(target)
+        fake.tick()
+        if fake.rotations.current.gate_sent_at is not None:
+            return
+    raise AssertionError(f"no gate probe sent; the rotation is {fake.rotations.current.phase}")
+
+
 def gated_rotation(fake: FakePool, new_scores: list[float], **gate: float) -> Rotation:
     """v1 serving, a rotation to v2 behind a gate, v2 up; both answer the gate's probe."""
     serving(fake)
     rotate(fake, gate=a_gate(**gate))
-    for _ in range(20):
-        fake.bring_up("v2")
-        fake.tick()
-        if fake.rotations.current.gate_sent_at is not None:
-            break
+    until_gate_sent(fake, "v2")
     assert answer_gate(fake, "v2", new_scores) == 1
     assert answer_gate(fake, "v1", GOOD_SCORES) == 1
     fake.tick()
@@ -787,11 +793,7 @@ def test_the_gate_ranks_scores_above_float_noise() -> None:
 def test_a_gate_probe_the_new_version_cannot_answer_rolls_back(fake: FakePool) -> None:
     serving(fake)
     rotate(fake, gate=a_gate())
-    for _ in range(20):
-        fake.bring_up("v2")
-        fake.tick()
-        if fake.rotations.current.gate_sent_at is not None:
-            break
+    until_gate_sent(fake, "v2")
     answer_gate(fake, "v1", GOOD_SCORES)
     prober = next(w for w in fake.workers_of("v2", READY)
                   if w.name.encode() == fake.rotations.current.gate_runs["new"].worker)
@@ -810,11 +812,7 @@ def rotate_on_to_v3(fake: FakePool, gate: QualityGate, v2_scores: list[float]) -
     """After gated_rotation and its end: a rotation v2 -> v3 behind `gate`; v3 answers with
     GOOD_SCORES, v2 with `v2_scores`. How many gate probes v2 got."""
     fake.rotations.start("v3", "/models/v3", workers=2, strategy="surge", gate=gate)
-    for _ in range(20):
-        fake.bring_up("v3")
-        fake.tick()
-        if fake.rotations.current.gate_sent_at is not None:
-            break
+    until_gate_sent(fake, "v3")
     assert answer_gate(fake, "v3", GOOD_SCORES) == 1
     probes = answer_gate(fake, "v2", v2_scores)
     fake.tick()
