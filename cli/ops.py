@@ -183,8 +183,9 @@ def quality_line(quality: dict) -> str:
     def figure(value: float | None) -> str:
         return "undefined" if value is None else f"{value:.3f}"
 
+    remembered = " (from its own gate)" if quality.get("active_from") == "history" else ""
     active = ("" if quality["active_spearman"] is None
-              else f", active version {figure(quality['active_spearman'])}")
+              else f", active version {figure(quality['active_spearman'])}{remembered}")
     return (f"  quality gate {verdict_word}: Spearman {figure(quality['spearman'])}{active} "
             f"on {quality['eval']} ({quality['pairs']} pairs; floor "
             f"{quality['min_spearman']:g}, drop {quality['max_spearman_drop']:g})")

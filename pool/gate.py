@@ -90,7 +90,8 @@ class QualityGate:
             reason = (f"quality gate: Spearman {_shown(new)} on {self.source} is more than "
                       f"{self.max_drop:g} below the active version's {_shown(active)}")
         return GateResult(self.source, len(labels), _rounded(new), _rounded(active),
-                          self.min_spearman, self.max_drop, reason)
+                          self.min_spearman, self.max_drop, reason,
+                          active_remembered=active_scores is None and active is not None)
 
     def unscored(self, why: str) -> GateResult:
         """A failed gate whose set the new version did not score."""
@@ -107,14 +108,22 @@ class GateResult:
     min_spearman: float
     max_drop: float
     reason: str | None  # why it failed; None: passed
+    active_remembered: bool = False  # active_spearman is from its own gate, not scored now
 
     @property
     def passed(self) -> bool:
         return self.reason is None
 
+    @property
+    def active_from(self) -> str | None:
+        if self.active_spearman is None:
+            return None
+        return "history" if self.active_remembered else "scored"
+
     def as_dict(self) -> dict[str, Any]:
         return {"eval": self.source, "pairs": self.pairs, "spearman": self.spearman,
-                "active_spearman": self.active_spearman, "min_spearman": self.min_spearman,
+                "active_spearman": self.active_spearman, "active_from": self.active_from,
+                "min_spearman": self.min_spearman,
                 "max_spearman_drop": self.max_drop, "passed": self.passed,
                 "reason": self.reason}
 

@@ -375,6 +375,7 @@ def test_the_quality_gate_rolls_back_a_version_that_scores_badly_under_load(
     load.stop()
     assert code == 0, reply
     assert reply["rotation"]["quality"]["active_spearman"] == quality["spearman"]
+    assert reply["rotation"]["quality"]["active_from"] == "history"
     log = pool.process.log_path.read_text()
     assert "v2 scored" in log and "not scored again" in log
     assert load.lost == 0 and not load.errors()

@@ -829,6 +829,7 @@ def test_a_version_that_passed_a_gate_is_not_scored_on_the_same_set_again(
     rot = fake.rotations.current
     assert rot.quality is not None and rot.quality.active_spearman == first.quality.spearman
     assert rot.gate_active_known == first.quality.spearman
+    assert rot.quality.as_dict()["active_from"] == "history"
 
 
 def test_an_edited_set_is_scored_by_the_active_version_again(fake: FakePool) -> None:
@@ -899,6 +900,7 @@ def test_a_gate_set_of_any_size_is_scored_one_probe_at_a_time(fake: FakePool) ->
     whole = gate.judge([ranked_score([p.text_a]) for p in gate.pairs], None)
     assert rot.quality is not None and rot.quality.passed
     assert rot.quality.spearman == rot.quality.active_spearman == whole.spearman
+    assert rot.quality.as_dict()["active_from"] == "scored"
     assert rot.quality.pairs == 40
 
 
