@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # What a rotation's quality gate costs the traffic of the version serving during it
 # (docs/benchmarks.md, session 18): a pool of the embedded MiniLM (2 workers), `pool bench`
-# at 64 in flight, a rotation to v2 (the same model) 6 s in, with the gate and without,
+# at 64 in flight for 32 s, a rotation to v2 (the same model) 5 s in, with the gate and without,
 # ROUNDS times, interleaved. One line per run: the bench's before / during / after phases as
 # p50 / p99 / slowest ms, and the rotation's phase timings.
 #
-#   bash benchmarks/gate_stall.sh          (nothing else running; ~40 s a run)
+#   bash benchmarks/gate_stall.sh          (nothing else running; ~50 s a run)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$ROOT/.venv/bin/python}
@@ -25,7 +25,7 @@ run() {
     sleep 1
   done
   (cd "$ROOT" && $PY -m cli.main versions add v2 --path builtin:minilm "$@") > /dev/null
-  (cd "$ROOT" && $PY -m cli.main bench --duration 25 --concurrency 64 --rotate-at 6 \
+  (cd "$ROOT" && $PY -m cli.main bench --duration 32 --concurrency 64 --rotate-at 5 \
      --rotate-to v2 --json-file "$dir/bench.json") > "$dir/bench.log" 2>&1
   kill -TERM $pid; wait $pid || true
   $PY - "$dir/bench.json" "$label" <<'PY'
