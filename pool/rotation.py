@@ -402,9 +402,6 @@ class RotationController:
 
     def _send_gate_probe(self, run: GateRun) -> None:
         run.progressed_at = self.clock()
-        if run.worker not in self.broker.workers:  # lost between two probes
-            run.failure = "its worker is gone"
-            return
         self.broker.probe(run.worker, QUALITY_PROBE, protocol.OP_SIMILARITY, run.next_probe())
 
     def _record_gate(self, rot: Rotation, result: GateResult) -> None:

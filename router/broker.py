@@ -451,7 +451,7 @@ class Broker:
                 self._seq -= 1
                 pending.attempts -= 1
                 if pending.probe:
-                    self._probe_failed(worker.id, pending, "unreachable")
+                    self._probe_failed(worker.id, pending.probe, "unreachable")
                 else:
                     self._requeue_front(pending)
 
@@ -464,8 +464,12 @@ class Broker:
 
     def probe(self, worker_id: bytes, purpose: str, op: bytes, body: bytes) -> None:
         """Send the router's own request to one worker, routable or not (health checks);
-        the reply comes back as a ProbeAnswered event."""
-        worker = self.workers[worker_id]
+        the reply comes back as a ProbeAnswered event (worker_failed at once for a worker
+        already forgotten, as for one that dies holding it)."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            self._probe_failed(worker_id, purpose, "the worker is gone")
+            return
         pending = Pending([], PROBE_ID, op, body, worker.version, True, self.clock(),
                           attempts=MAX_ATTEMPTS, probe=purpose)
         self._send_to_worker(worker, [pending])
@@ -483,7 +487,7 @@ class Broker:
             return
         for pending in sorted(worker.inflight.values(), key=lambda x: x.enqueued, reverse=True):
             if pending.probe:
-                self._probe_failed(worker_id, pending, reason)
+                self._probe_failed(worker_id, pending.probe, reason)
             elif pending.attempts >= MAX_ATTEMPTS:
                 self._fail(pending, protocol.WORKER_FAILED,
                            f"worker died {pending.attempts}x: {reason}")
@@ -498,8 +502,8 @@ class Broker:
                            f"worker died and {pending.version} is gone")
         worker.inflight.clear()
 
-    def _probe_failed(self, worker_id: bytes, pending: Pending, reason: str) -> None:
-        self._events.append(ProbeAnswered(worker_id, pending.probe, protocol.STATUS_ERROR,
+    def _probe_failed(self, worker_id: bytes, purpose: str, reason: str) -> None:
+        self._events.append(ProbeAnswered(worker_id, purpose, protocol.STATUS_ERROR,
                                           protocol.error_body(protocol.WORKER_FAILED, reason)))
 
     def _requeue_front(self, pending: Pending) -> None:

@@ -33,7 +33,7 @@ from pool.supervisor import (
     STOPPING,
 )
 from router import protocol
-from router.broker import MAX_ATTEMPTS, even_shares
+from router.broker import MAX_ATTEMPTS, ProbeAnswered, even_shares
 from tests.fakepool import FakePool, Producer
 
 
@@ -52,6 +52,17 @@ def serving(fake: FakePool, workers: int = 2) -> FakePool:
 
 
 # -- the router: credit, queue, deadlines, re-dispatch ------------------------------------------
+
+
+def test_a_probe_to_a_forgotten_worker_is_answered_worker_failed(fake: FakePool) -> None:
+    """As a worker that dies holding one: its sender (a gate between two probes) learns it
+    from the same event."""
+    fake.broker.probe(b"v1-0-gone", "quality", protocol.OP_SIMILARITY, b"{}")
+    [event] = fake.broker.take_events()
+    assert isinstance(event, ProbeAnswered)
+    assert (event.worker, event.purpose, event.status) == (b"v1-0-gone", "quality",
+                                                            protocol.STATUS_ERROR)
+    assert protocol.WORKER_FAILED.encode() in event.body and b"gone" in event.body
 
 
 def test_a_worker_is_routed_to_only_after_its_health_probe_passes(fake: FakePool) -> None:
