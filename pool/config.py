@@ -142,7 +142,7 @@ class Flag:
     """How one setting of `pool serve` is given and shown: its one declaration, beside its
     field in PoolSettings (gunicorn's config.py declares each setting once the same way).
 
-    The `pool serve` options are generated from these (cli/main.py), `pool status` shows
+    The `pool serve` options are generated from these (cli/serving.py), `pool status` shows
     those with `shown`, and workers get the whole typed settings record (pool.worker)."""
 
     help: str

@@ -10,7 +10,7 @@ import pickle
 
 import pytest
 
-from cli.main import serve
+from cli.serving import serve
 from pool import config
 from pool.builtin import embedded_model_path
 from pool.settings import resolve_settings

@@ -14,7 +14,8 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app, serve
+from cli.main import app
+from cli.serving import serve
 from pool import builtin, config
 from pool.builtin import embedded_model_path
 from pool.passes import DeviceThread, Job, JobQueue

@@ -19,7 +19,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
-from cli.main import UI_EXTRA_MISSING, app
+from cli.doors import UI_EXTRA_MISSING
+from cli.main import app
 from pool.control import control_request
 from router.client import Client, verdict
 from tests.support import RunningPool, free_port, short_tmpdir
