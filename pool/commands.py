@@ -125,7 +125,8 @@ class Commands:
             str(req.get("version") or ""), req.get("path"),
             workers=int(req.get("workers") or self.pool.default_workers),
             strategy=req.get("strategy") or "auto",
-            drain_timeout_s=float(req.get("drain_timeout") or DEFAULT_DRAIN_TIMEOUT_S),
+            drain_timeout_s=float(DEFAULT_DRAIN_TIMEOUT_S if req.get("drain_timeout") is None
+                                  else req["drain_timeout"]),
             canary=req.get("canary"), thresholds=req.get("thresholds"),
             eval_set=req.get("eval"), allow_dim_change=bool(req.get("allow_dim_change")),
             bake_s=req.get("bake"), bake_limits=bake_limits)
@@ -137,6 +138,9 @@ class Commands:
                    bake_s: float | None = None, bake_limits: BakeLimits | None = None) -> dict:
         if self.pool.stopping:
             raise ControlError("the pool is stopping")
+        # A refused rotation changes nothing: a path or thresholds stored for it first
+        # would be saved by the next write and loaded by the next restart, unchecked.
+        before = self.registry.snapshot()
         try:
             if path:
                 # Checks the directory; thresholds and an eval set given are stored on it.
@@ -160,6 +164,7 @@ class Commands:
                                  allow_dim_change=allow_dim_change, bake_s=bake_s,
                                  bake_limits=bake_limits)
         except (RotationError, ValueError, KeyError) as exc:
+            self.registry.restore(before)
             raise ControlError(str(exc)) from None
         self.registry.save()
         return {"rotation": self.rotations.status()}
@@ -173,16 +178,18 @@ class Commands:
         return {"rotation": self.rotations.status()}
 
     def rollback(self, req: dict) -> dict:
-        """Abort a rotation or canary in progress, else rotate back to the previous version."""
+        """Abort a rotation or canary in progress, else rotate back to the previous version
+        (or to `version`, a registered one: what a fleet's rollback returns each pool to)."""
         self._check_lease(req)
         try:
             if self.rotations.rollback() is not None:
                 return {"rotation": self.rotations.status(), "kind": "abort"}
         except RotationError:
             pass  # switched already: a rotation back is what is asked for
-        previous = self.registry.data["previous"]
+        previous = str(req.get("version") or "") or self.registry.data["previous"]
         if not previous or self.registry.version(previous) is None:
-            raise ControlError("there is no previous version to roll back to")
+            raise ControlError(f"unknown version {previous!r} to roll back to" if previous
+                               else "there is no previous version to roll back to")
         # Back to what served before: its embeddings are what producers had, and it passed
         # its own checks then; only the health probe stands between it and traffic.
         reply = self._rotate_to(previous, None, workers=self.pool.default_workers,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
@@ -33,6 +34,9 @@ log = logging.getLogger("zeropool.control")
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 DEFAULT_CONTROL_TIMEOUT_S = 10.0
+PID_FILE = "serve.pid"  # in the state directory: the pool process's pid, written first
+PID_CLOCK_SLACK_S = 1.0  # a process's start time is known to the clock tick
+STARTING_POLL_S = 0.1  # how often a command looks for a starting pool's control socket
 POOL_ENV = "ZEROPOOL_POOL"  # a remote pool's control endpoint, for operator commands
 # The largest frame the TCP control socket reads: commands are small JSON (a registry import,
 # a golden file), and a bigger frame from afar only costs the pool memory.
@@ -47,6 +51,11 @@ class ControlError(RuntimeError):
 
 class PoolNotRunning(ControlError):
     """No pool serves from this state directory."""
+
+
+class PoolStarting(ControlError):
+    """A pool process of this state directory is alive but has no control socket yet (it is
+    starting; or stopping): its registry is its own, so nothing may write the file now."""
 
 
 class PoolUnreachable(ControlError):
@@ -228,11 +237,27 @@ def control_request(target: ControlTarget | str | Path, cmd: str,
     return reply
 
 
+def serving_pid(state_dir: Path) -> int | None:
+    """The pid of a live pool process of this state directory (starting, serving or
+    stopping), from the pid file it writes first thing; None if there is none."""
+    pid_file = state_dir / PID_FILE
+    try:
+        pid = int(pid_file.read_text().strip())
+        written = pid_file.stat().st_mtime
+        started = psutil.Process(pid).create_time()
+    except (FileNotFoundError, ValueError, psutil.NoSuchProcess):
+        return None
+    except psutil.AccessDenied:
+        return pid  # another user's live process: assume it is the pool
+    # A pid reused since (a container's small pids) belongs to a process started after the
+    # file was written: not the pool that wrote it.
+    return pid if started <= written + PID_CLOCK_SLACK_S else None
+
+
 def _local_exchange(state_dir: Path, request: bytes, cmd: str, timeout_s: float) -> bytes:
     sock_path = state_dir / "control.sock"
     if not sock_path.exists():
-        raise PoolNotRunning(f"no pool is running with state directory {state_dir} "
-                             f"(no {sock_path.name}); start one with `pool serve`")
+        _wait_for_control_socket(state_dir, sock_path, timeout_s)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
@@ -244,6 +269,26 @@ def _local_exchange(state_dir: Path, request: bytes, cmd: str, timeout_s: float)
         return sock.recv_multipart()[-1]
     finally:
         sock.close()
+
+
+def _wait_for_control_socket(state_dir: Path, sock_path: Path, timeout_s: float) -> None:
+    """A pool that is starting opens its control socket once its workers can start (seconds:
+    torch's import); until then its registry is not to be written by anyone else."""
+    pid = serving_pid(state_dir)
+    if pid is None or pid == os.getpid():
+        raise PoolNotRunning(f"no pool is running with state directory {state_dir} "
+                             f"(no {sock_path.name}); start one with `pool serve`")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(STARTING_POLL_S)
+        if sock_path.exists():
+            return
+        if serving_pid(state_dir) is None:
+            raise PoolNotRunning(f"the pool (pid {pid}) of {state_dir} exited before it "
+                                 "served; see its log")
+    raise PoolStarting(f"the pool (pid {pid}) of {state_dir} is starting or stopping and "
+                       f"did not open its control socket within {timeout_s:g}s; try again "
+                       "once `pool status` answers")
 
 
 # What the socket monitor tells of a remote control connection.

@@ -213,7 +213,9 @@ class FleetRollout:
                                     f"{exc}") from None
             pool.rotation = reply.get("rotation")
         self._progress()
-        deadline = self.clock() + ROTATION_TIMEOUT_S
+        started = self.clock()
+        # The canary's bake is part of its rotation, on top of the time any rotation gets.
+        deadline = started + ROTATION_TIMEOUT_S + ((self.bake_s or 0) if canary else 0)
         running = list(group)
         while running:
             self._sleep_and_sample()
@@ -222,7 +224,7 @@ class FleetRollout:
                     running.remove(link)
             if running and self.clock() > deadline:
                 raise RolloutFailed(f"{', '.join(p.name for p in running)}: rotation still "
-                                    f"running after {ROTATION_TIMEOUT_S:.0f}s")
+                                    f"running after {deadline - started:.0f}s")
 
     def _follow(self, link: PoolLink, canary: bool) -> bool:
         """One look at one pool's rotation; True once it is done."""
@@ -294,7 +296,8 @@ class FleetRollout:
 
     def _roll_back_one(self, link: PoolLink, source: str | None) -> None:
         """Abort what is in progress (a bake switches back at once), let a switched rotation
-        finish, then rotate back to `source`: at most ROTATIONS_BACK tries."""
+        or a rollback under way finish, then rotate back to `source` as `pool rollback`
+        does (no quality gate: it served before): at most ROTATIONS_BACK tries."""
         deadline = self.clock() + ROTATION_TIMEOUT_S
         tries = 0
         while self.clock() < deadline:
@@ -304,16 +307,26 @@ class FleetRollout:
             if not running and (source is None or status.get("active") == source):
                 return
             if running and rotation.get("target") != source and \
-                    rotation.get("phase") != "draining":
-                link.request("rollback", lease=self.owner)  # aborts, or switches back
+                    rotation.get("phase") not in ("draining", "rolling_back"):
+                self._abort(link, source)
             elif not running:
                 tries += 1
                 if tries > ROTATIONS_BACK:
                     raise FleetError(f"{link.name} could not rotate back to {source}: "
                                      f"{rotation.get('reason')}")
-                link.request("rotate", version=source, strategy="auto", lease=self.owner)
+                link.request("rollback", version=source, lease=self.owner)
             self._sleep_and_sample()
         raise FleetError(f"{link.name} did not return to {source} in {ROTATION_TIMEOUT_S}s")
+
+    def _abort(self, link: PoolLink, source: str | None) -> None:
+        """Roll back the rotation in progress (a bake switches back at once). If it ended
+        meanwhile, the pool rotates back to `source` instead; if it just switched, this is
+        refused, and the next look at the pool decides again."""
+        args = {"version": source} if source else {}
+        try:
+            link.request("rollback", lease=self.owner, **args)
+        except Exception as exc:  # a link raises whatever its transport does
+            log.warning("%s: rollback refused (%s); looking again", link.name, exc)
 
     # -- before anything changes ------------------------------------------------------------------
 

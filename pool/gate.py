@@ -168,11 +168,17 @@ def read_eval_set(spec: str) -> tuple[LabelledPair, ...]:
 def scores_of(status: bytes, body: bytes, pairs: int) -> list[float]:
     """The scores of a similarity reply to the gate's probe; ValueError saying why not."""
     doc = orjson.loads(body)
+    if not isinstance(doc, dict):
+        raise ValueError(f"a reply that is not a JSON object: {body[:80]!r}")
     if status != b"ok":
         raise ValueError(f"{doc.get('code', 'error')}: {doc.get('message', '')}")
     scores = doc.get("scores")
     if not isinstance(scores, list) or len(scores) != pairs:
         raise ValueError(f"expected {pairs} scores, got {type(scores).__name__}")
+    # orjson writes a NaN as null: a model that answers NaN for a pair fails its gate.
+    if not all(isinstance(score, (int, float)) and math.isfinite(score) for score in scores):
+        raise ValueError("a score that is not a finite number (NaN or infinite from the "
+                         "model)")
     return [float(score) for score in scores]
 
 

@@ -51,6 +51,13 @@ class Registry:
         data.setdefault("history", [])
         return data
 
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of everything recorded, for `restore` to undo a change that failed."""
+        return orjson.loads(orjson.dumps(self.data))
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        self.data = snapshot
+
     @property
     def active(self) -> str | None:
         return self.data["active"]
@@ -160,6 +167,11 @@ class Registry:
         if self.data["active"] != name:
             self.data["previous"] = self.data["active"]
         self.data["active"] = name
+
+    def switch_back(self, active: str, previous: str | None) -> None:
+        """Undo a switch: `active` serves again, and the previous version is what it was
+        before the switch (never the version just rejected)."""
+        self.data["active"], self.data["previous"] = active, previous
 
     def log(self, event: str, **fields: Any) -> None:
         history = self.data["history"]

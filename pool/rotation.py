@@ -118,6 +118,9 @@ class Rotation:
     bake_baseline: Traffic | None = None  # the old version's replies before the switch
     bake_verdict: Verdict | None = None  # the latest judgement of the bake
     switched_back: bool = False  # the bake (or the operator during it) returned to source
+    target_restarts: int = 0  # the new version's restarts when the rotation started
+    source_workers: int = 0  # the old version's workers when it started: what a rollback restores
+    registry_previous: str | None = None  # the registry's previous version before the switch
 
     @property
     def finished(self) -> bool:
@@ -232,6 +235,8 @@ class RotationController:
                        strategy_reason=strategy_reason, phase_since=self.clock(), gate=gate,
                        allow_dim_change=allow_dim_change, bake_s=bake_s,
                        bake_limits=bake_limits or BakeLimits())
+        rot.target_restarts = self.supervisor.restarts(target)
+        rot.source_workers = self.supervisor.wanted(source) if source else 0
         self.current = rot
         self.registry.log("rotation_started", rotation=rot.id, target=target, source=source,
                           strategy=strategy, canary=rot.canary,
@@ -261,6 +266,8 @@ class RotationController:
         rot = self.current
         if rot is None or rot.finished:
             return None
+        if rot.phase == Phase.ROLLING_BACK:
+            return rot  # already on its way back
         if rot.phase == Phase.BAKING:
             self._switch_back(rot, reason)
             return rot
@@ -276,21 +283,53 @@ class RotationController:
         rot = self.current
         if rot is None or rot.finished:
             return
-        failure = self.supervisor.failure(rot.target)
-        if rot.phase in BEFORE_SWITCH and failure:
-            self._begin_rollback(rot, failure)
-        elif rot.phase == Phase.BAKING and failure:
-            self._switch_back(rot, f"{rot.target} failed after the switch: {failure}")
-            return
-        elif rot.phase == Phase.DRAINING and failure:
-            # It passed its check, took traffic, then crash-looped: nothing to wait for.
-            rot.reason = f"{rot.target} failed after the switch: {failure}"
-            log.error("rotation %d: %s", rot.id, rot.reason)
-            self._finish(rot, Phase.FAILED)
-            return
+        failure = self._target_failure(rot)
+        if failure is not None and rot.phase != Phase.ROLLING_BACK:
+            self._give_up(rot, failure)
+            if rot.finished:
+                return
         handler = self._steps.get(rot.phase)
         if handler is not None:
             handler(rot, now)
+
+    def _target_failure(self, rot: Rotation) -> str | None:
+        """Why the new version cannot go on: broken, or crash-looping with no worker ready;
+        and, until each of its workers has passed its check, any crash of one since the
+        rotation started (a new version that crashes while it comes up is not trusted
+        with traffic, and would otherwise be retried for ever)."""
+        failure = self.supervisor.failure(rot.target)
+        if failure is None and not self._target_complete(rot):
+            failure = self.supervisor.crash_since(rot.target, rot.target_restarts)
+        return failure
+
+    def _target_complete(self, rot: Rotation) -> bool:
+        """Every new worker has passed its check once: surge switches only then; rolling
+        closes the old version only then."""
+        if rot.phase in BEFORE_SWITCH:
+            return False
+        return rot.strategy != "rolling" or rot.source is None or \
+            rot.source_closed_at is not None
+
+    def _give_up(self, rot: Rotation, failure: str) -> None:
+        """The new version failed: back to the old one where its workers still serve."""
+        if rot.phase in BEFORE_SWITCH:
+            self._begin_rollback(rot, failure)
+            return
+        reason = f"{rot.target} failed after the switch: {failure}"
+        if rot.phase == Phase.CANARY:
+            self._begin_rollback(rot, reason)
+        elif self._source_serves(rot):
+            self._switch_back(rot, reason)
+        else:
+            # Nothing of the old version is left to take the traffic back: the pool stays
+            # on the new version, as serving as it can be, and says why.
+            rot.reason = reason
+            log.error("rotation %d: %s", rot.id, rot.reason)
+            self._finish(rot, Phase.FAILED)
+
+    def _source_serves(self, rot: Rotation) -> bool:
+        return rot.source is not None and not rot.source_retired and \
+            self.supervisor.count(rot.source, READY) > 0
 
     def _step_spawning(self, rot: Rotation, now: float) -> None:
         if rot.strategy == "rolling" and rot.source is not None:
@@ -445,9 +484,11 @@ class RotationController:
     def _switch_back(self, rot: Rotation, reason: str) -> None:
         """The old version's workers are still loaded: routing goes back to them at once."""
         assert rot.source is not None
+        self.supervisor.set_routing(rot.source, Routing.OPEN)  # a drain may have closed it
         self.broker.set_active(rot.source)
         self.supervisor.set_routing(rot.target, Routing.CLOSED)
         self._record_active(rot.source, rot.target)
+        self.registry.switch_back(rot.source, rot.registry_previous)
         rot.switched_back = True
         self.registry.log("switched_back", rotation=rot.id, target=rot.target,
                           source=rot.source, reason=reason)
@@ -490,8 +531,8 @@ class RotationController:
             return
         if rot.source is not None and rot.strategy == "rolling":
             # Rolling retired old workers to make room: bring them back before reporting.
-            self.supervisor.set_workers(rot.source, rot.workers)
-            if self.supervisor.count(rot.source, READY) < rot.workers:
+            self.supervisor.set_workers(rot.source, rot.source_workers)
+            if self.supervisor.count(rot.source, READY) < rot.source_workers:
                 return
         self._finish(rot, Phase.FAILED)
 
@@ -507,6 +548,7 @@ class RotationController:
             return
         self.broker.set_active(rot.target)
         rot.switched = True
+        rot.registry_previous = self.registry.data["previous"]
         self.registry.put_version(rot.target, rot.path, auto_load=True)
         self._record_active(rot.target, rot.source)
         self.registry.log("switched", rotation=rot.id, target=rot.target, source=rot.source)
@@ -565,9 +607,10 @@ class RotationController:
     def _rolling_step(self, rot: Rotation) -> bool:
         """Advance a rolling replacement by at most one worker; True once all new are ready.
 
-        Invariant: old and new processes together never exceed `rot.workers`, so the device
-        never has to hold more models than before. One old worker drains and exits, then
-        one new worker loads and passes its check, and so on.
+        Invariant: old and new processes together never exceed the larger of the old and
+        the new worker counts, so the device never holds more models than it did before or
+        than the new version needs. One old worker drains and exits, then one new worker
+        loads and passes its check, and so on.
         """
         assert rot.source is not None
         ready = self.supervisor.count(rot.target, READY)
@@ -576,9 +619,10 @@ class RotationController:
         new_live = self.supervisor.count(rot.target, *LIVE)
         if new_live > ready:
             return False  # the newest worker is still loading or being checked
+        most = max(rot.workers, rot.source_workers)
         old_total = self.supervisor.count(rot.source, *LIVE, DRAINING, STOPPING)
-        if old_total + new_live >= rot.workers:
-            self.supervisor.set_workers(rot.source, max(0, rot.workers - new_live - 1))
+        if old_total + new_live >= most:
+            self.supervisor.set_workers(rot.source, max(0, most - new_live - 1))
             return False  # wait until that old worker has exited
         self.supervisor.set_workers(rot.target, new_live + 1)
         return False

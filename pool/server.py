@@ -20,7 +20,7 @@ import zmq
 
 from pool import config
 from pool.commands import Commands
-from pool.control import ControlError, ControlServer, RemoteControl
+from pool.control import PID_FILE, ControlError, ControlServer, RemoteControl, serving_pid
 from pool.gate import QualityGate, read_eval_set
 from pool.health import Expectation
 from pool.metrics import REFRESH_S, PoolMetrics
@@ -37,8 +37,6 @@ from router.auth import CurveServer, KeyFileError, is_loopback
 from router.broker import Broker
 
 log = logging.getLogger("zeropool.server")
-
-PID_FILE = "serve.pid"
 
 
 class StartupError(RuntimeError):
@@ -373,28 +371,14 @@ def prepare_state_dir(state_dir: Path) -> Path:
         raise StartupError(f"{state_dir} belongs to uid {owner}, not to this user: its control "
                            "socket would not be private; use a directory of your own")
     os.chmod(state_dir, 0o700)
-    pid_file = state_dir / PID_FILE
-    try:
-        other = int(pid_file.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        other = None
-    if other is not None and other != os.getpid() and _alive(other):
+    other = serving_pid(state_dir)
+    if other is not None and other != os.getpid():
         raise StartupError(f"a pool (pid {other}) is already serving from {state_dir}; "
                            "stop it with `pool stop` or use another --state-dir")
     for name in ("control.sock", "backend.sock"):
         (state_dir / name).unlink(missing_ok=True)
-    pid_file.write_text(f"{os.getpid()}\n")
+    (state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
     return state_dir
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _drain_pipe(sock: socket.socket) -> None:

@@ -76,6 +76,7 @@ class VersionPlan:
     thresholds: VersionThresholds = SEED_VERSION_THRESHOLDS
     crashes: deque[float] = field(default_factory=deque)
     restarts: int = 0
+    last_crash: str | None = None  # why its latest worker crashed
     backoff_until: float = 0.0
     ever_ready: bool = False
     failed: str | None = None  # why this version can never serve (broken: not retried)
@@ -220,6 +221,11 @@ class Supervisor:
         plan.workers = workers
         self.sync_lanes()
         return plan
+
+    def wanted(self, version: str) -> int:
+        """How many workers of `version` the pool wants (0: none, or not a version of it)."""
+        plan = self.plans.get(version)
+        return 0 if plan is None else plan.workers
 
     def set_workers(self, version: str, workers: int) -> None:
         self.plans[version].workers = workers
@@ -543,6 +549,7 @@ class Supervisor:
         while plan.crashes and now - plan.crashes[0] > config.CRASH_LOOP_WINDOW_S:
             plan.crashes.popleft()
         plan.restarts += 1
+        plan.last_crash = reason
         self.restarts_total[plan.version] += 1
         backoff = config.RESPAWN_BACKOFF_S[
             min(len(plan.crashes), len(config.RESPAWN_BACKOFF_S)) - 1]
@@ -590,6 +597,18 @@ class Supervisor:
         if plan.crash_loop is not None and not self.count(version, READY):
             return plan.crash_loop
         return plan.failed
+
+    def restarts(self, version: str) -> int:
+        plan = self.plans.get(version)
+        return 0 if plan is None else plan.restarts
+
+    def crash_since(self, version: str, restarts: int) -> str | None:
+        """Why a worker of `version` crashed, if one has since the version had `restarts`
+        restarts (a rotation counts its new version's crashes from its own start)."""
+        plan = self.plans.get(version)
+        if plan is None or plan.restarts <= restarts:
+            return None
+        return plan.last_crash
 
     def next_try_s(self, version: str) -> float | None:
         """Seconds until a crash-looping version gets its next worker (None: not waiting)."""

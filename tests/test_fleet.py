@@ -108,14 +108,21 @@ class SimPool:
                          "bake": bake and {"seconds": bake, "verdict": None}}
         return {"rotation": self.rotation}
 
-    def _rollback(self, lease: str | None = None) -> dict[str, Any]:
+    def _rollback(self, lease: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """As a pool's `rollback`: abort what runs, else rotate back (ungated) to `version`
+        or the previous one."""
         rot = self.rotation
         if rot and rot["outcome"] is None and rot["phase"] in ("loading", "baking"):
             if rot["phase"] == "baking":
                 self.active = rot["source"]
             rot.update(phase="rolling_back", outcome="rolled_back", reason="rolled back")
             return {"rotation": rot}
-        raise ControlError("nothing to roll back")
+        back = version or self.previous
+        if back is None or (rot and rot["outcome"] is None):
+            raise ControlError("nothing to roll back")
+        reply = self._rotate(back)
+        self.evals[-1] = "ungated"  # a rotation back is not gated: it served before
+        return reply
 
     # -- time passing -------------------------------------------------------------------------
 
@@ -201,6 +208,25 @@ def test_a_version_failing_on_the_second_pool_ends_with_v1_everywhere() -> None:
     assert pools[0].rotations == ["v2", "v1"], "the canary rotated back"
     assert pools[2].rotations == [], "the rollout stopped before c"
     assert [p.phase for p in report.pools] == ["rolled_back", "rolled_back", "waiting"]
+
+
+def test_pools_rotate_back_without_the_quality_gate_that_judged_the_new_version() -> None:
+    """v2 may score better than v1 on the gate's set: v1 must come back all the same."""
+    pools = [SimPool("a"), SimPool("b", fails_health=True), SimPool("c")]
+    fleet, _ = rollout(pools, eval_set="builtin:zh-pairs")
+    assert fleet.run().outcome == "rolled_back"
+    assert pools[0].rotations == ["v2", "v1"]
+    assert pools[0].evals == ["builtin:zh-pairs", "ungated"]
+
+
+def test_a_canary_bake_longer_than_a_rotations_timeout_runs_to_its_end() -> None:
+    from pool.fleet import ROTATION_TIMEOUT_S
+
+    pools = [SimPool("a"), SimPool("b")]
+    fleet, _ = rollout(pools, bake_s=ROTATION_TIMEOUT_S + 600)
+    report = fleet.run()
+    assert report.outcome == "done", report.reason
+    assert [p.active for p in pools] == ["v2", "v2"]
 
 
 def test_a_canary_that_fails_more_than_the_rest_of_the_fleet_is_switched_back() -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import orjson
 import pytest
 
+from pool.control import PID_FILE, PoolNotRunning, PoolStarting, control_request
 from pool.health import GOLDEN_PAIRS, Expectation, judge_probe, probe_pairs
 from pool.registry import Registry
+from tests.support import run_cli
 
 
 def reply(scores: list[float]) -> bytes:
@@ -78,3 +82,25 @@ def test_registry_writes_atomically_and_validates(tmp_path: Path, models: dict[s
     reg.remove("v1")
     assert reg.data["previous"] is None
     assert Registry(tmp_path).active == "v2"
+
+
+def test_the_registry_of_a_starting_pool_is_not_written_behind_its_back(tmp_path: Path) -> None:
+    """A pool writes its pid first and opens its control socket seconds later (torch's
+    import): an offline write meanwhile would be overwritten by the pool's own copy."""
+    starting = subprocess.Popen(["sleep", "60"])  # stands for a pool still importing
+    try:
+        (tmp_path / PID_FILE).write_text(f"{starting.pid}\n")
+        with pytest.raises(PoolStarting, match=f"pid {starting.pid}.*starting or stopping"):
+            control_request(tmp_path, "versions", timeout_s=0.3)
+        model = tmp_path / "m"
+        model.mkdir()
+        (model / "config.json").write_text("{}")
+        added = run_cli("versions", "add", "v3", "--path", str(model), "--state-dir",
+                        str(tmp_path), env=dict(os.environ), timeout=60)
+        assert added.returncode != 0 and "starting or stopping" in added.stderr
+        assert not (tmp_path / "versions.json").exists()
+    finally:
+        starting.kill()
+        starting.wait(10)
+    with pytest.raises(PoolNotRunning):
+        control_request(tmp_path, "versions", timeout_s=0.3)

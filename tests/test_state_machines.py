@@ -595,7 +595,7 @@ def test_ending_a_canary_returns_all_traffic_to_v1(fake: FakePool) -> None:
     assert "v2" not in fake.broker.lanes
 
 
-def test_v2_failing_after_the_switch_ends_the_rotation_as_failed(fake: FakePool) -> None:
+def test_v2_failing_while_v1_is_still_loaded_switches_back_to_v1(fake: FakePool) -> None:
     serving(fake)
     rotate(fake)
     until_switched(fake)
@@ -605,8 +605,163 @@ def test_v2_failing_after_the_switch_ends_the_rotation_as_failed(fake: FakePool)
     fake.supervisor.plans["v2"].failed = "simulated"
     fake.tick()
     rot = fake.rotations.current
+    assert rot.switched_back and rot.phase == Phase.ROLLING_BACK
+    assert "v2 failed after the switch: simulated" in (rot.reason or "")
+    assert fake.broker.active == "v1" and fake.registry.active == "v1"
+    producer.send(b"after")
+    fake.pump()
+    fake.serve_all()
+    assert producer.codes() == {b"pinned-v1": "ok", b"after": "ok"}
+    assert producer.replies[b"after"][1]["version"] == "v1"
+
+
+def test_v2_failing_once_v1_has_gone_ends_the_rotation_as_failed(fake: FakePool) -> None:
+    serving(fake)
+    rotate(fake)
+    until_switched(fake)
+    rot = fake.rotations.current
+    for _ in range(50):  # v1 drains and retires
+        fake.finish_stops()
+        fake.tick()
+        if rot.source_retired:
+            break
+    fake.supervisor.plans["v2"].failed = "simulated"
+    fake.tick()
     assert rot.phase == Phase.FAILED and rot.outcome == "failed"
+    assert "v2 failed after the switch" in (rot.reason or "")
+    assert fake.broker.active == "v2"
+
+
+def test_a_new_worker_crashing_while_another_is_ready_rolls_the_rotation_back(
+        fake: FakePool) -> None:
+    """One of v2's workers passes its check, the other dies loading (its device out of
+    memory): v2 has served once, so the supervisor would retry it for ever; the rotation
+    does not wait for it."""
+    serving(fake)
+    rotate(fake)
+    fake.tick()
+    fake.tick()
+    first, second = fake.workers_of("v2")
+    first.announce()
+    fake.pump()
+    for request in first.received():
+        first.answer(request)
+    fake.pump()
+    fake.tick()
+    assert fake.state(first) == READY
+    second.exit(1)
+    for _ in range(50):
+        fake.finish_stops()
+        fake.tick()
+    rot = fake.rotations.current
+    assert rot.outcome == "rolled_back", rot.phase
+    assert "exited with code 1" in (rot.reason or "")
+    assert fake.broker.active == "v1" and not fake.workers_of("v2")
+    fake.rotations.start("v3", "/models/v3", workers=2, strategy="surge")  # not "still ..."
+
+
+def test_a_rolling_rotation_whose_next_worker_crashes_goes_back_to_v1(
+        tmp_path: Path) -> None:
+    fake = FakePool(tmp_path, workers=3)
+    try:
+        serving(fake, workers=3)
+        rotate(fake, strategy="rolling", workers=3)
+        rot = fake.rotations.current
+        for _ in range(100):  # the first v2 worker serves
+            fake.bring_up("v2")
+            fake.finish_stops()
+            fake.tick()
+            if rot.phase == Phase.DRAINING:
+                break
+        for _ in range(100):  # another v1 worker makes room for the second v2 worker
+            fake.finish_stops()
+            fake.tick()
+            if fake.workers_of("v2", LOADING):
+                break
+        assert len(fake.workers_of("v2", READY)) == 1
+        assert len(fake.workers_of("v1", READY)) == 1
+        fake.workers_of("v2", LOADING)[0].exit(1)
+        for _ in range(2):  # its exit, then the reason it may still send
+            fake.tick(LOAD_REASON_WAIT_S)
+        assert rot.switched_back and fake.broker.active == "v1"
+        for _ in range(100):
+            fake.bring_up("v1")
+            fake.finish_stops()
+            fake.tick()
+            if rot.finished:
+                break
+        assert rot.outcome == "rolled_back"
+        assert len(fake.workers_of("v1", READY)) == 3 and not fake.workers_of("v2")
+    finally:
+        fake.close()
+
+
+def test_a_rolling_rotation_to_fewer_workers_keeps_the_old_ones_until_the_new_serve(
+        tmp_path: Path) -> None:
+    fake = FakePool(tmp_path, workers=3)
+    try:
+        serving(fake, workers=3)
+        rotate(fake, strategy="rolling", workers=1)
+        rot = fake.rotations.current
+        fewest_v1 = 3
+        for _ in range(100):
+            fake.bring_up("v2")
+            fake.finish_stops()
+            fake.tick()
+            if rot.phase != Phase.DRAINING:
+                fewest_v1 = min(fewest_v1, len(fake.workers_of("v1", READY)))
+            else:
+                break
+        assert fewest_v1 == 2, "one old worker made room, the others served meanwhile"
+        assert fake.broker.active == "v2"
+    finally:
+        fake.close()
+
+
+def test_a_failed_rolling_rotation_restores_as_many_old_workers_as_there_were(
+        tmp_path: Path) -> None:
+    fake = FakePool(tmp_path, workers=3)
+    try:
+        serving(fake, workers=3)
+        rotate(fake, strategy="rolling", workers=1)
+        for _ in range(20):
+            fake.finish_stops()
+            fake.tick()
+            if fake.workers_of("v2", LOADING):
+                break
+        fake.workers_of("v2", LOADING)[0].exit(1)
+        for _ in range(100):
+            fake.bring_up("v1")
+            fake.finish_stops()
+            fake.tick()
+            if fake.rotations.current.finished:
+                break
+        assert fake.rotations.current.outcome == "rolled_back"
+        assert len(fake.workers_of("v1", READY)) == 3
+    finally:
+        fake.close()
+
+
+def test_a_canary_whose_workers_all_fail_returns_its_traffic_to_v1(fake: FakePool) -> None:
+    serving(fake)
+    rotate(fake, canary=50.0)
+    assert run_rotation(fake)[-1] == Phase.CANARY
+    for _ in range(40):  # v2 crash-loops: every worker of it dies
+        for worker in fake.workers_of("v2"):
+            worker.exit(-9)
+        fake.tick(0.5)
+    rot = fake.rotations.current
+    assert rot.phase in (Phase.ROLLING_BACK, Phase.FAILED) and rot.outcome in (None,
+                                                                               "rolled_back")
     assert "failed after the switch" in (rot.reason or "")
+    assert fake.broker.active == "v1" and fake.broker.canary is None
+    producer = fake.producer()
+    for i in range(10):
+        producer.send(str(i).encode())
+    fake.pump()
+    while fake.serve_all():
+        pass
+    assert set(producer.codes().values()) == {"ok"} and len(producer.replies) == 10
 
 
 def test_the_drain_waits_for_a_quiet_period_of_pinned_requests(fake: FakePool) -> None:
@@ -801,7 +956,23 @@ def test_the_gate_ranks_scores_above_float_noise() -> None:
     assert result.spearman == result.active_spearman and result.passed
 
 
-def test_a_gate_probe_the_new_version_cannot_answer_rolls_back(fake: FakePool) -> None:
+def test_a_new_version_answering_nan_fails_its_gate_and_the_pool_serves_on(
+        fake: FakePool) -> None:
+    """orjson writes a NaN as null: the gate's verdict, not an exception in the serve loop."""
+    rot = gated_rotation(fake, [*GOOD_SCORES[:-1], float("nan")])
+    while not rot.finished:
+        fake.finish_stops()
+        fake.tick()
+    assert rot.outcome == "rolled_back"
+    assert "not a finite number" in (rot.reason or "")
+    producer = fake.producer()
+    producer.send(b"after")
+    fake.pump()
+    fake.serve_all()
+    assert producer.codes() == {b"after": "ok"}
+
+
+def test_a_new_worker_dying_on_a_gate_probe_rolls_the_rotation_back(fake: FakePool) -> None:
     serving(fake)
     rotate(fake, gate=a_gate())
     until_gate_sent(fake, "v2")
@@ -810,13 +981,14 @@ def test_a_gate_probe_the_new_version_cannot_answer_rolls_back(fake: FakePool) -
                   if w.name.encode() == fake.rotations.current.gate_runs["new"].worker)
     prober.exit(1)  # dies holding the probe: the broker answers it worker_failed
     rot = fake.rotations.current
-    for _ in range(20):  # judged once a replacement is up: a crash on the set is a verdict
-        fake.bring_up("v2")
+    for _ in range(20):
+        fake.finish_stops()
         fake.tick()
-        if rot.quality is not None:
+        if rot.finished:
             break
-    assert rot.quality is not None and rot.quality.spearman is None
-    assert "the new version could not score gate.tsv: worker_failed" in (rot.reason or "")
+    assert rot.outcome == "rolled_back" and rot.quality is None
+    assert "worker exited with code 1" in (rot.reason or "")
+    assert fake.broker.active == "v1"
 
 
 def rotate_on_to_v3(fake: FakePool, gate: QualityGate, v2_scores: list[float]) -> int:
@@ -1150,6 +1322,19 @@ def test_an_operator_ends_a_bake_by_switching_back(fake: FakePool) -> None:
         fake.finish_stops()
         fake.tick()
     assert rot.outcome == "rolled_back" and rot.reason == "rolled back by operator"
+
+
+def test_a_switch_back_leaves_the_registry_as_before_the_switch(fake: FakePool) -> None:
+    """`pool rollback` after a bake that switched back must not go to the rejected v2."""
+    for name in ("v0", "v1"):
+        fake.registry.put_version(name, f"/models/{name}")
+        fake.registry.set_active(name)
+    rot = baked_rotation(fake)
+    assert fake.registry.data["previous"] == "v1"
+    fake.rotations.rollback()
+    assert rot.switched_back
+    assert (fake.registry.active, fake.registry.data["previous"]) == ("v1", "v0")
+    assert fake.rotations.rollback() is rot, "a rollback under way is one already asked for"
 
 
 def test_a_bake_needs_both_versions_loaded(fake: FakePool) -> None:
