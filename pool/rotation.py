@@ -385,7 +385,7 @@ class RotationController:
         if run is None:
             return
         run.take_answer(event.status, event.body)
-        if not run.done:
+        if not run.done and rot.phase == Phase.HEALTH_CHECK and rot.quality is None:
             self._send_gate_probe(run)
 
     def _run_gate(self, rot: Rotation, gate: QualityGate, now: float) -> GateResult | None:
@@ -394,10 +394,12 @@ class RotationController:
             self._start_gate_runs(rot, gate)
             rot.gate_sent_at = now
             return None
-        runs = rot.gate_runs.values()
-        if any(not run.done and now - run.progressed_at < QUALITY_TIMEOUT_S for run in runs):
-            return None
         new, active = rot.gate_runs.get(NEW), rot.gate_runs.get(ACTIVE)
+        new_failed = new is not None and new.failure is not None  # the verdict, whatever else
+        runs = rot.gate_runs.values()
+        if not new_failed and any(not run.done and now - run.progressed_at < QUALITY_TIMEOUT_S
+                                  for run in runs):
+            return None
         why = unscored_why(new)
         if new is None or why is not None:
             return gate.unscored(f"the new version could not score {gate.source}: {why}")

@@ -1040,12 +1040,12 @@ def ranked_score(pair: list[str]) -> float:
     return (i % 3) / 2 + i / 1000
 
 
-def score_the_big_gate(fake: FakePool, active_fault: str = "", at: int = 0,
+def score_the_big_gate(fake: FakePool, fault: str = "", at: int = 0, faulty: str = "v1",
                        ) -> tuple[Rotation, dict[str, list[int]]]:
     """Bring v2 up and answer every gate probe until the gate is judged (or for 60 rounds):
-    the rotation, and the size of each probe each version got, in order. The active
-    version's probe number `at` gets `active_fault`: "error" (an error reply) or "silent"
-    (none). Asserts that a version never holds two gate probes at once."""
+    the rotation, and the size of each probe each version got, in order. Version `faulty`'s
+    probe number `at` gets `fault`: "error" (an error reply) or "silent" (none). Asserts
+    that a version never holds two gate probes at once."""
     rot = fake.rotations.current
     sizes: dict[str, list[int]] = {"v1": [], "v2": []}
     for _ in range(60):
@@ -1059,11 +1059,11 @@ def score_the_big_gate(fake: FakePool, active_fault: str = "", at: int = 0,
                     if request not in probes:
                         worker.answer(request)
                         continue
-                    fault = active_fault if version == "v1" and len(sizes["v1"]) == at else ""
+                    this = fault if version == faulty and len(sizes[version]) == at else ""
                     sizes[version].append(len(request.body["pairs"]))
-                    if fault == "error":
+                    if this == "error":
                         worker.answer(request, error=protocol.INTERNAL)
-                    elif not fault:
+                    elif not this:
                         worker.answer(request, [ranked_score(p) for p in request.body["pairs"]])
         fake.pump()
         fake.tick()
@@ -1095,6 +1095,22 @@ def test_an_active_version_that_fails_a_gate_probe_leaves_the_floor_to_judge(
     assert sizes["v1"] == [16, 16]  # nothing sent after the failed one
     assert rot.quality is not None and rot.quality.passed
     assert rot.quality.spearman is not None and rot.quality.active_spearman is None
+
+
+def test_a_new_version_failing_a_probe_is_judged_at_once_and_the_active_one_stops(
+        fake: FakePool) -> None:
+    serving(fake)
+    rotate(fake, gate=a_big_gate(40, max_request_pairs=25))
+    rot, sizes = score_the_big_gate(fake, "error", at=0, faulty="v2")
+    assert sizes["v2"] == [25]
+    assert rot.quality is not None and not rot.quality.passed
+    assert "the new version could not score big.tsv: internal" in (rot.quality.reason or "")
+    for _ in range(20):  # what v1 still holds is answered; no probe follows it
+        fake.serve_all()
+        fake.finish_stops()
+        fake.tick()
+    assert rot.outcome == "rolled_back"
+    assert rot.gate_runs["active"].answered < 3, "the active version scored the whole set"
 
 
 def test_a_gate_probe_left_unanswered_ends_the_gate_after_its_timeout(fake: FakePool) -> None:
