@@ -155,10 +155,13 @@ def rollback(
     pool: ControlTarget,
     wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to follow before giving up.")] = 900,
+    to: Annotated[str | None, typer.Option(
+        "--to", help="Rotate back to this registered version instead of the previous one.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Abort the rotation or canary in progress, else rotate back to the previous version."""
-    reply = control(pool, "rollback", as_json)
+    reply = control(pool, "rollback", as_json, **({"version": to} if to else {}))
     if not as_json and reply["kind"] == "abort":
         out.print(f"aborting rotation {reply['rotation']['id']} to {reply['rotation']['target']}")
     follow_rotation(pool, reply["rotation"], wait, timeout, as_json,

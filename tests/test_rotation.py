@@ -235,7 +235,7 @@ def test_rollback_rotates_back_and_restart_restores_the_active_version(
 ) -> None:
     pool = pool_factory(models["v1"])
     assert rotate(pool, "--version", "v2", "--path", str(models["v2"]))[0] == 0
-    back = run_cli("rollback", "--json", env=pool.env)
+    back = run_cli("rollback", "--to", "v1", "--json", env=pool.env)  # previous, named
     assert back.returncode == 0, back.stderr
     rot = json.loads(back.stdout)["rotation"]
     assert (rot["target"], rot["outcome"]) == ("v1", "done")
