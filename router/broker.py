@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import random
 import socket
 import time
@@ -52,12 +53,16 @@ class Pending:
     version: str
     pinned: bool
     enqueued: float  # arrival: the clock of the client's timeout_ms
-    queued_since: float = 0.0  # the clock of the queue timeout; reset when re-queued
+    # The clock of the queue timeout: now minus the seconds it has waited in a queue so far
+    # (arrival while it waits; set again when re-queued, so a crashed worker's time is left
+    # out but its earlier waits are not).
+    queued_since: float = 0.0
     attempts: int = 0
     deadline: float = 0.0  # enqueued + the body's timeout_ms; 0: none
     # Set for the router's own probes (health checks): what the reply is for. Its reply is
     # reported as a ProbeAnswered event, never sent to a producer.
     probe: str = ""
+    waited: float = 0.0  # seconds it had waited in queues when last sent to a worker
 
 
 class RoutedWorker(Protocol):
@@ -122,6 +127,9 @@ class Lane:
     served: int = 0
     errors: int = 0
     last_pinned_at: float = 0.0  # the clock at the arrival of the latest request pinned here
+    # No queued request times out before this (a lower bound: dispatch takes requests out
+    # without raising it), so a tick looks into a queue only when one may be due.
+    due: float = math.inf
 
 
 @dataclass(slots=True)
@@ -256,7 +264,7 @@ class Broker:
         if version is None or version not in self.lanes:
             return
         receiving = {version, canary[0]} if canary else {version}
-        target = self.lanes[version].queue
+        target = self.lanes[version]
         for lane in self.lanes.values():
             if lane.version in receiving or not lane.queue:
                 continue
@@ -264,7 +272,10 @@ class Broker:
             moved = [x for x in lane.queue if not x.pinned]
             for pending in moved:
                 pending.version = version
-            target.extend(moved)
+            # Appended after the target's own, older or not: they keep their queue clocks,
+            # and expire_queued does not rely on any order.
+            target.queue.extend(moved)
+            target.due = min(target.due, lane.due)
             lane.queue = kept
 
     def route_version(self, pinned: str) -> str | None:
@@ -334,6 +345,9 @@ class Broker:
             pending.deadline = now + timeout_ms / 1000
         lane = self.lanes[version]
         lane.queue.append(pending)
+        expires = self._expiry(pending)
+        if expires < lane.due:
+            lane.due = expires
         if req.version:
             lane.last_pinned_at = now
         self._queued += 1
@@ -435,9 +449,11 @@ class Broker:
         """One W_REQUEST message carrying `batch`; on a failed send, every request of it is
         taken back (re-queued in order, or a probe answered worker_failed)."""
         entries = []
+        now = self.clock()
         for pending in batch:
             self._seq += 1
             pending.attempts += 1
+            pending.waited = now - pending.queued_since
             worker.inflight[self._seq] = pending
             entries.append(protocol.request_entry(self._seq, int(pending.enqueued * 1e9),
                                                   pending.op, pending.body))
@@ -507,31 +523,60 @@ class Broker:
                                           protocol.error_body(protocol.WORKER_FAILED, reason)))
 
     def _requeue_front(self, pending: Pending) -> None:
-        # Time spent inside a worker that died is not time spent waiting for one.
-        pending.queued_since = self.clock()
-        self.lanes[pending.version].queue.appendleft(pending)
+        # Time spent inside a worker that died is not time spent waiting for one; the time
+        # it waited before still counts. At the front: it has waited longest.
+        pending.queued_since = self.clock() - pending.waited
+        lane = self.lanes[pending.version]
+        lane.queue.appendleft(pending)
+        lane.due = min(lane.due, self._expiry(pending))
         self._queued += 1
 
     # -- housekeeping ----------------------------------------------------------------------
 
     def expire_queued(self, now: float) -> None:
         """Answer `timeout` for queued requests past their timeout_ms or the queue timeout."""
-        limit = now - self.queue_timeout_s
         for lane in self.lanes.values():
-            queue = lane.queue
-            while queue and queue[0].queued_since < limit:
-                self._queued -= 1
-                self._fail(queue.popleft(), protocol.TIMEOUT, "no worker could start it in time")
-            # Deadlines differ per request, so the whole queue is looked at (bounded by
-            # --max-queue, and only while requests wait at all).
-            late = [x for x in queue if 0 < x.deadline <= now]
-            if late:
-                lane.queue = deque(x for x in queue if not 0 < x.deadline <= now)
-                self._queued -= len(late)
-                for pending in late:
-                    allowed_ms = round((pending.deadline - pending.enqueued) * 1000)
-                    self._fail(pending, protocol.TIMEOUT, f"no worker could start it within "
-                               f"its timeout_ms={allowed_ms}")
+            if now >= lane.due:
+                self._expire_lane(lane, now)
+
+    def _expire_lane(self, lane: Lane, now: float) -> None:
+        queue, expiry = lane.queue, self._expiry
+        late: list[Pending] = []
+        # Arrivals join at the back, so expiries are mostly at the front: taken in O(late).
+        while queue and expiry(queue[0]) <= now:
+            late.append(queue.popleft())
+        # But not only (re-queued requests go to the front, moved ones to the back,
+        # timeout_ms differs per request): the rest is looked at too, for any late one and
+        # the next due; only when lane.due has come, at most --max-queue requests. One tight
+        # pass (_expiry inline: this loop is the broker tick's cost under overload).
+        due, timeout, straggler = math.inf, self.queue_timeout_s, False
+        for pending in queue:
+            expires = pending.queued_since + timeout
+            if 0 < pending.deadline < expires:
+                expires = pending.deadline
+            if expires <= now:
+                straggler = True
+            elif expires < due:
+                due = expires
+        if straggler:
+            late += [x for x in queue if expiry(x) <= now]
+            lane.queue = deque(x for x in queue if expiry(x) > now)
+        lane.due = due
+        self._queued -= len(late)
+        for pending in late:
+            self._fail(pending, protocol.TIMEOUT, self._timeout_message(pending))
+
+    def _expiry(self, pending: Pending) -> float:
+        """When a queued request times out: its queue timeout, or its timeout_ms if sooner."""
+        expires = pending.queued_since + self.queue_timeout_s
+        deadline = pending.deadline
+        return deadline if 0 < deadline < expires else expires
+
+    def _timeout_message(self, pending: Pending) -> str:
+        if 0 < pending.deadline < pending.queued_since + self.queue_timeout_s:
+            allowed_ms = round((pending.deadline - pending.enqueued) * 1000)
+            return f"no worker could start it within its timeout_ms={allowed_ms}"
+        return "no worker could start it in time"
 
     def fail_all_queued(self, code: str, message: str) -> None:
         for lane in self.lanes.values():

@@ -12,8 +12,9 @@ import dataclasses
 import itertools
 import math
 import os
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -200,21 +201,38 @@ def encode_request(request_id: bytes, op: bytes, version: str | None, body: dict
 
 
 def decode_reply(op: bytes, frames: list[bytes]) -> Result | ZeroPoolError:
-    """A reply's frames (after any envelope) as a result, or the error it carries."""
+    """A reply's frames (after any envelope) as a result, or the error it carries.
+
+    Never raises: a reply it cannot read (a body that is not JSON, or lacks a key) is that
+    call's InternalError. Its callers run it after the call left the dispatcher's books and
+    inside a client's only reader; an exception there would lose the call, or every call.
+    """
     if len(frames) != 4 or frames[0] != protocol.PROTOCOL:
         return InternalError(f"malformed reply ({len(frames)} frames)")
-    status, body = frames[2], orjson.loads(frames[3])
-    if status != protocol.STATUS_OK:
-        code = body.get("code", protocol.INTERNAL)
-        return ERRORS.get(code, ZeroPoolError)(body.get("message", ""), code)
-    if op == protocol.OP_SIMILARITY:
-        return Similarity(body["scores"], body["version"], reply_thresholds(body))
-    if op == protocol.OP_EMBED:
-        return Embeddings(body["embeddings"], body["dim"], body["version"],
-                          reply_tokens(body, len(body["embeddings"])))
-    versions = body.get("versions")
-    return Ping(body["version"], body["workers"],
-                dict(versions) if isinstance(versions, dict) else {})
+    try:  # one try for all (free until raised): this runs for every reply
+        body = orjson.loads(frames[3])
+        if frames[2] != protocol.STATUS_OK:
+            return reply_error(body)
+        # A body that is not an object fails at its first key (TypeError).
+        if op == protocol.OP_SIMILARITY:
+            return Similarity(body["scores"], body["version"], reply_thresholds(body))
+        if op == protocol.OP_EMBED:
+            return Embeddings(body["embeddings"], body["dim"], body["version"],
+                              reply_tokens(body, len(body["embeddings"])))
+        versions = body.get("versions")
+        return Ping(body["version"], body["workers"],
+                    dict(versions) if isinstance(versions, dict) else {})
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError too
+        return InternalError(f"unreadable {op.decode(errors='replace')} reply from the pool "
+                             f"({type(exc).__name__}: {str(exc)[:200]})")
+
+
+def reply_error(body: Any) -> ZeroPoolError:
+    """An error reply's body as its exception; TypeError when it is not one."""
+    code = body.get("code", protocol.INTERNAL) if isinstance(body, dict) else None
+    if not isinstance(code, str):
+        raise TypeError("not an error body: {\"code\": str, \"message\": str}")
+    return ERRORS.get(code, ZeroPoolError)(str(body.get("message", "")), code)
 
 
 def similarity_body(pairs: Iterable[Sequence[str]], timeout_ms: int | None) -> dict:
@@ -427,23 +445,20 @@ class PoolSet:
         self.expanded: dict[str, list[str]] = {}
         self.dns = any(t.startswith(DNS_SCHEME) for t in self.targets)
         self.next_resolve = 0.0
-        self.resolved = False
         self._ctx = ctx
         self._curve = curve
         self._events = events  # what each pool's monitor watches
-
-    def resolve_due(self, now: float) -> bool:
-        return not self.resolved or (self.dns and now >= self.next_resolve)
 
     def resolve(self) -> dict[str, list[str]]:
         """Each target's endpoints now (blocking: DNS)."""
         return expand_targets(self.targets, self.resolver, self.expanded)
 
-    def apply(self, expanded: dict[str, list[str]], now: float
+    def apply(self, expanded: dict[str, list[str]], resolved_at: float
               ) -> tuple[list[PoolSocket], list[PoolSocket]]:
-        """Open sockets for new endpoints, retire vanished ones; (opened, closed)."""
-        self.expanded, self.resolved = expanded, True
-        self.next_resolve = now + self.policy.resolve_every_s
+        """Open sockets for new endpoints, retire vanished ones; (opened, closed). The next
+        look-up is due `resolve_every_s` after this one's answer came (`resolved_at`)."""
+        self.expanded = expanded
+        self.next_resolve = resolved_at + self.policy.resolve_every_s
         wanted = list(dict.fromkeys(e for endpoints in expanded.values() for e in endpoints))
         opened = []
         for endpoint in wanted:
@@ -491,6 +506,52 @@ class PoolSet:
         self.sockets.clear()
 
 
+class Lookups:
+    """dns:// names looked up again on a daemon thread, one look-up at a time, for a blocking
+    client: getaddrinfo has no timeout of its own (resolv.conf's timeout x attempts, 10 s and
+    more), so a look-up inside a call would hold it past its deadline. The answer is applied
+    by the client's own thread, which alone touches its sockets."""
+
+    def __init__(self, resolve: Callable[[], dict[str, list[str]]]) -> None:
+        self._resolve = resolve
+        self._thread: threading.Thread | None = None
+        self._answer: dict[str, list[str]] | None = None
+        self._answered_at = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Look up now, unless a look-up is already under way or its answer not taken."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="zeropool-dns", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._answer = self._resolve()
+        except Exception:  # whatever the resolver raises, the pools stay as they are
+            self._answer = None
+        self._answered_at = time.monotonic()
+
+    def take(self) -> tuple[dict[str, list[str]] | None, float] | None:
+        """The finished look-up's (answer, when it came), once; None while none has finished.
+        The answer is None when the resolver raised."""
+        thread = self._thread
+        if thread is None or thread.is_alive():
+            return None
+        self._thread = None
+        answer, self._answer = self._answer, None
+        return answer, self._answered_at
+
+
+# While a look-up runs, a waiting call looks for its answer this often (a pool it brings may
+# be the only one that can take the call).
+LOOKUP_POLL_S = 0.05
+
+
 class Client:
     """Blocking client. Not thread-safe (its sockets); use one per thread or `AsyncClient`.
 
@@ -511,7 +572,10 @@ class Client:
         self.endpoint = ",".join(self._pools.targets)
         self._poller = zmq.Poller()
         self._owner: dict[zmq.Socket, PoolSocket] = {}
-        self._refresh(time.monotonic())
+        self._lookups = Lookups(self._pools.resolve)
+        # The first look-up blocks: there is nothing to send to before it.
+        now = time.monotonic()
+        self._adopt(*self._pools.apply(self._pools.resolve(), now))
 
     def pools(self) -> dict[str, PoolState]:
         """What the client knows of each pool now (copies)."""
@@ -541,34 +605,59 @@ class Client:
     def _call(self, op: bytes, version: str | None, bodies: list[dict],
               timeout: float | None, in_flight: int = 1) -> list[Any]:
         """Send `bodies` keeping at most `in_flight` outstanding; results in input order."""
-        core = self._pools.core
+        # Every body encoded before any is sent: bad input raises with nothing in flight.
+        encoded = [orjson.dumps(body) for body in bodies]
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
         pinned = (version or "").encode()
-        results: list[Any] = [None] * len(bodies)
-        submitted = open_calls = 0
+        calls = [Call(op, pinned, body, deadline, index=i) for i, body in enumerate(encoded)]
+        try:
+            return self._run(calls, in_flight)
+        finally:
+            # However this call ends (an exception, KeyboardInterrupt), none of its requests
+            # stays in the dispatcher: their replies would be counted by the next call.
+            self._forget(calls)
+
+    def _run(self, calls: list[Call], in_flight: int) -> list[Any]:
+        core = self._pools.core
+        results: list[Any] = [None] * len(calls)
+        submitted = ended = 0
+        in_flight = max(1, in_flight)
         while True:
-            while submitted < len(bodies) and open_calls < in_flight:
-                core.submit(Call(op, pinned, orjson.dumps(bodies[submitted]), deadline,
-                                 index=submitted))
+            while submitted < len(calls) and submitted - ended < in_flight:
+                core.submit(calls[submitted])
                 submitted += 1
-                open_calls += 1
             now = time.monotonic()
             self._take_events(now)
             self._refresh(now)
             core.expire(now)
             self._pools.send(core.place(now), now)
             for call in core.take_finished():
-                results[call.index] = call.result
-                open_calls -= 1
-            if open_calls == 0 and submitted == len(bodies):
+                # Only this call's own: the dispatcher is shared with calls before it.
+                if call.index < len(calls) and calls[call.index] is call:
+                    results[call.index] = call.result
+                    ended += 1
+            if ended == len(calls):
                 return results
-            if open_calls:
-                self._wait(core.next_wake(now), now)
+            self._wait(core.next_wake(now), now)
+
+    def _forget(self, calls: list[Call]) -> None:
+        """Give up every call of `calls` the dispatcher still holds, and drop them from its
+        finished list (the next call would ignore them; this keeps nothing alive)."""
+        core = self._pools.core
+        waiting = set(core.waiting)
+        now = time.monotonic()
+        for call in calls:
+            if not call.done and (call.rid is not None or call in waiting):
+                core.give_up(call, now)
+        if core.finished:  # empty after a call that ended normally
+            mine = set(calls)
+            core.finished = [call for call in core.finished if call not in mine]
 
     def _wait(self, wake: float | None, now: float) -> None:
         """Until a socket has news or something is due; then take the news."""
         if self._pools.dns:
-            wake = min(wake or self._pools.next_resolve, self._pools.next_resolve)
+            due = now + LOOKUP_POLL_S if self._lookups.running else self._pools.next_resolve
+            wake = due if wake is None else min(wake, due)
         timeout_ms = 1000 if wake is None else max(0, math.ceil((wake - now) * 1000))
         for sock, _ in self._poller.poll(timeout_ms):
             pool = self._owner.get(sock)
@@ -597,11 +686,22 @@ class Client:
             self._pools.core.fail_all(refused)
 
     def _refresh(self, now: float) -> None:
-        """DNS looked up again when due; sockets opened and closed to match."""
-        if self._pools.resolve_due(now):
-            opened, closed = self._pools.apply(self._pools.resolve(), now)
+        """A finished DNS look-up applied, the next one started when due (never waited
+        for: see Lookups); sockets opened and closed to match."""
+        if not self._pools.dns:
+            return  # static endpoints: nothing ever opens or closes
+        taken = self._lookups.take()
+        if taken is None:
+            self._adopt([], self._pools.close_retired())
+        elif taken[0] is None:  # the resolver failed: the pools stay; try again in a while
+            self._pools.next_resolve = taken[1] + self._pools.policy.resolve_every_s
         else:
-            opened, closed = [], self._pools.close_retired()
+            self._adopt(*self._pools.apply(*taken))
+        if now >= self._pools.next_resolve:
+            self._lookups.start()
+
+    def _adopt(self, opened: list[PoolSocket], closed: list[PoolSocket]) -> None:
+        """Poll the sockets of pools just opened; stop polling those just closed."""
         for pool in opened:
             for sock in (pool.sock, pool.watch.monitor):
                 self._poller.register(sock, zmq.POLLIN)
@@ -641,6 +741,7 @@ class AsyncClient:
         self._resolver: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._timer_at: float | None = None  # when the timer task wakes next
+        self._closed = False
 
     def pools(self) -> dict[str, PoolState]:
         """What the client knows of each pool now (copies)."""
@@ -662,6 +763,8 @@ class AsyncClient:
 
     async def _call(self, op: bytes, version: str | None, body: dict,
                     timeout: float | None) -> Any:
+        if self._closed:
+            raise NoReply("client closed")
         self._start()
         refused = self._pools.refusal()
         if refused is not None:
@@ -778,6 +881,12 @@ class AsyncClient:
                 task.cancel()
 
     async def close(self) -> None:
+        """Stop; every call still waiting ends with NoReply("client closed") (once the
+        timer is gone, nothing else would ever end it)."""
+        self._closed = True
+        for future in self._futures.values():
+            if not future.done():
+                future.set_result(NoReply("client closed"))
         tasks = [self._timer, self._resolver, *itertools.chain(*self._tasks.values())]
         for task in tasks:
             if task is not None:

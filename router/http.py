@@ -14,10 +14,12 @@ import hmac
 import logging
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 import orjson
 from prometheus_client import (
@@ -49,6 +51,8 @@ DEFAULT_MODEL_NAMES = frozenset({"", "default"})
 # A `model` the pool said is not a version is remembered this long, so that a tool with a
 # hard-coded name ("text-embedding-3-small") costs one round trip, not two, per request.
 NOT_A_VERSION_TTL_S = 5.0
+# At most this many such names: a caller sending a new name each time must not grow the door.
+NOT_A_VERSION_MAX = 1024
 # Strict pinning: a request with this header is served by that version or gets 404.
 VERSION_HEADER = "x-zeropool-version"
 RETRY_AFTER_S = "1"
@@ -108,8 +112,30 @@ def pool_error(exc: ZeroPoolError) -> HttpError:
 
 
 def json_response(data: Any, version: str | None = None) -> Response:
-    headers = {VERSION_HEADER: version} if version else None
+    headers = {VERSION_HEADER: header_value(version)} if version else None
     return Response(orjson.dumps(data), 200, headers, media_type=JSON)
+
+
+def header_value(version: str) -> str:
+    """A version name as a header value: percent-encoded UTF-8 (RFC 3986) beyond ASCII
+    letters, digits and "._-" (what names are made of), which stay as they are. Header
+    values are Latin-1 on the wire (Starlette refuses anything else: a 500 for a name such
+    as "模型v2"), and clients decode non-ASCII ones each their own way."""
+    return quote(version, safe="")
+
+
+def header_version(request: Request) -> str | None:
+    """The version a request pins in its header: percent-decoded as `header_value` encodes
+    (names hold no "%"), else raw UTF-8 (as curl sends it; Starlette decodes it as Latin-1)."""
+    raw = request.headers.get(VERSION_HEADER)
+    if raw is None:
+        return None
+    if raw.isascii():
+        return unquote(raw)
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return raw
 
 
 def load_tokens(path: Path) -> frozenset[str]:
@@ -156,7 +182,8 @@ class Door:
 
     settings: HttpSettings
     client: AsyncClient | None = None
-    not_versions: dict[str, float] = field(default_factory=dict)  # name -> forget after
+    # name -> forget after; in insertion order, which is expiry order (one TTL for all)
+    not_versions: OrderedDict[str, float] = field(default_factory=OrderedDict)
     metrics: DoorMetrics = field(default_factory=DoorMetrics)
 
     @property
@@ -208,8 +235,17 @@ class Door:
         except ZeroPoolError as exc:
             if exc.code != protocol.UNKNOWN_VERSION:
                 raise
-        self.not_versions[name] = time.monotonic() + NOT_A_VERSION_TTL_S
+        self.remember_not_version(name)
         return await self.pool.embed(texts)
+
+    def remember_not_version(self, name: str) -> None:
+        """`name` is not a version, for NOT_A_VERSION_TTL_S. Expired names are dropped here,
+        and the oldest past NOT_A_VERSION_MAX: a tool's few names stay, floods do not."""
+        now, names = time.monotonic(), self.not_versions
+        names.pop(name, None)  # re-inserted last: insertion order stays expiry order
+        while names and (len(names) >= NOT_A_VERSION_MAX or next(iter(names.values())) < now):
+            names.popitem(last=False)
+        names[name] = now + NOT_A_VERSION_TTL_S
 
     def _known_not_version(self, name: str) -> bool:
         until = self.not_versions.get(name)
@@ -280,7 +316,7 @@ async def openai_embeddings(door: Door, request: Request) -> Response:
     dimensions = body.get("dimensions")
     if dimensions is not None and (not isinstance(dimensions, int) or dimensions < 1):
         raise HttpError(400, protocol.BAD_REQUEST, "dimensions must be a positive integer")
-    result = await door.embed(texts, model, request.headers.get(VERSION_HEADER))
+    result = await door.embed(texts, model, header_version(request))
     # Checked after the pool answered: only then is the answering version's size known.
     if dimensions is not None and dimensions != result.dim:
         raise HttpError(400, protocol.BAD_REQUEST, f"dimensions {dimensions} is not supported: "
@@ -294,7 +330,7 @@ async def tei_embed(door: Door, request: Request) -> Response:
     if body.get("normalize", True) is not True:
         raise HttpError(400, protocol.BAD_REQUEST,
                         "normalize must be true: this pool returns L2-normalised embeddings")
-    result = await door.embed(texts, None, request.headers.get(VERSION_HEADER))
+    result = await door.embed(texts, None, header_version(request))
     return json_response(result.embeddings, result.version)
 
 
@@ -306,7 +342,7 @@ async def tei_similarity(door: Door, request: Request) -> Response:
                         '"sentences": ["...", ...]}')
     source = inputs["source_sentence"]
     sentences = text_list(inputs.get("sentences"), "inputs.sentences")
-    version = request.headers.get(VERSION_HEADER)
+    version = header_version(request)
     result = await door.pool.similarity([(source, s) for s in sentences], version=version)
     return json_response(result.scores, result.version)
 

@@ -1,0 +1,103 @@
+"""The HTTP door in-process (Starlette's TestClient, a fake pool on a real socket): version
+names beyond Latin-1 in the x-zeropool-version header, and the bounded cache of model names
+that are not versions. Fast; the end-to-end door is tests/test_http.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from starlette.testclient import TestClient
+
+from router import http as door_http
+from router.client import Embeddings, UnknownVersion
+from router.http import VERSION_HEADER, Door, HttpSettings, build_app, json_response
+from tests.zp1_peer import ZP1Peer
+
+NAME = "模型v2"  # a valid version name (str.isalnum), not Latin-1
+NAME_IN_HEADER = "%E6%A8%A1%E5%9E%8Bv2"
+
+
+@pytest.mark.parametrize(("version", "header"), [
+    ("v2", "v2"),
+    ("e5-small_v1.2", "e5-small_v1.2"),  # every character a name may hold, as it is
+    ("café", "caf%C3%A9"),
+    (NAME, NAME_IN_HEADER),
+])
+def test_the_version_header_is_ascii_percent_encoded_utf8(version: str, header: str) -> None:
+    response = json_response({"version": version}, version)
+    assert response.headers[VERSION_HEADER] == header
+    assert response.body.decode() == f'{{"version":"{version}"}}'  # the body keeps the name
+
+
+@pytest.fixture
+def door() -> Iterator[tuple[TestClient, ZP1Peer]]:
+    with ZP1Peer(name=NAME) as peer, \
+            TestClient(build_app(HttpSettings(peer.endpoint, timeout_s=3.0))) as client:
+        yield client, peer
+
+
+def test_a_version_named_beyond_latin1_is_served_not_500(
+        door: tuple[TestClient, ZP1Peer]) -> None:
+    client, _peer = door
+    health = client.get("/health")
+    assert health.status_code == 200
+    assert health.headers[VERSION_HEADER] == NAME_IN_HEADER
+    assert health.json()["version"] == NAME
+    embedded = client.post("/v1/embeddings", json={"input": "x"})
+    assert embedded.status_code == 200
+    assert embedded.json()["model"] == NAME
+    assert embedded.headers[VERSION_HEADER] == NAME_IN_HEADER
+
+
+@pytest.mark.parametrize("sent", [NAME_IN_HEADER.encode(), NAME.encode()],
+                         ids=["percent-encoded", "raw-utf8"])
+def test_a_strict_pin_header_takes_the_name_percent_encoded_or_raw(
+        door: tuple[TestClient, ZP1Peer], sent: bytes) -> None:
+    client, peer = door
+    response = client.post("/embed", json={"inputs": "x"}, headers={VERSION_HEADER: sent})
+    assert response.status_code == 200
+    assert peer.received[-1][:2] == (b"embed", NAME.encode())
+
+
+class NoSuchVersions:
+    """A pool where no `model` name is a version: a pinned embed is unknown_version."""
+
+    def __init__(self) -> None:
+        self.pinned = 0
+
+    async def embed(self, texts: list[str], version: str | None = None) -> Embeddings:
+        if version:
+            self.pinned += 1
+            raise UnknownVersion(f"version {version!r} is not serving")
+        return Embeddings([[1.0]], 1, "v1")
+
+
+class FakeTime:
+    now = 0.0
+
+    @classmethod
+    def monotonic(cls) -> float:
+        return cls.now
+
+
+def test_names_known_not_to_be_versions_are_remembered_a_while_and_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(door_http, "time", FakeTime)
+    pool = NoSuchVersions()
+    door = Door(HttpSettings("tcp://unused:1"), client=pool)  # type: ignore[arg-type]
+
+    async def ask(*names: str) -> None:
+        for name in names:
+            await door.embed(["x"], name, None)
+
+    asyncio.run(ask("text-embedding-3-small", "text-embedding-3-small"))
+    assert pool.pinned == 1  # the second cost one round trip, not two
+    FakeTime.now = door_http.NOT_A_VERSION_TTL_S + 1
+    asyncio.run(ask("other"))
+    assert list(door.not_versions) == ["other"]  # the expired name dropped on insert
+    asyncio.run(ask(*(f"name-{i}" for i in range(3000))))  # a caller inventing names
+    assert len(door.not_versions) < 3000
+    assert len(door.not_versions) == door_http.NOT_A_VERSION_MAX
+    assert "name-2999" in door.not_versions and "other" not in door.not_versions
