@@ -44,6 +44,14 @@ def fake(tmp_path: Path) -> Iterator[FakePool]:
     pool.close()
 
 
+@pytest.fixture
+def serving3(tmp_path: Path) -> Iterator[FakePool]:
+    """Three v1 workers serving (where a rotation's worker counts matter)."""
+    pool = FakePool(tmp_path, workers=3)
+    yield serving(pool, workers=3)
+    pool.close()
+
+
 def serving(fake: FakePool, workers: int = 2) -> FakePool:
     fake.load("v1", workers=workers)
     fake.bring_up("v1")
@@ -660,86 +668,73 @@ def test_a_new_worker_crashing_while_another_is_ready_rolls_the_rotation_back(
     fake.rotations.start("v3", "/models/v3", workers=2, strategy="surge")  # not "still ..."
 
 
-def test_a_rolling_rotation_whose_next_worker_crashes_goes_back_to_v1(
-        tmp_path: Path) -> None:
-    fake = FakePool(tmp_path, workers=3)
-    try:
-        serving(fake, workers=3)
-        rotate(fake, strategy="rolling", workers=3)
-        rot = fake.rotations.current
-        for _ in range(100):  # the first v2 worker serves
-            fake.bring_up("v2")
-            fake.finish_stops()
-            fake.tick()
-            if rot.phase == Phase.DRAINING:
-                break
-        for _ in range(100):  # another v1 worker makes room for the second v2 worker
-            fake.finish_stops()
-            fake.tick()
-            if fake.workers_of("v2", LOADING):
-                break
-        assert len(fake.workers_of("v2", READY)) == 1
-        assert len(fake.workers_of("v1", READY)) == 1
-        fake.workers_of("v2", LOADING)[0].exit(1)
-        for _ in range(2):  # its exit, then the reason it may still send
-            fake.tick(LOAD_REASON_WAIT_S)
-        assert rot.switched_back and fake.broker.active == "v1"
-        for _ in range(100):
-            fake.bring_up("v1")
-            fake.finish_stops()
-            fake.tick()
-            if rot.finished:
-                break
-        assert rot.outcome == "rolled_back"
-        assert len(fake.workers_of("v1", READY)) == 3 and not fake.workers_of("v2")
-    finally:
-        fake.close()
+def test_a_rolling_rotation_whose_next_worker_crashes_goes_back_to_v1(serving3: FakePool) -> None:
+    fake = serving3
+    rotate(fake, strategy="rolling", workers=3)
+    rot = fake.rotations.current
+    for _ in range(100):  # the first v2 worker serves
+        fake.bring_up("v2")
+        fake.finish_stops()
+        fake.tick()
+        if rot.phase == Phase.DRAINING:
+            break
+    for _ in range(100):  # another v1 worker makes room for the second v2 worker
+        fake.finish_stops()
+        fake.tick()
+        if fake.workers_of("v2", LOADING):
+            break
+    assert len(fake.workers_of("v2", READY)) == 1
+    assert len(fake.workers_of("v1", READY)) == 1
+    fake.workers_of("v2", LOADING)[0].exit(1)
+    for _ in range(2):  # its exit, then the reason it may still send
+        fake.tick(LOAD_REASON_WAIT_S)
+    assert rot.switched_back and fake.broker.active == "v1"
+    for _ in range(100):
+        fake.bring_up("v1")
+        fake.finish_stops()
+        fake.tick()
+        if rot.finished:
+            break
+    assert rot.outcome == "rolled_back"
+    assert len(fake.workers_of("v1", READY)) == 3 and not fake.workers_of("v2")
 
 
 def test_a_rolling_rotation_to_fewer_workers_keeps_the_old_ones_until_the_new_serve(
-        tmp_path: Path) -> None:
-    fake = FakePool(tmp_path, workers=3)
-    try:
-        serving(fake, workers=3)
-        rotate(fake, strategy="rolling", workers=1)
-        rot = fake.rotations.current
-        fewest_v1 = 3
-        for _ in range(100):
-            fake.bring_up("v2")
-            fake.finish_stops()
-            fake.tick()
-            if rot.phase != Phase.DRAINING:
-                fewest_v1 = min(fewest_v1, len(fake.workers_of("v1", READY)))
-            else:
-                break
-        assert fewest_v1 == 2, "one old worker made room, the others served meanwhile"
-        assert fake.broker.active == "v2"
-    finally:
-        fake.close()
+        serving3: FakePool) -> None:
+    fake = serving3
+    rotate(fake, strategy="rolling", workers=1)
+    rot = fake.rotations.current
+    fewest_v1 = 3
+    for _ in range(100):
+        fake.bring_up("v2")
+        fake.finish_stops()
+        fake.tick()
+        if rot.phase != Phase.DRAINING:
+            fewest_v1 = min(fewest_v1, len(fake.workers_of("v1", READY)))
+        else:
+            break
+    assert fewest_v1 == 2, "one old worker made room, the others served meanwhile"
+    assert fake.broker.active == "v2"
 
 
 def test_a_failed_rolling_rotation_restores_as_many_old_workers_as_there_were(
-        tmp_path: Path) -> None:
-    fake = FakePool(tmp_path, workers=3)
-    try:
-        serving(fake, workers=3)
-        rotate(fake, strategy="rolling", workers=1)
-        for _ in range(20):
-            fake.finish_stops()
-            fake.tick()
-            if fake.workers_of("v2", LOADING):
-                break
-        fake.workers_of("v2", LOADING)[0].exit(1)
-        for _ in range(100):
-            fake.bring_up("v1")
-            fake.finish_stops()
-            fake.tick()
-            if fake.rotations.current.finished:
-                break
-        assert fake.rotations.current.outcome == "rolled_back"
-        assert len(fake.workers_of("v1", READY)) == 3
-    finally:
-        fake.close()
+        serving3: FakePool) -> None:
+    fake = serving3
+    rotate(fake, strategy="rolling", workers=1)
+    for _ in range(20):
+        fake.finish_stops()
+        fake.tick()
+        if fake.workers_of("v2", LOADING):
+            break
+    fake.workers_of("v2", LOADING)[0].exit(1)
+    for _ in range(100):
+        fake.bring_up("v1")
+        fake.finish_stops()
+        fake.tick()
+        if fake.rotations.current.finished:
+            break
+    assert fake.rotations.current.outcome == "rolled_back"
+    assert len(fake.workers_of("v1", READY)) == 3
 
 
 def test_a_canary_whose_workers_all_fail_returns_its_traffic_to_v1(fake: FakePool) -> None:
