@@ -144,6 +144,14 @@ def pipelined_limit(max_batch: int, recent_held: Iterable[int]) -> int:
     return min(max_batch, -(-peak // 2))
 
 
+def echo_answer(job: Job, version: str) -> dict[str, Any]:
+    """The echo model's reply: the shape of the real one (zero scores, empty embeddings)."""
+    if job.op == protocol.OP_EMBED:
+        return {"embeddings": [[] for _ in job.texts], "dim": 0, "version": version,
+                "tokens": [0] * len(job.texts)}
+    return {"scores": [0.0] * (len(job.texts) // 2), "version": version}
+
+
 class DeviceThread:
     """Runs the forward passes: `embed` (token ids of distinct texts -> their normalised
     vectors, a numpy array, one row per text) or, on the echo model, none."""
@@ -164,6 +172,7 @@ class DeviceThread:
         self.stats = stats  # the main thread reads it for heartbeats
         self.on_failure = on_failure  # after a failed pass (frees device memory)
         self.pass_started = 0.0  # monotonic start of the pass running now; 0 between passes
+        self.progressed_at = 0.0  # monotonic: the pass's start, then each part's end
         self.last_batch = 0  # requests in the previous batch: is there concurrent load?
         self.last_size = 0  # its pairs: out for a round trip while the next pass is chosen
         self.recent_held: deque[int] = deque(maxlen=PIPELINE_WINDOW_PASSES)
@@ -180,7 +189,7 @@ class DeviceThread:
             idle_since = time.monotonic_ns()
             while (jobs := self._next_batch()) is not None:
                 started = time.monotonic_ns()
-                self.pass_started = started / 1e9
+                self.pass_started = self.progressed_at = started / 1e9
                 self._serve(jobs)
                 done = time.monotonic_ns()
                 self.pass_started = 0.0
@@ -226,6 +235,11 @@ class DeviceThread:
             return self.max_batch
         return pipelined_limit(self.max_batch, self.recent_held)
 
+    def note_progress(self) -> None:
+        """A part of the running pass has finished (a long pass is many: the main thread
+        keeps heartbeating while they finish)."""
+        self.progressed_at = time.monotonic()
+
     def note_preparation(self, seconds: float, texts: int) -> None:
         """The main thread decoded and tokenised `texts` texts in `seconds`."""
         if texts:
@@ -237,10 +251,9 @@ class DeviceThread:
             self.pass_s_per_text = smoothed(self.pass_s_per_text, seconds / texts)
 
     def _serve(self, jobs: list[Job]) -> None:
-        if self.embed is None:  # the echo model: transport only, its scores judge nothing
+        if self.embed is None:  # the echo model: transport only, its answers judge nothing
             for job in jobs:
-                self._reply(job.seq, {"scores": [0.0] * (len(job.texts) // 2),
-                                      "version": self.version})
+                self._reply(job.seq, echo_answer(job, self.version))
             return
         first_ids: dict[str, list[int]] = {}
         for job in jobs:

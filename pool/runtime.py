@@ -12,6 +12,7 @@ import itertools
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ CHUNK_TEXTS = {"cpu": 128, "cuda": 1024}
 CUDA_WIDTH_MULTIPLE = 8
 # The fixed cost of one forward pass (Python, dispatch, kernel launches), in the time it takes
 # to compute this many tokens: what the pass planner weighs against padding. It is the
-# model's own, so a CPU encoder measures it at load (Encoder.measure_overhead_tokens): a
+# model's own, so a CPU encoder measures it at load (Encoder.measure_pass_cost): a
 # 2-layer BERT, whose passes are mostly overhead, ~160-280 tokens' worth; MiniLM at one
 # thread 25-45 (fp32) and 27-110 (bf16) (benchmarks/forward_cost.py). CUDA: launches dominate
 # small batches, so padding is nearly free (assumed; not measured yet).
@@ -51,6 +52,16 @@ OVERHEAD_ROWS = 16
 OVERHEAD_REPEATS = 9
 OVERHEAD_BUDGET_S = 0.1
 OVERHEAD_TOKENS_RANGE = (FORWARD_OVERHEAD_TOKENS["cpu"], 1024)
+# Padded tokens per pass (a text alone may be more). A pass is the device thread's unit of
+# progress, and a worker whose pass shows none for HEARTBEAT_S x HEARTBEAT_LIVENESS (30 s) is
+# killed as hung: a CPU encoder sizes its passes to about CHUNK_SECONDS of compute as measured
+# at load (16-token rows; long texts cost more a token, attention growing with width: ~1.5x
+# for a 12-layer, 384-wide model at 512 tokens), within CHUNK_TOKENS_RANGE. Short sentences
+# never reach it (128 rows of 16 tokens: 2,048). A GPU pass is bounded for its memory: 128
+# texts of 512 tokens, where 1,024 of them once made one pass 32 times the batch budget.
+CHUNK_SECONDS = 2.0
+CHUNK_TOKENS_RANGE = (2_048, 65_536)
+CHUNK_TOKENS = {"cpu": 16_384, "cuda": 65_536}  # when not measured
 
 
 # CPU passes at most this many tokens wide run a graph traced with the plain ("eager")
@@ -110,6 +121,22 @@ def plan_free_attention() -> None:
 GRAPH_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 
 
+@dataclass(frozen=True, slots=True)
+class PassCost:
+    """What a forward pass costs on this machine: its fixed part, in tokens' worth, and a
+    token's compute (None: not measured, or noise hid it)."""
+
+    overhead_tokens: int
+    seconds_per_token: float | None
+
+    def chunk_tokens(self) -> int | None:
+        """Padded tokens of about CHUNK_SECONDS of compute (None: unknown)."""
+        if not self.seconds_per_token:
+            return None
+        low, high = CHUNK_TOKENS_RANGE
+        return min(max(int(CHUNK_SECONDS / self.seconds_per_token), low), high)
+
+
 class GraphCheckFailed(RuntimeError):
     """The TorchScript graph of a model does not compute what the model does."""
 
@@ -136,6 +163,7 @@ class Encoder:
         chunk_texts: int | None = None,
         overhead_tokens: int | None = None,
         graph: str = "auto",
+        chunk_tokens: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -176,10 +204,13 @@ class Encoder:
                     self._traced, self._traced_short = built
                 else:
                     self._graphs = built
-        if overhead_tokens is None:
-            overhead_tokens = (self.measure_overhead_tokens() if self.device.type == "cpu"
-                               else FORWARD_OVERHEAD_TOKENS.get(self.device.type, 0))
-        self.overhead_tokens = overhead_tokens
+        measured = PassCost(FORWARD_OVERHEAD_TOKENS.get(self.device.type, 0), None)
+        if overhead_tokens is None and self.device.type == "cpu":
+            measured = self.measure_pass_cost()
+        self.overhead_tokens = measured.overhead_tokens if overhead_tokens is None \
+            else overhead_tokens
+        self.chunk_tokens = chunk_tokens or measured.chunk_tokens() or \
+            CHUNK_TOKENS.get(self.device.type, CHUNK_TOKENS["cpu"])
 
     def _trace(self) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
         """The graph for wide passes (the model's own attention) and the one for passes up
@@ -238,10 +269,10 @@ class Encoder:
                             attention_mask=mask.bool()[:, None, None, :]).last_hidden_state
         return sentence_vectors(hidden, mask)
 
-    def measure_overhead_tokens(self) -> int:
+    def measure_pass_cost(self) -> PassCost:
         """This model's fixed cost of a pass on this machine, in tokens' worth of its
-        compute: the best pass of one row and of OVERHEAD_ROWS rows (after an untimed one,
-        which may profile a graph)."""
+        compute, and its cost a token: from the best pass of one row and of OVERHEAD_ROWS
+        rows (after an untimed one, which may profile a graph)."""
         golden = self.token_ids([GOLDEN_PAIRS[0][0]])[0]
         inner = golden[1:-1] or golden
         row = [golden[0], *itertools.islice(itertools.cycle(inner), OVERHEAD_WIDTH - 2),
@@ -259,8 +290,10 @@ class Encoder:
                     times.append(time.perf_counter() - start)
             return min(times)
 
-        return fixed_cost_tokens(best_seconds(1), best_seconds(OVERHEAD_ROWS),
-                                 OVERHEAD_ROWS, OVERHEAD_WIDTH)
+        one_row, rows = best_seconds(1), best_seconds(OVERHEAD_ROWS)
+        per_token = (rows - one_row) / ((OVERHEAD_ROWS - 1) * OVERHEAD_WIDTH)
+        return PassCost(fixed_cost_tokens(one_row, rows, OVERHEAD_ROWS, OVERHEAD_WIDTH),
+                        per_token if per_token > 0 else None)
 
     def _batch(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         """Token ids padded to the longest (on CUDA, up to the next multiple of
@@ -280,16 +313,21 @@ class Encoder:
         return self.embed_tokens(self.token_ids(texts))
 
     @torch.inference_mode()
-    def embed_tokens(self, ids: list[list[int]]) -> torch.Tensor:
-        """`embed` of texts already tokenised by `token_ids`."""
+    def embed_tokens(self, ids: list[list[int]],
+                     on_chunk: Callable[[], None] | None = None) -> torch.Tensor:
+        """`embed` of texts already tokenised by `token_ids`; `on_chunk` after each pass of
+        it (a long one makes progress a pass at a time)."""
         if not ids:
             return torch.empty((0, self.dim))
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         lengths = [len(ids[i]) for i in order]
         out = torch.empty((len(ids), self.dim))
-        for start, end in plan_chunks(lengths, self.overhead_tokens, self.chunk_texts):
+        for start, end in plan_chunks(lengths, self.overhead_tokens, self.chunk_texts,
+                                      self.chunk_tokens):
             chunk = order[start:end]
             out[chunk] = self._forward([ids[i] for i in chunk])
+            if on_chunk is not None:
+                on_chunk()
         return out
 
     def _forward(self, ids: list[list[int]]) -> torch.Tensor:
@@ -374,19 +412,24 @@ def fixed_cost_tokens(one_row_s: float, rows_s: float, rows: int, width: int) ->
 
 
 def plan_chunks(
-    lengths: Sequence[int], overhead_tokens: int, max_rows: int
+    lengths: Sequence[int], overhead_tokens: int, max_rows: int, max_tokens: int = 0
 ) -> list[tuple[int, int]]:
     """Split texts sorted by token length into `[start, end)` forward passes of least cost.
 
-    A pass of at most `max_rows` texts costs its rows x its longest length (padding
+    A pass of at most `max_rows` texts, and (if `max_tokens`) at most `max_tokens` padded
+    tokens (one text alone may be more), costs its rows x its longest length (padding
     included) plus `overhead_tokens`. Some plan of least cost starts every pass where the
-    length changes or right after a full pass: a pass starting inside a run of equal
-    lengths can hand its first text to the pass before (at that pass's own width) for
-    nothing more, and saves its own width on it. So the plan is a dynamic programme over
-    runs of equal length, each group of runs cut into full passes from its start.
+    length changes or right after a full pass (one that cannot take its next text): a pass
+    starting inside a run of equal lengths can hand its first text to the pass before (at
+    that pass's own width) for nothing more, and saves its own width on it. So the plan is a
+    dynamic programme over runs of equal length, each group of runs cut into full passes
+    from its start.
     """
     if not lengths:
         return []
+    if max_tokens and max_rows * lengths[-1] <= max_tokens:
+        max_tokens = 0  # no pass could reach it: the plain row limit, as fast as ever
+    full_rows = _full_rows(lengths, max_rows, max_tokens)
     ends = [i + 1 for i in range(len(lengths)) if i + 1 == len(lengths)
             or lengths[i + 1] != lengths[i]]
     starts = [0, *ends[:-1]]
@@ -396,9 +439,9 @@ def plan_chunks(
         full_end, full_cost = start, 0  # the full passes of the group starting at run i
         for j in range(i + 1, len(ends) + 1):
             end = ends[j - 1]
-            while end - full_end >= max_rows:
-                full_end += max_rows
-                full_cost += max_rows * lengths[full_end - 1] + overhead_tokens
+            while end - full_end > (rows := full_rows(full_end)):
+                full_end += rows
+                full_cost += rows * lengths[full_end - 1] + overhead_tokens
             rest = end - full_end
             cost = best[i] + full_cost + (rest * lengths[end - 1] + overhead_tokens if rest else 0)
             if best[j] < 0 or cost < best[j]:
@@ -406,10 +449,39 @@ def plan_chunks(
     passes: list[tuple[int, int]] = []
     j = len(ends)
     while j:
-        start, end = starts[cut[j]], ends[j - 1]
-        passes[:0] = [(s, min(s + max_rows, end)) for s in range(start, end, max_rows)]
+        group: list[tuple[int, int]] = []
+        at, end = starts[cut[j]], ends[j - 1]
+        while at < end:
+            rows = min(full_rows(at), end - at)
+            group.append((at, at + rows))
+            at += rows
+        passes[:0] = group
         j = cut[j]
     return passes
+
+
+def _full_rows(lengths: Sequence[int], max_rows: int,
+               max_tokens: int) -> Callable[[int], int]:
+    """How many texts a full pass starting at text `start` holds (lengths ascending): up to
+    max_rows, and while rows x the last one's length stays within max_tokens (at least one)."""
+    count = len(lengths)
+    if not max_tokens:
+        return lambda start: max_rows
+    known: dict[int, int] = {}
+
+    def rows_from(start: int) -> int:
+        if start not in known:
+            low, high = 1, min(max_rows, count - start)  # the answer is in [low, high]
+            while low < high:
+                mid = (low + high + 1) // 2
+                if mid * lengths[start + mid - 1] <= max_tokens:
+                    low = mid
+                else:
+                    high = mid - 1
+            known[start] = low
+        return known[start]
+
+    return rows_from
 
 
 class SentenceVectors(torch.nn.Module):

@@ -175,16 +175,22 @@ class WorkerLoop:
         log.info("ready: version %s on %s (%s, %s) in %.2fs", self.cfg.version, info.device,
                  info.dtype, info.graph, info.load_seconds)
         if info.pass_overhead_tokens:
-            log.info("pass planning: a forward pass costs %d tokens' worth besides its own",
-                     info.pass_overhead_tokens)
+            log.info("pass planning: a forward pass costs %d tokens' worth besides its own; "
+                     "at most %d padded tokens a pass", info.pass_overhead_tokens,
+                     self.encoder.chunk_tokens if self.encoder else 0)
         if info.graph_note:
             log.warning("forward passes run eager: the model could not be traced (%s)",
                         info.graph_note)
         encoder = self.encoder
+
+        def embed(ids: list[list[int]]) -> Any:
+            assert encoder is not None and self.device is not None
+            return encoder.embed_tokens(ids, on_chunk=self.device.note_progress).numpy()
+
         self.device = DeviceThread(
             self.queue, self.cfg.version, self.cfg.max_batch, self.settings.max_wait_ms,
-            embed=None if encoder is None else lambda ids: encoder.embed_tokens(ids).numpy(),
-            stats=self.stats, on_failure=_release_cuda_cache,
+            embed=None if encoder is None else embed, stats=self.stats,
+            on_failure=_release_cuda_cache,
             max_batch_tokens=self.settings.max_batch_tokens, thresholds=self.cfg.thresholds,
             pipelined=self.settings.passes == "pipelined")
         if encoder is None:
@@ -271,9 +277,15 @@ class WorkerLoop:
         if pair is not None:
             poller.register(pair, zmq.POLLIN)
         self.next_heartbeat = time.monotonic() + self.cfg.heartbeat_s
+        reading = True
         while True:
             ready = dict(poller.poll(int(self.cfg.heartbeat_s * 1000)))
             self._stop_on_sigterm()
+            if self.stopping and reading:
+                # What the router sends from now on stays unread (it re-runs it once this
+                # worker has exited); left in the poller, it would wake every poll at once.
+                poller.unregister(self.sock)
+                reading = False
             if pair is not None and pair in ready and self._forward_replies(pair):
                 return
             if pair is None and self.stopping:
@@ -311,10 +323,10 @@ class WorkerLoop:
             return
         device = self.device
         if device is not None:
-            started = device.pass_started
-            if started and now - started > self.cfg.heartbeat_s:
-                # A pass this long may be stuck: silence lets the supervisor judge, as it did
-                # when passes ran on this thread.
+            if device.pass_started and now - device.progressed_at > self.cfg.heartbeat_s:
+                # No part of the pass has finished for this long: it may be stuck. Silence
+                # lets the supervisor judge, as it did when passes ran on this thread. (A long
+                # pass is many parts, each seconds at most: pool.runtime.CHUNK_SECONDS.)
                 return
             busy = device.busy_seconds(now)
             if self.last_beat:

@@ -8,6 +8,7 @@ import itertools
 import threading
 import time
 
+import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,11 +18,14 @@ from pool.passes import (
     DeviceThread,
     Job,
     JobQueue,
+    echo_answer,
     pipelined_limit,
     worth_pipelining,
 )
 from pool.reports import BatchStats
 from pool.worker import chunks_of_texts
+from router import protocol
+from router.client import Embeddings, decode_reply
 
 
 def job(n: int, size: int = 1, tokens: int = 10) -> Job:
@@ -191,3 +195,16 @@ def test_full_passes_take_up_to_max_batch_every_time() -> None:
     queue.put([job(n) for n in range(100)])
     assert numbers(device._next_batch()) == list(range(64))
     assert numbers(device._next_batch()) == list(range(64, 100))
+
+
+def test_the_echo_model_answers_each_op_in_its_own_shape() -> None:
+    """Transport only, but a client reads the answer as it reads a real one."""
+    embed = Job(b"1", protocol.OP_EMBED, ["a", "b", "c"], 3)
+    pairs = Job(b"2", protocol.OP_SIMILARITY, ["a", "b", "c", "d"], 2)
+    assert echo_answer(embed, "v1") == {"embeddings": [[], [], []], "dim": 0, "version": "v1",
+                                        "tokens": [0, 0, 0]}
+    assert echo_answer(pairs, "v1") == {"scores": [0.0, 0.0], "version": "v1"}
+    decoded = decode_reply(protocol.OP_EMBED, [protocol.PROTOCOL, b"id", protocol.STATUS_OK,
+                                               orjson.dumps(echo_answer(embed, "v1"))])
+    assert isinstance(decoded, Embeddings) and decoded.dim == 0
+    assert len(decoded.embeddings) == 3

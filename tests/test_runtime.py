@@ -15,6 +15,8 @@ from pool.builtin import embedded_model_path
 from pool.cudagraphs import ROW_BUCKETS, WIDTH_BUCKETS, bucket, buckets_up_to
 from pool.health import TOLERANCE_HALF
 from pool.runtime import (
+    CHUNK_SECONDS,
+    CHUNK_TOKENS_RANGE,
     GRAPH_TOLERANCE,
     OVERHEAD_ROWS,
     OVERHEAD_TOKENS_RANGE,
@@ -22,6 +24,7 @@ from pool.runtime import (
     SHORT_PASS_TOKENS,
     Encoder,
     GraphCheckFailed,
+    PassCost,
     cpu_flags,
     fixed_cost_tokens,
     padded,
@@ -186,13 +189,22 @@ def _cost(lengths: list[int], passes: list[tuple[int, int]], overhead: int) -> i
     return sum((end - start) * lengths[end - 1] + overhead for start, end in passes)
 
 
-def _brute_force_cost(lengths: list[int], overhead: int, max_rows: int) -> int:
-    """Least cost over every way of cutting the texts into passes of at most max_rows."""
+def _allowed(lengths: list[int], start: int, end: int, max_rows: int, max_tokens: int) -> bool:
+    rows = end - start
+    return 0 < rows <= max_rows and (not max_tokens or rows == 1
+                                     or rows * lengths[end - 1] <= max_tokens)
+
+
+def _brute_force_cost(lengths: list[int], overhead: int, max_rows: int,
+                      max_tokens: int = 0) -> int:
+    """Least cost over every way of cutting the texts into passes of at most max_rows (and
+    max_tokens padded tokens, unless one text alone)."""
     best = None
     for k in range(len(lengths)):
         for chosen in itertools.combinations(range(1, len(lengths)), k):
             passes = list(itertools.pairwise([0, *chosen, len(lengths)]))
-            if all(end - start <= max_rows for start, end in passes):
+            if all(_allowed(lengths, start, end, max_rows, max_tokens)
+                   for start, end in passes):
                 cost = _cost(lengths, passes, overhead)
                 best = cost if best is None else min(best, cost)
     assert best is not None
@@ -226,6 +238,30 @@ def test_chunk_plan_is_the_cheapest(lengths: list[int], overhead: int, max_rows:
     passes = plan_chunks(lengths, overhead, max_rows)
     assert all(0 < end - start <= max_rows for start, end in passes)
     assert _cost(lengths, passes, overhead) == _brute_force_cost(lengths, overhead, max_rows)
+
+
+@given(
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=11).map(sorted),
+    overhead=st.integers(0, 60),
+    max_rows=st.integers(1, 12),
+    max_tokens=st.integers(1, 80),
+)
+def test_chunk_plan_with_a_token_limit_is_the_cheapest_within_it(
+        lengths: list[int], overhead: int, max_rows: int, max_tokens: int) -> None:
+    passes = plan_chunks(lengths, overhead, max_rows, max_tokens)
+    assert passes[0][0] == 0 and passes[-1][1] == len(lengths)
+    assert all(prev[1] == nxt[0] for prev, nxt in itertools.pairwise(passes))
+    assert all(_allowed(lengths, start, end, max_rows, max_tokens) for start, end in passes)
+    assert _cost(lengths, passes, overhead) == _brute_force_cost(lengths, overhead, max_rows,
+                                                                 max_tokens)
+
+
+def test_long_texts_go_in_passes_of_at_most_the_token_limit() -> None:
+    lengths = [16] * 100 + [512] * 100
+    passes = plan_chunks(lengths, overhead_tokens=48, max_rows=128, max_tokens=8192)
+    assert max((end - start) * lengths[end - 1] for start, end in passes) <= 8192
+    assert (0, 100) in passes  # the short ones as before: one pass, far under the limit
+    assert plan_chunks([600], 48, 128, max_tokens=512) == [(0, 1)]  # one text alone may
 
 
 def test_chunk_plan_trades_padding_against_passes() -> None:
@@ -263,7 +299,12 @@ def test_a_cpu_encoder_measures_its_passes_fixed_cost_unless_told(
 
     monkeypatch.setattr(measured, "_forward", timed_pass)
     monkeypatch.setattr("pool.runtime.time.perf_counter", lambda: now[0])
-    assert measured.measure_overhead_tokens() == 250
+    cost = measured.measure_pass_cost()
+    assert cost.overhead_tokens == 250 and cost.seconds_per_token == pytest.approx(8e-6)
+    assert cost.chunk_tokens() == CHUNK_TOKENS_RANGE[1]  # 250,000 tokens' 2 s: at the top
+    assert PassCost(48, 1e-4).chunk_tokens() == int(CHUNK_SECONDS / 1e-4)  # 20,000
+    assert PassCost(48, 1e-2).chunk_tokens() == CHUNK_TOKENS_RANGE[0]
+    assert PassCost(48, None).chunk_tokens() is None
     assert shapes == {(1, OVERHEAD_WIDTH), (OVERHEAD_ROWS, OVERHEAD_WIDTH)}
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,12 +35,18 @@ class GatedModel:
         self.gate.set()
         self.passes: list[int] = []  # texts per pass, as they start
         self.rows_short = 0  # a broken model: this many rows too few
+        self.part_s: list[float] = []  # a long pass: parts of these seconds, each reported
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return [[ord(c) for c in text] for text in texts]
 
-    def embed_tokens(self, ids: list[list[int]]) -> SimpleNamespace:
+    def embed_tokens(self, ids: list[list[int]],
+                     on_chunk: Callable[[], None] | None = None) -> SimpleNamespace:
         self.passes.append(len(ids))
+        for seconds in self.part_s:
+            time.sleep(seconds)
+            if on_chunk is not None:
+                on_chunk()
         assert self.gate.wait(WAIT_MS / 1000)
         if [ord(c) for c in "boom"] in ids:
             raise RuntimeError("the model cannot take this")
@@ -275,6 +281,52 @@ def test_heartbeats_pause_while_a_pass_runs_past_the_interval_and_report_busy_ti
     assert stats.request_pass_s == pytest.approx(stats.device_busy_s)
     assert stats.request_transit_s > 0 and stats.request_queued_s >= 0
     assert 0 <= stats.busy_percent <= 100
+
+
+def test_a_long_pass_made_of_parts_keeps_the_heartbeats_going(backends: Backends) -> None:
+    """A pass of long texts on a CPU takes many seconds, a part (a chunk of the pass) at a
+    time: while parts finish, the worker is alive and says so; the supervisor kills a worker
+    silent for 30 heartbeats."""
+    model = GatedModel()
+    model.part_s = [0.1] * 12  # 1.2 s, a part every 0.1 s
+    router = backends.start(max_batch=64, model=model, heartbeat_s=0.05)
+    router.send_pairs(("a", "b"))
+    wait_until(lambda: model.passes == [2], "the pass to start")
+    time.sleep(0.3)  # past the heartbeat interval: only the parts show it is alive
+    while router.sock.poll(0):
+        router.read()
+    beats = 0
+    deadline = time.monotonic() + 0.6
+    while time.monotonic() < deadline:
+        if router.sock.poll(50):
+            beats += router.read()[1] == protocol.W_HEARTBEAT
+    assert beats >= 3, f"{beats} heartbeats in 0.6 s of a pass making progress"
+    router.replies(1)
+
+
+def test_after_sigterm_requests_sent_late_stay_unread_without_a_busy_loop(
+        backends: Backends, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = GatedModel()
+    router = backends.start(max_batch=64, model=model)
+    model.gate.clear()
+    router.send_pairs(("a", "b"))
+    wait_until(lambda: model.passes == [2], "the pass to start")
+    rounds = [0]
+    beat = router.loop._heartbeat_if_due
+
+    def counted() -> None:  # once per turn of the main loop
+        rounds[0] += 1
+        beat()
+
+    monkeypatch.setattr(router.loop, "_heartbeat_if_due", counted)
+    router.loop.terminated = True  # what the SIGTERM handler does
+    router.send_pairs(("c", "d"))  # after the stop: left for the router to re-run elsewhere
+    time.sleep(0.5)
+    assert rounds[0] < 20, f"{rounds[0]} turns of the main loop in 0.5 s"
+    model.gate.set()
+    assert [seq for message in router.replies(1) for seq, _, _ in message] == [1]
+    router.thread.join(WAIT_MS / 1000)
+    assert not router.thread.is_alive()
 
 
 def test_a_device_thread_that_breaks_ends_the_worker_with_an_error(
