@@ -31,6 +31,10 @@ import torch
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 # Widths (tokens): short sentences are the common case, so their buckets are finest.
 WIDTH_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# Past the last bucket above, steps of this (padding costs at most a third of a pass), whole
+# multiples of BUCKET_ROUNDING.
+BUCKET_STEP = 1.5
+BUCKET_ROUNDING = 64
 # Captured while the worker warms up: every row bucket at these widths (68 graphs).
 WARM_WIDTHS = (16, 32, 48, 64)
 
@@ -44,8 +48,13 @@ def bucket(value: int, buckets: Sequence[int]) -> int:
 
 
 def buckets_up_to(limit: int, buckets: Sequence[int]) -> tuple[int, ...]:
-    """`buckets` below `limit`, then `limit` itself: the last bucket holds everything."""
-    return (*(b for b in buckets if b < limit), limit)
+    """`buckets` below `limit`, on in steps of at most BUCKET_STEP (multiples of
+    BUCKET_ROUNDING) past the last of them, then `limit` itself: the last bucket holds
+    everything. A long-context model (8,192 tokens) must not pad a 600-token text to 8,192."""
+    below = [b for b in buckets if b < limit]
+    while below and below[-1] * BUCKET_STEP < limit:
+        below.append(int(below[-1] * BUCKET_STEP) // BUCKET_ROUNDING * BUCKET_ROUNDING)
+    return (*below, limit)
 
 
 @dataclass(slots=True)
@@ -85,7 +94,12 @@ class CudaGraphs:
         """Normalised vectors (float32, on the CPU) of `ids`, at most the largest row bucket."""
         matrix, mask = self.padded(ids)
         rows, width = (int(n) for n in matrix.shape)
-        captured = self._graphs.get((rows, width)) or self.capture(rows, width)
+        captured = self._graphs.get((rows, width))
+        if captured is None:
+            captured = self.capture(rows, width)
+            # Its eager pass's peak stays in torch's cache otherwise: memory the pool reads
+            # as used (a surge rotation's room) for the worker's whole life.
+            torch.cuda.empty_cache()
         captured.ids.copy_(torch.from_numpy(matrix).pin_memory(), non_blocking=True)
         captured.mask.copy_(torch.from_numpy(mask).pin_memory(), non_blocking=True)
         captured.graph.replay()

@@ -173,8 +173,12 @@ class Encoder:
         model = AutoModel.from_pretrained(path, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         self.pooled = SentenceVectors(self.model).eval()  # what every path computes; traced on CPU
-        self.max_length = _max_length(self.tokenizer, self.model.config)
+        self.max_length = _max_length(self.tokenizer, self.model)
         self.token_ids = token_id_encoder(self.tokenizer, self.max_length)
+        # Token ids from here on have no embedding: a tokenizer shipped with another model.
+        # None: the tokenizer makes none (what a pass would fail on, on CUDA for good).
+        rows = self.model.get_input_embeddings().num_embeddings
+        self.vocab_limit = rows if len(self.tokenizer) > rows else None
         self.chunk_texts = chunk_texts or CHUNK_TEXTS.get(self.device.type, CHUNK_TEXTS["cpu"])
         self.width_multiple = CUDA_WIDTH_MULTIPLE if self.device.type == "cuda" else 1
         self.dim = int(self.model.config.hidden_size)
@@ -253,8 +257,10 @@ class Encoder:
         matrix, mask = graphs.padded(ids)  # the same padded batch the graph replays
         with torch.inference_mode():
             got = graphs.run(ids)
-            want = self._graph_forward(torch.from_numpy(matrix).to(self.device),
-                                       torch.from_numpy(mask).to(self.device))[:len(ids)].cpu()
+            # Against the module as transformers runs it (a 2-D mask), not against the
+            # graph's own forward: a mask the graph reads wrong must fail here.
+            want = self.pooled(torch.from_numpy(matrix).to(self.device),
+                               torch.from_numpy(mask).to(self.device))[:len(ids)].cpu()
         tolerance = GRAPH_TOLERANCE.get(self.dtype, GRAPH_TOLERANCE[torch.float16])
         if (got - want).abs().max().item() > tolerance:
             raise GraphCheckFailed(f"its embeddings differ from the model's by more than "
@@ -264,9 +270,12 @@ class Encoder:
     def _graph_forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """A pass with no host synchronisation in it, as a CUDA graph needs: the attention
         mask goes in already 4-D, so transformers takes it as it is instead of asking the
-        device whether any token is masked."""
-        hidden = self.model(input_ids=input_ids,
-                            attention_mask=mask.bool()[:, None, None, :]).last_hidden_state
+        device whether any token is masked. Additive (0 to attend, the dtype's most negative
+        number for padding), as every attention reads it: a boolean one is right for SDPA
+        but plain attention (MPNet's only) adds it as 0 / 1 and attends to the padding."""
+        blocked = 1.0 - mask[:, None, None, :].to(self.dtype)
+        additive = blocked * torch.finfo(self.dtype).min
+        hidden = self.model(input_ids=input_ids, attention_mask=additive).last_hidden_state
         return sentence_vectors(hidden, mask)
 
     def measure_pass_cost(self) -> PassCost:
@@ -513,6 +522,12 @@ def normalize(vectors: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(vectors, p=2, dim=1)
 
 
-def _max_length(tokenizer, config) -> int:
-    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+def _max_length(tokenizer: Any, model: torch.nn.Module) -> int:
+    """The longest input, in tokens: the tokenizer's limit, and the position table's, which
+    in the RoBERTa family (XLM-R, e5, MPNet) begins past the padding index."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    offset = getattr(getattr(model, "embeddings", None), "padding_idx", None)
+    if positions and isinstance(offset, int):
+        positions -= offset + 1
+    limits = [positions, tokenizer.model_max_length]
     return int(min(x for x in limits if x and x < 1_000_000))

@@ -190,7 +190,7 @@ class WorkerLoop:
         self.device = DeviceThread(
             self.queue, self.cfg.version, self.cfg.max_batch, self.settings.max_wait_ms,
             embed=None if encoder is None else embed, stats=self.stats,
-            on_failure=_release_cuda_cache,
+            on_failure=recover_device,
             max_batch_tokens=self.settings.max_batch_tokens, thresholds=self.cfg.thresholds,
             pipelined=self.settings.passes == "pipelined")
         if encoder is None:
@@ -402,10 +402,19 @@ class WorkerLoop:
                                   f"{type(exc).__name__}: {exc}"[:500])
                 return []
             return [ok for job in jobs for ok in self._tokenized([job])]
+        limit = self.encoder.vocab_limit
+        kept = []
         for job in jobs:
             job.ids = [ids[t] for t in job.texts]
             job.tokens = sum(map(len, job.ids))
-        return jobs
+            if limit is not None and any(i >= limit for row in job.ids for i in row):
+                # The model's fault, not the producer's: internal, as a failed pass would be.
+                self._reply_error(job.seq, protocol.INTERNAL, f"a text holds a token the model "
+                                  f"has no embedding for (its table has {limit} rows): the "
+                                  "tokenizer is not the model's")
+                continue
+            kept.append(job)
+        return kept
 
     def _reply_error(self, seq: bytes, code: str, message: str) -> None:
         self.outbox.append(protocol.reply_entry(seq, protocol.STATUS_ERROR,
@@ -424,13 +433,25 @@ def load_failure(exc: BaseException, path: str) -> str:
     return f"{text[:LOAD_FAILURE_CHARS]} ({where})"
 
 
-def _release_cuda_cache() -> None:
-    try:
-        import torch
+class DeviceLost(RuntimeError):
+    """The CUDA context is broken (a device-side assert is sticky): no pass can run again."""
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # best effort after a failure; never mask the original error
+
+def recover_device() -> None:
+    """After a failed pass: free the device's cached memory. Raises DeviceLost where the
+    CUDA context no longer works, so that the worker exits and a fresh one takes its place
+    (it would otherwise answer every request with an error, and keep heartbeating)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception as exc:
+        raise DeviceLost(f"the CUDA context failed after a pass: {exc}") from exc
+    try:
+        torch.cuda.empty_cache()
+    except Exception:  # best effort: an out-of-memory pass leaves a working context
         pass
 
 

@@ -382,6 +382,10 @@ def test_cuda_graph_buckets_end_at_the_models_limits() -> None:
     assert buckets_up_to(100, ROW_BUCKETS) == (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 100)
     assert buckets_up_to(512, WIDTH_BUCKETS) == WIDTH_BUCKETS
     assert buckets_up_to(128, WIDTH_BUCKETS) == (16, 32, 48, 64, 96, 128)
+    long_context = buckets_up_to(8192, WIDTH_BUCKETS)
+    assert long_context[len(WIDTH_BUCKETS):] == (768, 1152, 1728, 2560, 3840, 5760, 8192)
+    assert bucket(600, long_context) == 768
+    assert all(b <= a * 1.5 for a, b in itertools.pairwise(long_context[len(WIDTH_BUCKETS) - 1:]))
 
 
 def test_padding_to_a_given_width_masks_the_extra_columns() -> None:
@@ -393,3 +397,57 @@ def test_padding_to_a_given_width_masks_the_extra_columns() -> None:
 def test_cudagraphs_on_a_cpu_is_refused(models: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="needs a CUDA device"):
         Encoder(str(models["v1"]), device="cpu", graph="cudagraphs")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_cuda_graphs_forward_masks_padding_as_the_model_does(
+        models: dict[str, Path], attention: str) -> None:
+    """What a CUDA graph captures (Encoder._graph_forward, its mask already 4-D) against the
+    module: padding must be masked for plain attention too (MPNet has no other)."""
+    encoder = Encoder(str(models["v1"]), dtype="float32", graph="eager", overhead_tokens=48)
+    encoder.model.set_attn_implementation(attention)
+    ids = encoder.token_ids(["今天天气真好", "好"])
+    matrix, mask = (torch.from_numpy(x) for x in padded(ids, 0, width=16))  # a graph bucket
+    with torch.inference_mode():
+        got = encoder._graph_forward(matrix, mask)
+        want = encoder.pooled(matrix, mask)
+    assert (got - want).abs().max().item() < 1e-6
+
+
+def test_the_cuda_graphs_forward_masks_padding_for_mpnet() -> None:
+    from transformers import MPNetConfig, MPNetModel
+
+    from pool.runtime import SentenceVectors
+
+    torch.manual_seed(0)
+    model = MPNetModel(MPNetConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=64)).eval()
+    encoder = object.__new__(Encoder)  # only what _graph_forward reads
+    encoder.model, encoder.dtype = model, torch.float32
+    ids = [[0, 10, 11, 12, 2], [0, 20, 2]]
+    matrix, mask = (torch.from_numpy(x) for x in padded(ids, 1, width=16))
+    with torch.inference_mode():
+        got = encoder._graph_forward(matrix, mask)
+        want = SentenceVectors(model)(matrix, mask)
+    assert (got - want).abs().max().item() < 1e-6
+
+
+def test_a_roberta_style_model_takes_texts_as_long_as_its_positions_allow(
+        tmp_path: Path) -> None:
+    """XLM-R (e5) and RoBERTa number positions from past the padding index: a tokenizer that
+    records no length limit must not let texts index past the position table."""
+    from transformers import BertTokenizerFast, RobertaConfig, RobertaModel
+
+    from tests.support import _vocab
+
+    (tmp_path / "vocab.txt").write_text("\n".join(_vocab()) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=len(_vocab()), hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64,
+                           max_position_embeddings=40, pad_token_id=0)
+    RobertaModel(config).eval().save_pretrained(tmp_path)
+    encoder = Encoder(str(tmp_path), dtype="float32", graph="eager", overhead_tokens=48)
+    assert encoder.max_length == 39  # 40 positions, the first past padding index 0
+    vectors = encoder.embed(["天" * 60, "天"])
+    assert vectors.shape == (2, 32) and torch.isfinite(vectors).all()

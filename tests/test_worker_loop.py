@@ -29,6 +29,7 @@ class GatedModel:
     vector, the text "boom" fails its pass, and each pass waits for `gate`."""
 
     dim = 2
+    vocab_limit: int | None = None  # every token id has an embedding
 
     def __init__(self) -> None:
         self.gate = threading.Event()
@@ -336,6 +337,27 @@ def test_a_device_thread_that_breaks_ends_the_worker_with_an_error(
     model.rows_short = 1  # a bug: replies cannot be built from what the pass returned
     router = backends.start(max_batch=64, model=model)
     router.send_pairs(("a", "b"))
+    router.thread.join(WAIT_MS / 1000)
+    assert not router.thread.is_alive()
+    assert isinstance(router.failure, RuntimeError)
+    assert "device thread failed" in str(router.failure)
+
+
+def test_a_pass_that_breaks_the_cuda_context_ends_the_worker(
+        backends: Backends, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device-side assert is sticky: every later pass would fail while the worker kept
+    heartbeating. After a failed pass the device is checked; a broken one ends the worker,
+    which the pool replaces (and re-runs what it held)."""
+    import torch
+
+    def broken() -> None:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", broken)
+    router = backends.start(max_batch=64, model=GatedModel())
+    router.send_pairs(("boom", "a"))
     router.thread.join(WAIT_MS / 1000)
     assert not router.thread.is_alive()
     assert isinstance(router.failure, RuntimeError)
