@@ -96,11 +96,13 @@ class ControlServer:
                 return
             envelope, payload = [f.bytes for f in frames[:-1]], frames[-1]
             request = _parse(payload.bytes)
+            if request is not None and not isinstance(request.get("cmd"), str):
+                request = None  # {"cmd": ["status"]}: answered as unknown, never looked up
             if self.remote and request is not None:
                 self._audit(request, payload)
-            reply = self._dispatch(request)
             try:
-                self.sock.send_multipart([*envelope, orjson.dumps(reply)], zmq.NOBLOCK)
+                self.sock.send_multipart([*envelope, _encode(self._dispatch(request))],
+                                         zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # the operator's command line went away
 
@@ -127,6 +129,15 @@ class ControlServer:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+
+
+def _encode(reply: dict[str, Any]) -> bytes:
+    """A reply as JSON; a handler's value JSON cannot hold is a bug, answered as one."""
+    try:
+        return orjson.dumps(reply)
+    except TypeError as exc:
+        log.exception("a control reply could not be encoded")
+        return orjson.dumps({"ok": False, "error": f"internal error: {exc}"})
 
 
 class RemoteControl(ControlServer):

@@ -109,21 +109,22 @@ class RecentReplies:
         """`version`'s replies over (about) the last `window_s` seconds, at most
         RECENT_WINDOW_S: what the bake judges (pool.judge)."""
         old, new = self._span(min(window_s, RECENT_WINDOW_S))
-        if new is None:
+        if new is None or old is None or old is new:
+            # No snapshot before the window: nothing is known of it alone. (The newest alone
+            # is the version's whole past: a bake's first ticks would judge a version
+            # rolled back before by its old errors.)
             return Traffic()
-        before = old if old is not None and old is not new else None
+        before = old
 
         def count(codes: dict[tuple[str, str], int], faults: bool) -> int:
             return sum(n for (v, code), n in codes.items()
                        if v == version and (not faults or code in POOL_FAULTS))
 
-        requests, errors = count(new[1], False), count(new[1], True)
+        requests = count(new[1], False) - count(before[1], False)
+        errors = count(new[1], True) - count(before[1], True)
         buckets = new[2].get(version, [])
-        if before is not None:
-            requests -= count(before[1], False)
-            errors -= count(before[1], True)
-            buckets = [b - a for a, b in
-                       zip(before[2].get(version, [0] * len(buckets)), buckets, strict=True)]
+        buckets = [b - a for a, b in
+                   zip(before[2].get(version, [0] * len(buckets)), buckets, strict=True)]
         if not sum(buckets):
             return Traffic(requests, errors)
         p99, p90 = (round(bucket_quantile(q, LATENCY_BUCKETS, buckets) * 1000, 2)

@@ -393,6 +393,10 @@ class Supervisor:
         self.sync_lanes()
 
     def _reap(self, now: float) -> None:
+        # Workers of one version that die in the same tick died of one cause (a killed
+        # forkserver takes every worker): one crash, not one per worker, or a pool of five
+        # would be a crash loop at once and fail requests for a minute.
+        crashed: dict[str, list[str]] = {}
         for worker in list(self.workers.values()):
             code = worker.process.exitcode
             if code is None or self._reason_on_its_way(worker, code, now):
@@ -413,12 +417,16 @@ class Supervisor:
                 continue
             log.warning("worker %s (pid %s) died unexpectedly: exit code %s", worker.name,
                         worker.pid, code)
-            plan = self.plans.get(worker.version)
+            when = {LOADING: "while loading", CHECKING: "during its health check"}.get(
+                worker.state, "while serving")
+            why = f": {worker.load_error}" if worker.load_error else ""
+            crashed.setdefault(worker.version, []).append(
+                f"worker exited with code {code} {when}{why}")
+        for version, reasons in crashed.items():
+            plan = self.plans.get(version)
             if plan is not None:
-                when = {LOADING: "while loading", CHECKING: "during its health check"}.get(
-                    worker.state, "while serving")
-                why = f": {worker.load_error}" if worker.load_error else ""
-                self._note_crash(plan, f"worker exited with code {code} {when}{why}")
+                others = f" (and {len(reasons) - 1} more at once)" if len(reasons) > 1 else ""
+                self._note_crash(plan, reasons[0] + others)
 
     def _reason_on_its_way(self, worker: Worker, code: int, now: float) -> bool:
         """A worker that failed to load sends why (W_FAILED) before it exits, but its exit

@@ -155,3 +155,36 @@ def test_a_fleets_rollback_of_a_switched_back_canary_ends_rolled_back_on_v1(
     assert rollout.report.pools[0].phase == "rolled_back"
     assert fake.broker.active == "v1" and fake.rotations.current.outcome == "rolled_back"
     assert fake.rotations.current.target == "v2", "no second rotation was started"
+
+
+def test_a_malformed_control_message_is_answered_and_the_socket_serves_on(
+        tmp_path: Path) -> None:
+    import zmq
+
+    from pool.config import control_endpoint_for
+
+    ctx = zmq.Context()
+    server = ControlServer.local(ctx, tmp_path, {"status": lambda req: {"state": "serving"},
+                                                 "odd": lambda req: {"value": object()}})
+    client = ctx.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    client.connect(control_endpoint_for(tmp_path))
+    try:
+        for request, want in [(b'{"cmd": ["status"]}', "unknown command"),
+                              (b'{"cmd": {"a": 1}}', "unknown command"),
+                              (b"not json", "unknown command"),
+                              (b'{"cmd": "odd"}', "internal error"),
+                              (b'{"cmd": "status"}', None)]:
+            client.send_multipart([b"", request])
+            assert server.sock.poll(5000)
+            server.handle()
+            assert client.poll(5000)
+            reply = orjson.loads(client.recv_multipart()[-1])
+            if want is None:
+                assert reply == {"ok": True, "state": "serving"}
+            else:
+                assert not reply["ok"] and want in reply["error"], reply
+    finally:
+        client.close()
+        server.close()
+        ctx.term()

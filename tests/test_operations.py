@@ -296,6 +296,9 @@ def test_a_versions_traffic_over_a_window_is_what_a_bake_judges() -> None:
     assert (v1.requests, v1.errors) == (15, 0) and v1.p99_ms <= 3.0
     assert recent.traffic("v3", 5.0) == Traffic()
     assert RecentReplies().traffic("v1", 5.0) == Traffic()
+    # A window shorter than the snapshots' spacing knows nothing of itself alone: not the
+    # version's whole past (a bake's first ticks would judge v2 by its old errors).
+    assert recent.traffic("v2", 0.1) == Traffic()
 
 
 def test_bucket_quantile_interpolates_like_prometheus() -> None:

@@ -191,7 +191,7 @@ def test_while_no_process_can_start_requests_wait_and_are_served_once_one_can(
     fake.tick(5.0)
     plan = fake.supervisor.plans["v1"]
     assert not fake.supervisor.workers and fake.broker.queued == 4
-    assert plan.restarts == 2 and plan.failed is None  # the two deaths, not the waits
+    assert plan.restarts == 1 and plan.failed is None  # one cause of both deaths; no waits
     fake.refuse_spawns = None
     fake.bring_up("v1")
     fake.serve_all()
@@ -409,6 +409,35 @@ def test_a_crash_loop_is_reported_fails_fast_and_is_retried_until_it_serves(
         fake.pump()
         fake.serve_all()
         assert producer.codes()[b"again"] == "ok"
+    finally:
+        fake.close()
+
+
+def test_every_worker_dying_at_once_is_one_crash_not_a_crash_loop(tmp_path: Path) -> None:
+    """A killed forkserver takes every worker with it: the pool restarts them, and what they
+    held runs again, rather than failing requests for a crash loop's minute."""
+    workers = config.CRASH_LOOP_LIMIT + 3
+    fake = FakePool(tmp_path, workers=workers)
+    try:
+        serving(fake, workers=workers)
+        producer = fake.producer()
+        for i in range(workers):
+            producer.send(str(i).encode())
+        fake.pump()
+        for worker in fake.workers_of("v1"):
+            worker.exit(255)
+        fake.tick()
+        plan = fake.supervisor.plans["v1"]
+        assert plan.crash_loop is None and plan.restarts == 1
+        assert f"and {workers - 1} more at once" in (plan.last_crash or "")
+        for _ in range(20):
+            fake.tick(1.0)
+            fake.bring_up("v1")
+            if len(fake.workers_of("v1", READY)) == workers:
+                break
+        while fake.serve_all():
+            pass
+        assert producer.codes() == {str(i).encode(): "ok" for i in range(workers)}
     finally:
         fake.close()
 
