@@ -136,12 +136,16 @@ def print_rotation(out: Console, rot: dict[str, Any] | None) -> None:
               + (f"; {timings}" if timings else ""))
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}%"  # None: a GPU that does not say (MIG)
+
+
 def system_line(system: dict[str, Any]) -> str:
     line = (f"machine: CPU {system['cpu_percent']:.0f}% of {system['cpu_count']} cores, "
             f"memory {system['memory_percent']:.0f}% "
             f"({system['memory_used_bytes'] / MIB:,.0f} of "
             f"{system['memory_total_bytes'] / MIB:,.0f} MiB)")
-    gpus = [f"GPU {g['index']} {g['name']}: load {g['load_percent']:.0f}%, "
+    gpus = [f"GPU {g['index']} {g['name']}: load {_percent(g['load_percent'])}, "
             f"{g['memory_used_bytes'] / MIB:,.0f} of {g['memory_total_bytes'] / MIB:,.0f} MiB"
             for g in system["gpus"]]
     return "; ".join([line, *gpus]) if gpus else f"{line}; no GPU ({system['gpu_error']})"

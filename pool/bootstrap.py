@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 
+import psutil
 import zmq
 
 from pool.logs import JsonLogFormatter
@@ -31,8 +32,8 @@ def worker_main(cfg: WorkerConfig) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the forkserver ignores it (pool.preload)
     _release_forkserver_pipe()
     _die_with_parent()
-    if os.getppid() != parent:
-        os._exit(0)  # it died before PDEATHSIG was armed
+    if os.getppid() != parent or not _serves(parent, cfg.server_pid):
+        os._exit(0)  # its parent died before PDEATHSIG was armed, or before `parent` was read
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter() if cfg.settings.log_json else logging.Formatter(
         f"%(asctime)s worker {cfg.worker_id} %(levelname)s %(message)s"))
@@ -51,6 +52,17 @@ def worker_main(cfg: WorkerConfig) -> None:
     # Nothing left to flush: skip the interpreter's (torch's) slow teardown.
     logging.shutdown()
     os._exit(0)
+
+
+def _serves(parent: int, server_pid: int) -> bool:
+    """Whether `parent` is the serve process or its forkserver: read after the parent
+    died, getppid() names init or a subreaper, whose death signal would never come."""
+    if parent == server_pid:
+        return True
+    try:
+        return psutil.Process(parent).ppid() == server_pid
+    except psutil.Error:
+        return False
 
 
 def _pin_device(cfg: WorkerConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -29,6 +30,9 @@ TOLERANCE_FP32 = 1e-3
 TOLERANCE_HALF = 0.02  # fp16 / bf16 weights move scores by up to ~1e-2
 
 
+EXPECT_SHAPE = '{"pairs": [[text_a, text_b], ...], "scores": [number, ...], "tolerance": number}'
+
+
 @dataclass(frozen=True)
 class Expectation:
     """Scores a version must reproduce (from `pool versions add --expect golden.json`)."""
@@ -38,14 +42,20 @@ class Expectation:
     tolerance: float | None = None
 
     @classmethod
-    def from_dict(cls, doc: dict | None) -> Expectation:
+    def from_dict(cls, doc: Any) -> Expectation:
+        """The registry's / an --expect file's document; ValueError saying what is wrong."""
         if not doc:
             return cls()
-        pairs = [(str(a), str(b)) for a, b in doc["pairs"]]
-        scores = [float(x) for x in doc["scores"]]
+        try:
+            pairs = [(str(a), str(b)) for a, b in doc["pairs"]]
+            scores = [float(x) for x in doc["scores"]]
+            tolerance = None if doc.get("tolerance") is None else float(doc["tolerance"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"expect: not {EXPECT_SHAPE} ({type(exc).__name__}: {exc})"
+                             ) from None
         if len(pairs) != len(scores):
             raise ValueError(f"expect: {len(pairs)} pairs but {len(scores)} scores")
-        return cls(pairs, scores, doc.get("tolerance"))
+        return cls(pairs, scores, tolerance)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +183,11 @@ def assess_pool(versions: dict[str, dict], active: str | None, stopping: bool) -
             continue  # a rotation's or `pool load`'s new version on its way: nothing wrong
         if name != active and status == FAILED:
             status = DEGRADED  # pinned traffic to it fails; unpinned traffic is served
+        if name == active and status == HEALTHY and not report["workers_ready"]:
+            # It wants none now (a rolling rotation of one worker retired it first): its
+            # requests only queue until the new version serves.
+            status = DEGRADED
+            report = {**report, "reasons": ["no worker is ready"]}
         if status != HEALTHY:
             reasons += [f"{name}: {r}" for r in report["reasons"]]
         if SEVERITY[status] > SEVERITY[worst]:

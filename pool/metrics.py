@@ -378,7 +378,8 @@ class PoolMetrics:
                                   labels=["gpu"])
         for g in system["gpus"]:
             index = str(g["index"])
-            load.add_metric([index], g["load_percent"])
+            if g["load_percent"] is not None:  # None: this GPU does not report it (MIG)
+                load.add_metric([index], g["load_percent"])
             used.add_metric([index], g["memory_used_bytes"])
             total.add_metric([index], g["memory_total_bytes"])
         return [*out, load, used, total]

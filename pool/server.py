@@ -83,6 +83,7 @@ class PoolServer:
             self.remote_control.handlers = handlers  # the same commands, operators elsewhere
         self.started = time.time()
         self.stopping_since: float | None = None
+        self._stop_reported = False  # the pending requests of a stop are logged once
         self.exit_code = 0
         self._signals: list[int] = []
 
@@ -336,15 +337,18 @@ class PoolServer:
         stranded = busy and not self.supervisor.can_serve()
         if self.supervisor.plans and (busy == 0 or stranded
                                       or now - self.stopping_since > drain_s):
-            if busy:
+            if busy and not self._stop_reported:
                 # Past the drain, or every worker gone already (they were signalled with us)
                 # with nothing to start in their place: waiting would change nothing.
                 log.warning("%d requests still pending %s; stopping anyway", busy,
                             "with no worker left" if stranded else f"after {drain_s:.0f}s")
-                self.broker.fail_all_queued(protocol.SHUTTING_DOWN,
-                                            "pool stopped before it could run")
+                self._stop_reported = True
+            self.broker.fail_all_queued(protocol.SHUTTING_DOWN, "pool stopped before it could run")
             self.supervisor.stop_all()
         if not self.supervisor.plans and self.supervisor.idle:
+            # What the last workers held when they were killed went back to a queue: nothing
+            # is left to run it, and every accepted request gets its one reply.
+            self.broker.fail_all_queued(protocol.SHUTTING_DOWN, "pool stopped before it could run")
             log.info("all workers stopped; bye")
             return True
         return False

@@ -64,14 +64,25 @@ def _nvml() -> Any:
 
 
 def _one_gpu(pynvml: Any, index: int) -> dict[str, Any]:
+    """One GPU's figures. Only its handle must answer: a MIG instance or a vGPU does not
+    report utilisation (NVML: Not Supported), and that must not hide the GPU itself (device
+    choice, a surge rotation's free memory) as one failed query would."""
     handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-    memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-    util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-    name = pynvml.nvmlDeviceGetName(handle)
+    name = _query(pynvml, pynvml.nvmlDeviceGetName, handle)
+    memory = _query(pynvml, pynvml.nvmlDeviceGetMemoryInfo, handle)
+    util = _query(pynvml, pynvml.nvmlDeviceGetUtilizationRates, handle)
     return {
         "index": index,
-        "name": name.decode() if isinstance(name, bytes) else name,
-        "load_percent": float(util.gpu),
-        "memory_used_bytes": int(memory.used),
-        "memory_total_bytes": int(memory.total),
+        "name": name.decode() if isinstance(name, bytes) else (name or f"GPU {index}"),
+        "load_percent": None if util is None else float(util.gpu),
+        "memory_used_bytes": 0 if memory is None else int(memory.used),
+        "memory_total_bytes": 0 if memory is None else int(memory.total),
     }
+
+
+def _query(pynvml: Any, call: Any, handle: Any) -> Any:
+    """One NVML query; None where this GPU does not answer it."""
+    try:
+        return call(handle)
+    except pynvml.NVMLError:
+        return None

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -55,6 +55,8 @@ class WorkerConfig:
     # every similarity reply carries them, so whoever reads a score can judge it.
     thresholds: Thresholds = SEED_THRESHOLDS
     heartbeat_s: float = config.HEARTBEAT_S
+    # The serve process: the worker's parent (spawn) or its parent's (the forkserver's).
+    server_pid: int = field(default_factory=os.getpid)
 
     @property
     def capacity(self) -> int:

@@ -47,6 +47,7 @@ def is_loopback(endpoint: str) -> bool:
 
 
 REFUSAL_LOG_EVERY_S = 60.0  # a producer retrying with a bad key is logged once a minute
+REFUSAL_LOG_ADDRESSES = 1024  # addresses remembered before the stale ones are dropped
 
 
 @dataclass(slots=True)
@@ -92,6 +93,11 @@ class CountingAuthenticator(Authenticator):
         refusals.count += 1
         refusals.last_address, refusals.last_reason, refusals.last_at = address, reason, now
         if now - self._logged.get(address, 0.0) >= REFUSAL_LOG_EVERY_S:
+            if len(self._logged) >= REFUSAL_LOG_ADDRESSES:
+                # A scan from many addresses must not grow this for ever: the entries past
+                # their quiet time say nothing any more.
+                self._logged = {a: t for a, t in self._logged.items()
+                                if now - t < REFUSAL_LOG_EVERY_S}
             self._logged[address] = now
             log.warning("refused a CurveZMQ handshake from %s on the %s: %s (%d refused so "
                         "far)", address, self.socket_name, reason, refusals.count)

@@ -14,11 +14,12 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from cli.ops import version_troubles
+from cli.ops import system_line, version_troubles
 from pool.health import (
     DEGRADED,
     FAILED,
     HEALTHY,
+    Expectation,
     VersionFacts,
     assess_pool,
     assess_version,
@@ -247,6 +248,22 @@ def test_pool_health_is_the_active_versions_and_others_only_degrade_it() -> None
     assert loading["loading"]
     assert assess_pool({"v1": healthy, "v2": loading}, "v1", False)["status"] == HEALTHY
     assert assess_pool({"v1": loading}, "v1", False)["status"] == DEGRADED  # at start-up
+    # A rolling rotation of one worker retires the active version's first: it wants none,
+    # has none, and its requests only queue until v2 serves.
+    retired = assess_version(facts(workers_wanted=0, workers=[]))
+    gap = assess_pool({"v1": retired, "v2": loading}, "v1", False)
+    assert gap["status"] == DEGRADED and gap["reasons"] == ["v1: no worker is ready"]
+
+
+def test_a_golden_file_of_another_shape_is_a_clear_error() -> None:
+    for doc in ([1, 2], {"pairs": 5, "scores": []}, {"pairs": [["a", "b"]]},
+                {"pairs": [["a", "b"]], "scores": ["x"]}):
+        with pytest.raises(ValueError, match=r"expect: not \{\"pairs\""):
+            Expectation.from_dict(doc)
+    with pytest.raises(ValueError, match="1 pairs but 2 scores"):
+        Expectation.from_dict({"pairs": [["a", "b"]], "scores": [0.5, 0.5]})
+    assert Expectation.from_dict({"pairs": [["a", "b"]], "scores": [0.5], "tolerance": 0.01}
+                                 ).tolerance == 0.01
 
 
 def test_batch_totals_keep_an_exited_workers_counts() -> None:
@@ -321,3 +338,30 @@ def test_status_names_each_version_that_cannot_serve_or_keeps_crashing() -> None
         "v3: weights are corrupt",
         "v4: crash loop: 6 restarts (next try in 3s)",
     ]
+
+
+def test_a_gpu_that_does_not_report_its_load_is_still_a_gpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """MIG instances and some vGPUs answer utilisation with NVML's Not Supported: the GPU is
+    listed all the same (device choice and a surge rotation's room depend on it)."""
+    from pool import system
+
+    class NVMLError(Exception):
+        pass
+
+    def not_supported(handle: object) -> object:
+        raise NVMLError("Not Supported")
+
+    fake = SimpleNamespace(
+        NVMLError=NVMLError, nvmlDeviceGetCount=lambda: 2,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetName=lambda h: b"NVIDIA H100 MIG 3g.40gb",
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=2**30, total=40 * 2**30),
+        nvmlDeviceGetUtilizationRates=not_supported)
+    monkeypatch.setitem(system._NVML, "module", fake)
+    gpus, error = system.gpu_stats()
+    assert error is None and [g["index"] for g in gpus] == [0, 1]
+    assert gpus[0]["load_percent"] is None and gpus[0]["memory_total_bytes"] == 40 * 2**30
+    assert "load n/a" in system_line({"cpu_percent": 1.0, "cpu_count": 2, "memory_percent": 1.0,
+                                      "memory_used_bytes": 0, "memory_total_bytes": 1,
+                                      "gpus": gpus, "gpu_error": None})

@@ -442,6 +442,40 @@ def test_every_worker_dying_at_once_is_one_crash_not_a_crash_loop(tmp_path: Path
         fake.close()
 
 
+def test_a_stop_answers_what_a_worker_killed_at_its_end_held(fake: FakePool) -> None:
+    """A worker busy past its stop grace is killed; what it held goes back to a queue that
+    no worker will run: the pool answers it shutting_down before it exits."""
+    from types import SimpleNamespace
+
+    from pool.server import PoolServer
+
+    serving(fake, workers=1)
+    producer = fake.producer()
+    for i in range(2):
+        producer.send(f"r{i}".encode())
+    fake.pump()
+    [worker] = fake.workers_of("v1")
+    assert len(worker.received()) == 2
+    worker.ignores_term = True  # in a long pass: STOP and SIGTERM are not acted on in time
+    server = SimpleNamespace(broker=fake.broker, supervisor=fake.supervisor,
+                             settings=SimpleNamespace(shutdown_drain_s=30.0),
+                             stopping_since=fake.clock(), _stop_reported=False)
+    fake.broker.accepting = False
+    fake.supervisor.begin_shutdown()
+    for _ in range(2000):
+        fake.clock.now += 0.1
+        if worker.exitcode is None:
+            worker.heartbeat(BatchStats())
+        fake.pump()
+        fake.supervisor.tick(fake.clock())
+        if PoolServer._shutdown_step(server, fake.clock()):  # type: ignore[arg-type]
+            break
+    else:
+        raise AssertionError("the stop never ended")
+    assert worker.exitcode == -signal.SIGKILL
+    assert producer.codes() == {b"r0": protocol.SHUTTING_DOWN, b"r1": protocol.SHUTTING_DOWN}
+
+
 # -- lanes ------------------------------------------------------------------------------------
 
 

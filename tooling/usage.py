@@ -78,7 +78,7 @@ class UsageMeter:
         if self.gpus:
             gpus, _ = gpu_stats()
             for gpu in gpus:
-                if gpu["index"] in self.gpus:
+                if gpu["index"] in self.gpus and gpu["load_percent"] is not None:
                     self.gpu_busy.setdefault(gpu["index"], []).append(gpu["load_percent"])
 
     def _discover(self, first: bool) -> None:
