@@ -638,6 +638,8 @@ class Client:
                     ended += 1
             if ended == len(calls):
                 return results
+            if submitted < len(calls) and submitted - ended < in_flight:
+                continue  # replies made room: send more before waiting for any
             self._wait(core.next_wake(now), now)
 
     def _forget(self, calls: list[Call]) -> None:

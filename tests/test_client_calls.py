@@ -209,3 +209,16 @@ def test_a_static_endpoint_starts_no_look_up() -> None:
     with ZP1Peer() as peer, Client(peer.endpoint, timeout=2.0) as client:
         assert isinstance(client.similarity([("x", "y")]), Similarity)
         assert not client._lookups.running
+
+
+def test_pipelined_calls_go_on_when_every_reply_in_flight_came_at_once() -> None:
+    """Replies that free all of `in_flight` at once must not leave the client waiting for a
+    socket with nothing in flight (until its timeout, every later call NoReply)."""
+    texts = [f"t{i}" for i in range(12)]
+    with ZP1Peer(delays=dict.fromkeys(texts, 0.05)) as peer, \
+            Client(peer.endpoint, timeout=3.0) as client:
+        started = time.monotonic()
+        results = client.similarity_many([[(t, "x")] for t in texts], in_flight=4)
+        elapsed = time.monotonic() - started
+    assert [getattr(r, "version", r) for r in results] == texts
+    assert elapsed < 2.0
