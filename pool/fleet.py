@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pool.judge import BakeLimits, Traffic, Verdict, judge
-from pool.metrics import POOL_FAULTS
+from pool.metrics import POOL_FAULTS, RATE_WINDOW_S
 
 log = logging.getLogger("zeropool.fleet")
 
@@ -100,7 +100,8 @@ class Counters:
 
     replies: int
     faults: int
-    p99_ms: float | None
+    p99_ms: float | None  # over the pool's last RATE_WINDOW_S, not since anything
+    p99_replies: int  # about how many replies that p99 rests on (its rate over that window)
 
     @classmethod
     def of(cls, status: dict[str, Any]) -> Counters:
@@ -108,18 +109,23 @@ class Counters:
         by_code = requests.get("errors_by_code") or {}
         return cls(int(requests.get("ok", 0)) + int(requests.get("errors", 0)),
                    sum(int(n) for code, n in by_code.items() if code in POOL_FAULTS),
-                   (status.get("latency_ms") or {}).get("p99"))
+                   (status.get("latency_ms") or {}).get("p99"),
+                   round(float(status.get("requests_per_s") or 0.0) * RATE_WINDOW_S))
 
     def since(self, earlier: Counters) -> Traffic:
         return Traffic(max(0, self.replies - earlier.replies),
-                       max(0, self.faults - earlier.faults), self.p99_ms)
+                       max(0, self.faults - earlier.faults), self.p99_ms,
+                       latency_over=self.p99_replies)
 
 
 def sum_traffic(parts: Sequence[Traffic]) -> Traffic:
-    """Several pools' traffic as one: counts summed, the median pool's p99."""
-    p99s = sorted(t.p99_ms for t in parts if t.p99_ms is not None)
+    """Several pools' traffic as one: counts summed, the median pool's p99 (with the
+    replies it rests on: the judge needs enough of those, not of the sums)."""
+    timed = sorted((t for t in parts if t.p99_ms is not None), key=lambda t: t.p99_ms or 0.0)
+    median = timed[len(timed) // 2] if timed else None
     return Traffic(sum(t.requests for t in parts), sum(t.errors for t in parts),
-                   p99s[len(p99s) // 2] if p99s else None)
+                   None if median is None else median.p99_ms,
+                   latency_over=None if median is None else median.latency_over)
 
 
 class FleetRollout:

@@ -95,7 +95,8 @@ def judge(baseline: Traffic, candidate: Traffic, limits: BakeLimits,
 
 def _error_regression(baseline: Traffic, candidate: Traffic, limits: BakeLimits,
                       new: str, old: str) -> str | None:
-    allowed = baseline.error_rate + limits.max_error_rate
+    # The old version's rate on too few requests is no rate either (1 of 3 would allow 34%).
+    allowed = baseline.errors / max(baseline.requests, MIN_REQUESTS) + limits.max_error_rate
     # Too few requests for a rate: judged as if MIN_REQUESTS had come, the rest all fine, so a
     # single early error does not end a bake, and enough errors end it before many more come.
     rate = candidate.errors / max(candidate.requests, MIN_REQUESTS)

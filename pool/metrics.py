@@ -54,6 +54,8 @@ WORKER_STATES = ("loading", "checking", "ready", "draining", "stopping")
 # Replies that say the pool, not the producer, fell short: these count against health.
 POOL_FAULTS = frozenset({protocol.INTERNAL, protocol.WORKER_FAILED, protocol.TIMEOUT,
                          protocol.OVERLOADED})
+# What a version is judged on (a bake's error rate): its answers and its own faults.
+JUDGED = POOL_FAULTS | {protocol.OK_CODE}
 NO_LABEL = "none"
 
 
@@ -81,9 +83,12 @@ class ReplyTally:
         self.sums[where] += seconds
 
     def by_version_code(self) -> dict[tuple[str, str], int]:
+        """Replies of work (similarity, embed) by version and code. Pings are left out: a
+        health probe's every-second ping is not traffic, and would dilute error rates."""
         out: dict[tuple[str, str], int] = {}
-        for (version, _op, code), n in self.counts.items():
-            out[(version, code)] = out.get((version, code), 0) + n
+        for (version, op, code), n in self.counts.items():
+            if op != protocol.OP_PING:
+                out[(version, code)] = out.get((version, code), 0) + n
         return out
 
     def buckets_by_version(self) -> dict[str, list[int]]:
@@ -105,31 +110,40 @@ class RecentReplies:
     def record(self, now: float, tally: ReplyTally) -> None:
         self._snapshots.append((now, tally.by_version_code(), tally.buckets_by_version()))
 
-    def traffic(self, version: str, window_s: float) -> Traffic:
-        """`version`'s replies over (about) the last `window_s` seconds, at most
-        RECENT_WINDOW_S: what the bake judges (pool.judge)."""
-        old, new = self._span(min(window_s, RECENT_WINDOW_S))
-        if new is None or old is None or old is new:
-            # No snapshot before the window: nothing is known of it alone. (The newest alone
-            # is the version's whole past: a bake's first ticks would judge a version
-            # rolled back before by its old errors.)
+    def traffic(self, version: str, since: float, strict: bool = False) -> Traffic:
+        """`version`'s replies since `since` (the clock of `record`), at most RECENT_WINDOW_S
+        back: what a bake judges (pool.judge). Snapshots are a second apart, so the span
+        starts at the last snapshot at or before `since` (a little before it, maybe), or with
+        `strict` at the first at or after it (nothing before it, maybe less after)."""
+        snapshots = self._snapshots
+        if not snapshots:
             return Traffic()
-        before = old
+        new = snapshots[-1]
+        if strict:
+            before = next((snap for snap in snapshots if snap[0] >= since), None)
+        else:
+            before = next((snap for snap in reversed(snapshots) if snap[0] <= since),
+                          snapshots[0])
+        if before is None or before is new:
+            # Nothing recorded after the span's start: nothing is known of it alone (the
+            # newest snapshot alone is the version's whole past).
+            return Traffic()
 
-        def count(codes: dict[tuple[str, str], int], faults: bool) -> int:
-            return sum(n for (v, code), n in codes.items()
-                       if v == version and (not faults or code in POOL_FAULTS))
+        def count(codes: dict[tuple[str, str], int], which: frozenset[str]) -> int:
+            return sum(n for (v, code), n in codes.items() if v == version and code in which)
 
-        requests = count(new[1], False) - count(before[1], False)
-        errors = count(new[1], True) - count(before[1], True)
+        # What the version served or fell short on; a producer's bad request is neither.
+        requests = count(new[1], JUDGED) - count(before[1], JUDGED)
+        errors = count(new[1], POOL_FAULTS) - count(before[1], POOL_FAULTS)
         buckets = new[2].get(version, [])
         buckets = [b - a for a, b in
                    zip(before[2].get(version, [0] * len(buckets)), buckets, strict=True)]
-        if not sum(buckets):
+        timed = sum(buckets)  # the replies the latencies are over (a refusal has none)
+        if not timed:
             return Traffic(requests, errors)
         p99, p90 = (round(bucket_quantile(q, LATENCY_BUCKETS, buckets) * 1000, 2)
                     for q in (0.99, 0.9))
-        return Traffic(requests, errors, p99, p90)
+        return Traffic(requests, errors, p99, p90, latency_over=timed)
 
     def latency_ms(self, window_s: float = RATE_WINDOW_S) -> dict[str, float] | None:
         """p50 and p99 over (about) the last `window_s` seconds, estimated from the histogram

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -81,6 +81,13 @@ class Phase(str, Enum):
 
 TERMINAL = (Phase.DONE, Phase.FAILED)
 BEFORE_SWITCH = (Phase.SPAWNING, Phase.LOADING, Phase.HEALTH_CHECK)
+
+
+class TrafficSince(Protocol):
+    """A version's replies since `since` (the controller's clock): from the last record at or
+    before it, or with `strict`, from the first at or after it (pool.metrics.RecentReplies)."""
+
+    def __call__(self, version: str, since: float, strict: bool = False) -> Traffic: ...
 
 
 class RotationError(ValueError):
@@ -171,13 +178,13 @@ def unscored_why(run: GateRun | None) -> str | None:
 class RotationController:
     def __init__(self, supervisor: Supervisor, broker: Broker, registry: Registry, *,
                  clock: Callable[[], float] = time.monotonic,
-                 traffic: Callable[[str, float], Traffic] = lambda version, window_s: Traffic(),
+                 traffic: TrafficSince = lambda version, since, strict=False: Traffic(),
                  ) -> None:
         self.supervisor = supervisor
         self.broker = broker
         self.registry = registry
         self.clock = clock
-        self.traffic = traffic  # a version's replies over the last seconds (a bake judges them)
+        self.traffic = traffic  # a version's replies since a moment (what a bake judges)
         self.current: Rotation | None = None
         self.on_finish: Callable[[Rotation], None] | None = None  # metrics
         self._ids = 0
@@ -460,7 +467,7 @@ class RotationController:
         it; switch back at the first regression, go on to draining once the bake is over."""
         assert rot.bake_baseline is not None and rot.bake_s is not None
         since = now - rot.phase_since
-        verdict = judge(rot.bake_baseline, self._baked_traffic(rot, since), rot.bake_limits,
+        verdict = judge(rot.bake_baseline, self._baked_traffic(rot), rot.bake_limits,
                         (rot.target, rot.source or "the old version"))
         rot.bake_verdict = verdict
         if verdict.regressed:
@@ -473,15 +480,16 @@ class RotationController:
             self.registry.save()
             self._enter(rot, Phase.DRAINING)
 
-    def _baked_traffic(self, rot: Rotation, since: float) -> Traffic:
+    def _baked_traffic(self, rot: Rotation) -> Traffic:
         """The new version's replies since the switch, its latencies over those after the
-        settle."""
+        settle (none of those before it: strict)."""
         assert rot.bake_s is not None
-        replies = self.traffic(rot.target, since)
-        settled_s = since - min(BAKE_SETTLE_S, rot.bake_s / 4)
-        settled = self.traffic(rot.target, settled_s) if settled_s > 0 else Traffic()
+        switched = rot.phase_since
+        replies = self.traffic(rot.target, switched)
+        settled = self.traffic(rot.target, switched + min(BAKE_SETTLE_S, rot.bake_s / 4),
+                               strict=True)
         return replace(replies, p99_ms=settled.p99_ms, p90_ms=settled.p90_ms,
-                       latency_over=settled.requests)
+                       latency_over=settled.latency_over or 0)
 
     def _switch_back(self, rot: Rotation, reason: str) -> None:
         """The old version's workers are still loaded: routing goes back to them at once."""
@@ -556,7 +564,7 @@ class RotationController:
         self.registry.log("switched", rotation=rot.id, target=rot.target, source=rot.source)
         self.registry.save()
         if rot.bake_s is not None and rot.source is not None:
-            rot.bake_baseline = self.traffic(rot.source, BAKE_BASELINE_S)
+            rot.bake_baseline = self.traffic(rot.source, self.clock() - BAKE_BASELINE_S)
             self._enter(rot, Phase.BAKING)
             return
         self._enter(rot, Phase.DRAINING)

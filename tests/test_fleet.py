@@ -82,6 +82,7 @@ class SimPool:
                 "requests": {"ok": self.ok, "errors": self.errors,
                              "errors_by_code": {"internal": self.errors}},
                 "latency_ms": {"p50": 5.0, "p99": 40.0 if self._rotating() else 9.0},
+                "requests_per_s": float(REQUESTS_PER_S),
                 "workers": [1, 2]}
 
     def _rotating(self) -> bool:
@@ -320,3 +321,19 @@ def test_pools_are_named_by_endpoint_state_directory_or_dns_name() -> None:
         pool_entries("dns://pools")
     with pytest.raises(FleetError, match="operator's keys"):
         pool_links(["tcp://10.0.0.9:5560"], None)
+
+
+def test_the_rest_of_the_fleets_p99_counts_the_replies_it_rests_on() -> None:
+    """A pool's status p99 is over its last 10 s, whatever span its counts cover: a quiet
+    fleet's p99 is judged only where those 10 s hold enough replies."""
+    from pool.fleet import Counters, sum_traffic
+
+    def status(ok: int, per_s: float, p99: float) -> dict[str, Any]:
+        return {"requests": {"ok": ok, "errors": 0, "errors_by_code": {}},
+                "latency_ms": {"p99": p99}, "requests_per_s": per_s}
+
+    quiet = Counters.of(status(400, 5.0, 9.0)).since(Counters.of(status(100, 5.0, 9.0)))
+    assert (quiet.requests, quiet.latency_replies) == (300, 50)
+    busy = Counters.of(status(5000, 100.0, 12.0)).since(Counters.of(status(0, 100.0, 9.0)))
+    rest = sum_traffic([quiet, busy])
+    assert (rest.requests, rest.p99_ms, rest.latency_replies) == (5300, 12.0, 1000)

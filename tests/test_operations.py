@@ -305,17 +305,39 @@ def test_a_versions_traffic_over_a_window_is_what_a_bake_judges() -> None:
             tally.add("v2", b"similarity", "internal", 0.018)
             tally.add("v2", b"similarity", "bad_request", None)  # the producer's fault
         recent.record(float(second), tally)
-    v2 = recent.traffic("v2", 5.0)
-    assert (v2.requests, v2.errors) == (20, 5)  # five seconds of 4 replies, 1 pool fault each
+    v2 = recent.traffic("v2", 14.0)  # the last five seconds
+    # 3 replies a second it answered or fell short on (1 pool fault); the producer's bad
+    # request is neither, and counts for nothing.
+    assert (v2.requests, v2.errors, v2.latency_over) == (15, 5, 15)
     assert v2.p99_ms is not None and 15.0 < v2.p99_ms <= 20.0
     assert v2.p90_ms is not None and 15.0 < v2.p90_ms <= v2.p99_ms
-    v1 = recent.traffic("v1", 5.0)
+    v1 = recent.traffic("v1", 14.0)
     assert (v1.requests, v1.errors) == (15, 0) and v1.p99_ms <= 3.0
-    assert recent.traffic("v3", 5.0) == Traffic()
-    assert RecentReplies().traffic("v1", 5.0) == Traffic()
-    # A window shorter than the snapshots' spacing knows nothing of itself alone: not the
-    # version's whole past (a bake's first ticks would judge v2 by its old errors).
-    assert recent.traffic("v2", 0.1) == Traffic()
+    assert recent.traffic("v3", 14.0) == Traffic()
+    assert RecentReplies().traffic("v1", 14.0) == Traffic()
+    # Strict: nothing before `since`, so from the first record at or after it.
+    assert recent.traffic("v2", 16.5, strict=True).requests == 6
+    assert recent.traffic("v2", 19.5, strict=True) == Traffic()
+    # One record alone is the version's whole past, not a window: a bake's first ticks
+    # would judge v2 by errors it made before it was rolled back once.
+    once = RecentReplies()
+    once.record(0.0, tally)
+    assert once.traffic("v2", 0.0) == Traffic()
+
+
+def test_pings_and_refusals_are_no_latencies_and_pings_no_traffic() -> None:
+    """A health probe's pings are not a version's traffic; a refusal has no latency, so the
+    replies a p99 rests on are those timed."""
+    tally, recent = ReplyTally(), RecentReplies()
+    recent.record(0.0, tally)
+    for _ in range(700):
+        tally.add("v1", b"similarity", "ok", 0.01)
+    for _ in range(300):
+        tally.add("v1", b"similarity", "overloaded", None)
+        tally.add("v1", b"ping", "ok", None)
+    recent.record(1.0, tally)
+    v1 = recent.traffic("v1", 0.0)
+    assert (v1.requests, v1.errors, v1.latency_over) == (1000, 300, 700)
 
 
 def test_bucket_quantile_interpolates_like_prometheus() -> None:
@@ -365,3 +387,20 @@ def test_a_gpu_that_does_not_report_its_load_is_still_a_gpu(
     assert "load n/a" in system_line({"cpu_percent": 1.0, "cpu_count": 2, "memory_percent": 1.0,
                                       "memory_used_bytes": 0, "memory_total_bytes": 1,
                                       "gpus": gpus, "gpu_error": None})
+
+
+def test_a_strict_span_leaves_out_everything_before_its_start() -> None:
+    """A bake's settled latencies start after its first seconds: with records a second apart,
+    a span counted back from the newest record would reach into them."""
+    tally, recent = ReplyTally(), RecentReplies()
+    switch = 100.0
+    recent.record(switch - 0.3, tally)
+    for record_at in (switch + 0.7, switch + 1.7, switch + 2.7, switch + 3.7):
+        for step in range(200):  # 200 replies a second, slow ones in the first 1.5 s
+            at = record_at - 1 + step / 200
+            tally.add("v2", b"similarity", "ok", 0.9 if at < switch + 1.5 else 0.01)
+        recent.record(record_at, tally)
+    settled = recent.traffic("v2", switch + 2.0, strict=True)
+    assert settled.latency_over == 200 and settled.p99_ms is not None
+    assert settled.p99_ms <= 10.0  # only the replies after switch + 2.7
+    assert recent.traffic("v2", switch).latency_over == 800  # since the switch: all of them

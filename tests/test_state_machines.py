@@ -1370,7 +1370,7 @@ def test_a_bake_leaves_its_first_seconds_out_of_the_p99(fake: FakePool) -> None:
     rot = baked_rotation(fake, bake_s=60.0, baseline_s=25.0, max_p99_ratio=1.5)
 
     def whole() -> Traffic:  # every v2 reply since the switch
-        return fake.recent.traffic("v2", fake.clock() - rot.phase_since)
+        return fake.recent.traffic("v2", rot.phase_since)
 
     def judged_p99() -> bool:  # the settled replies are enough for a p99
         verdict = rot.bake_verdict
@@ -1440,5 +1440,7 @@ def test_the_judge_lets_a_single_early_error_pass_and_says_why_it_fails() -> Non
     assert not judge(before, Traffic(100, 0, p99_ms=60.0, p90_ms=40.0), limits).regressed
     # A version that was failing before is judged against its own rate.
     assert not judge(Traffic(1000, 50, 10.0), Traffic(100, 5, 10.0), limits).regressed
+    # ... but its rate on a quiet minute's few requests is no rate: 1 of 3 allows no 34%.
+    assert judge(Traffic(3, 1, 10.0), Traffic(1000, 300, 10.0), limits).regressed
     with pytest.raises(ValueError):
         BakeLimits(max_p99_ratio=0.5)
