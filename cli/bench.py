@@ -3,7 +3,6 @@ run itself (load, rotation watch, report, plot) is tooling.bench."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from tooling.bench import BenchPlan, Watch
+from tooling.bench import BenchPlan, BenchResult, Watch
 from tooling.bench import run_bench as run_engine
 from tooling.loadgen import LoadSpec
 
@@ -27,7 +26,7 @@ class LiveLine:
         self.watch = watch
         self.done = self.errors = 0
         self.recent: list[float] = []
-        self.start = time.monotonic()
+        self.elapsed = 0.0  # the load's own clock, from its ticks: not the producers' start
         self.live = Live(console=console, refresh_per_second=4, transient=True)
 
     def progress(self, done: int, errors: int, recent: list[float]) -> None:
@@ -36,6 +35,7 @@ class LiveLine:
         self._render()
 
     def tick(self, elapsed: float) -> None:
+        self.elapsed = elapsed
         self._render()  # the engine ticks the watch itself; this only shows its label
 
     def __enter__(self) -> LiveLine:
@@ -46,7 +46,7 @@ class LiveLine:
         self.live.__exit__(*exc)
 
     def _render(self) -> None:
-        elapsed = time.monotonic() - self.start
+        elapsed = self.elapsed
         p99 = np.percentile(self.recent, 99) * 1000 if self.recent else float("nan")
         line = (f"{elapsed:6.1f}s  {self.done:8d} requests  {self.done / max(elapsed, 1e-9):8.1f}"
                 f" req/s  p99 {p99:7.1f} ms  errors {self.errors}")
@@ -132,11 +132,12 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
              if rec else "rotation")
     if rotation["error"]:
         title += f" ({rotation['error']})"
-    table = Table("phase", "requests", "errors", "p50 ms", "p99 ms", "max ms", title=title)
+    table = Table("phase", "requests", "errors", "lost", "p50 ms", "p99 ms", "max ms",
+                  title=title)
     for name, ph in rotation["phases"].items():
         lat = ph["latency_ms"]
         fmt = [f"{lat[k]:.1f}" if lat[k] is not None else "-" for k in ("p50", "p99", "max")]
-        table.add_row(name, f"{ph['requests']:,}", str(ph["errors"]), *fmt)
+        table.add_row(name, f"{ph['requests']:,}", str(ph["errors"]), str(ph["lost"]), *fmt)
     console.print(table)
     if rec.get("timings"):
         console.print("phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in rec["timings"].items()))
@@ -149,13 +150,13 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
 
 def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
               state_dir: Path | None, rotate_at: float | None, rotate_to: str | None,
-              rotate_path: str | None, json_file: Path | None, plot_file: Path | None,
-              as_json: bool, console: Console, baseline_s: float | None = None,
-              threads: int | None = None, rotate_strategy: str = "auto",
-              model: str = "transformer", rotate_every: float | None = None,
-              dtype: str | None = None, graph: str | None = None) -> dict[str, Any]:
-    """Run the bench with its progress on `console`, print the report (unless as_json), save
-    the JSON and the plot where asked; the report."""
+              rotate_path: str | None, as_json: bool, console: Console,
+              baseline_s: float | None = None, threads: int | None = None,
+              rotate_strategy: str = "auto", model: str = "transformer",
+              rotate_every: float | None = None, dtype: str | None = None,
+              graph: str | None = None) -> BenchResult:
+    """Run the bench with its progress on `console` and print the report (unless as_json);
+    the result, whose files `save_outputs` writes once the report is out."""
     plan = BenchPlan(spawn=spawn, path=path, workers=workers, state_dir=state_dir,
                      rotate_at=rotate_at, rotate_to=rotate_to, rotate_path=rotate_path,
                      rotate_strategy=rotate_strategy, rotate_every=rotate_every, model=model,
@@ -164,10 +165,15 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
     result = run_engine(spec, plan, lambda watch: LiveLine(console, watch), console.status)
     if not as_json:
         print_report(console, result.report)
+    return result
+
+
+def save_outputs(result: BenchResult, json_file: Path | None, plot_file: Path | None,
+                 console: Console, as_json: bool) -> None:
+    """The report as JSON and the plot where asked for; OSError if one cannot be written."""
     result.save(json_file, plot_file)
     if plot_file is not None and not as_json:
         console.print(f"plot saved to {plot_file}")
-    return result.report
 
 
 def plural(count: int, noun: str) -> str:

@@ -10,10 +10,13 @@ from typing import Annotated, Any, NoReturn
 
 import orjson
 import typer
+import zmq
 from rich.console import Console
+from rich.markup import escape
 
 from pool import config
 from pool.control import (
+    ENDPOINT_FORMS,
     POOL_ENV,
     ControlAuthFailed,
     ControlError,
@@ -21,6 +24,7 @@ from pool.control import (
     PoolNotRunning,
     PoolUnreachable,
     control_request,
+    endpoint_problem,
 )
 from router.client import AuthenticationFailed, Client, ZeroPoolError
 from router.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, ClientKeys, KeyFileError
@@ -82,8 +86,18 @@ def fail(message: str, as_json: bool, code: str = "error", exit_code: int = 1) -
     if as_json:
         emit_json({"ok": False, "error": {"code": code, "message": message}})
     else:
-        err.print(f"[bold red]error[/]: {message}")
+        # Escaped: a message quotes paths and JSON shapes, whose brackets are not markup.
+        err.print(f"[bold red]error[/]: {escape(message)}")
     raise typer.Exit(exit_code)
+
+
+def os_reason(exc: OSError) -> str:
+    """Why a path could not be made or written, in words: mkdir on a file says only "File
+    exists"."""
+    if isinstance(exc, FileExistsError) and exc.filename:
+        return f"{exc.filename} exists and is not a directory"
+    reason = exc.strerror or str(exc)
+    return f"{reason}: {exc.filename}" if exc.filename else reason
 
 
 def client_keys(server_key: Path | None, client_key: Path | None,
@@ -100,10 +114,30 @@ def client_keys(server_key: Path | None, client_key: Path | None,
         fail(str(exc), as_json, "usage", exit_code=2)
 
 
+def check_endpoint(endpoint: str, as_json: bool, option: str = "--endpoint") -> str:
+    """A pool's frontend as given (one endpoint, or several comma-separated), after checking
+    each is one the client can connect to: a usage error naming what is wrong, never
+    libzmq's traceback at connect."""
+    targets = [part.strip() for part in endpoint.split(",") if part.strip()]
+    if not targets:
+        fail(f"{option} is empty: give the pool's frontend ({ENDPOINT_FORMS})", as_json,
+             "usage", exit_code=2)
+    for target in targets:
+        problem = endpoint_problem(target)
+        if problem is not None:
+            fail(f"{option} {target}: {problem}", as_json, "usage", exit_code=2)
+    return endpoint
+
+
 def call_pool(endpoint: str, timeout: float, as_json: bool, call: Any,
               keys: ClientKeys | None = None) -> Any:
     """One request through the Python client; a protocol error ends the command cleanly."""
-    with Client(endpoint, timeout=timeout, curve=keys) as client:
+    check_endpoint(endpoint, as_json)
+    try:
+        client = Client(endpoint, timeout=timeout, curve=keys)
+    except zmq.ZMQError as exc:  # what the check cannot know ahead, said as the same error
+        fail(f"--endpoint {endpoint}: {exc}", as_json, "usage", exit_code=2)
+    with client:
         try:
             return call(client)
         except ZeroPoolError as exc:
@@ -175,7 +209,7 @@ def control_target(state_dir: Path, pool_endpoint: str | None, server_key: Path 
     try:
         return ControlTarget.remote(pool_endpoint, keys)
     except ValueError as exc:
-        fail(str(exc), as_json, "usage", exit_code=2)
+        fail(f"--pool {exc}", as_json, "usage", exit_code=2)
 
 
 def control(pool: ControlTarget, cmd: str, as_json: bool, **args: Any) -> dict:
@@ -195,11 +229,25 @@ def fail_control(exc: ControlError, as_json: bool, exit_code: int = 1) -> NoRetu
     fail(str(exc), as_json, code, exit_code=exit_code)
 
 
+def local_model_path(spec: str, as_json: bool = False) -> str:
+    """--path for a pool on this machine: a built-in model's directory, or the path made
+    absolute. The pool runs in a working directory of its own, where a relative path would
+    name another directory (or another model)."""
+    from pool.builtin import BUILTIN_PREFIX
+
+    if spec.startswith(BUILTIN_PREFIX):
+        return model_path(spec, as_json)
+    return str(Path(spec).expanduser().resolve())
+
+
 def pool_model_path(pool: ControlTarget, spec: str | None, as_json: bool) -> str | None:
-    """--path as the pool reads it. A remote pool reads its own filesystem: the path goes as
-    given, and a built-in model is prepared on that machine, not on the operator's."""
-    if spec is None or not pool.is_remote:
-        return optional_model_path(spec, as_json)
+    """--path as the pool reads it: absolute for a local pool (local_model_path), as eval_option
+    does for --eval. A remote pool reads its own filesystem: the path goes as given, and a
+    built-in model is prepared on that machine, not on the operator's."""
+    if spec is None:
+        return None
+    if not pool.is_remote:
+        return local_model_path(spec, as_json)
     from pool.builtin import BUILTIN_PREFIX
 
     if spec.startswith(BUILTIN_PREFIX):

@@ -13,10 +13,12 @@ from typing import Any
 
 import orjson
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from cli.bench import run_bench
+from cli.bench import run_bench, save_outputs
 from cli.ops import quality_line
+from tooling.bench import run_failures
 from tooling.demo import (
     DEMO_IN_FLIGHT,
     DEMO_SECONDS,
@@ -43,12 +45,15 @@ def run_demo(workers: int, paths: tuple[str, str], names: tuple[str, str], plot:
         console.print(f"\n{DEMO_SECONDS:.0f}s of load ({DEMO_IN_FLIGHT} requests in flight from "
                       f"2 producer processes), rotating v1 -> {ROTATE_TO} ({names[1]}) at "
                       f"{ROTATE_AT_S:.0f}s:")
-        report["bench"] = run_bench(
+        result = run_bench(
             demo.bench_spec(), spawn=False, path=None, workers=workers,
             state_dir=demo.pool.state_dir, rotate_at=ROTATE_AT_S, rotate_to=ROTATE_TO,
-            rotate_path=paths[1], json_file=None, plot_file=plot, as_json=as_json,
-            console=console)
+            rotate_path=paths[1], as_json=as_json, console=console)
+        report["bench"] = result.report
+        save_outputs(result, None, plot, console, as_json)
         console.print(headline(report["bench"]))
+        for failure in run_failures(report["bench"], rotation_asked=True):
+            console.print(f"[bold red]error[/]: {escape(failure)}")
         after = demo.score()
         report["pairs"] = {scored.version: scored.rows for scored in (before, after)}
         print_scores(before, after, names, console)

@@ -18,6 +18,7 @@ from cli.common import (
     JsonOpt,
     ServerKeyOpt,
     StateDirOpt,
+    check_endpoint,
     client_keys,
     emit_json,
     err,
@@ -63,6 +64,7 @@ def http_door(
     """OpenAI- and TEI-compatible HTTP API in front of the pool (docs/http.md)."""
     from router.http import HttpSettings, Tls, is_loopback, load_tokens, run
 
+    check_endpoint(endpoint, as_json)  # before "listening": uvicorn would fail after it
     tls = None
     if (tls_cert is None) != (tls_key is None):
         fail("HTTPS needs both --tls-cert and --tls-key", as_json, "usage", exit_code=2)
@@ -122,6 +124,7 @@ def ui(
 
     if importlib.util.find_spec("streamlit") is None:
         fail(UI_EXTRA_MISSING, as_json, "missing_extra", exit_code=2)
+    check_endpoint(endpoint, as_json)  # the page would only show libzmq's error
     env = {**os.environ, ENDPOINT_ENV: endpoint, config.STATE_ENV: str(state_dir)}
     if client_keys(server_key, client_key, as_json) is not None:  # checked here, used there
         env |= {SERVER_KEY_ENV: str(server_key), CLIENT_KEY_ENV: str(client_key)}

@@ -100,7 +100,8 @@ def fleet_rotate(
     from pool.judge import BakeLimits
 
     run_fleet(lambda links, progress: FleetRollout(
-        links, version, path, bake_s=bake, max_parallel=max_parallel, strategy=strategy,
+        links, version, fleet_path_option(path), bake_s=bake, max_parallel=max_parallel,
+        strategy=strategy,
         eval_set=fleet_eval_option(eval_set), limits=BakeLimits(max_error_rate, max_p99_ratio),
         on_progress=progress),
         fleet_links(pools, server_key, client_key, as_json), as_json)
@@ -147,5 +148,14 @@ def fleet_eval_option(spec: str | None) -> str | None:
     absolute path (pools on this machine); any other path as given, for pools that have it
     on theirs."""
     if spec is None or not Path(spec).expanduser().is_file():
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def fleet_path_option(spec: str | None) -> str | None:
+    """A fleet's --path, as its --eval: a directory that exists here by its absolute path
+    (local pools run in directories of their own, where a relative one names another); any
+    other path as given, for pools that have it on their machines."""
+    if spec is None or not Path(spec).expanduser().is_dir():
         return spec
     return str(Path(spec).expanduser().resolve())

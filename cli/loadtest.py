@@ -3,11 +3,13 @@ is imported when they run: it loads numpy and tooling, which the other commands 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cli.common import (
     DEFAULT_STATE_DIR,
@@ -17,17 +19,23 @@ from cli.common import (
     ServerKeyOpt,
     StateDirOpt,
     VersionOpt,
+    check_endpoint,
     client_keys,
     emit_json,
+    err,
     fail,
     fail_with,
-    model_path,
+    local_model_path,
     optional_model_path,
+    os_reason,
 )
 from pool import config
 from pool.control import ControlError
 from router.client import ZeroPoolError, split_endpoints
 from router.failover import DNS_SCHEME
+
+if TYPE_CHECKING:
+    from tooling.bench import BenchResult
 
 
 def several_pools(endpoint: str) -> bool:
@@ -93,6 +101,7 @@ def bench(
 ) -> None:
     """Load-test a pool from producer processes over raw protocol v1; report and plot."""
     from cli.bench import run_bench
+    from tooling.bench import run_failures
     from tooling.loadgen import LoadSpec
 
     if model == "echo" and not spawn:
@@ -106,6 +115,12 @@ def bench(
              exit_code=2)
     if rotate_every is None and (rotate_at is None) != (rotate_to is None):
         fail("--rotate-at and --rotate-to go together", as_json, "bad_request", exit_code=2)
+    if rotate_at is not None and requests is None and rotate_at >= duration:
+        fail(f"--rotate-at {rotate_at:g} is not within the run's --duration {duration:g}: the "
+             "rotation would never start", as_json, "bad_request", exit_code=2)
+    check_endpoint(endpoint, as_json)
+    for option, file in (("--json-file", json_file), ("--plot", plot)):
+        check_output_file(file, option, as_json)
     spec = LoadSpec(endpoint=endpoint, concurrency=concurrency,
                     duration_s=None if requests else duration, requests=requests,
                     pairs_per_request=pairs_per_request, text_chars=text_chars,
@@ -114,12 +129,13 @@ def bench(
                     failover=several_pools(endpoint) if failover is None else failover)
     console = Console(stderr=as_json)
     try:
-        report = run_bench(spec, spawn=spawn, path=optional_model_path(path, as_json),
+        result = run_bench(spec, spawn=spawn, path=optional_model_path(path, as_json),
                            workers=workers, state_dir=state_dir, rotate_at=rotate_at,
                            rotate_to=rotate_to,
-                           rotate_path=optional_model_path(rotate_path, as_json),
-                           json_file=json_file, plot_file=plot, as_json=as_json,
-                           console=console, baseline_s=baseline_seconds if baseline else None,
+                           rotate_path=None if rotate_path is None
+                           else local_model_path(rotate_path, as_json),
+                           as_json=as_json, console=console,
+                           baseline_s=baseline_seconds if baseline else None,
                            threads=threads,
                            rotate_strategy=rotate_strategy, model=model, dtype=dtype,
                            graph=graph,
@@ -128,10 +144,43 @@ def bench(
         fail_with(exc, as_json)
     except (RuntimeError, TimeoutError, ControlError) as exc:
         fail(str(exc), as_json)
+    report = result.report
     if as_json:
-        emit_json(report)
+        emit_json(report)  # before the files: a file that cannot be written loses nothing
+    save_files(result, json_file, plot, console, as_json)
+    problems = run_failures(report, rotate_at is not None or rotate_every is not None)
+    for problem in problems:
+        err.print(f"[bold red]error[/]: {escape(problem)}")
     failed = sum(report["errors"].values()) + report["lost"]
-    raise typer.Exit(1 if failed else 0)
+    raise typer.Exit(1 if failed or problems else 0)
+
+
+def check_output_file(path: Path | None, option: str, as_json: bool) -> None:
+    """A file the run writes at its end, checked before it starts: a path that cannot be
+    written would otherwise fail only after the whole run."""
+    if path is None:
+        return
+    parent = path.expanduser().parent
+    problem = (f"directory {parent} does not exist" if not parent.is_dir()
+               else f"{path} is a directory" if path.is_dir()
+               else f"directory {parent} is not writable" if not os.access(parent, os.W_OK)
+               else f"{path} is not writable" if path.exists() and not os.access(path, os.W_OK)
+               else None)
+    if problem is not None:
+        fail(f"{option} {path}: {problem}", as_json, "usage", exit_code=2)
+
+
+def save_files(result: BenchResult, json_file: Path | None, plot: Path | None,
+               console: Console, as_json: bool) -> None:
+    """The report's files, once the report is out. A failure is said on stderr, as plain
+    text even with --json: stdout already holds the report, and a second JSON document
+    would break whoever parses it."""
+    from cli.bench import save_outputs
+
+    try:
+        save_outputs(result, json_file, plot, console, as_json)
+    except OSError as exc:
+        fail(f"the report is out, but its files are not: {os_reason(exc)}", False)
 
 
 def demo(
@@ -148,6 +197,15 @@ def demo(
     them, the report and a plot, a clean stop."""
     from cli.demo import run_demo
 
-    paths = (model_path(path, as_json), model_path(rotate_path, as_json))
-    raise typer.Exit(run_demo(workers=workers, paths=paths, names=(path, rotate_path),
-                              plot=plot, as_json=as_json))
+    check_output_file(plot, "--plot", as_json)
+    paths = (local_model_path(path, as_json), local_model_path(rotate_path, as_json))
+    try:
+        code = run_demo(workers=workers, paths=paths, names=(path, rotate_path), plot=plot,
+                        as_json=as_json)
+    except ZeroPoolError as exc:
+        fail_with(exc, as_json)
+    except (RuntimeError, TimeoutError, ControlError) as exc:  # e.g. v1's pool never served
+        fail(str(exc), as_json)
+    except OSError as exc:  # the plot, checked before but unwritable after all
+        fail(f"--plot {plot}: {os_reason(exc)}", as_json)
+    raise typer.Exit(code)

@@ -21,6 +21,7 @@ from cli.common import (
     fail,
     fail_control,
     operator_command,
+    os_reason,
     out,
     pool_model_path,
     thresholds_option,
@@ -90,7 +91,11 @@ def keygen(
     if (directory / f"{name}.key_secret").exists():
         fail(f"{directory / name}.key_secret exists; not overwriting a key", as_json,
              "usage", exit_code=2)
-    public, secret = create_keys(directory, name)
+    try:
+        public, secret = create_keys(directory, name)
+    except OSError as exc:  # DIRECTORY is a file, under one, or not writable
+        fail(f"cannot write keys into {directory}: {os_reason(exc)}", as_json, "usage",
+             exit_code=2)
     if as_json:
         emit_json({"ok": True, "public": str(public), "secret": str(secret)})
     else:

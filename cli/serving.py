@@ -20,6 +20,7 @@ from cli.common import (
     emit_json,
     fail,
     model_path,
+    os_reason,
     out,
 )
 from pool import config
@@ -40,7 +41,12 @@ def serve(**options: Any) -> None:
         settings = resolve_settings(options, model_path=model_path)
     except ValueError as exc:
         fail(str(exc), False, exit_code=2)
-    setup_logging(settings.log_json, Path(settings.state_dir) / config.LOG_FILE)
+    log_file = Path(settings.state_dir) / config.LOG_FILE
+    try:
+        setup_logging(settings.log_json, log_file)
+    except OSError as exc:  # --state-dir names a file, or a place nobody may write
+        fail(f"--state-dir {settings.state_dir}: cannot write the pool's log {log_file}: "
+             f"{os_reason(exc)}", False, "usage", exit_code=2)
     try:
         code = run_server(settings)
     except StartupError as exc:

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
@@ -21,6 +22,7 @@ from cli.common import (
     ThresholdsOpt,
     TimeoutOpt,
     call_pool,
+    check_endpoint,
     client_keys,
     emit_json,
     err,
@@ -28,6 +30,7 @@ from cli.common import (
     fail,
     fail_control,
     operator_command,
+    os_reason,
     out,
     pool_model_path,
     thresholds_option,
@@ -35,29 +38,62 @@ from cli.common import (
 from pool import config
 from pool.control import ControlError, ControlTarget, PoolNotRunning, control_request
 
+if TYPE_CHECKING:
+    from pool.registry import Registry
+
 versions_app = typer.Typer(help="The version registry (versions.json in the state directory).",
                            no_args_is_help=True)
 
 
-def registry_command(pool: ControlTarget, cmd: str, as_json: bool, offline: Any,
-                     **args: Any) -> dict:
+def registry_command(pool: ControlTarget, cmd: str, as_json: bool,
+                     offline: Callable[[Registry], Any] | None, **args: Any) -> dict:
     """Through the running pool if there is one, else (a local pool only) on the registry
-    file directly."""
+    file directly: `offline` is the edit made there (None: only a read, which writes
+    nothing, not even the state directory)."""
     try:
         return control_request(pool, cmd, **args)
     except PoolNotRunning:
         pass
     except ControlError as exc:
         fail_control(exc, as_json)
+    state_dir = Path(pool.state_dir or DEFAULT_STATE_DIR)
+    if offline is None and not state_dir.is_dir():
+        # A mistyped --state-dir: saying so beats an empty list (and a directory made for it).
+        fail(f"no state directory {state_dir}: no pool has served from it and no version was "
+             f"added there (check --state-dir or ${config.STATE_ENV})", as_json, "usage",
+             exit_code=2)
+    registry = open_registry(state_dir, as_json)
+    if offline is not None:
+        edit_offline(registry, offline, as_json)
+    return {"versions": registry.listing()}
+
+
+def open_registry(state_dir: Path, as_json: bool) -> Registry:
     from pool.registry import Registry
 
-    registry = Registry(pool.state_dir or DEFAULT_STATE_DIR)
     try:
-        offline(registry)
+        return Registry(state_dir)
+    except OSError as exc:  # the state directory is a file, or unreadable
+        fail(f"--state-dir {state_dir}: {os_reason(exc)}", as_json, "usage", exit_code=2)
+    except ValueError as exc:  # versions.json edited by hand into something not JSON
+        fail(f"cannot read the registry in {state_dir}: {exc}", as_json, "bad_registry")
+
+
+def edit_offline(registry: Registry, edit: Callable[[Registry], Any], as_json: bool) -> None:
+    """An edit of the registry file, saved when it succeeds."""
+    try:
+        edit(registry)
     except (ValueError, KeyError) as exc:
         fail(str(exc), as_json, "bad_request", exit_code=2)
-    registry.save()
-    return {"versions": registry.listing()}
+    except (TypeError, AttributeError) as exc:
+        # Input of a shape nothing checked (the pool answers the same as a bad request):
+        # still the input's fault, never a traceback.
+        fail(f"malformed input ({type(exc).__name__}: {exc})", as_json, "bad_request",
+             exit_code=2)
+    try:
+        registry.save()
+    except OSError as exc:
+        fail(f"cannot write {registry.path}: {os_reason(exc)}", as_json)
 
 
 def print_versions(reply: dict, as_json: bool) -> None:
@@ -78,7 +114,7 @@ def print_versions(reply: dict, as_json: bool) -> None:
 @operator_command
 def versions_list(pool: ControlTarget, as_json: JsonOpt = False) -> None:
     """Registered versions, the active and the previous one."""
-    print_versions(registry_command(pool, "versions", as_json, lambda r: None), as_json)
+    print_versions(registry_command(pool, "versions", as_json, None), as_json)
 
 
 @versions_app.command("add")
@@ -98,7 +134,7 @@ def versions_add(
     as_json: JsonOpt = False,
 ) -> None:
     """Register a version (checked to be a model directory)."""
-    golden = read_json_file(expect, as_json) if expect else None
+    golden = expect_document(expect, as_json) if expect else None
     cuts = thresholds_option(thresholds, as_json)
     path = pool_model_path(pool, path, as_json) or path
     gate_set = eval_option(eval_set, pool)
@@ -127,7 +163,13 @@ def versions_import(pool: ControlTarget,
                     file: Annotated[Path, typer.Argument(help="The seed's model_versions.json.")],
                     as_json: JsonOpt = False) -> None:
     """Import the seed app's model_versions.json (current_version, versions: {v: {path}})."""
+    from pool.registry import check_seed_document
+
     doc = read_json_file(file, as_json)
+    try:
+        check_seed_document(doc)  # here: the pool would call it a control error, exit 1
+    except ValueError as exc:
+        fail(f"{file}: {exc}", as_json, "bad_request", exit_code=2)
     reply = registry_command(pool, "versions_import", as_json, lambda r: r.import_seed(doc),
                              doc=doc)
     print_versions(reply, as_json)
@@ -138,6 +180,19 @@ def read_json_file(path: Path, as_json: bool) -> Any:
         return orjson.loads(Path(path).read_bytes())
     except (OSError, orjson.JSONDecodeError) as exc:
         fail(f"cannot read {path}: {exc}", as_json, "bad_request", exit_code=2)
+
+
+def expect_document(path: Path, as_json: bool) -> dict:
+    """--expect's golden file, checked here: a pool of another release (or the registry file
+    offline) would take a document of the wrong shape as its own error, or as a traceback."""
+    from pool.health import Expectation
+
+    doc = read_json_file(path, as_json)
+    try:
+        Expectation.from_dict(doc)
+    except ValueError as exc:
+        fail(f"--expect {path}: {exc}", as_json, "bad_request", exit_code=2)
+    return doc
 
 
 PROGRESS_MIN_PAIRS = 200  # a set this long shows a progress bar while it is scored
@@ -168,6 +223,7 @@ def calibrate(
     from tooling.calibrate import calibrate as run_calibration
     from tooling.calibrate import calibration_document
 
+    check_endpoint(endpoint, as_json)  # before the pairs are read and a progress bar drawn
     try:
         labelled = list(read_eval_set(pairs)) if pairs is not None else load_default_pairs()
     except PairsFileError as exc:

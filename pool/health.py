@@ -30,6 +30,39 @@ TOLERANCE_FP32 = 1e-3
 TOLERANCE_HALF = 0.02  # fp16 / bf16 weights move scores by up to ~1e-2
 
 
+def json_kind(value: Any) -> str:
+    """A JSON value's type as JSON names it."""
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def expect_problem(doc: Any) -> str | None:
+    """What is wrong with a golden document's shape; None when nothing is."""
+    if not isinstance(doc, dict):
+        return f"a JSON {json_kind(doc)}, not an object"
+    pairs, scores = doc.get("pairs"), doc.get("scores")
+    if not isinstance(pairs, list):
+        return '"pairs" is not a list'
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(text, str) for text in pair)):
+            return f'"pairs"[{i}] is not [text_a, text_b]'
+    if not isinstance(scores, list):
+        return '"scores" is not a list'
+    for i, score in enumerate(scores):
+        if not is_number(score):
+            return f'"scores"[{i}] is not a number'
+    if len(pairs) != len(scores):
+        return f"{len(pairs)} pairs but {len(scores)} scores"
+    if doc.get("tolerance") is not None and not is_number(doc["tolerance"]):
+        return '"tolerance" is not a number'
+    return None
+
+
 EXPECT_SHAPE = '{"pairs": [[text_a, text_b], ...], "scores": [number, ...], "tolerance": number}'
 
 
@@ -44,18 +77,13 @@ class Expectation:
     @classmethod
     def from_dict(cls, doc: Any) -> Expectation:
         """The registry's / an --expect file's document; ValueError saying what is wrong."""
-        if not doc:
+        if doc is None or doc == {}:
             return cls()
-        try:
-            pairs = [(str(a), str(b)) for a, b in doc["pairs"]]
-            scores = [float(x) for x in doc["scores"]]
-            tolerance = None if doc.get("tolerance") is None else float(doc["tolerance"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ValueError(f"expect: not {EXPECT_SHAPE} ({type(exc).__name__}: {exc})"
-                             ) from None
-        if len(pairs) != len(scores):
-            raise ValueError(f"expect: {len(pairs)} pairs but {len(scores)} scores")
-        return cls(pairs, scores, tolerance)
+        problem = expect_problem(doc)
+        if problem is not None:
+            raise ValueError(f"expect: {problem}; expected {EXPECT_SHAPE}")
+        return cls([(a, b) for a, b in doc["pairs"]], [float(x) for x in doc["scores"]],
+                   doc.get("tolerance"))
 
 
 @dataclass(frozen=True, slots=True)

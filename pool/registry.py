@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from pool.gate import PACKAGED_SETS, read_eval_set
-from pool.health import Expectation
+from pool.health import Expectation, json_kind
 from pool.quality import Thresholds
 from pool.thresholds import (
     VersionThresholds,
@@ -139,19 +139,22 @@ class Registry:
             self.data["previous"] = None
         self.log("version_removed", version=name)
 
-    def import_seed(self, doc: dict[str, Any]) -> list[str]:
-        """Merge the seed's model_versions.json: {current_version, versions: {v: {path, ...}}}."""
-        versions = doc.get("versions")
-        if not isinstance(versions, dict):
-            raise ValueError('expected {"current_version": ..., "versions": {name: {"path": ...}}}')
-        added = []
-        for name, entry in versions.items():
-            if not isinstance(entry, dict) or "path" not in entry:
-                raise ValueError(f"version {name!r} has no path")
-            auto = bool(entry.get("auto_load", name == doc.get("current_version")))
-            self.add(name, entry["path"], auto_load=auto)
-            added.append(name)
+    def import_seed(self, doc: Any) -> list[str]:
+        """Merge the seed's model_versions.json: {current_version, versions: {v: {path, ...}}}.
+        All or nothing: ValueError saying what is wrong (the document's shape, a version's
+        path), and the registry as it was."""
+        check_seed_document(doc)
+        snapshot = self.snapshot()
         current = doc.get("current_version")
+        added = []
+        try:
+            for name, entry in doc["versions"].items():
+                auto = bool(entry.get("auto_load", name == current))
+                self.add(name, entry["path"], auto_load=auto)
+                added.append(name)
+        except ValueError:
+            self.restore(snapshot)  # half an import would register what nobody asked for
+            raise
         if current and self.active is None:
             self.set_active(current)
         return added
@@ -204,6 +207,28 @@ def _shown_thresholds(entry: dict[str, Any]) -> dict[str, Any]:
         return resolve_entry(entry).as_dict()
     except ValueError as exc:  # a registry file edited by hand: say so, list the rest
         return {"thresholds": entry.get("thresholds"), "thresholds_source": f"invalid: {exc}"}
+
+
+SEED_SHAPE = '{"current_version": NAME, "versions": {NAME: {"path": DIR}, ...}}'
+
+
+def check_seed_document(doc: Any) -> None:
+    """ValueError unless `doc` has the shape of the seed's model_versions.json (any JSON can
+    come from the file or the control socket)."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"expected {SEED_SHAPE}, not a JSON {json_kind(doc)}")
+    versions = doc.get("versions")
+    if not isinstance(versions, dict):
+        raise ValueError(f'expected {SEED_SHAPE}: "versions" is '
+                         + ("missing" if versions is None
+                            else f"not an object (a JSON {json_kind(versions)})"))
+    current = doc.get("current_version")
+    if current is not None and not isinstance(current, str):
+        raise ValueError(f'"current_version" is not a version name (a JSON '
+                         f"{json_kind(current)})")
+    for name, entry in versions.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ValueError(f'version {name!r} has no path: expected {{"path": DIR}}')
 
 
 def check_eval_set(spec: str) -> str:

@@ -142,3 +142,23 @@ def test_a_worker_the_load_never_reached_is_reported_idle_not_left_out(tmp_path:
     times = meter._worker_times()
     assert times["device_busy_percent"] == {"101": 50.0, "102": 0.0}
     assert times["request_ms"] == {"to_worker": 1.0, "queued_in_worker": 2.0, "in_pass": 3.0}
+
+
+def test_the_reports_latencies_are_those_of_requests_answered_ok() -> None:
+    """A saturated pool's refusals (overloaded, in 0.2 ms) must not make its latencies look
+    good: percentiles are over what throughput counts."""
+    import numpy as np
+
+    from tooling.bench import build_report
+    from tooling.loadgen import LoadSpec, Samples
+
+    n = 2000
+    sent = np.linspace(0.0, 10.0, n)
+    refused = np.arange(n) % 2 == 1
+    latency = np.where(refused, 0.0002, 0.05)
+    samples = Samples(sent, latency, ["overloaded" if r else "ok" for r in refused],
+                      ["v1"] * n)
+    report = build_report(LoadSpec("tcp://127.0.0.1:1"), samples, None, started=0.0)
+    assert report["ok"] == 1000 and report["errors"] == {"overloaded": 1000}
+    assert report["latency_ms"]["p50"] == pytest.approx(50.0)
+    assert report["latency_ms"]["max"] == pytest.approx(50.0)

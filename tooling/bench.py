@@ -29,6 +29,7 @@ from tooling.loadgen import (
     Samples,
     latency_summary,
     make_texts,
+    producer_count,
     run_load,
 )
 from tooling.usage import UsageMeter
@@ -216,7 +217,8 @@ def soak_report(samples: Samples, soak: SoakWatch, started: float) -> dict[str, 
         # Readings are taken between rotations; a window spent inside one uses the last before.
         readings = [m for t, m in soak.memory if lo <= t <= hi and m.rss] or [
             m for t, m in soak.memory if t <= hi and m.rss][-1:]
-        out[name] = {"latency_ms": latency_summary(samples.latency[mask]),
+        ok = np.array(samples.outcome) == OK_CODE
+        out[name] = {"latency_ms": latency_summary(samples.latency[mask & ok]),
                      "rss_mib": _mean_mib([m.rss for m in readings]),
                      "gpu_mib": _mean_mib([m.gpu for m in readings if m.gpu])}
     first, last = out["first_tenth"], out["last_tenth"]
@@ -243,7 +245,8 @@ def build_report(spec: LoadSpec, samples: Samples, watch: RotationWatch | None,
     codes, counts = np.unique(outcomes[(outcomes != OK_CODE) & answered], return_counts=True)
     report: dict[str, Any] = {
         "endpoint": spec.endpoint, "concurrency": spec.concurrency,
-        "producers": spec.producers, "client": "failover" if spec.failover else "dealer",
+        # The processes that ran: never more than requests in flight (tooling.loadgen).
+        "producers": producer_count(spec), "client": "failover" if spec.failover else "dealer",
         "pairs_per_request": spec.pairs_per_request,
         "text_chars": spec.text_chars, "version": spec.version or None,
         "requests": len(outcomes), "ok": ok,
@@ -251,7 +254,10 @@ def build_report(spec: LoadSpec, samples: Samples, watch: RotationWatch | None,
         "lost": int((~answered).sum()), "seconds": round(seconds, 3),
         "requests_per_s": round(ok / seconds, 1),
         "pairs_per_s": round(ok * spec.pairs_per_request / seconds, 1),
-        "latency_ms": latency_summary(samples.latency),
+        # Over the requests answered ok, as throughput counts them: an error is often a
+        # refusal at the door (overloaded: 0.2 ms), which would make a saturated pool's
+        # latencies look good.
+        "latency_ms": latency_summary(samples.latency[outcomes == OK_CODE]),
         "versions": {v: samples.version.count(v) for v in sorted(set(samples.version)) if v},
     }
     if watch is not None and watch.started is not None:
@@ -264,9 +270,12 @@ def build_report(spec: LoadSpec, samples: Samples, watch: RotationWatch | None,
             "started_s": round(watch.started - started, 3),
             "finished_s": round(stop - started, 3),
             "memory": memory_change(watch.memory_before, watch.memory_after),
+            # As the headline counts them: errors are answers, lost requests got none.
             "phases": {name: {"requests": int(mask.sum()),
-                              "errors": int(((outcomes != OK_CODE) & mask).sum()),
-                              "latency_ms": latency_summary(samples.latency[mask])}
+                              "errors": int(((outcomes != OK_CODE) & answered & mask).sum()),
+                              "lost": int((~answered & mask).sum()),
+                              "latency_ms": latency_summary(
+                                  samples.latency[mask & (outcomes == OK_CODE)])}
                        for name, mask in phases.items()},
         }
     return report
@@ -285,7 +294,8 @@ def plot_report(samples: Samples, report: dict[str, Any], started: float, file: 
     fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(10, 6))
     counts, _ = np.histogram(t[answered], bins=bins)
     ax1.plot(bins[:-1], counts, drawstyle="steps-post", label="replies/s")
-    errors = np.array([o != OK_CODE for o in samples.outcome]) & answered
+    # dtype: an empty run's np.array([]) is float, which `&` with a bool mask refuses.
+    errors = np.array([o != OK_CODE for o in samples.outcome], dtype=bool) & answered
     if errors.any():
         ax1.plot(bins[:-1], np.histogram(t[errors], bins=bins)[0], "r", drawstyle="steps-post",
                  label="errors/s")
@@ -347,8 +357,8 @@ def compare_with_proxy(spec: LoadSpec, workers: int, directory: Path, report: di
     try:
         with stage("the same load through zmq.proxy..."):
             proxy_spec = replace(spec, endpoint=proxy.endpoint)
-            started = time.monotonic()
-            proxied = build_report(proxy_spec, run_load(proxy_spec, _quiet), None, started)
+            proxy_samples = run_load(proxy_spec, _quiet)
+            proxied = build_report(proxy_spec, proxy_samples, None, proxy_samples.started)
         with stage(f"one request in flight for {LOW_LOAD_S:.0f}s, pool then proxy..."):
             low = replace(spec, concurrency=1, producers=1, duration_s=LOW_LOAD_S, requests=None)
             pool_low = latency_summary(run_load(low, _quiet).latency)["p50"] or 0.0
@@ -471,8 +481,8 @@ def run_bench(spec: LoadSpec, plan: BenchPlan,
                 plan = replace(plan, rotate_path=active_model_path(pool.state_dir))
         check_reachable(spec)
         watch = make_watch(plan, state_dir)
-        usage = UsageMeter.start(state_dir)
-        samples, started = _run_watched(spec, watch, display(watch), usage)
+        samples, usage = _run_watched(spec, watch, display(watch), state_dir)
+        started = samples.started
         rotation = watch if isinstance(watch, RotationWatch) else None
         report = build_report(spec, samples, rotation, started)
         if usage is not None:
@@ -494,6 +504,39 @@ def run_bench(spec: LoadSpec, plan: BenchPlan,
             pool.close()
 
 
+def run_failures(report: dict[str, Any], rotation_asked: bool) -> list[str]:
+    """What went wrong with a run besides failed requests (those the report counts): no
+    request answered, or a rotation asked for (--rotate-at, --rotate-every) that was
+    refused, rolled back or never started. Each says why, for stderr and the exit code."""
+    failures = []
+    if report["requests"] == 0:
+        failures.append(f"no request was sent in {report['seconds']:.1f}s")
+    elif report["lost"] == report["requests"]:
+        failures.append(f"none of the {report['requests']:,} requests sent was answered")
+    if rotation_asked:
+        failures += _rotation_failures(report)
+    return failures
+
+
+def _rotation_failures(report: dict[str, Any]) -> list[str]:
+    soak = report.get("soak")
+    if soak is not None:
+        failed = {o: n for o, n in soak["outcomes"].items() if o != "done"}
+        return ([f"the soak stopped: {soak['error']}"] if soak["error"] else []) + (
+            [f"soak rotations that did not end done: {failed}"] if failed else [])
+    rotation = report.get("rotation")
+    if rotation is None:
+        return [f"the load ended ({report['seconds']:.1f}s) before the rotation was due: "
+                "none happened"]
+    record = rotation["record"]
+    if rotation["error"]:
+        return [f"the rotation failed: {rotation['error']}"]
+    if record.get("outcome") != "done":
+        return [f"the rotation to {record.get('target')} ended {record.get('outcome')}"
+                + (f": {record['reason']}" if record.get("reason") else "")]
+    return []
+
+
 PREFLIGHT_TIMEOUT_S = 10.0
 
 
@@ -506,20 +549,25 @@ def check_reachable(spec: LoadSpec) -> None:
 
 
 def _run_watched(spec: LoadSpec, watch: Watch | None, display: LoadDisplay,
-                 usage: UsageMeter | None = None) -> tuple[Samples, float]:
-    """The load with `watch` and `usage` ticked beside it, then a rotation waited out;
-    (samples, start)."""
+                 state_dir: Path | None = None) -> tuple[Samples, UsageMeter | None]:
+    """The load with `watch` and a usage meter on the pool of `state_dir` ticked beside it,
+    then a rotation waited out; (samples, the meter)."""
+    meters: list[UsageMeter | None] = [None]
+
+    def start(_: float) -> None:
+        # Metered from the load's start, as --rotate-at counts (the ticks' elapsed): not
+        # over the producers' own start, while the pool idled.
+        meters[0] = UsageMeter.start(state_dir)
 
     def tick(elapsed: float) -> None:
         if watch is not None:
             watch.tick(elapsed)
-        if usage is not None:
-            usage.tick()
+        if meters[0] is not None:
+            meters[0].tick()
         display.tick(elapsed)
 
-    started = time.monotonic()
     with display:
-        samples = run_load(spec, display.progress, tick)
+        samples = run_load(spec, display.progress, tick, start)
         if isinstance(watch, RotationWatch):
             watch.settle()
-    return samples, started
+    return samples, meters[0]

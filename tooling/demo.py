@@ -11,6 +11,7 @@ from typing import Any
 
 from pool import config
 from router.client import Client
+from tooling.bench import run_failures
 from tooling.launch import PrivatePool
 from tooling.loadgen import LoadSpec
 
@@ -96,5 +97,6 @@ class Demo:
 
 
 def exit_code(report: dict[str, Any]) -> int:
-    """0 when the pool stopped cleanly and no request failed."""
-    return 0 if report["exit_code"] == 0 and failures(report["bench"]) == 0 else 1
+    """0 when the pool stopped cleanly, no request failed and the rotation to v2 was done."""
+    clean = report["exit_code"] == 0 and failures(report["bench"]) == 0
+    return 0 if clean and not run_failures(report["bench"], rotation_asked=True) else 1

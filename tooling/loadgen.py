@@ -13,15 +13,18 @@ flight) or open loop (a rate), recording every reply whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import multiprocessing
 import queue
 import random
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import orjson
@@ -95,6 +98,9 @@ class Samples:
     outcome: list[str]  # "ok" or the error code, "lost" when no reply came
     version: list[str]
     cpu_s: float = 0.0  # CPU seconds the producers spent on the load
+    # Monotonic seconds when every producer was ready and the load's clock started (run_load
+    # sets it; one producer's part has none): the report's and the plot's time zero.
+    started: float = 0.0
 
     @classmethod
     def concat(cls, parts: list[Samples]) -> Samples:
@@ -161,14 +167,61 @@ def request_pairs(texts: list[str], n: int, per_request: int) -> list[list[str]]
             for k in range(per_request)]
 
 
-def _producer(index: int, spec: LoadSpec, share: int, quota: int | None, deadline: float,
-              progress: multiprocessing.Queue, results: multiprocessing.Queue) -> None:
+PRODUCER_START_TIMEOUT_S = 60.0  # a spawned producer imports numpy and zmq: seconds when busy
+
+
+@dataclass
+class StartLine:
+    """The load's clock starts once every producer is ready to send: a spawned producer takes
+    0.4-0.9 s to import, and a clock started before would count that as time under load (a
+    short run reporting a fraction of its throughput, --rotate-at early). Each producer sets
+    its `ready` event and waits for `go`; the parent writes the shared `deadline` first."""
+
+    ready: list[Any]  # a multiprocessing Event per producer
+    go: Any  # a multiprocessing Event
+    deadline: Any  # a multiprocessing RawValue("d"): monotonic seconds, the same clock here
+
+    @classmethod
+    def make(cls, mp: Any, producers: int) -> StartLine:
+        return cls([mp.Event() for _ in range(producers)], mp.Event(), mp.RawValue("d", 0.0))
+
+    def wait(self, index: int) -> float:
+        """In producer `index`: ready; returns the deadline once the parent says go."""
+        self.ready[index].set()
+        self.go.wait()
+        return float(self.deadline.value)
+
+    def start(self, duration_s: float | None, procs: list[Any]) -> float:
+        """In the parent: wait until every producer is ready, then start the clock; its start
+        (monotonic). RuntimeError if one exits or PRODUCER_START_TIMEOUT_S passes first."""
+        give_up = time.monotonic() + PRODUCER_START_TIMEOUT_S
+        for event, proc in zip(self.ready, procs, strict=True):
+            while not event.wait(0.1):
+                if proc.exitcode is not None:
+                    raise RuntimeError(f"producer {proc.name} exited (exit {proc.exitcode}) "
+                                       "before it was ready to send")
+                if time.monotonic() > give_up:
+                    raise RuntimeError(f"producer {proc.name} was not ready to send within "
+                                       f"{PRODUCER_START_TIMEOUT_S:.0f}s")
+        start = time.monotonic()
+        self.deadline.value = start + (duration_s or 1e9)
+        self.go.set()
+        return start
+
+
+def _producer(index: int, spec: LoadSpec, share: int, quota: int | None,
+              start_line: StartLine, progress: multiprocessing.Queue,
+              results: multiprocessing.Queue) -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the producers (run_load's
+    # finally), and a KeyboardInterrupt here would only print a traceback per producer.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     texts = make_texts(4096, spec.text_chars, random.Random(spec.seed * 1000 + index))
+    gc.freeze()  # a collection walking the imports would show up as the pool's latency
+    deadline = start_line.wait(index)
 
     def more(sent: int) -> bool:
         return sent < quota if quota is not None else time.monotonic() < deadline
 
-    gc.freeze()  # a collection walking the imports would show up as the pool's latency
     load = _failover_load if spec.failover else _dealer_load
     results.put((index, load(spec, share, more, texts, Recorder(index, progress))))
 
@@ -258,59 +311,109 @@ def _failover_load(spec: LoadSpec, share: int, more: Callable[[int], bool],
     return record.samples()
 
 
+def producer_count(spec: LoadSpec) -> int:
+    """Producer processes a run starts: one request in flight each at the least."""
+    return max(1, min(spec.producers, spec.concurrency))
+
+
 def run_load(spec: LoadSpec, on_progress: Callable[[int, int, list[float]], None],
-             on_tick: Callable[[float], None] | None = None) -> Samples:
-    """Drive the pool with `spec`; call on_progress(done, errors, recent latencies) as
-    reports arrive and on_tick(elapsed) about every PROGRESS_S; return every sample."""
+             on_tick: Callable[[float], None] | None = None,
+             on_start: Callable[[float], None] | None = None) -> Samples:
+    """Drive the pool with `spec`; call on_start(start) when every producer is ready and
+    the clock starts, on_progress(done, errors, recent latencies) as reports arrive and
+    on_tick(elapsed since the start) about every PROGRESS_S; return every sample, with
+    `started` (monotonic): the clock of --duration and of on_tick."""
     mp = multiprocessing.get_context("spawn")
     progress: multiprocessing.Queue = mp.Queue()
     results: multiprocessing.Queue = mp.Queue()
-    k = max(1, min(spec.producers, spec.concurrency))
+    k = producer_count(spec)
     shares = [spec.concurrency // k + (1 if i < spec.concurrency % k else 0) for i in range(k)]
     quotas: list[int | None] = [None] * k
     if spec.requests is not None:
         quotas = [spec.requests // k + (1 if i < spec.requests % k else 0) for i in range(k)]
-    start = time.monotonic()
-    deadline = start + (spec.duration_s or 1e9)
-    procs = [mp.Process(target=_producer, args=(i, spec, shares[i], quotas[i], deadline,
+    start_line = StartLine.make(mp, k)
+    procs = [mp.Process(target=_producer, args=(i, spec, shares[i], quotas[i], start_line,
                                                  progress, results), name=f"bench-producer-{i}")
              for i in range(k)]
-    for proc in procs:
-        proc.start()
-    totals = {i: (0, 0) for i in range(k)}
     parts: dict[int, Samples] = {}
     try:
-        while len(parts) < k:
-            try:
-                index, done, errors, recent = progress.get(timeout=PROGRESS_S)
-                totals[index] = (done, errors)
-                on_progress(sum(d for d, _ in totals.values()),
-                            sum(e for _, e in totals.values()), recent)
-            except queue.Empty:
-                pass
-            if on_tick is not None:
-                on_tick(time.monotonic() - start)
-            while True:
-                try:
-                    index, samples = results.get_nowait()
-                except queue.Empty:
-                    break
-                parts[index] = samples
-            dead = [p for i, p in enumerate(procs) if i not in parts and p.exitcode not in
-                    (None, 0)]
-            if dead:
-                raise RuntimeError(f"producer {dead[0].name} died (exit {dead[0].exitcode})")
+        with _sigint_ignored():
+            for proc in procs:
+                proc.start()
+        start = start_line.start(spec.duration_s, procs)
+        if on_start is not None:
+            on_start(start)
+        _collect(procs, progress, results, parts, start, on_progress, on_tick)
     finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    return Samples.concat([parts[i] for i in sorted(parts)])
+        _stop(procs, abandoned=len(parts) < k)
+    samples = Samples.concat([parts[i] for i in sorted(parts)])
+    samples.started = start
+    return samples
+
+
+def _collect(procs: list[Any], progress: multiprocessing.Queue,
+             results: multiprocessing.Queue, parts: dict[int, Samples], start: float,
+             on_progress: Callable[[int, int, list[float]], None],
+             on_tick: Callable[[float], None] | None) -> None:
+    """Progress reports and ticks until every producer handed in its samples (into
+    `parts`); RuntimeError if one dies first."""
+    totals = {i: (0, 0) for i in range(len(procs))}
+    while len(parts) < len(procs):
+        try:
+            index, done, errors, recent = progress.get(timeout=PROGRESS_S)
+            totals[index] = (done, errors)
+            on_progress(sum(d for d, _ in totals.values()),
+                        sum(e for _, e in totals.values()), recent)
+        except queue.Empty:
+            pass
+        if on_tick is not None:
+            on_tick(time.monotonic() - start)
+        while True:
+            try:
+                index, samples = results.get_nowait()
+            except queue.Empty:
+                break
+            parts[index] = samples
+        dead = [p for i, p in enumerate(procs) if i not in parts and p.exitcode not in
+                (None, 0)]
+        if dead:
+            raise RuntimeError(f"producer {dead[0].name} died (exit {dead[0].exitcode})")
+
+
+def _stop(procs: list[Any], abandoned: bool) -> None:
+    """Reap the producers. Abandoned (Ctrl-C, a producer died): terminated at once, as they
+    ignore SIGINT and would otherwise load the pool until their deadline."""
+    for proc in procs:
+        if abandoned and proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        if proc.pid is None:
+            continue  # never started (interrupted while the others were)
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while producers are started: they inherit it from their first
+    instruction, so a Ctrl-C during their imports (before _producer runs) prints nothing
+    there. Only the main thread may set a handler; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        # None: a handler set outside Python, which cannot be put back; the default then.
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None
+                      else previous)
 
 
 def latency_summary(latency: np.ndarray) -> dict[str, float | None]:
-    """p50/p90/p99/p99.9/max in milliseconds over the answered requests."""
+    """p50/p90/p99/p99.9/max in milliseconds over `latency` (those with one: answered)."""
     answered = latency[~np.isnan(latency)] * 1000
     if answered.size == 0:
         return {"p50": None, "p90": None, "p99": None, "p99.9": None, "max": None}
@@ -598,7 +701,6 @@ class FailoverProducers:
         out: dict[str, float] = {"requests": len(sent),
                                  "errors": sum(a.code != OK_CODE for a in sent)}
         if latencies:
-            out["p50_ms"] = round(1000 * latencies[len(latencies) // 2], 2)
-            out["p99_ms"] = round(1000 * latencies[min(len(latencies) - 1,
-                                                       int(len(latencies) * 0.99))], 2)
+            p50, p99 = np.percentile(latencies, [50, 99])
+            out["p50_ms"], out["p99_ms"] = round(1000 * float(p50), 2), round(1000 * float(p99), 2)
         return out
