@@ -16,7 +16,6 @@ from rich.markup import escape
 
 from pool import config
 from pool.control import (
-    ENDPOINT_FORMS,
     POOL_ENV,
     ControlAuthFailed,
     ControlError,
@@ -24,9 +23,9 @@ from pool.control import (
     PoolNotRunning,
     PoolUnreachable,
     control_request,
-    endpoint_problem,
 )
 from router.client import AuthenticationFailed, Client, ZeroPoolError
+from router.failover import ENDPOINT_FORMS, endpoint_problem
 from router.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV, ClientKeys, KeyFileError
 from router.protocol import ENDPOINT_ENV
 

@@ -435,3 +435,54 @@ def expand_targets(targets: Iterable[str], resolver: Resolver,
 def needs_failover(targets: list[str]) -> bool:
     """A lone static endpoint behaves as the client always did; anything more fails over."""
     return len(targets) > 1 or any(t.startswith(DNS_SCHEME) for t in targets)
+
+
+# -- endpoints, checked before anything connects ------------------------------------------
+
+TCP_SCHEME, IPC_SCHEME = "tcp://", "ipc://"
+ENDPOINT_FORMS = "tcp://HOST:PORT, ipc://PATH or dns://NAME:PORT"
+IPC_PATH_MAX_BYTES = 107  # a Unix socket's path (sun_path) holds 108 bytes, its NUL included
+
+
+def endpoint_problem(endpoint: str) -> str | None:
+    """What is wrong with one endpoint to connect to (tcp://HOST:PORT, ipc://PATH or
+    dns://NAME:PORT); None when nothing is. libzmq says only "Invalid argument", and only
+    once a socket connects."""
+    if not endpoint:
+        return f"no endpoint given; expected {ENDPOINT_FORMS}"
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        hint = f" (tcp://{endpoint}?)" if _host_port_problem(endpoint) is None else ""
+        return f"no scheme; expected {ENDPOINT_FORMS}{hint}"
+    if endpoint.startswith(IPC_SCHEME):
+        if not rest:
+            return "no socket path after ipc://"
+        if len(rest.encode()) > IPC_PATH_MAX_BYTES:
+            return (f"the ipc socket path is longer than {IPC_PATH_MAX_BYTES} bytes (a Unix "
+                    "socket's limit)")
+        return None
+    if endpoint.startswith((TCP_SCHEME, DNS_SCHEME)):
+        # tcp://SOURCE;HOST:PORT connects from SOURCE: the address after ";" is the pool's.
+        address = rest.rsplit(";", 1)[-1] if endpoint.startswith(TCP_SCHEME) else rest
+        problem = _host_port_problem(address)
+        form = "tcp://HOST:PORT" if endpoint.startswith(TCP_SCHEME) else "dns://NAME:PORT"
+        return None if problem is None else f"{problem}; expected {form}"
+    return f"unsupported scheme {scheme}://; expected {ENDPOINT_FORMS}"
+
+
+def _host_port_problem(address: str) -> str | None:
+    """What is wrong with HOST:PORT (an IPv6 host in brackets) as a pool's address."""
+    if address.startswith("["):
+        close = address.find("]")
+        if close < 0:
+            return f"{address!r}: no ']' closing the IPv6 address"
+        host, sep, port = address[:close + 1], address[close + 1:close + 2], address[close + 2:]
+    else:
+        host, sep, port = address.rpartition(":")
+    if not sep:
+        return f"{address!r} has no port"
+    if not host or host == "*" or any(ch.isspace() or ch in "/,;" for ch in host):
+        return f"{host!r} is not a host to connect to"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"port {port!r} is not a number from 1 to 65535"
+    return None

@@ -27,8 +27,9 @@ from cli.fleet_commands import fleet_path_option
 from cli.loadtest import save_files
 from cli.main import app
 from cli.versions import registry_command
-from pool.control import ControlTarget, endpoint_problem
+from pool.control import ControlTarget
 from pool.registry import Registry
+from router.failover import endpoint_problem
 from router.keys import ClientKeys, create_keys
 from tests.support import run_cli
 from tooling.bench import BenchResult, RotationWatch, build_report, plot_report, run_failures
