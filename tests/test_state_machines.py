@@ -608,6 +608,18 @@ def test_a_rotation_that_fails_before_the_switch_rolls_back_and_v1_keeps_serving
     assert producer.replies[b"r"][1]["version"] == "v1"
 
 
+def fail_the_loading_worker_and_roll_back(fake: FakePool) -> None:
+    """v2's loading worker dies; v1's workers come back until the rotation has rolled back."""
+    fake.workers_of("v2", LOADING)[0].exit(1)
+    for _ in range(100):
+        fake.bring_up("v1")
+        fake.finish_stops()
+        fake.tick()
+        if fake.rotations.current.finished:
+            break
+    assert fake.rotations.current.outcome == "rolled_back"
+
+
 def test_a_failed_rolling_rotation_brings_the_old_workers_back(fake: FakePool) -> None:
     serving(fake)
     rotate(fake, strategy="rolling")
@@ -617,14 +629,7 @@ def test_a_failed_rolling_rotation_brings_the_old_workers_back(fake: FakePool) -
         if fake.workers_of("v2", LOADING):
             break
     assert len(fake.workers_of("v1")) == 1  # one old worker made room
-    fake.workers_of("v2", LOADING)[0].exit(1)
-    for _ in range(100):
-        fake.bring_up("v1")
-        fake.finish_stops()
-        fake.tick()
-        if fake.rotations.current.finished:
-            break
-    assert fake.rotations.current.outcome == "rolled_back"
+    fail_the_loading_worker_and_roll_back(fake)
     assert len(fake.workers_of("v1", READY)) == 2
 
 
@@ -789,14 +794,7 @@ def test_a_failed_rolling_rotation_restores_as_many_old_workers_as_there_were(
         fake.tick()
         if fake.workers_of("v2", LOADING):
             break
-    fake.workers_of("v2", LOADING)[0].exit(1)
-    for _ in range(100):
-        fake.bring_up("v1")
-        fake.finish_stops()
-        fake.tick()
-        if fake.rotations.current.finished:
-            break
-    assert fake.rotations.current.outcome == "rolled_back"
+    fail_the_loading_worker_and_roll_back(fake)
     assert len(fake.workers_of("v1", READY)) == 3
 
 
