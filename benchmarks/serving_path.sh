@@ -12,7 +12,7 @@
 #            1 thread (`--baseline --threads 1`).
 #   echo     the echo model against zmq.proxy, and the p50 at one request in flight.
 #   minilm   the embedded MiniLM, 2 workers, 64 in flight, with --dtype float32 / auto, and
-#            the seed's one-pair loop on the same two threads.
+#            the seed's one-pair loop on the same two threads ("minilm-auto": auto only).
 # ROUNDS (default 2) and BENCH_SECONDS (default 15) size the runs; FIGURES (default
 # "tiny echo minilm") picks figures; nothing else may be running.
 set -euo pipefail
@@ -88,6 +88,8 @@ for round in $(seq "$ROUNDS"); do
     if [[ " $FIGURES " == *" echo "* ]]; then echo_run "$tree"; fi
     if [[ " $FIGURES " == *" minilm "* ]]; then
       run "$tree" minilm-float32 -- --path "$MINILM" --workers 2 --dtype float32
+    fi
+    if [[ " $FIGURES " == *" minilm "* || " $FIGURES " == *" minilm-auto "* ]]; then
       run "$tree" minilm-auto --baseline --baseline-seconds "$SECONDS_EACH" --threads 2 -- \
         --path "$MINILM" --workers 2 --dtype auto
     fi

@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModel, AutoTokenizer
 
-from pool import config
+from pool import config, fusion
 from pool.cudagraphs import CudaGraphs
 from pool.health import GOLDEN_PAIRS
 
@@ -187,6 +187,8 @@ class Encoder:
         self._traced: torch.jit.ScriptModule | None = None
         self._traced_short: torch.jit.ScriptModule | None = None  # SHORT_PASS_TOKENS
         self._graphs: CudaGraphs | None = None
+        self.fused_linears = 0  # linears the traced graph runs through oneDNN (pool.fusion)
+        self.fusion_note = ""  # why a CPU bf16 graph kept torch's linears
         if graph not in config.GRAPH_NAMES:
             raise ValueError(f"graph must be one of {', '.join(config.GRAPH_NAMES)}, "
                              f"not {graph!r}")
@@ -217,36 +219,55 @@ class Encoder:
             CHUNK_TOKENS.get(self.device.type, CHUNK_TOKENS["cpu"])
 
     def _trace(self) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
+        """The graphs of the model's passes; CPU bf16 traces a copy of it with its linears
+        through oneDNN (pool.fusion), or the model itself where that copy fails."""
+        if fusion.fusable(self.device, self.dtype):
+            fused, moved = fusion.fused_copy(self.model)
+            try:
+                graphs = self._trace_model(fused, fused=True)
+            except Exception as exc:  # a model the fusion does not fit: torch's linears
+                self.fusion_note = f"{type(exc).__name__}: {exc}"[:300]
+            else:
+                self.fused_linears = moved
+                return graphs
+        return self._trace_model(self.model, fused=False)
+
+    def _trace_model(self, model: torch.nn.Module,
+                     fused: bool) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
         """The graph for wide passes (the model's own attention) and the one for passes up
         to SHORT_PASS_TOKENS (plain attention); the module keeps its own."""
-        own = self.model.config._attn_implementation
-        wide = self._trace_with(own)
+        own = model.config._attn_implementation
+        wide = self._trace_with(model, own, fused)
         if own == "eager" or self.device.type != "cpu":  # a GPU's fused kernels win at any width
             return wide, wide
         try:
-            self.model.set_attn_implementation("eager")
-            return wide, self._trace_with("eager")
+            model.set_attn_implementation("eager")
+            return wide, self._trace_with(model, "eager", fused)
         finally:
-            self.model.set_attn_implementation(own)
+            model.set_attn_implementation(own)
 
-    def _trace_with(self, attention: str) -> torch.jit.ScriptModule:
+    def _trace_with(self, model: torch.nn.Module, attention: str,
+                    fused: bool) -> torch.jit.ScriptModule:
         texts = [t for pair in GOLDEN_PAIRS for t in pair]
         example = self._batch(self.token_ids(texts[:3]))
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings about Python values in the model
-            traced = torch.jit.trace(self.pooled, (example["input_ids"],
-                                                   example["attention_mask"]),
+            traced = torch.jit.trace(SentenceVectors(model).eval(),
+                                     (example["input_ids"], example["attention_mask"]),
                                      strict=False, check_trace=False)  # checked below, once
             graph = torch.jit.freeze(traced.eval())
         check = self._batch(self.token_ids(texts))  # another batch size and width
         with torch.inference_mode():
+            # Against the model as transformers runs it: a graph that computes otherwise
+            # (a mask read wrong, a fusion gone wrong) fails here.
             want = self.pooled(check["input_ids"], check["attention_mask"])
             for _ in range(2):  # the first run profiles the graph, the next runs it optimised
                 got = graph(check["input_ids"], check["attention_mask"])
-        tolerance = GRAPH_TOLERANCE.get(self.dtype, GRAPH_TOLERANCE[torch.float16])
-        if got.shape != want.shape or (got - want).abs().max().item() > tolerance:
-            raise GraphCheckFailed(f"its embeddings ({attention} attention) differ from the "
-                                   f"model's by more than {tolerance}")
+        problem = fusion.embeddings_differ(got, want) if fused else \
+            embeddings_differ(got, want, GRAPH_TOLERANCE.get(self.dtype,
+                                                              GRAPH_TOLERANCE[torch.float16]))
+        if problem:
+            raise GraphCheckFailed(f"its embeddings ({attention} attention) {problem}")
         return graph
 
     def _capture_graphs(self) -> CudaGraphs:
@@ -261,10 +282,10 @@ class Encoder:
             # graph's own forward: a mask the graph reads wrong must fail here.
             want = self.pooled(torch.from_numpy(matrix).to(self.device),
                                torch.from_numpy(mask).to(self.device))[:len(ids)].cpu()
-        tolerance = GRAPH_TOLERANCE.get(self.dtype, GRAPH_TOLERANCE[torch.float16])
-        if (got - want).abs().max().item() > tolerance:
-            raise GraphCheckFailed(f"its embeddings differ from the model's by more than "
-                                   f"{tolerance}")
+        problem = embeddings_differ(got, want, GRAPH_TOLERANCE.get(self.dtype,
+                                                                  GRAPH_TOLERANCE[torch.float16]))
+        if problem:
+            raise GraphCheckFailed(f"its embeddings {problem}")
         return graphs
 
     def _graph_forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -373,6 +394,16 @@ class Encoder:
             self._graphs.warm()
         self.similarity(list(GOLDEN_PAIRS))
         return time.perf_counter() - start
+
+
+def embeddings_differ(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> str:
+    """Why a graph's embeddings are not the module's ("" when they are, within `tolerance`
+    for every coordinate)."""
+    if got.shape != want.shape:
+        return f"have shape {tuple(got.shape)}, not the model's {tuple(want.shape)}"
+    if (got - want).abs().max().item() > tolerance:
+        return f"differ from the model's by more than {tolerance}"
+    return ""
 
 
 def token_id_encoder(tokenizer: Any, max_length: int) -> Callable[[list[str]], list[list[int]]]:

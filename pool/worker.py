@@ -183,6 +183,12 @@ class WorkerLoop:
         if info.graph_note:
             log.warning("forward passes run eager: the model could not be traced (%s)",
                         info.graph_note)
+        if self.encoder and self.encoder.fused_linears:
+            log.info("bf16 graph: %d linears through oneDNN, the feed-forward GELU folded in",
+                     self.encoder.fused_linears)
+        if self.encoder and self.encoder.fusion_note:
+            log.warning("bf16 graph with torch's linears: the oneDNN one failed (%s)",
+                        self.encoder.fusion_note)
         encoder = self.encoder
 
         def embed(ids: list[list[int]]) -> Any:
