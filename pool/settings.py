@@ -26,6 +26,7 @@ from pool.config import (
 )
 from pool.join import fleet_version, own_keys, peer_endpoints, pinger
 from pool.registry import Registry, check_eval_set
+from router.failover import bind_problem
 
 log = logging.getLogger("zeropool.settings")
 
@@ -36,6 +37,9 @@ def resolve_settings(values: dict[str, Any],
     a missing --path, a built-in model's directory for `builtin:NAME` (`model_path`, by
     default resolve_model_path: converted on first use), devices from --device,
     workers and threads from the devices. Raises ValueError saying what is wrong."""
+    problem = bind_problem(values["bind"])
+    if problem is not None:
+        raise ValueError(f"--bind {values['bind']}: {problem}")
     check_remote_control(values)  # before a built-in model's conversion (seconds)
     path, version, state_dir = values["path"], values["version"], Path(values["state_dir"])
     if path is None:
@@ -88,6 +92,9 @@ def check_remote_control(values: dict[str, Any]) -> None:
     if not bind.startswith("tcp://"):
         raise ValueError(f"--control-bind {bind}: expected tcp://HOST:PORT (the local control "
                          "socket is always in the state directory)")
+    problem = bind_problem(bind)
+    if problem is not None:
+        raise ValueError(f"--control-bind {bind}: {problem}")
     if not (values.get("control_secret_key") or values.get("curve_secret_key")):
         raise ValueError("--control-bind needs CurveZMQ: give the pool's server key "
                          "(--control-secret-key, or --curve-secret-key; `pool keygen` makes "

@@ -470,6 +470,27 @@ def endpoint_problem(endpoint: str) -> str | None:
     return f"unsupported scheme {scheme}://; expected {ENDPOINT_FORMS}"
 
 
+BIND_FORMS = "tcp://HOST:PORT (HOST an address, an interface or *) or ipc://PATH"
+
+
+def bind_problem(endpoint: str) -> str | None:
+    """What is wrong with an endpoint to listen on (tcp://HOST:PORT, HOST an address, an
+    interface or *; ipc://PATH); None when nothing is. libzmq takes a port past 65,535 as
+    another port, and says only "Invalid argument" for the rest."""
+    if endpoint.startswith(IPC_SCHEME):
+        return endpoint_problem(endpoint)
+    if not endpoint.startswith(TCP_SCHEME):
+        scheme, sep, _ = endpoint.partition("://")
+        found = f"unsupported scheme {scheme}://" if sep else "no scheme"
+        return f"{found}; expected {BIND_FORMS}"
+    address = endpoint.removeprefix(TCP_SCHEME)
+    host, sep, port = address.rpartition(":")
+    if host == "*":  # every interface: what a connect may not name, a bind may
+        address = f"0.0.0.0:{port}"
+    problem = _host_port_problem(address) if sep else f"{address!r} has no port"
+    return None if problem is None else f"{problem}; expected {BIND_FORMS}"
+
+
 def _host_port_problem(address: str) -> str | None:
     """What is wrong with HOST:PORT (an IPv6 host in brackets) as a pool's address."""
     if address.startswith("["):

@@ -27,9 +27,9 @@ from cli.fleet_commands import fleet_path_option
 from cli.loadtest import save_files
 from cli.main import app
 from cli.versions import registry_command
-from pool.control import ControlTarget
+from pool.control import PID_FILE, ControlTarget
 from pool.registry import Registry
-from router.failover import endpoint_problem
+from router.failover import bind_problem, endpoint_problem
 from router.keys import ClientKeys, create_keys
 from tests.support import run_cli
 from tooling.bench import BenchResult, RotationWatch, build_report, plot_report, run_failures
@@ -95,6 +95,28 @@ def test_every_client_command_checks_its_endpoint_before_connecting(command: lis
     result = invoke(*command, "-e", "tcp://127.0.0.1", "--json")
     assert result.exit_code == 2
     assert "has no port" in json_error(result)
+
+
+@pytest.mark.parametrize(("bind", "says"), [
+    ("foo", "no scheme"),
+    ("tcp://127.0.0.1:99999", "port '99999' is not a number from 1 to 65535"),  # libzmq: 34463
+    ("tcp://127.0.0.1", "'127.0.0.1' has no port"),
+    ("dns://pool:5555", "unsupported scheme dns://"),
+    ("ipc://", "no socket path"),
+])
+def test_serve_refuses_a_bind_it_cannot_listen_on_before_starting_anything(
+        tmp_path: Path, bind: str, says: str) -> None:
+    result = invoke("serve", "--model", "echo", "--bind", bind,
+                    "--state-dir", str(tmp_path / "state"))
+    assert result.exit_code == 2
+    assert f"--bind {bind}: {says}" in result.stderr
+    assert not (tmp_path / "state" / PID_FILE).exists()  # no server started
+
+
+@pytest.mark.parametrize("bind", ["tcp://*:5555", "tcp://127.0.0.1:5555", "tcp://eth0:5555",
+                                  "tcp://[::1]:5555", "ipc:///tmp/zp.sock"])
+def test_the_endpoints_a_pool_listens_on_pass_the_bind_check(bind: str) -> None:
+    assert bind_problem(bind) is None
 
 
 def test_pool_http_refuses_a_bad_endpoint_before_it_says_it_listens() -> None:
