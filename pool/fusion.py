@@ -7,7 +7,8 @@ product before it (a sixth of the pass). oneDNN's linear adds the bias and appli
 GELU as it writes its output (in fp32, rounded to bf16 once). MiniLM, one thread, 64-128
 texts of ~17 tokens: 1.09-1.37x the passes of the plain graph; multilingual-e5-small
 1.02-1.11x (docs/benchmarks.md, session 20). Embeddings move by up to 3e-3 (one rounding
-fewer a layer), so the graph is checked against the model by cosine (MIN_COSINE).
+fewer a layer), so the graph is checked against the model by cosine (MIN_COSINE,
+pool.runtime.embeddings_differ).
 
 The encoder traces `fused_copy(model)`, a copy that shares the model's weights; the model
 itself stays as transformers runs it, the reference the graph is checked against. fp32
@@ -92,12 +93,3 @@ def fused_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
             module.intermediate_act_fn = torch.nn.Identity()
     return fused, moved
 
-
-def embeddings_differ(got: torch.Tensor, want: torch.Tensor) -> str:
-    """Why a fused graph's (normalised) embeddings are not the model's ("" when they are)."""
-    if got.shape != want.shape:
-        return f"have shape {tuple(got.shape)}, not the model's {tuple(want.shape)}"
-    worst = (got * want).sum(dim=1).min().item()
-    if not worst >= MIN_COSINE:  # NaN too
-        return f"are at cosine {worst:.5f} from the model's, under {MIN_COSINE}"
-    return ""

@@ -30,6 +30,8 @@ class ReadyInfo:
     dtype: str = "none"  # "none": the echo model
     graph: str = "none"  # how forward passes run: "traced" or "eager" (pool.runtime.Encoder)
     graph_note: str = ""  # why --graph auto stayed eager
+    fused_linears: int = 0  # linears a CPU bf16 graph runs through oneDNN (pool.fusion)
+    fusion_note: str = ""  # why a CPU bf16 graph kept torch's linears
     dim: int = 0  # 0: the echo model, which has no scores to judge
     warm_up_seconds: float = 0.0
     max_length: int = 0

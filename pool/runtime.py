@@ -263,9 +263,7 @@ class Encoder:
             want = self.pooled(check["input_ids"], check["attention_mask"])
             for _ in range(2):  # the first run profiles the graph, the next runs it optimised
                 got = graph(check["input_ids"], check["attention_mask"])
-        problem = fusion.embeddings_differ(got, want) if fused else \
-            embeddings_differ(got, want, GRAPH_TOLERANCE.get(self.dtype,
-                                                              GRAPH_TOLERANCE[torch.float16]))
+        problem = embeddings_differ(got, want, self.dtype, fused)
         if problem:
             raise GraphCheckFailed(f"its embeddings ({attention} attention) {problem}")
         return graph
@@ -282,8 +280,7 @@ class Encoder:
             # graph's own forward: a mask the graph reads wrong must fail here.
             want = self.pooled(torch.from_numpy(matrix).to(self.device),
                                torch.from_numpy(mask).to(self.device))[:len(ids)].cpu()
-        problem = embeddings_differ(got, want, GRAPH_TOLERANCE.get(self.dtype,
-                                                                  GRAPH_TOLERANCE[torch.float16]))
+        problem = embeddings_differ(got, want, self.dtype)
         if problem:
             raise GraphCheckFailed(f"its embeddings {problem}")
         return graphs
@@ -396,12 +393,20 @@ class Encoder:
         return time.perf_counter() - start
 
 
-def embeddings_differ(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> str:
-    """Why a graph's embeddings are not the module's ("" when they are, within `tolerance`
-    for every coordinate)."""
+def embeddings_differ(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
+                      fused: bool = False) -> str:
+    """Why a graph's (normalised) embeddings are not the module's; "" when they are: within
+    GRAPH_TOLERANCE of it in every coordinate, or for a fused graph, which rounds otherwise
+    (pool.fusion), at a cosine of fusion.MIN_COSINE or nearer for every text."""
     if got.shape != want.shape:
         return f"have shape {tuple(got.shape)}, not the model's {tuple(want.shape)}"
-    if (got - want).abs().max().item() > tolerance:
+    if fused:
+        worst = (got * want).sum(dim=1).min().item()
+        if not worst >= fusion.MIN_COSINE:  # NaN too
+            return f"are at cosine {worst:.5f} from the model's, under {fusion.MIN_COSINE}"
+        return ""
+    tolerance = GRAPH_TOLERANCE.get(dtype, GRAPH_TOLERANCE[torch.float16])
+    if not (got - want).abs().max().item() <= tolerance:
         return f"differ from the model's by more than {tolerance}"
     return ""
 

@@ -183,12 +183,12 @@ class WorkerLoop:
         if info.graph_note:
             log.warning("forward passes run eager: the model could not be traced (%s)",
                         info.graph_note)
-        if self.encoder and self.encoder.fused_linears:
+        if info.fused_linears:
             log.info("bf16 graph: %d linears through oneDNN, the feed-forward GELU folded in",
-                     self.encoder.fused_linears)
-        if self.encoder and self.encoder.fusion_note:
+                     info.fused_linears)
+        if info.fusion_note:
             log.warning("bf16 graph with torch's linears: the oneDNN one failed (%s)",
-                        self.encoder.fusion_note)
+                        info.fusion_note)
         encoder = self.encoder
 
         def embed(ids: list[list[int]]) -> Any:
@@ -251,6 +251,7 @@ class WorkerLoop:
             warm_up_seconds=round(warm_up_seconds, 3),
             dtype=str(self.encoder.dtype).removeprefix("torch."),
             graph=self.encoder.graph, graph_note=self.encoder.graph_note,
+            fused_linears=self.encoder.fused_linears, fusion_note=self.encoder.fusion_note,
             dim=self.encoder.dim,
             max_length=self.encoder.max_length,
             pass_overhead_tokens=self.encoder.overhead_tokens,
