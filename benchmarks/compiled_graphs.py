@@ -130,7 +130,8 @@ def main() -> None:
         print(f"compiled {package} in {time.perf_counter() - start:.0f} s")
     loaded = torch._inductor.aoti_load_package(package)
     through_ctypes = ctypes_call(package)
-    traced = encoder._traced_short
+    assert encoder._traced is not None
+    traced = encoder._traced.for_width(ids.shape[1])
     with torch.inference_mode():
         want = traced(ids, mask)
         for name, run in (("package", loaded), ("ctypes", through_ctypes)):

@@ -1,6 +1,7 @@
-"""Two CPU graphs (plain attention for passes up to SHORT_PASS_TOKENS wide) against one (SDPA
-at every width): the same Encoder, one process, one thread, interleaved half-second slices,
-so a drift of the machine hits both alike; the median of the per-slice ratios.
+"""A graph per width band (pool.attention: fp32 softmax up to SHORT_PASS_TOKENS wide) against
+one graph (SDPA at every width): the same Encoder, one process, one thread, interleaved
+half-second slices, so a drift of the machine hits both alike; the median of the per-slice
+ratios.
 
 Run: `.venv/bin/python benchmarks/short_attention.py [--path DIR] [--dtype bfloat16]
 [--pairs 16] [--chars 0]` (chars: 0 = the bench's sentences, N = synthetic texts of N chars).
@@ -20,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import pool.runtime as runtime
+from pool import attention
 from pool.builtin import embedded_model_path
 from tooling.loadgen import make_texts
 
@@ -38,19 +40,21 @@ def main() -> None:
     encoder = runtime.Encoder(args.path, dtype=args.dtype)
     texts = make_texts(4096, args.chars, random.Random(0))
     pairs = list(zip(texts[::2], texts[1::2], strict=True))
-    widths = {"one_graph": 0, "two_graphs": runtime.SHORT_PASS_TOKENS}
+    widths = {"one_graph": 0, "bands": runtime.SHORT_PASS_TOKENS}
     rates: dict[str, list[float]] = {name: [] for name in widths}
     at = 0
     for _ in range(SLICES):
         for name, short in widths.items():
-            runtime.SHORT_PASS_TOKENS = short  # 0: no pass is short, SDPA everywhere
+            # 0: no pass is short or narrow, SDPA everywhere
+            runtime.SHORT_PASS_TOKENS = short
+            runtime.NARROW_PASS_TOKENS = min(short, attention.NARROW_PASS_TOKENS)
             done, start = 0, time.perf_counter()
             while time.perf_counter() - start < SLICE_S:
                 encoder.similarity(pairs[at:at + args.pairs])
                 at = (at + args.pairs) % (len(pairs) - args.pairs)
                 done += args.pairs
             rates[name].append(done / (time.perf_counter() - start))
-    ratios = [n / o for n, o in zip(rates["two_graphs"], rates["one_graph"], strict=True)]
+    ratios = [n / o for n, o in zip(rates["bands"], rates["one_graph"], strict=True)]
     print(json.dumps({"dtype": args.dtype, "pairs": args.pairs, "chars": args.chars,
                       **{k: round(statistics.median(v), 1) for k, v in rates.items()},
                       "median_ratio": round(statistics.median(ratios), 3),

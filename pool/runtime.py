@@ -9,6 +9,7 @@ texts go together with long ones only when another pass would cost more than the
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -20,9 +21,12 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModel, AutoTokenizer
 
-from pool import config, fusion
+from pool import attention, config, fusion
+from pool.attention import NARROW_PASS_TOKENS, SHORT_PASS_TOKENS
 from pool.cudagraphs import CudaGraphs
 from pool.health import GOLDEN_PAIRS
+
+log = logging.getLogger("zeropool.runtime")
 
 # Texts per forward pass after sorting by length; bounds activation memory on long inputs.
 # A GPU pass costs about the same from one text to hundreds (launch-bound), and a GPU
@@ -64,12 +68,11 @@ CHUNK_TOKENS_RANGE = (2_048, 65_536)
 CHUNK_TOKENS = {"cpu": 16_384, "cuda": 65_536}  # when not measured
 
 
-# CPU passes at most this many tokens wide run a graph traced with the plain ("eager")
-# attention, wider ones one traced with SDPA's flash kernel: on short sentences the kernel's
-# blocking costs more than it saves. MiniLM bf16, one thread, interleaved in one process
-# (session 12): plain 1.08x SDPA at ~13 tokens, 1.02x at ~40, 0.99x at ~100, 0.94x at ~250;
-# fp32 1.00x. Both graphs share the model's weights (a second trace adds ~11 MB).
-SHORT_PASS_TOKENS = 32
+# CPU passes run the graph traced for their width (pool.attention): up to NARROW_PASS_TOKENS
+# with a written-out fp32 softmax, up to SHORT_PASS_TOKENS with torch's fp32 softmax, wider
+# with the model's own attention (SDPA's flash kernel, whose blocking costs more than it saves
+# on short sentences: MiniLM bf16, session 12, plain attention 1.08x SDPA at ~13 tokens, 1.02x
+# at ~40, 0.99x at ~100, 0.94x at ~250). The graphs share the model's weights (~11 MB each).
 
 # CPU flags of native bf16 arithmetic (/proc/cpuinfo): where one is present, bf16 runs a
 # BERT ~3x faster than fp32 (docs/benchmarks.md); elsewhere torch emulates it, slower.
@@ -137,6 +140,21 @@ class PassCost:
         return min(max(int(CHUNK_SECONDS / self.seconds_per_token), low), high)
 
 
+@dataclass(frozen=True, slots=True)
+class TracedGraphs:
+    """A CPU model's graphs by pass width, all of the same weights: each with the attention
+    that is fastest at its widths (pool.attention). On CUDA one graph serves every width."""
+
+    narrow: torch.jit.ScriptModule  # up to NARROW_PASS_TOKENS
+    short: torch.jit.ScriptModule  # up to SHORT_PASS_TOKENS
+    wide: torch.jit.ScriptModule
+
+    def for_width(self, width: int) -> torch.jit.ScriptModule:
+        if width <= NARROW_PASS_TOKENS:
+            return self.narrow
+        return self.short if width <= SHORT_PASS_TOKENS else self.wide
+
+
 class GraphCheckFailed(RuntimeError):
     """The TorchScript graph of a model does not compute what the model does."""
 
@@ -147,7 +165,7 @@ class Encoder:
     `graph`: how the forward pass runs. "eager" calls the transformers module. "traced" runs
     a TorchScript graph of it (traced on a padded batch of the golden texts, frozen, then
     checked against the module on another batch: identical embeddings, or load fails; two
-    graphs on CPU, the narrow passes' with plain attention, SHORT_PASS_TOKENS),
+    graphs on CPU, one per width band, TracedGraphs),
     which skips the module's Python on every pass: 1.5-2.3x the passes per second of a
     small BERT on CPU, 1.3-1.7x for MiniLM (docs/benchmarks.md). "cudagraphs" (CUDA only)
     replays a captured CUDA graph per shape bucket (pool.cudagraphs), checked against the
@@ -184,8 +202,7 @@ class Encoder:
         self.dim = int(self.model.config.hidden_size)
         self.graph = "eager"
         self.graph_note = ""  # why auto stayed eager
-        self._traced: torch.jit.ScriptModule | None = None
-        self._traced_short: torch.jit.ScriptModule | None = None  # SHORT_PASS_TOKENS
+        self._traced: TracedGraphs | None = None
         self._graphs: CudaGraphs | None = None
         self.fused_linears = 0  # linears the traced graph runs through oneDNN (pool.fusion)
         self.fusion_note = ""  # why a CPU bf16 graph kept torch's linears
@@ -207,7 +224,7 @@ class Encoder:
             else:
                 self.graph = wanted
                 if wanted == "traced":
-                    self._traced, self._traced_short = built
+                    self._traced = built
                 else:
                     self._graphs = built
         measured = PassCost(FORWARD_OVERHEAD_TOKENS.get(self.device.type, 0), None)
@@ -218,7 +235,7 @@ class Encoder:
         self.chunk_tokens = chunk_tokens or measured.chunk_tokens() or \
             CHUNK_TOKENS.get(self.device.type, CHUNK_TOKENS["cpu"])
 
-    def _trace(self) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
+    def _trace(self) -> TracedGraphs:
         """The graphs of the model's passes; CPU bf16 traces a copy of it with its linears
         through oneDNN (pool.fusion), or the model itself where that copy fails."""
         if fusion.fusable(self.device, self.dtype):
@@ -232,19 +249,27 @@ class Encoder:
                 return graphs
         return self._trace_model(self.model, fused=False)
 
-    def _trace_model(self, model: torch.nn.Module,
-                     fused: bool) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
-        """The graph for wide passes (the model's own attention) and the one for passes up
-        to SHORT_PASS_TOKENS (plain attention); the module keeps its own."""
+    def _trace_model(self, model: torch.nn.Module, fused: bool) -> TracedGraphs:
+        """A graph with the model's own attention, and on CPU one per narrower band with
+        pool.attention's (where the model's attention goes through transformers' registry;
+        else its own serves those widths too)."""
         own = model.config._attn_implementation
         wide = self._trace_with(model, own, fused)
-        if own == "eager" or self.device.type != "cpu":  # a GPU's fused kernels win at any width
-            return wide, wide
-        try:
-            model.set_attn_implementation("eager")
-            return wide, self._trace_with(model, "eager", fused)
-        finally:
-            model.set_attn_implementation(own)
+        if self.device.type != "cpu":  # a GPU's fused kernels win at any width
+            return TracedGraphs(wide, wide, wide)
+        attention.register()
+        bands: dict[str, torch.jit.ScriptModule] = {}
+        for band, name in (("short", attention.SHORT), ("narrow", attention.NARROW)):
+            try:
+                model.set_attn_implementation(name)
+                bands[band] = self._trace_with(model, name, fused)
+            except Exception as exc:  # an attention of the model's own making
+                log.warning("passes up to %s tokens run the model's own attention: %s: %s",
+                            band, type(exc).__name__, str(exc)[:200])
+                bands[band] = bands.get("short", wide)
+            finally:
+                model.set_attn_implementation(own)
+        return TracedGraphs(bands["narrow"], bands["short"], wide)
 
     def _trace_with(self, model: torch.nn.Module, attention: str,
                     fused: bool) -> torch.jit.ScriptModule:
@@ -365,8 +390,7 @@ class Encoder:
     def _vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The pass's sentence vectors (fp32, normalised), from one graph call where traced."""
         if self._traced is not None:
-            short = batch["input_ids"].shape[1] <= SHORT_PASS_TOKENS
-            graph = self._traced_short if short else self._traced
+            graph = self._traced.for_width(batch["input_ids"].shape[1])
             try:
                 return graph(batch["input_ids"], batch["attention_mask"])
             except Exception:

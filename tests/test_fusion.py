@@ -18,6 +18,11 @@ needs_onednn_bf16 = pytest.mark.skipif(
 ONEDNN_LINEAR = "mkldnn::_linear_pointwise"  # the op a fused graph runs its linears as
 
 
+def graphs_of(encoder: Encoder) -> list[torch.jit.ScriptModule]:
+    assert encoder._traced is not None
+    return [encoder._traced.narrow, encoder._traced.short, encoder._traced.wide]
+
+
 def differ(got: torch.Tensor, want: torch.Tensor) -> str:
     """Why a fused graph's embeddings would be refused ("" when they pass)."""
     return embeddings_differ(got, want, torch.bfloat16, fused=True)
@@ -80,7 +85,7 @@ def test_a_cpu_bf16_encoder_traces_the_fused_copy_and_fp32_keeps_torchs_linears(
     exact = Encoder(str(models["v1"]), device="cpu", dtype="float32")
     assert exact.graph == "traced" and exact.fused_linears == 0
     plain = Encoder(str(models["v1"]), device="cpu", dtype="bfloat16", graph="eager")
-    for graph in (low._traced, low._traced_short):
+    for graph in graphs_of(low):
         assert ONEDNN_LINEAR in str(graph.graph) and "aten::linear" not in str(graph.graph)
     wide = ["今天天气真好，我们去公园散步吧" * 4, "the weather is fine today " * 8]
     for texts in (SENTENCES, wide):  # both graphs: the short passes' and the wide ones'
@@ -97,7 +102,7 @@ def test_a_fused_graph_that_computes_something_else_falls_back_to_torchs_linears
     low = Encoder(str(models["v1"]), device="cpu", dtype="bfloat16")
     assert low.graph == "traced" and low.fused_linears == 0
     assert "cosine" in low.fusion_note and "GraphCheckFailed" in low.fusion_note
-    for graph in (low._traced, low._traced_short):
+    for graph in graphs_of(low):
         assert ONEDNN_LINEAR not in str(graph.graph) and "aten::linear" in str(graph.graph)
     plain = Encoder(str(models["v1"]), device="cpu", dtype="bfloat16", graph="eager")
     assert differ(low.embed(SENTENCES), plain.embed(SENTENCES)) == ""
