@@ -175,7 +175,7 @@ def test_drain_serves_pinned_v1_then_reaps_everything(
     unpinned = Load(pool.endpoint, in_flight=32).start()
     pinned = Load(pool.endpoint, in_flight=16, pinned="v1").start()
     code, reply = rotate(pool, "--version", "v2", "--path", str(models["v2"]),
-                         "--strategy", "surge", "--drain-timeout", "2")
+                         "--strategy", "surge", "--drain-timeout", "4")  # room on a busy CI
     assert code == 0, reply
     rot = reply["rotation"]
     switched_at = rot["started_at"] + sum(rot["timings"][p] for p in (
