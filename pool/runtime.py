@@ -155,6 +155,16 @@ class TracedGraphs:
         return self.short if width <= SHORT_PASS_TOKENS else self.wide
 
 
+@dataclass(frozen=True, slots=True)
+class GraphInputs:
+    """What a CPU graph is traced on (`example`: a few golden texts) and checked on (`check`:
+    all of them, another batch size and width), with the module's embeddings of `check`."""
+
+    example: dict[str, torch.Tensor]
+    check: dict[str, torch.Tensor]
+    want: torch.Tensor
+
+
 class GraphCheckFailed(RuntimeError):
     """The TorchScript graph of a model does not compute what the model does."""
 
@@ -237,24 +247,36 @@ class Encoder:
 
     def _trace(self) -> TracedGraphs:
         """The graphs of the model's passes; CPU bf16 traces a copy of it with its linears
-        through oneDNN (pool.fusion), or the model itself where that copy fails."""
+        through oneDNN (pool.fusion), or the model itself where that copy fails. Every graph
+        is checked against the same pass of the module (GraphInputs), made once."""
+        inputs = self._graph_inputs()
         if fusion.fusable(self.device, self.dtype):
             fused, moved = fusion.fused_copy(self.model)
             try:
-                graphs = self._trace_model(fused, fused=True)
+                graphs = self._trace_model(fused, True, inputs)
             except Exception as exc:  # a model the fusion does not fit: torch's linears
                 self.fusion_note = f"{type(exc).__name__}: {exc}"[:300]
             else:
                 self.fused_linears = moved
                 return graphs
-        return self._trace_model(self.model, fused=False)
+        return self._trace_model(self.model, False, inputs)
 
-    def _trace_model(self, model: torch.nn.Module, fused: bool) -> TracedGraphs:
+    def _graph_inputs(self) -> GraphInputs:
+        texts = [t for pair in GOLDEN_PAIRS for t in pair]
+        check = self._batch(self.token_ids(texts))  # another batch size and width
+        with torch.inference_mode():
+            # The model as transformers runs it: a graph that computes otherwise (a mask read
+            # wrong, a fusion gone wrong) fails its check against this.
+            want = self.pooled(check["input_ids"], check["attention_mask"])
+        return GraphInputs(self._batch(self.token_ids(texts[:3])), check, want)
+
+    def _trace_model(self, model: torch.nn.Module, fused: bool,
+                     inputs: GraphInputs) -> TracedGraphs:
         """A graph with the model's own attention, and on CPU one per narrower band with
         pool.attention's (where the model's attention goes through transformers' registry;
         else its own serves those widths too)."""
         own = model.config._attn_implementation
-        wide = self._trace_with(model, own, fused)
+        wide = self._trace_with(model, own, fused, inputs)
         if self.device.type != "cpu":  # a GPU's fused kernels win at any width
             return TracedGraphs(wide, wide, wide)
         attention.register()
@@ -262,7 +284,7 @@ class Encoder:
         for band, name in (("short", attention.SHORT), ("narrow", attention.NARROW)):
             try:
                 model.set_attn_implementation(name)
-                bands[band] = self._trace_with(model, name, fused)
+                bands[band] = self._trace_with(model, name, fused, inputs)
             except Exception as exc:  # an attention of the model's own making
                 log.warning("passes up to %s tokens run the model's own attention: %s: %s",
                             band, type(exc).__name__, str(exc)[:200])
@@ -271,24 +293,19 @@ class Encoder:
                 model.set_attn_implementation(own)
         return TracedGraphs(bands["narrow"], bands["short"], wide)
 
-    def _trace_with(self, model: torch.nn.Module, attention: str,
-                    fused: bool) -> torch.jit.ScriptModule:
-        texts = [t for pair in GOLDEN_PAIRS for t in pair]
-        example = self._batch(self.token_ids(texts[:3]))
+    def _trace_with(self, model: torch.nn.Module, attention: str, fused: bool,
+                    inputs: GraphInputs) -> torch.jit.ScriptModule:
+        example, check = inputs.example, inputs.check
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings about Python values in the model
             traced = torch.jit.trace(SentenceVectors(model).eval(),
                                      (example["input_ids"], example["attention_mask"]),
                                      strict=False, check_trace=False)  # checked below, once
             graph = torch.jit.freeze(traced.eval())
-        check = self._batch(self.token_ids(texts))  # another batch size and width
         with torch.inference_mode():
-            # Against the model as transformers runs it: a graph that computes otherwise
-            # (a mask read wrong, a fusion gone wrong) fails here.
-            want = self.pooled(check["input_ids"], check["attention_mask"])
             for _ in range(2):  # the first run profiles the graph, the next runs it optimised
                 got = graph(check["input_ids"], check["attention_mask"])
-        problem = embeddings_differ(got, want, self.dtype, fused)
+        problem = embeddings_differ(got, inputs.want, self.dtype, fused)
         if problem:
             raise GraphCheckFailed(f"its embeddings ({attention} attention) {problem}")
         return graph
