@@ -4,6 +4,7 @@ without)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -147,15 +148,18 @@ def fleet_eval_option(spec: str | None) -> str | None:
     """A fleet's --eval: a packaged set's name as it is; a file that exists here by its
     absolute path (pools on this machine); any other path as given, for pools that have it
     on theirs."""
-    if spec is None or not Path(spec).expanduser().is_file():
-        return spec
-    return str(Path(spec).expanduser().resolve())
+    return absolute_if_here(spec, Path.is_file)
 
 
 def fleet_path_option(spec: str | None) -> str | None:
     """A fleet's --path, as its --eval: a directory that exists here by its absolute path
     (local pools run in directories of their own, where a relative one names another); any
     other path as given, for pools that have it on their machines."""
-    if spec is None or not Path(spec).expanduser().is_dir():
+    return absolute_if_here(spec, Path.is_dir)
+
+
+def absolute_if_here(spec: str | None, exists: Callable[[Path], bool]) -> str | None:
+    """`spec` made absolute where `exists` says it names something on this machine."""
+    if spec is None or not exists(Path(spec).expanduser()):
         return spec
     return str(Path(spec).expanduser().resolve())

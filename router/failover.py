@@ -484,10 +484,10 @@ def bind_problem(endpoint: str) -> str | None:
         found = f"unsupported scheme {scheme}://" if sep else "no scheme"
         return f"{found}; expected {BIND_FORMS}"
     address = endpoint.removeprefix(TCP_SCHEME)
-    host, sep, port = address.rpartition(":")
+    host, _, port = address.rpartition(":")
     if host == "*":  # every interface: what a connect may not name, a bind may
         address = f"0.0.0.0:{port}"
-    problem = _host_port_problem(address) if sep else f"{address!r} has no port"
+    problem = _host_port_problem(address)
     return None if problem is None else f"{problem}; expected {BIND_FORMS}"
 
 

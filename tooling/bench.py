@@ -212,12 +212,12 @@ def soak_report(samples: Samples, soak: SoakWatch, started: float) -> dict[str, 
                      for o in sorted({r["outcome"] for r in soak.records})},
         "error": soak.error,
     }
+    ok = np.array(samples.outcome) == OK_CODE
     for name, (lo, hi) in windows.items():
         mask = (samples.sent >= lo) & (samples.sent < hi)
         # Readings are taken between rotations; a window spent inside one uses the last before.
         readings = [m for t, m in soak.memory if lo <= t <= hi and m.rss] or [
             m for t, m in soak.memory if t <= hi and m.rss][-1:]
-        ok = np.array(samples.outcome) == OK_CODE
         out[name] = {"latency_ms": latency_summary(samples.latency[mask & ok]),
                      "rss_mib": _mean_mib([m.rss for m in readings]),
                      "gpu_mib": _mean_mib([m.gpu for m in readings if m.gpu])}
