@@ -77,10 +77,6 @@ def model_path(spec: str, as_json: bool = False) -> str:
         fail(str(exc), as_json, "usage", exit_code=2)
 
 
-def optional_model_path(spec: str | None, as_json: bool = False) -> str | None:
-    return None if spec is None else model_path(spec, as_json)
-
-
 def fail(message: str, as_json: bool, code: str = "error", exit_code: int = 1) -> NoReturn:
     if as_json:
         emit_json({"ok": False, "error": {"code": code, "message": message}})
@@ -237,6 +233,10 @@ def local_model_path(spec: str, as_json: bool = False) -> str:
     if spec.startswith(BUILTIN_PREFIX):
         return model_path(spec, as_json)
     return str(Path(spec).expanduser().resolve())
+
+
+def optional_local_model_path(spec: str | None, as_json: bool = False) -> str | None:
+    return None if spec is None else local_model_path(spec, as_json)
 
 
 def pool_model_path(pool: ControlTarget, spec: str | None, as_json: bool) -> str | None:

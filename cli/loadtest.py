@@ -26,7 +26,7 @@ from cli.common import (
     fail,
     fail_with,
     local_model_path,
-    optional_model_path,
+    optional_local_model_path,
     os_reason,
 )
 from pool import config
@@ -129,11 +129,10 @@ def bench(
                     failover=several_pools(endpoint) if failover is None else failover)
     console = Console(stderr=as_json)
     try:
-        result = run_bench(spec, spawn=spawn, path=optional_model_path(path, as_json),
+        result = run_bench(spec, spawn=spawn, path=optional_local_model_path(path, as_json),
                            workers=workers, state_dir=state_dir, rotate_at=rotate_at,
                            rotate_to=rotate_to,
-                           rotate_path=None if rotate_path is None
-                           else local_model_path(rotate_path, as_json),
+                           rotate_path=optional_local_model_path(rotate_path, as_json),
                            as_json=as_json, console=console,
                            baseline_s=baseline_seconds if baseline else None,
                            threads=threads,

@@ -17,7 +17,7 @@ import bisect
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -51,6 +51,10 @@ LATENCY_BUCKETS = (0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02
                    0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 PHASE_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 WORKER_STATES = ("loading", "checking", "ready", "draining", "stopping")
+# A version no longer loaded is exported this long after it went, so that scrapes (every
+# 15-60 s) see its last counts, then forgotten: a pool rotated daily would otherwise export
+# every version it ever served, for the life of the process.
+UNLOADED_KEEP_S = 600.0
 # Replies that say the pool, not the producer, fell short: these count against health.
 POOL_FAULTS = frozenset({protocol.INTERNAL, protocol.WORKER_FAILED, protocol.TIMEOUT,
                          protocol.OVERLOADED})
@@ -82,6 +86,16 @@ class ReplyTally:
         buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.sums[where] += seconds
 
+    def versions(self) -> set[str]:
+        return {version for version, _op, _code in self.counts}
+
+    def forget(self, version: str) -> None:
+        """Drop a version's counts (its series leave the exported metrics)."""
+        for key in [key for key in self.counts if key[0] == version]:
+            del self.counts[key]
+        for where in [where for where in self.buckets if where[0] == version]:
+            del self.buckets[where], self.sums[where]
+
     def by_version_code(self) -> dict[tuple[str, str], int]:
         """Replies of work (similarity, embed) by version and code. Pings are left out: a
         health probe's every-second ping is not traffic, and would dilute error rates."""
@@ -105,7 +119,7 @@ class RecentReplies:
     def __init__(self) -> None:
         # (when, replies by (version, code), latency buckets by version)
         self._snapshots: deque[tuple[float, dict[tuple[str, str], int],
-                                     dict[str, list[int]]]] = deque(maxlen=RECENT_WINDOW_S + 1)
+                                     dict[str, list[int]]]] = deque(maxlen=RECENT_WINDOW_S + 2)
 
     def record(self, now: float, tally: ReplyTally) -> None:
         self._snapshots.append((now, tally.by_version_code(), tally.buckets_by_version()))
@@ -129,15 +143,14 @@ class RecentReplies:
             # newest snapshot alone is the version's whole past).
             return Traffic()
 
-        def count(codes: dict[tuple[str, str], int], which: frozenset[str]) -> int:
+        codes = _counted_since(new[1], before[1])
+
+        def count(which: frozenset[str]) -> int:
             return sum(n for (v, code), n in codes.items() if v == version and code in which)
 
         # What the version served or fell short on; a producer's bad request is neither.
-        requests = count(new[1], JUDGED) - count(before[1], JUDGED)
-        errors = count(new[1], POOL_FAULTS) - count(before[1], POOL_FAULTS)
-        buckets = new[2].get(version, [])
-        buckets = [b - a for a, b in
-                   zip(before[2].get(version, [0] * len(buckets)), buckets, strict=True)]
+        requests, errors = count(JUDGED), count(POOL_FAULTS)
+        buckets = _buckets_since(new[2], before[2]).get(version, [])
         timed = sum(buckets)  # the replies the latencies are over (a refusal has none)
         if not timed:
             return Traffic(requests, errors)
@@ -151,10 +164,8 @@ class RecentReplies:
         old, new = self._span(window_s)
         if new is None:
             return None
-        after = _summed(new[2].values())
-        before = _summed(old[2].values()) if old is not None and old is not new else \
-            [0] * len(after)
-        counts = [b - a for a, b in zip(before, after, strict=True)]
+        counts = _summed(_buckets_since(new[2], old[2] if old is not None and old is not new
+                                        else {}).values())
         if not sum(counts):
             return None
         return {name: round(bucket_quantile(q, LATENCY_BUCKETS, counts) * 1000, 2)
@@ -165,17 +176,15 @@ class RecentReplies:
         old, new = self._span(window_s)
         if old is None or new is None or new[0] <= old[0]:
             return 0.0
-        return (sum(new[1].values()) - sum(old[1].values())) / (new[0] - old[0])
+        return sum(_counted_since(new[1], old[1]).values()) / (new[0] - old[0])
 
     def by_code(self, version: str) -> dict[str, int]:
         """Replies of `version` by code over the last RECENT_WINDOW_S."""
         old, new = self._span(RECENT_WINDOW_S)
         if new is None:
             return {}
-        before = old[1] if old is not None else {}
-        out = {code: n - before.get((v, code), 0) for (v, code), n in new[1].items()
-               if v == version}
-        return {code: n for code, n in out.items() if n}
+        since = _counted_since(new[1], old[1] if old is not None else {})
+        return {code: n for (v, code), n in since.items() if v == version and n}
 
     def _span(self, window_s: float) -> tuple[tuple | None, tuple | None]:
         """(the oldest snapshot within window_s of the newest, the newest)."""
@@ -186,6 +195,25 @@ class RecentReplies:
             if newest[0] - snap[0] <= window_s + 0.5:
                 return snap, newest
         return None, newest
+
+
+def _counted_since(new: dict[tuple[str, str], int],
+                   old: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+    """What two records of cumulative counts differ by. A count that fell was forgotten and
+    counted again from zero (a version unloaded long ago, loaded again), as Prometheus reads
+    a counter's reset; one that is gone adds nothing."""
+    return {key: n - old.get(key, 0) if n >= old.get(key, 0) else n for key, n in new.items()}
+
+
+def _buckets_since(new: dict[str, list[int]],
+                   old: dict[str, list[int]]) -> dict[str, list[int]]:
+    """_counted_since for each version's latency buckets."""
+    out = {}
+    for version, after in new.items():
+        before = old.get(version)
+        reset = before is None or any(b < a for a, b in zip(before, after, strict=True))
+        out[version] = after if reset else [b - a for a, b in zip(before, after, strict=True)]
+    return out
 
 
 def _summed(buckets: Iterable[list[int]]) -> list[int]:
@@ -219,6 +247,12 @@ class BatchTotals:
                 self._add(self._retired, version, stats)
         self._live = seen
 
+    def versions(self) -> set[str]:
+        return set(self._retired) | {version for version, _ in self._live.values()}
+
+    def forget(self, version: str) -> None:
+        self._retired.pop(version, None)
+
     def totals(self) -> dict[str, tuple[list[int], int]]:
         out = {v: (list(counts), items) for v, (counts, items) in self._retired.items()}
         for version, stats in self._live.values():
@@ -234,7 +268,8 @@ class BatchTotals:
 
 
 class PoolMetrics:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.registry = CollectorRegistry(auto_describe=True)
         self.replies = ReplyTally()
         self.rotations = Counter("zeropool_rotations", "Finished rotations.", ["outcome"],
@@ -248,6 +283,7 @@ class PoolMetrics:
         self.batches = BatchTotals()
         self.started = time.time()
         self.http: WSGIServer | None = None
+        self._unloaded_since: dict[str, float] = {}  # exported versions no longer loaded
 
     # -- fed by the serve loop ---------------------------------------------------------------
 
@@ -256,15 +292,40 @@ class PoolMetrics:
         for phase, seconds in rot.timings.items():
             self.rotation_phase.labels(phase).observe(seconds)
 
+    def mark_replies(self, now: float) -> None:
+        """Record the replies so far for status' and the bake's windows (once a second, and
+        at a rotation's switch)."""
+        self.recent.record(now, self.replies)
+
     def refresh(self, broker: BrokerSnapshot, supervisor: SupervisorSnapshot,
                 curve_refused: int | None, system: dict,
                 control_refused: int | None = None) -> None:
         self.batches.update(supervisor.workers)
-        self.recent.record(time.monotonic(), self.replies)
+        now = self.clock()
+        self.mark_replies(now)
+        self.forget_unloaded(set(supervisor.versions) | set(broker.lanes),
+                             set(supervisor.restarts_total), now)
         self.state.families = [*self._reply_families(),
-                               *self._pool_families(broker, supervisor),
+                               *self._pool_families(broker, supervisor, now),
                                *self._curve_families(curve_refused, control_refused),
                                *self._system_families(system)]
+
+    def forget_unloaded(self, loaded: set[str], restarted: set[str], now: float) -> None:
+        """Versions unloaded UNLOADED_KEEP_S ago leave the exported metrics."""
+        exported = self.replies.versions() | self.batches.versions() | restarted
+        for version in exported - loaded - {""}:  # "": requests no version took
+            since = self._unloaded_since.setdefault(version, now)
+            if now - since >= UNLOADED_KEEP_S:
+                self.replies.forget(version)
+                self.batches.forget(version)
+                if version not in restarted:  # (the supervisor's count outlives it)
+                    del self._unloaded_since[version]
+        for version in loaded:
+            self._unloaded_since.pop(version, None)
+
+    def _exported(self, version: str, now: float) -> bool:
+        since = self._unloaded_since.get(version)
+        return since is None or now - since < UNLOADED_KEEP_S
 
     @staticmethod
     def _curve_families(refused: int | None, control_refused: int | None) -> list[Metric]:
@@ -314,8 +375,8 @@ class PoolMetrics:
                                 sum_value=self.replies.sums[(version, op)])
         return [requests, duration]
 
-    def _pool_families(self, broker: BrokerSnapshot,
-                       supervisor: SupervisorSnapshot) -> list[Metric]:
+    def _pool_families(self, broker: BrokerSnapshot, supervisor: SupervisorSnapshot,
+                       now: float) -> list[Metric]:
         versions = sorted(set(supervisor.versions) | set(broker.lanes))
         up = GaugeMetricFamily("zeropool_up", "1 while the pool serves.")
         up.add_metric([], 1.0)
@@ -359,7 +420,8 @@ class PoolMetrics:
                                        "Workers that died or failed and were replaced.",
                                        labels=["version"])
         for version, n in sorted(supervisor.restarts_total.items()):
-            restarts.add_metric([version], n)
+            if self._exported(version, now):
+                restarts.add_metric([version], n)
         return [up, uptime, active, queue, inflight, workers, rss, gpu, busy, restarts,
                 self._batch_family()]
 

@@ -179,12 +179,16 @@ class RotationController:
     def __init__(self, supervisor: Supervisor, broker: Broker, registry: Registry, *,
                  clock: Callable[[], float] = time.monotonic,
                  traffic: TrafficSince = lambda version, since, strict=False: Traffic(),
-                 ) -> None:
+                 mark_traffic: Callable[[float], None] = lambda now: None) -> None:
         self.supervisor = supervisor
         self.broker = broker
         self.registry = registry
         self.clock = clock
         self.traffic = traffic  # a version's replies since a moment (what a bake judges)
+        # Records the replies so far at a moment, so that a span can start there exactly:
+        # the bake's starts at the switch, not at the last once-a-second record before it
+        # (which would count a canary's last errors against the bake).
+        self.mark_traffic = mark_traffic
         self.current: Rotation | None = None
         self.on_finish: Callable[[Rotation], None] | None = None  # metrics
         self._ids = 0
@@ -564,7 +568,9 @@ class RotationController:
         self.registry.log("switched", rotation=rot.id, target=rot.target, source=rot.source)
         self.registry.save()
         if rot.bake_s is not None and rot.source is not None:
-            rot.bake_baseline = self.traffic(rot.source, self.clock() - BAKE_BASELINE_S)
+            now = self.clock()
+            self.mark_traffic(now)
+            rot.bake_baseline = self.traffic(rot.source, now - BAKE_BASELINE_S)
             self._enter(rot, Phase.BAKING)
             return
         self._enter(rot, Phase.DRAINING)

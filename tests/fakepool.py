@@ -191,8 +191,13 @@ class FakePool:
         self._recorded_at = START
         self.broker.observer = self.replies.add
         self.rotations = RotationController(self.supervisor, self.broker, self.registry,
-                                            clock=self.clock, traffic=self.recent.traffic)
+                                            clock=self.clock, traffic=self.recent.traffic,
+                                            mark_traffic=self.mark_replies)
         self._frontend = f"inproc://frontend-{n}"
+
+    def mark_replies(self, now: float) -> None:
+        self.recent.record(now, self.replies)
+        self._recorded_at = now
 
     def close(self) -> None:
         for worker in self.processes:
@@ -231,8 +236,7 @@ class FakePool:
         self.pump()
         now = self.clock()
         if now - self._recorded_at >= 1.0:
-            self.recent.record(now, self.replies)
-            self._recorded_at = now
+            self.mark_replies(now)
         self.supervisor.tick(now)
         self.rotations.step(now)
         self.broker.expire_queued(now)

@@ -28,7 +28,9 @@ from pool.health import (
 from pool.judge import Traffic
 from pool.metrics import (
     POOL_FAULTS,
+    UNLOADED_KEEP_S,
     BatchTotals,
+    PoolMetrics,
     RecentReplies,
     ReplyTally,
     bucket_quantile,
@@ -326,6 +328,40 @@ def test_a_versions_traffic_over_a_window_is_what_a_bake_judges() -> None:
     once = RecentReplies()
     once.record(0.0, tally)
     assert once.traffic("v2", 0.0) == Traffic()
+
+
+def test_an_unloaded_version_leaves_the_metrics_and_the_windows_stay_right() -> None:
+    """A pool rotated daily must not export every version it ever served; forgetting one
+    must not make a window's counts fall (a negative requests/s), and a version loaded again
+    counts from zero, as Prometheus reads a counter's reset."""
+    metrics = PoolMetrics()
+    try:
+        tally, recent = metrics.replies, metrics.recent
+        for _ in range(30):
+            tally.add("v1", b"similarity", "ok", 0.003)
+        tally.add("", b"similarity", "bad_request", None)  # no version took it
+        metrics.mark_replies(0.0)
+        metrics.forget_unloaded({"v2"}, restarted={"v1"}, now=0.0)  # v1 unloaded at 0 s
+        tally.add("v2", b"similarity", "ok", 0.003)
+        metrics.mark_replies(1.0)
+        metrics.forget_unloaded({"v2"}, restarted={"v1"}, now=UNLOADED_KEEP_S - 1)
+        assert "v1" in tally.versions() and metrics._exported("v1", UNLOADED_KEEP_S - 1)
+        metrics.forget_unloaded({"v2"}, restarted={"v1"}, now=UNLOADED_KEEP_S)
+        assert tally.versions() == {"", "v2"}  # v1's series are gone, the unversioned kept
+        assert not metrics._exported("v1", UNLOADED_KEEP_S)  # its restarts too
+        assert "v1" not in str(metrics._reply_families())
+        for _ in range(2):
+            tally.add("v2", b"similarity", "ok", 0.003)
+        metrics.mark_replies(2.0)  # the window still starts before v1 was forgotten
+        assert recent.per_second() == 1.5  # v2's 3 replies over 2 s; v1's 30 not taken off
+        tally.add("v1", b"similarity", "ok", 0.003)  # v1 loaded again
+        metrics.forget_unloaded({"v1", "v2"}, restarted={"v1"}, now=UNLOADED_KEEP_S + 1)
+        metrics.mark_replies(3.0)
+        assert recent.by_code("v1") == {"ok": 1}
+        assert recent.traffic("v1", 0.0).requests == 1 and recent.traffic("v1", 0.0).p99_ms
+        assert metrics._exported("v1", UNLOADED_KEEP_S + 1)
+    finally:
+        metrics.close()
 
 
 def test_pings_and_refusals_are_no_latencies_and_pings_no_traffic() -> None:

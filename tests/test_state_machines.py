@@ -1330,6 +1330,28 @@ def test_a_bake_switches_back_at_once_when_v2_fails_requests(fake: FakePool) -> 
     assert "v2" not in fake.supervisor.plans or fake.supervisor.plans["v2"].retired
 
 
+def test_a_bake_counts_nothing_from_before_its_switch(fake: FakePool) -> None:
+    """A canary's failures in its last second, promoted into a bake: the bake judges v2's
+    replies from the switch on, not from the last once-a-second record before it."""
+    serving(fake)
+    producer = fake.producer()
+    traffic_for(fake, producer, 10, "before")  # v1's baseline
+    rotate(fake, canary=50.0, bake_s=60.0, bake_limits=BakeLimits(max_error_rate=0.01))
+    assert run_rotation(fake)[-1] == Phase.CANARY
+    while fake.clock() != fake._recorded_at:  # just recorded: the next record is 1 s away
+        fake.tick()
+    canary = fake.producer()
+    traffic_for(fake, canary, 0.9, "canary", fail_every=1)  # every v2 answer an error
+    assert "internal" in canary.codes().values()
+    fake.rotations.promote()
+    rot = fake.rotations.current
+    assert rot.phase == Phase.BAKING
+    traffic_for(fake, producer, 3, "baking")
+    assert rot.phase == Phase.BAKING, rot.reason
+    assert rot.bake_verdict.candidate.errors == 0
+    assert rot.bake_verdict.candidate.requests >= 25
+
+
 def bake_with_slow_v2(fake: FakePool, rot: Rotation, per_tick: int, ticks: int,
                       held_ticks: Callable[[int], int],
                       until: Callable[[], bool] = lambda: False) -> Producer:
