@@ -552,22 +552,23 @@ def _run_watched(spec: LoadSpec, watch: Watch | None, display: LoadDisplay,
                  state_dir: Path | None = None) -> tuple[Samples, UsageMeter | None]:
     """The load with `watch` and a usage meter on the pool of `state_dir` ticked beside it,
     then a rotation waited out; (samples, the meter)."""
-    meters: list[UsageMeter | None] = [None]
+    meter: UsageMeter | None = None
 
     def start(_: float) -> None:
         # Metered from the load's start, as --rotate-at counts (the ticks' elapsed): not
         # over the producers' own start, while the pool idled.
-        meters[0] = UsageMeter.start(state_dir)
+        nonlocal meter
+        meter = UsageMeter.start(state_dir)
 
     def tick(elapsed: float) -> None:
         if watch is not None:
             watch.tick(elapsed)
-        if meters[0] is not None:
-            meters[0].tick()
+        if meter is not None:
+            meter.tick()
         display.tick(elapsed)
 
     with display:
         samples = run_load(spec, display.progress, tick, start)
         if isinstance(watch, RotationWatch):
             watch.settle()
-    return samples, meters[0]
+    return samples, meter
