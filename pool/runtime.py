@@ -251,8 +251,8 @@ class Encoder:
         is checked against the same pass of the module (GraphInputs), made once."""
         inputs = self._graph_inputs()
         if fusion.fusable(self.device, self.dtype):
-            fused, moved = fusion.fused_copy(self.model)
             try:
+                fused, moved = fusion.fused_copy(self.model)
                 graphs = self._trace_model(fused, True, inputs)
             except Exception as exc:  # a model the fusion does not fit: torch's linears
                 self.fusion_note = f"{type(exc).__name__}: {exc}"[:300]
