@@ -114,14 +114,17 @@ class ReplyTally:
 
 
 class RecentReplies:
-    """Windows over once-a-second snapshots of the cumulative reply counts and latencies."""
+    """Windows over snapshots of a tally's cumulative reply counts and latencies: taken once
+    a second, and when a span must start at a moment exactly (a rotation's switch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tally: ReplyTally) -> None:
+        self.tally = tally
         # (when, replies by (version, code), latency buckets by version)
         self._snapshots: deque[tuple[float, dict[tuple[str, str], int],
                                      dict[str, list[int]]]] = deque(maxlen=RECENT_WINDOW_S + 2)
 
-    def record(self, now: float, tally: ReplyTally) -> None:
+    def record(self, now: float) -> None:
+        tally = self.tally
         self._snapshots.append((now, tally.by_version_code(), tally.buckets_by_version()))
 
     def traffic(self, version: str, since: float, strict: bool = False) -> Traffic:
@@ -277,7 +280,7 @@ class PoolMetrics:
         self.rotation_phase = Histogram(
             "zeropool_rotation_phase_seconds", "Time rotations spent in each phase.",
             ["phase"], buckets=PHASE_BUCKETS, registry=self.registry)
-        self.recent = RecentReplies()
+        self.recent = RecentReplies(self.replies)
         self.state = StateCollector()
         self.registry.register(self.state)
         self.batches = BatchTotals()
@@ -292,17 +295,12 @@ class PoolMetrics:
         for phase, seconds in rot.timings.items():
             self.rotation_phase.labels(phase).observe(seconds)
 
-    def mark_replies(self, now: float) -> None:
-        """Record the replies so far for status' and the bake's windows (once a second, and
-        at a rotation's switch)."""
-        self.recent.record(now, self.replies)
-
     def refresh(self, broker: BrokerSnapshot, supervisor: SupervisorSnapshot,
                 curve_refused: int | None, system: dict,
                 control_refused: int | None = None) -> None:
         self.batches.update(supervisor.workers)
         now = self.clock()
-        self.mark_replies(now)
+        self.recent.record(now)
         self.forget_unloaded(set(supervisor.versions) | set(broker.lanes),
                              set(supervisor.restarts_total), now)
         self.state.families = [*self._reply_families(),

@@ -83,11 +83,15 @@ TERMINAL = (Phase.DONE, Phase.FAILED)
 BEFORE_SWITCH = (Phase.SPAWNING, Phase.LOADING, Phase.HEALTH_CHECK)
 
 
-class TrafficSince(Protocol):
-    """A version's replies since `since` (the controller's clock): from the last record at or
-    before it, or with `strict`, from the first at or after it (pool.metrics.RecentReplies)."""
+class RecentTraffic(Protocol):
+    """The pool's replies, recorded once a second (pool.metrics.RecentReplies)."""
 
-    def __call__(self, version: str, since: float, strict: bool = False) -> Traffic: ...
+    def traffic(self, version: str, since: float, strict: bool = False) -> Traffic:
+        """A version's replies since `since` (the controller's clock): from the last record
+        at or before it, or with `strict`, from the first at or after it."""
+
+    def record(self, now: float) -> None:
+        """A record now, so that a span can start at this moment exactly."""
 
 
 class RotationError(ValueError):
@@ -177,18 +181,12 @@ def unscored_why(run: GateRun | None) -> str | None:
 
 class RotationController:
     def __init__(self, supervisor: Supervisor, broker: Broker, registry: Registry, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 traffic: TrafficSince = lambda version, since, strict=False: Traffic(),
-                 mark_traffic: Callable[[float], None] = lambda now: None) -> None:
+                 recent: RecentTraffic, clock: Callable[[], float] = time.monotonic) -> None:
         self.supervisor = supervisor
         self.broker = broker
         self.registry = registry
         self.clock = clock
-        self.traffic = traffic  # a version's replies since a moment (what a bake judges)
-        # Records the replies so far at a moment, so that a span can start there exactly:
-        # the bake's starts at the switch, not at the last once-a-second record before it
-        # (which would count a canary's last errors against the bake).
-        self.mark_traffic = mark_traffic
+        self.recent = recent  # the replies a bake judges
         self.current: Rotation | None = None
         self.on_finish: Callable[[Rotation], None] | None = None  # metrics
         self._ids = 0
@@ -489,8 +487,8 @@ class RotationController:
         settle (none of those before it: strict)."""
         assert rot.bake_s is not None
         switched = rot.phase_since
-        replies = self.traffic(rot.target, switched)
-        settled = self.traffic(rot.target, switched + min(BAKE_SETTLE_S, rot.bake_s / 4),
+        replies = self.recent.traffic(rot.target, switched)
+        settled = self.recent.traffic(rot.target, switched + min(BAKE_SETTLE_S, rot.bake_s / 4),
                                strict=True)
         return replace(replies, p99_ms=settled.p99_ms, p90_ms=settled.p90_ms,
                        latency_over=settled.latency_over or 0)
@@ -568,9 +566,11 @@ class RotationController:
         self.registry.log("switched", rotation=rot.id, target=rot.target, source=rot.source)
         self.registry.save()
         if rot.bake_s is not None and rot.source is not None:
+            # Recorded now, the bake's span starts at the switch itself, not at the last
+            # record before it (which would count a canary's last errors against the bake).
             now = self.clock()
-            self.mark_traffic(now)
-            rot.bake_baseline = self.traffic(rot.source, now - BAKE_BASELINE_S)
+            self.recent.record(now)
+            rot.bake_baseline = self.recent.traffic(rot.source, now - BAKE_BASELINE_S)
             self._enter(rot, Phase.BAKING)
             return
         self._enter(rot, Phase.DRAINING)

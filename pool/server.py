@@ -74,8 +74,7 @@ class PoolServer:
             self._abandon_start()
             raise StartupError(str(exc)) from None
         self.rotations = RotationController(self.supervisor, self.broker, self.registry,
-                                            traffic=self.metrics.recent.traffic,
-                                            mark_traffic=self.metrics.mark_replies)
+                                            recent=self.metrics.recent)
         self.rotations.on_finish = self.metrics.on_rotation_finished
         self.system = system_stats()
         handlers = Commands(self, self.rotations, self.registry).handlers()

@@ -187,17 +187,12 @@ class FakePool:
         # The pool's own reply counts, snapshotted once a (fake) second as the serve loop
         # does: what a bake judges.
         self.replies = ReplyTally()
-        self.recent = RecentReplies()
+        self.recent = RecentReplies(self.replies)
         self._recorded_at = START
         self.broker.observer = self.replies.add
         self.rotations = RotationController(self.supervisor, self.broker, self.registry,
-                                            clock=self.clock, traffic=self.recent.traffic,
-                                            mark_traffic=self.mark_replies)
+                                            recent=self.recent, clock=self.clock)
         self._frontend = f"inproc://frontend-{n}"
-
-    def mark_replies(self, now: float) -> None:
-        self.recent.record(now, self.replies)
-        self._recorded_at = now
 
     def close(self) -> None:
         for worker in self.processes:
@@ -236,7 +231,8 @@ class FakePool:
         self.pump()
         now = self.clock()
         if now - self._recorded_at >= 1.0:
-            self.mark_replies(now)
+            self.recent.record(now)
+            self._recorded_at = now
         self.supervisor.tick(now)
         self.rotations.step(now)
         self.broker.expire_queued(now)

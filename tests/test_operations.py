@@ -283,13 +283,14 @@ def test_batch_totals_keep_an_exited_workers_counts() -> None:
 
 
 def test_reply_tally_and_recent_windows() -> None:
-    tally, recent = ReplyTally(), RecentReplies()
+    tally = ReplyTally()
+    recent = RecentReplies(tally)
     for second in range(100):
         for _ in range(3):
             tally.add("v1", b"similarity", "ok", 0.003)
         if second == 95:
             tally.add("v1", b"similarity", "internal", None)
-        recent.record(float(second), tally)
+        recent.record(float(second))
     assert tally.counts[("v1", b"similarity", "ok")] == 300
     assert sum(tally.buckets[("v1", b"similarity")]) == 300  # the error had no duration
     assert recent.per_second() == 3.1  # 30 ok and the one error in the last 10 s
@@ -300,7 +301,8 @@ def test_reply_tally_and_recent_windows() -> None:
 
 
 def test_a_versions_traffic_over_a_window_is_what_a_bake_judges() -> None:
-    tally, recent = ReplyTally(), RecentReplies()
+    tally = ReplyTally()
+    recent = RecentReplies(tally)
     for second in range(20):
         for _ in range(3):
             tally.add("v1", b"similarity", "ok", 0.003)
@@ -309,7 +311,7 @@ def test_a_versions_traffic_over_a_window_is_what_a_bake_judges() -> None:
             tally.add("v2", b"similarity", "ok", 0.018)
             tally.add("v2", b"similarity", "internal", 0.018)
             tally.add("v2", b"similarity", "bad_request", None)  # the producer's fault
-        recent.record(float(second), tally)
+        recent.record(float(second))
     v2 = recent.traffic("v2", 14.0)  # the last five seconds
     # 3 replies a second it answered or fell short on (1 pool fault); the producer's bad
     # request is neither, and counts for nothing.
@@ -319,14 +321,14 @@ def test_a_versions_traffic_over_a_window_is_what_a_bake_judges() -> None:
     v1 = recent.traffic("v1", 14.0)
     assert (v1.requests, v1.errors) == (15, 0) and v1.p99_ms <= 3.0
     assert recent.traffic("v3", 14.0) == Traffic()
-    assert RecentReplies().traffic("v1", 14.0) == Traffic()
+    assert RecentReplies(ReplyTally()).traffic("v1", 14.0) == Traffic()
     # Strict: nothing before `since`, so from the first record at or after it.
     assert recent.traffic("v2", 16.5, strict=True).requests == 6
     assert recent.traffic("v2", 19.5, strict=True) == Traffic()
     # One record alone is the version's whole past, not a window: a bake's first ticks
     # would judge v2 by errors it made before it was rolled back once.
-    once = RecentReplies()
-    once.record(0.0, tally)
+    once = RecentReplies(tally)
+    once.record(0.0)
     assert once.traffic("v2", 0.0) == Traffic()
 
 
@@ -340,10 +342,10 @@ def test_an_unloaded_version_leaves_the_metrics_and_the_windows_stay_right() -> 
         for _ in range(30):
             tally.add("v1", b"similarity", "ok", 0.003)
         tally.add("", b"similarity", "bad_request", None)  # no version took it
-        metrics.mark_replies(0.0)
+        recent.record(0.0)
         metrics.forget_unloaded({"v2"}, restarted={"v1"}, now=0.0)  # v1 unloaded at 0 s
         tally.add("v2", b"similarity", "ok", 0.003)
-        metrics.mark_replies(1.0)
+        recent.record(1.0)
         metrics.forget_unloaded({"v2"}, restarted={"v1"}, now=UNLOADED_KEEP_S - 1)
         assert "v1" in tally.versions() and metrics._exported("v1", UNLOADED_KEEP_S - 1)
         metrics.forget_unloaded({"v2"}, restarted={"v1"}, now=UNLOADED_KEEP_S)
@@ -352,11 +354,11 @@ def test_an_unloaded_version_leaves_the_metrics_and_the_windows_stay_right() -> 
         assert "v1" not in str(metrics._reply_families())
         for _ in range(2):
             tally.add("v2", b"similarity", "ok", 0.003)
-        metrics.mark_replies(2.0)  # the window still starts before v1 was forgotten
+        recent.record(2.0)  # the window still starts before v1 was forgotten
         assert recent.per_second() == 1.5  # v2's 3 replies over 2 s; v1's 30 not taken off
         tally.add("v1", b"similarity", "ok", 0.003)  # v1 loaded again
         metrics.forget_unloaded({"v1", "v2"}, restarted={"v1"}, now=UNLOADED_KEEP_S + 1)
-        metrics.mark_replies(3.0)
+        recent.record(3.0)
         assert recent.by_code("v1") == {"ok": 1}
         assert recent.traffic("v1", 0.0).requests == 1 and recent.traffic("v1", 0.0).p99_ms
         assert metrics._exported("v1", UNLOADED_KEEP_S + 1)
@@ -367,14 +369,15 @@ def test_an_unloaded_version_leaves_the_metrics_and_the_windows_stay_right() -> 
 def test_pings_and_refusals_are_no_latencies_and_pings_no_traffic() -> None:
     """A health probe's pings are not a version's traffic; a refusal has no latency, so the
     replies a p99 rests on are those timed."""
-    tally, recent = ReplyTally(), RecentReplies()
-    recent.record(0.0, tally)
+    tally = ReplyTally()
+    recent = RecentReplies(tally)
+    recent.record(0.0)
     for _ in range(700):
         tally.add("v1", b"similarity", "ok", 0.01)
     for _ in range(300):
         tally.add("v1", b"similarity", "overloaded", None)
         tally.add("v1", b"ping", "ok", None)
-    recent.record(1.0, tally)
+    recent.record(1.0)
     v1 = recent.traffic("v1", 0.0)
     assert (v1.requests, v1.errors, v1.latency_over) == (1000, 300, 700)
 
@@ -431,14 +434,15 @@ def test_a_gpu_that_does_not_report_its_load_is_still_a_gpu(
 def test_a_strict_span_leaves_out_everything_before_its_start() -> None:
     """A bake's settled latencies start after its first seconds: with records a second apart,
     a span counted back from the newest record would reach into them."""
-    tally, recent = ReplyTally(), RecentReplies()
+    tally = ReplyTally()
+    recent = RecentReplies(tally)
     switch = 100.0
-    recent.record(switch - 0.3, tally)
+    recent.record(switch - 0.3)
     for record_at in (switch + 0.7, switch + 1.7, switch + 2.7, switch + 3.7):
         for step in range(200):  # 200 replies a second, slow ones in the first 1.5 s
             at = record_at - 1 + step / 200
             tally.add("v2", b"similarity", "ok", 0.9 if at < switch + 1.5 else 0.01)
-        recent.record(record_at, tally)
+        recent.record(record_at)
     settled = recent.traffic("v2", switch + 2.0, strict=True)
     assert settled.latency_over == 200 and settled.p99_ms is not None
     assert settled.p99_ms <= 10.0  # only the replies after switch + 2.7

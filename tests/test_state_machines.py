@@ -1349,7 +1349,7 @@ def test_a_bake_counts_nothing_from_before_its_switch(fake: FakePool) -> None:
     traffic_for(fake, producer, 3, "baking")
     assert rot.phase == Phase.BAKING, rot.reason
     assert rot.bake_verdict.candidate.errors == 0
-    assert rot.bake_verdict.candidate.requests >= 25
+    assert rot.bake_verdict.candidate.requests >= 20  # of 30, up to a second unrecorded
 
 
 def bake_with_slow_v2(fake: FakePool, rot: Rotation, per_tick: int, ticks: int,
