@@ -284,7 +284,9 @@ class Encoder:
         for band, name in (("short", attention.SHORT), ("narrow", attention.NARROW)):
             try:
                 model.set_attn_implementation(name)
-                bands[band] = self._trace_with(model, name, fused, inputs)
+                # In bf16 a band's fp32 softmax rounds otherwise than the model's attention.
+                bands[band] = self._trace_with(model, name,
+                                               fused or self.dtype != torch.float32, inputs)
             except Exception as exc:  # an attention of the model's own making
                 log.warning("passes up to %s tokens run the model's own attention: %s: %s",
                             band, type(exc).__name__, str(exc)[:200])
@@ -293,7 +295,7 @@ class Encoder:
                 model.set_attn_implementation(own)
         return TracedGraphs(bands["narrow"], bands["short"], wide)
 
-    def _trace_with(self, model: torch.nn.Module, attention: str, fused: bool,
+    def _trace_with(self, model: torch.nn.Module, attention: str, rounded_otherwise: bool,
                     inputs: GraphInputs) -> torch.jit.ScriptModule:
         example, check = inputs.example, inputs.check
         with warnings.catch_warnings(), torch.no_grad():
@@ -305,7 +307,7 @@ class Encoder:
         with torch.inference_mode():
             for _ in range(2):  # the first run profiles the graph, the next runs it optimised
                 got = graph(check["input_ids"], check["attention_mask"])
-        problem = embeddings_differ(got, inputs.want, self.dtype, fused)
+        problem = embeddings_differ(got, inputs.want, self.dtype, rounded_otherwise)
         if problem:
             raise GraphCheckFailed(f"its embeddings ({attention} attention) {problem}")
         return graph
@@ -435,13 +437,14 @@ class Encoder:
 
 
 def embeddings_differ(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
-                      fused: bool = False) -> str:
+                      rounded_otherwise: bool = False) -> str:
     """Why a graph's (normalised) embeddings are not the module's; "" when they are: within
-    GRAPH_TOLERANCE of it in every coordinate, or for a fused graph, which rounds otherwise
-    (pool.fusion), at a cosine of fusion.MIN_COSINE or nearer for every text."""
+    GRAPH_TOLERANCE of it in every coordinate, or for a graph that rounds otherwise (fused
+    linears, pool.fusion; a bf16 band's fp32 softmax, pool.attention), at a cosine of
+    fusion.MIN_COSINE or nearer for every text."""
     if got.shape != want.shape:
         return f"have shape {tuple(got.shape)}, not the model's {tuple(want.shape)}"
-    if fused:
+    if rounded_otherwise:
         worst = (got * want).sum(dim=1).min().item()
         if not worst >= fusion.MIN_COSINE:  # NaN too
             return f"are at cosine {worst:.5f} from the model's, under {fusion.MIN_COSINE}"

@@ -25,7 +25,7 @@ def graphs_of(encoder: Encoder) -> list[torch.jit.ScriptModule]:
 
 def differ(got: torch.Tensor, want: torch.Tensor) -> str:
     """Why a fused graph's embeddings would be refused ("" when they pass)."""
-    return embeddings_differ(got, want, torch.bfloat16, fused=True)
+    return embeddings_differ(got, want, torch.bfloat16, rounded_otherwise=True)
 
 
 def _unit_rows(rows: int, width: int, seed: int) -> torch.Tensor:
