@@ -7,8 +7,8 @@ product before it (a sixth of the pass). oneDNN's linear adds the bias and appli
 GELU as it writes its output (in fp32, rounded to bf16 once). MiniLM, one thread, 64-128
 texts of ~17 tokens: 1.09-1.37x the passes of the plain graph; multilingual-e5-small
 1.02-1.11x (docs/benchmarks.md, session 20). Embeddings move by up to 3e-3 (one rounding
-fewer a layer), so the graph is checked against the model by cosine (MIN_COSINE,
-pool.runtime.embeddings_differ).
+fewer a layer), so the graph is checked against the model by cosine
+(pool.runtime.embeddings_differ, MIN_COSINE).
 
 Each linear's weight is reordered once into oneDNN's own blocked layout: given torch's
 layout, oneDNN reorders it again on every call, a fixed cost of every pass (37 of 84 us of
@@ -28,11 +28,6 @@ from typing import List, Optional, Union  # noqa: UP035 - TorchScript reads thes
 
 import torch
 
-# How near the fused graph's embeddings must be to the model's, as cosine: bf16 against fp32
-# is 0.9975 for a 32-wide test BERT and 0.99993 for MiniLM, the fused graph against the
-# plain one 0.99997 for both; a graph that reads the mask wrong was 0.957. (A bound on each
-# coordinate would depend on the width: a unit vector's coordinates are ~1/sqrt(width).)
-MIN_COSINE = 0.9995
 # config.hidden_act -> oneDNN's GELU algorithm ("none": the exact, erf one). Other
 # activations stay a kernel of their own after a fused linear.
 GELU_ALGORITHMS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh",
