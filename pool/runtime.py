@@ -203,16 +203,18 @@ class Encoder:
         if self.device.type == "cuda":
             plan_free_attention()
         self.dtype = resolve_dtype(dtype, device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         self.pooled = SentenceVectors(self.model).eval()  # what every path computes; traced on CPU
-        self.max_length = _max_length(self.tokenizer, self.model)
-        self.token_ids = token_id_encoder(self.tokenizer, self.max_length)
+        self.max_length = _max_length(tokenizer, self.model)
+        self.pad_id = tokenizer.pad_token_id or 0
         # Token ids from here on have no embedding: a tokenizer shipped with another model.
         # None: the tokenizer makes none (what a pass would fail on, on CUDA for good).
         rows = self.model.get_input_embeddings().num_embeddings
-        self.vocab_limit = rows if len(self.tokenizer) > rows else None
+        self.vocab_limit = rows if len(tokenizer) > rows else None
+        # The wrapper is not kept, so its Rust tokenizer is taken over rather than copied.
+        self.token_ids = token_id_encoder(tokenizer, self.max_length, take_over=True)
         self.chunk_texts = chunk_texts or CHUNK_TEXTS.get(self.device.type, CHUNK_TEXTS["cpu"])
         self.width_multiple = CUDA_WIDTH_MULTIPLE if self.device.type == "cuda" else 1
         self.dim = int(self.model.config.hidden_size)
@@ -319,7 +321,7 @@ class Encoder:
         return graph
 
     def _capture_graphs(self) -> CudaGraphs:
-        pad = self.tokenizer.pad_token_id or 0
+        pad = self.pad_id
         graphs = CudaGraphs(self._graph_forward, self.device, pad, self.chunk_texts,
                             self.max_length, lambda ids, width: padded(ids, pad, width=width))
         ids = self.token_ids([t for pair in GOLDEN_PAIRS for t in pair])
@@ -376,7 +378,7 @@ class Encoder:
         """Token ids padded to the longest (on CUDA, up to the next multiple of
         CUDA_WIDTH_MULTIPLE), with their attention mask, on the device. A GPU's copy is from
         pinned memory, so it is asynchronous: the pass queues behind it without a wait."""
-        input_ids, mask = padded(ids, self.tokenizer.pad_token_id or 0, self.width_multiple)
+        input_ids, mask = padded(ids, self.pad_id, self.width_multiple)
         batch = {"input_ids": torch.from_numpy(input_ids),
                  "attention_mask": torch.from_numpy(mask)}
         if self.device.type != "cuda":
@@ -461,19 +463,23 @@ def embeddings_differ(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
     return ""
 
 
-def token_id_encoder(tokenizer: Any, max_length: int) -> Callable[[list[str]], list[list[int]]]:
+def token_id_encoder(tokenizer: Any, max_length: int,
+                     take_over: bool = False) -> Callable[[list[str]], list[list[int]]]:
     """texts -> their token ids, special tokens added, truncated to `max_length`.
 
     The same ids as `tokenizer(texts, truncation=True, max_length=max_length)`, from the
     Rust tokenizer inside it called directly: transformers builds a dict of lists per text
     and a BatchEncoding around them in Python, a third of a batch's tokenising time
     (benchmarks/tokenize_cost.py), and a GPU worker spends a quarter of its time tokenising.
+    It works on a copy of that Rust tokenizer, as the wrapper resets its settings at every
+    call; `take_over` (for a caller that calls the wrapper no more) sets up the wrapper's own
+    instead: a 250,000-piece Unigram (XLM-R's, multilingual-e5's) holds ~280 MB of memory.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # no Rust core (a SentencePiece-only tokenizer): the slow way
         return lambda texts: tokenizer(texts, truncation=True,
                                        max_length=max_length)["input_ids"]
-    own = Tokenizer.from_str(backend.to_str())  # a copy: the wrapper resets its own settings
+    own = backend if take_over else Tokenizer.from_str(backend.to_str())
     own.no_padding()
     own.enable_truncation(max_length, direction=tokenizer.truncation_side)
     return lambda texts: [encoding.ids for encoding in own.encode_batch_fast(texts)]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pool.builtin import embedded_model_path
 from pool.cudagraphs import ROW_BUCKETS, WIDTH_BUCKETS, bucket, buckets_up_to
@@ -345,10 +345,12 @@ def test_padded_ids_and_mask_are_the_rows_padded_to_a_multiple_of_the_longest(
 
 
 @pytest.fixture(scope="module")
-def tokenizers_under_test(encoder: Encoder) -> dict[str, tuple[object, int]]:
+def tokenizers_under_test(models: dict[str, Path],
+                          encoder: Encoder) -> dict[str, tuple[object, int]]:
     """The tiny BERT's and the embedded MiniLM's tokenizers, each with its length limit."""
+    tiny = AutoTokenizer.from_pretrained(models["v1"])
     minilm = AutoTokenizer.from_pretrained(embedded_model_path())
-    return {"tiny": (encoder.tokenizer, encoder.max_length), "minilm": (minilm, 64)}
+    return {"tiny": (tiny, encoder.max_length), "minilm": (minilm, 64)}
 
 
 TEXTS = st.lists(st.one_of(st.text(max_size=200), st.sampled_from(SENTENCES),
@@ -363,6 +365,16 @@ def test_token_ids_are_what_the_transformers_tokenizer_gives(
     tokenizer, max_length = tokenizers_under_test[which]
     want = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]  # type: ignore[operator]
     assert token_id_encoder(tokenizer, max_length)(texts) == want
+
+
+@given(texts=TEXTS)
+def test_an_encoder_tokenises_as_its_transformers_tokenizer_on_the_one_it_took_over(
+    tokenizers_under_test: dict[str, tuple[object, int]], encoder: Encoder, texts: list[str]
+) -> None:
+    tokenizer, max_length = tokenizers_under_test["tiny"]
+    want = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]  # type: ignore[operator]
+    assert encoder.token_ids(texts) == want
+    assert not any(isinstance(value, PreTrainedTokenizerBase) for value in vars(encoder).values())
 
 
 @given(st.integers(min_value=1, max_value=4096),
