@@ -17,6 +17,7 @@ from cli.common import (
     TimeoutOpt,
     control,
     emit_json,
+    err,
     eval_option,
     fail,
     fail_control,
@@ -26,7 +27,14 @@ from cli.common import (
     pool_model_path,
     thresholds_option,
 )
-from pool.control import ControlError, ControlTarget, control_request
+from pool.control import (
+    ControlError,
+    ControlTarget,
+    PoolNotRunning,
+    PoolStarting,
+    PoolUnreachable,
+    control_request,
+)
 from pool.judge import DEFAULT_MAX_ERROR_RATE, DEFAULT_MAX_P99_RATIO
 
 ROTATION_POLL_S = 0.2
@@ -50,21 +58,54 @@ def health(
     version: Annotated[str | None, typer.Option("--version", "-v", help="Judge this version "
                        "alone (default: the pool).")] = None,
     timeout: TimeoutOpt = 5.0,
+    wait: Annotated[float, typer.Option(
+        "--wait", min=0, metavar="SECONDS",
+        help="Ask again until it is healthy, for up to SECONDS (a pool not up yet, or still "
+             "loading its workers, is waited for); then its last answer.")] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Health per version with reasons, and the machine. Exit 0 healthy, 1 degraded, 2 failed
-    (or not running), 3 operator key refused: usable as a liveness / readiness probe."""
+    (or not running), 3 operator key refused: usable as a liveness / readiness probe, and
+    with --wait as `pool serve`'s "ready" for scripts."""
     from cli.ops import print_health
 
-    try:
-        report = control_request(pool, "health", timeout_s=timeout, version=version)
-    except ControlError as exc:
-        fail_control(exc, as_json, exit_code=2)
+    report = _health_within(pool, version, timeout, wait, as_json)
     if as_json:
         emit_json(report)
     else:
         print_health(out, report)
     raise typer.Exit(report["exit_code"])
+
+
+HEALTH_POLL_S = 0.5
+NOT_UP_YET = (PoolNotRunning, PoolStarting, PoolUnreachable)  # what waiting may cure
+
+
+def _health_within(pool: ControlTarget, version: str | None, timeout: float, wait_s: float,
+                   as_json: bool) -> dict:
+    """The pool's health report: the first healthy one within `wait_s`, else the last. A
+    pool not up yet is waited for as long; any other control error ends it at once."""
+    give_up = time.monotonic() + wait_s
+    with contextlib.nullcontext() if as_json or not wait_s else err.status("") as spinner:
+        while True:
+            left = give_up - time.monotonic()
+            try:
+                # A try's own timeout ends with the wait (a silent remote pool).
+                report = control_request(pool, "health", version=version, timeout_s=min(
+                    timeout, max(left, HEALTH_POLL_S)) if wait_s else timeout)
+            except ControlError as exc:
+                if not isinstance(exc, NOT_UP_YET) or left <= 0:
+                    fail_control(exc, as_json, exit_code=2)
+                waiting_for = str(exc)
+            else:
+                if report["exit_code"] == 0 or left <= 0:
+                    return report
+                waiting_for = f"{report['status']}: " + "; ".join(
+                    report["pool"]["reasons"] or [f"active {report['active']}"])
+            if spinner is not None:
+                spinner.update(f"waiting for the pool ({max(left, 0):.0f}s left): "
+                               f"{waiting_for}"[:200])
+            time.sleep(min(HEALTH_POLL_S, max(left, 0.0)))
 
 
 @operator_command

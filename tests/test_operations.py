@@ -6,6 +6,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -38,7 +40,7 @@ from pool.metrics import (
 from pool.reports import BATCH_SIZE_BUCKETS, BatchStats
 from router import protocol
 from router.client import Client, UnknownVersion
-from tests.support import RunningPool, run_cli, wait_for
+from tests.support import RunningPool, run_cli, short_tmpdir, wait_for
 
 PAIR = ("今天天气真好", "今日阳光明媚")
 
@@ -187,6 +189,34 @@ def test_health_exit_codes_follow_killed_workers_and_failed_versions(
     pool.process.proc.wait(timeout=60)
     code, report = health(pool)
     assert code == 2 and report["error"]["code"] == "not_running"
+
+
+@pytest.mark.slow
+def test_health_wait_outwaits_a_starting_pool_and_ends_at_once_on_what_waiting_cannot_cure(
+        pool_factory, models: dict[str, Path]) -> None:
+    state_dir = short_tmpdir()
+    env = {**os.environ, "ZEROPOOL_STATE_DIR": str(state_dir)}
+    started = time.monotonic()
+    none = run_cli("health", "--wait", "1.5", "--json", env=env)
+    assert none.returncode == 2 and time.monotonic() - started >= 1.5
+    assert json.loads(none.stdout)["error"]["code"] == "not_running"
+
+    # Asked before the pool exists: it answers once both workers have loaded.
+    waiter = subprocess.Popen([sys.executable, "-m", "cli.main", "health", "--wait", "120",
+                               "--json"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        pool = pool_factory(models["v1"], state_dir=state_dir, wait=False)
+        stdout, _ = waiter.communicate(timeout=180)
+    finally:
+        waiter.kill()
+    report = json.loads(stdout)
+    assert waiter.returncode == 0 and report["status"] == HEALTHY, report
+    assert report["versions"]["v1"]["workers_ready"] == 2
+
+    started = time.monotonic()
+    code, report = health(pool, "--version", "v9", "--wait", "60")
+    assert code == 2 and "v9 is not loaded" in report["error"]["message"]
+    assert time.monotonic() - started < 30  # an unknown version: no waiting it out
 
 
 def test_metrics_port_in_use_is_a_clear_startup_error(models: dict[str, Path], tmp_path: Path
