@@ -36,6 +36,17 @@ CHUNK_TEXTS = {"cpu": 128, "cuda": 1024}
 # of 8, and fewer distinct shapes mean fewer kernel selections; padding is masked out of
 # attention and pooling, so embeddings do not change.
 CUDA_WIDTH_MULTIPLE = 8
+# CPU passes in bf16 / fp16 run oneDNN primitives, each made for one input shape: making one
+# costs ~7 ms (a 384 -> 384 linear, AMX) and keeping it ~0.7 MB, and torch keeps up to 1,024
+# in each of two caches (oneDNN's, ideep's). On every (rows, width) a stream of requests
+# brings, a MiniLM bf16 worker's RSS grew from 0.5 to ~1.9 GB, and passes of new shapes made
+# primitives all along. So those passes go on a grid of shapes: width up to a multiple of
+# GRID_STEP (padding, masked), rows up to a multiple of the step of GRID_ROW_STEPS for
+# their size (repeating a text of the pass): little padding, few shapes
+# (docs/benchmarks.md, session 22). fp32 goes through MKL's GEMM, which keeps nothing per
+# shape: no grid.
+GRID_STEP = 4
+GRID_ROW_STEPS = ((4, 1), (64, 4), (256, 16))  # (up to rows, step); past the last: 64
 # The fixed cost of one forward pass (Python, dispatch, kernel launches), in the time it takes
 # to compute this many tokens: what the pass planner weighs against padding. It is the
 # model's own, so a CPU encoder measures it at load (Encoder.measure_pass_cost): a
@@ -216,7 +227,9 @@ class Encoder:
         # The wrapper is not kept, so its Rust tokenizer is taken over rather than copied.
         self.token_ids = token_id_encoder(tokenizer, self.max_length, take_over=True)
         self.chunk_texts = chunk_texts or CHUNK_TEXTS.get(self.device.type, CHUNK_TEXTS["cpu"])
-        self.width_multiple = CUDA_WIDTH_MULTIPLE if self.device.type == "cuda" else 1
+        self.on_grid = self.device.type == "cpu" and self.dtype != torch.float32
+        self.width_multiple = CUDA_WIDTH_MULTIPLE if self.device.type == "cuda" else \
+            GRID_STEP if self.on_grid else 1
         self.dim = int(self.model.config.hidden_size)
         self.graph = "eager"
         self.graph_note = ""  # why auto stayed eager
@@ -412,7 +425,9 @@ class Encoder:
     def _forward(self, ids: list[list[int]]) -> torch.Tensor:
         if self._graphs is not None:
             return self._graphs.run(ids)
-        return self._vectors(self._batch(ids)).cpu()
+        rows = len(ids)
+        filler = grid_rows(rows) - rows if self.on_grid else 0
+        return self._vectors(self._batch(ids + [ids[0]] * filler))[:rows].cpu()
 
     def _vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The pass's sentence vectors (fp32, normalised), from one graph call where traced."""
@@ -498,6 +513,12 @@ def padded(ids: Sequence[Sequence[int]], pad: int, width_multiple: int = 1,
     matrix[mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
                                count=int(lengths.sum()))
     return matrix, mask.astype(np.int64)
+
+
+def grid_rows(rows: int) -> int:
+    """The rows a pass of `rows` texts runs with on the grid (GRID_ROW_STEPS)."""
+    step = next((step for limit, step in GRID_ROW_STEPS if rows <= limit), 64)
+    return -(-rows // step) * step
 
 
 def fixed_cost_tokens(one_row_s: float, rows_s: float, rows: int, width: int) -> int:

@@ -18,6 +18,8 @@ from pool.runtime import (
     CHUNK_SECONDS,
     CHUNK_TOKENS_RANGE,
     GRAPH_TOLERANCE,
+    GRID_STEP,
+    MIN_COSINE,
     OVERHEAD_ROWS,
     OVERHEAD_TOKENS_RANGE,
     OVERHEAD_WIDTH,
@@ -27,6 +29,7 @@ from pool.runtime import (
     PassCost,
     cpu_flags,
     fixed_cost_tokens,
+    grid_rows,
     padded,
     plan_chunks,
     resolve_dtype,
@@ -342,6 +345,44 @@ def test_padded_ids_and_mask_are_the_rows_padded_to_a_multiple_of_the_longest(
     assert width % multiple == 0 and longest <= width < longest + multiple
     assert matrix.tolist() == [row + [pad] * (width - len(row)) for row in ids]
     assert mask.tolist() == [[1] * len(row) + [0] * (width - len(row)) for row in ids]
+
+
+@given(st.integers(min_value=1, max_value=2048))
+def test_grid_rows_hold_the_pass_with_little_more(rows: int) -> None:
+    padded_rows = grid_rows(rows)
+    assert rows <= padded_rows <= rows * 1.6 and padded_rows - rows < 64
+    assert grid_rows(padded_rows) == padded_rows  # a pass on the grid stays as it is
+    assert rows > 4 or padded_rows == rows  # one pair, one request: no padding
+
+
+def seen_shapes(encoder: Encoder) -> list[tuple[int, ...]]:
+    """The (rows, width) of every pass `encoder` runs from now on."""
+    shapes: list[tuple[int, ...]] = []
+    vectors = encoder._vectors
+
+    def recording(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        shapes.append(tuple(batch["input_ids"].shape))
+        return vectors(batch)
+
+    encoder._vectors = recording  # type: ignore[method-assign]
+    return shapes
+
+
+def test_low_precision_cpu_passes_run_on_the_grid_and_each_text_keeps_its_vector(
+        models: dict[str, Path]) -> None:
+    encoder = Encoder(str(models["v1"]), dtype="bfloat16", overhead_tokens=1024)
+    texts = [s * k for k, s in enumerate(SENTENCES[:7], start=1)]  # 7 widths, one pass
+    alone = torch.cat([encoder.embed([t]) for t in texts])
+    shapes = seen_shapes(encoder)
+    got = encoder.embed(texts)
+    assert shapes == [(8, shapes[0][1])] and shapes[0][1] % GRID_STEP == 0
+    assert got.shape == alone.shape
+    assert ((got * alone).sum(dim=1) >= MIN_COSINE).all()  # row i is text i's, the filler dropped
+
+    exact = Encoder(str(models["v1"]), dtype="float32", overhead_tokens=1024)
+    shapes = seen_shapes(exact)
+    exact.embed(texts)
+    assert shapes[0][0] == 7  # fp32: MKL keeps nothing per shape, so no padding
 
 
 @pytest.fixture(scope="module")
