@@ -46,7 +46,8 @@ CUDA_WIDTH_MULTIPLE = 8
 # (docs/benchmarks.md, session 22). fp32 goes through MKL's GEMM, which keeps nothing per
 # shape: no grid.
 GRID_STEP = 4
-GRID_ROW_STEPS = ((4, 1), (64, 4), (256, 16))  # (up to rows, step); past the last: 64
+GRID_ROW_STEPS = ((4, 1), (64, 4), (256, 16))  # (up to this many rows, step)
+GRID_ROW_STEP_PAST = 64  # past the last of them
 # The fixed cost of one forward pass (Python, dispatch, kernel launches), in the time it takes
 # to compute this many tokens: what the pass planner weighs against padding. It is the
 # model's own, so a CPU encoder measures it at load (Encoder.measure_pass_cost): a
@@ -388,8 +389,8 @@ class Encoder:
                         per_token if per_token > 0 else None)
 
     def _batch(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Token ids padded to the longest (on CUDA, up to the next multiple of
-        CUDA_WIDTH_MULTIPLE), with their attention mask, on the device. A GPU's copy is from
+        """Token ids padded to the longest (up to the next multiple of `width_multiple`: on
+        CUDA, and on the CPU's grid), with their attention mask, on the device. A GPU's copy is from
         pinned memory, so it is asynchronous: the pass queues behind it without a wait."""
         input_ids, mask = padded(ids, self.pad_id, self.width_multiple)
         batch = {"input_ids": torch.from_numpy(input_ids),
@@ -517,7 +518,7 @@ def padded(ids: Sequence[Sequence[int]], pad: int, width_multiple: int = 1,
 
 def grid_rows(rows: int) -> int:
     """The rows a pass of `rows` texts runs with on the grid (GRID_ROW_STEPS)."""
-    step = next((step for limit, step in GRID_ROW_STEPS if rows <= limit), 64)
+    step = next((step for limit, step in GRID_ROW_STEPS if rows <= limit), GRID_ROW_STEP_PAST)
     return -(-rows // step) * step
 
 
