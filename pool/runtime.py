@@ -413,7 +413,8 @@ class Encoder:
         if not ids:
             return torch.empty((0, self.dim))
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        lengths = [len(ids[i]) for i in order]
+        step = self.width_multiple  # planned at the widths its passes will run at
+        lengths = [-(-len(ids[i]) // step) * step for i in order]
         out = torch.empty((len(ids), self.dim))
         for start, end in plan_chunks(lengths, self.overhead_tokens, self.chunk_texts,
                                       self.chunk_tokens):
