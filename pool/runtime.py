@@ -414,7 +414,7 @@ class Encoder:
             return torch.empty((0, self.dim))
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         step = self.width_multiple  # planned at the widths its passes will run at
-        lengths = [-(-len(ids[i]) // step) * step for i in order]
+        lengths = [round_up(len(ids[i]), step) for i in order]
         out = torch.empty((len(ids), self.dim))
         for start, end in plan_chunks(lengths, self.overhead_tokens, self.chunk_texts,
                                       self.chunk_tokens):
@@ -509,7 +509,7 @@ def padded(ids: Sequence[Sequence[int]], pad: int, width_multiple: int = 1,
     in one operation: 15x faster than padding Python lists for 64 texts, ~30 us a pass."""
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     if width is None:
-        width = -(-int(lengths.max()) // width_multiple) * width_multiple
+        width = round_up(int(lengths.max()), width_multiple)
     mask = np.arange(width) < lengths[:, None]
     matrix = np.full((len(ids), width), pad, dtype=np.int64)
     matrix[mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
@@ -520,7 +520,12 @@ def padded(ids: Sequence[Sequence[int]], pad: int, width_multiple: int = 1,
 def grid_rows(rows: int) -> int:
     """The rows a pass of `rows` texts runs with on the grid (GRID_ROW_STEPS)."""
     step = next((step for limit, step in GRID_ROW_STEPS if rows <= limit), GRID_ROW_STEP_PAST)
-    return -(-rows // step) * step
+    return round_up(rows, step)
+
+
+def round_up(value: int, step: int) -> int:
+    """`value` rounded up to a multiple of `step`."""
+    return -(-value // step) * step
 
 
 def fixed_cost_tokens(one_row_s: float, rows_s: float, rows: int, width: int) -> int:
