@@ -488,8 +488,8 @@ class RotationController:
         assert rot.bake_s is not None
         switched = rot.phase_since
         replies = self.recent.traffic(rot.target, switched)
-        settled = self.recent.traffic(rot.target, switched + min(BAKE_SETTLE_S, rot.bake_s / 4),
-                               strict=True)
+        settle = min(BAKE_SETTLE_S, rot.bake_s / 4)
+        settled = self.recent.traffic(rot.target, switched + settle, strict=True)
         return replace(replies, p99_ms=settled.p99_ms, p90_ms=settled.p90_ms,
                        latency_over=settled.latency_over or 0)
 
