@@ -10,7 +10,9 @@ and the others.
 
 Usage: python benchmarks/fleet_rotation.py [POOLS] [BAKE] [ROUNDS]   (RATE=..., NICENESS=... in
 the env: requests/s over the fleet, the pools' --load-niceness; PIN=1: pool i and every process
-it starts on core i mod cores, a machine per pool as far as this machine's cores go)
+it starts on core i mod cores, a machine per pool as far as this machine's cores go;
+CPU_QUOTA=0.5: each pool and every process it starts in a cgroup of its own, held to that many
+cores' time as a Kubernetes pod's CPU limit holds it: root, tooling.cgroups)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,11 +37,13 @@ from tests.support import (  # noqa: E402
     start_pool,
     stop_pool,
 )
+from tooling.cgroups import LimitedGroup, cpu_limited  # noqa: E402
 from tooling.loadgen import FailoverProducers  # noqa: E402
 
 RATE = float(os.environ.get("RATE", "300"))  # requests/s over the whole fleet
 NICENESS = os.environ.get("NICENESS")  # the pools' --load-niceness (default: the pool's)
 PIN = os.environ.get("PIN") == "1"
+CPU_QUOTA = float(os.environ.get("CPU_QUOTA", "0"))  # cores per pool (0: no limit)
 IN_FLIGHT = 16
 STEADY_S = 5.0
 PRE_SWITCH = ("spawning", "loading", "health_check")  # a new worker loads beside the old
@@ -52,14 +57,16 @@ def cli(*args: str, env: dict[str, str]) -> dict:
     return json.loads(done.stdout)
 
 
-def start_pinned(index: int, path: Path, *extra: str) -> RunningPool:
+def start_placed(index: int, path: Path, group: LimitedGroup | None,
+                 *extra: str) -> RunningPool:
     """A pool of one worker; with PIN, it (and what it forks: workers, a rotation's new
-    ones) inherits this process's affinity to one core while it starts."""
+    ones) inherits this process's affinity to one core while it starts; in `group`, if
+    given, likewise."""
     cores = sorted(os.sched_getaffinity(0))
     if PIN:
         os.sched_setaffinity(0, {cores[index % len(cores)]})
     try:
-        return start_pool(path, *extra, workers=1)
+        return start_pool(path, *extra, workers=1, prefix=group.prefix if group else ())
     finally:
         os.sched_setaffinity(0, cores)
 
@@ -88,14 +95,13 @@ def p99_split(producers: FailoverProducers, started: float, ended: float,
                 lambda sent: started <= sent < ended and not loading(sent)).get("p99_ms")}
 
 
-def main() -> None:
-    pools_n = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-    bake = float(sys.argv[2]) if len(sys.argv) > 2 else 5.0
-    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 2
-    models = Path(tempfile.mkdtemp(prefix="zp-fleet-models-"))
-    versions = {f"v{i}": make_tiny_bert(models / f"v{i}", seed=i) for i in range(1, 4)}
-    extra = ("--load-niceness", NICENESS) if NICENESS else ()
-    pools = [start_pinned(index, versions["v1"], *extra) for index in range(pools_n)]
+def run_rounds(pools_n: int, bake: float, rounds: int, versions: dict[str, Path],
+               placed: list[LimitedGroup | None], extra: tuple[str, ...],
+               ) -> tuple[list[dict], list[float]]:
+    """Start the pools and the producers, run the rounds, stop them: each round's figures,
+    and the seconds each pool's cgroup was throttled."""
+    pools = [start_placed(index, versions["v1"], group, *extra)
+             for index, group in enumerate(placed)]
     producers = FailoverProducers([p.endpoint for p in pools], SENTENCES, IN_FLIGHT,
                                   RATE).start()
     names = ",".join(str(p.state_dir) for p in pools)
@@ -132,13 +138,31 @@ def main() -> None:
                   f"ms, during {r['during'].get('p99_ms')} ms (a pool loading "
                   f"{r['during_p99_ms']['loading']}, else {r['during_p99_ms']['else']}); errors "
                   f"{r['during']['errors']}; {r['outcome']}", flush=True)
+        # Seconds each pool's cgroup was held back by its limit (its loading and serving).
+        throttled = [round(group.throttled_s(), 2) for group in placed if group]
     finally:
         producers.stop()
         for pool in pools:
             stop_pool(pool)
+    return results, throttled
+
+
+def main() -> None:
+    pools_n = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    bake = float(sys.argv[2]) if len(sys.argv) > 2 else 5.0
+    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    models = Path(tempfile.mkdtemp(prefix="zp-fleet-models-"))
+    versions = {f"v{i}": make_tiny_bert(models / f"v{i}", seed=i) for i in range(1, 4)}
+    extra = ("--load-niceness", NICENESS) if NICENESS else ()
+    with ExitStack() as groups:  # left last: a cgroup goes once the pool in it has exited
+        placed = [groups.enter_context(cpu_limited(f"zp-fleet-{os.getpid()}-{index}",
+                                                   CPU_QUOTA)) if CPU_QUOTA else None
+                  for index in range(pools_n)]
+        results, throttled = run_rounds(pools_n, bake, rounds, versions, placed, extra)
     ratios = [r["during"]["p99_ms"] / r["steady"]["p99_ms"] for r in results
               if r["steady"].get("p99_ms") and r["during"].get("p99_ms")]
     print(json.dumps({"pools": pools_n, "bake_s": bake, "rate": RATE, "pinned": PIN,
+                      "cpu_quota": CPU_QUOTA or None, "throttled_s": throttled,
                       "rounds": results,
                       "p99_during_over_steady": [round(x, 2) for x in ratios],
                       "median_ratio": round(statistics.median(ratios), 2) if ratios else None},

@@ -140,8 +140,17 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}%"  # None: a GPU that does not say (MIG)
 
 
+def _usable(system: dict[str, Any]) -> str:
+    """", 4 usable (a CPU limit of 3.5)" where the pool may use fewer than the machine's."""
+    usable, limit = system.get("cpus_usable"), system.get("cpu_limit")
+    if usable is None or usable >= system["cpu_count"]:
+        return ""
+    return f" ({usable} usable" + (f", a CPU limit of {limit:g})" if limit else ")")
+
+
 def system_line(system: dict[str, Any]) -> str:
-    line = (f"machine: CPU {system['cpu_percent']:.0f}% of {system['cpu_count']} cores, "
+    line = (f"machine: CPU {system['cpu_percent']:.0f}% of {system['cpu_count']} cores"
+            f"{_usable(system)}, "
             f"memory {system['memory_percent']:.0f}% "
             f"({system['memory_used_bytes'] / MIB:,.0f} of "
             f"{system['memory_total_bytes'] / MIB:,.0f} MiB)")

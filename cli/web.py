@@ -347,8 +347,10 @@ def system_panel(system: Any) -> None:
     if not isinstance(system, dict) or not system:
         return
     cols = st.columns(3)
+    usable = system.get("cpus_usable")
     cols[0].metric("CPU", percent(system.get("cpu_percent")),
-                   help=f"{system.get('cpu_count', '?')} cores")
+                   help=f"{system.get('cpu_count', '?')} cores"
+                        + (f", {usable} usable by the pool" if usable is not None else ""))
     cols[1].metric("Memory", percent(system.get("memory_percent")),
                    help=f"{gib(system.get('memory_used_bytes'))} of "
                         f"{gib(system.get('memory_total_bytes'))} used")

@@ -9,6 +9,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from pool.cpus import usable_cpus
 from pool.gate import DEFAULT_MAX_SPEARMAN_DROP, DEFAULT_MIN_SPEARMAN
 from pool.health import PROBE_MIN_PAIRS, PROBE_MIN_TEXT_CHARS
 from pool.quality import Thresholds, parse_thresholds
@@ -114,7 +115,7 @@ def parse_devices(spec: str) -> list[str]:
 def default_workers(devices: list[str]) -> int:
     if devices[0].startswith("cuda"):
         return len(devices)
-    return max(1, min(os.cpu_count() or 1, 8))
+    return min(usable_cpus().usable, 8)
 
 
 def default_max_batch(devices: list[str]) -> int:
@@ -128,13 +129,13 @@ def default_max_batch_tokens(devices: list[str]) -> int:
 def default_tokenizer_threads(devices: list[str], workers: int) -> int:
     if not devices[0].startswith("cuda"):
         return 1
-    return max(1, min(MAX_TOKENIZER_THREADS, (os.cpu_count() or 1) // workers - 1))
+    return max(1, min(MAX_TOKENIZER_THREADS, usable_cpus().usable // workers - 1))
 
 
 def default_threads(devices: list[str], workers: int) -> int:
     if devices[0].startswith("cuda"):
         return 1
-    return max(1, (os.cpu_count() or 1) // workers)
+    return max(1, usable_cpus().usable // workers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +188,8 @@ class PoolSettings:
         DEFAULT_VERSION, f"Version name (default {DEFAULT_VERSION}).",
         names=("--version", "-v"), flag_type=str | None)
     workers: int = setting(
-        1, "Worker processes (default: one per GPU, else one per core up to 8).", min=1,
+        1, "Worker processes (default: one per GPU, else one per usable core up to 8: its "
+        "affinity, within a container's CPU limit).", min=1,
         flag_type=int | None, shown=True)
     bind: str = setting(DEFAULT_BIND, "Frontend endpoint (tcp:// or ipc://).")
     state_dir: Path = setting(
@@ -222,12 +224,12 @@ class PoolSettings:
         DEFAULT_MAX_WAIT_MS, "How long a worker waits to fill a batch (default 0: the next batch "
         "is what queued during the last one).", min=0, shown=True)
     threads: int = setting(
-        1, "Torch threads per worker (default: cores / workers).", min=1,
+        1, "Torch threads per worker (default: usable cores / workers).", min=1,
         flag_type=int | None, shown=True)
     tokenizer_threads: int = setting(
         1, "Threads tokenising each worker's requests (default: 1 on CPU, whose cores compute "
-        f"the passes; on GPUs cores / workers - 1, at most {MAX_TOKENIZER_THREADS}: a GPU pass "
-        "is faster than one core tokenises its texts).", min=1, flag_type=int | None,
+        f"the passes; on GPUs usable cores / workers - 1, at most {MAX_TOKENIZER_THREADS}: a "
+        "GPU pass is faster than one core tokenises its texts).", min=1, flag_type=int | None,
         shown=True)
     model: str = setting("transformer", "transformer | echo (no model: transport only).")
     max_pairs: int = setting(

@@ -440,6 +440,8 @@ class PoolMetrics:
 
         out: list[Metric] = [
             gauge("zeropool_system_cpu_percent", "Machine CPU use.", system["cpu_percent"]),
+            gauge("zeropool_cpus_usable", "CPUs this pool may use: its affinity, within its "
+                  "cgroup's CPU limit.", system["cpus_usable"]),
             gauge("zeropool_system_memory_used_bytes", "Machine memory in use.",
                   system["memory_used_bytes"]),
             gauge("zeropool_system_memory_total_bytes", "Machine memory.",

@@ -21,6 +21,7 @@ import zmq
 from pool import config
 from pool.commands import Commands
 from pool.control import PID_FILE, ControlError, ControlServer, RemoteControl, serving_pid
+from pool.cpus import usable_cpus
 from pool.gate import QualityGate, read_eval_set
 from pool.health import Expectation
 from pool.metrics import REFRESH_S, PoolMetrics
@@ -186,6 +187,7 @@ class PoolServer:
         self.broker.set_active(s.version)
         log.info("listening on %s (control %s), %d worker(s) of %s loading from %s",
                  self.broker.frontend_endpoint, s.control_endpoint, s.workers, s.version, s.path)
+        log_cpus(s.threads)
         for entry in self.registry.listing():
             if entry["auto_load"] and entry["version"] != s.version:
                 log.info("auto-loading %s from %s", entry["version"], entry["path"])
@@ -364,6 +366,19 @@ class PoolServer:
             self.begin_shutdown()
             self.broker.fail_all_queued(protocol.WORKER_FAILED,
                                         f"version failed: {active.failed}")
+
+
+def log_cpus(threads: int) -> None:
+    """The CPUs the pool sized itself by; under a CPU limit, what that costs a rotation."""
+    cpus = usable_cpus()
+    log.info("CPUs: %s; %d torch thread(s) per worker", cpus.describe(), threads)
+    if cpus.limit is not None:
+        # Measured: docs/benchmarks.md, session 23 (a pod's CPU limit and a rotation).
+        log.warning("a CPU limit of %g cores: a rotation's new workers load inside it, and "
+                    "the time they take from it stalls the serving workers until the next "
+                    "period (idle priority does not help under a quota); a CPU request "
+                    "without a limit lets them load on idle cores (docs/deploy.md)",
+                    cpus.limit)
 
 
 def prepare_state_dir(state_dir: Path) -> Path:

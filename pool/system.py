@@ -10,18 +10,23 @@ from typing import Any
 
 import psutil
 
+from pool.cpus import usable_cpus
+
 
 def system_stats() -> dict[str, Any]:
-    """CPU %, memory, and per-GPU load and memory.
+    """CPU %, memory, and per-GPU load and memory; the CPUs this pool may use.
 
     cpu_percent is measured since the previous call (psutil keeps the last sample), so the
     server calls this on a steady tick and the first figure after start-up is 0.0.
     """
     memory = psutil.virtual_memory()
     gpus, gpu_error = gpu_stats()
+    cpus = usable_cpus()  # read each time: a pod's CPU limit can be resized in place
     return {
         "cpu_percent": psutil.cpu_percent(interval=None),
         "cpu_count": psutil.cpu_count() or 0,
+        "cpus_usable": cpus.usable,  # this pool's: its affinity and its cgroup's CPU limit
+        "cpu_limit": cpus.limit,
         "load_average": list(psutil.getloadavg()),
         "memory_percent": memory.percent,
         "memory_used_bytes": memory.total - memory.available,

@@ -165,19 +165,20 @@ class RunningPool:
                 "ZEROPOOL_ENDPOINT": self.endpoint}
 
 
-def start_pool(path: Path | None, *extra: str, workers: int = 2, version: str | None = None,
-               state_dir: Path | None = None, wait: bool = True,
+def start_pool(path: Path | None, *extra: str, workers: int | None = 2,
+               version: str | None = None, state_dir: Path | None = None, wait: bool = True,
                own_group: bool = False, endpoint: str | None = None,
                prefix: tuple[str, ...] = ()) -> RunningPool:
     """`pool serve` on ipc sockets (or `endpoint`); no path means "restore from the
-    registry"; `prefix` runs it through a command that execs it (`ip netns exec NS`).
+    registry"; `prefix` runs it through a command that execs it (`ip netns exec NS`);
+    `workers=None`: workers and threads as the pool sizes them (waits for one worker).
 
     float32 unless `extra` says otherwise: the tests hold the pool to the seed's scores
     within 1e-4, and `--dtype auto` runs bf16 on CPUs that have it."""
     state_dir = state_dir or short_tmpdir()
     endpoint = endpoint or f"ipc://{state_dir}/front.sock"
-    args = ["--workers", str(workers), "--threads", "1", "--bind", endpoint,
-            "--state-dir", str(state_dir), *extra]
+    sizes = ["--workers", str(workers), "--threads", "1"] if workers is not None else []
+    args = [*sizes, "--bind", endpoint, "--state-dir", str(state_dir), *extra]
     if "--dtype" not in extra:
         args += ["--dtype", "float32"]
     if path is not None:
@@ -187,7 +188,7 @@ def start_pool(path: Path | None, *extra: str, workers: int = 2, version: str | 
     process = PoolProcess(args, state_dir / "console.log", own_group=own_group, prefix=prefix)
     pool = RunningPool(process, state_dir, endpoint)
     if wait:
-        process.wait_ready(endpoint, workers=workers, timeout=120)
+        process.wait_ready(endpoint, workers=workers or 1, timeout=120)
     return pool
 
 

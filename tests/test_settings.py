@@ -13,6 +13,7 @@ import pytest
 from cli.serving import serve
 from pool import config
 from pool.builtin import embedded_model_path
+from pool.cpus import Cpus
 from pool.settings import resolve_settings
 from pool.worker import WorkerConfig
 
@@ -67,7 +68,7 @@ def test_resolving_fills_what_depends_on_the_machine(tmp_path) -> None:
 
 def test_a_gpu_worker_tokenises_on_the_cores_its_share_of_the_machine_leaves(
         monkeypatch) -> None:
-    monkeypatch.setattr(config.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(config, "usable_cpus", lambda: Cpus(16, 16, None))
     assert config.default_tokenizer_threads(["cuda:0"], 1) == config.MAX_TOKENIZER_THREADS
     assert config.default_tokenizer_threads(["cuda:0"], 4) == 3
     assert config.default_tokenizer_threads(["cuda:0", "cuda:1"], 16) == 1
