@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from cli.common import plural
 from tooling.bench import BenchPlan, BenchResult, Watch
 from tooling.bench import run_bench as run_engine
 from tooling.loadgen import LoadSpec
@@ -174,7 +175,3 @@ def save_outputs(result: BenchResult, json_file: Path | None, plot_file: Path | 
     result.save(json_file, plot_file)
     if plot_file is not None and not as_json:
         console.print(f"plot saved to {plot_file}")
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -43,7 +43,8 @@ StateDirOpt = Annotated[Path, typer.Option("--state-dir", envvar=config.STATE_EN
                                            help="State directory of the pool.")]
 VersionOpt = Annotated[str | None, typer.Option("--version", "-v",
                                                 help="Pin the request to this version.")]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for a reply.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for a reply.",
+                                              min=0.01)]
 ServerKeyOpt = Annotated[Path | None, typer.Option(
     "--server-key", envvar=SERVER_KEY_ENV, help="Curve: the pool's public key file.")]
 ClientKeyOpt = Annotated[Path | None, typer.Option(
@@ -84,6 +85,10 @@ def fail(message: str, as_json: bool, code: str = "error", exit_code: int = 1) -
         # Escaped: a message quotes paths and JSON shapes, whose brackets are not markup.
         err.print(f"[bold red]error[/]: {escape(message)}")
     raise typer.Exit(exit_code)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def os_reason(exc: OSError) -> str:
@@ -128,6 +133,11 @@ def call_pool(endpoint: str, timeout: float, as_json: bool, call: Any,
               keys: ClientKeys | None = None) -> Any:
     """One request through the Python client; a protocol error ends the command cleanly."""
     check_endpoint(endpoint, as_json)
+    socket_file = endpoint.removeprefix("ipc://")
+    if socket_file != endpoint and not socket_file.startswith("@") \
+            and not Path(socket_file).exists():  # "@": Linux's abstract names, no file
+        fail(f"no pool listens at {endpoint} (no socket file there): is `pool serve` running "
+             "with that --bind?", as_json, "not_running")
     try:
         client = Client(endpoint, timeout=timeout, curve=keys)
     except zmq.ZMQError as exc:  # what the check cannot know ahead, said as the same error
@@ -260,10 +270,10 @@ def eval_option(spec: str | None, pool: ControlTarget) -> str | None:
     """--eval as the pool reads it: a packaged set's name, or a file's absolute path (the
     pool runs elsewhere in the filesystem; a remote pool on its own machine, so there the
     path goes as given); the pool checks that it parses."""
-    from pool.gate import PACKAGED_SETS
+    from pool.gate import PACKAGED_PREFIX
 
-    if spec is None or spec in PACKAGED_SETS or pool.is_remote:
-        return spec
+    if spec is None or spec.startswith(PACKAGED_PREFIX) or pool.is_remote:
+        return spec  # a packaged set's name (the pool says if it knows none of that name)
     return str(Path(spec).expanduser().resolve())
 
 

@@ -4,9 +4,12 @@ Each command lives in its group's module; this one registers them all, in `pool 
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from cli import doors, fleet_commands, loadtest, operate, serving, versions
+from cli.common import emit_json
 
 app = typer.Typer(
     help="zeropool: a multiprocess embedding / similarity pool with zero-downtime rotation.",
@@ -37,7 +40,19 @@ app.add_typer(versions.versions_app, name="versions")
 
 
 def main() -> None:
-    app()
+    if "--json" not in sys.argv[1:]:
+        app()
+        return
+    # A script asked for JSON: a usage error (a missing argument, a value out of range) is
+    # one too, not click's box on stderr.
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # typer's own click's UsageError and kin
+        emit_json({"ok": False, "error": {"code": "usage", "message": exc.format_message()}})
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-C
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from cli.common import (
     operator_command,
     os_reason,
     out,
+    plural,
     pool_model_path,
     thresholds_option,
 )
@@ -182,7 +183,8 @@ def rotate(
         min=1)] = DEFAULT_MAX_P99_RATIO,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the rotation to its "
                     "end.")] = True,
-    timeout: Annotated[float, typer.Option(help="Seconds to follow before giving up.")] = 900,
+    timeout: Annotated[float, typer.Option(help="Seconds to follow before giving up.",
+                                          min=0.1)] = 900,
     as_json: JsonOpt = False,
 ) -> None:
     """Replace the serving version without failing a request: spawn, check, switch, (bake,)
@@ -200,7 +202,8 @@ def rotate(
 def rollback(
     pool: ControlTarget,
     wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
-    timeout: Annotated[float, typer.Option(help="Seconds to follow before giving up.")] = 900,
+    timeout: Annotated[float, typer.Option(help="Seconds to follow before giving up.",
+                                          min=0.1)] = 900,
     to: Annotated[str | None, typer.Option(
         "--to", help="Rotate back to this registered version instead of the previous one.")
     ] = None,
@@ -217,7 +220,8 @@ def rollback(
 @operator_command
 def promote(pool: ControlTarget, as_json: JsonOpt = False,
             wait: Annotated[bool, typer.Option("--wait/--no-wait")] = True,
-            timeout: Annotated[float, typer.Option(help="Seconds to follow.")] = 900) -> None:
+            timeout: Annotated[float, typer.Option(help="Seconds to follow.",
+                                                   min=0.1)] = 900) -> None:
     """Finish a canary rotation: all unpinned traffic to the new version, drain the old."""
     reply = control(pool, "promote", as_json)
     follow_rotation(pool, reply["rotation"], wait, timeout, as_json)
@@ -250,6 +254,19 @@ def unload(pool: ControlTarget,
         out.print(f"unloading {version}")
 
 
+def rotation_now(pool: ControlTarget, rot: dict, as_json: bool) -> dict:
+    """The rotation as the pool has it now; a pool gone meanwhile ends the command saying
+    where the rotation was cut off."""
+    try:
+        return control_request(pool, "rotation")["rotation"]
+    except PoolNotRunning:
+        fail(f"the pool stopped during rotation {rot['id']} to {rot['target']} (last seen "
+             f"{PHASE_LABELS.get(rot['phase'], rot['phase'])}): it did not finish; the pool's "
+             "log says why", as_json, "interrupted")
+    except ControlError as exc:
+        fail_control(exc, as_json)
+
+
 def follow_rotation(pool: ControlTarget, rot: dict, wait: bool, timeout: float, as_json: bool,
                     expect_rollback: bool = False) -> None:
     """Print each phase as it is reached; exit 0 when done, 1 when it rolled back."""
@@ -261,12 +278,12 @@ def follow_rotation(pool: ControlTarget, rot: dict, wait: bool, timeout: float, 
         return
     if not as_json:
         out.print(f"rotation {rot['id']}: {rot['source']} -> [bold]{rot['target']}[/] "
-                  f"({rot['strategy']}, {rot['workers']} workers)")
+                  f"({rot['strategy']}, {plural(rot['workers'], 'worker')})")
     printed = 0
     deadline = time.monotonic() + timeout
     with contextlib.nullcontext() if as_json else out.status("") as spinner:
         while True:
-            rot = control(pool, "rotation", as_json)["rotation"]
+            rot = rotation_now(pool, rot, as_json)
             if spinner is not None:
                 for phase, seconds in list(rot["timings"].items())[printed:]:
                     out.print(f"  {PHASE_LABELS.get(phase, phase):<28} {seconds:7.2f}s")
@@ -298,6 +315,7 @@ def follow_rotation(pool: ControlTarget, rot: dict, wait: bool, timeout: float, 
         style = "yellow" if expect_rollback else "red"
         out.print(f"[{style}]rolled back[/]: {rot['source']} still serves; reason: {rot['reason']}")
     else:
-        out.print(f"[red]still {rot['phase']} after {timeout:.0f}s[/]; see `pool status`")
+        out.print(f"[red]still {rot['phase']} after {timeout:g}s[/]: it goes on in the pool; "
+                  "follow it with `pool status`")
     if not ok:
         raise typer.Exit(1)

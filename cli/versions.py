@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cli.common import (
@@ -108,6 +109,12 @@ def print_versions(reply: dict, as_json: bool) -> None:
         table.add_row(v["version"], v["path"], "yes" if v["auto_load"] else "", role,
                       thresholds_cell(v))
     out.print(table)
+    for v in reply["versions"]:  # a version whose last rotation did not end done: why
+        last = v.get("last_rotation")
+        if last and last["outcome"] != "done":
+            out.print(f"{escape(v['version'])}: [red]rotation {last['id']} {last['outcome']}[/]"
+                      f": {escape(str(last.get('reason') or 'no reason recorded'))}",
+                      soft_wrap=True)
 
 
 @versions_app.command("list")
@@ -219,7 +226,7 @@ def calibrate(
     --state-dir's pool, or --pool's: the keys are then the frontend's and the control's)."""
     from cli.ops import print_calibration
     from pool.gate import read_eval_set
-    from pool.quality import PairsFileError, load_default_pairs
+    from pool.quality import PairsFileError, load_default_pairs, why_thresholds_cannot_be_fitted
     from tooling.calibrate import calibrate as run_calibration
     from tooling.calibrate import calibration_document
 
@@ -228,6 +235,8 @@ def calibrate(
         labelled = list(read_eval_set(pairs)) if pairs is not None else load_default_pairs()
     except PairsFileError as exc:
         fail(str(exc), as_json, "bad_pairs_file", exit_code=2)
+    if save and (why := why_thresholds_cannot_be_fitted(pair.label for pair in labelled)):
+        fail(f"--save: {why}", as_json, "unfit_pairs", exit_code=2)
     source = pairs if pairs is not None else "the packaged pool/data/zh_pairs.tsv"
     keys = client_keys(server_key, client_key, as_json)
     show_progress = not as_json and len(labelled) >= PROGRESS_MIN_PAIRS

@@ -279,8 +279,10 @@ class Commands:
                 else plan_thresholds.as_dict()}
 
     def versions_remove(self, req: dict) -> dict:
-        if self.pool.loaded(str(req.get("version"))):
-            raise ControlError(f"{req.get('version')} is loaded; `pool unload` it first")
+        version = str(req.get("version"))
+        # The active version first: "unload it" would be refused for it in turn.
+        if version != self.registry.active and self.pool.loaded(version):
+            raise ControlError(f"{version} is loaded; `pool unload` it first")
         return self._edit_registry(lambda r: r.remove(req["version"]))
 
     def versions_import(self, req: dict) -> dict:

@@ -38,6 +38,11 @@ DEFAULT_CONTROL_TIMEOUT_S = 10.0
 PID_FILE = "serve.pid"  # in the state directory: the pool process's pid, written first
 PID_CLOCK_SLACK_S = 1.0  # a process's start time is known to the clock tick
 STARTING_POLL_S = 0.1  # how often a command looks for a starting pool's control socket
+# A control socket whose pool process is not running here (killed, its files left): a live
+# pool answers at once, so waiting this long tells it is gone. Not at once: the pool may be
+# alive in another pid namespace (a container beside it sharing the state directory).
+STALE_SOCKET_WAIT_S = 1.0
+EXIT_CHECK_S = 0.25  # how often a command waiting for its reply looks whether the pool exited
 POOL_ENV = "ZEROPOOL_POOL"  # a remote pool's control endpoint, for operator commands
 # The largest frame the TCP control socket reads: commands are small JSON (a registry import,
 # a golden file), and a bigger frame from afar only costs the pool memory.
@@ -276,19 +281,39 @@ def serving_pid(state_dir: Path) -> int | None:
 
 def _local_exchange(state_dir: Path, request: bytes, cmd: str, timeout_s: float) -> bytes:
     sock_path = state_dir / "control.sock"
+    stale = False
     if not sock_path.exists():
         _wait_for_control_socket(state_dir, sock_path, timeout_s)
+    elif serving_pid(state_dir) is None:
+        stale, timeout_s = True, min(timeout_s, STALE_SOCKET_WAIT_S)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(control_endpoint_for(state_dir))
         sock.send_multipart([b"", request])
-        if not sock.poll(int(timeout_s * 1000)):
+        if not _reply_within(sock, state_dir, timeout_s, watch_pid=not stale):
+            if stale:
+                raise PoolNotRunning(
+                    f"no pool is running with state directory {state_dir}: its "
+                    f"{sock_path.name} and {PID_FILE} are left from a pool that exited "
+                    "without stopping (killed?); start one with `pool serve`")
             raise ControlError(f"the pool did not answer {cmd!r} within {timeout_s}s "
                                f"(state directory {state_dir})")
         return sock.recv_multipart()[-1]
     finally:
         sock.close()
+
+
+def _reply_within(sock: zmq.Socket, state_dir: Path, timeout_s: float, watch_pid: bool) -> bool:
+    """Whether a reply came within `timeout_s`; PoolNotRunning as soon as the pool process
+    exits meanwhile (a `pool stop` or a kill while a command waits), not at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        if sock.poll(int(min(left, EXIT_CHECK_S) * 1000) or 1):
+            return True
+        if watch_pid and serving_pid(state_dir) is None:
+            raise PoolNotRunning(f"the pool of {state_dir} exited before it answered")
+    return False
 
 
 def _wait_for_control_socket(state_dir: Path, sock_path: Path, timeout_s: float) -> None:

@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pool.judge import BakeLimits, Traffic, Verdict, judge
-from pool.metrics import POOL_FAULTS, RATE_WINDOW_S
+from pool.metrics import RATE_WINDOW_S
+from router import protocol
 
 log = logging.getLogger("zeropool.fleet")
 
@@ -108,7 +109,7 @@ class Counters:
         requests = status.get("requests") or {}
         by_code = requests.get("errors_by_code") or {}
         return cls(int(requests.get("ok", 0)) + int(requests.get("errors", 0)),
-                   sum(int(n) for code, n in by_code.items() if code in POOL_FAULTS),
+                   sum(int(n) for code, n in by_code.items() if code in protocol.POOL_FAULTS),
                    (status.get("latency_ms") or {}).get("p99"),
                    round(float(status.get("requests_per_s") or 0.0) * RATE_WINDOW_S))
 

@@ -3,7 +3,7 @@
 `pool rotate --bake` compares the new version's replies since the switch with the old
 version's before it; a fleet rollout compares its canary pool with the rest of the fleet the
 same way. Only what the pool itself fell short on counts as an error (internal faults,
-failed workers, timeouts, overload: pool.metrics.POOL_FAULTS): a producer's bad request says
+failed workers, timeouts, overload: router.protocol.POOL_FAULTS): a producer's bad request says
 nothing about a version.
 """
 

@@ -55,11 +55,8 @@ WORKER_STATES = ("loading", "checking", "ready", "draining", "stopping")
 # 15-60 s) see its last counts, then forgotten: a pool rotated daily would otherwise export
 # every version it ever served, for the life of the process.
 UNLOADED_KEEP_S = 600.0
-# Replies that say the pool, not the producer, fell short: these count against health.
-POOL_FAULTS = frozenset({protocol.INTERNAL, protocol.WORKER_FAILED, protocol.TIMEOUT,
-                         protocol.OVERLOADED})
 # What a version is judged on (a bake's error rate): its answers and its own faults.
-JUDGED = POOL_FAULTS | {protocol.OK_CODE}
+JUDGED = protocol.POOL_FAULTS | {protocol.OK_CODE}
 NO_LABEL = "none"
 
 
@@ -152,7 +149,7 @@ class RecentReplies:
             return sum(n for (v, code), n in codes.items() if v == version and code in which)
 
         # What the version served or fell short on; a producer's bad request is neither.
-        requests, errors = count(JUDGED), count(POOL_FAULTS)
+        requests, errors = count(JUDGED), count(protocol.POOL_FAULTS)
         buckets = _buckets_since(new[2], before[2]).get(version, [])
         timed = sum(buckets)  # the replies the latencies are over (a refusal has none)
         if not timed:

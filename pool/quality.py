@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -355,6 +355,19 @@ def score_gaps(clipped: ScoreArray) -> ScoreGaps:
         else:
             two_cuts.append(None)
     return ScoreGaps(lower=lower, upper=upper, one_cut=np.array(one_cut), two_cuts=two_cuts)
+
+
+def why_thresholds_cannot_be_fitted(labels: Iterable[int]) -> str:
+    """Why pairs with these labels cannot place both thresholds; "" when they can. Each
+    threshold needs pairs on both of its sides: without "same meaning" pairs the high one
+    lands anywhere above the scores, without "unrelated" ones the low one anywhere below."""
+    present = set(labels)
+    missing = [f"{label} ({meaning})" for label, meaning in
+               ((SAME_MEANING, "same meaning"), (UNRELATED, "unrelated")) if label not in present]
+    if not missing:
+        return ""
+    return (f"the set has no pairs labelled {' and none labelled '.join(missing)}: "
+            "thresholds fitted on it would mean nothing")
 
 
 def fit_thresholds(scores: Sequence[float] | ScoreArray,

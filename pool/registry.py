@@ -162,9 +162,27 @@ class Registry:
     def listing(self) -> list[dict[str, Any]]:
         """Each version's entry, with the thresholds it answers with (`thresholds`, its own
         or else derived) and where they come from (`thresholds_source`)."""
+        last = self.last_rotations()
         return [{"version": name, **entry, **_shown_thresholds(entry),
-                 "active": name == self.active, "previous": name == self.data["previous"]}
+                 "active": name == self.active, "previous": name == self.data["previous"],
+                 "last_rotation": last.get(name)}
                 for name, entry in sorted(self.data["versions"].items())]
+
+    def last_rotations(self) -> dict[str, dict[str, Any]]:
+        """Each version's last rotation to it, from the history: its id, outcome and reason
+        (a version whose rotation rolled back says why, in `pool versions list`)."""
+        targets: dict[Any, str] = {}
+        last: dict[str, dict[str, Any]] = {}
+        for entry in self.data["history"]:
+            if entry.get("event") == "rotation_started":
+                targets[entry.get("rotation")] = entry.get("target")
+            elif entry.get("event") == "rotation_finished":
+                target = entry.get("target") or targets.get(entry.get("rotation"))
+                if target:
+                    last[target] = {"id": entry.get("rotation"),
+                                    "outcome": entry.get("outcome"),
+                                    "reason": entry.get("reason"), "t": entry.get("t")}
+        return last
 
     def set_active(self, name: str) -> None:
         if self.data["active"] != name:
@@ -175,6 +193,25 @@ class Registry:
         """Undo a switch: `active` serves again, and the previous version is what it was
         before the switch (never the version just rejected)."""
         self.data["active"], self.data["previous"] = active, previous
+
+    def last_rotation_id(self) -> int:
+        """The highest rotation id in the history: a pool started again numbers on from it."""
+        return max((e.get("rotation") or 0 for e in self.data["history"]
+                    if e.get("event") == "rotation_started"), default=0)
+
+    def close_interrupted_rotations(self, reason: str) -> list[int]:
+        """Record as interrupted every rotation started and never finished (its pool stopped
+        or died in the middle); their ids."""
+        open_ids: dict[Any, None] = {}
+        for entry in self.data["history"]:
+            if entry.get("event") == "rotation_started":
+                open_ids[entry.get("rotation")] = None
+            elif entry.get("event") == "rotation_finished":
+                open_ids.pop(entry.get("rotation"), None)
+        for rotation in open_ids:
+            self.log("rotation_finished", rotation=rotation, outcome="interrupted",
+                     reason=reason)
+        return list(open_ids)
 
     def log(self, event: str, **fields: Any) -> None:
         history = self.data["history"]

@@ -189,7 +189,7 @@ class RotationController:
         self.recent = recent  # the replies a bake judges
         self.current: Rotation | None = None
         self.on_finish: Callable[[Rotation], None] | None = None  # metrics
-        self._ids = 0
+        self._ids = registry.last_rotation_id()  # ids go on across the pool's restarts
         # What each tick does in each phase. SWITCHING has no step (the switch is made on
         # entry, at once); CANARY waits for `promote` or `rollback`.
         self._steps: dict[Phase, Callable[[Rotation, float], None]] = {
@@ -220,7 +220,8 @@ class RotationController:
         if self.supervisor.has_workers(target) and not loaded:
             raise RotationError(f"{target} still has workers from another path; wait or unload")
         if canary is not None and not 0 < canary < 100:
-            raise RotationError("--canary is a percentage between 0 and 100")
+            raise RotationError(f"--canary {canary:g}: a percentage above 0 and under 100 (the "
+                                "share of unpinned traffic the new version takes)")
         if strategy not in ("surge", "rolling", "auto"):
             raise RotationError(f"unknown strategy {strategy!r}: surge, rolling or auto")
         strategy_reason = f"{strategy} requested"
@@ -251,7 +252,7 @@ class RotationController:
                           strategy=strategy, canary=rot.canary,
                           eval=None if gate is None else gate.source, bake_s=bake_s)
         self.registry.save()
-        log.info("rotation %d: %s -> %s (%s, %d workers%s)", rot.id, source, target, strategy,
+        log.info("rotation %d: %s -> %s (%s, workers %d%s)", rot.id, source, target, strategy,
                  workers, f", canary {canary}%" if canary is not None else "")
         self._enter(rot, Phase.SPAWNING)
         if not loaded:

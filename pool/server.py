@@ -158,6 +158,7 @@ class PoolServer:
         finally:
             signal.set_wakeup_fd(old_wakeup)
             self.supervisor.kill_everything()
+            self.registry.close_interrupted_rotations("the pool stopped during it")
             self.registry.save()
             self.metrics.close()
             self.control.close()
@@ -181,6 +182,11 @@ class PoolServer:
         # `pool serve --thresholds` gives the version served thresholds of its own.
         self.registry.put_version(s.version, s.path, auto_load=True, thresholds=s.thresholds)
         self.registry.set_active(s.version)
+        cut_off = self.registry.close_interrupted_rotations(
+            "the pool exited during it without stopping (killed?)")
+        if cut_off:
+            log.warning("rotation(s) %s were cut off when this state directory's last pool "
+                        "died; recorded as interrupted", ", ".join(map(str, cut_off)))
         self.registry.log("serve", version=s.version, path=s.path, workers=s.workers)
         self.registry.save()
         self.load_version(s.version, s.path)
@@ -369,16 +375,8 @@ class PoolServer:
 
 
 def log_cpus(threads: int) -> None:
-    """The CPUs the pool sized itself by; under a CPU limit, what that costs a rotation."""
-    cpus = usable_cpus()
-    log.info("CPUs: %s; %d torch thread(s) per worker", cpus.describe(), threads)
-    if cpus.limit is not None:
-        # Measured: docs/benchmarks.md, session 23 (a pod's CPU limit and a rotation).
-        log.warning("a CPU limit of %g cores: a rotation's new workers load inside it, and "
-                    "the time they take from it stalls the serving workers until the next "
-                    "period (idle priority does not help under a quota); a CPU request "
-                    "without a limit lets them load on idle cores (docs/deploy.md)",
-                    cpus.limit)
+    """The CPUs the pool sized itself by (pool.cpus)."""
+    log.info("CPUs: %s; %d torch thread(s) per worker", usable_cpus().describe(), threads)
 
 
 def prepare_state_dir(state_dir: Path) -> Path:

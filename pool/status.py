@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pool.health import SEVERITY, VersionFacts, assess_pool, assess_version
-from pool.metrics import POOL_FAULTS, RECENT_WINDOW_S
+from pool.metrics import RECENT_WINDOW_S
 from pool.supervisor import SupervisorSnapshot, VersionView, WorkerView
+from router import protocol
 from router.broker import BrokerSnapshot
 
 EVENTS_SHOWN = 20  # the latest supervisor events in `pool status`
@@ -115,4 +116,4 @@ def _facts(view: VersionView, snap: PoolSnapshot) -> VersionFacts:
         recent_crashes=sum(1 for t in view.crash_times if snap.now - t < RECENT_WINDOW_S),
         replies_by_code=snap.replies_by_code.get(view.version, {}),
         golden=view.golden.as_dict() if view.golden is not None else None,
-        pool_faults=POOL_FAULTS)
+        pool_faults=protocol.POOL_FAULTS)

@@ -430,13 +430,15 @@ class WorkerLoop:
                                                 protocol.error_body(code, message)))
 
 
-LOAD_FAILURE_CHARS = 300
+# Long enough for transformers' messages, whose remedy often comes last ("You need to have
+# sentencepiece installed ..."), short enough for a status line.
+LOAD_FAILURE_CHARS = 600
 
 
 def load_failure(exc: BaseException, path: str) -> str:
-    """An exception of a model load as one line: its type and the first line of its message,
-    the file where the exception names one, else the model directory."""
-    message = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    """An exception of a model load as one line: its type and its message's lines joined, the
+    file where the exception names one, else the model directory."""
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     where = getattr(exc, "filename", None) or path
     text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     return f"{text[:LOAD_FAILURE_CHARS]} ({where})"

@@ -421,9 +421,10 @@ class Broker:
                 lane.served += 1
         else:
             code = orjson.loads(body).get("code", protocol.INTERNAL)
-            worker.errors += 1
-            if lane is not None:
-                lane.errors += 1
+            if code in protocol.POOL_FAULTS:  # a producer's bad request is not the worker's
+                worker.errors += 1
+                if lane is not None:
+                    lane.errors += 1
         self._tally(worker.version, pending.op, code, self.clock() - pending.enqueued)
 
     # -- dispatch --------------------------------------------------------------------------

@@ -197,7 +197,17 @@ Result = Similarity | Embeddings | Ping
 
 
 def encode_request(request_id: bytes, op: bytes, version: str | None, body: dict) -> list[bytes]:
-    return [protocol.PROTOCOL, request_id, op, (version or "").encode(), orjson.dumps(body)]
+    return [protocol.PROTOCOL, request_id, op, (version or "").encode(), encode_body(body)]
+
+
+def encode_body(body: dict) -> bytes:
+    """A request body as JSON; BadRequest for what JSON cannot carry: a text of lone
+    surrogates (a command-line argument of invalid UTF-8 arrives in Python as one), or not a
+    str at all."""
+    try:
+        return orjson.dumps(body)
+    except TypeError as exc:
+        raise BadRequest(f"the request cannot be sent as JSON: {exc}") from None
 
 
 def decode_reply(op: bytes, frames: list[bytes]) -> Result | ZeroPoolError:
@@ -606,7 +616,7 @@ class Client:
               timeout: float | None, in_flight: int = 1) -> list[Any]:
         """Send `bodies` keeping at most `in_flight` outstanding; results in input order."""
         # Every body encoded before any is sent: bad input raises with nothing in flight.
-        encoded = [orjson.dumps(body) for body in bodies]
+        encoded = [encode_body(body) for body in bodies]
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
         pinned = (version or "").encode()
         calls = [Call(op, pinned, body, deadline, index=i) for i, body in enumerate(encoded)]
@@ -773,7 +783,7 @@ class AsyncClient:
             raise refused
         limit = timeout if timeout is not None else self.timeout
         now = time.monotonic()
-        call = Call(op, (version or "").encode(), orjson.dumps(body), now + limit)
+        call = Call(op, (version or "").encode(), encode_body(body), now + limit)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._futures[call] = future
         self._pools.core.submit(call)

@@ -39,6 +39,10 @@ TIMEOUT = "timeout"
 WORKER_FAILED = "worker_failed"
 SHUTTING_DOWN = "shutting_down"
 INTERNAL = "internal"
+# Replies that say the pool, not the producer, fell short: these count against health, a
+# bake's judge and a worker's error count. bad_request, too_large and unknown_version are the
+# producer's own.
+POOL_FAULTS = frozenset({INTERNAL, WORKER_FAILED, TIMEOUT, OVERLOADED})
 ERROR_CODES = frozenset(
     {
         BAD_REQUEST,

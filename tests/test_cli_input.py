@@ -298,6 +298,77 @@ def test_versions_list_writes_nothing_and_says_when_the_state_dir_is_missing(
     assert list(tmp_path.iterdir()) == []  # no versions.json for a read
 
 
+def test_a_version_no_pool_can_list_says_its_last_rotation_from_the_history(
+        tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    registry.put_version("v2", str(fake_model(tmp_path / "m")))
+    registry.log("rotation_started", rotation=7, target="v2", source="v1")
+    registry.log("rotation_finished", rotation=7, target="v2", outcome="rolled_back",
+                 reason="health check: v2 scored 0.1 against 0.9")
+    registry.save()
+    result = invoke("versions", "list", "--state-dir", str(tmp_path), "--json")
+    last = json.loads(result.stdout)["versions"][0]["last_rotation"]
+    assert (last["id"], last["outcome"]) == (7, "rolled_back") and "0.9" in last["reason"]
+    result = invoke("versions", "list", "--state-dir", str(tmp_path))
+    assert "v2: rotation 7 rolled_back: health check: v2 scored 0.1 against 0.9" in \
+        result.stdout, result.stdout
+
+
+def test_an_unknown_packaged_evaluation_set_is_named_as_one(tmp_path: Path) -> None:
+    result = invoke("versions", "add", "v2", "--path", str(fake_model(tmp_path / "m")),
+                    "--eval", "builtin:nosuch", "--state-dir", str(tmp_path), "--json")
+    assert result.exit_code != 0
+    assert "unknown built-in evaluation set 'builtin:nosuch'; known: builtin:zh-pairs" in \
+        json.dumps(json.loads(result.stdout)), result.stdout
+
+
+@pytest.mark.parametrize("labels", [[2, 2, 1], [0, 1], [1]])
+def test_calibrate_will_not_save_thresholds_a_set_cannot_place(labels: list[int],
+                                                               tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("".join(f"{label}\ta{i}\tb{i}\n" for i, label in enumerate(labels)))
+    # No pool is asked: the set is refused before anything is scored or saved.
+    result = invoke("calibrate", "v1", "--pairs", str(pairs), "--save", "--state-dir",
+                    str(tmp_path), "--json")
+    assert result.exit_code == 2
+    message = json_error(result, "unfit_pairs")
+    assert "thresholds fitted on it would mean nothing" in message
+    assert ("2 (same meaning)" in message) == (2 not in labels)
+    assert ("0 (unrelated)" in message) == (0 not in labels)
+    assert not (tmp_path / "versions.json").exists()
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["similarity", "only-one"], "Missing argument"),
+    (["status", "--bogus"], "No such option: --bogus"),
+    (["similarity", "a", "b", "--timeout", "0"], "'--timeout'"),
+    (["health", "--wait", "-1"], "'--wait'"),
+])
+def test_a_usage_error_under_json_is_json(args: list[str], says: str) -> None:
+    done = run_cli(*args, "--json", env=dict(os.environ), timeout=60)
+    assert done.returncode == 2, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply["ok"] is False and reply["error"]["code"] == "usage"
+    assert says in reply["error"]["message"], reply
+
+
+def test_a_text_of_invalid_utf8_is_a_bad_request_not_a_traceback() -> None:
+    # "\udcff": how Python hands over an argument byte 0xff (os.fsencode gives it back).
+    done = run_cli("similarity", "\udcff\udcfe", "x", "--endpoint", "tcp://127.0.0.1:9",
+                   "--json", env=dict(os.environ), timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error["code"] == "bad_request" and "cannot be sent as JSON" in error["message"]
+
+
+def test_a_client_command_with_no_socket_file_fails_at_once(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = invoke("similarity", "a", "b", "--endpoint", f"ipc://{tmp_path}/gone.sock",
+                    "--json")
+    assert result.exit_code == 1 and time.monotonic() - started < 5
+    assert "no socket file there" in json_error(result, "not_running")
+
+
 # -- the bench's report and exit code --------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import pytest
 from router import protocol
 from router.client import (
     AsyncClient,
+    BadRequest,
     Client,
     InternalError,
     NoReply,
@@ -42,7 +43,7 @@ def assert_dispatcher_empty(client: Client) -> None:
 
 def test_a_body_that_cannot_be_encoded_raises_before_anything_is_sent(peer: ZP1Peer) -> None:
     with Client(peer.endpoint, timeout=3) as client:
-        with pytest.raises(TypeError):
+        with pytest.raises(BadRequest, match="cannot be sent as JSON"):
             client.similarity_many([[("first", "x")], [(b"bad", "y")]], in_flight=4)  # type: ignore[list-item]
         assert_dispatcher_empty(client)
         result = within(5, lambda: client.similarity([("second", "x")]))

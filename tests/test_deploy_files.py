@@ -21,7 +21,7 @@ import yaml  # a dependency of transformers, so always in the project's environm
 from pool import config
 from pool.config import DEFAULT_SHUTDOWN_DRAIN_S as SHUTDOWN_DRAIN_S
 from pool.health import VersionFacts, assess_pool, assess_version
-from pool.metrics import POOL_FAULTS
+from router.protocol import POOL_FAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "deploy" / "systemd" / "zeropool.service"

@@ -512,6 +512,10 @@ def test_a_live_pool_answers_1000_malformed_messages_and_keeps_serving(
     assert {code: req1["errors_by_code"].get(code, 0) - req0["errors_by_code"].get(code, 0)
             for code in codes} == dict(codes), context
     assert codes[protocol.TOO_LARGE] > 50 and codes[protocol.BAD_REQUEST] > 300
+    # A producer's mistakes are its own: no worker or version counts them as its errors.
+    assert sum(w["errors"] for w in after["workers"]) == \
+        sum(w["errors"] for w in before["workers"]), after["workers"]
+    assert after["versions"]["v1"]["errors"] == before["versions"]["v1"]["errors"]
 
 
 @pytest.mark.slow

@@ -29,7 +29,6 @@ from pool.health import (
 )
 from pool.judge import Traffic
 from pool.metrics import (
-    POOL_FAULTS,
     UNLOADED_KEEP_S,
     BatchTotals,
     PoolMetrics,
@@ -40,6 +39,7 @@ from pool.metrics import (
 from pool.reports import BATCH_SIZE_BUCKETS, BatchStats
 from router import protocol
 from router.client import Client, UnknownVersion
+from router.protocol import POOL_FAULTS
 from tests.support import RunningPool, run_cli, short_tmpdir, wait_for
 
 PAIR = ("今天天气真好", "今日阳光明媚")

@@ -21,9 +21,11 @@ from tests.support import (
     Load,
     Reference,
     RunningPool,
+    cli_in_background,
     labelled_file,
     make_tiny_bert,
     run_cli,
+    wait_for,
 )
 from tooling.loadgen import ThreadLoad
 
@@ -421,6 +423,13 @@ def test_a_rotation_to_a_broken_or_resized_model_says_why_and_fails_nothing(
     history = json.loads((pool.state_dir / "versions.json").read_text())["history"]
     reasons = [e["reason"] for e in history if e["event"] == "rotation_finished"]
     assert "SafetensorError" in reasons[0] and "48-dimensional" in reasons[1]
+    # The registry keeps both versions; its listing says how their rotations ended.
+    listed = run_cli("versions", "list", "--json", env=pool.env)
+    last = {v["version"]: v["last_rotation"] for v in json.loads(listed.stdout)["versions"]}
+    assert last["v3"]["outcome"] == "rolled_back" and "SafetensorError" in last["v3"]["reason"]
+    assert last["v4"]["outcome"] == "rolled_back" and last["v1"] is None
+    shown = run_cli("versions", "list", env=pool.env).stdout
+    assert "rolled_back" in shown and "SafetensorError" in shown, shown
 
 
 def test_a_bake_switches_back_to_the_loaded_v1_when_v2_fails_some_inputs_under_load(
@@ -461,3 +470,46 @@ def test_a_bake_switches_back_to_the_loaded_v1_when_v2_fails_some_inputs_under_l
     after = [r for r in load.replies if r.received > switched[1] + 1]
     assert after and {r.body["version"] for r in after if r.code == "ok"} == {"v1"}
     assert all(r.code == "ok" for r in after)
+
+
+def test_a_rotation_cut_off_by_its_pool_is_recorded_and_the_next_one_numbers_on(
+    pool_factory, models: dict[str, Path]
+) -> None:
+    pool = pool_factory(models["v1"], workers=1)
+    started = run_cli("rotate", "--version", "v2", "--path", str(models["v2"]), "--bake", "60",
+                      "--no-wait", "--json", env=pool.env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    first = json.loads(started.stdout)["rotation"]["id"]
+    children = pool.children()
+    os.kill(pool.process.pid, signal.SIGKILL)
+    pool.process.proc.wait(timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, f"the killed pool's processes lived on: {alive}"
+
+    # Its control socket and pid file are left behind: a command says so at once.
+    asked = time.monotonic()
+    status = run_cli("status", "--json", env=pool.env)
+    assert time.monotonic() - asked < 8
+    error = json.loads(status.stdout)["error"]
+    assert status.returncode == 1 and error["code"] == "not_running", status.stdout
+    assert "left from a pool that exited without stopping" in error["message"]
+
+    again = pool_factory(models["v1"], workers=1, state_dir=pool.state_dir)
+    history = json.loads((pool.state_dir / "versions.json").read_text())["history"]
+    cut = [e for e in history if e["event"] == "rotation_finished" and e["rotation"] == first]
+    assert [e["outcome"] for e in cut] == ["interrupted"], history[-5:]
+    code, reply = rotate(again, "--version", "v2", "--path", str(models["v2"]))
+    assert code == 0 and reply["rotation"]["id"] == first + 1, reply
+
+    # A graceful stop during a bake: the command following it says where it was cut off.
+    with cli_in_background("rotate", "--version", "v1", "--bake", "60", env=again.env) \
+            as follower:
+        wait_for(lambda: (again.status()["rotation"] or {}).get("phase") == "baking",
+                 what="the rotation's bake")
+        assert run_cli("stop", env=again.env).returncode == 0
+        said = follower.communicate(timeout=60)
+    assert follower.returncode == 1, said
+    assert f"the pool stopped during rotation {first + 2} to v1" in said[1], said
+    history = json.loads((pool.state_dir / "versions.json").read_text())["history"]
+    last = [e for e in history if e["event"] == "rotation_finished"][-1]
+    assert last["rotation"] == first + 2 and last["outcome"] == "interrupted", last
