@@ -4,6 +4,7 @@ fail a command, reach a pool's frontend, or reach its control socket."""
 from __future__ import annotations
 
 import inspect
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -133,11 +134,10 @@ def call_pool(endpoint: str, timeout: float, as_json: bool, call: Any,
               keys: ClientKeys | None = None) -> Any:
     """One request through the Python client; a protocol error ends the command cleanly."""
     check_endpoint(endpoint, as_json)
-    socket_file = endpoint.removeprefix("ipc://")
-    if socket_file != endpoint and not socket_file.startswith("@") \
-            and not Path(socket_file).exists():  # "@": Linux's abstract names, no file
-        fail(f"no pool listens at {endpoint} (no socket file there): is `pool serve` running "
-             "with that --bind?", as_json, "not_running")
+    nobody = nobody_listens(endpoint)
+    if nobody:
+        fail(f"no pool listens at {endpoint} ({nobody}): is `pool serve` running with that "
+             "--bind?", as_json, "not_running")
     try:
         client = Client(endpoint, timeout=timeout, curve=keys)
     except zmq.ZMQError as exc:  # what the check cannot know ahead, said as the same error
@@ -147,6 +147,29 @@ def call_pool(endpoint: str, timeout: float, as_json: bool, call: Any,
             return call(client)
         except ZeroPoolError as exc:
             fail_with(exc, as_json)
+
+
+LISTEN_PROBE_S = 1.0  # a TCP connect that neither succeeds nor is refused by then: unknown
+
+
+def nobody_listens(endpoint: str) -> str:
+    """Why nothing can answer at one tcp:// or ipc:// endpoint, where that is known at once
+    (no socket file; the connection refused); "" otherwise: a pool, or a doubt (a firewall
+    that drops, a pool still starting), which the request's own timeout settles. ZeroMQ
+    itself would wait that timeout out in silence."""
+    if endpoint.startswith("ipc://"):
+        path = endpoint.removeprefix("ipc://")  # "@": Linux's abstract names have no file
+        return "" if path.startswith("@") or Path(path).exists() else "no socket file there"
+    if not endpoint.startswith("tcp://") or "," in endpoint or ";" in endpoint:
+        return ""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=LISTEN_PROBE_S).close()
+    except ConnectionRefusedError:
+        return "connection refused"
+    except (OSError, ValueError):
+        pass
+    return ""
 
 
 AUTH_EXIT_CODE = 3  # the pool refused this client's Curve handshake: a script can tell

@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 import typer
+import zmq
 from rich.console import Console
 from typer.testing import CliRunner, Result
 
@@ -31,7 +32,7 @@ from pool.control import PID_FILE, ControlTarget
 from pool.registry import Registry
 from router.failover import bind_problem, endpoint_problem
 from router.keys import ClientKeys, create_keys
-from tests.support import run_cli
+from tests.support import free_port, run_cli
 from tooling.bench import BenchResult, RotationWatch, build_report, plot_report, run_failures
 from tooling.loadgen import LoadSpec, ProxyBaseline, Samples, run_load
 
@@ -353,20 +354,29 @@ def test_a_usage_error_under_json_is_json(args: list[str], says: str) -> None:
 
 
 def test_a_text_of_invalid_utf8_is_a_bad_request_not_a_traceback() -> None:
-    # "\udcff": how Python hands over an argument byte 0xff (os.fsencode gives it back).
-    done = run_cli("similarity", "\udcff\udcfe", "x", "--endpoint", "tcp://127.0.0.1:9",
-                   "--json", env=dict(os.environ), timeout=60)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as listener:
+        listener.bind(endpoint)  # something listens; the text fails before it is sent
+        # "\udcff": how Python hands over an argument byte 0xff (os.fsencode gives it back).
+        done = run_cli("similarity", "\udcff\udcfe", "x", "--endpoint", endpoint, "--json",
+                       env=dict(os.environ), timeout=60)
+        assert not listener.poll(100), "nothing was sent"
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     error = json.loads(done.stdout)["error"]
     assert error["code"] == "bad_request" and "cannot be sent as JSON" in error["message"]
 
 
-def test_a_client_command_with_no_socket_file_fails_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("endpoint", "says"), [
+    ("ipc://{tmp}/gone.sock", "no socket file there"),
+    ("tcp://127.0.0.1:{port}", "connection refused"),
+])
+def test_a_client_command_where_nothing_listens_fails_at_once(endpoint: str, says: str,
+                                                               tmp_path: Path) -> None:
+    endpoint = endpoint.format(tmp=tmp_path, port=free_port())
     started = time.monotonic()
-    result = invoke("similarity", "a", "b", "--endpoint", f"ipc://{tmp_path}/gone.sock",
-                    "--json")
+    result = invoke("similarity", "a", "b", "--endpoint", endpoint, "--json")
     assert result.exit_code == 1 and time.monotonic() - started < 5
-    assert "no socket file there" in json_error(result, "not_running")
+    assert says in json_error(result, "not_running")
 
 
 # -- the bench's report and exit code --------------------------------------------------------
