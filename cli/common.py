@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from pool import config
 from pool.control import (
+    BAD_COMMAND,
     POOL_ENV,
     ControlAuthFailed,
     ControlError,
@@ -252,9 +253,11 @@ def fail_control(exc: ControlError, as_json: bool, exit_code: int = 1) -> NoRetu
     producer key does), the rest `exit_code`."""
     if isinstance(exc, ControlAuthFailed):
         fail(str(exc), as_json, "auth_failed", exit_code=AUTH_EXIT_CODE)
-    code = ("not_running" if isinstance(exc, PoolNotRunning)
-            else "unreachable" if isinstance(exc, PoolUnreachable) else "control")
-    fail(str(exc), as_json, code, exit_code=exit_code)
+    if isinstance(exc, PoolNotRunning | PoolUnreachable):
+        code = "not_running" if isinstance(exc, PoolNotRunning) else "unreachable"
+        fail(str(exc), as_json, code, exit_code=exit_code)
+    # The pool's refusal says how (pool.control); one of the command's arguments: a usage error.
+    fail(str(exc), as_json, exc.code, exit_code=2 if exc.code == BAD_COMMAND else exit_code)
 
 
 def local_model_path(spec: str, as_json: bool = False) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pool.control import ControlError, Handler
+from pool.control import BAD_COMMAND, UNKNOWN_VERSION, ControlError, Handler
 from pool.gate import QualityGate
 from pool.health import Expectation
 from pool.judge import DEFAULT_MAX_ERROR_RATE, DEFAULT_MAX_P99_RATIO, BakeLimits
@@ -102,7 +102,7 @@ class Commands:
         try:
             return health_document(self.pool.snapshot(), req.get("version"))
         except KeyError as exc:
-            raise ControlError(exc.args[0]) from None
+            raise ControlError(exc.args[0], UNKNOWN_VERSION) from None
 
     def rotation(self, _req: dict) -> dict:
         return {"rotation": self.rotations.status()}
@@ -120,7 +120,7 @@ class Commands:
         try:
             bake_limits = bake_limits_of(req)
         except (TypeError, ValueError) as exc:
-            raise ControlError(str(exc)) from None
+            raise ControlError(str(exc), BAD_COMMAND) from None
         return self._rotate_to(
             str(req.get("version") or ""), req.get("path"),
             workers=int(req.get("workers") or self.pool.default_workers),
@@ -149,7 +149,7 @@ class Commands:
             entry = self.registry.version(target)
             if entry is None:
                 raise ControlError(f"unknown version {target!r}: give --path or add it with "
-                                   "`pool versions add`")
+                                   "`pool versions add`", UNKNOWN_VERSION)
             if not path:
                 check_model_dir(entry["path"])  # registered earlier: it may have gone since
                 if thresholds is not None:
@@ -164,8 +164,8 @@ class Commands:
                                  allow_dim_change=allow_dim_change, bake_s=bake_s,
                                  bake_limits=bake_limits)
         except (RotationError, ValueError, KeyError) as exc:
-            self.registry.restore(before)
-            raise ControlError(str(exc)) from None
+            self.registry.restore(before)  # a RotationError says its code; the rest: arguments
+            raise ControlError(str(exc), getattr(exc, "code", BAD_COMMAND)) from None
         self.registry.save()
         return {"rotation": self.rotations.status()}
 
@@ -174,7 +174,7 @@ class Commands:
         try:
             self.rotations.promote()
         except RotationError as exc:
-            raise ControlError(str(exc)) from None
+            raise ControlError(str(exc), exc.code) from None
         return {"rotation": self.rotations.status()}
 
     def rollback(self, req: dict) -> dict:
@@ -188,8 +188,8 @@ class Commands:
             pass  # switched already: a rotation back is what is asked for
         previous = str(req.get("version") or "") or self.registry.data["previous"]
         if not previous or self.registry.version(previous) is None:
-            raise ControlError(f"unknown version {previous!r} to roll back to" if previous
-                               else "there is no previous version to roll back to")
+            raise ControlError(f"unknown version {previous!r} to roll back to", UNKNOWN_VERSION) \
+                if previous else ControlError("there is no previous version to roll back to")
         # Back to what served before: its embeddings are what producers had, and it passed
         # its own checks then; only the health probe stands between it and traffic.
         reply = self._rotate_to(previous, None, workers=self.pool.default_workers,
@@ -203,14 +203,15 @@ class Commands:
         """Take, renew (`ttl_s`) or `release` this pool's lease for `owner`."""
         owner = str(req.get("owner") or "")
         if not owner:
-            raise ControlError("a lease needs an owner")
+            raise ControlError("a lease needs an owner", BAD_COMMAND)
         self._check_lease({"lease": owner})
         if req.get("release"):
             self._lease = None
             return {"lease": None}
         ttl = float(req.get("ttl_s") or 60.0)
         if not 0 < ttl <= MAX_LEASE_S:
-            raise ControlError(f"a lease lasts between 0 and {MAX_LEASE_S:.0f} seconds")
+            raise ControlError(f"a lease lasts between 0 and {MAX_LEASE_S:.0f} seconds",
+                               BAD_COMMAND)
         self._lease = Lease(owner, self.clock() + ttl)
         return {"lease": self._lease_view()}
 
@@ -234,7 +235,8 @@ class Commands:
         version = str(req.get("version") or "")
         entry = self.registry.version(version)
         if entry is None:
-            raise ControlError(f"unknown version {version!r}: `pool versions add` it first")
+            raise ControlError(f"unknown version {version!r}: `pool versions add` it first",
+                               UNKNOWN_VERSION)
         if self.pool.loaded(version):
             raise ControlError(f"{version} is already loaded")
         try:
@@ -291,8 +293,8 @@ class Commands:
     def _edit_registry(self, edit: Callable[[Registry], Any]) -> dict:
         try:
             edit(self.registry)
-        except (ValueError, KeyError) as exc:
-            raise ControlError(str(exc)) from None
+        except (ValueError, KeyError) as exc:  # what the edit was given
+            raise ControlError(str(exc), BAD_COMMAND) from None
         self.registry.save()
         return {"versions": self.registry.listing()}
 

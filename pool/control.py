@@ -51,8 +51,19 @@ REMOTE_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 READ_ONLY_COMMANDS = frozenset({"status", "health", "rotation", "versions"})
 
 
+# What kind of refusal a failed command's reply names (its "code", beside "error"):
+BAD_COMMAND = "bad_request"  # its arguments are wrong: fix the command (the CLI exits 2)
+UNKNOWN_VERSION = "unknown_version"  # it names a version the registry does not hold
+REFUSED = "refused"  # the pool's state forbids it now: a rotation running, stopping, a lease
+NO_ANSWER = "no_answer"  # said by this side: no reply in time, or none that is a control reply
+
+
 class ControlError(RuntimeError):
-    """The pool refused a command or could not be reached."""
+    """The pool refused a command (`code` says how) or could not be reached."""
+
+    def __init__(self, message: str, code: str = REFUSED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class PoolNotRunning(ControlError):
@@ -62,6 +73,9 @@ class PoolNotRunning(ControlError):
 class PoolStarting(ControlError):
     """A pool process of this state directory is alive but has no control socket yet (it is
     starting; or stopping): its registry is its own, so nothing may write the file now."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "starting")
 
 
 class PoolUnreachable(ControlError):
@@ -124,14 +138,16 @@ class ControlServer:
     def _dispatch(self, request: dict[str, Any] | None) -> dict[str, Any]:
         handler = self.handlers.get(request.get("cmd")) if isinstance(request, dict) else None
         if handler is None:
-            return {"ok": False, "error": f"unknown command; known: {sorted(self.handlers)}"}
+            return {"ok": False, "error": f"unknown command; known: {sorted(self.handlers)}",
+                    "code": BAD_COMMAND}
         try:
             return {"ok": True, **handler(request)}
         except ControlError as exc:
-            return {"ok": False, "error": str(exc)}
+            return {"ok": False, "error": str(exc), "code": exc.code}
         except Exception as exc:  # a bug in one command must not take the pool down
             log.exception("control command %s failed", request.get("cmd"))
-            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}",
+                    "code": "internal"}
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -256,9 +272,10 @@ def control_request(target: ControlTarget | str | Path, cmd: str,
     reply = _parse(payload)
     if reply is None:
         raise ControlError(f"{target} answered {cmd!r} with something that is not a control "
-                           "reply: is it the pool's frontend rather than its --control-bind?")
+                           "reply: is it the pool's frontend rather than its --control-bind?",
+                           NO_ANSWER)
     if not reply.get("ok"):
-        raise ControlError(reply.get("error", "command failed"))
+        raise ControlError(reply.get("error", "command failed"), reply.get("code", REFUSED))
     return reply
 
 
@@ -298,7 +315,7 @@ def _local_exchange(state_dir: Path, request: bytes, cmd: str, timeout_s: float)
                     f"{sock_path.name} and {PID_FILE} are left from a pool that exited "
                     "without stopping (killed?); start one with `pool serve`")
             raise ControlError(f"the pool did not answer {cmd!r} within {timeout_s}s "
-                               f"(state directory {state_dir})")
+                               f"(state directory {state_dir})", NO_ANSWER)
         return sock.recv_multipart()[-1]
     finally:
         sock.close()

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import psutil
 
 from pool import config
+from pool.control import BAD_COMMAND, REFUSED
 from pool.gate import ACTIVE_CHUNK_PAIRS, GateResult, GateRun, QualityGate
 from pool.health import Expectation
 from pool.judge import BakeLimits, Traffic, Verdict, judge
@@ -95,7 +96,12 @@ class RecentTraffic(Protocol):
 
 
 class RotationError(ValueError):
-    """A rotation cannot start or be changed: the message says why."""
+    """A rotation cannot start or be changed: the message says why, `code` how (pool.control:
+    the request's arguments, or the pool's state)."""
+
+    def __init__(self, message: str, code: str = REFUSED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -221,9 +227,10 @@ class RotationController:
             raise RotationError(f"{target} still has workers from another path; wait or unload")
         if canary is not None and not 0 < canary < 100:
             raise RotationError(f"--canary {canary:g}: a percentage above 0 and under 100 (the "
-                                "share of unpinned traffic the new version takes)")
+                                "share of unpinned traffic the new version takes)", BAD_COMMAND)
         if strategy not in ("surge", "rolling", "auto"):
-            raise RotationError(f"unknown strategy {strategy!r}: surge, rolling or auto")
+            raise RotationError(f"unknown strategy {strategy!r}: surge, rolling or auto",
+                                BAD_COMMAND)
         strategy_reason = f"{strategy} requested"
         if loaded:
             # Already serving pinned traffic (`pool load`, auto-load): it only needs the
@@ -232,9 +239,10 @@ class RotationController:
         elif strategy == "auto":
             strategy, strategy_reason = self._choose_strategy(source, workers)
         if canary is not None and strategy == "rolling":
-            raise RotationError("a canary runs both versions side by side: use --strategy surge")
+            raise RotationError("a canary runs both versions side by side: use --strategy surge",
+                                BAD_COMMAND)
         if bake_s is not None and bake_s <= 0:
-            raise RotationError("--bake is a number of seconds above 0")
+            raise RotationError("--bake is a number of seconds above 0", BAD_COMMAND)
         if bake_s is not None and strategy == "rolling":
             raise RotationError(f"a bake keeps the old version loaded beside the new one, and "
                                 f"this rotation would be rolling ({strategy_reason}): use "

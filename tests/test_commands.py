@@ -85,11 +85,27 @@ def test_a_refused_rotation_leaves_the_registry_as_it_was(
     fake, server, _ = pool
     on_disk = (models / "state" / "versions.json").read_bytes()
     reply = command(server, "rotate", version="v1", path=str(models / "v1-experiment"))
-    assert reply == {"ok": False, "error": "v1 is already the active version"}
+    assert reply == {"ok": False, "error": "v1 is already the active version", "code": "refused"}
     fake.registry.save()  # whatever writes next must not store the refused path
     assert orjson.loads((models / "state" / "versions.json").read_bytes()) == \
         orjson.loads(on_disk)
     assert fake.registry.version("v1")["path"] == str(models / "v1")
+
+
+@pytest.mark.parametrize(("args", "code", "says"), [
+    ({"version": "v2", "canary": 150}, "bad_request", "--canary 150: a percentage"),
+    ({"version": "v2", "strategy": "sideways"}, "bad_request", "unknown strategy 'sideways'"),
+    ({"version": "v2", "bake": -1}, "bad_request", "--bake is a number of seconds"),
+    ({"version": "v2", "path": "/nonexistent"}, "bad_request", "is not a directory"),
+    ({"version": "v9"}, "unknown_version", "unknown version 'v9'"),
+    ({"version": "v1"}, "refused", "v1 is already the active version"),
+])
+def test_a_refused_command_says_whether_its_arguments_or_the_pool_refused_it(
+        pool: Pool, models: Path, args: dict[str, Any], code: str, says: str) -> None:
+    _, server, _ = pool
+    args = {"path": str(models / "v2"), **args} if args["version"] == "v2" else args
+    reply = command(server, "rotate", **args)
+    assert reply["ok"] is False and reply["code"] == code and says in reply["error"], reply
 
 
 def test_a_drain_timeout_of_zero_is_zero(pool: Pool, models: Path) -> None:
@@ -116,7 +132,8 @@ def test_rollback_to_a_named_version_rotates_back_to_it(pool: Pool, models: Path
     rotate_to_the_end(fake, "v1")
     assert fake.rotations.current.phase == Phase.DONE and fake.broker.active == "v1"
     unknown = command(server, "rollback", version="v9")
-    assert unknown == {"ok": False, "error": "unknown version 'v9' to roll back to"}
+    assert unknown == {"ok": False, "error": "unknown version 'v9' to roll back to",
+                       "code": "unknown_version"}
 
 
 def test_a_fleets_rollback_of_a_switched_back_canary_ends_rolled_back_on_v1(

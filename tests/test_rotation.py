@@ -498,6 +498,12 @@ def test_a_rotation_cut_off_by_its_pool_is_recorded_and_the_next_one_numbers_on(
     history = json.loads((pool.state_dir / "versions.json").read_text())["history"]
     cut = [e for e in history if e["event"] == "rotation_finished" and e["rotation"] == first]
     assert [e["outcome"] for e in cut] == ["interrupted"], history[-5:]
+    # Refused ones take no id: one with a wrong argument is a usage error (exit 2), one the
+    # pool's state forbids exits 1, each with its code.
+    code, reply = rotate(again, "--version", "v2", "--canary", "150")
+    assert (code, reply["error"]["code"]) == (2, "bad_request"), reply
+    code, reply = rotate(again, "--version", "v1")
+    assert (code, reply["error"]["code"]) == (1, "refused"), reply
     code, reply = rotate(again, "--version", "v2", "--path", str(models["v2"]))
     assert code == 0 and reply["rotation"]["id"] == first + 1, reply
 
