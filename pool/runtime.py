@@ -9,11 +9,13 @@ texts go together with long ones only when another pass would cost more than the
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,8 @@ from pool.health import GOLDEN_PAIRS
 
 log = logging.getLogger("zeropool.runtime")
 
+# A sentence-transformers model's own settings, beside its transformers files.
+SENTENCE_BERT_CONFIG = "sentence_bert_config.json"
 # Texts per forward pass after sorting by length; bounds activation memory on long inputs.
 # A GPU pass costs about the same from one text to hundreds (launch-bound), and a GPU
 # worker's batches are bounded by tokens as well (pool.config.GPU_MAX_BATCH_TOKENS).
@@ -219,7 +223,7 @@ class Encoder:
         model = AutoModel.from_pretrained(path, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         self.pooled = SentenceVectors(self.model).eval()  # what every path computes; traced on CPU
-        self.max_length = _max_length(tokenizer, self.model)
+        self.max_length = _max_length(tokenizer, self.model, Path(path))
         self.pad_id = tokenizer.pad_token_id or 0
         # Token ids from here on have no embedding: a tokenizer shipped with another model.
         # None: the tokenizer makes none (what a pass would fail on, on CUDA for good).
@@ -642,12 +646,24 @@ def normalize(vectors: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(vectors, p=2, dim=1)
 
 
-def _max_length(tokenizer: Any, model: torch.nn.Module) -> int:
-    """The longest input, in tokens: the tokenizer's limit, and the position table's, which
-    in the RoBERTa family (XLM-R, e5, MPNet) begins past the padding index."""
+def _max_length(tokenizer: Any, model: torch.nn.Module, path: Path) -> int:
+    """The longest input, in tokens: the tokenizer's limit; the position table's, which in
+    the RoBERTa family (XLM-R, e5, MPNet) begins past the padding index; and a
+    sentence-transformers model's own `max_seq_length` (all-MiniLM-L6-v2: 256, where its
+    tokenizer allows 512), which sentence-transformers, text-embeddings-inference and Infinity
+    truncate at: a long text's vector is theirs."""
     positions = getattr(model.config, "max_position_embeddings", None)
     offset = getattr(getattr(model, "embeddings", None), "padding_idx", None)
     if positions and isinstance(offset, int):
         positions -= offset + 1
-    limits = [positions, tokenizer.model_max_length]
+    limits = [positions, tokenizer.model_max_length, _sentence_transformers_limit(path)]
     return int(min(x for x in limits if x and x < 1_000_000))
+
+
+def _sentence_transformers_limit(path: Path) -> int | None:
+    """`max_seq_length` from the model directory's sentence_bert_config.json, if any."""
+    try:
+        limit = json.loads((path / SENTENCE_BERT_CONFIG).read_text()).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return limit if isinstance(limit, int) and limit > 0 else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,21 @@ def test_long_texts_are_truncated_at_the_model_max_length(
     assert abs(score - reference["v1"].similarity(long_text, "今日阳光明媚")) < TOLERANCE
     truncated = "今天天气真好" * 10  # the same first 46 tokens
     assert abs(encoder.similarity([(long_text, truncated)])[0] - 1) < 1e-5
+
+
+def test_a_sentence_transformers_max_seq_length_bounds_the_input(
+        models: dict[str, Path], tmp_path: Path, encoder: Encoder) -> None:
+    # all-MiniLM-L6-v2 says 256 in sentence_bert_config.json while its tokenizer allows 512:
+    # sentence-transformers (and TEI, Infinity) truncate at 256, and so must a pool.
+    model = tmp_path / "st-model"
+    shutil.copytree(models["v1"], model)
+    (model / "sentence_bert_config.json").write_text('{"max_seq_length": 16}')
+    limited = Encoder(str(model), dtype="float32")
+    assert limited.max_length == 16 < encoder.max_length
+    long_text = "今天天气真好" * 10  # 60 characters, a token each
+    assert len(limited.token_ids([long_text])[0]) == 16
+    head = long_text[:14]  # what fits between [CLS] and [SEP]
+    assert torch.allclose(limited.embed([long_text]), encoder.embed([head]), atol=1e-5)
 
 
 def test_warm_up_runs_the_golden_pairs(encoder: Encoder) -> None:
