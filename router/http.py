@@ -31,7 +31,7 @@ from prometheus_client import (
 )
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -60,6 +60,8 @@ RETRY_AFTER_S = "1"
 # the stop (uvicorn would otherwise wait on a client that never closes).
 SHUTDOWN_GRACE_S = 10
 NO_REPLY = "no_reply"
+CLIENT_CLOSED = 499  # nginx's status for a caller that hung up first: in the metrics only
+UNROUTED = "unrouted"  # the metrics' route label of requests no route took
 AUTH_FAILED = "auth_failed"
 JSON = "application/json"
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -80,8 +82,8 @@ STATUS_BY_CODE: dict[str, int] = {
 # HTTP status -> OpenAI's error "type".
 TYPE_BY_STATUS: dict[int, str] = {
     400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-    413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-    503: "server_error", 504: "timeout_error",
+    405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+    500: "server_error", 503: "server_error", 504: "timeout_error",
 }
 
 
@@ -98,10 +100,13 @@ def status_for(code: str) -> int:
     return STATUS_BY_CODE.get(code, 500)
 
 
-def error_response(status: int, code: str, message: str) -> Response:
+def error_response(status: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> Response:
     body = {"error": {"message": message, "type": TYPE_BY_STATUS.get(status, "server_error"),
                       "code": code}}
-    headers = {"retry-after": RETRY_AFTER_S} if status == 429 else {}
+    headers = dict(headers or {})
+    if status in (429, 503):  # overloaded, or the pool down or stopping: worth a retry soon
+        headers["retry-after"] = RETRY_AFTER_S
     if status == 401:
         headers["www-authenticate"] = "Bearer"
     return Response(orjson.dumps(body), status, headers, media_type=JSON)
@@ -141,7 +146,7 @@ def header_version(request: Request) -> str | None:
 def load_tokens(path: Path) -> frozenset[str]:
     """Bearer tokens, one per line; blank lines and `#` comments skipped."""
     lines = path.read_text(encoding="utf-8").splitlines()
-    tokens = frozenset(t.strip() for t in lines if t.strip() and not t.startswith("#"))
+    tokens = frozenset(t.strip() for t in lines if t.strip() and not t.strip().startswith("#"))
     if not tokens:
         raise ValueError(f"{path} holds no token (one per line)")
     return tokens
@@ -225,18 +230,26 @@ class Door:
                     strict: str | None) -> Embeddings:
         """Pinned to `strict` (header), else to `model` when it names a version, else whatever
         serves now."""
+        deadline = self.deadline_ms
         if strict:
-            return await self.pool.embed(texts, version=strict)
+            return await self.pool.embed(texts, version=strict, timeout_ms=deadline)
         name = model or ""
         if name in DEFAULT_MODEL_NAMES or self._known_not_version(name):
-            return await self.pool.embed(texts)
+            return await self.pool.embed(texts, timeout_ms=deadline)
         try:
-            return await self.pool.embed(texts, version=name)
+            return await self.pool.embed(texts, version=name, timeout_ms=deadline)
         except ZeroPoolError as exc:
             if exc.code != protocol.UNKNOWN_VERSION:
                 raise
         self.remember_not_version(name)
-        return await self.pool.embed(texts)
+        return await self.pool.embed(texts, timeout_ms=deadline)
+
+    @property
+    def deadline_ms(self) -> int:
+        """The request's deadline as the pool reads it (protocol v1's timeout_ms): past the
+        door's --timeout the caller has its 503, and the pool drops the work, not computes it
+        for nobody."""
+        return max(1, int(self.settings.timeout_s * 1000))
 
     def remember_not_version(self, name: str) -> None:
         """`name` is not a version, for NOT_A_VERSION_TTL_S. Expired names are dropped here,
@@ -273,10 +286,13 @@ def need_object(body: Any) -> dict[str, Any]:
 
 def text_list(value: Any, name: str) -> list[str]:
     """A string or a non-empty list of strings, as a list."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(t, str) for t in value):
-        return value
+    texts = [value] if isinstance(value, str) else value
+    if isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts):
+        empty = next((i for i, t in enumerate(texts) if not t), None)
+        if empty is not None:  # as OpenAI's API: an empty string has nothing to embed
+            where = name if isinstance(value, str) else f"{name}[{empty}]"
+            raise HttpError(400, protocol.BAD_REQUEST, f"{where} is an empty string")
+        return texts
     if isinstance(value, list) and value and all(isinstance(t, int | list) for t in value):
         raise HttpError(400, protocol.BAD_REQUEST, f"{name}: token-id arrays are not "
                         "supported, send text (a string or a list of strings)")
@@ -306,7 +322,8 @@ Handler = Callable[[Door, Request], Awaitable[Response]]
 async def openai_embeddings(door: Door, request: Request) -> Response:
     body = need_object(await door.read_json(request))
     texts = text_list(body.get("input"), "input")
-    encoding = body.get("encoding_format") or "float"
+    encoding = body.get("encoding_format")
+    encoding = "float" if encoding is None else encoding
     if encoding not in ("float", "base64"):
         raise HttpError(400, protocol.BAD_REQUEST,
                         'encoding_format must be "float" or "base64"')
@@ -314,7 +331,8 @@ async def openai_embeddings(door: Door, request: Request) -> Response:
     if model is not None and not isinstance(model, str):
         raise HttpError(400, protocol.BAD_REQUEST, "model must be a string")
     dimensions = body.get("dimensions")
-    if dimensions is not None and (not isinstance(dimensions, int) or dimensions < 1):
+    if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool)
+                                   or dimensions < 1):
         raise HttpError(400, protocol.BAD_REQUEST, "dimensions must be a positive integer")
     result = await door.embed(texts, model, header_version(request))
     # Checked after the pool answered: only then is the answering version's size known.
@@ -343,7 +361,8 @@ async def tei_similarity(door: Door, request: Request) -> Response:
     source = inputs["source_sentence"]
     sentences = text_list(inputs.get("sentences"), "inputs.sentences")
     version = header_version(request)
-    result = await door.pool.similarity([(source, s) for s in sentences], version=version)
+    result = await door.pool.similarity([(source, s) for s in sentences], version=version,
+                                        timeout_ms=door.deadline_ms)
     return json_response(result.scores, result.version)
 
 
@@ -391,6 +410,8 @@ def guarded(door: Door, handler: Handler, auth: bool = True
             return await handler(door, request)
         except HttpError as exc:
             return error_response(exc.status, exc.code, exc.message)
+        except ClientDisconnect:  # the caller hung up mid-body: nobody to answer, no fault
+            return Response(status_code=CLIENT_CLOSED)
         except ZeroPoolError as exc:
             err = pool_error(exc)
             return error_response(err.status, err.code, err.message)
@@ -426,10 +447,13 @@ def build_app(settings: HttpSettings) -> Starlette:
         Route("/metrics", door.metrics.endpoint, methods=["GET"]),
     ]
     async def not_routed(_request: Request, exc: Exception) -> Response:
-        # 404 / 405 from the router: the same error shape as everything else.
+        # 404 / 405 from the router: the same error shape as everything else (405 with the
+        # Allow header HTTP asks for), counted under one route label: paths are the caller's.
         status = exc.status_code if isinstance(exc, HTTPException) else 500
-        return error_response(status, "not_found" if status == 404 else "bad_request",
-                              str(getattr(exc, "detail", "")) or "not found")
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
+        door.metrics.observe(UNROUTED, status, 0.0)
+        return error_response(status, code, str(getattr(exc, "detail", "")) or "not found",
+                              getattr(exc, "headers", None))
 
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: not_routed})

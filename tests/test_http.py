@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from router.client import Client, Embeddings, decode_reply
-from router.http import STATUS_BY_CODE, status_for
+from router.http import STATUS_BY_CODE, load_tokens, status_for
 from tests.support import (
     SENTENCES,
     Reference,
@@ -186,7 +186,9 @@ def test_missing_or_wrong_token_is_401(door: Door, headers: dict[str, str]) -> N
 @pytest.mark.parametrize("body", [
     b"{not json", b"[1, 2]", b'{"input": []}', b'{"input": [1, 2, 3]}', b'{"input": [[1, 2]]}',
     b'{"input": "x", "encoding_format": "int8"}', b'{"input": "x", "dimensions": 7}',
-    b'{"input": "x", "model": 3}',
+    b'{"input": "x", "model": 3}', b'{"input": ""}', b'{"input": ["a", ""]}',
+    b'{"input": "x", "dimensions": true}', b'{"input": "x", "encoding_format": 0}',
+    b'{"input": "x", "encoding_format": false}',
 ])
 def test_bad_requests_are_400(door: Door, body: bytes) -> None:
     response = httpx.post(f"{door.url}/v1/embeddings", headers=auth(), content=body)
@@ -276,6 +278,7 @@ def test_health_is_503_when_the_pool_is_gone() -> None:
 
         response = wait_for(probe, timeout=60, what="pool http to listen")
         assert_error(response, 503, "no_reply")
+        assert response.headers["retry-after"] == "1"
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
@@ -335,6 +338,22 @@ def test_the_door_counts_its_answers_for_prometheus(door: Door) -> None:
     assert 'zeropool_http_requests_total{route="/v1/embeddings",status="200"}' in text
     assert 'zeropool_http_requests_total{route="/v1/models",status="401"}' in text
     assert 'zeropool_http_request_seconds_count{route="/v1/embeddings"}' in text
+
+
+def test_a_method_or_path_no_route_takes_is_the_callers_error_and_counted(door: Door) -> None:
+    wrong = httpx.get(f"{door.url}/v1/embeddings", headers=auth())
+    error = assert_error(wrong, 405, "method_not_allowed")
+    assert error["type"] == "invalid_request_error" and wrong.headers["allow"] == "POST"
+    assert_error(httpx.get(f"{door.url}/nowhere", headers=auth()), 404, "not_found")
+    text = httpx.get(f"{door.url}/metrics").text
+    assert 'zeropool_http_requests_total{route="unrouted",status="405"}' in text
+    assert 'zeropool_http_requests_total{route="unrouted",status="404"}' in text
+
+
+def test_a_token_file_skips_indented_comments(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("secret123\n  # old: retired456\n\n")
+    assert load_tokens(tokens) == frozenset({"secret123"})
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:

@@ -66,8 +66,11 @@ class NoSuchVersions:
 
     def __init__(self) -> None:
         self.pinned = 0
+        self.deadlines: set[int | None] = set()
 
-    async def embed(self, texts: list[str], version: str | None = None) -> Embeddings:
+    async def embed(self, texts: list[str], version: str | None = None,
+                    timeout_ms: int | None = None) -> Embeddings:
+        self.deadlines.add(timeout_ms)
         if version:
             self.pinned += 1
             raise UnknownVersion(f"version {version!r} is not serving")
@@ -101,3 +104,6 @@ def test_names_known_not_to_be_versions_are_remembered_a_while_and_bounded(
     assert len(door.not_versions) < 3000
     assert len(door.not_versions) == door_http.NOT_A_VERSION_MAX
     assert "name-2999" in door.not_versions and "other" not in door.not_versions
+    # Every request carries the door's --timeout as its deadline: the pool drops what the
+    # caller has stopped waiting for.
+    assert pool.deadlines == {int(door_http.DEFAULT_TIMEOUT_S * 1000)}
