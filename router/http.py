@@ -379,6 +379,16 @@ async def list_models(door: Door, request: Request) -> Response:
                          ping.version)
 
 
+async def one_model(door: Door, request: Request) -> Response:
+    """OpenAI's models.retrieve: a version taking requests now, else 404."""
+    name = request.path_params["model"]
+    ping = await door.pool.ping(timeout=HEALTH_TIMEOUT_S)
+    if name != ping.version and name not in ping.versions:
+        raise HttpError(404, protocol.UNKNOWN_VERSION, f"no version {name!r} is serving; "
+                        "GET /v1/models lists those that are")
+    return json_response(model_entry(name), ping.version)
+
+
 async def health(door: Door, request: Request) -> Response:
     """200 while the pool answers a ping with ready workers; 503 with the reason else."""
     try:
@@ -399,8 +409,10 @@ def guarded(door: Door, handler: Handler, auth: bool = True
     async def endpoint(request: Request) -> Response:
         started = time.monotonic()
         response = await answer(request)
-        door.metrics.observe(request.url.path, response.status_code,
-                             time.monotonic() - started)
+        # The route's template ("/v1/models/{model}"), not the path: a label per caller's
+        # name would grow the metrics without bound.
+        route = getattr(request.scope.get("route"), "path", request.url.path)
+        door.metrics.observe(route, response.status_code, time.monotonic() - started)
         return response
 
     async def answer(request: Request) -> Response:
@@ -442,6 +454,7 @@ def build_app(settings: HttpSettings) -> Starlette:
         Route("/embed", guarded(door, tei_embed), methods=["POST"]),
         Route("/similarity", guarded(door, tei_similarity), methods=["POST"]),
         Route("/v1/models", guarded(door, list_models), methods=["GET"]),
+        Route("/v1/models/{model}", guarded(door, one_model), methods=["GET"]),
         # Open: load balancers and orchestrators probe without a token, and so do scrapers.
         Route("/health", guarded(door, health, auth=False), methods=["GET"]),
         Route("/metrics", door.metrics.endpoint, methods=["GET"]),

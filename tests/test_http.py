@@ -350,6 +350,15 @@ def test_a_method_or_path_no_route_takes_is_the_callers_error_and_counted(door: 
     assert 'zeropool_http_requests_total{route="unrouted",status="404"}' in text
 
 
+def test_models_retrieve_names_a_serving_version_or_404s(door: Door) -> None:
+    one = httpx.get(f"{door.url}/v1/models/v1", headers=auth())
+    assert one.status_code == 200 and one.json()["id"] == "v1", one.text
+    assert_error(httpx.get(f"{door.url}/v1/models/v9", headers=auth()), 404,
+                 "unknown_version")
+    text = httpx.get(f"{door.url}/metrics").text
+    assert 'route="/v1/models/{model}",status="404"' in text and "/v1/models/v9" not in text
+
+
 def test_a_token_file_skips_indented_comments(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("secret123\n  # old: retired456\n\n")

@@ -155,12 +155,16 @@ def test_bad_rotation_requests_are_refused_and_the_pool_untouched(
     pool_factory, models: dict[str, Path], tmp_path: Path
 ) -> None:
     pool = pool_factory(models["v1"])
+    # A wrong argument is a usage error (exit 2); what the pool's state refuses exits 1.
     code, reply = rotate(pool, "--version", "v2", "--path", str(tmp_path / "missing"))
-    assert code == 1 and "not a directory" in reply["error"]["message"]
+    assert (code, reply["error"]["code"]) == (2, "bad_request")
+    assert "not a directory" in reply["error"]["message"]
     code, reply = rotate(pool, "--version", "v9")
-    assert code == 1 and "unknown version" in reply["error"]["message"]
+    assert (code, reply["error"]["code"]) == (1, "unknown_version")
+    assert "unknown version" in reply["error"]["message"]
     code, reply = rotate(pool, "--version", "v1")
-    assert code == 1 and "already the active version" in reply["error"]["message"]
+    assert (code, reply["error"]["code"]) == (1, "refused")
+    assert "already the active version" in reply["error"]["message"]
     code, _ = rotate(pool, "--version", "v2", "--path", str(models["v2"]), "--no-wait")
     assert code == 0
     code, reply = rotate(pool, "--version", "v3", "--path", str(models["v2"]))
