@@ -8,6 +8,7 @@ socket). Starlette on uvicorn. Every failure answers in OpenAI's error shape
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hmac
@@ -46,6 +47,9 @@ DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # well above max-pairs x typical texts, far below RAM
 DEFAULT_TIMEOUT_S = 30.0  # per request to the pool; past it: 503 no_reply
 HEALTH_TIMEOUT_S = 2.0  # a probe must answer fast, whatever the pool does
+# A body whose next bytes do not come within this is given up (408): a caller that stops
+# sending (or sends a byte a minute) must not hold a connection and its buffer for ever.
+BODY_TIMEOUT_S = 30.0
 # `model` values that mean "whatever the pool serves now" without asking the pool.
 DEFAULT_MODEL_NAMES = frozenset({"", "default"})
 # A `model` the pool said is not a version is remembered this long, so that a tool with a
@@ -82,8 +86,8 @@ STATUS_BY_CODE: dict[str, int] = {
 # HTTP status -> OpenAI's error "type".
 TYPE_BY_STATUS: dict[int, str] = {
     400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-    405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-    500: "server_error", 503: "server_error", 504: "timeout_error",
+    405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+    429: "rate_limit_error", 500: "server_error", 503: "server_error", 504: "timeout_error",
 }
 
 
@@ -159,6 +163,7 @@ class HttpSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     timeout_s: float = DEFAULT_TIMEOUT_S
     curve: ClientKeys | None = None
+    body_timeout_s: float = BODY_TIMEOUT_S
 
 
 class DoorMetrics:
@@ -215,7 +220,16 @@ class Door:
         if declared.isdigit() and int(declared) > limit:
             raise too_big(int(declared), limit)
         chunks, size = [], 0
-        async for chunk in request.stream():
+        stream = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(stream), self.settings.body_timeout_s)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise HttpError(408, "body_timeout", f"the body stopped arriving: nothing for "
+                                f"{self.settings.body_timeout_s:g}s after {size} bytes"
+                                ) from None
             size += len(chunk)
             if size > limit:
                 raise too_big(size, limit)

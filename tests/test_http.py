@@ -7,11 +7,13 @@ import asyncio
 import base64
 import os
 import shutil
+import socket
 import ssl
 import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +36,7 @@ pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"
 TOLERANCE = 1e-5
 SMALL_BODY_LIMIT = 4096  # the door under test refuses bodies past this, cheaply provoked
+BODY_TIMEOUT_S = 2.0  # and gives up on a body that stops arriving this soon
 
 
 
@@ -82,7 +85,8 @@ class Door:
 
 @pytest.fixture(scope="module")
 def door(pool: RunningPool) -> Iterator[Door]:
-    running = Door(pool.endpoint, "--max-body-bytes", str(SMALL_BODY_LIMIT))
+    running = Door(pool.endpoint, "--max-body-bytes", str(SMALL_BODY_LIMIT), "--body-timeout",
+                   str(BODY_TIMEOUT_S))
     yield running
     running.stop()
 
@@ -357,6 +361,23 @@ def test_models_retrieve_names_a_serving_version_or_404s(door: Door) -> None:
                  "unknown_version")
     text = httpx.get(f"{door.url}/metrics").text
     assert 'route="/v1/models/{model}",status="404"' in text and "/v1/models/v9" not in text
+
+
+def test_a_body_that_stops_arriving_is_408_not_held(door: Door) -> None:
+    with socket.create_connection(("127.0.0.1", door.port), timeout=BODY_TIMEOUT_S + 10) as conn:
+        conn.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nAuthorization: Bearer " + TOKEN.encode()
+                     + b"\r\nContent-Length: 100\r\n\r\n" + b'{"input"')
+        started = time.monotonic()
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            part = conn.recv(65536)
+            if not part:
+                break
+            reply += part
+    waited = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b'"code":"body_timeout"' in reply and BODY_TIMEOUT_S - 0.5 < waited < 10, waited
 
 
 def test_a_token_file_skips_indented_comments(tmp_path: Path) -> None:
