@@ -296,9 +296,9 @@ def eval_option(spec: str | None, pool: ControlTarget) -> str | None:
     """--eval as the pool reads it: a packaged set's name, or a file's absolute path (the
     pool runs elsewhere in the filesystem; a remote pool on its own machine, so there the
     path goes as given); the pool checks that it parses."""
-    from pool.gate import PACKAGED_PREFIX
+    from pool.builtin import BUILTIN_PREFIX
 
-    if spec is None or spec.startswith(PACKAGED_PREFIX) or pool.is_remote:
+    if spec is None or spec.startswith(BUILTIN_PREFIX) or pool.is_remote:
         return spec  # a packaged set's name (the pool says if it knows none of that name)
     return str(Path(spec).expanduser().resolve())
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from pool.builtin import BUILTIN_PREFIX
 from pool.quality import (
     DEFAULT_PAIRS_RESOURCE,
     LabelledPair,
@@ -41,8 +42,7 @@ DEFAULT_MAX_SPEARMAN_DROP = 0.05
 # long pass (219 pairs through MiniLM on 2 busy cores: 1.2-1.4 s; docs/benchmarks.md).
 ACTIVE_CHUNK_PAIRS = 16
 # Sets shipped with zeropool, by name (an --eval FILE may name one instead of a path).
-PACKAGED_PREFIX = "builtin:"  # what names a packaged set, as pool.builtin names models
-PACKAGED_SETS = {f"{PACKAGED_PREFIX}zh-pairs": DEFAULT_PAIRS_RESOURCE}
+PACKAGED_SETS = {f"{BUILTIN_PREFIX}zh-pairs": DEFAULT_PAIRS_RESOURCE}  # named as models are
 FIGURE_DIGITS = 4
 # Scores are ranked at this many decimals: two passes of one model differ by float noise
 # (~1e-7, with the pass's width and kernels), and noise must not make or break the ties that
@@ -164,7 +164,7 @@ def read_eval_set(spec: str) -> tuple[LabelledPair, ...]:
     the line number) if it does not parse."""
     if spec in PACKAGED_SETS:
         return tuple(load_packaged_pairs(PACKAGED_SETS[spec]))
-    if spec.startswith(PACKAGED_PREFIX):
+    if spec.startswith(BUILTIN_PREFIX):
         raise PairsFileError(f"unknown built-in evaluation set {spec!r}; known: "
                              f"{', '.join(PACKAGED_SETS)}")
     return tuple(read_pairs(spec))
