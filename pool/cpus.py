@@ -59,10 +59,15 @@ def cgroup_cpu_limit(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT) 
         if controllers == "":  # cgroup v2's single hierarchy
             limits += _limits_up(root, path, _v2_limit)
         elif "cpu" in controllers.split(","):
-            mount = next((root / name for name in V1_CPU_MOUNTS if (root / name).is_dir()), None)
+            mount = v1_cpu_mount(root)
             if mount is not None:
                 limits += _limits_up(mount, path, _v1_limit)
     return min(limits, default=None)
+
+
+def v1_cpu_mount(root: Path = CGROUP_ROOT) -> Path | None:
+    """Where cgroup v1's cpu controller is mounted under `root`; None without one."""
+    return next((root / name for name in V1_CPU_MOUNTS if (root / name).is_dir()), None)
 
 
 def _limits_up(mount: Path, path: str,

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pool.cpus import CGROUP_ROOT, V1_CPU_MOUNTS
+from pool.cpus import CGROUP_ROOT, v1_cpu_mount
 
 PERIOD_US = 100_000  # the kernel's default period
 
@@ -40,7 +40,7 @@ def unavailable() -> str:
     """Why no CPU-limited cgroup can be made here; "" where one can."""
     if os.geteuid() != 0:
         return "making a cgroup needs root"
-    if _v1_mount() is None and not (CGROUP_ROOT / "cgroup.subtree_control").is_file():
+    if v1_cpu_mount() is None and not (CGROUP_ROOT / "cgroup.subtree_control").is_file():
         return f"no cgroup cpu controller under {CGROUP_ROOT}"
     try:
         with cpu_limited(f"zp-probe-{os.getpid()}", 1.0):
@@ -53,7 +53,7 @@ def unavailable() -> str:
 def cpu_limited(name: str, cores: float) -> Iterator[LimitedGroup]:
     """A new cgroup holding its processes to `cores` cores' time; removed at the end, which
     fails (OSError) if a process started in it is still alive."""
-    mount = _v1_mount()
+    mount = v1_cpu_mount()
     if mount is None:  # v2: the root's children get the cpu controller
         mount = CGROUP_ROOT
         (mount / "cgroup.subtree_control").write_text("+cpu")
@@ -69,8 +69,3 @@ def cpu_limited(name: str, cores: float) -> Iterator[LimitedGroup]:
         yield LimitedGroup(group)
     finally:
         group.rmdir()
-
-
-def _v1_mount() -> Path | None:
-    return next((CGROUP_ROOT / name for name in V1_CPU_MOUNTS
-                 if (CGROUP_ROOT / name / "cpu.cfs_quota_us").is_file()), None)
