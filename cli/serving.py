@@ -69,12 +69,19 @@ def serve_signature() -> inspect.Signature:
 serve.__signature__ = serve_signature()  # type: ignore[attr-defined]
 
 
+TruncateOpt = Annotated[bool, typer.Option(
+    "--truncate/--no-truncate",
+    help="Embed a text over the model's input limit from its first tokens (default), or "
+         "refuse the request with too_large (--no-truncate).")]
+
+
 def similarity(
     text_a: Annotated[str, typer.Argument(help="First sentence.")],
     text_b: Annotated[str, typer.Argument(help="Second sentence.")],
     endpoint: EndpointOpt = config.DEFAULT_BIND,
     version: VersionOpt = None,
     timeout: TimeoutOpt = 30.0,
+    truncate: TruncateOpt = True,
     server_key: ServerKeyOpt = None,
     client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
@@ -82,7 +89,8 @@ def similarity(
     """Score two sentences: cosine of mean-pooled embeddings, with the verdict by the
     answering version's thresholds."""
     result = call_pool(endpoint, timeout, as_json,
-                       lambda client: client.similarity([(text_a, text_b)], version=version),
+                       lambda client: client.similarity([(text_a, text_b)], version=version,
+                                                        truncate=truncate),
                        client_keys(server_key, client_key, as_json))
     score, said = result.scores[0], result.verdict(0)
     high, low = result.thresholds
@@ -99,13 +107,14 @@ def embed(
     endpoint: EndpointOpt = config.DEFAULT_BIND,
     version: VersionOpt = None,
     timeout: TimeoutOpt = 30.0,
+    truncate: TruncateOpt = True,
     server_key: ServerKeyOpt = None,
     client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Normalised mean-pooled embeddings of TEXTS."""
     result = call_pool(endpoint, timeout, as_json,
-                       lambda client: client.embed(texts, version=version),
+                       lambda client: client.embed(texts, version=version, truncate=truncate),
                        client_keys(server_key, client_key, as_json))
     if as_json:
         emit_json({"ok": True, "dim": result.dim, "version": result.version,

@@ -56,6 +56,7 @@ class Job:
     size: int  # pairs (similarity) or texts (embed): what counts against max_batch
     ids: list[list[int]] | None = None  # token ids per text, filled at intake (echo: none)
     tokens: int = 0  # the ids' lengths summed: what counts against max_batch_tokens
+    truncate: bool = True  # false: a text over the model's input limit is refused, not cut
     received_ns: int = 0  # monotonic, at intake
     transit_ns: int = 0  # from the router taking it to intake (one machine, one clock)
 
@@ -319,5 +320,4 @@ class DeviceThread:
         self.outbox.append(protocol.reply_entry(seq, protocol.STATUS_OK, raw))
 
     def reply_error(self, seq: bytes, code: str, message: str) -> None:
-        self.outbox.append(protocol.reply_entry(seq, protocol.STATUS_ERROR,
-                                                protocol.error_body(code, message)))
+        self.outbox.append(protocol.error_entry(seq, code, message))

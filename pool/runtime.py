@@ -230,7 +230,7 @@ class Encoder:
         rows = self.model.get_input_embeddings().num_embeddings
         self.vocab_limit = rows if len(tokenizer) > rows else None
         # The wrapper is not kept, so its Rust tokenizer is taken over rather than copied.
-        self.token_ids = token_id_encoder(tokenizer, self.max_length, take_over=True)
+        self.token_ids = TokenIdEncoder(tokenizer, self.max_length, take_over=True)
         self.chunk_texts = chunk_texts or CHUNK_TEXTS.get(self.device.type, CHUNK_TEXTS["cpu"])
         self.on_grid = self.device.type == "cpu" and self.dtype != torch.float32
         self.width_multiple = CUDA_WIDTH_MULTIPLE if self.device.type == "cuda" else \
@@ -484,9 +484,9 @@ def embeddings_differ(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
     return ""
 
 
-def token_id_encoder(tokenizer: Any, max_length: int,
-                     take_over: bool = False) -> Callable[[list[str]], list[list[int]]]:
-    """texts -> their token ids, special tokens added, truncated to `max_length`.
+class TokenIdEncoder:
+    """texts -> their token ids, special tokens added, truncated to `max_length`; and, for a
+    request that asks not to be truncated, which texts are longer than that.
 
     The same ids as `tokenizer(texts, truncation=True, max_length=max_length)`, from the
     Rust tokenizer inside it called directly: transformers builds a dict of lists per text
@@ -496,14 +496,35 @@ def token_id_encoder(tokenizer: Any, max_length: int,
     call; `take_over` (for a caller that calls the wrapper no more) sets up the wrapper's own
     instead: a 250,000-piece Unigram (XLM-R's, multilingual-e5's) holds ~280 MB of memory.
     """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:  # no Rust core (a SentencePiece-only tokenizer): the slow way
-        return lambda texts: tokenizer(texts, truncation=True,
-                                       max_length=max_length)["input_ids"]
-    own = backend if take_over else Tokenizer.from_str(backend.to_str())
-    own.no_padding()
-    own.enable_truncation(max_length, direction=tokenizer.truncation_side)
-    return lambda texts: [encoding.ids for encoding in own.encode_batch_fast(texts)]
+
+    def __init__(self, tokenizer: Any, max_length: int, take_over: bool = False) -> None:
+        self.max_length = max_length
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:  # no Rust core (a SentencePiece-only tokenizer): the slow way
+            self._slow: Any = tokenizer
+            self._rust: Tokenizer | None = None
+            return
+        self._slow = None
+        self._rust = backend if take_over else Tokenizer.from_str(backend.to_str())
+        self._rust.no_padding()
+        self._rust.enable_truncation(max_length, direction=tokenizer.truncation_side)
+        self._specials = self._rust.num_special_tokens_to_add(is_pair=False)
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self._rust is None:
+            return self._slow(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        return [encoding.ids for encoding in self._rust.encode_batch_fast(texts)]
+
+    def over_limit(self, texts: list[str]) -> dict[int, int]:
+        """{index: its length in tokens} of each text longer than `max_length`. Tokenises
+        again, so only for requests that ask not to be truncated (protocol's `truncate`)."""
+        if self._rust is None:
+            lengths = map(len, self._slow(texts, truncation=False)["input_ids"])
+        else:  # a truncated text's cut-off tokens are in its overflowing pieces, each with
+            # the special tokens again (no stride)
+            lengths = (len(e.ids) + sum(len(o.ids) - self._specials for o in e.overflowing)
+                       for e in self._rust.encode_batch_fast(texts))
+        return {i: n for i, n in enumerate(lengths) if n > self.max_length}
 
 
 def padded(ids: Sequence[Sequence[int]], pad: int, width_multiple: int = 1,

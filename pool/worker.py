@@ -29,7 +29,7 @@ from pool.passes import PASSES_CRASHED, PASSES_DONE, DeviceThread, Job, JobQueue
 from pool.quality import SEED_THRESHOLDS, Thresholds
 from pool.reports import BatchStats, ReadyInfo
 from router import protocol
-from router.bodies import BadBody, Limits, decode_body
+from router.bodies import BadBody, Limits, decode_body, item_error, text_place
 
 log = logging.getLogger("zeropool.worker")
 
@@ -70,7 +70,7 @@ class WorkerConfig:
 def decode_job(seq: bytes, op: bytes, body: bytes, enqueued_ns: int, limits: Limits) -> Job:
     """One backend request as a Job; BadBody (with the protocol code) if its body is wrong."""
     asked = decode_body(op, body, enqueued_ns, limits)
-    return Job(seq, op, asked.texts, asked.size)
+    return Job(seq, op, asked.texts, asked.size, truncate=asked.truncate)
 
 
 def start_tokenizer_threads(count: int) -> None:
@@ -391,7 +391,7 @@ class WorkerLoop:
             try:
                 job = decode_job(seq, op, body, enqueued_ns, self.limits)
             except BadBody as exc:
-                self._reply_error(seq, exc.code, str(exc))
+                self._reply_error(seq, exc.code, str(exc), exc.at)
                 continue
             job.received_ns, job.transit_ns = now_ns, now_ns - enqueued_ns
             jobs.append(job)
@@ -422,12 +422,29 @@ class WorkerLoop:
                                   f"has no embedding for (its table has {limit} rows): the "
                                   "tokenizer is not the model's")
                 continue
+            if not job.truncate and self._refused_untruncated(job):
+                continue
             kept.append(job)
         return kept
 
-    def _reply_error(self, seq: bytes, code: str, message: str) -> None:
-        self.outbox.append(protocol.reply_entry(seq, protocol.STATUS_ERROR,
-                                                protocol.error_body(code, message)))
+    def _refused_untruncated(self, job: Job) -> bool:
+        """For a request sent with `truncate: false`: its first text over the model's input
+        limit gets it a too_large reply (True), as text-embeddings-inference does."""
+        over = self.encoder.token_ids.over_limit(job.texts)
+        if not over:
+            return False
+        index, tokens = min(over.items())
+        at = text_place(job.op, index)
+        limit = self.encoder.max_length
+        error = item_error(protocol.TOO_LARGE, at, f"has {tokens} tokens, over version "
+                           f"{self.cfg.version}'s input limit of {limit}: shorten it, or send "
+                           f"it without truncate: false to embed its first {limit} tokens")
+        self._reply_error(job.seq, error.code, str(error), error.at)
+        return True
+
+    def _reply_error(self, seq: bytes, code: str, message: str,
+                     at: protocol.JsonPath | None = None) -> None:
+        self.outbox.append(protocol.error_entry(seq, code, message, at))
 
 
 # Long enough for transformers' messages, whose remedy often comes last ("You need to have

@@ -32,12 +32,27 @@ class Texts:
 
     texts: list[str]  # embed: the texts; similarity: a, b, a, b, ...
     size: int  # pairs (similarity) or texts (embed): what counts against a batch
+    truncate: bool = True  # false: a text over the model's input limit is too_large
 
 
 class BadBody(ValueError):
-    def __init__(self, code: str, message: str) -> None:
+    """A body refused: the protocol code, the message and, for one item, where it is."""
+
+    def __init__(self, code: str, message: str, at: protocol.JsonPath | None = None) -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.at = code, at
+
+
+def item_error(code: str, at: protocol.JsonPath, problem: str) -> BadBody:
+    """An item's error, its message led by the item's place ("texts[3] has ...")."""
+    return BadBody(code, f"{protocol.path_text(at)} {problem}", at)
+
+
+def text_place(op: bytes, index: int) -> tuple[str | int, ...]:
+    """Where the `index`th of a body's flattened texts (Texts.texts) is in the body."""
+    if op == protocol.OP_SIMILARITY:
+        return ("pairs", index // 2, index % 2)
+    return ("texts", index)
 
 
 def decode_body(op: bytes, body: bytes, enqueued_ns: int, limits: Limits) -> Texts:
@@ -50,11 +65,17 @@ def decode_body(op: bytes, body: bytes, enqueued_ns: int, limits: Limits) -> Tex
     if not isinstance(doc, dict):
         raise BadBody(protocol.BAD_REQUEST, "body must be a JSON object")
     _check_deadline(doc.get("timeout_ms"), enqueued_ns)
+    truncate = doc.get(protocol.TRUNCATE_KEY, True)
+    if not isinstance(truncate, bool):
+        raise item_error(protocol.BAD_REQUEST, (protocol.TRUNCATE_KEY,),
+                         "must be true or false")
     if op == protocol.OP_SIMILARITY:
-        return _similarity(doc.get("pairs"), limits)
-    if op == protocol.OP_EMBED:
-        return _embed(doc.get("texts"), limits)
-    raise BadBody(protocol.BAD_REQUEST, f"op {op[:32]!r} is not served by workers")
+        texts, size = _similarity(doc.get("pairs"), limits)
+    elif op == protocol.OP_EMBED:
+        texts, size = _embed(doc.get("texts"), limits)
+    else:
+        raise BadBody(protocol.BAD_REQUEST, f"op {op[:32]!r} is not served by workers")
+    return Texts(texts, size, truncate)
 
 
 def _check_deadline(timeout_ms: object, enqueued_ns: int) -> None:
@@ -68,41 +89,43 @@ def _check_deadline(timeout_ms: object, enqueued_ns: int) -> None:
                           f"waited {waited_ms:.0f} ms, over timeout_ms={timeout_ms}")
 
 
-def _similarity(pairs: object, limits: Limits) -> Texts:
+def _similarity(pairs: object, limits: Limits) -> tuple[list[str], int]:
     if not isinstance(pairs, list) or not pairs:
-        raise BadBody(protocol.BAD_REQUEST, '"pairs" must be a non-empty list of [text, text]')
+        raise item_error(protocol.BAD_REQUEST, ("pairs",),
+                         "must be a non-empty list of [text, text]")
     _check_count(len(pairs), "pairs", limits)
     texts: list[str] = []
     for i, pair in enumerate(pairs):
         if not (isinstance(pair, list) and len(pair) == 2
                 and isinstance(pair[0], str) and isinstance(pair[1], str)):
-            raise BadBody(protocol.BAD_REQUEST, f"pairs[{i}] must be a list of two strings")
-        _check_chars(pair[0], f"pairs[{i}][0]", limits)
-        _check_chars(pair[1], f"pairs[{i}][1]", limits)
+            raise item_error(protocol.BAD_REQUEST, ("pairs", i), "must be a list of two strings")
+        _check_chars(pair[0], ("pairs", i, 0), limits)
+        _check_chars(pair[1], ("pairs", i, 1), limits)
         texts += pair
-    return Texts(texts, len(pairs))
+    return texts, len(pairs)
 
 
-def _embed(texts: object, limits: Limits) -> Texts:
+def _embed(texts: object, limits: Limits) -> tuple[list[str], int]:
     if not isinstance(texts, list) or not texts:
-        raise BadBody(protocol.BAD_REQUEST, '"texts" must be a non-empty list of strings')
+        raise item_error(protocol.BAD_REQUEST, ("texts",), "must be a non-empty list of strings")
     _check_count(len(texts), "texts", limits)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise BadBody(protocol.BAD_REQUEST, f"texts[{i}] must be a string")
-        _check_chars(text, f"texts[{i}]", limits)
-    return Texts(texts, len(texts))
+            raise item_error(protocol.BAD_REQUEST, ("texts", i), "must be a string")
+        _check_chars(text, ("texts", i), limits)
+    return texts, len(texts)
 
 
 def _check_count(count: int, what: str, limits: Limits) -> None:
     if count > limits.max_pairs:
-        raise BadBody(protocol.TOO_LARGE, f"{count} {what} in one request, over the limit of "
-                                          f"{limits.max_pairs}: split the request, or raise "
-                                          "the limit with `pool serve --max-pairs`")
+        raise item_error(protocol.TOO_LARGE, (what,),
+                         f"holds {count} items, over the limit of {limits.max_pairs} a request: "
+                         "split the request, or raise the limit with `pool serve --max-pairs`")
 
 
-def _check_chars(text: str, where: str, limits: Limits) -> None:
+def _check_chars(text: str, at: protocol.JsonPath, limits: Limits) -> None:
     if len(text) > limits.max_text_chars:
-        raise BadBody(protocol.TOO_LARGE, f"{where} has {len(text)} characters, over the "
-                                          f"limit of {limits.max_text_chars}: shorten it, or "
-                                          "raise the limit with `pool serve --max-text-chars`")
+        raise item_error(protocol.TOO_LARGE, at,
+                         f"has {len(text)} characters, over the limit of "
+                         f"{limits.max_text_chars}: shorten it, or raise the limit with "
+                         "`pool serve --max-text-chars`")

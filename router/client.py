@@ -43,13 +43,16 @@ DEFAULT_IN_FLIGHT = 64
 
 
 class ZeroPoolError(Exception):
-    """A request failed; `code` is the protocol error code."""
+    """A request failed; `code` is the protocol error code; `at`, where the pool named one
+    item of the request as at fault, its place in the body (("texts", 3): texts[3]), which
+    also begins `message`."""
 
     code = protocol.INTERNAL
 
-    def __init__(self, message: str, code: str | None = None) -> None:
+    def __init__(self, message: str, code: str | None = None,
+                 at: tuple[str | int, ...] | None = None) -> None:
         super().__init__(message)
-        self.message = message
+        self.message, self.at = message, at
         if code is not None:
             self.code = code
 
@@ -242,20 +245,33 @@ def reply_error(body: Any) -> ZeroPoolError:
     code = body.get("code", protocol.INTERNAL) if isinstance(body, dict) else None
     if not isinstance(code, str):
         raise TypeError("not an error body: {\"code\": str, \"message\": str}")
-    return ERRORS.get(code, ZeroPoolError)(str(body.get("message", "")), code)
+    return ERRORS.get(code, ZeroPoolError)(str(body.get("message", "")), code,
+                                           reply_place(body.get("at")))
 
 
-def similarity_body(pairs: Iterable[Sequence[str]], timeout_ms: int | None) -> dict:
-    body: dict[str, Any] = {"pairs": [list(pair) for pair in pairs]}
+def reply_place(at: Any) -> tuple[str | int, ...] | None:
+    """An error body's `at` as a tuple; None when absent or not a JSON path."""
+    if isinstance(at, list) and at and isinstance(at[0], str) and all(
+            isinstance(key, str | int) and not isinstance(key, bool) for key in at):
+        return tuple(at)
+    return None
+
+
+def similarity_body(pairs: Iterable[Sequence[str]], timeout_ms: int | None,
+                    truncate: bool = True) -> dict:
+    return with_options({"pairs": [list(pair) for pair in pairs]}, timeout_ms, truncate)
+
+
+def embed_body(texts: Iterable[str], timeout_ms: int | None, truncate: bool = True) -> dict:
+    return with_options({"texts": list(texts)}, timeout_ms, truncate)
+
+
+def with_options(body: dict[str, Any], timeout_ms: int | None, truncate: bool) -> dict:
+    """The optional keys, only where they differ from the protocol's defaults."""
     if timeout_ms is not None:
         body["timeout_ms"] = timeout_ms
-    return body
-
-
-def embed_body(texts: Iterable[str], timeout_ms: int | None) -> dict:
-    body: dict[str, Any] = {"texts": list(texts)}
-    if timeout_ms is not None:
-        body["timeout_ms"] = timeout_ms
+    if not truncate:
+        body[protocol.TRUNCATE_KEY] = False
     return body
 
 
@@ -593,13 +609,15 @@ class Client:
         return {e: dataclasses.replace(p) for e, p in self._pools.core.pools.items()}
 
     def similarity(self, pairs: Iterable[Sequence[str]], version: str | None = None,
-                   timeout: float | None = None, timeout_ms: int | None = None) -> Similarity:
-        body = similarity_body(pairs, timeout_ms)
+                   timeout: float | None = None, timeout_ms: int | None = None,
+                   truncate: bool = True) -> Similarity:
+        body = similarity_body(pairs, timeout_ms, truncate)
         return _raise_or_return(self._call(protocol.OP_SIMILARITY, version, [body], timeout)[0])
 
     def embed(self, texts: Iterable[str], version: str | None = None,
-              timeout: float | None = None, timeout_ms: int | None = None) -> Embeddings:
-        body = embed_body(texts, timeout_ms)
+              timeout: float | None = None, timeout_ms: int | None = None,
+              truncate: bool = True) -> Embeddings:
+        body = embed_body(texts, timeout_ms, truncate)
         return _raise_or_return(self._call(protocol.OP_EMBED, version, [body], timeout)[0])
 
     def ping(self, version: str | None = None, timeout: float | None = None) -> Ping:
@@ -760,14 +778,15 @@ class AsyncClient:
         return {e: dataclasses.replace(p) for e, p in self._pools.core.pools.items()}
 
     async def similarity(self, pairs: Iterable[Sequence[str]], version: str | None = None,
-                         timeout: float | None = None,
-                         timeout_ms: int | None = None) -> Similarity:
-        body = similarity_body(pairs, timeout_ms)
+                         timeout: float | None = None, timeout_ms: int | None = None,
+                         truncate: bool = True) -> Similarity:
+        body = similarity_body(pairs, timeout_ms, truncate)
         return await self._call(protocol.OP_SIMILARITY, version, body, timeout)
 
     async def embed(self, texts: Iterable[str], version: str | None = None,
-                    timeout: float | None = None, timeout_ms: int | None = None) -> Embeddings:
-        body = embed_body(texts, timeout_ms)
+                    timeout: float | None = None, timeout_ms: int | None = None,
+                    truncate: bool = True) -> Embeddings:
+        body = embed_body(texts, timeout_ms, truncate)
         return await self._call(protocol.OP_EMBED, version, body, timeout)
 
     async def ping(self, version: str | None = None, timeout: float | None = None) -> Ping:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hmac
 import logging
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,44 @@ def error_response(status: int, code: str, message: str,
 
 def pool_error(exc: ZeroPoolError) -> HttpError:
     return HttpError(status_for(exc.code), exc.code, exc.message)
+
+
+# A route's names for the places of protocol v1's body (("texts", 3)): its caller's own, so
+# that an error about texts[3] says input[3]. None: the pool's name stays.
+Names = Callable[[tuple[str | int, ...]], str | None]
+
+
+@contextlib.contextmanager
+def named_as(names: Names) -> Iterator[None]:
+    """The pool's errors raised inside, as HttpErrors whose message names the item at fault
+    the caller's way (the pool's message begins with its own name of it)."""
+    try:
+        yield
+    except ZeroPoolError as exc:
+        err = pool_error(exc)
+        name = None if exc.at is None else names(exc.at)
+        own = None if exc.at is None else protocol.path_text(exc.at)
+        if name is not None and own is not None and err.message.startswith(own):
+            err.message = name + err.message[len(own):]
+        raise err from None
+
+
+def list_names(field: str, one_string: bool) -> Names:
+    """Embed texts sent as `field`: a string (one text) or a list of them."""
+    def name(at: tuple[str | int, ...]) -> str | None:
+        if at == ("texts",) or (one_string and at == ("texts", 0)):
+            return field
+        return f"{field}[{at[1]}]" if len(at) == 2 and at[0] == "texts" else None
+    return name
+
+
+def sentence_names(at: tuple[str | int, ...]) -> str | None:
+    """TEI's similarity: pair i is (source_sentence, sentences[i])."""
+    if at == ("pairs",):
+        return "inputs.sentences"
+    if len(at) == 3 and at[0] == "pairs":
+        return "inputs.source_sentence" if at[2] == 0 else f"inputs.sentences[{at[1]}]"
+    return None
 
 
 def json_response(data: Any, version: str | None = None) -> Response:
@@ -241,22 +280,23 @@ class Door:
                             ) from None
 
     async def embed(self, texts: list[str], model: str | None,
-                    strict: str | None) -> Embeddings:
+                    strict: str | None, truncate: bool = True) -> Embeddings:
         """Pinned to `strict` (header), else to `model` when it names a version, else whatever
         serves now."""
-        deadline = self.deadline_ms
+        embed = functools.partial(self.pool.embed, texts, timeout_ms=self.deadline_ms,
+                                  truncate=truncate)
         if strict:
-            return await self.pool.embed(texts, version=strict, timeout_ms=deadline)
+            return await embed(version=strict)
         name = model or ""
         if name in DEFAULT_MODEL_NAMES or self._known_not_version(name):
-            return await self.pool.embed(texts, timeout_ms=deadline)
+            return await embed()
         try:
-            return await self.pool.embed(texts, version=name, timeout_ms=deadline)
+            return await embed(version=name)
         except ZeroPoolError as exc:
             if exc.code != protocol.UNKNOWN_VERSION:
                 raise
         self.remember_not_version(name)
-        return await self.pool.embed(texts, timeout_ms=deadline)
+        return await embed()
 
     @property
     def deadline_ms(self) -> int:
@@ -348,12 +388,31 @@ async def openai_embeddings(door: Door, request: Request) -> Response:
     if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool)
                                    or dimensions < 1):
         raise HttpError(400, protocol.BAD_REQUEST, "dimensions must be a positive integer")
-    result = await door.embed(texts, model, header_version(request))
+    with named_as(list_names("input", isinstance(body.get("input"), str))):
+        result = await door.embed(texts, model, header_version(request))
     # Checked after the pool answered: only then is the answering version's size known.
     if dimensions is not None and dimensions != result.dim:
         raise HttpError(400, protocol.BAD_REQUEST, f"dimensions {dimensions} is not supported: "
                         f"version {result.version} has {result.dim} and cannot shorten them")
     return json_response(openai_embedding_reply(result, encoding), result.version)
+
+
+def tei_truncate(options: dict[str, Any], where: str) -> bool:
+    """TEI's `truncate`, `truncation_direction` and `prompt_name` (in `where` of the body):
+    whether to cut a text over the model's input limit (absent: yes, as TEI's
+    --auto-truncate; false: 413 for such a text, as TEI without it). This pool cuts on the
+    right and has no prompts: asking otherwise is refused, not ignored."""
+    truncate = options.get("truncate")
+    if truncate is not None and not isinstance(truncate, bool):
+        raise HttpError(400, protocol.BAD_REQUEST, f"{where}truncate must be true or false")
+    direction = options.get("truncation_direction")
+    if direction is not None and (not isinstance(direction, str) or direction.lower() != "right"):
+        raise HttpError(400, protocol.BAD_REQUEST, f'{where}truncation_direction must be '
+                        '"Right": this pool keeps the start of a text it cuts')
+    if options.get("prompt_name") is not None:
+        raise HttpError(400, protocol.BAD_REQUEST, f"{where}prompt_name is not supported: "
+                        "put the model's prompt (e5: \"query: \") at the start of each text")
+    return truncate is not False
 
 
 async def tei_embed(door: Door, request: Request) -> Response:
@@ -362,7 +421,9 @@ async def tei_embed(door: Door, request: Request) -> Response:
     if body.get("normalize", True) is not True:
         raise HttpError(400, protocol.BAD_REQUEST,
                         "normalize must be true: this pool returns L2-normalised embeddings")
-    result = await door.embed(texts, None, header_version(request))
+    truncate = tei_truncate(body, "")
+    with named_as(list_names("inputs", isinstance(body.get("inputs"), str))):
+        result = await door.embed(texts, None, header_version(request), truncate)
     return json_response(result.embeddings, result.version)
 
 
@@ -374,9 +435,14 @@ async def tei_similarity(door: Door, request: Request) -> Response:
                         '"sentences": ["...", ...]}')
     source = inputs["source_sentence"]
     sentences = text_list(inputs.get("sentences"), "inputs.sentences")
-    version = header_version(request)
-    result = await door.pool.similarity([(source, s) for s in sentences], version=version,
-                                        timeout_ms=door.deadline_ms)
+    parameters = body.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise HttpError(400, protocol.BAD_REQUEST, "parameters must be an object")
+    truncate = tei_truncate(parameters or {}, "parameters.")
+    with named_as(sentence_names):
+        result = await door.pool.similarity([(source, s) for s in sentences],
+                                            version=header_version(request),
+                                            timeout_ms=door.deadline_ms, truncate=truncate)
     return json_response(result.scores, result.version)
 
 

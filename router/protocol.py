@@ -10,6 +10,7 @@ exception is ping, which the router answers itself: its (tiny) body is checked h
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -30,7 +31,8 @@ STATUS_ERROR = b"error"
 # A request's outcome where reports and counters spell it as text: "ok", or its error code.
 OK_CODE = STATUS_OK.decode()
 
-# Error codes (the body of an error reply is {"code": ..., "message": ...}).
+# Error codes (the body of an error reply is {"code": ..., "message": ...}, and "at" where
+# one item of the request is at fault: its place in the body, as a JSON path).
 BAD_REQUEST = "bad_request"
 TOO_LARGE = "too_large"
 UNKNOWN_VERSION = "unknown_version"
@@ -185,8 +187,25 @@ def peek_timeout_ms(body: bytes) -> int | None:
     return value if value is not None and timeout_ms_problem(value) is None else None
 
 
-def error_body(code: str, message: str) -> bytes:
-    return orjson.dumps({"code": code, "message": message})
+# The optional request key that, set to false, refuses a text over the model's input limit
+# (too_large) instead of embedding its first tokens (text-embeddings-inference's `truncate`).
+TRUNCATE_KEY = "truncate"
+
+JsonPath = Sequence[str | int]  # a place in a JSON body: ("pairs", 2, 1) is pairs[2][1]
+
+
+def path_text(at: JsonPath) -> str:
+    """A JSON path as error messages name it: ("pairs", 2, 1) -> "pairs[2][1]"."""
+    head, *rest = at
+    return str(head) + "".join(f"[{key}]" for key in rest)
+
+
+def error_body(code: str, message: str, at: JsonPath | None = None) -> bytes:
+    """An error reply's body; `at` (optional) is the item at fault, and `message` then begins
+    with `path_text(at)`, so that a gateway can name the item in its callers' terms."""
+    if at is None:
+        return orjson.dumps({"code": code, "message": message})
+    return orjson.dumps({"code": code, "message": message, "at": list(at)})
 
 
 def reply_frames(
@@ -214,6 +233,11 @@ def split_requests(packed: bytes) -> list[tuple[bytes, int, bytes, bytes]]:
 def reply_entry(seq: bytes, status: bytes, body: bytes) -> bytes:
     """One reply of a W_REPLY frame: `seq` as the request carried it."""
     return _REPLY_ENTRY.pack(seq, len(status), len(body)) + status + body
+
+
+def error_entry(seq: bytes, code: str, message: str, at: JsonPath | None = None) -> bytes:
+    """One error reply of a W_REPLY frame."""
+    return reply_entry(seq, STATUS_ERROR, error_body(code, message, at))
 
 
 def split_replies(packed: bytes) -> list[tuple[int, bytes, bytes]]:

@@ -207,6 +207,35 @@ def test_tei_bad_requests_are_400(door: Door) -> None:
                      "bad_request")
 
 
+def test_tei_truncate_false_is_413_naming_the_callers_field(door: Door) -> None:
+    long_text = "今天天气真好" * 10  # 62 tokens, over the tiny model's 48
+    cases = [
+        ("/embed", {"inputs": ["好", long_text], "truncate": False}, "inputs[1] has 62 tokens"),
+        ("/embed", {"inputs": long_text, "truncate": False}, "inputs has 62 tokens"),
+        ("/similarity", {"inputs": {"source_sentence": long_text, "sentences": ["好"]},
+                         "parameters": {"truncate": False}}, "inputs.source_sentence has 62"),
+        ("/similarity", {"inputs": {"source_sentence": "好", "sentences": ["好", long_text]},
+                         "parameters": {"truncate": False}}, "inputs.sentences[1] has 62"),
+    ]
+    for path, body, begins in cases:
+        error = assert_error(httpx.post(f"{door.url}{path}", headers=auth(), json=body), 413,
+                             "too_large")
+        assert error["message"].startswith(begins), (path, error)
+    # Absent (or true), a long text is cut to fit, as TEI's --auto-truncate does.
+    assert httpx.post(f"{door.url}/embed", headers=auth(),
+                      json={"inputs": long_text}).status_code == 200
+    assert httpx.post(f"{door.url}/similarity", headers=auth(), json={
+        "inputs": {"source_sentence": long_text, "sentences": ["好"]},
+        "parameters": {"truncate": True, "truncation_direction": "Right"}}).status_code == 200
+    for path, body in [("/embed", {"inputs": "x", "truncate": "no"}),
+                       ("/embed", {"inputs": "x", "truncation_direction": "Left"}),
+                       ("/embed", {"inputs": "x", "prompt_name": "query"}),
+                       ("/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b"]},
+                                        "parameters": []})]:
+        assert_error(httpx.post(f"{door.url}{path}", headers=auth(), json=body), 400,
+                     "bad_request")
+
+
 def test_oversized_body_is_413_and_unknown_pinned_version_404(door: Door) -> None:
     big = {"input": ["今天天气真好" * 100] * 10}
     assert_error(httpx.post(f"{door.url}/v1/embeddings", headers=auth(), json=big), 413,

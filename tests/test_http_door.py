@@ -11,8 +11,18 @@ import pytest
 from starlette.testclient import TestClient
 
 from router import http as door_http
-from router.client import Embeddings, UnknownVersion
-from router.http import VERSION_HEADER, Door, HttpSettings, build_app, json_response
+from router.client import BadRequest, Embeddings, TooLarge, UnknownVersion
+from router.http import (
+    VERSION_HEADER,
+    Door,
+    HttpError,
+    HttpSettings,
+    build_app,
+    json_response,
+    list_names,
+    named_as,
+    sentence_names,
+)
 from tests.zp1_peer import ZP1Peer
 
 NAME = "模型v2"  # a valid version name (str.isalnum), not Latin-1
@@ -69,7 +79,7 @@ class NoSuchVersions:
         self.deadlines: set[int | None] = set()
 
     async def embed(self, texts: list[str], version: str | None = None,
-                    timeout_ms: int | None = None) -> Embeddings:
+                    timeout_ms: int | None = None, truncate: bool = True) -> Embeddings:
         self.deadlines.add(timeout_ms)
         if version:
             self.pinned += 1
@@ -107,3 +117,27 @@ def test_names_known_not_to_be_versions_are_remembered_a_while_and_bounded(
     # Every request carries the door's --timeout as its deadline: the pool drops what the
     # caller has stopped waiting for.
     assert pool.deadlines == {int(door_http.DEFAULT_TIMEOUT_S * 1000)}
+
+
+@pytest.mark.parametrize(("error", "names", "status", "message"), [
+    (TooLarge("texts[3] has 12000 characters, over ...", None, ("texts", 3)),
+     list_names("input", False), 413, "input[3] has 12000 characters, over ..."),
+    (TooLarge("texts[0] has 12000 characters", None, ("texts", 0)),
+     list_names("input", True), 413, "input has 12000 characters"),
+    (TooLarge("texts holds 1025 items, over ...", None, ("texts",)),
+     list_names("inputs", False), 413, "inputs holds 1025 items, over ..."),
+    (TooLarge("pairs[2][0] has 60 tokens", None, ("pairs", 2, 0)), sentence_names, 413,
+     "inputs.source_sentence has 60 tokens"),
+    (TooLarge("pairs[2][1] has 60 tokens", None, ("pairs", 2, 1)), sentence_names, 413,
+     "inputs.sentences[2] has 60 tokens"),
+    # No place, or one the route has no name for: the pool's message as it is.
+    (BadRequest("body must be a JSON object"), sentence_names, 400,
+     "body must be a JSON object"),
+    (BadRequest("truncate must be true or false", None, ("truncate",)),
+     list_names("input", False), 400, "truncate must be true or false"),
+])
+def test_the_pools_item_errors_name_the_item_as_the_caller_sent_it(
+        error: Exception, names: door_http.Names, status: int, message: str) -> None:
+    with pytest.raises(HttpError) as raised, named_as(names):
+        raise error
+    assert (raised.value.status, raised.value.message) == (status, message)

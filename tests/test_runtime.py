@@ -28,13 +28,13 @@ from pool.runtime import (
     Encoder,
     GraphCheckFailed,
     PassCost,
+    TokenIdEncoder,
     cpu_flags,
     fixed_cost_tokens,
     grid_rows,
     padded,
     plan_chunks,
     resolve_dtype,
-    token_id_encoder,
 )
 from tests.support import SENTENCES, TINY_MAX_LENGTH, Reference
 
@@ -421,7 +421,17 @@ def test_token_ids_are_what_the_transformers_tokenizer_gives(
 ) -> None:
     tokenizer, max_length = tokenizers_under_test[which]
     want = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]  # type: ignore[operator]
-    assert token_id_encoder(tokenizer, max_length)(texts) == want
+    assert TokenIdEncoder(tokenizer, max_length)(texts) == want
+
+
+@given(texts=TEXTS, which=st.sampled_from(["tiny", "minilm"]))
+def test_texts_over_the_limit_are_counted_as_the_transformers_tokenizer_counts_them(
+    tokenizers_under_test: dict[str, tuple[object, int]], texts: list[str], which: str
+) -> None:
+    tokenizer, max_length = tokenizers_under_test[which]
+    whole = tokenizer(texts, truncation=False, verbose=False)["input_ids"]  # type: ignore[operator]
+    want = {i: len(ids) for i, ids in enumerate(whole) if len(ids) > max_length}
+    assert TokenIdEncoder(tokenizer, max_length).over_limit(texts) == want
 
 
 @given(texts=TEXTS)

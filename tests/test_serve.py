@@ -23,11 +23,13 @@ from router.client import (
     Client,
     NoReply,
     Similarity,
+    TooLarge,
     UnknownVersion,
 )
 from router.protocol import PROTOCOL
 from tests.support import (
     SENTENCES,
+    TINY_MAX_LENGTH,
     Reference,
     RunningPool,
     make_tiny_bert,
@@ -119,6 +121,30 @@ def test_unknown_pinned_version(pool: RunningPool) -> None:
             client.similarity([("a", "b")], version="v9")
         assert exc.value.code == "unknown_version"
         assert client.similarity([("a", "b")], version="v1").version == "v1"
+
+
+def test_truncate_false_refuses_a_text_over_the_models_limit_and_says_which(
+        pool: RunningPool) -> None:
+    long_text = "今天天气真好" * 10  # 60 characters, a token each: 62 with [CLS] and [SEP]
+    at_limit = long_text[:TINY_MAX_LENGTH - 2]
+    with Client(pool.endpoint) as client:
+        assert len(client.embed(["好", long_text]).embeddings) == 2  # the default: cut to fit
+        with pytest.raises(TooLarge) as exc:
+            client.embed(["好", long_text], truncate=False)
+        assert exc.value.at == ("texts", 1)
+        assert exc.value.message.startswith("texts[1] has 62 tokens, over version v1's input "
+                                            f"limit of {TINY_MAX_LENGTH}")
+        with pytest.raises(TooLarge) as exc:
+            client.similarity([("好", "好"), ("好", long_text)], truncate=False)
+        assert exc.value.at == ("pairs", 1, 1)
+        assert exc.value.message.startswith("pairs[1][1] has 62 tokens")
+        # At the limit exactly, nothing is cut: served, the same vectors as by default.
+        whole = client.embed([at_limit], truncate=False)
+        assert whole.embeddings == client.embed([at_limit]).embeddings
+    refused = run_cli("embed", "好", long_text, "--no-truncate", "--json", env=pool.env)
+    assert refused.returncode == 1, refused.stdout
+    error = json.loads(refused.stdout)["error"]
+    assert error["code"] == "too_large" and error["message"].startswith("texts[1] has 62")
 
 
 def test_req_socket_works(pool: RunningPool) -> None:

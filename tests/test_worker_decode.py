@@ -79,9 +79,39 @@ def test_requests_at_the_limits_are_served_whole() -> None:
 
 def test_too_many_pairs_or_texts_is_too_large_with_a_precise_message() -> None:
     message = too_large(protocol.OP_SIMILARITY, {"pairs": [["a", "b"]] * 5})
-    assert "5 pairs" in message and "limit of 4" in message and "--max-pairs" in message
+    assert message.startswith("pairs holds 5 items")
+    assert "limit of 4" in message and "--max-pairs" in message
     message = too_large(protocol.OP_EMBED, {"texts": ["a"] * 7})
-    assert "7 texts" in message and "limit of 4" in message and "--max-pairs" in message
+    assert message.startswith("texts holds 7 items")
+    assert "limit of 4" in message and "--max-pairs" in message
+
+
+@pytest.mark.parametrize(("op", "doc", "code", "at"), [
+    (SIMILARITY, {"pairs": [["a", "b"], ["c", "好" * 11]]}, protocol.TOO_LARGE, ("pairs", 1, 1)),
+    (SIMILARITY, {"pairs": [["a", "b"], ["c"]]}, protocol.BAD_REQUEST, ("pairs", 1)),
+    (SIMILARITY, {"pairs": [["a", "b"]] * 5}, protocol.TOO_LARGE, ("pairs",)),
+    (SIMILARITY, {"pairs": []}, protocol.BAD_REQUEST, ("pairs",)),
+    (EMBED, {"texts": ["ok", "x" * 11]}, protocol.TOO_LARGE, ("texts", 1)),
+    (EMBED, {"texts": ["ok", 3]}, protocol.BAD_REQUEST, ("texts", 1)),
+    (EMBED, {"texts": ["ok"], "truncate": "no"}, protocol.BAD_REQUEST, ("truncate",)),
+])
+def test_an_items_error_says_where_it_is_and_its_message_begins_there(
+        op: bytes, doc: dict, code: str, at: tuple) -> None:
+    # A gateway renames the item for its callers (the HTTP door's input[1]) from `at`.
+    with pytest.raises(BadBody) as exc:
+        decode_job(b"s", op, orjson.dumps(doc), NOW(), LIMITS)
+    assert (exc.value.code, exc.value.at) == (code, at)
+    assert str(exc.value).startswith(protocol.path_text(at) + " ")
+    reply = orjson.loads(protocol.error_body(exc.value.code, str(exc.value), exc.value.at))
+    assert reply == {"code": code, "message": str(exc.value), "at": list(at)}
+
+
+def test_truncate_is_optional_and_true_unless_sent_false() -> None:
+    for doc, want in [({}, True), ({"truncate": True}, True), ({"truncate": False}, False)]:
+        job = decode_job(b"s", EMBED, orjson.dumps({"texts": ["a"], **doc}), NOW(), LIMITS)
+        assert job.truncate is want
+    assert orjson.loads(protocol.error_body("timeout", "late")) == {"code": "timeout",
+                                                                    "message": "late"}
 
 
 def test_a_text_over_max_text_chars_is_too_large_never_cut() -> None:
