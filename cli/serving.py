@@ -37,20 +37,22 @@ def serve(**options: Any) -> None:
     from pool.server import serve as run_server
     from pool.settings import resolve_settings
 
+    # --json (--log-json): a pool that cannot start says why as JSON too, as other commands do.
+    as_json = bool(options.get("log_json"))
     try:
         settings = resolve_settings(options, model_path=model_path)
     except ValueError as exc:
-        fail(str(exc), False, exit_code=2)
+        fail(str(exc), as_json, "usage", exit_code=2)
     log_file = Path(settings.state_dir) / config.LOG_FILE
     try:
         setup_logging(settings.log_json, log_file)
     except OSError as exc:  # --state-dir names a file, or a place nobody may write
         fail(f"--state-dir {settings.state_dir}: cannot write the pool's log {log_file}: "
-             f"{os_reason(exc)}", False, "usage", exit_code=2)
+             f"{os_reason(exc)}", as_json, "usage", exit_code=2)
     try:
         code = run_server(settings)
     except StartupError as exc:
-        fail(str(exc), False, exit_code=2)
+        fail(str(exc), as_json, exit_code=2)
     raise typer.Exit(code)
 
 

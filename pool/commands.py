@@ -16,7 +16,8 @@ from pool.control import BAD_COMMAND, UNKNOWN_VERSION, ControlError, Handler
 from pool.gate import QualityGate
 from pool.health import Expectation
 from pool.judge import DEFAULT_MAX_ERROR_RATE, DEFAULT_MAX_P99_RATIO, BakeLimits
-from pool.registry import Registry, check_model_dir
+from pool.modeldir import check_model_dir
+from pool.registry import Registry
 from pool.rotation import DEFAULT_DRAIN_TIMEOUT_S, RotationController, RotationError
 from pool.status import PoolSnapshot, health_document, status_document
 from pool.thresholds import VersionThresholds

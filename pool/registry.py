@@ -20,6 +20,7 @@ import orjson
 
 from pool.gate import PACKAGED_SETS, read_eval_set
 from pool.health import Expectation, json_kind
+from pool.modeldir import check_model_dir
 from pool.quality import Thresholds
 from pool.thresholds import (
     VersionThresholds,
@@ -274,16 +275,6 @@ def check_eval_set(spec: str) -> str:
     line number) if not."""
     read_eval_set(spec)
     return spec if spec in PACKAGED_SETS else str(Path(spec).expanduser().resolve())
-
-
-def check_model_dir(path: str) -> str:
-    """The absolute path of a transformers model directory, or ValueError saying what is wrong."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise ValueError(f"{path} is not a directory")
-    if not (p / "config.json").is_file():
-        raise ValueError(f"{path} is not a transformers model directory (no config.json)")
-    return str(p.resolve())
 
 
 def check_version_name(name: str) -> None:

@@ -187,6 +187,36 @@ class GraphInputs:
     want: torch.Tensor
 
 
+class ModelWeightsError(ValueError):
+    """A checkpoint that does not fill the model its config.json describes."""
+
+
+# Weights a checkpoint may lack: mean pooling never reads BERT's pooler, and
+# sentence-transformers checkpoints often leave it out.
+UNUSED_WEIGHTS_PREFIX = "pooler."
+
+
+def load_model(path: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The model at `path`; ModelWeightsError naming the first weight whose shape is not the
+    config's, or that the checkpoint lacks. transformers' own refusal of a misfit says only
+    "look at the above report" (in a worker's log), and it loads a lacking weight as random
+    numbers, which the health check's self-similarities cannot tell from the real ones."""
+    model, info = AutoModel.from_pretrained(path, dtype=dtype, ignore_mismatched_sizes=True,
+                                            output_loading_info=True)
+    misfits = sorted(info.get("mismatched_keys") or [])
+    if misfits:
+        name, stored, wanted = misfits[0]
+        raise ModelWeightsError(
+            f"the weights do not fit config.json: {name} is {list(stored)} in the checkpoint, "
+            f"{list(wanted)} by the config ({len(misfits)} weights in all)")
+    lacking = sorted(k for k in info.get("missing_keys") or []
+                     if not k.startswith(UNUSED_WEIGHTS_PREFIX))
+    if lacking:
+        raise ModelWeightsError(f"the checkpoint lacks {len(lacking)} of the model's weights "
+                                f"(the first: {lacking[0]}): they would be random numbers")
+    return model
+
+
 class GraphCheckFailed(RuntimeError):
     """The TorchScript graph of a model does not compute what the model does."""
 
@@ -220,7 +250,7 @@ class Encoder:
             plan_free_attention()
         self.dtype = resolve_dtype(dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, dtype=self.dtype)
+        model = load_model(path, self.dtype)
         self.model = model.to(self.device).eval()
         self.pooled = SentenceVectors(self.model).eval()  # what every path computes; traced on CPU
         self.max_length = _max_length(tokenizer, self.model, Path(path))

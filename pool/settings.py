@@ -25,6 +25,7 @@ from pool.config import (
     parse_devices,
 )
 from pool.join import fleet_version, own_keys, peer_endpoints, pinger
+from pool.modeldir import ModelDirError, check_model_dir
 from pool.registry import Registry, check_eval_set
 from router.failover import bind_problem
 
@@ -57,8 +58,11 @@ def resolve_settings(values: dict[str, Any],
             path = (model_path or resolve_model_path)(path)
         except BuiltinModelError as exc:
             raise ValueError(str(exc)) from exc
-    if model == "transformer" and not (Path(path) / "config.json").is_file():
-        raise ValueError(f"--path {path} is not a transformers model directory (no config.json)")
+    if model == "transformer":
+        try:
+            check_model_dir(path)
+        except ModelDirError as exc:
+            raise ValueError(f"--path {exc}") from None
     if model not in ("transformer", "echo"):
         raise ValueError(f"--model must be transformer or echo, not {model!r}")
     for name, _, spec in flags():

@@ -17,6 +17,7 @@ from pool.gate import QualityGate
 from pool.quality import LabelledPair
 from pool.rotation import DEFAULT_DRAIN_TIMEOUT_S, Phase
 from tests.fakepool import FakePool
+from tests.modelstub import model_stub
 
 
 class Handle:
@@ -45,8 +46,7 @@ Pool = tuple[FakePool, ControlServer, Handle]
 @pytest.fixture
 def models(tmp_path: Path) -> Path:
     for name in ("v1", "v2", "v1-experiment"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text("{}")
+        model_stub(tmp_path / name)
     return tmp_path
 
 

@@ -524,11 +524,14 @@ def test_too_large_reaches_the_client_as_a_typed_error(limited_pool: RunningPool
         with pytest.raises(TooLarge) as exc:
             client.similarity([("今天天气真好", "今日阳光明媚")] * (MAX_PAIRS + 1))
         assert exc.value.code == "too_large"
-        assert f"{MAX_PAIRS + 1} pairs" in exc.value.message and "--max-pairs" in exc.value.message
+        assert exc.value.at == ("pairs",)
+        assert exc.value.message.startswith(f"pairs holds {MAX_PAIRS + 1} items")
+        assert "--max-pairs" in exc.value.message
         with pytest.raises(TooLarge) as exc:
             client.embed(["ok", "长" * (MAX_TEXT_CHARS + 1)])
-        assert exc.value.code == "too_large"
-        assert "texts[1]" in exc.value.message and "--max-text-chars" in exc.value.message
+        assert exc.value.code == "too_large" and exc.value.at == ("texts", 1)
+        assert exc.value.message.startswith(f"texts[1] has {MAX_TEXT_CHARS + 1} characters")
+        assert "--max-text-chars" in exc.value.message
         # At the limits, the request is served whole.
         result = client.similarity([("长" * MAX_TEXT_CHARS, "x")] * MAX_PAIRS)
         assert len(result.scores) == MAX_PAIRS

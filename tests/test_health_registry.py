@@ -12,6 +12,7 @@ import pytest
 from pool.control import PID_FILE, PoolNotRunning, PoolStarting, control_request
 from pool.health import GOLDEN_PAIRS, Expectation, judge_probe, probe_pairs
 from pool.registry import Registry
+from tests.modelstub import model_stub
 from tests.support import run_cli
 
 
@@ -92,9 +93,7 @@ def test_the_registry_of_a_starting_pool_is_not_written_behind_its_back(tmp_path
         (tmp_path / PID_FILE).write_text(f"{starting.pid}\n")
         with pytest.raises(PoolStarting, match=f"pid {starting.pid}.*starting or stopping"):
             control_request(tmp_path, "versions", timeout_s=0.3)
-        model = tmp_path / "m"
-        model.mkdir()
-        (model / "config.json").write_text("{}")
+        model = model_stub(tmp_path / "m")
         added = run_cli("versions", "add", "v3", "--path", str(model), "--state-dir",
                         str(tmp_path), env=dict(os.environ), timeout=60)
         assert added.returncode != 0 and "starting or stopping" in added.stderr

@@ -40,6 +40,7 @@ from pool.reports import BATCH_SIZE_BUCKETS, BatchStats
 from router import protocol
 from router.client import Client, UnknownVersion
 from router.protocol import POOL_FAULTS
+from tests.modelstub import weights_of_another_shape
 from tests.support import RunningPool, run_cli, short_tmpdir, wait_for
 
 PAIR = ("今天天气真好", "今日阳光明媚")
@@ -168,11 +169,7 @@ def test_health_exit_codes_follow_killed_workers_and_failed_versions(
     assert report["status"] == DEGRADED
     assert any("crash" in reason for reason in report["versions"]["v1"]["reasons"])
 
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in models["v2"].iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    (broken / "model.safetensors").write_bytes(b"garbage" * 100)
+    broken = weights_of_another_shape(models["v2"], tmp_path / "broken")
     assert run_cli("versions", "add", "bad", "--path", str(broken), env=pool.env).returncode == 0
     assert run_cli("load", "bad", env=pool.env).returncode == 0
     code, report = wait_for(lambda: (r := health(pool, "--version", "bad"))[0] == 2 and r,

@@ -15,6 +15,7 @@ import pytest
 
 from pool import config
 from router.client import Client, UnknownVersion
+from tests.modelstub import weights_of_another_shape
 from tests.support import (
     LOAD_RATE,
     SENTENCES,
@@ -112,18 +113,21 @@ def broken_copy(src: Path, dest: Path, file: str, content: bytes) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("breakage", ["corrupt_weights", "crash_on_load", "golden_mismatch"])
+@pytest.mark.parametrize("breakage", ["weights_of_another_shape", "crash_on_load",
+                                      "golden_mismatch"])
 def test_failed_rotation_leaves_v1_serving(
     breakage: str, pool_factory, models: dict[str, Path], tmp_path: Path
 ) -> None:
     pool = pool_factory(models["v1"])
     old_pids = pool.worker_pids()
     args = ["--version", "v2", "--strategy", "surge"]
-    if breakage == "corrupt_weights":
-        path = broken_copy(models["v2"], tmp_path / "v2", "model.safetensors", b"\0" * 64)
+    # Each breakage passes the command's checks of the directory (pool.modeldir): the
+    # workers find it, and the rotation rolls back.
+    if breakage == "weights_of_another_shape":
+        path = weights_of_another_shape(models["v2"], tmp_path / "v2")
         expected_reason = "while loading"
     elif breakage == "crash_on_load":
-        path = broken_copy(models["v2"], tmp_path / "v2", "config.json", b"{not json")
+        path = broken_copy(models["v2"], tmp_path / "v2", "tokenizer.json", b"{not json")
         expected_reason = "while loading"
     else:
         golden = tmp_path / "golden.json"
@@ -159,6 +163,13 @@ def test_bad_rotation_requests_are_refused_and_the_pool_untouched(
     code, reply = rotate(pool, "--version", "v2", "--path", str(tmp_path / "missing"))
     assert (code, reply["error"]["code"]) == (2, "bad_request")
     assert "not a directory" in reply["error"]["message"]
+    # Weights cut short are refused before any worker starts, naming the file.
+    cut = broken_copy(models["v2"], tmp_path / "cut", "model.safetensors",
+                      (models["v2"] / "model.safetensors").read_bytes()[:4096])
+    code, reply = rotate(pool, "--version", "v2", "--path", str(cut))
+    assert (code, reply["error"]["code"]) == (2, "bad_request"), reply
+    assert f"{cut / 'model.safetensors'} is not a safetensors file" in reply["error"]["message"]
+    assert "v2" not in pool.status()["versions"]
     code, reply = rotate(pool, "--version", "v9")
     assert (code, reply["error"]["code"]) == (1, "unknown_version")
     assert "unknown version" in reply["error"]["message"]
@@ -404,17 +415,17 @@ def test_an_eval_set_with_a_bad_line_is_refused_with_its_line_number(
 def test_a_rotation_to_a_broken_or_resized_model_says_why_and_fails_nothing(
     pool_factory, models: dict[str, Path], tmp_path: Path
 ) -> None:
-    broken = tmp_path / "broken"
-    shutil.copytree(models["v2"], broken)
-    weights = broken / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])  # truncated in the middle of its header
+    # Weights a file check passes (pool.modeldir) but that do not fit their config.json.
+    broken = weights_of_another_shape(models["v2"], tmp_path / "broken")
     wider = make_tiny_bert(tmp_path / "wider", seed=7, hidden_size=48)
     pool = pool_factory(models["v1"])
     load = Load(pool.endpoint, in_flight=32).start()
     code, reply = rotate(pool, "--version", "v3", "--path", str(broken))
     assert code != 0 and reply["rotation"]["outcome"] == "rolled_back", reply
     reason = reply["rotation"]["reason"]
-    assert "while loading: SafetensorError:" in reason and str(broken) in reason, reason
+    assert "while loading: ModelWeightsError: the weights do not fit config.json: " \
+        "encoder.layer.0.intermediate.dense.bias is [64] in the checkpoint, [128] by the " \
+        "config" in reason and str(broken) in reason, reason
     code, reply = rotate(pool, "--version", "v4", "--path", str(wider))
     assert code != 0 and reply["rotation"]["outcome"] == "rolled_back", reply
     assert "v4 answers 48-dimensional embeddings where v1 answers 32-dimensional" in \
@@ -426,14 +437,14 @@ def test_a_rotation_to_a_broken_or_resized_model_says_why_and_fails_nothing(
     assert "48-dimensional" in status["rotation"]["reason"]  # the last rotation's
     history = json.loads((pool.state_dir / "versions.json").read_text())["history"]
     reasons = [e["reason"] for e in history if e["event"] == "rotation_finished"]
-    assert "SafetensorError" in reasons[0] and "48-dimensional" in reasons[1]
+    assert "ModelWeightsError" in reasons[0] and "48-dimensional" in reasons[1]
     # The registry keeps both versions; its listing says how their rotations ended.
     listed = run_cli("versions", "list", "--json", env=pool.env)
     last = {v["version"]: v["last_rotation"] for v in json.loads(listed.stdout)["versions"]}
-    assert last["v3"]["outcome"] == "rolled_back" and "SafetensorError" in last["v3"]["reason"]
+    assert last["v3"]["outcome"] == "rolled_back" and "do not fit" in last["v3"]["reason"]
     assert last["v4"]["outcome"] == "rolled_back" and last["v1"] is None
     shown = run_cli("versions", "list", env=pool.env).stdout
-    assert "rolled_back" in shown and "SafetensorError" in shown, shown
+    assert "rolled_back" in shown and "ModelWeightsError" in shown, shown
 
 
 def test_a_bake_switches_back_to_the_loaded_v1_when_v2_fails_some_inputs_under_load(

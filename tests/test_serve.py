@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from router.client import (
     UnknownVersion,
 )
 from router.protocol import PROTOCOL
+from tests.modelstub import weights_of_another_shape
 from tests.support import (
     SENTENCES,
     TINY_MAX_LENGTH,
@@ -346,13 +348,21 @@ def test_serve_refuses_a_path_that_is_not_a_model(tmp_path: Path) -> None:
     assert "not a transformers model directory" in done.stderr
 
 
-def test_serve_exits_with_the_reason_when_weights_are_corrupt(models: dict[str, Path],
-                                                              tmp_path: Path) -> None:
+def test_serve_refuses_weights_that_are_not_weights_naming_the_file(models: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
     broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in models["v1"].iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(models["v1"], broken)
     (broken / "model.safetensors").write_bytes(b"garbage" * 100)
+    done = run_cli("serve", "--path", str(broken), "--state-dir", str(tmp_path / "state"),
+                   "--json", env=dict(os.environ), timeout=60)
+    assert done.returncode == 2, done.stdout
+    message = json.loads(done.stdout)["error"]["message"]
+    assert f"{broken / 'model.safetensors'} is not a safetensors file" in message
+
+
+def test_serve_exits_with_the_reason_when_weights_do_not_load(models: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    broken = weights_of_another_shape(models["v1"], tmp_path / "broken")
     running = start_pool(broken, workers=1, wait=False)
     assert running.process.proc.wait(120) == 1
     log = running.process.log_tail(200)

@@ -16,6 +16,7 @@ from pool.builtin import embedded_model_path
 from pool.cpus import Cpus
 from pool.settings import resolve_settings
 from pool.worker import WorkerConfig
+from tests.modelstub import model_stub
 
 STATUS_KEYS = {"workers", "devices", "dtype", "graph", "max_batch", "max_batch_tokens",
                "passes", "max_wait_ms", "threads", "tokenizer_threads",
@@ -54,9 +55,7 @@ def test_a_worker_gets_the_typed_settings_and_they_pickle() -> None:
 
 
 def test_resolving_fills_what_depends_on_the_machine(tmp_path) -> None:
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model = model_stub(tmp_path / "m")
     values = {name: config.flag_default(spec, name) for name, _, spec in config.flags()}
     settings = resolve_settings({**values, "path": str(model), "devices": "cpu",
                                         "state_dir": tmp_path / "state", "workers": 2})
@@ -76,9 +75,7 @@ def test_a_gpu_worker_tokenises_on_the_cores_its_share_of_the_machine_leaves(
 
 
 def test_batch_bounds_default_by_device_and_a_given_value_wins(tmp_path) -> None:
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model = model_stub(tmp_path / "m")
     values = {name: config.flag_default(spec, name) for name, _, spec in config.flags()}
     values |= {"path": str(model), "state_dir": tmp_path / "state"}
 

@@ -32,15 +32,13 @@ from pool.thresholds import (
 from pool.worker import WorkerConfig
 from router import protocol
 from router.client import Similarity, VerdictThresholds, decode_reply, verdict
+from tests.modelstub import model_stub
 
 E5_LIKE = Thresholds(high=0.92, low=0.86)
 
 
 def model_dir(root: Path, name: str = "m") -> Path:
-    directory = root / name
-    directory.mkdir(parents=True)
-    (directory / "config.json").write_text("{}")
-    return directory
+    return model_stub(root / name)
 
 
 # ------------------------------------------------------------------------- the registry

@@ -1,0 +1,100 @@
+"""What a model directory must hold before a pool spends a worker on it.
+
+`pool serve --path`, `pool versions add` and `pool rotate --path` check a directory here, in
+milliseconds and without torch, so that a copy cut short or a wrong path is refused with the
+file and the reason at once, not found by a worker minutes into a rotation. A directory that
+passes can still fail to load (weights of another architecture): that is the rotation's
+health check's to catch, and it rolls back.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+CONFIG = "config.json"
+# Weights as transformers looks for them, in its order: one file, or shards and their index.
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+# A tokenizer in any of the forms AutoTokenizer reads.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model",
+                   "tokenizer.model", "vocab.json")
+PICKLE_PROTOCOL_2 = b"\x80"  # how a torch.save from before its zip format (torch < 1.6) starts
+
+
+class ModelDirError(ValueError):
+    """A directory that is not a loadable transformers model, and why."""
+
+
+def check_model_dir(path: str) -> str:
+    """The absolute path of a transformers model directory; ModelDirError saying which file
+    is missing or broken otherwise."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ModelDirError(f"{path} is not a directory")
+    _check_config(directory)
+    _check_weights(directory)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelDirError(f"{path} holds no tokenizer (one of {', '.join(TOKENIZER_FILES)})")
+    return str(directory.resolve())
+
+
+def _check_config(directory: Path) -> None:
+    config = directory / CONFIG
+    if not config.is_file():
+        raise ModelDirError(f"{directory} is not a transformers model directory (no {CONFIG})")
+    doc = _json_object(config)
+    if not isinstance(doc.get("model_type"), str):
+        raise ModelDirError(f"{config} names no model_type: not a transformers config")
+
+
+def _check_weights(directory: Path) -> None:
+    for name, check in ((SAFETENSORS, _check_safetensors), (SAFETENSORS_INDEX, _check_shards),
+                        (TORCH_BIN, _check_torch_bin), (TORCH_BIN_INDEX, _check_shards)):
+        if (directory / name).is_file():
+            check(directory / name)
+            return
+    raise ModelDirError(f"{directory} holds no weights ({SAFETENSORS}, {SAFETENSORS_INDEX}, "
+                        f"{TORCH_BIN} or {TORCH_BIN_INDEX})")
+
+
+def _check_safetensors(file: Path) -> None:
+    """The header parses and its tensors cover the file exactly: a file cut short fails."""
+    try:
+        with safe_open(str(file), framework="numpy") as weights:
+            if not list(weights.keys()):
+                raise ModelDirError(f"{file} holds no tensors")
+    except (SafetensorError, OSError) as exc:
+        raise ModelDirError(f"{file} is not a safetensors file: {exc}") from None
+
+
+def _check_torch_bin(file: Path) -> None:
+    with file.open("rb") as handle:
+        start = handle.read(1)
+    if not zipfile.is_zipfile(file) and start != PICKLE_PROTOCOL_2:
+        raise ModelDirError(f"{file} is not a torch checkpoint (neither torch.save's zip "
+                            "format nor a pickle)")
+
+
+def _check_shards(index: Path) -> None:
+    weight_map = _json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelDirError(f"{index} has no weight_map")
+    check = _check_safetensors if index.name == SAFETENSORS_INDEX else _check_torch_bin
+    for shard in sorted(set(map(str, weight_map.values()))):
+        if not (index.parent / shard).is_file():
+            raise ModelDirError(f"{index} lists {shard}, which is missing")
+        check(index.parent / shard)
+
+
+def _json_object(file: Path) -> dict:
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelDirError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ModelDirError(f"{file} is not a JSON object")
+    return doc

@@ -1,0 +1,31 @@
+"""Model directories for tests that need one which is not a working model: one that passes
+pool.modeldir's checks without being a model (for what only registers, routes or resolves a
+path), and a real model's copy that passes them and still fails to load. Light: no torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+
+def model_stub(directory: Path) -> Path:
+    """A config, one tensor of weights and a tokenizer's vocabulary in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text('{"model_type": "bert"}')
+    save_file({"weight": np.zeros(1, dtype=np.float32)}, str(directory / "model.safetensors"))
+    (directory / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    return directory
+
+
+def weights_of_another_shape(model: Path, copy: Path) -> Path:
+    """A copy of `model` whose config asks for feed-forward layers twice as wide as its
+    weights: every file is well-formed (pool.modeldir passes it), and loading it fails."""
+    shutil.copytree(model, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy

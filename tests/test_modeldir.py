@@ -1,0 +1,99 @@
+"""pool.modeldir: what a model directory must hold before a worker is spent on it. Each
+breakage a copy or a typo makes, refused with the file and the reason; fast, no torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from pool.builtin import embedded_model_path
+from pool.modeldir import ModelDirError, check_model_dir
+from tests.modelstub import model_stub
+
+
+def test_a_complete_directory_passes_as_its_absolute_path(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    model_stub(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    assert check_model_dir("m") == str(tmp_path / "m")
+    minilm = embedded_model_path()
+    assert check_model_dir(str(minilm)) == str(minilm.resolve())
+
+
+def refused(directory: Path) -> str:
+    with pytest.raises(ModelDirError) as exc:
+        check_model_dir(str(directory))
+    return str(exc.value)
+
+
+def test_no_directory_or_no_config(tmp_path: Path) -> None:
+    assert "is not a directory" in refused(tmp_path / "missing")
+    model = model_stub(tmp_path / "m")
+    (model / "config.json").unlink()
+    assert "not a transformers model directory (no config.json)" in refused(model)
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "is not a JSON object"),
+    ('{"hidden_size": 32}', "names no model_type"),
+])
+def test_a_config_that_is_not_a_transformers_config(tmp_path: Path, content: str,
+                                                    says: str) -> None:
+    model = model_stub(tmp_path / "m")
+    (model / "config.json").write_text(content)
+    assert says in refused(model)
+
+
+def test_weights_missing_garbage_or_cut_short_name_the_file(tmp_path: Path) -> None:
+    model = model_stub(tmp_path / "m")
+    weights = model / "model.safetensors"
+    whole = weights.read_bytes()
+    for content in (b"garbage" * 100, b"\0" * 64, whole[:-1], whole + b"x"):
+        weights.write_bytes(content)
+        assert f"{weights} is not a safetensors file" in refused(model)
+    save_file({}, str(weights))
+    assert "holds no tensors" in refused(model)
+    weights.unlink()
+    assert "holds no weights" in refused(model)
+
+
+def test_shards_are_checked_each_and_a_missing_one_named(tmp_path: Path) -> None:
+    model = model_stub(tmp_path / "m")
+    (model / "model.safetensors").unlink()
+    for i in (1, 2):
+        save_file({f"w{i}": np.ones(2, dtype=np.float32)},
+                  str(model / f"model-0000{i}-of-00002.safetensors"))
+    index = model / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w1": "model-00001-of-00002.safetensors",
+                                                "w2": "model-00002-of-00002.safetensors"}}))
+    assert check_model_dir(str(model))
+    (model / "model-00002-of-00002.safetensors").write_bytes(b"cut")
+    assert "model-00002-of-00002.safetensors is not a safetensors file" in refused(model)
+    (model / "model-00002-of-00002.safetensors").unlink()
+    assert "lists model-00002-of-00002.safetensors, which is missing" in refused(model)
+    index.write_text('{"weight_map": {}}')
+    assert "has no weight_map" in refused(model)
+
+
+def test_a_torch_checkpoint_must_be_torch_saves_zip_or_a_pickle(tmp_path: Path) -> None:
+    import zipfile
+
+    model = model_stub(tmp_path / "m")
+    (model / "model.safetensors").unlink()
+    checkpoint = model / "pytorch_model.bin"
+    checkpoint.write_bytes(b"<html>404 Not Found</html>")  # what a failed download saves
+    assert "is not a torch checkpoint" in refused(model)
+    with zipfile.ZipFile(checkpoint, "w") as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+    assert check_model_dir(str(model))
+
+
+def test_no_tokenizer(tmp_path: Path) -> None:
+    model = model_stub(tmp_path / "m")
+    (model / "vocab.txt").unlink()
+    assert "holds no tokenizer" in refused(model)
