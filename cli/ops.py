@@ -52,7 +52,8 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
     for w in st["workers"]:
         beat = "-" if w["last_heartbeat_s"] is None else f"{w['last_heartbeat_s']:.1f}s"
         gpu = w.get("gpu_memory_bytes") or 0
-        runs = " ".join(x for x in (w["dtype"], w["graph"]) if x and x != "none") or "-"
+        runs = " ".join(x for x in (w["dtype"], w["graph"], w.get("pooling"))
+                        if x and x != "none") or "-"
         busy = (w.get("batching") or {}).get("busy_percent")
         table.add_row(str(w["pid"]), w["version"], w["device"], runs, w["state"],
                       str(w["inflight"]), "-" if busy is None else f"{busy:.0f}%",

@@ -3,8 +3,8 @@
 `pool serve --path`, `pool versions add` and `pool rotate --path` check a directory here, in
 milliseconds and without torch, so that a copy cut short or a wrong path is refused with the
 file and the reason at once, not found by a worker minutes into a rotation. A directory that
-passes can still fail to load (weights of another architecture): that is the rotation's
-health check's to catch, and it rolls back.
+passes can still fail to load (weights of another shape than its config says): a worker's
+load finds that (pool.runtime.load_model names the weight), and the rotation rolls back.
 """
 
 from __future__ import annotations
@@ -23,6 +23,16 @@ TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model",
                    "tokenizer.model", "vocab.json")
 PICKLE_PROTOCOL_2 = b"\x80"  # how a torch.save from before its zip format (torch < 1.6) starts
+# A sentence-transformers model says how its token vectors make a sentence's: modules.json
+# names its Pooling module's folder, whose config.json sets one pooling_mode_* true.
+MODULES = "modules.json"
+POOLING_MODULE = "sentence_transformers.models.Pooling"
+DEFAULT_POOLING_DIR = "1_Pooling"
+# pooling_mode_* -> the name the runtime knows it by (pool.runtime.sentence_vectors).
+POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                 "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "lasttoken"}
+# What a directory without a Pooling module gets: the seed's mean over the tokens.
+DEFAULT_POOLING = "mean"
 
 
 class ModelDirError(ValueError):
@@ -39,7 +49,41 @@ def check_model_dir(path: str) -> str:
     _check_weights(directory)
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise ModelDirError(f"{path} holds no tokenizer (one of {', '.join(TOKENIZER_FILES)})")
+    pooling_of(directory)
     return str(directory.resolve())
+
+
+def pooling_of(directory: Path) -> str:
+    """How the model's sentence vectors are made from its token vectors: its
+    sentence-transformers Pooling module's mode ("mean", "cls", "max", "lasttoken"), else the
+    seed's "mean". ModelDirError for a mode this pool does not compute, or several at once:
+    serving such a model with another pooling would give vectors its authors never trained."""
+    folder = _pooling_folder(directory)
+    if folder is None:
+        return DEFAULT_POOLING
+    config = directory / folder / CONFIG
+    modes = [key for key, on in _json_object(config).items()
+             if key.startswith("pooling_mode_") and on is True]
+    if len(modes) != 1 or modes[0] not in POOLING_MODES:
+        known = ", ".join(POOLING_MODES)
+        raise ModelDirError(f"{config} asks for {' + '.join(modes) or 'no pooling mode'}: "
+                            f"this pool pools by exactly one of {known}")
+    return POOLING_MODES[modes[0]]
+
+
+def _pooling_folder(directory: Path) -> str | None:
+    """The folder of the model's Pooling module: as modules.json names it, else 1_Pooling if
+    that holds a config; None for a model without one."""
+    if (directory / MODULES).is_file():
+        try:
+            modules = json.loads((directory / MODULES).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelDirError(f"{directory / MODULES} is not valid JSON: {exc}") from None
+        for module in modules if isinstance(modules, list) else []:
+            if isinstance(module, dict) and module.get("type") == POOLING_MODULE:
+                return str(module.get("path") or DEFAULT_POOLING_DIR)
+        return None
+    return DEFAULT_POOLING_DIR if (directory / DEFAULT_POOLING_DIR / CONFIG).is_file() else None
 
 
 def _check_config(directory: Path) -> None:

@@ -27,6 +27,7 @@ from pool import attention, config, fusion
 from pool.attention import NARROW_PASS_TOKENS, SHORT_PASS_TOKENS
 from pool.cudagraphs import CudaGraphs
 from pool.health import GOLDEN_PAIRS
+from pool.modeldir import DEFAULT_POOLING, pooling_of
 
 log = logging.getLogger("zeropool.runtime")
 
@@ -252,7 +253,9 @@ class Encoder:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = load_model(path, self.dtype)
         self.model = model.to(self.device).eval()
-        self.pooled = SentenceVectors(self.model).eval()  # what every path computes; traced on CPU
+        self.pooling = pooling_of(Path(path))
+        # What every path computes; traced on CPU.
+        self.pooled = SentenceVectors(self.model, self.pooling).eval()
         self.max_length = _max_length(tokenizer, self.model, Path(path))
         self.pad_id = tokenizer.pad_token_id or 0
         # Token ids from here on have no embedding: a tokenizer shipped with another model.
@@ -356,7 +359,7 @@ class Encoder:
         example, check = inputs.example, inputs.check
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings about Python values in the model
-            traced = torch.jit.trace(SentenceVectors(model).eval(),
+            traced = torch.jit.trace(SentenceVectors(model, self.pooling).eval(),
                                      (example["input_ids"], example["attention_mask"]),
                                      strict=False, check_trace=False)  # checked below, once
             graph = torch.jit.freeze(traced.eval())
@@ -394,7 +397,7 @@ class Encoder:
         blocked = 1.0 - mask[:, None, None, :].to(self.dtype)
         additive = blocked * torch.finfo(self.dtype).min
         hidden = self.model(input_ids=input_ids, attention_mask=additive).last_hidden_state
-        return sentence_vectors(hidden, mask)
+        return sentence_vectors(hidden, mask, self.pooling)
 
     def measure_pass_cost(self) -> PassCost:
         """This model's fixed cost of a pass on this machine, in tokens' worth of its
@@ -669,28 +672,47 @@ def _full_rows(lengths: Sequence[int], max_rows: int,
 
 
 class SentenceVectors(torch.nn.Module):
-    """The model and the seed's pooling as one module, traced as one graph: a pass is then
-    one call that holds no GIL, where pooling op by op from Python took and released it a
-    dozen times, each a wait while the worker's other thread runs Python."""
+    """The model and its pooling as one module, traced as one graph: a pass is then one call
+    that holds no GIL, where pooling op by op from Python took and released it a dozen
+    times, each a wait while the worker's other thread runs Python."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, pooling: str = DEFAULT_POOLING) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.pooling = model, pooling
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return sentence_vectors(hidden, attention_mask)
+        return sentence_vectors(hidden, attention_mask, self.pooling)
 
 
-def sentence_vectors(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The seed's sentence embeddings of a pass: mean over the mask, L2-normalised, in fp32
-    whatever the weights ran in."""
-    return normalize(mean_pool(hidden.float(), mask))
+def sentence_vectors(hidden: torch.Tensor, mask: torch.Tensor,
+                     pooling: str = DEFAULT_POOLING) -> torch.Tensor:
+    """A pass's sentence embeddings, L2-normalised, in fp32 whatever the weights ran in:
+    pooled as the model says (pool.modeldir.pooling_of; the seed's mean by default)."""
+    return normalize(POOLINGS[pooling](hidden.float(), mask))
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+def cls_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return hidden[:, 0]
+
+
+def max_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    padding = (mask == 0).unsqueeze(-1)
+    return hidden.masked_fill(padding, torch.finfo(hidden.dtype).min).max(dim=1).values
+
+
+def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last real token: passes are padded on the right (`padded`)."""
+    last = mask.sum(dim=1).clamp(min=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+POOLINGS = {"mean": mean_pool, "cls": cls_pool, "max": max_pool, "lasttoken": last_token_pool}
 
 
 def normalize(vectors: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,7 @@ class WorkerView:
     device: str
     dtype: str | None  # what its weights run in, from READY; None until then
     graph: str | None  # how its forward passes run (traced / eager), from READY
+    pooling: str | None  # how its sentence vectors are pooled (mean / cls / ...), from READY
     state: str
     restarts: int
     inflight: int
@@ -648,6 +649,7 @@ class Supervisor:
         return WorkerView(
             id=worker.name, pid=worker.pid, version=worker.version, device=worker.device,
             dtype=info.dtype if info else None, graph=info.graph if info else None,
+            pooling=info.pooling if info else None,
             state=worker.state, restarts=worker.restarts,
             inflight=len(worker.inflight),
             served=worker.served, errors=worker.errors,

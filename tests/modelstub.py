@@ -29,3 +29,19 @@ def weights_of_another_shape(model: Path, copy: Path) -> Path:
     config["intermediate_size"] *= 2
     (copy / "config.json").write_text(json.dumps(config))
     return copy
+
+
+def with_pooling(model: Path, copy: Path, *modes: str) -> Path:
+    """A copy of `model` laid out as a sentence-transformers model whose Pooling module sets
+    `pooling_mode_<mode>` for each of `modes` (e.g. "cls_token", "max_tokens")."""
+    shutil.copytree(model, copy)
+    (copy / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"}]))
+    (copy / "1_Pooling").mkdir()
+    flags = {f"pooling_mode_{mode}": mode in modes for mode in
+             ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "lasttoken")}
+    flags |= {f"pooling_mode_{mode}": True for mode in modes}
+    (copy / "1_Pooling" / "config.json").write_text(json.dumps(flags))
+    return copy

@@ -11,8 +11,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from pool.builtin import embedded_model_path
-from pool.modeldir import ModelDirError, check_model_dir
-from tests.modelstub import model_stub
+from pool.modeldir import ModelDirError, check_model_dir, pooling_of
+from tests.modelstub import model_stub, with_pooling
 
 
 def test_a_complete_directory_passes_as_its_absolute_path(tmp_path: Path,
@@ -97,3 +97,35 @@ def test_no_tokenizer(tmp_path: Path) -> None:
     model = model_stub(tmp_path / "m")
     (model / "vocab.txt").unlink()
     assert "holds no tokenizer" in refused(model)
+
+
+def test_pooling_is_the_sentence_transformers_modules_else_the_seeds_mean(
+        tmp_path: Path) -> None:
+    model = model_stub(tmp_path / "m")
+    assert pooling_of(model) == "mean"  # no Pooling module: the seed's
+    assert pooling_of(embedded_model_path()) == "mean"  # all-MiniLM-L6-v2 says so
+    for mode, name in [("cls_token", "cls"), ("max_tokens", "max"), ("lasttoken", "lasttoken"),
+                       ("mean_tokens", "mean")]:
+        assert pooling_of(with_pooling(model, tmp_path / mode, mode)) == name
+    # The folder modules.json names, wherever it is; 1_Pooling alone is read too.
+    moved = with_pooling(model, tmp_path / "moved", "cls_token")
+    (moved / "1_Pooling").rename(moved / "pool")
+    modules = json.loads((moved / "modules.json").read_text())
+    modules[1]["path"] = "pool"
+    (moved / "modules.json").write_text(json.dumps(modules))
+    assert pooling_of(moved) == "cls"
+    (moved / "modules.json").unlink()
+    (moved / "pool").rename(moved / "1_Pooling")
+    assert pooling_of(moved) == "cls"
+
+
+@pytest.mark.parametrize(("modes", "says"), [
+    (("weightedmean_tokens",), "asks for pooling_mode_weightedmean_tokens"),
+    (("cls_token", "mean_tokens"), "asks for pooling_mode_cls_token + pooling_mode_mean_tokens"),
+    ((), "asks for no pooling mode"),
+])
+def test_a_pooling_this_pool_does_not_compute_is_refused_not_replaced(
+        tmp_path: Path, modes: tuple[str, ...], says: str) -> None:
+    model = with_pooling(model_stub(tmp_path / "m"), tmp_path / "p", *modes)
+    message = refused(model)
+    assert says in message and "exactly one of" in message

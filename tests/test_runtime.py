@@ -37,7 +37,7 @@ from pool.runtime import (
     plan_chunks,
     resolve_dtype,
 )
-from tests.modelstub import weights_of_another_shape
+from tests.modelstub import weights_of_another_shape, with_pooling
 from tests.support import SENTENCES, TINY_MAX_LENGTH, Reference
 
 TOLERANCE = 1e-4
@@ -82,6 +82,36 @@ def test_cpu_runs_a_traced_graph_that_computes_what_the_eager_model_does(
     wide = ["今天天气真好，我们去公园散步吧" * 4, "the weather is fine today " * 8]
     assert min(len(ids) for ids in encoder.token_ids(wide)) > SHORT_PASS_TOKENS
     assert torch.allclose(encoder.embed(wide), eager.embed(wide), atol=GRAPH_ATOL)
+
+
+def pooled_one_by_one(path: Path, texts: list[str], mode: str) -> torch.Tensor:
+    """The model's sentence vectors as sentence-transformers pools them, computed apart from
+    pool.runtime: one text a pass, so no padding to leave out."""
+    from transformers import AutoModel
+
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
+    rows = []
+    with torch.inference_mode():
+        for text in texts:
+            hidden = model(**tokenizer([text], return_tensors="pt")).last_hidden_state[0]
+            rows.append({"cls_token": hidden[0], "max_tokens": hidden.max(dim=0).values,
+                         "lasttoken": hidden[-1], "mean_tokens": hidden.mean(dim=0)}[mode])
+    return torch.nn.functional.normalize(torch.stack(rows), dim=1)
+
+
+@pytest.mark.parametrize(("mode", "pooling"), [("cls_token", "cls"), ("max_tokens", "max"),
+                                               ("lasttoken", "lasttoken")])
+def test_a_model_is_pooled_as_its_sentence_transformers_config_says(
+        models: dict[str, Path], tmp_path: Path, mode: str, pooling: str) -> None:
+    model = with_pooling(models["v1"], tmp_path / mode, mode)
+    texts = [*SENTENCES[:4], "好", "今天天气真好今天天气真好今天天气真好"]  # widths differ: padding
+    want = pooled_one_by_one(model, texts, mode)
+    for graph in ("traced", "eager"):
+        encoder = Encoder(str(model), dtype="float32", graph=graph)
+        assert (encoder.pooling, encoder.graph) == (pooling, graph)
+        assert torch.allclose(encoder.embed(texts), want, atol=TOLERANCE)
+    mean = Encoder(str(models["v1"]), dtype="float32").embed(texts)
+    assert not torch.allclose(mean, want, atol=0.01)  # the pooling is what changed them
 
 
 def without_weights(model: Path, copy: Path, *prefixes: str) -> Path:
@@ -453,22 +483,16 @@ TEXTS = st.lists(st.one_of(st.text(max_size=200), st.sampled_from(SENTENCES),
 
 
 @given(texts=TEXTS, which=st.sampled_from(["tiny", "minilm"]))
-def test_token_ids_are_what_the_transformers_tokenizer_gives(
+def test_token_ids_and_lengths_over_the_limit_are_what_the_transformers_tokenizer_gives(
     tokenizers_under_test: dict[str, tuple[object, int]], texts: list[str], which: str
 ) -> None:
     tokenizer, max_length = tokenizers_under_test[which]
+    encoder = TokenIdEncoder(tokenizer, max_length)
     want = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]  # type: ignore[operator]
-    assert TokenIdEncoder(tokenizer, max_length)(texts) == want
-
-
-@given(texts=TEXTS, which=st.sampled_from(["tiny", "minilm"]))
-def test_texts_over_the_limit_are_counted_as_the_transformers_tokenizer_counts_them(
-    tokenizers_under_test: dict[str, tuple[object, int]], texts: list[str], which: str
-) -> None:
-    tokenizer, max_length = tokenizers_under_test[which]
+    assert encoder(texts) == want
     whole = tokenizer(texts, truncation=False, verbose=False)["input_ids"]  # type: ignore[operator]
-    want = {i: len(ids) for i, ids in enumerate(whole) if len(ids) > max_length}
-    assert TokenIdEncoder(tokenizer, max_length).over_limit(texts) == want
+    assert encoder.over_limit(texts) == {i: len(ids) for i, ids in enumerate(whole)
+                                         if len(ids) > max_length}
 
 
 @given(texts=TEXTS)
@@ -539,7 +563,7 @@ def test_the_cuda_graphs_forward_masks_padding_for_mpnet() -> None:
     model = MPNetModel(MPNetConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
                                    num_attention_heads=2, intermediate_size=64)).eval()
     encoder = object.__new__(Encoder)  # only what _graph_forward reads
-    encoder.model, encoder.dtype = model, torch.float32
+    encoder.model, encoder.dtype, encoder.pooling = model, torch.float32, "mean"
     ids = [[0, 10, 11, 12, 2], [0, 20, 2]]
     matrix, mask = (torch.from_numpy(x) for x in padded(ids, 1, width=16))
     with torch.inference_mode():

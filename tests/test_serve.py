@@ -15,7 +15,9 @@ from pathlib import Path
 import orjson
 import psutil
 import pytest
+import torch
 import zmq
+from transformers import AutoModel, AutoTokenizer
 
 from pool.control import control_request
 from router.client import (
@@ -28,7 +30,7 @@ from router.client import (
     UnknownVersion,
 )
 from router.protocol import PROTOCOL
-from tests.modelstub import weights_of_another_shape
+from tests.modelstub import weights_of_another_shape, with_pooling
 from tests.support import (
     SENTENCES,
     TINY_MAX_LENGTH,
@@ -289,6 +291,25 @@ def test_a_bfloat16_pool_says_so_and_scores_within_the_low_precision_bound(
         drift = max(abs(got - reference["v1"].similarity(a, b))
                     for (a, b), got in zip(pairs, scores, strict=True))
         assert 0 < drift < 0.1  # the tiny model's wide weights: 3e-2 (test_runtime)
+    finally:
+        stop_pool(running)
+
+
+def test_a_cls_pooled_model_is_served_as_its_config_says_and_status_shows_it(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    # As BAAI's bge models are: sentence-transformers' Pooling module with its CLS token.
+    model = with_pooling(models["v1"], tmp_path / "cls", "cls_token")
+    tokenizer, bert = AutoTokenizer.from_pretrained(model), AutoModel.from_pretrained(model)
+    with torch.inference_mode():
+        cls = bert(**tokenizer(["今天天气真好"], return_tensors="pt")).last_hidden_state[0, 0]
+    want = torch.nn.functional.normalize(cls, dim=0).tolist()
+    running = start_pool(model, workers=1)
+    try:
+        assert [w["pooling"] for w in running.status()["workers"]] == ["cls"]
+        assert "float32 traced cls" in run_cli("status", env=running.env).stdout
+        with Client(running.endpoint) as client:
+            got = client.embed(["今天天气真好", "hello"]).embeddings[0]
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < TOLERANCE
     finally:
         stop_pool(running)
 
