@@ -27,6 +27,10 @@ PICKLE_PROTOCOL_2 = b"\x80"  # how a torch.save from before its zip format (torc
 # names its Pooling module's folder, whose config.json sets one pooling_mode_* true.
 MODULES = "modules.json"
 POOLING_MODULE = "sentence_transformers.models.Pooling"
+# The modules a pool computes: the encoder, its pooling, and the L2 normalisation it always
+# applies. Any other (a Dense projection, as LaBSE's) would be left out of every vector.
+SERVED_MODULES = frozenset({"sentence_transformers.models.Transformer", POOLING_MODULE,
+                            "sentence_transformers.models.Normalize"})
 DEFAULT_POOLING_DIR = "1_Pooling"
 # pooling_mode_* -> the name the runtime knows it by (pool.runtime.sentence_vectors).
 POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
@@ -56,8 +60,9 @@ def check_model_dir(path: str) -> str:
 def pooling_of(directory: Path) -> str:
     """How the model's sentence vectors are made from its token vectors: its
     sentence-transformers Pooling module's mode ("mean", "cls", "max", "lasttoken"), else the
-    seed's "mean". ModelDirError for a mode this pool does not compute, or several at once:
-    serving such a model with another pooling would give vectors its authors never trained."""
+    seed's "mean". ModelDirError for a mode this pool does not compute, or several at once,
+    or a module past the pooling it does not run: serving such a model otherwise would give
+    vectors its authors never trained."""
     folder = _pooling_folder(directory)
     if folder is None:
         return DEFAULT_POOLING
@@ -79,8 +84,13 @@ def _pooling_folder(directory: Path) -> str | None:
             modules = json.loads((directory / MODULES).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelDirError(f"{directory / MODULES} is not valid JSON: {exc}") from None
-        for module in modules if isinstance(modules, list) else []:
-            if isinstance(module, dict) and module.get("type") == POOLING_MODULE:
+        modules = [m for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
+        unserved = [str(m.get("type")) for m in modules if m.get("type") not in SERVED_MODULES]
+        if unserved:
+            raise ModelDirError(f"{directory / MODULES} lists {', '.join(unserved)}, which this "
+                                "pool does not run: its vectors would not be the model's")
+        for module in modules:
+            if module.get("type") == POOLING_MODULE:
                 return str(module.get("path") or DEFAULT_POOLING_DIR)
         return None
     return DEFAULT_POOLING_DIR if (directory / DEFAULT_POOLING_DIR / CONFIG).is_file() else None

@@ -129,3 +129,19 @@ def test_a_pooling_this_pool_does_not_compute_is_refused_not_replaced(
     model = with_pooling(model_stub(tmp_path / "m"), tmp_path / "p", *modes)
     message = refused(model)
     assert says in message and "exactly one of" in message
+
+
+def test_a_module_past_the_pooling_that_this_pool_does_not_run_is_refused(
+        tmp_path: Path) -> None:
+    # LaBSE projects its pooled vector through a Dense layer: left out, every vector is wrong.
+    model = with_pooling(model_stub(tmp_path / "m"), tmp_path / "dense", "cls_token")
+    modules = json.loads((model / "modules.json").read_text())
+    modules += [{"idx": 2, "name": "2", "path": "2_Dense",
+                 "type": "sentence_transformers.models.Dense"},
+                {"idx": 3, "name": "3", "path": "3_Normalize",
+                 "type": "sentence_transformers.models.Normalize"}]
+    (model / "modules.json").write_text(json.dumps(modules))
+    assert "lists sentence_transformers.models.Dense, which this pool does not run" in \
+        refused(model)
+    (model / "modules.json").write_text(json.dumps(modules[:2] + modules[3:]))
+    assert check_model_dir(str(model)) and pooling_of(model) == "cls"
