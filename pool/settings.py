@@ -43,6 +43,7 @@ def resolve_settings(values: dict[str, Any],
         raise ValueError(f"--bind {values['bind']}: {problem}")
     check_remote_control(values)  # before a built-in model's conversion (seconds)
     path, version, state_dir = values["path"], values["version"], Path(values["state_dir"])
+    source = "--path"  # where the model's path came from, for a message about it
     if path is None:
         registry = Registry(state_dir)
         if values.get("join"):
@@ -50,19 +51,18 @@ def resolve_settings(values: dict[str, Any],
         restored = registry.version(version or registry.active or "")
         if restored is not None:
             version, path = version or registry.active, restored["path"]
+            source = f"version {version} (the registry's; --path to serve another)"
         else:
-            path = DEFAULT_MODEL
+            path, source = DEFAULT_MODEL, "the default model"
     model = values["model"]
     if model == "transformer":
         try:
             path = (model_path or resolve_model_path)(path)
+            check_model_dir(path)
         except BuiltinModelError as exc:
             raise ValueError(str(exc)) from exc
-    if model == "transformer":
-        try:
-            check_model_dir(path)
         except ModelDirError as exc:
-            raise ValueError(f"--path {exc}") from None
+            raise ValueError(f"{source}: {exc}") from None
     if model not in ("transformer", "echo"):
         raise ValueError(f"--model must be transformer or echo, not {model!r}")
     for name, _, spec in flags():

@@ -14,6 +14,7 @@ from cli.serving import serve
 from pool import config
 from pool.builtin import embedded_model_path
 from pool.cpus import Cpus
+from pool.registry import Registry
 from pool.settings import resolve_settings
 from pool.worker import WorkerConfig
 from tests.modelstub import model_stub
@@ -111,3 +112,16 @@ def test_a_builtin_path_is_resolved_and_an_unknown_one_is_a_clear_error(tmp_path
     with pytest.raises(ValueError, match="unknown built-in model 'builtin:nope'; known: "
                                          "builtin:minilm, builtin:multilingual-e5-small"):
         resolve_settings({**values, "path": "builtin:nope"})
+
+
+def test_a_restored_version_whose_directory_broke_is_named_as_the_registrys(tmp_path) -> None:
+    model = model_stub(tmp_path / "m")
+    registry = Registry(tmp_path / "state")
+    registry.add("v7", str(model))
+    registry.set_active("v7")
+    registry.save()
+    (model / "model.safetensors").write_bytes(b"cut")  # the directory broke since
+    values = {name: config.flag_default(spec, name) for name, _, spec in config.flags()}
+    with pytest.raises(ValueError, match=r"^version v7 \(the registry's; --path to serve "
+                       r"another\): .*model\.safetensors is not a safetensors file"):
+        resolve_settings({**values, "state_dir": tmp_path / "state"})
