@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -80,9 +81,14 @@ def model_path(spec: str, as_json: bool = False) -> str:
         fail(str(exc), as_json, "usage", exit_code=2)
 
 
-def fail(message: str, as_json: bool, code: str = "error", exit_code: int = 1) -> NoReturn:
+def fail(message: str, as_json: bool, code: str = "error", exit_code: int = 1,
+         at: Sequence[str | int] | None = None) -> NoReturn:
+    """The command's error and exit; `at` (the item a pool named, protocol v1) into --json."""
     if as_json:
-        emit_json({"ok": False, "error": {"code": code, "message": message}})
+        error: dict[str, Any] = {"code": code, "message": message}
+        if at is not None:
+            error["at"] = list(at)
+        emit_json({"ok": False, "error": error})
     else:
         # Escaped: a message quotes paths and JSON shapes, whose brackets are not markup.
         err.print(f"[bold red]error[/]: {escape(message)}")
@@ -157,11 +163,14 @@ def nobody_listens(endpoint: str) -> str:
     """Why nothing can answer at one tcp:// or ipc:// endpoint, where that is known at once
     (no socket file; the connection refused); "" otherwise: a pool, or a doubt (a firewall
     that drops, a pool still starting), which the request's own timeout settles. ZeroMQ
-    itself would wait that timeout out in silence."""
+    itself would wait that timeout out in silence. A list of endpoints is the failover
+    client's to try: never judged here."""
+    if "," in endpoint or ";" in endpoint:
+        return ""
     if endpoint.startswith("ipc://"):
         path = endpoint.removeprefix("ipc://")  # "@": Linux's abstract names have no file
         return "" if path.startswith("@") or Path(path).exists() else "no socket file there"
-    if not endpoint.startswith("tcp://") or "," in endpoint or ";" in endpoint:
+    if not endpoint.startswith("tcp://"):
         return ""
     host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
     try:
@@ -179,7 +188,7 @@ AUTH_EXIT_CODE = 3  # the pool refused this client's Curve handshake: a script c
 def fail_with(exc: ZeroPoolError, as_json: bool) -> NoReturn:
     """A protocol error or a refused handshake, as the command's error and exit code."""
     auth = isinstance(exc, AuthenticationFailed)
-    fail(exc.message, as_json, exc.code, exit_code=AUTH_EXIT_CODE if auth else 1)
+    fail(exc.message, as_json, exc.code, exit_code=AUTH_EXIT_CODE if auth else 1, at=exc.at)
 
 
 PoolOpt = Annotated[str | None, typer.Option(

@@ -33,7 +33,7 @@ VERDICT_STYLE = {VERDICT_VERY_SIMILAR: "green", VERDICT_RELATED: "yellow",
 def serve(**options: Any) -> None:
     """Start a pool: router + supervisor in this process, N worker processes."""
     from pool.logs import setup_logging
-    from pool.server import StartupError
+    from pool.server import StartupError, VersionFailed
     from pool.server import serve as run_server
     from pool.settings import resolve_settings
 
@@ -53,6 +53,8 @@ def serve(**options: Any) -> None:
         code = run_server(settings)
     except StartupError as exc:
         fail(str(exc), as_json, exit_code=2)
+    except VersionFailed as exc:  # already logged as it happened; said here for scripts
+        fail(str(exc), as_json, "version_failed")
     raise typer.Exit(code)
 
 
@@ -114,7 +116,7 @@ def embed(
     client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Normalised mean-pooled embeddings of TEXTS."""
+    """Normalised embeddings of TEXTS, pooled as the serving version's model says."""
     result = call_pool(endpoint, timeout, as_json,
                        lambda client: client.embed(texts, version=version, truncate=truncate),
                        client_keys(server_key, client_key, as_json))

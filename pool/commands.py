@@ -242,8 +242,8 @@ class Commands:
             raise ControlError(f"{version} is already loaded")
         try:
             check_model_dir(entry["path"])
-        except ValueError as exc:
-            raise ControlError(str(exc)) from None
+        except ValueError as exc:  # as a rotation to it would be: the directory is wrong
+            raise ControlError(str(exc), BAD_COMMAND) from None
         self.pool.load_version(version, entry["path"],
                                int(req.get("workers") or self.pool.default_workers))
         return {"loading": version}

@@ -19,9 +19,11 @@ CONFIG = "config.json"
 # Weights as transformers looks for them, in its order: one file, or shards and their index.
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-# A tokenizer in any of the forms AutoTokenizer reads.
+# A tokenizer in any of the forms AutoTokenizer reads; those in JSON must parse.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model",
                    "tokenizer.model", "vocab.json")
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+TORCH_ZIP_PICKLE = "/data.pkl"  # torch.save's zip holds <name>/data.pkl
 PICKLE_PROTOCOL_2 = b"\x80"  # how a torch.save from before its zip format (torch < 1.6) starts
 # A sentence-transformers model says how its token vectors make a sentence's: modules.json
 # names its Pooling module's folder, whose config.json sets one pooling_mode_* true.
@@ -46,13 +48,14 @@ class ModelDirError(ValueError):
 def check_model_dir(path: str) -> str:
     """The absolute path of a transformers model directory; ModelDirError saying which file
     is missing or broken otherwise."""
+    if not path.strip():
+        raise ModelDirError("the model's path is empty")
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise ModelDirError(f"{path} is not a directory")
     _check_config(directory)
     _check_weights(directory)
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelDirError(f"{path} holds no tokenizer (one of {', '.join(TOKENIZER_FILES)})")
+    _check_tokenizer(directory)
     pooling_of(directory)
     return str(directory.resolve())
 
@@ -67,8 +70,12 @@ def pooling_of(directory: Path) -> str:
     if folder is None:
         return DEFAULT_POOLING
     config = directory / folder / CONFIG
+    if not config.is_file():
+        raise ModelDirError(f"{config} is missing: the Pooling module {MODULES} names has no "
+                            "config")
+    # Truthy, as sentence-transformers reads them ("pooling_mode_cls_token": 1 is CLS).
     modes = [key for key, on in _json_object(config).items()
-             if key.startswith("pooling_mode_") and on is True]
+             if key.startswith("pooling_mode_") and on]
     if len(modes) != 1 or modes[0] not in POOLING_MODES:
         known = ", ".join(POOLING_MODES)
         raise ModelDirError(f"{config} asks for {' + '.join(modes) or 'no pooling mode'}: "
@@ -84,7 +91,9 @@ def _pooling_folder(directory: Path) -> str | None:
             modules = json.loads((directory / MODULES).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelDirError(f"{directory / MODULES} is not valid JSON: {exc}") from None
-        modules = [m for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
+        if not isinstance(modules, list):
+            raise ModelDirError(f"{directory / MODULES} is not a list of modules")
+        modules = [m for m in modules if isinstance(m, dict)]
         unserved = [str(m.get("type")) for m in modules if m.get("type") not in SERVED_MODULES]
         if unserved:
             raise ModelDirError(f"{directory / MODULES} lists {', '.join(unserved)}, which this "
@@ -94,6 +103,15 @@ def _pooling_folder(directory: Path) -> str | None:
                 return str(module.get("path") or DEFAULT_POOLING_DIR)
         return None
     return DEFAULT_POOLING_DIR if (directory / DEFAULT_POOLING_DIR / CONFIG).is_file() else None
+
+
+def _check_tokenizer(directory: Path) -> None:
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelDirError(f"{directory} holds no tokenizer (one of "
+                            f"{', '.join(TOKENIZER_FILES)})")
+    for name in TOKENIZER_JSON:
+        if (directory / name).is_file():
+            _json_object(directory / name)  # a copy cut short fails to parse
 
 
 def _check_config(directory: Path) -> None:
@@ -126,9 +144,19 @@ def _check_safetensors(file: Path) -> None:
 
 
 def _check_torch_bin(file: Path) -> None:
+    """torch.save's zip with its pickle inside, or an older torch.save's bare pickle (which
+    only loading can check further)."""
+    if zipfile.is_zipfile(file):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                if any(name.endswith(TORCH_ZIP_PICKLE) for name in archive.namelist()):
+                    return
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ModelDirError(f"{file} is not a torch checkpoint: {exc}") from None
+        raise ModelDirError(f"{file} is a zip but not a torch checkpoint (no */data.pkl)")
     with file.open("rb") as handle:
         start = handle.read(1)
-    if not zipfile.is_zipfile(file) and start != PICKLE_PROTOCOL_2:
+    if start != PICKLE_PROTOCOL_2:
         raise ModelDirError(f"{file} is not a torch checkpoint (neither torch.save's zip "
                             "format nor a pickle)")
 

@@ -44,6 +44,11 @@ class StartupError(RuntimeError):
     """The pool cannot start: the message says why."""
 
 
+class VersionFailed(RuntimeError):
+    """The version the pool started with never served (its load or health check failed): the
+    pool stopped, and the message says why."""
+
+
 class PoolServer:
     def __init__(self, settings: config.PoolSettings) -> None:
         self.settings = settings
@@ -86,6 +91,7 @@ class PoolServer:
         self.stopping_since: float | None = None
         self._stop_reported = False  # the pending requests of a stop are logged once
         self.exit_code = 0
+        self.failure: str | None = None  # why the version it started with never served
         self._signals: list[int] = []
 
     def _start_curve(self) -> CurveServer | None:
@@ -174,6 +180,8 @@ class PoolServer:
                 (self.state_dir / name).unlink(missing_ok=True)
             if self.settings.bind.startswith("ipc://"):
                 Path(self.settings.bind[len("ipc://"):]).unlink(missing_ok=True)
+        if self.failure is not None:
+            raise VersionFailed(self.failure)
         return self.exit_code
 
     def _start_active_version(self) -> None:
@@ -369,6 +377,7 @@ class PoolServer:
         if self.stopping_since is None:
             log.error("active version %s failed: %s; shutting down", active.version, active.failed)
             self.exit_code = 1
+            self.failure = f"version {active.version} cannot serve: {active.failed}"
             self.begin_shutdown()
             self.broker.fail_all_queued(protocol.WORKER_FAILED,
                                         f"version failed: {active.failed}")

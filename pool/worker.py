@@ -438,8 +438,8 @@ class WorkerLoop:
         at = text_place(job.op, index)
         limit = self.encoder.max_length
         error = item_error(protocol.TOO_LARGE, at, f"has {tokens} tokens, over version "
-                           f"{self.cfg.version}'s input limit of {limit}: shorten it, or send "
-                           f"it without truncate: false to embed its first {limit} tokens")
+                           f"{self.cfg.version}'s input limit of {limit}: shorten it, or let "
+                           f"the pool truncate it (the default) to its first {limit} tokens")
         self._reply_error(job.seq, error.code, str(error), error.at)
         return True
 

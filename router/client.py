@@ -270,7 +270,7 @@ def with_options(body: dict[str, Any], timeout_ms: int | None, truncate: bool) -
     """The optional keys, only where they differ from the protocol's defaults."""
     if timeout_ms is not None:
         body["timeout_ms"] = timeout_ms
-    if not truncate:
+    if truncate is False:  # only an explicit False: None (or anything else) is the default
         body[protocol.TRUNCATE_KEY] = False
     return body
 
@@ -625,9 +625,10 @@ class Client:
 
     def similarity_many(self, batches: Iterable[Iterable[Sequence[str]]],
                         version: str | None = None, in_flight: int = DEFAULT_IN_FLIGHT,
-                        timeout: float | None = None) -> list[Similarity | ZeroPoolError]:
+                        timeout: float | None = None,
+                        truncate: bool = True) -> list[Similarity | ZeroPoolError]:
         """Many similarity requests pipelined; errors are returned in place, not raised."""
-        bodies = [similarity_body(pairs, None) for pairs in batches]
+        bodies = [similarity_body(pairs, None, truncate) for pairs in batches]
         return self._call(protocol.OP_SIMILARITY, version, bodies, timeout, in_flight)
 
     def _call(self, op: bytes, version: str | None, bodies: list[dict],

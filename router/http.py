@@ -150,13 +150,16 @@ def list_names(field: str, one_string: bool) -> Names:
     return name
 
 
-def sentence_names(at: tuple[str | int, ...]) -> str | None:
-    """TEI's similarity: pair i is (source_sentence, sentences[i])."""
-    if at == ("pairs",):
-        return "inputs.sentences"
-    if len(at) == 3 and at[0] == "pairs":
-        return "inputs.source_sentence" if at[2] == 0 else f"inputs.sentences[{at[1]}]"
-    return None
+def sentence_names(one_string: bool) -> Names:
+    """TEI's similarity: pair i is (source_sentence, sentences[i]); `sentences` a string (one
+    sentence) or a list of them."""
+    def name(at: tuple[str | int, ...]) -> str | None:
+        if at == ("pairs",) or (one_string and at[-1:] == (1,) and len(at) == 3):
+            return "inputs.sentences"
+        if len(at) == 3 and at[0] == "pairs":
+            return "inputs.source_sentence" if at[2] == 0 else f"inputs.sentences[{at[1]}]"
+        return None
+    return name
 
 
 def json_response(data: Any, version: str | None = None) -> Response:
@@ -350,6 +353,9 @@ def text_list(value: Any, name: str) -> list[str]:
     if isinstance(value, list) and value and all(isinstance(t, int | list) for t in value):
         raise HttpError(400, protocol.BAD_REQUEST, f"{name}: token-id arrays are not "
                         "supported, send text (a string or a list of strings)")
+    if isinstance(value, list) and value:
+        wrong = next(i for i, t in enumerate(value) if not isinstance(t, str))
+        raise HttpError(400, protocol.BAD_REQUEST, f"{name}[{wrong}] must be a string")
     raise HttpError(400, protocol.BAD_REQUEST,
                     f"{name} must be a string or a non-empty list of strings")
 
@@ -434,12 +440,14 @@ async def tei_similarity(door: Door, request: Request) -> Response:
         raise HttpError(400, protocol.BAD_REQUEST, 'inputs must be {"source_sentence": "...", '
                         '"sentences": ["...", ...]}')
     source = inputs["source_sentence"]
+    if not source:
+        raise HttpError(400, protocol.BAD_REQUEST, "inputs.source_sentence is an empty string")
     sentences = text_list(inputs.get("sentences"), "inputs.sentences")
     parameters = body.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise HttpError(400, protocol.BAD_REQUEST, "parameters must be an object")
     truncate = tei_truncate(parameters or {}, "parameters.")
-    with named_as(sentence_names):
+    with named_as(sentence_names(isinstance(inputs.get("sentences"), str))):
         result = await door.pool.similarity([(source, s) for s in sentences],
                                             version=header_version(request),
                                             timeout_ms=door.deadline_ms, truncate=truncate)

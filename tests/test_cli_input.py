@@ -497,3 +497,13 @@ def test_ctrl_c_stops_every_producer_at_once_without_a_traceback(tmp_path: Path)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     _, alive = psutil.wait_procs(producers, timeout=5)
     assert not alive
+
+
+def test_only_a_single_endpoint_is_judged_unreachable_before_the_request(tmp_path: Path) -> None:
+    from cli.common import nobody_listens
+
+    missing = f"ipc://{tmp_path}/none.sock"
+    assert nobody_listens(missing) == "no socket file there"
+    # A list is the failover client's to try, whatever its first entry.
+    assert nobody_listens(f"{missing},tcp://127.0.0.1:1") == ""
+    assert nobody_listens(f"{missing},{missing}") == ""

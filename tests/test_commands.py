@@ -108,6 +108,17 @@ def test_a_refused_command_says_whether_its_arguments_or_the_pool_refused_it(
     assert reply["ok"] is False and reply["code"] == code and says in reply["error"], reply
 
 
+def test_a_registered_directory_broken_since_is_the_commands_fault_for_load_and_rotate(
+        pool: Pool, models: Path) -> None:
+    _, server, _ = pool
+    assert command(server, "versions_add", version="v2", path=str(models / "v2"))["ok"]
+    (models / "v2" / "model.safetensors").write_bytes(b"cut")
+    for cmd in ("load", "rotate"):
+        reply = command(server, cmd, version="v2")
+        assert reply["ok"] is False and reply["code"] == "bad_request", (cmd, reply)
+        assert "model.safetensors is not a safetensors file" in reply["error"]
+
+
 def test_a_drain_timeout_of_zero_is_zero(pool: Pool, models: Path) -> None:
     fake, server, _ = pool
     reply = command(server, "rotate", version="v2", path=str(models / "v2"), drain_timeout=0,

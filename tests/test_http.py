@@ -202,9 +202,13 @@ def test_bad_requests_are_400(door: Door, body: bytes) -> None:
 def test_tei_bad_requests_are_400(door: Door) -> None:
     for path, body in [("/embed", {"inputs": 3}), ("/embed", {"inputs": "x", "normalize": False}),
                        ("/similarity", {"inputs": ["a", "b"]}),
-                       ("/similarity", {"inputs": {"source_sentence": "a", "sentences": []}})]:
+                       ("/similarity", {"inputs": {"source_sentence": "a", "sentences": []}}),
+                       ("/similarity", {"inputs": {"source_sentence": "", "sentences": ["b"]}})]:
         assert_error(httpx.post(f"{door.url}{path}", headers=auth(), json=body), 400,
                      "bad_request")
+    error = assert_error(httpx.post(f"{door.url}/embed", headers=auth(),
+                                    json={"inputs": ["a", 3]}), 400, "bad_request")
+    assert error["message"] == "inputs[1] must be a string"
 
 
 def test_tei_truncate_false_is_413_naming_the_callers_field(door: Door) -> None:

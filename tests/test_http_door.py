@@ -126,12 +126,14 @@ def test_names_known_not_to_be_versions_are_remembered_a_while_and_bounded(
      list_names("input", True), 413, "input has 12000 characters"),
     (TooLarge("texts holds 1025 items, over ...", None, ("texts",)),
      list_names("inputs", False), 413, "inputs holds 1025 items, over ..."),
-    (TooLarge("pairs[2][0] has 60 tokens", None, ("pairs", 2, 0)), sentence_names, 413,
+    (TooLarge("pairs[2][0] has 60 tokens", None, ("pairs", 2, 0)), sentence_names(False), 413,
      "inputs.source_sentence has 60 tokens"),
-    (TooLarge("pairs[2][1] has 60 tokens", None, ("pairs", 2, 1)), sentence_names, 413,
+    (TooLarge("pairs[2][1] has 60 tokens", None, ("pairs", 2, 1)), sentence_names(False), 413,
      "inputs.sentences[2] has 60 tokens"),
+    (TooLarge("pairs[0][1] has 60 tokens", None, ("pairs", 0, 1)), sentence_names(True), 413,
+     "inputs.sentences has 60 tokens"),  # sent as one string
     # No place, or one the route has no name for: the pool's message as it is.
-    (BadRequest("body must be a JSON object"), sentence_names, 400,
+    (BadRequest("body must be a JSON object"), sentence_names(False), 400,
      "body must be a JSON object"),
     (BadRequest("truncate must be true or false", None, ("truncate",)),
      list_names("input", False), 400, "truncate must be true or false"),

@@ -145,3 +145,31 @@ def test_a_module_past_the_pooling_that_this_pool_does_not_run_is_refused(
         refused(model)
     (model / "modules.json").write_text(json.dumps(modules[:2] + modules[3:]))
     assert check_model_dir(str(model)) and pooling_of(model) == "cls"
+
+
+def test_what_a_users_sweep_found_past_the_first_checks(tmp_path: Path) -> None:
+    with pytest.raises(ModelDirError, match="the model's path is empty"):
+        check_model_dir("")
+    model = model_stub(tmp_path / "m")
+    # A tokenizer.json cut short (a copy interrupted): named, not found by a worker.
+    (model / "tokenizer.json").write_text('{"version": "1.0", "model": {')
+    assert f"{model / 'tokenizer.json'} is not valid JSON" in refused(model)
+    (model / "tokenizer.json").unlink()
+    # A zip that is not torch.save's.
+    (model / "model.safetensors").unlink()
+    import zipfile
+
+    with zipfile.ZipFile(model / "pytorch_model.bin", "w") as archive:
+        archive.writestr("readme.txt", "not weights")
+    assert "is a zip but not a torch checkpoint" in refused(model)
+
+
+def test_a_pooling_config_read_as_sentence_transformers_reads_it(tmp_path: Path) -> None:
+    model = with_pooling(model_stub(tmp_path / "m"), tmp_path / "p", "cls_token")
+    config = model / "1_Pooling" / "config.json"
+    config.write_text('{"pooling_mode_cls_token": 1, "pooling_mode_mean_tokens": 0}')
+    assert pooling_of(model) == "cls"  # truthy, as sentence-transformers reads it
+    config.unlink()
+    assert f"{config} is missing" in refused(model)
+    (model / "modules.json").write_text('{"0": "x"}')  # not a list: not ignored either
+    assert "is not a list of modules" in refused(model)

@@ -149,6 +149,7 @@ def test_truncate_false_refuses_a_text_over_the_models_limit_and_says_which(
     assert refused.returncode == 1, refused.stdout
     error = json.loads(refused.stdout)["error"]
     assert error["code"] == "too_large" and error["message"].startswith("texts[1] has 62")
+    assert error["at"] == ["texts", 1]
 
 
 def test_req_socket_works(pool: RunningPool) -> None:
@@ -389,6 +390,15 @@ def test_serve_exits_with_the_reason_when_weights_do_not_load(models: dict[str, 
     log = running.process.log_tail(200)
     assert "cannot serve" in log and "exit" in log
     stop_pool(running)
+    # A script asking for --json gets the reason on stdout, as from any other command.
+    done = run_cli("serve", "--path", str(broken), "--workers", "1", "--state-dir",
+                   str(tmp_path / "state"), "--bind", f"ipc://{short_tmpdir()}/fe", "--json",
+                   env=dict(os.environ), timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    error = json.loads(done.stdout)["error"]
+    assert error["code"] == "version_failed"
+    assert error["message"].startswith("version v1 cannot serve: ") and \
+        "ModelWeightsError: the weights do not fit config.json" in error["message"]
 
 
 def test_second_pool_on_the_same_state_dir_is_refused(pool: RunningPool,

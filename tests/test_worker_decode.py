@@ -106,6 +106,16 @@ def test_an_items_error_says_where_it_is_and_its_message_begins_there(
     assert reply == {"code": code, "message": str(exc.value), "at": list(at)}
 
 
+def test_a_client_sends_truncate_only_when_it_is_false() -> None:
+    from router.client import embed_body, similarity_body
+
+    assert embed_body(["a"], None) == {"texts": ["a"]}
+    assert embed_body(["a"], None, None) == {"texts": ["a"]}  # type: ignore[arg-type]
+    assert embed_body(["a"], 5, False) == {"texts": ["a"], "timeout_ms": 5, "truncate": False}
+    assert similarity_body([("a", "b")], None, False) == {"pairs": [["a", "b"]],
+                                                          "truncate": False}
+
+
 def test_truncate_is_optional_and_true_unless_sent_false() -> None:
     for doc, want in [({}, True), ({"truncate": True}, True), ({"truncate": False}, False)]:
         job = decode_job(b"s", EMBED, orjson.dumps({"texts": ["a"], **doc}), NOW(), LIMITS)
