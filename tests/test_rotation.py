@@ -126,8 +126,11 @@ def test_failed_rotation_leaves_v1_serving(
     if breakage == "weights_of_another_shape":
         path = weights_of_another_shape(models["v2"], tmp_path / "v2")
         expected_reason = "while loading"
-    elif breakage == "crash_on_load":
-        path = broken_copy(models["v2"], tmp_path / "v2", "tokenizer.json", b"{not json")
+    elif breakage == "crash_on_load":  # transformers refuses to build such a model
+        config = json.loads((models["v2"] / "config.json").read_text())
+        config["num_attention_heads"] = 3  # 32 wide: not a multiple of 3
+        path = broken_copy(models["v2"], tmp_path / "v2", "config.json",
+                           json.dumps(config).encode())
         expected_reason = "while loading"
     else:
         golden = tmp_path / "golden.json"
