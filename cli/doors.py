@@ -35,6 +35,7 @@ from router.protocol import ENDPOINT_ENV
 HTTP_MAX_BODY_BYTES = 4 * 1024 * 1024
 HTTP_POOL_TIMEOUT_S = 30.0
 HTTP_BODY_TIMEOUT_S = 30.0
+HTTP_MAX_HEADER_BYTES = 64 * 1024
 INSECURE_WARNING = ("WARNING: pool http listens on {host} WITHOUT AUTHENTICATION (--insecure): "
                     "anyone who reaches {url} can use the pool. Give --token-file.")
 
@@ -57,6 +58,9 @@ def http_door(
     body_timeout: Annotated[float, typer.Option(
         "--body-timeout", min=0.1,
         help="Seconds a request body may stop arriving; beyond: 408.")] = HTTP_BODY_TIMEOUT_S,
+    max_header_bytes: Annotated[int, typer.Option(
+        "--max-header-bytes", min=1024,
+        help="Largest request line and headers; beyond: 431.")] = HTTP_MAX_HEADER_BYTES,
     tls_cert: Annotated[Path | None, typer.Option(
         "--tls-cert", help="HTTPS: the certificate (PEM, chain first) the door presents.")] = None,
     tls_key: Annotated[Path | None, typer.Option(
@@ -95,7 +99,8 @@ def http_door(
         err.print(f"[bold yellow]warning: bearer tokens cross the network in clear text on "
                   f"{url}: give --tls-cert and --tls-key (or put a TLS proxy in front)[/]")
     settings = HttpSettings(endpoint, tokens, max_body_bytes, timeout,
-                            client_keys(server_key, client_key, as_json), body_timeout)
+                            client_keys(server_key, client_key, as_json), body_timeout,
+                            max_header_bytes)
     if as_json:
         emit_json({"url": url, "endpoint": endpoint, "auth": bool(tokens)})
     else:

@@ -51,6 +51,8 @@ HEALTH_TIMEOUT_S = 2.0  # a probe must answer fast, whatever the pool does
 # A body whose next bytes do not come within this is given up (408): a caller that stops
 # sending (or sends a byte a minute) must not hold a connection and its buffer for ever.
 BODY_TIMEOUT_S = 30.0
+# The request line and headers together (router.httphead); nginx allows 32 KiB by default.
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 # `model` values that mean "whatever the pool serves now" without asking the pool.
 DEFAULT_MODEL_NAMES = frozenset({"", "default"})
 # A `model` the pool said is not a version is remembered this long, so that a tool with a
@@ -206,6 +208,7 @@ class HttpSettings:
     timeout_s: float = DEFAULT_TIMEOUT_S
     curve: ClientKeys | None = None
     body_timeout_s: float = BODY_TIMEOUT_S
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
 
 
 class DoorMetrics:
@@ -595,7 +598,10 @@ def run(settings: HttpSettings, host: str, port: int, tls: Tls | None = None) ->
     """Serve until SIGINT/SIGTERM (uvicorn handles both)."""
     import uvicorn
 
+    from router.httphead import bounded_head_protocol
+
     config = uvicorn.Config(build_app(settings), host=host, port=port, access_log=False,
+                            http=bounded_head_protocol(settings.max_header_bytes),
                             log_level="warning", lifespan="on", timeout_keep_alive=30,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
                             ssl_certfile=None if tls is None else str(tls.cert),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import shutil
 import socket
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"
 TOLERANCE = 1e-5
 SMALL_BODY_LIMIT = 4096  # the door under test refuses bodies past this, cheaply provoked
+SMALL_HEADER_LIMIT = 8192  # and request heads (line + headers) past this
 BODY_TIMEOUT_S = 2.0  # and gives up on a body that stops arriving this soon
 
 
@@ -86,7 +88,7 @@ class Door:
 @pytest.fixture(scope="module")
 def door(pool: RunningPool) -> Iterator[Door]:
     running = Door(pool.endpoint, "--max-body-bytes", str(SMALL_BODY_LIMIT), "--body-timeout",
-                   str(BODY_TIMEOUT_S))
+                   str(BODY_TIMEOUT_S), "--max-header-bytes", str(SMALL_HEADER_LIMIT))
     yield running
     running.stop()
 
@@ -375,6 +377,41 @@ def test_the_door_counts_its_answers_for_prometheus(door: Door) -> None:
     assert 'zeropool_http_requests_total{route="/v1/embeddings",status="200"}' in text
     assert 'zeropool_http_requests_total{route="/v1/models",status="401"}' in text
     assert 'zeropool_http_request_seconds_count{route="/v1/embeddings"}' in text
+
+
+def raw_exchange(door: Door, chunks: list[bytes]) -> bytes:
+    """What the door answers on one connection to `chunks` sent one by one, until it closes."""
+    with socket.create_connection(("127.0.0.1", door.port), timeout=10) as conn:
+        for chunk in chunks:
+            try:
+                conn.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # it answered and closed: read what it said
+        reply = b""
+        while (data := conn.recv(65536)):
+            reply += data
+    return reply
+
+
+def test_a_request_head_past_the_bound_is_431_and_the_door_keeps_serving(door: Door) -> None:
+    body = b'{"input": "hello"}'
+    ok_head = (f"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\n"
+               f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+               "connection: close\r\n").encode()
+    many = [b"x-a: " + b"a" * 100 + b"\r\n"] * 100  # complete, ~10 KiB in all
+    endless = [b"x-b: ", *[b"b" * 4096] * 8]  # a header value that never ends
+    for chunks in ([ok_head, *many, b"\r\n", body], [ok_head + b"".join(many) + b"\r\n" + body],
+                   [ok_head, *endless]):
+        reply = raw_exchange(door, chunks)
+        status_line, _, rest = reply.partition(b"\r\n")
+        assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large", reply[:200]
+        error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "headers_too_large" and "--max-header-bytes" in error["message"]
+    # Within the bound, a body sent with its head in one chunk is the body's, not the head's.
+    padded = ok_head + b"x-c: " + b"c" * (SMALL_HEADER_LIMIT // 2) + b"\r\n\r\n" + body
+    assert raw_exchange(door, [padded]).startswith(b"HTTP/1.1 200")
+    assert httpx.post(f"{door.url}/v1/embeddings", headers=auth(),
+                      json={"input": "hello"}).status_code == 200
 
 
 def test_a_method_or_path_no_route_takes_is_the_callers_error_and_counted(door: Door) -> None:
