@@ -35,7 +35,6 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._in_head = True  # reading a request line or headers
         self._head_bytes = 0  # bytes read while in it
-        self._parsed_bytes = 0  # its request line and headers as parsed so far
         self._too_large = False  # the parser stopped for it: the 400 uvicorn sends is a 431
         self._refused = False  # answered 431: what still comes is dropped until the close
 
@@ -49,21 +48,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._in_head and not self._refused and self._head_bytes > self.max_head_bytes:
             self._refuse_head()
 
-    def on_message_begin(self) -> None:
-        self._parsed_bytes = 0
-        super().on_message_begin()
-
-    def on_url(self, url: bytes) -> None:
-        self._parsed_bytes += len(url)
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._parsed_bytes += len(name) + len(value)
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._parsed_bytes > self.max_head_bytes:
+        # What uvicorn kept of the head (on_url, on_header): summed once a request.
+        parsed = len(self.url) + sum(len(name) + len(value) for name, value in self.headers)
+        if parsed > self.max_head_bytes:
             self._too_large = True
             raise HeadTooLarge
         super().on_headers_complete()
