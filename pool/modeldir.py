@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
@@ -87,10 +88,7 @@ def _pooling_folder(directory: Path) -> str | None:
     """The folder of the model's Pooling module: as modules.json names it, else 1_Pooling if
     that holds a config; None for a model without one."""
     if (directory / MODULES).is_file():
-        try:
-            modules = json.loads((directory / MODULES).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelDirError(f"{directory / MODULES} is not valid JSON: {exc}") from None
+        modules = _json(directory / MODULES)
         if not isinstance(modules, list):
             raise ModelDirError(f"{directory / MODULES} is not a list of modules")
         modules = [m for m in modules if isinstance(m, dict)]
@@ -172,11 +170,15 @@ def _check_shards(index: Path) -> None:
         check(index.parent / shard)
 
 
-def _json_object(file: Path) -> dict:
+def _json(file: Path) -> Any:
     try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
+        return json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelDirError(f"{file} is not valid JSON: {exc}") from None
+
+
+def _json_object(file: Path) -> dict:
+    doc = _json(file)
     if not isinstance(doc, dict):
         raise ModelDirError(f"{file} is not a JSON object")
     return doc

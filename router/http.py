@@ -136,10 +136,10 @@ def named_as(names: Names) -> Iterator[None]:
         yield
     except ZeroPoolError as exc:
         err = pool_error(exc)
-        name = None if exc.at is None else names(exc.at)
-        own = None if exc.at is None else protocol.path_text(exc.at)
-        if name is not None and own is not None and err.message.startswith(own):
-            err.message = name + err.message[len(own):]
+        if exc.at is not None:
+            own, name = protocol.path_text(exc.at), names(exc.at)
+            if name is not None and err.message.startswith(own):
+                err.message = name + err.message[len(own):]
         raise err from None
 
 
@@ -156,11 +156,13 @@ def sentence_names(one_string: bool) -> Names:
     """TEI's similarity: pair i is (source_sentence, sentences[i]); `sentences` a string (one
     sentence) or a list of them."""
     def name(at: tuple[str | int, ...]) -> str | None:
-        if at == ("pairs",) or (one_string and at[-1:] == (1,) and len(at) == 3):
+        if at == ("pairs",):
             return "inputs.sentences"
-        if len(at) == 3 and at[0] == "pairs":
-            return "inputs.source_sentence" if at[2] == 0 else f"inputs.sentences[{at[1]}]"
-        return None
+        if len(at) != 3 or at[0] != "pairs":
+            return None
+        if at[2] == 0:
+            return "inputs.source_sentence"
+        return "inputs.sentences" if one_string else f"inputs.sentences[{at[1]}]"
     return name
 
 
