@@ -17,7 +17,7 @@ from collections.abc import Callable
 from transformers import AutoTokenizer
 
 from pool.builtin import embedded_model_path
-from pool.runtime import token_id_encoder
+from pool.runtime import TokenIdEncoder
 from tooling.loadgen import make_texts
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.path)
     max_length = min(tokenizer.model_max_length, 512)
-    direct = token_id_encoder(tokenizer, max_length)
+    direct = TokenIdEncoder(tokenizer, max_length)
     rng = random.Random(0)
     batches = {
         "128 bench sentences (64 pairs)": make_texts(128, 0, rng),
