@@ -90,6 +90,7 @@ STATUS_BY_CODE: dict[str, int] = {
 TYPE_BY_STATUS: dict[int, str] = {
     400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
     405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error", 500: "server_error", 503: "server_error", 504: "timeout_error",
 }
 
@@ -107,16 +108,22 @@ def status_for(code: str) -> int:
     return STATUS_BY_CODE.get(code, 500)
 
 
+def error_json(status: int, code: str, message: str) -> bytes:
+    """OpenAI's error shape, the body of every failure the door answers (router.httphead's
+    431 too)."""
+    return orjson.dumps({"error": {"message": message,
+                                   "type": TYPE_BY_STATUS.get(status, "server_error"),
+                                   "code": code}})
+
+
 def error_response(status: int, code: str, message: str,
                    headers: dict[str, str] | None = None) -> Response:
-    body = {"error": {"message": message, "type": TYPE_BY_STATUS.get(status, "server_error"),
-                      "code": code}}
     headers = dict(headers or {})
     if status in (429, 503):  # overloaded, or the pool down or stopping: worth a retry soon
         headers["retry-after"] = RETRY_AFTER_S
     if status == 401:
         headers["www-authenticate"] = "Bearer"
-    return Response(orjson.dumps(body), status, headers, media_type=JSON)
+    return Response(error_json(status, code, message), status, headers, media_type=JSON)
 
 
 def pool_error(exc: ZeroPoolError) -> HttpError:

@@ -10,8 +10,9 @@ complete (exact), and the bytes read while a head is still incomplete (what llht
 
 from __future__ import annotations
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from router.http import JSON, error_json
 
 HEADERS_TOO_LARGE = 431
 # After a 431 the connection reads and drops what the caller still sends this long, so that
@@ -69,12 +70,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _refuse_head(self) -> None:
         self._in_head, self._refused = False, True  # one answer, then the close
-        body = orjson.dumps({"error": {
-            "message": f"the request line and headers passed {self.max_head_bytes} bytes: "
-                       "send less, or raise pool http --max-header-bytes",
-            "type": "invalid_request_error", "code": "headers_too_large"}})
+        body = error_json(HEADERS_TOO_LARGE, "headers_too_large",
+                          f"the request line and headers passed {self.max_head_bytes} bytes: "
+                          "send less, or raise pool http --max-header-bytes")
         head = (f"HTTP/1.1 {HEADERS_TOO_LARGE} Request Header Fields Too Large\r\n"
-                "content-type: application/json\r\n"
+                f"content-type: {JSON}\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
         self.transport.write(head + body)
         if self.transport.can_write_eof():  # TLS cannot half-close: it just closes later
