@@ -40,6 +40,8 @@ POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "
                  "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "lasttoken"}
 # What a directory without a Pooling module gets: the seed's mean over the tokens.
 DEFAULT_POOLING = "mean"
+# A sentence-transformers model's own settings (max_seq_length), beside its transformers files.
+SENTENCE_BERT_CONFIG = "sentence_bert_config.json"
 
 
 class ModelDirError(ValueError):
@@ -82,6 +84,16 @@ def pooling_of(directory: Path) -> str:
         raise ModelDirError(f"{config} asks for {' + '.join(modes) or 'no pooling mode'}: "
                             f"this pool pools by exactly one of {known}")
     return POOLING_MODES[modes[0]]
+
+
+def max_seq_length_of(directory: Path) -> int | None:
+    """`max_seq_length` from a sentence-transformers model's sentence_bert_config.json, the
+    length it truncates at; None where the file, or a positive value in it, is missing."""
+    try:
+        limit = json.loads((directory / SENTENCE_BERT_CONFIG).read_text()).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return limit if isinstance(limit, int) and limit > 0 else None
 
 
 def _pooling_folder(directory: Path) -> str | None:

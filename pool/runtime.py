@@ -9,7 +9,6 @@ texts go together with long ones only when another pass would cost more than the
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 import warnings
@@ -27,12 +26,10 @@ from pool import attention, config, fusion
 from pool.attention import NARROW_PASS_TOKENS, SHORT_PASS_TOKENS
 from pool.cudagraphs import CudaGraphs
 from pool.health import GOLDEN_PAIRS
-from pool.modeldir import DEFAULT_POOLING, pooling_of
+from pool.modeldir import DEFAULT_POOLING, max_seq_length_of, pooling_of
 
 log = logging.getLogger("zeropool.runtime")
 
-# A sentence-transformers model's own settings, beside its transformers files.
-SENTENCE_BERT_CONFIG = "sentence_bert_config.json"
 # Texts per forward pass after sorting by length; bounds activation memory on long inputs.
 # A GPU pass costs about the same from one text to hundreds (launch-bound), and a GPU
 # worker's batches are bounded by tokens as well (pool.config.GPU_MAX_BATCH_TOKENS).
@@ -729,14 +726,6 @@ def _max_length(tokenizer: Any, model: torch.nn.Module, path: Path) -> int:
     offset = getattr(getattr(model, "embeddings", None), "padding_idx", None)
     if positions and isinstance(offset, int):
         positions -= offset + 1
-    limits = [positions, tokenizer.model_max_length, _sentence_transformers_limit(path)]
+    limits = [positions, tokenizer.model_max_length, max_seq_length_of(path)]
     return int(min(x for x in limits if x and x < 1_000_000))
 
-
-def _sentence_transformers_limit(path: Path) -> int | None:
-    """`max_seq_length` from the model directory's sentence_bert_config.json, if any."""
-    try:
-        limit = json.loads((path / SENTENCE_BERT_CONFIG).read_text()).get("max_seq_length")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return limit if isinstance(limit, int) and limit > 0 else None
