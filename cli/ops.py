@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pool.config import settings_line
+from pool.cpus import CorePlan, core_list_text
 
 STATUS_STYLE = {"healthy": "green", "degraded": "yellow", "failed": "red"}
 MIB = 1024 * 1024
@@ -36,6 +37,9 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
         out.print(system_line(st["system"]))
     if st.get("settings"):
         out.print(f"limits: {settings_line(st['settings'])}")
+        affinity = st["settings"].get("cpu_affinity")
+        if affinity:
+            out.print(f"CPU affinity: {affinity_text(affinity)}")
     remote = st.get("remote_control")
     if remote:
         out.print(f"remote control {remote['endpoint']} (CurveZMQ, operator keys): "
@@ -55,7 +59,7 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
         runs = " ".join(x for x in (w["dtype"], w["graph"], w.get("pooling"))
                         if x and x != "none") or "-"
         busy = (w.get("batching") or {}).get("busy_percent")
-        table.add_row(str(w["pid"]), w["version"], w["device"], runs, w["state"],
+        table.add_row(str(w["pid"]), w["version"], device_cell(w), runs, w["state"],
                       str(w["inflight"]), "-" if busy is None else f"{busy:.0f}%",
                       str(w["served"]), str(w["errors"]),
                       str(w["restarts"]), beat, f"{w['rss_bytes'] / MIB:.0f}",
@@ -63,6 +67,17 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
     # Rich squeezes tables into 80 columns when stdout is not a terminal: don't.
     Console(file=out.file, width=max(out.width, TABLE_WIDTH),
             force_terminal=out.is_terminal).print(table)
+
+
+def affinity_text(plan: dict[str, Any]) -> str:
+    """--cpu-affinity's plan as status JSON has it, as CorePlan.describe() says it."""
+    return CorePlan(tuple(plan["serving"]), tuple(map(tuple, plan["passes"]))).describe()
+
+
+def device_cell(worker: dict[str, Any]) -> str:
+    """"cpu", or "cpu 2-3" where --cpu-affinity gives its passes cores of their own."""
+    cores = worker.get("passes_cores")
+    return f"{worker['device']} {core_list_text(cores)}" if cores else worker["device"]
 
 
 def thresholds_cell(row: dict[str, Any]) -> str:

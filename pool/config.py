@@ -9,7 +9,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from pool.cpus import usable_cpus
+from pool.cpus import MAX_DEFAULT_WORKERS, CorePlan, usable_cpus
 from pool.gate import DEFAULT_MAX_SPEARMAN_DROP, DEFAULT_MIN_SPEARMAN
 from pool.health import PROBE_MIN_PAIRS, PROBE_MIN_TEXT_CHARS
 from pool.quality import Thresholds, parse_thresholds
@@ -112,10 +112,11 @@ def parse_devices(spec: str) -> list[str]:
     raise ValueError(f"bad --device {spec!r}: expected auto, cpu, cuda or cuda:0,1")
 
 
-def default_workers(devices: list[str]) -> int:
+def default_workers(devices: list[str], cores: int | None = None) -> int:
+    """`cores`: those --cpu-affinity gives to passes (None: every usable one)."""
     if devices[0].startswith("cuda"):
         return len(devices)
-    return min(usable_cpus().usable, 8)
+    return min(cores or usable_cpus().usable, MAX_DEFAULT_WORKERS)
 
 
 def default_max_batch(devices: list[str]) -> int:
@@ -132,10 +133,10 @@ def default_tokenizer_threads(devices: list[str], workers: int) -> int:
     return max(1, min(MAX_TOKENIZER_THREADS, usable_cpus().usable // workers - 1))
 
 
-def default_threads(devices: list[str], workers: int) -> int:
+def default_threads(devices: list[str], workers: int, cores: int | None = None) -> int:
     if devices[0].startswith("cuda"):
         return 1
-    return max(1, usable_cpus().usable // workers)
+    return max(1, (cores or usable_cpus().usable) // workers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +190,8 @@ class PoolSettings:
         names=("--version", "-v"), flag_type=str | None)
     workers: int = setting(
         1, "Worker processes (default: one per GPU, else one per usable core up to 8: its "
-        "affinity, within a container's CPU limit).", min=1,
+        "affinity, within a container's CPU limit; with --cpu-affinity, one per core it "
+        "gives passes).", min=1,
         flag_type=int | None, shown=True)
     bind: str = setting(DEFAULT_BIND, "Frontend endpoint (tcp:// or ipc://).")
     state_dir: Path = setting(
@@ -224,13 +226,22 @@ class PoolSettings:
         DEFAULT_MAX_WAIT_MS, "How long a worker waits to fill a batch (default 0: the next batch "
         "is what queued during the last one).", min=0, shown=True)
     threads: int = setting(
-        1, "Torch threads per worker (default: usable cores / workers).", min=1,
+        1, "Torch threads per worker (default: usable cores / workers; with --cpu-affinity, "
+        "the passes' cores / workers).", min=1,
         flag_type=int | None, shown=True)
     tokenizer_threads: int = setting(
         1, "Threads tokenising each worker's requests (default: 1 on CPU, whose cores compute "
         f"the passes; on GPUs usable cores / workers - 1, at most {MAX_TOKENIZER_THREADS}: a "
         "GPU pass is faster than one core tokenises its texts).", min=1, flag_type=int | None,
         shown=True)
+    cpu_affinity: CorePlan | None = setting(
+        None, "off | auto | CORES (e.g. 2-7): each worker's forward passes on cores of their "
+        "own, the router and the workers' intake on the others. auto: every usable core but "
+        "the first for passes; CORES: these for passes, split evenly among the workers. "
+        "Workers and threads default to the passes' cores. For a pool with its cores to "
+        "itself (a machine, or a container's cpuset): pools sharing cores would stack their "
+        "passes on the same ones. CPU pools only.", env="ZEROPOOL_CPU_AFFINITY",
+        flag_type=str, flag_default="off", shown=True)
     model: str = setting("transformer", "transformer | echo (no model: transport only).")
     max_pairs: int = setting(
         DEFAULT_MAX_PAIRS, "Pairs (or embed texts) per request; beyond: too_large. At least "

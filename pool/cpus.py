@@ -37,10 +37,16 @@ class Cpus:
         return f"{self.usable} usable ({where})"
 
 
-def usable_cpus(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT) -> Cpus:
-    """This process's CPUs (never fewer than one usable)."""
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-        else os.cpu_count() or 1
+def usable_cpus(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT,
+                cores: tuple[int, ...] | None = None) -> Cpus:
+    """This process's CPUs (never fewer than one usable). `cores`: the pool's, where
+    --cpu-affinity pinned this process to a part of them."""
+    if cores is not None:
+        affinity = len(cores)
+    elif hasattr(os, "sched_getaffinity"):
+        affinity = len(os.sched_getaffinity(0))
+    else:
+        affinity = os.cpu_count() or 1
     limit = cgroup_cpu_limit(proc_cgroup, root)
     usable = affinity if limit is None else min(affinity, math.ceil(limit))
     return Cpus(max(1, usable), affinity, limit)
@@ -105,3 +111,122 @@ def _v1_limit(group: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return None if quota <= 0 or period <= 0 else quota / period
+
+
+# --cpu-affinity: each worker's forward passes on cores of their own, everything else (the
+# router, each worker's intake and tokenizer threads, a new version's loading) on the rest.
+# On 2 cores a tiny model's pool served 9,370-9,420 pairs/s pinned against 8,120-8,320 with
+# the kernel placing every thread: unpinned, the router and the intake preempt the device
+# thread on its core (docs/benchmarks.md, session 25). Off by default: pools that share a
+# machine's cores without cpusets would all pin their passes to the same cores.
+AFFINITY_OFF = "off"
+AFFINITY_AUTO = "auto"  # every usable core but the first for passes
+MAX_DEFAULT_WORKERS = 8  # a pool sized by its cores starts no more workers than this
+
+
+@dataclass(frozen=True, slots=True)
+class CorePlan:
+    """Where a pool's threads run: `passes[i]` are the cores of worker slot i's forward
+    passes (its device thread and torch's threads), `serving` those of everything else."""
+
+    serving: tuple[int, ...]
+    passes: tuple[tuple[int, ...], ...]
+
+    @property
+    def cores(self) -> tuple[int, ...]:
+        """All of the pool's."""
+        return tuple(sorted({*self.serving, *(c for cores in self.passes for c in cores)}))
+
+    def passes_of(self, slot: int) -> tuple[int, ...]:
+        """A slot beyond the plan's (a rotation to more workers) shares a planned slot's."""
+        return self.passes[slot % len(self.passes)]
+
+    def describe(self) -> str:
+        slots = ", ".join(f"worker {i} on {core_list_text(cores)}"
+                          for i, cores in enumerate(self.passes))
+        return f"passes: {slots}; router, intake and loading on {core_list_text(self.serving)}"
+
+
+def parse_core_list(text: str) -> tuple[int, ...]:
+    """"0-3,8" -> (0, 1, 2, 3, 8), as taskset and cpusets write core lists."""
+    cores: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"{text!r} is not a core list: expected cores like 3, or 2-5,8")
+        low, high = int(first), int(last or first)
+        if high < low:
+            raise ValueError(f"{part.strip()!r} in {text!r}: a range runs from low to high")
+        cores.update(range(low, high + 1))
+    return tuple(sorted(cores))
+
+
+def core_list_text(cores: tuple[int, ...] | list[int]) -> str:
+    """(0, 1, 2, 5) -> "0-2,5"."""
+    runs: list[list[int]] = []
+    for core in sorted(cores):
+        if runs and core == runs[-1][1] + 1:
+            runs[-1][1] = core
+        else:
+            runs.append([core, core])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def allowed_cores() -> tuple[int, ...]:
+    return tuple(sorted(os.sched_getaffinity(0)))
+
+
+def reserved_cores(setting: str, allowed: tuple[int, ...], cpus: Cpus) -> tuple[int, ...] | None:
+    """The cores --cpu-affinity gives to forward passes (None: off). ValueError saying why
+    a setting cannot be followed on this machine."""
+    if setting == AFFINITY_OFF:
+        return None
+    name = f"--cpu-affinity {setting}"
+    if setting == AFFINITY_AUTO:
+        if cpus.limit is not None and cpus.limit < cpus.affinity:
+            raise ValueError(
+                f"{name}: this process may run on {cpus.affinity} cores but its cgroup limits "
+                f"it to {cpus.limit:g}: it shares them with other containers, and pinning would "
+                "stack every pool's passes on the same cores. Give the container cores of its "
+                "own (a cpuset: Kubernetes' static CPU manager), or name the cores")
+        if len(allowed) < 2:
+            raise ValueError(f"{name}: needs 2 cores, one for passes and one for the router; "
+                             f"this process may use {core_list_text(allowed)}")
+        return allowed[1:]
+    cores = parse_core_list(setting)
+    outside = [c for c in cores if c not in allowed]
+    if outside:
+        raise ValueError(f"{name}: core(s) {core_list_text(outside)} are not among those this "
+                         f"process may use ({core_list_text(allowed)})")
+    if len(cores) == len(allowed):
+        raise ValueError(f"{name}: leaves no core for the router and the workers' intake; "
+                         f"this process may use {core_list_text(allowed)}")
+    return cores
+
+
+def plan_cores(setting: str, reserved: tuple[int, ...], allowed: tuple[int, ...],
+               workers: int, threads: int) -> CorePlan:
+    """`threads` consecutive reserved cores per worker slot (from the last), the other allowed
+    cores for the rest. Cores named in `setting` must all be used; auto's may be left over."""
+    needed = workers * threads
+    exact = setting != AFFINITY_AUTO
+    if needed > len(reserved) or (exact and needed != len(reserved)):
+        raise ValueError(
+            f"--cpu-affinity {setting}: {workers} worker(s) x {threads} thread(s) need {needed} "
+            f"cores for their passes, and it gives them {len(reserved)} (core(s) "
+            f"{core_list_text(reserved)}): size --workers and --threads to them, or leave "
+            "either out to have it sized")
+    used = reserved[len(reserved) - needed:]
+    passes = tuple(used[i * threads:(i + 1) * threads] for i in range(workers))
+    return CorePlan(tuple(c for c in allowed if c not in used), passes)
+
+
+def pin_process(cores: tuple[int, ...]) -> None:
+    """Every thread of this process to `cores` (threads started later inherit it, as do
+    processes forked or spawned from it)."""
+    for task in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(task), cores)
+
+
+def pin_this_thread(cores: tuple[int, ...]) -> None:
+    os.sched_setaffinity(0, cores)  # Linux: 0 is the calling thread, not the process

@@ -21,7 +21,7 @@ import zmq
 from pool import config
 from pool.commands import Commands
 from pool.control import PID_FILE, ControlError, ControlServer, RemoteControl, serving_pid
-from pool.cpus import usable_cpus
+from pool.cpus import core_list_text, pin_process, usable_cpus
 from pool.gate import QualityGate, read_eval_set
 from pool.health import Expectation
 from pool.metrics import REFRESH_S, PoolMetrics
@@ -52,6 +52,10 @@ class VersionFailed(RuntimeError):
 class PoolServer:
     def __init__(self, settings: config.PoolSettings) -> None:
         self.settings = settings
+        # First: the threads started from here on (ZeroMQ's, the forkserver, the workers it
+        # forks) inherit it; each worker moves its device thread to its slot's cores.
+        if settings.cpu_affinity is not None:
+            pin_serving_path(settings.cpu_affinity.serving)
         self.state_dir = prepare_state_dir(settings.state_dir)
         self.registry = Registry(self.state_dir)
         self.ctx = zmq.Context()
@@ -82,7 +86,7 @@ class PoolServer:
         self.rotations = RotationController(self.supervisor, self.broker, self.registry,
                                             recent=self.metrics.recent)
         self.rotations.on_finish = self.metrics.on_rotation_finished
-        self.system = system_stats()
+        self.system = system_stats(self.pool_cores)
         handlers = Commands(self, self.rotations, self.registry).handlers()
         self.control = ControlServer.local(self.ctx, self.state_dir, handlers)
         if self.remote_control is not None:
@@ -93,6 +97,12 @@ class PoolServer:
         self.exit_code = 0
         self.failure: str | None = None  # why the version it started with never served
         self._signals: list[int] = []
+
+    @property
+    def pool_cores(self) -> tuple[int, ...] | None:
+        """The cores of the whole pool where --cpu-affinity pinned this process to a part."""
+        plan = self.settings.cpu_affinity
+        return None if plan is None else plan.cores
 
     def _start_curve(self) -> CurveServer | None:
         s = self.settings
@@ -201,7 +211,7 @@ class PoolServer:
         self.broker.set_active(s.version)
         log.info("listening on %s (control %s), %d worker(s) of %s loading from %s",
                  self.broker.frontend_endpoint, s.control_endpoint, s.workers, s.version, s.path)
-        log_cpus(s.threads)
+        log_cpus(s)
         for entry in self.registry.listing():
             if entry["auto_load"] and entry["version"] != s.version:
                 log.info("auto-loading %s from %s", entry["version"], entry["path"])
@@ -320,7 +330,7 @@ class PoolServer:
                     return
             if now >= next_refresh:
                 next_refresh = now + REFRESH_S
-                self.system = system_stats()
+                self.system = system_stats(self.pool_cores)
                 self.metrics.refresh(self.broker.snapshot(), self.supervisor.snapshot(),
                                      None if curve is None else curve.refusals.count,
                                      self.system,
@@ -383,9 +393,21 @@ class PoolServer:
                                         f"version failed: {active.failed}")
 
 
-def log_cpus(threads: int) -> None:
-    """The CPUs the pool sized itself by (pool.cpus)."""
-    log.info("CPUs: %s; %d torch thread(s) per worker", usable_cpus().describe(), threads)
+def log_cpus(settings: config.PoolSettings) -> None:
+    """The CPUs the pool sized itself by (pool.cpus), and where its threads run."""
+    plan = settings.cpu_affinity
+    log.info("CPUs: %s; %d torch thread(s) per worker",
+             usable_cpus(cores=None if plan is None else plan.cores).describe(), settings.threads)
+    if settings.cpu_affinity is not None:
+        log.info("CPU affinity: %s", settings.cpu_affinity.describe())
+
+
+def pin_serving_path(cores: tuple[int, ...]) -> None:
+    try:
+        pin_process(cores)
+    except OSError as exc:  # the cores were checked at start: a cpuset changed since
+        raise StartupError(f"--cpu-affinity: cannot run on cores {core_list_text(cores)}: "
+                           f"{exc.strerror or exc}") from None
 
 
 def prepare_state_dir(state_dir: Path) -> Path:

@@ -24,6 +24,13 @@ from pool.config import (
     option_name,
     parse_devices,
 )
+from pool.cpus import (
+    AFFINITY_OFF,
+    allowed_cores,
+    plan_cores,
+    reserved_cores,
+    usable_cpus,
+)
 from pool.join import fleet_version, own_keys, peer_endpoints, pinger
 from pool.modeldir import ModelDirError, check_model_dir
 from pool.registry import Registry, check_eval_set
@@ -72,17 +79,35 @@ def resolve_settings(values: dict[str, Any],
     if values["eval_pairs"]:
         values = {**values, "eval_pairs": check_eval_set(values["eval_pairs"])}
     devices = parse_devices(values["devices"])
-    workers = values["workers"] or default_workers(devices)
+    affinity = values["cpu_affinity"].strip().lower()
+    reserved = passes_cores(affinity, devices, model)
+    budget = None if reserved is None else len(reserved)
+    workers = values["workers"] or default_workers(devices, budget)
+    threads = values["threads"] or default_threads(devices, workers, budget)
     return PoolSettings(**{
         **values, "path": path if model == "echo" else str(Path(path).resolve()),
         "version": version or DEFAULT_VERSION, "state_dir": state_dir, "devices": devices,
-        "workers": workers,
-        "threads": values["threads"] or default_threads(devices, workers),
+        "workers": workers, "threads": threads,
+        "cpu_affinity": None if reserved is None else plan_cores(
+            affinity, reserved, allowed_cores(), workers, threads),
         "tokenizer_threads": values["tokenizer_threads"]
         or default_tokenizer_threads(devices, workers),
         "max_batch": _given(values["max_batch"], default_max_batch(devices)),
         "max_batch_tokens": _given(values["max_batch_tokens"],
                                    default_max_batch_tokens(devices))})
+
+
+def passes_cores(setting: str, devices: list[str], model: str) -> tuple[int, ...] | None:
+    """The cores --cpu-affinity gives forward passes (None: off). ValueError saying why it
+    cannot be followed."""
+    if setting == AFFINITY_OFF:
+        return None
+    if devices[0].startswith("cuda"):
+        raise ValueError("--cpu-affinity pins forward passes to CPU cores: this pool's run on "
+                         "its GPUs (leave it off with --device cuda)")
+    if model == "echo":
+        raise ValueError("--cpu-affinity: the echo model has no forward passes to pin")
+    return reserved_cores(setting, allowed_cores(), usable_cpus())
 
 
 def check_remote_control(values: dict[str, Any]) -> None:

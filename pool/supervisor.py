@@ -159,6 +159,7 @@ class WorkerView:
     rss_bytes: int
     gpu_memory_bytes: int
     batching: BatchStats | None
+    passes_cores: list[int] | None = None  # --cpu-affinity: its forward passes' cores
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,7 +519,8 @@ class Supervisor:
         device = s.devices[slot % len(s.devices)]
         try:
             process = self._spawner(WorkerConfig(name, plan.version, plan.path, device, s,
-                                                 thresholds=plan.thresholds.thresholds))
+                                                 thresholds=plan.thresholds.thresholds,
+                                                 slot=slot))
         except SpawnPending:
             return None
         except SpawnFailed as exc:
@@ -656,7 +658,12 @@ class Supervisor:
             last_heartbeat_s=round(now - worker.last_seen, 2) if info else None,
             uptime_s=round(now - worker.started, 1),
             load_seconds=info.load_seconds if info else None, rss_bytes=_rss(worker.pid),
-            gpu_memory_bytes=info.gpu_memory_bytes if info else 0, batching=worker.batching)
+            gpu_memory_bytes=info.gpu_memory_bytes if info else 0, batching=worker.batching,
+            passes_cores=self._passes_cores(worker))
+
+    def _passes_cores(self, worker: Worker) -> list[int] | None:
+        plan = self.settings.cpu_affinity
+        return None if plan is None else list(plan.passes_of(worker.slot))
 
     def version_views(self) -> dict[str, VersionView]:
         return {name: VersionView(

@@ -13,15 +13,16 @@ import psutil
 from pool.cpus import usable_cpus
 
 
-def system_stats() -> dict[str, Any]:
-    """CPU %, memory, and per-GPU load and memory; the CPUs this pool may use.
+def system_stats(cores: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """CPU %, memory, and per-GPU load and memory; the CPUs this pool may use (`cores`: its
+    own where --cpu-affinity pinned the calling process to a part of them).
 
     cpu_percent is measured since the previous call (psutil keeps the last sample), so the
     server calls this on a steady tick and the first figure after start-up is 0.0.
     """
     memory = psutil.virtual_memory()
     gpus, gpu_error = gpu_stats()
-    cpus = usable_cpus()  # read each time: a pod's CPU limit can be resized in place
+    cpus = usable_cpus(cores=cores)  # read each time: a pod's CPU limit can be resized in place
     return {
         "cpu_percent": psutil.cpu_percent(interval=None),
         "cpu_count": psutil.cpu_count() or 0,

@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 
 from pool import config
+from pool.cpus import core_list_text, pin_this_thread
 from pool.passes import PASSES_CRASHED, PASSES_DONE, DeviceThread, Job, JobQueue
 from pool.quality import SEED_THRESHOLDS, Thresholds
 from pool.reports import BatchStats, ReadyInfo
@@ -57,6 +58,14 @@ class WorkerConfig:
     heartbeat_s: float = config.HEARTBEAT_S
     # The serve process: the worker's parent (spawn) or its parent's (the forkserver's).
     server_pid: int = field(default_factory=os.getpid)
+    slot: int = 0  # its place among its version's workers: which cores its passes run on
+
+    @property
+    def passes_cores(self) -> tuple[int, ...] | None:
+        """--cpu-affinity: the cores of its forward passes (None: wherever the kernel puts
+        them)."""
+        plan = self.settings.cpu_affinity
+        return None if plan is None else plan.passes_of(self.slot)
 
     @property
     def capacity(self) -> int:
@@ -120,6 +129,20 @@ def load_encoder(cfg: WorkerConfig, device: str) -> tuple[Any, float]:
     encoder = Encoder(cfg.path, device=device, dtype=cfg.settings.dtype,
                       graph=cfg.settings.graph)
     return encoder, encoder.warm_up()
+
+
+def pin_passes(cores: tuple[int, ...] | None) -> None:
+    """This thread (the device thread) on its slot's cores; a refusal leaves it unpinned,
+    said in the log, rather than failing a worker that can serve."""
+    if cores is None:
+        return
+    try:
+        pin_this_thread(cores)
+    except OSError as exc:
+        log.warning("forward passes not pinned to cores %s: %s", core_list_text(cores),
+                    exc.strerror or exc)
+        return
+    log.info("forward passes on cores %s", core_list_text(cores))
 
 
 def freeze_heap() -> None:
@@ -266,6 +289,7 @@ class WorkerLoop:
         def run_passes() -> None:
             import torch  # loaded already, with the model
 
+            pin_passes(self.cfg.passes_cores)  # before torch's threads start: they inherit it
             torch.set_num_threads(self.settings.threads)  # per thread with OpenMP
             pair = self.sock.context.socket(zmq.PAIR)
             pair.setsockopt(zmq.LINGER, 0)

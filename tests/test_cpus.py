@@ -7,14 +7,25 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 
 from pool import config
-from pool.cpus import Cpus, cgroup_cpu_limit, usable_cpus
-from tests.support import run_cli, start_pool, stop_pool
+from pool.cpus import (
+    CorePlan,
+    Cpus,
+    cgroup_cpu_limit,
+    core_list_text,
+    parse_core_list,
+    plan_cores,
+    reserved_cores,
+    usable_cpus,
+)
+from router.client import Client
+from tests.support import SENTENCES, run_cli, start_pool, stop_pool
 from tooling import cgroups
 
 
@@ -119,3 +130,127 @@ def test_a_pool_confined_to_one_core_starts_one_worker_of_one_thread(
                 assert "a CPU limit of 1)" in shown.stdout, shown.stdout
         finally:
             stop_pool(pool)
+
+
+# --cpu-affinity: the plan (pure), then a real pool whose threads are where the plan says.
+
+def test_core_lists_read_and_written_as_taskset_writes_them() -> None:
+    assert parse_core_list("0-3,8") == (0, 1, 2, 3, 8)
+    assert parse_core_list(" 5 , 1-2 ") == (1, 2, 5)
+    assert core_list_text((0, 1, 2, 5, 7, 8)) == "0-2,5,7-8"
+    for bad in ("", "a", "1-", "3-1", "1,,2", "-2"):
+        with pytest.raises(ValueError, match=r"core list|low to high"):
+            parse_core_list(bad)
+
+
+def test_auto_gives_passes_every_core_but_the_first() -> None:
+    four = (0, 1, 2, 3)
+    assert reserved_cores("auto", four, Cpus(4, 4, None)) == (1, 2, 3)
+    plan = plan_cores("auto", (1, 2, 3), four, workers=1, threads=2)
+    assert plan == CorePlan(serving=(0, 1), passes=((2, 3),))  # the last cores, the rest serve
+    assert plan.cores == four
+    assert plan.passes_of(0) == plan.passes_of(1) == (2, 3)  # a slot beyond shares
+    assert "worker 0 on 2-3; router, intake and loading on 0-1" in plan.describe()
+    with pytest.raises(ValueError, match="needs 2 cores"):
+        reserved_cores("auto", (5,), Cpus(1, 1, None))
+    with pytest.raises(ValueError, match=r"limits it to 3\.5.*cpuset"):
+        reserved_cores("auto", tuple(range(8)), Cpus(4, 8, 3.5))  # a share of shared cores
+
+
+def test_named_cores_are_split_among_the_workers_and_must_fit() -> None:
+    allowed = tuple(range(8))
+    cores = reserved_cores("2-7", allowed, Cpus(8, 8, None))
+    plan = plan_cores("2-7", cores, allowed, workers=3, threads=2)
+    assert plan.passes == ((2, 3), (4, 5), (6, 7)) and plan.serving == (0, 1)
+    with pytest.raises(ValueError, match=r"2 worker.*x 2 thread.*need 4 cores.*gives them 6"):
+        plan_cores("2-7", cores, allowed, workers=2, threads=2)
+    with pytest.raises(ValueError, match="need 8 cores"):
+        plan_cores("2-7", cores, allowed, workers=4, threads=2)
+    with pytest.raises(ValueError, match=r"core\(s\) 8-10 are not among .*\(0-7\)"):
+        reserved_cores("6-10", allowed, Cpus(8, 8, None))
+    with pytest.raises(ValueError, match="leaves no core for the router"):
+        reserved_cores("0-7", allowed, Cpus(8, 8, None))
+
+
+def flag_values(**given: object) -> dict:
+    return {**{name: config.flag_default(spec, name) for name, _, spec in config.flags()},
+            "model": "echo", **given}
+
+
+def test_workers_and_threads_default_to_the_passes_cores(monkeypatch) -> None:
+    from pool import settings as settings_module
+
+    monkeypatch.setattr(settings_module, "allowed_cores", lambda: (0, 1, 2, 3, 4))
+    monkeypatch.setattr(settings_module, "usable_cpus", lambda: Cpus(5, 5, None))
+    monkeypatch.setattr(config, "usable_cpus", lambda: Cpus(5, 5, None))
+    values = flag_values(model="transformer", path="echo", devices="cpu")
+    monkeypatch.setattr(settings_module, "check_model_dir", lambda path: None)
+    settings = settings_module.resolve_settings({**values, "cpu_affinity": "AUTO"},
+                                                model_path=lambda p: p)
+    assert (settings.workers, settings.threads) == (4, 1)
+    assert settings.cpu_affinity == CorePlan((0,), ((1,), (2,), (3,), (4,)))
+    settings = settings_module.resolve_settings(
+        {**values, "cpu_affinity": "1-4", "workers": 2}, model_path=lambda p: p)
+    assert (settings.workers, settings.threads) == (2, 2)
+    assert settings.cpu_affinity == CorePlan((0,), ((1, 2), (3, 4)))
+    off = settings_module.resolve_settings(values, model_path=lambda p: p)
+    assert off.cpu_affinity is None and off.workers == 5  # sized by every usable core
+    with pytest.raises(ValueError, match="GPUs"):
+        settings_module.resolve_settings({**values, "cpu_affinity": "auto",
+                                          "devices": "cuda:0"}, model_path=lambda p: p)
+    with pytest.raises(ValueError, match="echo model has no forward passes"):
+        settings_module.resolve_settings({**flag_values(), "cpu_affinity": "auto"})
+
+
+def allowed_list(pid: int, tid: int) -> tuple[int, ...]:
+    """A thread's affinity, as the kernel reports it."""
+    status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    line = next(x for x in status.splitlines() if x.startswith("Cpus_allowed_list:"))
+    return parse_core_list(line.split(":", 1)[1])
+
+
+def thread_affinities(pid: int) -> list[tuple[int, ...]]:
+    return [allowed_list(pid, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
+
+
+def test_a_pinned_pool_runs_passes_on_their_cores_through_a_rotation(models) -> None:
+    allowed = tuple(sorted(os.sched_getaffinity(0)))
+    if len(allowed) < 2:
+        pytest.skip("--cpu-affinity needs 2 cores; this test process may use 1")
+    passes = allowed[-1:]
+    pool = start_pool(models["v1"], "--cpu-affinity", "auto", workers=1)
+    try:
+        status = pool.status()
+        assert status["settings"]["cpu_affinity"] == {"serving": list(allowed[:-1]),
+                                                      "passes": [list(passes)]}
+        assert status["system"]["cpus_usable"] == len(allowed)  # the pool's, not its router's
+        assert set(thread_affinities(pool.process.pid)) == {allowed[:-1]}
+        assert_worker_pinned(status["workers"][0], passes, allowed[:-1])
+        with Client(pool.endpoint, timeout=30) as client:
+            answer = client.similarity([(SENTENCES[0], SENTENCES[1])])
+        assert answer.version == "v1" and -1.0 <= answer.scores[0] <= 1.0
+        shown = run_cli("status", env=pool.env)
+        assert shown.returncode == 0, shown.stderr
+        assert f"cpu {core_list_text(passes)}" in shown.stdout, shown.stdout
+        assert "CPU affinity: passes: worker 0 on" in shown.stdout, shown.stdout
+
+        done = run_cli("rotate", "--version", "v2", "--path", str(models["v2"]), "--json",
+                       env=pool.env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        (worker,) = pool.status()["workers"]
+        assert worker["version"] == "v2"
+        assert_worker_pinned(worker, passes, allowed[:-1])  # the slot's cores, again
+    finally:
+        stop_pool(pool)
+
+
+def assert_worker_pinned(worker: dict, passes: tuple[int, ...],
+                         serving: tuple[int, ...]) -> None:
+    assert worker["passes_cores"] == list(passes)
+    pid = worker["pid"]
+    deadline = time.monotonic() + 10  # the device thread pins itself once it starts
+    while passes not in thread_affinities(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    affinities = thread_affinities(pid)
+    assert affinities.count(passes) == 1, affinities  # its device thread, and no other
+    assert all(a == serving for a in affinities if a != passes), affinities

@@ -20,7 +20,7 @@ from pool.worker import WorkerConfig
 from tests.modelstub import model_stub
 
 STATUS_KEYS = {"workers", "devices", "dtype", "graph", "max_batch", "max_batch_tokens",
-               "passes", "max_wait_ms", "threads", "tokenizer_threads",
+               "passes", "max_wait_ms", "threads", "tokenizer_threads", "cpu_affinity",
                "start_method", "load_niceness", "crash_retry_s", "max_queue", "queue_timeout_s",
                "max_pairs", "max_text_chars", "max_message_bytes", "metrics_port",
                "shutdown_drain_s", "eval_pairs", "min_spearman", "max_spearman_drop"}
