@@ -10,6 +10,8 @@
 #   tiny     a 2-layer BERT (compute negligible: the serving path), 1 worker at 1 thread,
 #            64 in flight, one pair per request, against the in-process batched loop on
 #            1 thread (`--baseline --threads 1`).
+#   tiny-pinned  the same pool with `--cpu-affinity auto` (its passes on a core of their
+#            own, the router and the intake on the other; trees that have the flag).
 #   echo     the echo model against zmq.proxy, and the p50 at one request in flight.
 #   minilm   the embedded MiniLM, 2 workers, 64 in flight, with --dtype float32 / auto, and
 #            the seed's one-pair loop on the same two threads ("minilm-auto": auto only).
@@ -84,6 +86,11 @@ for round in $(seq "$ROUNDS"); do
     if [[ " $FIGURES " == *" tiny "* ]]; then
       run "$tree" tiny --baseline --baseline-seconds "$SECONDS_EACH" --threads 1 -- \
         --path "$TINY" --workers 1 --threads 1 --dtype float32
+    fi
+    if [[ " $FIGURES " == *" tiny-pinned "* ]] && grep -q cpu_affinity "$tree/pool/config.py"
+    then
+      run "$tree" tiny-pinned --baseline --baseline-seconds "$SECONDS_EACH" --threads 1 -- \
+        --path "$TINY" --workers 1 --threads 1 --dtype float32 --cpu-affinity auto
     fi
     if [[ " $FIGURES " == *" echo "* ]]; then echo_run "$tree"; fi
     if [[ " $FIGURES " == *" minilm "* ]]; then
