@@ -9,8 +9,9 @@ split: calls sent while some pool loaded its new worker (its rotation's start to
 and the others.
 
 Usage: python benchmarks/fleet_rotation.py [POOLS] [BAKE] [ROUNDS]   (RATE=..., NICENESS=... in
-the env: requests/s over the fleet, the pools' --load-niceness; PIN=1: pool i and every process
-it starts on core i mod cores, a machine per pool as far as this machine's cores go;
+the env: requests/s over the fleet, the pools' --load-niceness; PIN=N: pool i and every process
+it starts on N cores of its own (the i-th N, wrapping around), a machine per pool as far as this
+machine's cores go, and from N=2 its passes on the last of them (--cpu-affinity auto);
 CPU_QUOTA=0.5: each pool and every process it starts in a cgroup of its own, held to that many
 cores' time as a Kubernetes pod's CPU limit holds it: root, tooling.cgroups)
 """
@@ -42,7 +43,7 @@ from tooling.loadgen import FailoverProducers  # noqa: E402
 
 RATE = float(os.environ.get("RATE", "300"))  # requests/s over the whole fleet
 NICENESS = os.environ.get("NICENESS")  # the pools' --load-niceness (default: the pool's)
-PIN = os.environ.get("PIN") == "1"
+PIN = int(os.environ.get("PIN") or 0)  # cores per pool (0: the kernel places them)
 CPU_QUOTA = float(os.environ.get("CPU_QUOTA", "0"))  # cores per pool (0: no limit)
 IN_FLIGHT = 16
 STEADY_S = 5.0
@@ -60,13 +61,15 @@ def cli(*args: str, env: dict[str, str]) -> dict:
 def start_placed(index: int, path: Path, group: LimitedGroup | None,
                  *extra: str) -> RunningPool:
     """A pool of one worker; with PIN, it (and what it forks: workers, a rotation's new
-    ones) inherits this process's affinity to one core while it starts; in `group`, if
-    given, likewise."""
+    ones) inherits this process's affinity to its PIN cores while it starts, and from 2 cores
+    pins its passes to the last; in `group`, if given, likewise."""
     cores = sorted(os.sched_getaffinity(0))
     if PIN:
-        os.sched_setaffinity(0, {cores[index % len(cores)]})
+        os.sched_setaffinity(0, {cores[(index * PIN + k) % len(cores)] for k in range(PIN)})
+    pinned = ("--cpu-affinity", "auto") if PIN > 1 else ()  # 1 thread: on the last core
     try:
-        return start_pool(path, *extra, workers=1, prefix=group.prefix if group else ())
+        return start_pool(path, *extra, *pinned, workers=1,
+                          prefix=group.prefix if group else ())
     finally:
         os.sched_setaffinity(0, cores)
 

@@ -37,8 +37,10 @@ step "soak"
 timeout 50 $BENCH --workers 1 --duration 30 --rotate-every 2 --json-file "$REPORTS/soak.json" \
   2>&1 | tail -12 | tee -a "$LOG"
 # Issue #17's fleet p99 target where cores are not shared (tiny BERTs on the CPU: no GPU use).
-step "fleet rotation: 3 CPU pools of the tiny BERT, 16 cores"
+step "fleet rotation: 3 CPU pools of the tiny BERT, 16 cores, then 4 cores of its own each"
 timeout 120 python3 benchmarks/fleet_rotation.py 3 5 3 2>&1 | grep -E "^round|median" \
+  | tee -a "$LOG"
+PIN=4 timeout 120 python3 benchmarks/fleet_rotation.py 3 5 3 2>&1 | grep -E "^round|median" \
   | tee -a "$LOG"
 step done
 ls -la "$OUT" | tee -a "$LOG"

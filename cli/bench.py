@@ -155,13 +155,13 @@ def run_bench(spec: LoadSpec, *, spawn: bool, path: str | None, workers: int,
               baseline_s: float | None = None, threads: int | None = None,
               rotate_strategy: str = "auto", model: str = "transformer",
               rotate_every: float | None = None, dtype: str | None = None,
-              graph: str | None = None) -> BenchResult:
+              graph: str | None = None, cpu_affinity: str | None = None) -> BenchResult:
     """Run the bench with its progress on `console` and print the report (unless as_json);
     the result, whose files `save_outputs` writes once the report is out."""
     plan = BenchPlan(spawn=spawn, path=path, workers=workers, state_dir=state_dir,
                      rotate_at=rotate_at, rotate_to=rotate_to, rotate_path=rotate_path,
                      rotate_strategy=rotate_strategy, rotate_every=rotate_every, model=model,
-                     dtype=dtype, graph=graph,
+                     dtype=dtype, graph=graph, cpu_affinity=cpu_affinity,
                      baseline_s=baseline_s, threads=threads)
     result = run_engine(spec, plan, lambda watch: LiveLine(console, watch), console.status)
     if not as_json:

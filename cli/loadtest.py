@@ -82,6 +82,8 @@ def bench(
                      "(default: the pool's, auto).")] = None,
     graph: Annotated[str | None, typer.Option(help="With --spawn: the workers' --graph "
                      "(default: the pool's, auto).")] = None,
+    cpu_affinity: Annotated[str | None, typer.Option(help="With --spawn: the pool's "
+                            "--cpu-affinity (default: the pool's, off).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the text generator.")] = 0,
     baseline: Annotated[bool, typer.Option("--baseline", help="Also measure the seed's "
                         "one-pair loop and an in-process batched loop on the same model and "
@@ -107,9 +109,9 @@ def bench(
     if model == "echo" and not spawn:
         fail("--model echo needs --spawn (it starts an echo pool and a zmq.proxy beside it)",
              as_json, "bad_request", exit_code=2)
-    if (dtype is not None or graph is not None) and not spawn:
-        fail("--dtype and --graph need --spawn (a running pool keeps what it was started "
-             "with)", as_json, "bad_request", exit_code=2)
+    if (dtype, graph, cpu_affinity) != (None, None, None) and not spawn:
+        fail("--dtype, --graph and --cpu-affinity need --spawn (a running pool keeps what it "
+             "was started with)", as_json, "bad_request", exit_code=2)
     if rotate_every is not None and rotate_at is not None:
         fail("--rotate-every and --rotate-at exclude each other", as_json, "bad_request",
              exit_code=2)
@@ -137,7 +139,7 @@ def bench(
                            baseline_s=baseline_seconds if baseline else None,
                            threads=threads,
                            rotate_strategy=rotate_strategy, model=model, dtype=dtype,
-                           graph=graph,
+                           graph=graph, cpu_affinity=cpu_affinity,
                            rotate_every=rotate_every)
     except ZeroPoolError as exc:
         fail_with(exc, as_json)

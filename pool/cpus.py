@@ -115,10 +115,10 @@ def _v1_limit(group: Path) -> float | None:
 
 # --cpu-affinity: each worker's forward passes on cores of their own, everything else (the
 # router, each worker's intake and tokenizer threads, a new version's loading) on the rest.
-# On 2 cores a tiny model's pool served 9,370-9,420 pairs/s pinned against 8,120-8,320 with
-# the kernel placing every thread: unpinned, the router and the intake preempt the device
-# thread on its core (docs/benchmarks.md, session 25). Off by default: pools that share a
-# machine's cores without cpusets would all pin their passes to the same cores.
+# On 2 cores a tiny model's pool served 6-8% more pinned than with the kernel placing every
+# thread (interleaved rounds): unpinned, the router and the intake preempt the device thread
+# on its core (docs/benchmarks.md, session 25). Off by default: pools that share a machine's
+# cores without cpusets would all pin their passes to the same cores.
 AFFINITY_OFF = "off"
 AFFINITY_AUTO = "auto"  # every usable core but the first for passes
 MAX_DEFAULT_WORKERS = 8  # a pool sized by its cores starts no more workers than this

@@ -418,6 +418,7 @@ class BenchPlan:
     model: str = "transformer"  # with spawn: or "echo", compared with zmq.proxy
     dtype: str | None = None  # with spawn: the workers' --dtype (None: the pool's default)
     graph: str | None = None  # with spawn: the workers' --graph (None: the pool's default)
+    cpu_affinity: str | None = None  # with spawn: the pool's --cpu-affinity (None: its default)
     baseline_s: float | None = None  # measure the baselines this long (None: not at all)
     # Torch threads of a spawned pool's workers (None: the pool's default) and of the
     # baselines (None: every core): give it to compare on the same thread budget.
@@ -469,6 +470,7 @@ def run_bench(spec: LoadSpec, plan: BenchPlan,
         if plan.spawn:
             extra = ("--model", plan.model, *(("--dtype", plan.dtype) if plan.dtype else ()),
                      *(("--graph", plan.graph) if plan.graph else ()),
+                     *(("--cpu-affinity", plan.cpu_affinity) if plan.cpu_affinity else ()),
                      *(("--threads", str(plan.threads)) if plan.threads else ()))
             pool = PrivatePool(plan.workers, plan.path, extra,
                                prefix="zp-bench-")
