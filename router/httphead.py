@@ -10,6 +10,8 @@ complete (exact), and the bytes read while a head is still incomplete (what llht
 
 from __future__ import annotations
 
+import logging
+
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from router.http import JSON, error_json
@@ -24,6 +26,21 @@ LINGER_S = 1.0
 class HeadTooLarge(Exception):
     """Raised from a parser callback: httptools stops and uvicorn answers (send_400_response,
     which answers 431 here instead)."""
+
+
+class RefusalNotMalformed(logging.Filter):
+    """uvicorn warns "Invalid HTTP request received." whenever the parser stops, and the
+    parser stops for a 431 too: this drops that warning while a 431 is being answered (the
+    raise, uvicorn's warning and its send_400_response follow each other synchronously on the
+    loop's thread), and only then: a caller's garbage is still warned about."""
+
+    answering_431 = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not RefusalNotMalformed.answering_431
+
+
+REFUSAL_FILTER = RefusalNotMalformed()
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
@@ -54,7 +71,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # What uvicorn kept of the head (on_url, on_header): summed once a request.
         parsed = len(self.url) + sum(len(name) + len(value) for name, value in self.headers)
         if parsed > self.max_head_bytes:
-            self._too_large = True
+            self._too_large = RefusalNotMalformed.answering_431 = True
             raise HeadTooLarge
         super().on_headers_complete()
 
@@ -64,6 +81,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         if self._too_large:
+            RefusalNotMalformed.answering_431 = False
             self._refuse_head()
         else:
             super().send_400_response(msg)
@@ -84,4 +102,5 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
 def bounded_head_protocol(max_head_bytes: int) -> type[BoundedHeadProtocol]:
     """The protocol class uvicorn instantiates per connection, with this bound."""
+    logging.getLogger("uvicorn.error").addFilter(REFUSAL_FILTER)  # once: filters are a set
     return type("BoundedHeadProtocol", (BoundedHeadProtocol,), {"max_head_bytes": max_head_bytes})

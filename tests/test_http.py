@@ -79,10 +79,12 @@ class Door:
             return True
         return ssl.create_default_context(cafile=str(self.verify))
 
-    def stop(self) -> None:
+    def stop(self) -> str:
+        """Its log (stderr), once it has exited."""
         self.proc.terminate()
         _out, errors = self.proc.communicate(timeout=30)
         assert "Traceback" not in errors, errors
+        return errors
 
 
 @pytest.fixture(scope="module")
@@ -412,6 +414,17 @@ def test_a_request_head_past_the_bound_is_431_and_the_door_keeps_serving(door: D
     assert raw_exchange(door, [padded]).startswith(b"HTTP/1.1 200")
     assert httpx.post(f"{door.url}/v1/embeddings", headers=auth(),
                       json={"input": "hello"}).status_code == 200
+
+
+def test_a_431_is_not_logged_as_a_malformed_request(pool: RunningPool) -> None:
+    own = Door(pool.endpoint, "--max-header-bytes", "1024")
+    try:
+        big = (b"GET /health HTTP/1.1\r\nhost: x\r\nx-a: " + b"a" * 2048 + b"\r\n\r\n")
+        assert raw_exchange(own, [big]).startswith(b"HTTP/1.1 431")
+        assert raw_exchange(own, [b"NOT HTTP AT ALL\r\n\r\n"]).startswith(b"HTTP/1.1 400")
+    finally:
+        log = own.stop()
+    assert log.count("Invalid HTTP request received") == 1, log  # the garbage's, not the 431's
 
 
 def test_a_method_or_path_no_route_takes_is_the_callers_error_and_counted(door: Door) -> None:
