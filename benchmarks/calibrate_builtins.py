@@ -4,6 +4,7 @@ scores it (raw texts, mean pooling, cosine), then pool.quality.evaluate at the s
 thresholds and at the fitted ones. One JSON line per model:
 
     PYTHONPATH=. python benchmarks/calibrate_builtins.py [--model builtin:minilm ...]
+        [--prompt-name query]   (one of the model's prompts before every text)
 
 builtin:multilingual-e5-small is converted into the model cache on first use (~10-30 s).
 """
@@ -11,6 +12,7 @@ builtin:multilingual-e5-small is converted into the model cache on first use (~1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -36,7 +38,7 @@ SCORE_THREADS = 1  # leaves the other core to whatever else runs; scores are the
 FOLDS, FOLD_REPEATS = 5, 20
 
 
-def calibrate(spec: str) -> dict[str, Any]:
+def calibrate(spec: str, prompt_name: str | None = None) -> dict[str, Any]:
     import torch
 
     from pool.runtime import Encoder
@@ -45,15 +47,16 @@ def calibrate(spec: str) -> dict[str, Any]:
     path = resolve_model_path(spec)
     torch.set_num_threads(SCORE_THREADS)
     encoder = Encoder(path, dtype="float32", graph="eager")
-    pairs = load_default_pairs()
+    prompt = encoder.prompts.text_of(prompt_name)
+    pairs = [prompted(p, prompt) for p in load_default_pairs()]
     scores = scored(encoder, pairs)
     report = evaluate(scores, [p.label for p in pairs], SEED_THRESHOLDS)
     stored = builtin_thresholds(path)
-    hard = load_hard_pairs()
+    hard = [prompted(p, prompt) for p in load_hard_pairs()]
     hard_report = evaluate(scored(encoder, hard), [p.label for p in hard],
                            stored or SEED_THRESHOLDS)
     return {
-        "model": spec, "pairs": report.n, "spearman": rounded(report.spearman),
+        "model": spec, "prompt": prompt, "pairs": report.n, "spearman": rounded(report.spearman),
         "auc": rounded(report.auc), "score_min": rounded(min(scores)),
         "score_max": rounded(max(scores)),
         "seed_thresholds": thresholds_to_json(report.thresholds),
@@ -71,6 +74,11 @@ def calibrate(spec: str) -> dict[str, Any]:
         "hard_accuracy": rounded(hard_report.accuracy),
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def prompted(pair: LabelledPair, prompt: str) -> LabelledPair:
+    """The pair as a worker feeds it with `prompt` (pool.worker.decode_job)."""
+    return dataclasses.replace(pair, text_a=prompt + pair.text_a, text_b=prompt + pair.text_b)
 
 
 def scored(encoder: Any, pairs: list[LabelledPair]) -> list[float]:
@@ -107,9 +115,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append",
                         help="a built-in (default: every one)")
+    parser.add_argument("--prompt-name", help="one of the model's prompts, before every text "
+                        "(default: the model's default prompt, if any)")
     args = parser.parse_args()
     for spec in args.model or [BUILTIN_PREFIX + name for name in BUILTINS]:
-        print(json.dumps(calibrate(spec), ensure_ascii=False), flush=True)
+        print(json.dumps(calibrate(spec, args.prompt_name), ensure_ascii=False), flush=True)
 
 
 if __name__ == "__main__":

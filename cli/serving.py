@@ -79,6 +79,12 @@ TruncateOpt = Annotated[bool, typer.Option(
          "refuse the request with too_large (--no-truncate).")]
 
 
+PromptOpt = Annotated[str | None, typer.Option(
+    "--prompt-name",
+    help="One of the model's prompts (config_sentence_transformers.json; e5: query, passage) "
+         "to put before each text. Default: the model's default prompt, if it has one.")]
+
+
 def similarity(
     text_a: Annotated[str, typer.Argument(help="First sentence.")],
     text_b: Annotated[str, typer.Argument(help="Second sentence.")],
@@ -86,6 +92,7 @@ def similarity(
     version: VersionOpt = None,
     timeout: TimeoutOpt = 30.0,
     truncate: TruncateOpt = True,
+    prompt_name: PromptOpt = None,
     server_key: ServerKeyOpt = None,
     client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
@@ -94,7 +101,8 @@ def similarity(
     answering version's thresholds."""
     result = call_pool(endpoint, timeout, as_json,
                        lambda client: client.similarity([(text_a, text_b)], version=version,
-                                                        truncate=truncate),
+                                                        truncate=truncate,
+                                                        prompt_name=prompt_name),
                        client_keys(server_key, client_key, as_json))
     score, said = result.scores[0], result.verdict(0)
     high, low = result.thresholds
@@ -112,13 +120,15 @@ def embed(
     version: VersionOpt = None,
     timeout: TimeoutOpt = 30.0,
     truncate: TruncateOpt = True,
+    prompt_name: PromptOpt = None,
     server_key: ServerKeyOpt = None,
     client_key: ClientKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Normalised embeddings of TEXTS, pooled as the serving version's model says."""
     result = call_pool(endpoint, timeout, as_json,
-                       lambda client: client.embed(texts, version=version, truncate=truncate),
+                       lambda client: client.embed(texts, version=version, truncate=truncate,
+                                                   prompt_name=prompt_name),
                        client_keys(server_key, client_key, as_json))
     if as_json:
         emit_json({"ok": True, "dim": result.dim, "version": result.version,

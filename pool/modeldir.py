@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,26 @@ POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "
 DEFAULT_POOLING = "mean"
 # A sentence-transformers model's own settings (max_seq_length), beside its transformers files.
 SENTENCE_BERT_CONFIG = "sentence_bert_config.json"
+# Its prompts: texts put before each input ("query: " for e5), by name, and the one used when
+# a request names none (sentence-transformers' encode does the same).
+ST_CONFIG = "config_sentence_transformers.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Prompts:
+    """A model's named prompts and its default's name (None: a text is fed as given)."""
+
+    named: dict[str, str] = field(default_factory=dict)
+    default: str | None = None
+
+    def text_of(self, name: str | None) -> str:
+        """The prompt a request gets: the one it names, else the default's; KeyError for a
+        name the model has no prompt by."""
+        name = name if name is not None else self.default
+        return "" if name is None else self.named[name]
+
+
+NO_PROMPTS = Prompts()
 
 
 class ModelDirError(ValueError):
@@ -60,6 +81,7 @@ def check_model_dir(path: str) -> str:
     _check_weights(directory)
     _check_tokenizer(directory)
     pooling_of(directory)
+    prompts_of(directory)
     return str(directory.resolve())
 
 
@@ -84,6 +106,31 @@ def pooling_of(directory: Path) -> str:
         raise ModelDirError(f"{config} asks for {' + '.join(modes) or 'no pooling mode'}: "
                             f"this pool pools by exactly one of {known}")
     return POOLING_MODES[modes[0]]
+
+
+def prompts_of(directory: Path) -> Prompts:
+    """The prompts config_sentence_transformers.json declares (none where it is missing).
+    ModelDirError for prompts that are not names and texts, a default that is not one of
+    them, or a Pooling module that leaves the prompt's tokens out (include_prompt: false),
+    which this pool does not."""
+    config = directory / ST_CONFIG
+    if not config.is_file():
+        return NO_PROMPTS
+    doc = _json_object(config)
+    named = doc.get("prompts") or {}
+    if not isinstance(named, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in named.items()):
+        raise ModelDirError(f"{config}: \"prompts\" must map names to texts")
+    default = doc.get("default_prompt_name")
+    if default is not None and default not in named:
+        raise ModelDirError(f"{config}: default_prompt_name {default!r} is not one of its "
+                            f"prompts ({', '.join(named) or 'none'})")
+    folder = _pooling_folder(directory)
+    if named and folder is not None and (directory / folder / CONFIG).is_file() and \
+            _json_object(directory / folder / CONFIG).get("include_prompt") is False:
+        raise ModelDirError(f"{directory / folder / CONFIG} pools without the prompt's tokens "
+                            "(include_prompt: false), which this pool does not do")
+    return Prompts(dict(named), default)
 
 
 def max_seq_length_of(directory: Path) -> int | None:

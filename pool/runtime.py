@@ -26,7 +26,7 @@ from pool import attention, config, fusion
 from pool.attention import NARROW_PASS_TOKENS, SHORT_PASS_TOKENS
 from pool.cudagraphs import CudaGraphs
 from pool.health import GOLDEN_PAIRS
-from pool.modeldir import DEFAULT_POOLING, max_seq_length_of, pooling_of
+from pool.modeldir import DEFAULT_POOLING, max_seq_length_of, pooling_of, prompts_of
 
 log = logging.getLogger("zeropool.runtime")
 
@@ -251,6 +251,7 @@ class Encoder:
         model = load_model(path, self.dtype)
         self.model = model.to(self.device).eval()
         self.pooling = pooling_of(Path(path))
+        self.prompts = prompts_of(Path(path))  # put before texts by the worker's intake
         # What every path computes; traced on CPU.
         self.pooled = SentenceVectors(self.model, self.pooling).eval()
         self.max_length = _max_length(tokenizer, self.model, Path(path))

@@ -26,6 +26,7 @@ import zmq
 
 from pool import config
 from pool.cpus import core_list_text, pin_this_thread
+from pool.modeldir import NO_PROMPTS, Prompts
 from pool.passes import PASSES_CRASHED, PASSES_DONE, DeviceThread, Job, JobQueue
 from pool.quality import SEED_THRESHOLDS, Thresholds
 from pool.reports import BatchStats, ReadyInfo
@@ -76,10 +77,19 @@ class WorkerConfig:
         return self.settings.max_batch
 
 
-def decode_job(seq: bytes, op: bytes, body: bytes, enqueued_ns: int, limits: Limits) -> Job:
-    """One backend request as a Job; BadBody (with the protocol code) if its body is wrong."""
+def decode_job(seq: bytes, op: bytes, body: bytes, enqueued_ns: int, limits: Limits,
+               prompts: Prompts = NO_PROMPTS) -> Job:
+    """One backend request as a Job, its texts behind the prompt it asks for (or the model's
+    default); BadBody (with the protocol code) if its body is wrong."""
     asked = decode_body(op, body, enqueued_ns, limits)
-    return Job(seq, op, asked.texts, asked.size, truncate=asked.truncate)
+    try:
+        prompt = prompts.text_of(asked.prompt_name)
+    except KeyError:
+        raise item_error(protocol.BAD_REQUEST, (protocol.PROMPT_NAME_KEY,),
+                         f"is {asked.prompt_name!r}, not one of this version's prompts ("
+                         f"{', '.join(prompts.named) or 'its model declares none'})") from None
+    texts = [prompt + text for text in asked.texts] if prompt else asked.texts
+    return Job(seq, op, texts, asked.size, truncate=asked.truncate)
 
 
 def start_tokenizer_threads(count: int) -> None:
@@ -169,6 +179,7 @@ class WorkerLoop:
         self.terminated = False  # SIGTERM arrived: stop as on STOP
         self.next_heartbeat = 0.0
         self.encoder: Any = None
+        self.prompts = NO_PROMPTS  # its model's, once loaded
         self.settings = cfg.settings
         self.limits = Limits(self.settings.max_pairs, self.settings.max_text_chars)
         self.stats = BatchStats()  # counted by the device thread, reported with heartbeats
@@ -213,6 +224,11 @@ class WorkerLoop:
             log.warning("bf16 graph with torch's linears: the oneDNN one failed (%s)",
                         info.fusion_note)
         encoder = self.encoder
+        if encoder is not None:
+            self.prompts = encoder.prompts
+            if encoder.prompts.named:
+                log.info("prompts: %s; default %s", ", ".join(encoder.prompts.named),
+                         encoder.prompts.default or "none (texts as given)")
 
         def embed(ids: list[list[int]]) -> Any:
             assert encoder is not None and self.device is not None
@@ -414,7 +430,7 @@ class WorkerLoop:
             return
         for seq, enqueued_ns, op, body in requests:
             try:
-                job = decode_job(seq, op, body, enqueued_ns, self.limits)
+                job = decode_job(seq, op, body, enqueued_ns, self.limits, self.prompts)
             except BadBody as exc:
                 self._reply_error(seq, exc.code, str(exc), exc.at)
                 continue

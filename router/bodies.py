@@ -33,6 +33,7 @@ class Texts:
     texts: list[str]  # embed: the texts; similarity: a, b, a, b, ...
     size: int  # pairs (similarity) or texts (embed): what counts against a batch
     truncate: bool = True  # false: a text over the model's input limit is too_large
+    prompt_name: str | None = None  # one of the model's prompts; None: its default, if any
 
 
 class BadBody(ValueError):
@@ -69,13 +70,17 @@ def decode_body(op: bytes, body: bytes, enqueued_ns: int, limits: Limits) -> Tex
     if not isinstance(truncate, bool):
         raise item_error(protocol.BAD_REQUEST, (protocol.TRUNCATE_KEY,),
                          "must be true or false")
+    prompt_name = doc.get(protocol.PROMPT_NAME_KEY)
+    if prompt_name is not None and not (isinstance(prompt_name, str) and prompt_name):
+        raise item_error(protocol.BAD_REQUEST, (protocol.PROMPT_NAME_KEY,),
+                         "must name one of the model's prompts (a non-empty string)")
     if op == protocol.OP_SIMILARITY:
         texts, size = _similarity(doc.get("pairs"), limits)
     elif op == protocol.OP_EMBED:
         texts, size = _embed(doc.get("texts"), limits)
     else:
         raise BadBody(protocol.BAD_REQUEST, f"op {op[:32]!r} is not served by workers")
-    return Texts(texts, size, truncate)
+    return Texts(texts, size, truncate, prompt_name)
 
 
 def _check_deadline(timeout_ms: object, enqueued_ns: int) -> None:

@@ -258,20 +258,25 @@ def reply_place(at: Any) -> tuple[str | int, ...] | None:
 
 
 def similarity_body(pairs: Iterable[Sequence[str]], timeout_ms: int | None,
-                    truncate: bool = True) -> dict:
-    return with_options({"pairs": [list(pair) for pair in pairs]}, timeout_ms, truncate)
+                    truncate: bool = True, prompt_name: str | None = None) -> dict:
+    return with_options({"pairs": [list(pair) for pair in pairs]}, timeout_ms, truncate,
+                        prompt_name)
 
 
-def embed_body(texts: Iterable[str], timeout_ms: int | None, truncate: bool = True) -> dict:
-    return with_options({"texts": list(texts)}, timeout_ms, truncate)
+def embed_body(texts: Iterable[str], timeout_ms: int | None, truncate: bool = True,
+               prompt_name: str | None = None) -> dict:
+    return with_options({"texts": list(texts)}, timeout_ms, truncate, prompt_name)
 
 
-def with_options(body: dict[str, Any], timeout_ms: int | None, truncate: bool) -> dict:
+def with_options(body: dict[str, Any], timeout_ms: int | None, truncate: bool,
+                 prompt_name: str | None = None) -> dict:
     """The optional keys, only where they differ from the protocol's defaults."""
     if timeout_ms is not None:
         body["timeout_ms"] = timeout_ms
     if truncate is False:  # only an explicit False: None (or anything else) is the default
         body[protocol.TRUNCATE_KEY] = False
+    if prompt_name is not None:
+        body[protocol.PROMPT_NAME_KEY] = prompt_name
     return body
 
 
@@ -610,14 +615,14 @@ class Client:
 
     def similarity(self, pairs: Iterable[Sequence[str]], version: str | None = None,
                    timeout: float | None = None, timeout_ms: int | None = None,
-                   truncate: bool = True) -> Similarity:
-        body = similarity_body(pairs, timeout_ms, truncate)
+                   truncate: bool = True, prompt_name: str | None = None) -> Similarity:
+        body = similarity_body(pairs, timeout_ms, truncate, prompt_name)
         return _raise_or_return(self._call(protocol.OP_SIMILARITY, version, [body], timeout)[0])
 
     def embed(self, texts: Iterable[str], version: str | None = None,
               timeout: float | None = None, timeout_ms: int | None = None,
-              truncate: bool = True) -> Embeddings:
-        body = embed_body(texts, timeout_ms, truncate)
+              truncate: bool = True, prompt_name: str | None = None) -> Embeddings:
+        body = embed_body(texts, timeout_ms, truncate, prompt_name)
         return _raise_or_return(self._call(protocol.OP_EMBED, version, [body], timeout)[0])
 
     def ping(self, version: str | None = None, timeout: float | None = None) -> Ping:
@@ -625,10 +630,10 @@ class Client:
 
     def similarity_many(self, batches: Iterable[Iterable[Sequence[str]]],
                         version: str | None = None, in_flight: int = DEFAULT_IN_FLIGHT,
-                        timeout: float | None = None,
-                        truncate: bool = True) -> list[Similarity | ZeroPoolError]:
+                        timeout: float | None = None, truncate: bool = True,
+                        prompt_name: str | None = None) -> list[Similarity | ZeroPoolError]:
         """Many similarity requests pipelined; errors are returned in place, not raised."""
-        bodies = [similarity_body(pairs, None, truncate) for pairs in batches]
+        bodies = [similarity_body(pairs, None, truncate, prompt_name) for pairs in batches]
         return self._call(protocol.OP_SIMILARITY, version, bodies, timeout, in_flight)
 
     def _call(self, op: bytes, version: str | None, bodies: list[dict],
@@ -780,14 +785,14 @@ class AsyncClient:
 
     async def similarity(self, pairs: Iterable[Sequence[str]], version: str | None = None,
                          timeout: float | None = None, timeout_ms: int | None = None,
-                         truncate: bool = True) -> Similarity:
-        body = similarity_body(pairs, timeout_ms, truncate)
+                         truncate: bool = True, prompt_name: str | None = None) -> Similarity:
+        body = similarity_body(pairs, timeout_ms, truncate, prompt_name)
         return await self._call(protocol.OP_SIMILARITY, version, body, timeout)
 
     async def embed(self, texts: Iterable[str], version: str | None = None,
                     timeout: float | None = None, timeout_ms: int | None = None,
-                    truncate: bool = True) -> Embeddings:
-        body = embed_body(texts, timeout_ms, truncate)
+                    truncate: bool = True, prompt_name: str | None = None) -> Embeddings:
+        body = embed_body(texts, timeout_ms, truncate, prompt_name)
         return await self._call(protocol.OP_EMBED, version, body, timeout)
 
     async def ping(self, version: str | None = None, timeout: float | None = None) -> Ping:

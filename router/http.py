@@ -294,12 +294,12 @@ class Door:
             raise HttpError(400, protocol.BAD_REQUEST, f"the body is not valid JSON: {exc}"
                             ) from None
 
-    async def embed(self, texts: list[str], model: str | None,
-                    strict: str | None, truncate: bool = True) -> Embeddings:
+    async def embed(self, texts: list[str], model: str | None, strict: str | None,
+                    truncate: bool = True, prompt_name: str | None = None) -> Embeddings:
         """Pinned to `strict` (header), else to `model` when it names a version, else whatever
         serves now."""
         embed = functools.partial(self.pool.embed, texts, timeout_ms=self.deadline_ms,
-                                  truncate=truncate)
+                                  truncate=truncate, prompt_name=prompt_name)
         if strict:
             return await embed(version=strict)
         name = model or ""
@@ -406,8 +406,10 @@ async def openai_embeddings(door: Door, request: Request) -> Response:
     if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool)
                                    or dimensions < 1):
         raise HttpError(400, protocol.BAD_REQUEST, "dimensions must be a positive integer")
+    prompt_name = prompt_name_of(body, "")  # not OpenAI's: the SDKs' extra_body sends it
     with named_as(list_names("input", isinstance(body.get("input"), str))):
-        result = await door.embed(texts, model, header_version(request))
+        result = await door.embed(texts, model, header_version(request),
+                                  prompt_name=prompt_name)
     # Checked after the pool answered: only then is the answering version's size known.
     if dimensions is not None and dimensions != result.dim:
         raise HttpError(400, protocol.BAD_REQUEST, f"dimensions {dimensions} is not supported: "
@@ -415,11 +417,12 @@ async def openai_embeddings(door: Door, request: Request) -> Response:
     return json_response(openai_embedding_reply(result, encoding), result.version)
 
 
-def tei_truncate(options: dict[str, Any], where: str) -> bool:
+def tei_options(options: dict[str, Any], where: str) -> tuple[bool, str | None]:
     """TEI's `truncate`, `truncation_direction` and `prompt_name` (in `where` of the body):
     whether to cut a text over the model's input limit (absent: yes, as TEI's
-    --auto-truncate; false: 413 for such a text, as TEI without it). This pool cuts on the
-    right and has no prompts: asking otherwise is refused, not ignored."""
+    --auto-truncate; false: 413 for such a text, as TEI without it), and the model's prompt
+    to put before each text (the pool checks the name). This pool cuts on the right: asking
+    otherwise is refused, not ignored."""
     truncate = options.get("truncate")
     if truncate is not None and not isinstance(truncate, bool):
         raise HttpError(400, protocol.BAD_REQUEST, f"{where}truncate must be true or false")
@@ -427,10 +430,16 @@ def tei_truncate(options: dict[str, Any], where: str) -> bool:
     if direction is not None and (not isinstance(direction, str) or direction.lower() != "right"):
         raise HttpError(400, protocol.BAD_REQUEST, f'{where}truncation_direction must be '
                         '"Right": this pool keeps the start of a text it cuts')
-    if options.get("prompt_name") is not None:
-        raise HttpError(400, protocol.BAD_REQUEST, f"{where}prompt_name is not supported: "
-                        "put the model's prompt (e5: \"query: \") at the start of each text")
-    return truncate is not False
+    return truncate is not False, prompt_name_of(options, where)
+
+
+def prompt_name_of(options: dict[str, Any], where: str) -> str | None:
+    """The model's prompt a request names (the pool checks that the model has it)."""
+    prompt_name = options.get(protocol.PROMPT_NAME_KEY)
+    if prompt_name is not None and not (isinstance(prompt_name, str) and prompt_name):
+        raise HttpError(400, protocol.BAD_REQUEST, f"{where}prompt_name must name one of the "
+                        "model's prompts")
+    return prompt_name
 
 
 async def tei_embed(door: Door, request: Request) -> Response:
@@ -439,9 +448,9 @@ async def tei_embed(door: Door, request: Request) -> Response:
     if body.get("normalize", True) is not True:
         raise HttpError(400, protocol.BAD_REQUEST,
                         "normalize must be true: this pool returns L2-normalised embeddings")
-    truncate = tei_truncate(body, "")
+    truncate, prompt_name = tei_options(body, "")
     with named_as(list_names("inputs", isinstance(body.get("inputs"), str))):
-        result = await door.embed(texts, None, header_version(request), truncate)
+        result = await door.embed(texts, None, header_version(request), truncate, prompt_name)
     return json_response(result.embeddings, result.version)
 
 
@@ -458,11 +467,12 @@ async def tei_similarity(door: Door, request: Request) -> Response:
     parameters = body.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise HttpError(400, protocol.BAD_REQUEST, "parameters must be an object")
-    truncate = tei_truncate(parameters or {}, "parameters.")
+    truncate, prompt_name = tei_options(parameters or {}, "parameters.")
     with named_as(sentence_names(isinstance(inputs.get("sentences"), str))):
         result = await door.pool.similarity([(source, s) for s in sentences],
                                             version=header_version(request),
-                                            timeout_ms=door.deadline_ms, truncate=truncate)
+                                            timeout_ms=door.deadline_ms, truncate=truncate,
+                                            prompt_name=prompt_name)
     return json_response(result.scores, result.version)
 
 

@@ -190,6 +190,10 @@ def peek_timeout_ms(body: bytes) -> int | None:
 # The optional request key that, set to false, refuses a text over the model's input limit
 # (too_large) instead of embedding its first tokens (text-embeddings-inference's `truncate`).
 TRUNCATE_KEY = "truncate"
+# The optional request key naming one of the model's prompts (sentence-transformers'
+# config_sentence_transformers.json: e5's "query", "passage"), put before each of its texts;
+# absent, the model's default prompt, if it declares one.
+PROMPT_NAME_KEY = "prompt_name"
 
 JsonPath = Sequence[str | int]  # a place in a JSON body: ("pairs", 2, 1) is pairs[2][1]
 

@@ -45,3 +45,14 @@ def with_pooling(model: Path, copy: Path, *modes: str) -> Path:
     flags |= {f"pooling_mode_{mode}": True for mode in modes}
     (copy / "1_Pooling" / "config.json").write_text(json.dumps(flags))
     return copy
+
+
+def with_prompts(model: Path, copy: Path, prompts: dict[str, str],
+                 default: str | None = None) -> Path:
+    """A copy of `model` whose config_sentence_transformers.json declares `prompts` (and
+    `default` as its default_prompt_name), as e5's and bge's sentence-transformers releases
+    do."""
+    shutil.copytree(model, copy)
+    (copy / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": prompts, "default_prompt_name": default}))
+    return copy

@@ -163,6 +163,14 @@ def test_manifest_records_source_and_checks(tiny_file: Path, tiny_dir: Path) -> 
     assert manifest["verification"]["weights"] == "bit-exact"
 
 
+def test_the_converted_directory_declares_e5s_prompts_query_by_default(tiny_dir: Path) -> None:
+    from pool.modeldir import Prompts, check_model_dir, prompts_of
+
+    check_model_dir(str(tiny_dir))
+    assert prompts_of(tiny_dir) == Prompts({"query": "query: ", "passage": "passage: "},
+                                           "query")
+
+
 # -------------------------------------------------------------------- cache and reuse
 
 

@@ -237,11 +237,23 @@ def test_tei_truncate_false_is_413_naming_the_callers_field(door: Door) -> None:
         "parameters": {"truncate": True, "truncation_direction": "Right"}}).status_code == 200
     for path, body in [("/embed", {"inputs": "x", "truncate": "no"}),
                        ("/embed", {"inputs": "x", "truncation_direction": "Left"}),
-                       ("/embed", {"inputs": "x", "prompt_name": "query"}),
                        ("/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b"]},
                                         "parameters": []})]:
         assert_error(httpx.post(f"{door.url}{path}", headers=auth(), json=body), 400,
                      "bad_request")
+
+
+def test_tei_prompt_name_reaches_the_pool_which_names_the_models_prompts(door: Door) -> None:
+    for path, body in [("/embed", {"inputs": "x", "prompt_name": "query"}),
+                       ("/v1/embeddings", {"input": "x", "prompt_name": "query"}),
+                       ("/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b"]},
+                                        "parameters": {"prompt_name": "query"}})]:
+        error = assert_error(httpx.post(f"{door.url}{path}", headers=auth(), json=body), 400,
+                             "bad_request")
+        assert "prompt_name is 'query', not one of this version's prompts (its model " \
+               "declares none)" in error["message"], error
+    assert_error(httpx.post(f"{door.url}/embed", headers=auth(),
+                            json={"inputs": "x", "prompt_name": 7}), 400, "bad_request")
 
 
 def test_oversized_body_is_413_and_unknown_pinned_version_404(door: Door) -> None:

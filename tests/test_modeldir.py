@@ -11,8 +11,15 @@ import pytest
 from safetensors.numpy import save_file
 
 from pool.builtin import embedded_model_path
-from pool.modeldir import ModelDirError, check_model_dir, pooling_of
-from tests.modelstub import model_stub, with_pooling
+from pool.modeldir import (
+    NO_PROMPTS,
+    ModelDirError,
+    Prompts,
+    check_model_dir,
+    pooling_of,
+    prompts_of,
+)
+from tests.modelstub import model_stub, with_pooling, with_prompts
 
 
 def test_a_complete_directory_passes_as_its_absolute_path(tmp_path: Path,
@@ -173,3 +180,28 @@ def test_a_pooling_config_read_as_sentence_transformers_reads_it(tmp_path: Path)
     assert f"{config} is missing" in refused(model)
     (model / "modules.json").write_text('{"0": "x"}')  # not a list: not ignored either
     assert "is not a list of modules" in refused(model)
+
+
+def test_prompts_are_read_as_sentence_transformers_declares_them(tmp_path: Path) -> None:
+    model = model_stub(tmp_path / "m")
+    assert prompts_of(model) == NO_PROMPTS and NO_PROMPTS.text_of(None) == ""
+    e5 = {"query": "query: ", "passage": "passage: "}
+    prompts = prompts_of(with_prompts(model, tmp_path / "e5", e5, default="query"))
+    assert prompts == Prompts(e5, "query")
+    assert prompts.text_of(None) == "query: " and prompts.text_of("passage") == "passage: "
+    with pytest.raises(KeyError):
+        prompts.text_of("document")
+    assert prompts_of(with_prompts(model, tmp_path / "nodefault", e5)).text_of(None) == ""
+
+
+def test_prompts_that_cannot_be_applied_are_refused(tmp_path: Path) -> None:
+    model = model_stub(tmp_path / "m")
+    assert "is not one of its prompts (query)" in refused(
+        with_prompts(model, tmp_path / "a", {"query": "q: "}, default="passage"))
+    assert "must map names to texts" in refused(
+        with_prompts(model, tmp_path / "b", {"query": 3}))  # type: ignore[dict-item]
+    pooled = with_pooling(model, tmp_path / "c", "mean_tokens")
+    config = pooled / "1_Pooling" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "include_prompt": False}))
+    assert "include_prompt: false" in refused(
+        with_prompts(pooled, tmp_path / "d", {"query": "q: "}))

@@ -30,7 +30,7 @@ from router.client import (
     UnknownVersion,
 )
 from router.protocol import PROTOCOL
-from tests.modelstub import weights_of_another_shape, with_pooling
+from tests.modelstub import weights_of_another_shape, with_pooling, with_prompts
 from tests.support import (
     SENTENCES,
     TINY_MAX_LENGTH,
@@ -311,6 +311,33 @@ def test_a_cls_pooled_model_is_served_as_its_config_says_and_status_shows_it(
         with Client(running.endpoint) as client:
             got = client.embed(["今天天气真好", "hello"]).embeddings[0]
         assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < TOLERANCE
+    finally:
+        stop_pool(running)
+
+
+def test_a_models_prompts_go_before_its_texts_the_default_unless_one_is_named(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    # As e5's sentence-transformers release declares them (config_sentence_transformers.json).
+    model = with_prompts(models["v1"], tmp_path / "e5like",
+                         {"query": "query: ", "passage": "passage: "}, default="query")
+    seed = Reference(model)
+    a, b = SENTENCES[0], SENTENCES[1]
+    running = start_pool(model, workers=1)
+    try:
+        with Client(running.endpoint) as client:
+            default = client.similarity([(a, b)]).scores[0]
+            passage = client.similarity([(a, b)], prompt_name="passage").scores[0]
+            with pytest.raises(BadRequest) as exc:
+                client.embed([a], prompt_name="document")
+        assert abs(default - seed.similarity("query: " + a, "query: " + b)) < TOLERANCE
+        assert abs(passage - seed.similarity("passage: " + a, "passage: " + b)) < TOLERANCE
+        assert abs(default - seed.similarity(a, b)) > TOLERANCE  # the prompt counts
+        assert exc.value.at == ("prompt_name",)
+        assert "not one of this version's prompts (query, passage)" in str(exc.value)
+        shown = run_cli("similarity", a, b, "--prompt-name", "passage", "--json",
+                        env=running.env)
+        assert shown.returncode == 0, shown.stderr
+        assert abs(json.loads(shown.stdout)["score"] - passage) < 1e-6
     finally:
         stop_pool(running)
 

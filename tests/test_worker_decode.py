@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pool import config
+from pool.modeldir import Prompts
 from pool.worker import BadBody, Limits, decode_job
 from router import protocol
 
@@ -122,6 +123,35 @@ def test_truncate_is_optional_and_true_unless_sent_false() -> None:
         assert job.truncate is want
     assert orjson.loads(protocol.error_body("timeout", "late")) == {"code": "timeout",
                                                                     "message": "late"}
+
+
+def test_a_prompt_goes_before_every_text_the_named_one_else_the_default() -> None:
+    e5 = Prompts({"query": "query: ", "passage": "passage: "}, default="query")
+    pairs = orjson.dumps({"pairs": [["a", "b"]]})
+    assert decode_job(b"s", SIMILARITY, pairs, NOW(), LIMITS, e5).texts == ["query: a",
+                                                                              "query: b"]
+    named = orjson.dumps({"texts": ["a"], "prompt_name": "passage"})
+    assert decode_job(b"s", EMBED, named, NOW(), LIMITS, e5).texts == ["passage: a"]
+    assert decode_job(b"s", EMBED, orjson.dumps({"texts": ["a"]}), NOW(), LIMITS).texts == ["a"]
+    for prompts, says in [(e5, "not one of this version's prompts (query, passage)"),
+                          (Prompts(), "its model declares none")]:
+        with pytest.raises(BadBody) as exc:
+            decode_job(b"s", EMBED, orjson.dumps({"texts": ["a"], "prompt_name": "doc"}), NOW(),
+                       LIMITS, prompts)
+        assert exc.value.code == protocol.BAD_REQUEST and exc.value.at == ("prompt_name",)
+        assert str(exc.value).startswith("prompt_name is 'doc'") and says in str(exc.value)
+    for bad in ("", 3, ["query"]):
+        with pytest.raises(BadBody, match="must name one of the model's prompts"):
+            decode_job(b"s", EMBED, orjson.dumps({"texts": ["a"], "prompt_name": bad}), NOW(),
+                       LIMITS, e5)
+
+
+def test_a_client_sends_prompt_name_only_when_given() -> None:
+    from router.client import embed_body, similarity_body
+
+    assert "prompt_name" not in embed_body(["a"], None)
+    assert similarity_body([("a", "b")], None, True, "query") == {"pairs": [["a", "b"]],
+                                                                   "prompt_name": "query"}
 
 
 def test_a_text_over_max_text_chars_is_too_large_never_cut() -> None:
