@@ -6,7 +6,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from pool.config import settings_line
 from pool.cpus import CorePlan, core_list_text
@@ -51,12 +51,14 @@ def print_status(out: Console, st: dict[str, Any]) -> None:
     for line in version_threshold_lines(st):
         out.print(line)
     # Worker ids are in --json; the pid names a worker for an operator.
-    table = Table("pid", "version", "device", "runs", "state", "in flight", "busy", "served",
-                  "errors", "restarts", "heartbeat", "RSS MiB", "GPU MiB", box=box.SIMPLE_HEAD)
+    table = Table("pid", "version", "device", Column("runs", no_wrap=True), "state",
+                  "in flight", "busy", "served", "errors", "restarts", "heartbeat", "RSS MiB",
+                  "GPU MiB", box=box.SIMPLE_HEAD)
     for w in st["workers"]:
         beat = "-" if w["last_heartbeat_s"] is None else f"{w['last_heartbeat_s']:.1f}s"
         gpu = w.get("gpu_memory_bytes") or 0
-        runs = " ".join(x for x in (w["dtype"], w["graph"], w.get("pooling"))
+        prompt = f"prompt {w['prompt']}" if w.get("prompt") else None
+        runs = " ".join(x for x in (w["dtype"], w["graph"], w.get("pooling"), prompt)
                         if x and x != "none") or "-"
         busy = (w.get("batching") or {}).get("busy_percent")
         table.add_row(str(w["pid"]), w["version"], device_cell(w), runs, w["state"],

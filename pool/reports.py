@@ -30,6 +30,7 @@ class ReadyInfo:
     dtype: str = "none"  # "none": the echo model
     graph: str = "none"  # how forward passes run: "traced" or "eager" (pool.runtime.Encoder)
     pooling: str = "none"  # how token vectors make a sentence's: mean, cls, max, lasttoken
+    prompt: str = ""  # the model's default prompt's name, before a text naming none ("": none)
     graph_note: str = ""  # why --graph auto stayed eager
     fused_linears: int = 0  # linears a CPU bf16 graph runs through oneDNN (pool.fusion)
     fusion_note: str = ""  # why a CPU bf16 graph kept torch's linears

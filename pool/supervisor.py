@@ -148,6 +148,7 @@ class WorkerView:
     dtype: str | None  # what its weights run in, from READY; None until then
     graph: str | None  # how its forward passes run (traced / eager), from READY
     pooling: str | None  # how its sentence vectors are pooled (mean / cls / ...), from READY
+    prompt: str | None  # its model's default prompt's name, from READY ("": none)
     state: str
     restarts: int
     inflight: int
@@ -651,7 +652,7 @@ class Supervisor:
         return WorkerView(
             id=worker.name, pid=worker.pid, version=worker.version, device=worker.device,
             dtype=info.dtype if info else None, graph=info.graph if info else None,
-            pooling=info.pooling if info else None,
+            pooling=info.pooling if info else None, prompt=info.prompt if info else None,
             state=worker.state, restarts=worker.restarts,
             inflight=len(worker.inflight),
             served=worker.served, errors=worker.errors,

@@ -290,7 +290,7 @@ class WorkerLoop:
             warm_up_seconds=round(warm_up_seconds, 3),
             dtype=str(self.encoder.dtype).removeprefix("torch."),
             graph=self.encoder.graph, graph_note=self.encoder.graph_note,
-            pooling=self.encoder.pooling,
+            pooling=self.encoder.pooling, prompt=self.encoder.prompts.default or "",
             fused_linears=self.encoder.fused_linears, fusion_note=self.encoder.fusion_note,
             dim=self.encoder.dim,
             max_length=self.encoder.max_length,

@@ -329,6 +329,8 @@ def test_a_models_prompts_go_before_its_texts_the_default_unless_one_is_named(
             passage = client.similarity([(a, b)], prompt_name="passage").scores[0]
             with pytest.raises(BadRequest) as exc:
                 client.embed([a], prompt_name="document")
+        assert [w["prompt"] for w in running.status()["workers"]] == ["query"]
+        assert "traced mean prompt query" in run_cli("status", env=running.env).stdout
         assert abs(default - seed.similarity("query: " + a, "query: " + b)) < TOLERANCE
         assert abs(passage - seed.similarity("passage: " + a, "passage: " + b)) < TOLERANCE
         assert abs(default - seed.similarity(a, b)) > TOLERANCE  # the prompt counts
