@@ -144,8 +144,11 @@ def builtin_models() -> list[BuiltinModel]:
 # fitted 0.9097 / 0.8599, 0.872 held out (5-fold, thresholds fitted without the pairs they
 # judge). On the hard set (pool/data/zh_pairs_hard.tsv: role swaps, antonyms, negations)
 # Spearman 0.260: cosine similarity does not see them. Without the prompt (converter 1, texts
-# as given): Spearman 0.910, fitted 0.9121 / 0.8573 at 0.886, 0.852 held out, hard 0.236.
+# as given): Spearman 0.910, fitted 0.9121 / 0.8573 at 0.886, 0.852 held out, hard 0.236:
+# what a directory of converter 1 (no prompts) still gets, registered before.
 E5_THRESHOLDS = Thresholds(high=0.9097, low=0.8599)
+E5_UNPROMPTED_THRESHOLDS = Thresholds(high=0.9121, low=0.8573)
+E5_PROMPTS_SINCE = 2  # the converter version that declared its prompts
 #
 # all-MiniLM-L6-v2 is an English model: on the Chinese set it follows shared characters.
 # Spearman 0.579, AUC 0.881; accuracy 0.475 at the seed's 0.85 / 0.5, 0.598 at the fitted
@@ -170,9 +173,12 @@ def builtin_thresholds(path: str | os.PathLike[str]) -> Thresholds | None:
         manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if isinstance(manifest, dict) and manifest.get("builtin") == E5_BUILTIN:
-        return E5_THRESHOLDS
-    return None
+    if not isinstance(manifest, dict) or manifest.get("builtin") != E5_BUILTIN:
+        return None
+    converter = manifest.get("converter_version")
+    if isinstance(converter, int) and converter < E5_PROMPTS_SINCE:
+        return E5_UNPROMPTED_THRESHOLDS  # its texts go in as given: calibrated as such
+    return E5_THRESHOLDS
 
 
 @functools.cache

@@ -118,6 +118,11 @@ def test_builtin_thresholds_recognise_a_converted_e5_directory_by_its_manifest(
     converted = model_dir(tmp_path, "e5")
     (converted / builtin.MANIFEST).write_text(json.dumps({"builtin": builtin.E5_BUILTIN}))
     assert builtin.builtin_thresholds(converted) == builtin.E5_THRESHOLDS
+    # A directory converted before e5's prompts: its texts go in as given, and were
+    # calibrated so.
+    (converted / builtin.MANIFEST).write_text(json.dumps({"builtin": builtin.E5_BUILTIN,
+                                                          "converter_version": 1}))
+    assert builtin.builtin_thresholds(converted) == builtin.E5_UNPROMPTED_THRESHOLDS
     other = model_dir(tmp_path, "other")
     (other / builtin.MANIFEST).write_text(json.dumps({"builtin": "something-else"}))
     assert builtin.builtin_thresholds(other) is None
