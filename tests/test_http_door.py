@@ -79,7 +79,8 @@ class NoSuchVersions:
         self.deadlines: set[int | None] = set()
 
     async def embed(self, texts: list[str], version: str | None = None,
-                    timeout_ms: int | None = None, truncate: bool = True) -> Embeddings:
+                    timeout_ms: int | None = None, truncate: bool = True,
+                    prompt_name: str | None = None) -> Embeddings:
         self.deadlines.add(timeout_ms)
         if version:
             self.pinned += 1

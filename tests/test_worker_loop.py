@@ -17,6 +17,7 @@ import pytest
 import zmq
 
 from pool.config import PoolSettings
+from pool.modeldir import NO_PROMPTS
 from pool.reports import BatchStats, ReadyInfo
 from pool.worker import WorkerConfig, WorkerLoop
 from router import protocol
@@ -30,6 +31,7 @@ class GatedModel:
 
     dim = 2
     vocab_limit: int | None = None  # every token id has an embedding
+    prompts = NO_PROMPTS  # texts as given
 
     def __init__(self) -> None:
         self.gate = threading.Event()
