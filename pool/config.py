@@ -334,6 +334,15 @@ class PoolSettings:
     def capacity(self) -> int:
         return self.max_batch * CAPACITY_BATCHES
 
+    @property
+    def pool_cores(self) -> tuple[int, ...] | None:
+        """--cpu-affinity: every core of the pool (None: unpinned)."""
+        return None if self.cpu_affinity is None else self.cpu_affinity.cores
+
+    def passes_cores_of(self, slot: int) -> tuple[int, ...] | None:
+        """--cpu-affinity: the cores of worker slot `slot`'s passes (None: unpinned)."""
+        return None if self.cpu_affinity is None else self.cpu_affinity.passes_of(slot)
+
 
 def flags() -> list[tuple[str, Any, Flag]]:
     """(field name, its type, its flag) for each setting, in declaration order."""

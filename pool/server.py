@@ -86,7 +86,7 @@ class PoolServer:
         self.rotations = RotationController(self.supervisor, self.broker, self.registry,
                                             recent=self.metrics.recent)
         self.rotations.on_finish = self.metrics.on_rotation_finished
-        self.system = system_stats(self.pool_cores)
+        self.system = system_stats(self.settings.pool_cores)
         handlers = Commands(self, self.rotations, self.registry).handlers()
         self.control = ControlServer.local(self.ctx, self.state_dir, handlers)
         if self.remote_control is not None:
@@ -97,12 +97,6 @@ class PoolServer:
         self.exit_code = 0
         self.failure: str | None = None  # why the version it started with never served
         self._signals: list[int] = []
-
-    @property
-    def pool_cores(self) -> tuple[int, ...] | None:
-        """The cores of the whole pool where --cpu-affinity pinned this process to a part."""
-        plan = self.settings.cpu_affinity
-        return None if plan is None else plan.cores
 
     def _start_curve(self) -> CurveServer | None:
         s = self.settings
@@ -330,7 +324,7 @@ class PoolServer:
                     return
             if now >= next_refresh:
                 next_refresh = now + REFRESH_S
-                self.system = system_stats(self.pool_cores)
+                self.system = system_stats(self.settings.pool_cores)
                 self.metrics.refresh(self.broker.snapshot(), self.supervisor.snapshot(),
                                      None if curve is None else curve.refusals.count,
                                      self.system,
@@ -395,9 +389,8 @@ class PoolServer:
 
 def log_cpus(settings: config.PoolSettings) -> None:
     """The CPUs the pool sized itself by (pool.cpus), and where its threads run."""
-    plan = settings.cpu_affinity
     log.info("CPUs: %s; %d torch thread(s) per worker",
-             usable_cpus(cores=None if plan is None else plan.cores).describe(), settings.threads)
+             usable_cpus(cores=settings.pool_cores).describe(), settings.threads)
     if settings.cpu_affinity is not None:
         log.info("CPU affinity: %s", settings.cpu_affinity.describe())
 

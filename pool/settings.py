@@ -80,7 +80,8 @@ def resolve_settings(values: dict[str, Any],
         values = {**values, "eval_pairs": check_eval_set(values["eval_pairs"])}
     devices = parse_devices(values["devices"])
     affinity = values["cpu_affinity"].strip().lower()
-    reserved = passes_cores(affinity, devices, model)
+    allowed = allowed_cores()
+    reserved = passes_cores(affinity, devices, model, allowed)
     budget = None if reserved is None else len(reserved)
     workers = values["workers"] or default_workers(devices, budget)
     threads = values["threads"] or default_threads(devices, workers, budget)
@@ -89,7 +90,7 @@ def resolve_settings(values: dict[str, Any],
         "version": version or DEFAULT_VERSION, "state_dir": state_dir, "devices": devices,
         "workers": workers, "threads": threads,
         "cpu_affinity": None if reserved is None else plan_cores(
-            affinity, reserved, allowed_cores(), workers, threads),
+            affinity, reserved, allowed, workers, threads),
         "tokenizer_threads": values["tokenizer_threads"]
         or default_tokenizer_threads(devices, workers),
         "max_batch": _given(values["max_batch"], default_max_batch(devices)),
@@ -97,9 +98,10 @@ def resolve_settings(values: dict[str, Any],
                                    default_max_batch_tokens(devices))})
 
 
-def passes_cores(setting: str, devices: list[str], model: str) -> tuple[int, ...] | None:
-    """The cores --cpu-affinity gives forward passes (None: off). ValueError saying why it
-    cannot be followed."""
+def passes_cores(setting: str, devices: list[str], model: str,
+                 allowed: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The cores --cpu-affinity gives forward passes, of the `allowed` ones (None: off).
+    ValueError saying why it cannot be followed."""
     if setting == AFFINITY_OFF:
         return None
     if devices[0].startswith("cuda"):
@@ -107,7 +109,7 @@ def passes_cores(setting: str, devices: list[str], model: str) -> tuple[int, ...
                          "its GPUs (leave it off with --device cuda)")
     if model == "echo":
         raise ValueError("--cpu-affinity: the echo model has no forward passes to pin")
-    return reserved_cores(setting, allowed_cores(), usable_cpus())
+    return reserved_cores(setting, allowed, usable_cpus())
 
 
 def check_remote_control(values: dict[str, Any]) -> None:

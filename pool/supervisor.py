@@ -160,7 +160,7 @@ class WorkerView:
     rss_bytes: int
     gpu_memory_bytes: int
     batching: BatchStats | None
-    passes_cores: list[int] | None = None  # --cpu-affinity: its forward passes' cores
+    passes_cores: tuple[int, ...] | None = None  # --cpu-affinity: its forward passes' cores
 
 
 @dataclass(frozen=True, slots=True)
@@ -660,11 +660,7 @@ class Supervisor:
             uptime_s=round(now - worker.started, 1),
             load_seconds=info.load_seconds if info else None, rss_bytes=_rss(worker.pid),
             gpu_memory_bytes=info.gpu_memory_bytes if info else 0, batching=worker.batching,
-            passes_cores=self._passes_cores(worker))
-
-    def _passes_cores(self, worker: Worker) -> list[int] | None:
-        plan = self.settings.cpu_affinity
-        return None if plan is None else list(plan.passes_of(worker.slot))
+            passes_cores=self.settings.passes_cores_of(worker.slot))
 
     def version_views(self) -> dict[str, VersionView]:
         return {name: VersionView(

@@ -62,13 +62,6 @@ class WorkerConfig:
     slot: int = 0  # its place among its version's workers: which cores its passes run on
 
     @property
-    def passes_cores(self) -> tuple[int, ...] | None:
-        """--cpu-affinity: the cores of its forward passes (None: wherever the kernel puts
-        them)."""
-        plan = self.settings.cpu_affinity
-        return None if plan is None else plan.passes_of(self.slot)
-
-    @property
     def capacity(self) -> int:
         return self.settings.capacity
 
@@ -305,7 +298,8 @@ class WorkerLoop:
         def run_passes() -> None:
             import torch  # loaded already, with the model
 
-            pin_passes(self.cfg.passes_cores)  # before torch's threads start: they inherit it
+            # Before torch's threads start: they inherit it.
+            pin_passes(self.settings.passes_cores_of(self.cfg.slot))
             torch.set_num_threads(self.settings.threads)  # per thread with OpenMP
             pair = self.sock.context.socket(zmq.PAIR)
             pair.setsockopt(zmq.LINGER, 0)

@@ -71,9 +71,9 @@ def decode_body(op: bytes, body: bytes, enqueued_ns: int, limits: Limits) -> Tex
         raise item_error(protocol.BAD_REQUEST, (protocol.TRUNCATE_KEY,),
                          "must be true or false")
     prompt_name = doc.get(protocol.PROMPT_NAME_KEY)
-    if prompt_name is not None and not (isinstance(prompt_name, str) and prompt_name):
-        raise item_error(protocol.BAD_REQUEST, (protocol.PROMPT_NAME_KEY,),
-                         "must name one of the model's prompts (a non-empty string)")
+    problem = protocol.prompt_name_problem(prompt_name)
+    if problem is not None:
+        raise item_error(protocol.BAD_REQUEST, (protocol.PROMPT_NAME_KEY,), problem)
     if op == protocol.OP_SIMILARITY:
         texts, size = _similarity(doc.get("pairs"), limits)
     elif op == protocol.OP_EMBED:

@@ -436,9 +436,9 @@ def tei_options(options: dict[str, Any], where: str) -> tuple[bool, str | None]:
 def prompt_name_of(options: dict[str, Any], where: str) -> str | None:
     """The model's prompt a request names (the pool checks that the model has it)."""
     prompt_name = options.get(protocol.PROMPT_NAME_KEY)
-    if prompt_name is not None and not (isinstance(prompt_name, str) and prompt_name):
-        raise HttpError(400, protocol.BAD_REQUEST, f"{where}prompt_name must name one of the "
-                        "model's prompts")
+    problem = protocol.prompt_name_problem(prompt_name)
+    if problem is not None:
+        raise HttpError(400, protocol.BAD_REQUEST, f"{where}prompt_name {problem}")
     return prompt_name
 
 

@@ -195,6 +195,13 @@ TRUNCATE_KEY = "truncate"
 # absent, the model's default prompt, if it declares one.
 PROMPT_NAME_KEY = "prompt_name"
 
+
+def prompt_name_problem(value: object) -> str | None:
+    """The optional `prompt_name` of a similarity or embed body: absent (None) or a name."""
+    if value is None or (isinstance(value, str) and value):
+        return None
+    return "must name one of the model's prompts (a non-empty string)"
+
 JsonPath = Sequence[str | int]  # a place in a JSON body: ("pairs", 2, 1) is pairs[2][1]
 
 
